@@ -1,0 +1,40 @@
+"""The paged KV cache: per attention layer, a key and a value tensor of fixed-size blocks.
+
+Layout (K and V alike): `[num_blocks, block_size, num_kv_heads_per_rank, head_dim]`. A token's
+vectors live at `cache[slot // block_size, slot % block_size]`, so writing one token is one
+contiguous `num_kv_heads * head_dim` row, and a block is one contiguous chunk that a decode kernel
+reads in a single pass for every query head of its group.
+"""
+
+from __future__ import annotations
+
+import torch
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+DEFAULT_BLOCK_SIZE = 16
+
+
+def allocate_kv_caches(
+    num_layers: int,
+    num_blocks: int,
+    block_size: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> list[KVCache]:
+    """One (key, value) pair per attention layer, zero-filled."""
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    return [
+        (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        for _ in range(num_layers)
+    ]
+
+
+def kv_cache_bytes_per_block(
+    num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+) -> int:
+    """Bytes one block costs across all layers, K and V: what sizing the cache divides by."""
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * num_layers * block_size * num_kv_heads * head_dim * element

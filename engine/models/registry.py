@@ -1,0 +1,72 @@
+"""Which engine class runs which `architectures` entry of a model's config.json.
+
+`porter port` adds entries to `_MODELS` (it rewrites the dict literal atomically and keeps it
+sorted); remove one by hand if you delete its file. A model that lives outside this package is
+registered at run time with `register_model`, by dotted path or file path, so a user's own port
+needs no change here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+
+from torch import nn
+
+_MODELS: dict[str, tuple[str, str]] = {
+    "OPTForCausalLM": ("engine.models.opt", "OPTForCausalLM"),
+}
+
+_CUSTOM: dict[str, str | type[nn.Module]] = {}
+
+
+def register_model(architecture: str, target: str | type[nn.Module]) -> None:
+    """Runs `architecture` with `target`: a class, `"package.module:Class"` or `"/path/to/file.py:Class"`."""
+    _CUSTOM[architecture] = target
+
+
+def registered_architectures() -> dict[str, tuple[str, str]]:
+    """The architectures bundled with the engine: name -> (module, class)."""
+    return dict(_MODELS)
+
+
+def resolve_model_class(architectures: list[str] | None) -> type[nn.Module]:
+    """The class for the first of `architectures` the engine knows; a clear error when it knows none."""
+    for architecture in architectures or []:
+        if architecture in _CUSTOM:
+            return _load_target(_CUSTOM[architecture])
+        if architecture in _MODELS:
+            module_name, class_name = _MODELS[architecture]
+            return getattr(importlib.import_module(module_name), class_name)
+    known = sorted(set(_MODELS) | set(_CUSTOM))
+    raise ValueError(
+        f"no engine model for architectures {architectures}; registered: {', '.join(known) or 'none'} "
+        f"(port one with `porter port`, or register your own with engine.models.registry.register_model)"
+    )
+
+
+def _load_target(target: str | type[nn.Module]) -> type[nn.Module]:
+    if not isinstance(target, str):
+        return target
+    location, _, class_name = target.rpartition(":")
+    if not location or not class_name:
+        raise ValueError(f"model target {target!r} must look like 'package.module:Class' or 'file.py:Class'")
+    if location.endswith(".py"):
+        path = Path(location).resolve()
+        module_name = f"_porter_custom_{path.stem}_{abs(hash(str(path)))}"
+        if module_name not in sys.modules:
+            spec = importlib.util.spec_from_file_location(module_name, path)
+            if spec is None or spec.loader is None:
+                raise ValueError(f"cannot import model file {path}")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[module_name] = module
+            spec.loader.exec_module(module)
+        module = sys.modules[module_name]
+    else:
+        module = importlib.import_module(location)
+    try:
+        return getattr(module, class_name)
+    except AttributeError:
+        raise ValueError(f"{location} defines no class {class_name}") from None

@@ -1,0 +1,139 @@
+"""Reading checkpoints and loading them into an engine model, one tensor at a time.
+
+`iterate_checkpoint` streams tensors out of a model directory's safetensors files (single or
+sharded), so loading never holds a second copy of the weights. `load_named_weights` is what every
+ported model's `load_weights` calls: it knows nothing about any architecture; the port passes the
+few facts that differ (which checkpoint names were fused into one parameter, which are tied,
+which checkpoint tensors are buffers the engine recomputes).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+# (packed parameter's module name, checkpoint module name, shard id), e.g. ("qkv_proj", "q_proj", "q").
+FusedName = tuple[str, str, "str | int"]
+
+
+def checkpoint_files(model_dir: str | Path) -> list[Path]:
+    """The safetensors files of a model directory, in index order when the checkpoint is sharded."""
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [model_dir / name for name in sorted(set(weight_map.values()))]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
+    return files
+
+
+def iterate_checkpoint(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yields (name, tensor) for every tensor of the checkpoint, reading one at a time."""
+    for path in checkpoint_files(model_dir):
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():
+                yield name, handle.get_tensor(name)
+
+
+def default_weight_loader(param: torch.Tensor, loaded_weight: torch.Tensor) -> None:
+    """Copies a whole checkpoint tensor into a replicated parameter."""
+    if param.shape != loaded_weight.shape:
+        raise ValueError(f"shape mismatch: parameter {tuple(param.shape)}, checkpoint {tuple(loaded_weight.shape)}")
+    param.data.copy_(loaded_weight)
+
+
+def load_named_weights(
+    model: nn.Module,
+    weights: Iterable[tuple[str, torch.Tensor]],
+    fused: Sequence[FusedName] = (),
+    tied: dict[str, str] | None = None,
+    ignored: Sequence[str] = (),
+) -> set[str]:
+    """Loads checkpoint tensors by their HF names; returns the names loaded.
+
+    fused: checkpoint module names that feed a shard of a packed parameter.
+    tied: parameter name -> the name it shares storage with (a checkpoint copy of it is redundant).
+    ignored: regular expressions for checkpoint tensors the engine recomputes (rotary caches, masks).
+    Raises ValueError naming every checkpoint tensor that matches no parameter, and every parameter
+    (or shard of a packed one) that no tensor loaded.
+    """
+    tied = tied or {}
+    params = dict(model.named_parameters())
+    ignored_patterns = [re.compile(pattern) for pattern in ignored]
+    expected_shards: dict[str, set[str | int]] = {}
+    for packed, _, shard_id in fused:
+        for name in params:
+            if f".{packed}." in f".{name}":
+                expected_shards.setdefault(name, set()).add(shard_id)
+    loaded_shards: dict[str, set[str | int]] = {name: set() for name in expected_shards}
+    loaded_params: set[str] = set()
+    loaded_names: set[str] = set()
+    unknown: list[str] = []
+
+    for name, tensor in weights:
+        if any(pattern.search(name) for pattern in ignored_patterns):
+            continue
+        if name in tied and name not in params:
+            loaded_names.add(name)  # the parameter it is tied to carries it
+            continue
+        target, shard_id = _packed_target(name, fused, params)
+        if target is None:
+            if name not in params:
+                unknown.append(name)
+                continue
+            target = name
+        param = params[target]
+        loader = getattr(param, "weight_loader", None)
+        if shard_id is not None:
+            if loader is None:
+                raise ValueError(f"{target} is packed but has no weight_loader for shard {shard_id!r}")
+            loader(param, tensor, shard_id)
+            loaded_shards[target].add(shard_id)
+        elif loader is not None:
+            loader(param, tensor)
+        else:
+            default_weight_loader(param, tensor)
+        if target in expected_shards and shard_id is None:
+            loaded_shards[target] |= expected_shards[target]  # one fused checkpoint tensor fills every shard
+        loaded_params.add(target)
+        loaded_names.add(name)
+
+    missing = [
+        name
+        for name in params
+        if name not in loaded_params and name not in tied
+    ]
+    missing += [
+        f"{name} (shards {sorted(map(str, expected_shards[name] - got))})"
+        for name, got in loaded_shards.items()
+        if name in loaded_params and got != expected_shards[name]
+    ]
+    problems = []
+    if unknown:
+        problems.append(f"checkpoint tensors with no parameter: {', '.join(sorted(unknown))}")
+    if missing:
+        problems.append(f"parameters left unloaded: {', '.join(sorted(missing))}")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return loaded_names
+
+
+def _packed_target(
+    name: str, fused: Sequence[FusedName], params: dict[str, torch.Tensor]
+) -> tuple[str | None, str | int | None]:
+    """The packed parameter a fused checkpoint name loads into, and its shard id."""
+    for packed, checkpoint_module, shard_id in fused:
+        needle = f".{checkpoint_module}."
+        if needle in f".{name}":
+            candidate = f".{name}".replace(needle, f".{packed}.", 1)[1:]
+            if candidate in params:
+                return candidate, shard_id
+    return None, None

@@ -1,0 +1,104 @@
+"""Small libcst helpers shared by analysis and rewrites."""
+
+from __future__ import annotations
+
+import libcst as cst
+
+
+def dotted_name(node: cst.BaseExpression | None) -> str | None:
+    """`a.b.c` for a Name/Attribute chain, else None."""
+    if isinstance(node, cst.Name):
+        return node.value
+    if isinstance(node, cst.Attribute):
+        head = dotted_name(node.value)
+        return f"{head}.{node.attr.value}" if head else None
+    return None
+
+
+def self_attribute(node: cst.BaseExpression | None) -> str | None:
+    """`x` for `self.x`, else None."""
+    if isinstance(node, cst.Attribute) and isinstance(node.value, cst.Name) and node.value.value == "self":
+        return node.attr.value
+    return None
+
+
+def self_attribute_path(node: cst.BaseExpression | None) -> list[str] | None:
+    """`["a", "b"]` for `self.a.b`, else None."""
+    name = dotted_name(node)
+    if not name or not name.startswith("self."):
+        return None
+    return name.split(".")[1:]
+
+
+def names_in(node: cst.CSTNode) -> set[str]:
+    """Every bare name read or written inside `node`."""
+    found: set[str] = set()
+
+    class _Collect(cst.CSTVisitor):
+        def visit_Name(self, name: cst.Name) -> None:
+            found.add(name.value)
+
+        def visit_Attribute(self, attribute: cst.Attribute) -> bool:
+            attribute.value.visit(self)
+            return False  # the attribute's own name is not a variable
+
+        def visit_Arg(self, arg: cst.Arg) -> bool:
+            arg.value.visit(self)
+            return False  # a keyword's name is not a variable
+
+    node.visit(_Collect())
+    return found
+
+
+def assigned_names(target: cst.BaseExpression) -> list[str]:
+    """Names bound by an assignment target (`a`, `a, b`, `(a, _)`)."""
+    if isinstance(target, cst.Name):
+        return [target.value]
+    if isinstance(target, (cst.Tuple, cst.List)):
+        names: list[str] = []
+        for element in target.elements:
+            names.extend(assigned_names(element.value))
+        return names
+    if isinstance(target, cst.StarredElement):
+        return assigned_names(target.value)
+    return []
+
+
+def statement_targets(statement: cst.BaseStatement) -> list[str]:
+    """Names a simple assignment statement binds (empty for anything else)."""
+    if not isinstance(statement, cst.SimpleStatementLine):
+        return []
+    names: list[str] = []
+    for small in statement.body:
+        if isinstance(small, cst.Assign):
+            for target in small.targets:
+                names.extend(assigned_names(target.target))
+        elif isinstance(small, (cst.AnnAssign, cst.AugAssign)):
+            names.extend(assigned_names(small.target))
+    return names
+
+
+def call_name(node: cst.BaseExpression | None) -> str | None:
+    """Dotted name of the function a Call calls."""
+    return dotted_name(node.func) if isinstance(node, cst.Call) else None
+
+
+def function_params(function: cst.FunctionDef) -> list[str]:
+    params = function.params
+    names = [p.name.value for p in (*params.posonly_params, *params.params, *params.kwonly_params)]
+    return names
+
+
+def keyword_arg(call: cst.Call, keyword: str, position: int | None = None) -> cst.Arg | None:
+    """The argument bound to `keyword` (or at positional index `position`)."""
+    positional = [a for a in call.args if a.keyword is None and not a.star]
+    for arg in call.args:
+        if arg.keyword is not None and arg.keyword.value == keyword:
+            return arg
+    if position is not None and position < len(positional):
+        return positional[position]
+    return None
+
+
+def code_of(node: cst.CSTNode) -> str:
+    return cst.Module(body=[]).code_for_node(node)

@@ -1,0 +1,193 @@
+"""An index of a modeling file's classes: bases, methods, submodules, and the role each class plays.
+
+Roles are read from what a class does, never from its name alone:
+- the causal-LM head: the class that holds a Linear projecting to `vocab_size` and returns logits;
+- the decoder layer: the element class of a ModuleList held by a class the head reaches;
+- the backbone: the class holding that ModuleList;
+- attention: a reachable class whose forward calls an attention core (HF's attention-interface
+  dispatch, or a function/method that takes a softmax over scores).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import libcst as cst
+
+from porter.analysis.cst_utils import call_name, dotted_name, self_attribute
+from porter.errors import PorterError
+
+LINEAR_CALLS = {"nn.Linear", "torch.nn.Linear", "Linear", "Conv1D"}
+EMBEDDING_CALLS = {"nn.Embedding", "torch.nn.Embedding", "Embedding"}
+MODULE_LIST_CALLS = {"nn.ModuleList", "torch.nn.ModuleList", "ModuleList"}
+
+
+@dataclass(slots=True)
+class ClassInfo:
+    name: str
+    node: cst.ClassDef
+    bases: list[str]
+    methods: dict[str, cst.FunctionDef]
+    # self.<attr> = <Call>: the call expression of each attribute assigned in __init__.
+    init_calls: dict[str, cst.Call] = field(default_factory=dict)
+    # self.<attr> -> class of this file it instantiates (directly or as ModuleList elements).
+    submodules: dict[str, str] = field(default_factory=dict)
+    module_lists: set[str] = field(default_factory=set)
+
+    def linears(self) -> dict[str, cst.Call]:
+        return {a: c for a, c in self.init_calls.items() if call_name(c) in LINEAR_CALLS}
+
+    def embeddings(self) -> dict[str, cst.Call]:
+        return {a: c for a, c in self.init_calls.items() if call_name(c) in EMBEDDING_CALLS}
+
+
+@dataclass(slots=True)
+class ModelIndex:
+    module: cst.Module
+    classes: dict[str, ClassInfo]
+    functions: dict[str, cst.FunctionDef]
+    causal_lm: str
+    backbone: str | None
+    decoder_layer: str | None
+    attention: set[str]
+    reachable: list[str]  # classes the causal LM needs, in file order
+
+    def class_of_path(self, owner: str, path: list[str]) -> str | None:
+        """The class of `self.a.b` seen from class `owner` (through __init__ assignments)."""
+        current: str | None = owner
+        for attr in path:
+            if current is None or current not in self.classes:
+                return None
+            current = self.classes[current].submodules.get(attr)
+        return current
+
+
+def build_index(module: cst.Module, causal_lm: str | None = None) -> ModelIndex:
+    """Indexes `module`; `causal_lm` pins the head class once rewrites have changed what found it."""
+    classes: dict[str, ClassInfo] = {}
+    functions: dict[str, cst.FunctionDef] = {}
+    for statement in module.body:
+        if isinstance(statement, cst.ClassDef):
+            classes[statement.name.value] = _class_info(statement)
+        elif isinstance(statement, cst.FunctionDef):
+            functions[statement.name.value] = statement
+    for info in classes.values():
+        _link_submodules(info, classes)
+
+    causal_lm = causal_lm or _find_causal_lm(classes)
+    reachable = _reachable(causal_lm, classes)
+    decoder_layer = backbone = None
+    for name in reachable:
+        for attr in classes[name].module_lists:
+            element = classes[name].submodules.get(attr)
+            if element is not None:
+                backbone, decoder_layer = name, element
+    attention = {name for name in reachable if _calls_attention_core(classes[name], functions, classes)}
+    return ModelIndex(module, classes, functions, causal_lm, backbone, decoder_layer, attention, reachable)
+
+
+def _class_info(node: cst.ClassDef) -> ClassInfo:
+    bases = [dotted_name(arg.value) or "" for arg in node.bases]
+    methods = {
+        s.name.value: s for s in node.body.body if isinstance(s, cst.FunctionDef)
+    }
+    info = ClassInfo(node.name.value, node, bases, methods)
+    init = methods.get("__init__")
+    if init is not None:
+        init.visit(_InitCalls(info))
+    return info
+
+
+class _InitCalls(cst.CSTVisitor):
+    def __init__(self, info: ClassInfo) -> None:
+        self.info = info
+
+    def visit_Assign(self, node: cst.Assign) -> None:
+        for target in node.targets:
+            attr = self_attribute(target.target)
+            if attr is not None and isinstance(node.value, cst.Call):
+                self.info.init_calls.setdefault(attr, node.value)
+
+
+def _link_submodules(info: ClassInfo, classes: dict[str, ClassInfo]) -> None:
+    for attr, call in info.init_calls.items():
+        name = call_name(call)
+        if name in classes:
+            info.submodules[attr] = name
+        elif name in MODULE_LIST_CALLS and call.args:
+            element = _element_class(call.args[0].value, classes)
+            if element is not None:
+                info.submodules[attr] = element
+                info.module_lists.add(attr)
+
+
+def _element_class(node: cst.BaseExpression, classes: dict[str, ClassInfo]) -> str | None:
+    if isinstance(node, (cst.ListComp, cst.GeneratorExp)):
+        return call_name(node.elt) if call_name(node.elt) in classes else None
+    if isinstance(node, (cst.List, cst.Tuple)) and node.elements:
+        first = call_name(node.elements[0].value)
+        return first if first in classes else None
+    return None
+
+
+def _projects_to_vocab(call: cst.Call) -> bool:
+    if call_name(call) not in LINEAR_CALLS or len(call.args) < 2:
+        return False
+    out_features = call.args[1].value if call_name(call) != "Conv1D" else call.args[0].value
+    return "vocab_size" in cst.Module(body=[]).code_for_node(out_features)
+
+
+def _find_causal_lm(classes: dict[str, ClassInfo]) -> str:
+    candidates = [
+        info for info in classes.values()
+        if "forward" in info.methods and any(_projects_to_vocab(c) for c in info.init_calls.values())
+    ]
+    if not candidates:
+        raise PorterError("found no causal-LM class (no Linear projecting to vocab_size)")
+    # Several classes can hold a vocab head (double-head variants); the plain causal LM is the one
+    # with the fewest modules beside its backbone.
+    candidates.sort(key=lambda info: (not info.name.endswith(("ForCausalLM", "LMHeadModel")), len(info.init_calls)))
+    return candidates[0].name
+
+
+def _reachable(root: str, classes: dict[str, ClassInfo]) -> list[str]:
+    seen: set[str] = set()
+    stack = [root]
+    while stack:
+        name = stack.pop()
+        if name in seen or name not in classes:
+            continue
+        seen.add(name)
+        stack.extend(classes[name].submodules.values())
+        stack.extend(b for b in classes[name].bases if b in classes)
+    return [name for name in classes if name in seen]
+
+
+def _calls_attention_core(info: ClassInfo, functions: dict[str, cst.FunctionDef], classes: dict[str, ClassInfo]) -> bool:
+    forward = info.methods.get("forward")
+    if forward is None:
+        return False
+    finder = _AttentionCoreFinder(info, functions)
+    forward.visit(finder)
+    return finder.found
+
+
+def _has_softmax(node: cst.CSTNode) -> bool:
+    return "softmax" in cst.Module(body=[]).code_for_node(node)
+
+
+class _AttentionCoreFinder(cst.CSTVisitor):
+    def __init__(self, info: ClassInfo, functions: dict[str, cst.FunctionDef]) -> None:
+        self.info, self.functions, self.found = info, functions, False
+
+    def visit_Call(self, node: cst.Call) -> None:
+        name = call_name(node) or ""
+        method = self_attribute(node.func)
+        if "ALL_ATTENTION_FUNCTIONS" in name or name == "attention_interface":
+            self.found = True
+        elif name in self.functions and _has_softmax(self.functions[name]):
+            self.found = True
+        elif method in self.info.methods and _has_softmax(self.info.methods[method]):
+            self.found = True
+        elif method is not None and call_name(self.info.init_calls.get(method)) == "PagedAttention":
+            self.found = True  # already ported

@@ -1,0 +1,66 @@
+"""The port, start to finish: parse, analyse, apply the rewrites in order, return the new source."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import libcst as cst
+
+from porter.analysis.model_index import build_index
+from porter.analysis.source import SourceFile
+from porter.errors import PorterError
+from porter.rewrites.base import Change, PortContext, Rewrite, ReviewItem
+from porter.rewrites.dead_code import RemoveDeadCode
+from porter.rewrites.engine_interface import EngineInterface
+from porter.rewrites.hf_plumbing import StripHFPlumbing
+from porter.rewrites.flatten_batch import FlattenBatch
+from porter.rewrites.fuse_qkv import FuseQKV
+from porter.rewrites.imports import FixImports
+from porter.rewrites.lm_head import SplitLMHead
+from porter.rewrites.load_weights import EmitLoadWeights
+from porter.rewrites.paged_attention import SwapPagedAttention
+from porter.rewrites.prune import PruneUnused
+from porter.rewrites.strip_training import StripTraining
+from porter.rewrites.tensor_parallel import TensorParallelLayers
+
+# The order matters: each rewrite sees the output of the ones before it.
+REWRITES: list[Rewrite] = [
+    StripHFPlumbing(),  # framework bases, decorators, init helpers
+    SplitLMHead(),  # forward returns hidden states; compute_logits; parallel, tied head
+    SwapPagedAttention(),  # the attention core becomes one PagedAttention call
+    EngineInterface(),  # forward signatures, call threading, single-tensor returns
+    RemoveDeadCode(),  # masks, caches, output flags and what reads them
+    StripTraining(),  # dropout, layerdrop
+    FlattenBatch(),  # no batch dimension in sizes, views and transposes
+    FuseQKV(),  # q/k/v projections -> QKVParallelLinear
+    TensorParallelLayers(),  # remaining Linears by data flow; vocab embedding
+    EmitLoadWeights(),  # load_weights from the plan (fused names, ties)
+    PruneUnused(),  # task heads, eager attention helpers
+    FixImports(),  # absolute imports, engine imports, unused ones gone
+]
+
+
+@dataclass(slots=True)
+class PortResult:
+    code: str
+    context: PortContext
+
+    @property
+    def changes(self) -> list[Change]:
+        return self.context.changes
+
+    @property
+    def review(self) -> list[ReviewItem]:
+        return self.context.review
+
+
+def port_source(source: SourceFile) -> PortResult:
+    try:
+        module = cst.parse_module(source.text)
+    except cst.ParserSyntaxError as error:
+        raise PorterError(f"{source.display_name} does not parse: {error.message} (line {error.raw_line})") from None
+    context = PortContext(source=source, index=build_index(module))
+    for rewrite in REWRITES:
+        module = rewrite.apply(module, context)
+        context.reindex(module)
+    return PortResult(code=module.code, context=context)

@@ -1,0 +1,123 @@
+"""What every rewrite shares: the record of changes for the review, and the port's shared plan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import libcst as cst
+
+from porter.analysis.attention import AttentionInfo
+from porter.analysis.cst_utils import code_of
+from porter.analysis.model_index import ModelIndex, build_index
+from porter.analysis.source import SourceFile
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One edit, explained: shown by `porter review` and counted in the port summary."""
+
+    rule: str
+    where: str  # "Class.method" or "module"
+    before: str
+    after: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReviewItem:
+    """A place the rewrite could not decide; it stops the port unless --allow-review."""
+
+    rule: str
+    where: str
+    message: str
+
+
+@dataclass(slots=True)
+class Plan:
+    """Decisions one rewrite makes and a later one needs."""
+
+    # class -> its forward's new parameter list (after `self`)
+    signatures: dict[str, list[str]] = field(default_factory=dict)
+    # class -> parameters its forward lost (they read as None in the code that is left)
+    dropped_params: dict[str, set[str]] = field(default_factory=dict)
+    # packed parameter module -> [(checkpoint module, shard id)] for load_weights
+    fused: list[tuple[str, str, str | int]] = field(default_factory=list)
+    # parameter name -> the parameter it is tied to
+    tied: dict[str, str] = field(default_factory=dict)
+    # checkpoint tensors the engine recomputes (regular expressions)
+    ignored: list[str] = field(default_factory=list)
+    engine_imports: set[tuple[str, str]] = field(default_factory=set)
+    # attention class -> what analysis found in it (read before its core is replaced)
+    attention: dict[str, AttentionInfo] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class PortContext:
+    source: SourceFile
+    index: ModelIndex
+    plan: Plan = field(default_factory=Plan)
+    changes: list[Change] = field(default_factory=list)
+    review: list[ReviewItem] = field(default_factory=list)
+
+    def record(self, rule: str, where: str, before: cst.CSTNode | str, after: cst.CSTNode | str, reason: str) -> None:
+        before_code = before if isinstance(before, str) else code_of(before).strip()
+        after_code = after if isinstance(after, str) else code_of(after).strip()
+        self.changes.append(Change(rule, where, before_code, after_code, reason))
+
+    def flag(self, rule: str, where: str, message: str) -> None:
+        self.review.append(ReviewItem(rule, where, message))
+
+    def need(self, module: str, name: str) -> None:
+        """Asks the imports rewrite for `from module import name`."""
+        self.plan.engine_imports.add((module, name))
+
+    def reindex(self, module: cst.Module) -> None:
+        self.index = build_index(module, causal_lm=self.index.causal_lm)
+
+
+class Rewrite:
+    """A rewrite: `apply` takes the module and returns the rewritten one, recording what it changed."""
+
+    name: str = ""
+
+    def apply(self, module: cst.Module, context: PortContext) -> cst.Module:
+        raise NotImplementedError
+
+
+class ClassScopedTransformer(cst.CSTTransformer):
+    """Tracks the class and method being visited, for `where` in changes."""
+
+    def __init__(self, context: PortContext) -> None:
+        super().__init__()
+        self.context = context
+        self.class_stack: list[str] = []
+        self.function_stack: list[str] = []
+
+    @property
+    def current_class(self) -> str | None:
+        return self.class_stack[-1] if self.class_stack else None
+
+    @property
+    def current_function(self) -> str | None:
+        return self.function_stack[-1] if self.function_stack else None
+
+    @property
+    def where(self) -> str:
+        parts = [p for p in (self.current_class, self.current_function) if p]
+        return ".".join(parts) or "module"
+
+    def visit_ClassDef(self, node: cst.ClassDef) -> bool:
+        self.class_stack.append(node.name.value)
+        return True
+
+    def leave_ClassDef(self, original: cst.ClassDef, updated: cst.ClassDef) -> cst.BaseStatement:
+        self.class_stack.pop()
+        return updated
+
+    def visit_FunctionDef(self, node: cst.FunctionDef) -> bool:
+        self.function_stack.append(node.name.value)
+        return True
+
+    def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef):
+        self.function_stack.pop()
+        return updated

@@ -1,0 +1,161 @@
+"""Removes the code that served parameters the engine interface dropped.
+
+Conditions are decided where the port knows the answer: a dropped parameter is None (an absent
+`inputs_embeds`, no cache, no mask, no output flags), `input_ids`/`positions`/the caches/the
+metadata are always given, and `self.training` and `self.gradient_checkpointing` are False. An
+`if` whose test is decided keeps only the branch that runs. Then, in statement order, a statement
+that reads a removed name goes too: a fresh variable it assigned is removed with it (so a causal
+mask and everything built from it disappear), while a variable that already held a value keeps
+it (an in-place masking step is dropped, the data flow survives).
+"""
+
+from __future__ import annotations
+
+import libcst as cst
+
+from porter.analysis.cst_utils import dotted_name, function_params, names_in, statement_targets
+from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
+from porter.rewrites.engine_interface import ABSENT_INPUTS, DROPPED_OUTPUT, ENGINE_PARAMS
+
+FALSE_ATTRIBUTES = {"self.training", "self.gradient_checkpointing"}
+UNKNOWN = object()
+
+
+class RemoveDeadCode(Rewrite):
+    name = "dead-code"
+
+    def apply(self, module: cst.Module, context: PortContext) -> cst.Module:
+        return module.visit(_Transformer(context))
+
+
+class _Transformer(ClassScopedTransformer):
+    def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef):
+        dropped = self.context.plan.dropped_params.get(self.current_class or "", set())
+        if len(self.function_stack) == 1 and updated.name.value == "forward" and self.current_class is not None:
+            current = set(function_params(updated))
+            pruner = _Pruner(
+                self.context,
+                self.where,
+                dead=(dropped | {DROPPED_OUTPUT}) - ABSENT_INPUTS,
+                absent=set(dropped),
+                present=current & set(ENGINE_PARAMS),
+                live=current,
+            )
+            body = pruner.block(list(updated.body.body)) or [cst.SimpleStatementLine([cst.Pass()])]
+            updated = updated.with_changes(body=updated.body.with_changes(body=body))
+        return super().leave_FunctionDef(original, updated)
+
+
+class _Pruner:
+    def __init__(self, context: PortContext, where: str, dead: set[str], absent: set[str], present: set[str],
+                 live: set[str]) -> None:
+        self.context, self.where = context, where
+        self.dead, self.absent, self.present, self.live = set(dead), absent, present, set(live)
+
+    def block(self, statements: list[cst.BaseStatement]) -> list[cst.BaseStatement]:
+        result: list[cst.BaseStatement] = []
+        for statement in statements:
+            result.extend(self.statement(statement))
+        return result
+
+    def statement(self, statement: cst.BaseStatement) -> list[cst.BaseStatement]:
+        if isinstance(statement, cst.If):
+            return self._if(statement)
+        if isinstance(statement, (cst.For, cst.While, cst.With)):
+            header = statement.iter if isinstance(statement, cst.For) else (
+                statement.test if isinstance(statement, cst.While) else cst.Tuple([cst.Element(i.item) for i in statement.items]))
+            if names_in(header) & self.dead:
+                self._drop(statement, "loops over removed plumbing")
+                return []
+            if isinstance(statement, cst.For):
+                self.live |= names_in(statement.target)
+            body = self.block(list(statement.body.body)) or [cst.SimpleStatementLine([cst.Pass()])]
+            return [statement.with_changes(body=statement.body.with_changes(body=body))]
+        if isinstance(statement, cst.SimpleStatementLine):
+            targets = statement_targets(statement)
+            reads_dead = names_in(statement) & self.dead
+            if reads_dead:
+                fresh = [t for t in targets if t not in self.live]
+                self.dead |= set(fresh)
+                self._drop(statement, f"reads removed {', '.join(sorted(reads_dead))}")
+                return []
+            self.live |= set(targets)
+            self.absent -= set(targets)
+            return [statement]
+        return [statement]
+
+    def _if(self, statement: cst.If) -> list[cst.BaseStatement]:
+        value = self.evaluate(statement.test)
+        if value is True:
+            self._drop(statement.test, "condition is always true in the engine")
+            return self.block(list(statement.body.body))
+        if value is False:
+            self._drop(statement.test, "condition is never true in the engine")
+            if statement.orelse is None:
+                return []
+            if isinstance(statement.orelse, cst.If):
+                return self._if(statement.orelse)
+            return self.block(list(statement.orelse.body.body))
+        if names_in(statement.test) & self.dead:
+            self.context.flag("dead-code", self.where, f"cannot decide `if {_code(statement.test)}`, which reads removed plumbing")
+        body = self.block(list(statement.body.body)) or [cst.SimpleStatementLine([cst.Pass()])]
+        orelse = statement.orelse
+        if isinstance(orelse, cst.Else):
+            else_body = self.block(list(orelse.body.body)) or [cst.SimpleStatementLine([cst.Pass()])]
+            orelse = orelse.with_changes(body=orelse.body.with_changes(body=else_body))
+        elif isinstance(orelse, cst.If):
+            rest = self._if(orelse)
+            orelse = rest[0] if len(rest) == 1 and isinstance(rest[0], cst.If) else (
+                cst.Else(cst.IndentedBlock(rest)) if rest else None)
+        return [statement.with_changes(body=statement.body.with_changes(body=body), orelse=orelse)]
+
+    def evaluate(self, node: cst.BaseExpression):
+        """True/False where the engine decides the test, else UNKNOWN."""
+        if isinstance(node, cst.Comparison) and len(node.comparisons) == 1:
+            operator = node.comparisons[0].operator
+            if isinstance(node.comparisons[0].comparator, cst.Name) and node.comparisons[0].comparator.value == "None":
+                is_none = self._is_none(node.left)
+                if is_none is UNKNOWN:
+                    return UNKNOWN
+                if isinstance(operator, cst.Is):
+                    return is_none
+                if isinstance(operator, cst.IsNot):
+                    return not is_none
+            return UNKNOWN
+        if isinstance(node, cst.UnaryOperation) and isinstance(node.operator, cst.Not):
+            inner = self.evaluate(node.expression)
+            return UNKNOWN if inner is UNKNOWN else not inner
+        if isinstance(node, cst.BooleanOperation):
+            left, right = self.evaluate(node.left), self.evaluate(node.right)
+            if isinstance(node.operator, cst.And):
+                if left is False or right is False:
+                    return False
+                return True if left is True and right is True else UNKNOWN
+            if left is True or right is True:
+                return True
+            return False if left is False and right is False else UNKNOWN
+        if isinstance(node, cst.BinaryOperation) and isinstance(node.operator, cst.BitXor):
+            left, right = self.evaluate(node.left), self.evaluate(node.right)
+            return UNKNOWN if UNKNOWN in (left, right) else left != right
+        if isinstance(node, cst.Name) and node.value in self.absent | self.dead:
+            return False
+        if dotted_name(node) in FALSE_ATTRIBUTES:
+            return False
+        if isinstance(node, cst.Name) and node.value in {"True", "False"}:
+            return node.value == "True"
+        return UNKNOWN
+
+    def _is_none(self, node: cst.BaseExpression):
+        if isinstance(node, cst.Name):
+            if node.value in self.absent or node.value in self.dead:
+                return True
+            if node.value in self.present:
+                return False
+        return UNKNOWN
+
+    def _drop(self, node: cst.CSTNode, reason: str) -> None:
+        self.context.record("dead-code", self.where, node, "", reason)
+
+
+def _code(node: cst.CSTNode) -> str:
+    return cst.Module(body=[]).code_for_node(node)

@@ -1,0 +1,152 @@
+"""Splits the causal LM's forward at its vocabulary projection, and makes the head tensor-parallel.
+
+`forward` keeps what runs before the head and returns the hidden states the head was given
+(without HF's `logits_to_keep` slicing: the engine picks each sequence's last token itself).
+`compute_logits(hidden_states, input_metadata)` gets the projection, through a `LogitsProcessor`
+that gathers the vocabulary shards and cuts the padding off, followed by whatever the source did
+to the logits afterwards (scaling, soft-capping) and nothing that needs labels. The head's
+`nn.Linear(hidden, vocab)` becomes `ParallelLMHead(vocab, hidden)`, tied to the input embedding
+when the config ties them.
+"""
+
+from __future__ import annotations
+
+import libcst as cst
+
+from porter.analysis.cst_utils import call_name, code_of, names_in, self_attribute, statement_targets
+from porter.analysis.model_index import EMBEDDING_CALLS, LINEAR_CALLS, ModelIndex, _projects_to_vocab
+from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
+from porter.rewrites.engine_interface import PLUMBING
+
+LAYERS = "engine.layers"
+
+
+class SplitLMHead(Rewrite):
+    name = "lm-head"
+
+    def apply(self, module: cst.Module, context: PortContext) -> cst.Module:
+        index = context.index
+        info = index.classes[index.causal_lm]
+        head = next(attr for attr, call in info.init_calls.items() if _projects_to_vocab(call))
+        embedding = _vocab_embedding_path(index)
+        return module.visit(_Transformer(context, head, embedding))
+
+
+def _vocab_embedding_path(index: ModelIndex) -> list[str] | None:
+    """`["model", "decoder", "embed_tokens"]`: where the input embedding lives, seen from the head class."""
+
+    def search(name: str, trail: list[str], seen: set[str]) -> list[str] | None:
+        if name in seen:
+            return None
+        seen.add(name)
+        info = index.classes[name]
+        for attr, call in info.init_calls.items():
+            if call_name(call) in EMBEDDING_CALLS and call.args and "vocab" in code_of(call.args[0].value):
+                return [*trail, attr]
+        for attr, child in info.submodules.items():
+            if attr not in info.module_lists:
+                found = search(child, [*trail, attr], seen)
+                if found:
+                    return found
+        return None
+
+    return search(index.causal_lm, [], set())
+
+
+class _Transformer(ClassScopedTransformer):
+    def __init__(self, context: PortContext, head: str, embedding: list[str] | None) -> None:
+        super().__init__(context)
+        self.head, self.embedding = head, embedding
+
+    @property
+    def in_head_class(self) -> bool:
+        return self.current_class == self.context.index.causal_lm
+
+    def leave_Assign(self, original: cst.Assign, updated: cst.Assign):
+        if not (self.in_head_class and self.current_function == "__init__"):
+            return updated
+        if self_attribute(updated.targets[0].target) != self.head or call_name(updated.value) not in LINEAR_CALLS:
+            return updated
+        call = updated.value
+        hidden, vocab = call.args[0].value, call.args[1].value
+        bias = next((a for a in call.args if a.keyword and a.keyword.value == "bias"), None)
+        bias_code = f", bias={code_of(bias.value)}" if bias else ", bias=True"
+        new = cst.parse_expression(f"ParallelLMHead({code_of(vocab)}, {code_of(hidden)}{bias_code})")
+        self.context.need(LAYERS, "ParallelLMHead")
+        self.context.record("lm-head", self.where, call, new, "vocabulary-parallel head (vocab padded to a multiple of 64*tp)")
+        self.vocab_code = code_of(vocab)
+        return updated.with_changes(value=new)
+
+    def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef):
+        if not (self.in_head_class and len(self.function_stack) == 1):
+            return super().leave_FunctionDef(original, updated)
+        if updated.name.value == "__init__":
+            updated = self._finish_init(updated)
+        elif updated.name.value == "forward":
+            forward, compute_logits = self._split_forward(updated)
+            super().leave_FunctionDef(original, updated)
+            return cst.FlattenSentinel([forward, compute_logits])
+        return super().leave_FunctionDef(original, updated)
+
+    def _finish_init(self, init: cst.FunctionDef) -> cst.FunctionDef:
+        config = init.params.params[1].name.value
+        added: list[cst.BaseStatement] = []
+        tied_key = f"{self.head}.weight"
+        if self.embedding is not None and tied_key in self.context.plan.tied:
+            target = ".".join(self.embedding)
+            added.append(cst.parse_statement(
+                f"if getattr({config}, 'tie_word_embeddings', True):\n    self.{self.head}.tie_to(self.{target})\n"))
+            self.context.plan.tied = {tied_key: f"{target}.weight"}
+        vocab = getattr(self, "vocab_code", f"{config}.vocab_size")
+        added.append(cst.parse_statement(f"self.logits_processor = LogitsProcessor({vocab})"))
+        self.context.need(LAYERS, "LogitsProcessor")
+        for statement in added:
+            self.context.record("lm-head", self.where, "", statement, "tie the head to the embedding; gather logits across ranks")
+        return init.with_changes(body=init.body.with_changes(body=[*init.body.body, *added]))
+
+    def _split_forward(self, forward: cst.FunctionDef) -> tuple[cst.FunctionDef, cst.FunctionDef]:
+        body = list(forward.body.body)
+        position = next((i for i, s in enumerate(body) if f"self.{self.head}(" in code_of(s)), None)
+        if position is None:
+            self.context.flag("lm-head", self.where, f"forward never calls self.{self.head}")
+            return forward, cst.parse_statement("def compute_logits(self, hidden_states, input_metadata):\n    return None\n")
+        replacer = _ReplaceHeadCall(self.head)
+        head_statement = body[position].visit(replacer)
+        hidden = replacer.hidden or "hidden_states"
+        logits_names = set(statement_targets(body[position]))
+        kept_after = [
+            s for s in body[position + 1:]
+            if _only_touches(s, logits_names) and not names_in(s) & (PLUMBING | {"loss"})
+        ]
+        returns = cst.parse_statement(f"return {', '.join(sorted(logits_names)) or 'logits'}")
+        compute = cst.parse_statement(
+            f"def compute_logits(self, {hidden}, input_metadata):\n    pass\n"
+        ).with_changes(body=cst.IndentedBlock([head_statement, *kept_after, returns]))
+        new_forward = forward.with_changes(
+            body=forward.body.with_changes(body=[*body[:position], cst.parse_statement(f"return {hidden}")])
+        )
+        self.context.record("lm-head", self.where, body[position], head_statement,
+                            "logits of each sequence's last token, computed apart from forward")
+        return new_forward, compute
+
+
+class _ReplaceHeadCall(cst.CSTTransformer):
+    def __init__(self, head: str) -> None:
+        self.head, self.hidden = head, None
+
+    def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.BaseExpression:
+        if self_attribute(updated.func) != self.head or not updated.args:
+            return updated
+        argument = updated.args[0].value
+        if isinstance(argument, cst.Subscript):
+            argument = argument.value  # HF's logits_to_keep slice
+        self.hidden = code_of(argument)
+        return cst.parse_expression(f"self.logits_processor(self.{self.head}, {self.hidden}, input_metadata)")
+
+
+def _only_touches(statement: cst.BaseStatement, names: set[str]) -> bool:
+    """A statement (or an `if` of them) that only reassigns the logits."""
+    if isinstance(statement, cst.If):
+        return all(_only_touches(s, names) for s in statement.body.body)
+    targets = statement_targets(statement)
+    return bool(targets) and set(targets) <= names

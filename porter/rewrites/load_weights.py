@@ -1,0 +1,41 @@
+"""Emits the causal LM's `load_weights`: HF checkpoint names in, the set loaded out.
+
+The method is data plus one call: which checkpoint modules were fused into which packed
+parameter (with shard ids), which parameter is tied to which, and which checkpoint tensors are
+buffers the engine recomputes. `engine.weights.load_named_weights` does the loading and raises on
+any unknown tensor or unloaded parameter, naming them.
+"""
+
+from __future__ import annotations
+
+import libcst as cst
+
+from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
+
+
+class EmitLoadWeights(Rewrite):
+    name = "load-weights"
+
+    def apply(self, module: cst.Module, context: PortContext) -> cst.Module:
+        return module.visit(_Transformer(context))
+
+
+class _Transformer(ClassScopedTransformer):
+    def leave_ClassDef(self, original: cst.ClassDef, updated: cst.ClassDef):
+        if updated.name.value != self.context.index.causal_lm:
+            return super().leave_ClassDef(original, updated)
+        plan = self.context.plan
+        fused = "".join(f"\n        ({packed!r}, {name!r}, {shard!r})," for packed, name, shard in sorted(plan.fused, key=str))
+        tied = "".join(f"\n        {k!r}: {v!r}," for k, v in sorted(plan.tied.items()))
+        ignored = "".join(f"\n        {pattern!r}," for pattern in sorted(plan.ignored))
+        method = cst.parse_statement(
+            "def load_weights(self, weights):\n"
+            f"    fused = [{fused}\n    ]\n"
+            f"    tied = {{{tied}\n    }}\n"
+            f"    ignored = [{ignored}\n    ]\n"
+            "    return load_named_weights(self, weights, fused=fused, tied=tied, ignored=ignored)\n"
+        )
+        self.context.need("engine.weights", "load_named_weights")
+        self.context.record("load-weights", self.where, "", method, "load HF checkpoint names into the engine's parameters")
+        body = [*updated.body.body, method]
+        return super().leave_ClassDef(original, updated.with_changes(body=updated.body.with_changes(body=body)))

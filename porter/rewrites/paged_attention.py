@@ -1,0 +1,76 @@
+"""Swaps each attention class's attention core for one `PagedAttention` call.
+
+The core is HF's attention-interface dispatch (or its eager fallback, or an old-style
+`self._attn(...)`): it is replaced by `self.attn(query, key, value, kv_cache, input_metadata)`,
+which writes the new keys and values into the paged cache and attends over each sequence's
+cached context. The dispatch lookup goes with it. `__init__` gains the `PagedAttention` module,
+built from what the source passed the core: the scale (`scaling=`), a sliding window, a logit
+soft-cap; head counts come from the projections' sizes, so GQA and MQA need nothing special.
+"""
+
+from __future__ import annotations
+
+import libcst as cst
+
+from porter.analysis.attention import AttentionInfo, analyse_attention
+from porter.analysis.cst_utils import code_of, names_in, statement_targets
+from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
+
+CORE_KEYWORDS = {"scaling": "scale", "sliding_window": "sliding_window", "softcap": "logits_soft_cap"}
+
+
+class SwapPagedAttention(Rewrite):
+    name = "paged-attention"
+
+    def apply(self, module: cst.Module, context: PortContext) -> cst.Module:
+        for name in sorted(context.index.attention):
+            info = analyse_attention(context.index, name)
+            if info is None:
+                context.flag("paged-attention", name, "could not trace q/k/v projections and head size into the attention core")
+                continue
+            context.plan.attention[name] = info
+        return module.visit(_Transformer(context))
+
+
+class _Transformer(ClassScopedTransformer):
+    @property
+    def info(self) -> AttentionInfo | None:
+        return self.context.plan.attention.get(self.current_class or "")
+
+    def leave_SimpleStatementLine(self, original: cst.SimpleStatementLine, updated: cst.SimpleStatementLine):
+        info = self.info
+        if info is None or self.current_function != "forward":
+            return updated
+        if "attention_interface" in statement_targets(updated):
+            self.context.record("paged-attention", self.where, updated, "", "attention backend lookup replaced by PagedAttention")
+            return cst.RemovalSentinel.REMOVE
+        if original.deep_equals(info.core_statement):
+            positional = [a.value for a in info.core.args if a.keyword is None and not a.star]
+            if positional and code_of(positional[0]) == "self":
+                positional = positional[1:]
+            q, k, v = (code_of(p) for p in positional[:3])
+            targets = statement_targets(updated)
+            new = cst.parse_statement(f"{targets[0]} = self.attn({q}, {k}, {v}, kv_cache, input_metadata)")
+            self.context.record("paged-attention", self.where, updated, new, "paged attention over the KV cache")
+            return new
+        return updated
+
+    def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef):
+        info = self.info
+        if info is not None and updated.name.value == "__init__" and len(self.function_stack) == 1:
+            arguments = [info.num_heads, info.head_dim]
+            keywords = {CORE_KEYWORDS[a.keyword.value]: code_of(a.value) for a in info.core.args
+                        if a.keyword is not None and a.keyword.value in CORE_KEYWORDS}
+            if keywords.get("scale") is None:
+                keywords["scale"] = f"{info.head_dim} ** -0.5"
+            for value in keywords.values():
+                if names_in(cst.parse_expression(value)) - {"self", "config", "math", "torch"}:
+                    self.context.flag("paged-attention", self.where, f"attention argument `{value}` is computed in forward")
+            if info.num_kv_heads != info.num_heads:
+                keywords["num_kv_heads"] = info.num_kv_heads
+            call = ", ".join([*arguments, *(f"{k}={v}" for k, v in keywords.items())])
+            statement = cst.parse_statement(f"self.attn = PagedAttention({call})")
+            self.context.need("engine.layers", "PagedAttention")
+            self.context.record("paged-attention", self.where, "", statement, "the paged attention module for this layer")
+            updated = updated.with_changes(body=updated.body.with_changes(body=[*updated.body.body, statement]))
+        return super().leave_FunctionDef(original, updated)

@@ -1,0 +1,182 @@
+"""Makes every remaining Linear and the vocabulary embedding tensor-parallel.
+
+Which Linear shards which dimension is read from the data flow of `forward`, not from names:
+a Linear fed a rank-sharded tensor is row-parallel (it all-reduces); one whose output reaches a
+row-parallel Linear (through elementwise ops, activations, attention) is column-parallel; any
+other (a projection in or out of the residual stream) is replicated. The QKV projection and
+paged attention produce sharded tensors. `Conv1D(out, in)` stores its weight transposed; the
+layer is told so. `nn.Embedding(vocab_size, ...)` becomes `VocabParallelEmbedding`.
+"""
+
+from __future__ import annotations
+
+import libcst as cst
+
+from porter.analysis.cst_utils import call_name, code_of, self_attribute, statement_targets
+from porter.analysis.model_index import EMBEDDING_CALLS, LINEAR_CALLS
+from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
+
+SHARDED_SOURCES = {"qkv_proj", "attn"}
+
+
+class TensorParallelLayers(Rewrite):
+    name = "tensor-parallel"
+
+    def apply(self, module: cst.Module, context: PortContext) -> cst.Module:
+        kinds: dict[tuple[str, str], str] = {}
+        for name in context.index.reachable:
+            info = context.index.classes[name]
+            forward = info.methods.get("forward")
+            if forward is not None and info.linears():
+                kinds.update({(name, a): k for a, k in _shard_kinds(forward, set(info.linears()), elementwise_attributes(info)).items()})
+        return module.visit(_Transformer(context, kinds))
+
+
+def _shard_kinds(forward: cst.FunctionDef, linears: set[str], elementwise: set[str]) -> dict[str, str]:
+    """Linear attribute -> "column" | "row" | "replicated", by a fixed point over the data flow."""
+    forced: set[str] = set()
+    while True:
+        kinds, poisoned = _propagate(forward, linears, elementwise, forced)
+        if not poisoned - forced:
+            return {a: ("replicated" if k == "candidate" or a in forced else k) for a, k in kinds.items()}
+        forced |= poisoned
+
+
+def _propagate(forward, linears, elementwise, forced) -> tuple[dict[str, str], set[str]]:
+    sharded: dict[str, set[str]] = {}  # variable -> column candidates it came through
+    kinds: dict[str, str] = {}
+    poisoned: set[str] = set()
+
+    def evaluate(node: cst.CSTNode) -> tuple[bool, set[str]]:
+        if isinstance(node, cst.Call):
+            attr = self_attribute(node.func)
+            inner = [evaluate(a.value) for a in node.args]
+            receiver = evaluate(node.func.value) if isinstance(node.func, cst.Attribute) and attr is None else (False, set())
+            inner.append(receiver)
+            is_sharded = any(s for s, _ in inner)
+            origins = set().union(*(o for _, o in inner))
+            if attr in linears and attr not in forced:
+                if is_sharded:
+                    kinds[attr] = "row"
+                    for origin in origins:
+                        kinds[origin] = "column"
+                    return False, set()
+                kinds.setdefault(attr, "candidate")
+                return True, {attr}
+            if attr in linears:
+                poisoned.update(origins)  # a replicated Linear needs the whole tensor
+                return False, set()
+            if attr in SHARDED_SOURCES:
+                return True, set()
+            if attr in elementwise or _is_elementwise_call(node):
+                return is_sharded, origins
+            poisoned.update(origins)  # a norm, a submodule, anything that mixes the hidden dim
+            return False, set()
+        if isinstance(node, cst.Name):
+            return (node.value in sharded), set(sharded.get(node.value, set()))
+        if isinstance(node, cst.BinaryOperation):
+            (left, left_o), (right, right_o) = evaluate(node.left), evaluate(node.right)
+            if left != right and _is_tensor(node.right if left else node.left):
+                poisoned.update(left_o | right_o)  # sharded + whole tensor (a residual add)
+                return False, set()
+            return left or right, left_o | right_o
+        children = [evaluate(child) for child in node.children if isinstance(child, cst.BaseExpression)]
+        return any(s for s, _ in children), set().union(*(o for _, o in children)) if children else set()
+
+    def walk(statements) -> None:
+        for statement in statements:
+            if isinstance(statement, cst.SimpleStatementLine):
+                for small in statement.body:
+                    value = getattr(small, "value", None)
+                    if value is None:
+                        continue
+                    is_sharded, origins = evaluate(value)
+                    if isinstance(small, cst.Return):
+                        poisoned.update(origins)  # a module returns whole tensors
+                    for target in statement_targets(statement):
+                        if is_sharded:
+                            sharded[target] = origins
+                        else:
+                            sharded.pop(target, None)
+            elif hasattr(statement, "body") and hasattr(statement.body, "body"):
+                walk(statement.body.body)
+                orelse = getattr(statement, "orelse", None)
+                if orelse is not None and hasattr(orelse, "body"):
+                    walk(orelse.body.body if hasattr(orelse.body, "body") else [orelse])
+
+    walk(forward.body.body)
+    return kinds, poisoned
+
+
+ELEMENTWISE_FUNCTIONS = {
+    "torch.tanh", "torch.sigmoid", "torch.relu", "torch.exp", "nn.functional.gelu", "nn.functional.silu",
+    "nn.functional.relu", "F.gelu", "F.silu", "F.relu", "torch.nn.functional.gelu", "torch.nn.functional.silu",
+}
+# Methods that keep a head- or feature-sharded tensor sharded the same way (splits of the fused
+# projection, per-head views that the flatten rewrite made rank-agnostic).
+ELEMENTWISE_METHODS = {"to", "contiguous", "float", "half", "type_as", "clamp", "pow", "mul", "add",
+                       "split", "chunk", "unflatten", "view", "reshape", "flatten"}
+ACTIVATION_FACTORIES = {"ACT2FN", "get_activation", "nn.GELU", "nn.SiLU", "nn.ReLU", "nn.Tanh", "NewGELUActivation"}
+
+
+def _is_elementwise_call(node: cst.Call) -> bool:
+    name = call_name(node)
+    if name in ELEMENTWISE_FUNCTIONS:
+        return True
+    return isinstance(node.func, cst.Attribute) and self_attribute(node.func) is None and node.func.attr.value in ELEMENTWISE_METHODS
+
+
+def _is_tensor(node: cst.BaseExpression) -> bool:
+    """A variable or call result (scalars are attributes and literals)."""
+    return isinstance(node, (cst.Name, cst.Call, cst.Subscript)) and code_of(node) not in {"None", "True", "False"}
+
+
+def elementwise_attributes(info) -> set[str]:
+    """Attributes of a class that hold an activation function."""
+    found = set()
+    init = info.methods.get("__init__")
+    if init is None:
+        return found
+
+    class _Assigns(cst.CSTVisitor):
+        def visit_Assign(self, node: cst.Assign) -> None:
+            attr = self_attribute(node.targets[0].target)
+            value = node.value
+            root = value.value if isinstance(value, cst.Subscript) else (value.func if isinstance(value, cst.Call) else value)
+            if attr and (code_of(root) in ACTIVATION_FACTORIES or code_of(root).split(".")[-1] in ACTIVATION_FACTORIES):
+                found.add(attr)
+
+    init.visit(_Assigns())
+    return found
+
+
+class _Transformer(ClassScopedTransformer):
+    def __init__(self, context: PortContext, kinds: dict[tuple[str, str], str]) -> None:
+        super().__init__(context)
+        self.kinds = kinds
+
+    def leave_Assign(self, original: cst.Assign, updated: cst.Assign) -> cst.Assign:
+        if self.current_function != "__init__" or not isinstance(updated.value, cst.Call):
+            return updated
+        attr = self_attribute(updated.targets[0].target)
+        call = updated.value
+        name = call_name(call)
+        if name in EMBEDDING_CALLS and call.args and "vocab" in code_of(call.args[0].value):
+            new = call.with_changes(func=cst.Name("VocabParallelEmbedding"))
+            self.context.need("engine.layers", "VocabParallelEmbedding")
+            self.context.record("tensor-parallel", self.where, call, new, "vocabulary-parallel embedding")
+            return updated.with_changes(value=new)
+        if name not in LINEAR_CALLS or attr is None:
+            return updated
+        kind = self.kinds.get((self.current_class, attr), "replicated")
+        layer = {"column": "ColumnParallelLinear", "row": "RowParallelLinear", "replicated": "ReplicatedLinear"}[kind]
+        args = list(call.args)
+        if name == "Conv1D":
+            # Conv1D(nf=out, nx=in) stores weight as [in, out].
+            args = [args[1].with_changes(comma=args[0].comma), args[0].with_changes(comma=args[1].comma), *args[2:]]
+            args.append(cst.Arg(cst.Name("True"), keyword=cst.Name("checkpoint_transposed")))
+        new = call.with_changes(func=cst.Name(layer), args=args)
+        self.context.need("engine.layers", layer)
+        self.context.record("tensor-parallel", self.where, call, new, f"{kind} by the data flow of forward")
+        return updated.with_changes(value=new)
+
