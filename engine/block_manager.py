@@ -1,0 +1,203 @@
+"""Hands out fixed-size KV-cache blocks to sequences, shares computed prefixes, and takes them back.
+
+Prefix caching: a block that is full of computed tokens is registered under a content hash chained
+with the previous block's hash, so a hash names a whole prefix, not just one block's tokens. A new
+sequence whose leading full blocks hash the same reuses those blocks (reference count + 1) instead of
+recomputing them. A freed block keeps its hash while it sits in the free list, so a later request can
+still hit it; the hash is dropped only when the block is handed out again. Only full, computed blocks
+are ever shared, and a sequence only writes K/V past its computed tokens, so a shared block is never
+written and needs no copy-on-write.
+
+Free-list order decides what is evicted first: blocks that hold no cached prefix, then cached blocks
+least recently freed first, each sequence's blocks queued tail first (its tail is the least likely to
+be someone's prefix, and a chain is useless once its head is gone).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import struct
+from collections import OrderedDict
+from collections.abc import Sequence as SequenceOf
+from dataclasses import dataclass
+
+from engine.sequence import Sequence
+
+
+def hash_block_tokens(previous_hash: int | None, token_ids: SequenceOf[int]) -> int:
+    """A stable 128-bit hash of one block's tokens chained with the previous block's hash.
+
+    blake2b over fixed-width bytes: the same on every run and machine (Python's `hash` of a str is
+    salted per process, and a collision here would silently serve another prompt's K/V).
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(b"\x00" if previous_hash is None else b"\x01" + previous_hash.to_bytes(16, "little"))
+    digest.update(struct.pack(f"<{len(token_ids)}q", *token_ids))
+    return int.from_bytes(digest.digest(), "little")
+
+
+@dataclass(slots=True, eq=False)
+class Block:
+    block_id: int
+    ref_count: int = 0
+    content_hash: int | None = None  # set while the block is registered in the prefix cache
+
+
+class BlockManager:
+    """Fixed-size blocks with reference counts, a free list and a prefix cache of full blocks.
+
+    The calls a scheduler makes, per sequence: `can_allocate`/`allocate` on admission (takes the cached
+    prefix plus blocks for the first chunk), `can_append`/`append_slots` before each later step,
+    `mark_computed` after a step wrote the K/V, and `free` on finish or preemption.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks} and {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(block_id) for block_id in range(num_blocks)]
+        # Front = handed out next. An OrderedDict gives O(1) removal of a cache hit from the middle.
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self._cached: dict[int, int] = {}  # content hash -> block id
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Blocks registered in the prefix cache, in use or free."""
+        return len(self._cached)
+
+    def num_blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def num_cached_prefix_tokens(self, seq: Sequence) -> int:
+        """How many leading tokens of a waiting `seq` a prefix-cache hit would cover (no side effects)."""
+        return len(self._prefix_hits(seq)) * self.block_size
+
+    def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """Whether `allocate(seq, num_new_tokens)` would find enough free blocks."""
+        hits = self._prefix_hits(seq)
+        needed = self.num_blocks_for(len(hits) * self.block_size + num_new_tokens) - len(hits)
+        # A hit on a free block takes it out of the free list, so it is not there for the new ones.
+        free_hits = sum(1 for block_id in hits if self.blocks[block_id].ref_count == 0)
+        return needed <= len(self._free) - free_hits
+
+    def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
+        """Admits `seq`: reuses its cached full prefix blocks, then adds blocks for `num_new_tokens` more.
+
+        Sets `seq.num_cached_tokens` and `seq.num_computed_tokens` to the hit's length. The hit never
+        covers the whole sequence: at least its last token is computed, so the step yields logits.
+        """
+        if seq.block_table:
+            raise ValueError(f"sequence {seq.seq_id} already holds blocks {seq.block_table}")
+        if not self.can_allocate(seq, num_new_tokens):
+            raise RuntimeError(f"not enough free blocks to admit sequence {seq.seq_id}")
+        hits = self._prefix_hits(seq)
+        for block_id in hits:
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                del self._free[block_id]
+            block.ref_count += 1
+            seq.block_table.append(block_id)
+        seq.num_cached_tokens = seq.num_computed_tokens = len(hits) * self.block_size
+        self.append_slots(seq, num_new_tokens)
+
+    def num_appendable_tokens(self, seq: Sequence) -> int:
+        """How many tokens past its computed ones `seq` could be given slots for right now."""
+        slots_in_table = len(seq.block_table) * self.block_size - seq.num_computed_tokens
+        return slots_in_table + len(self._free) * self.block_size
+
+    def can_append(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """Whether `append_slots(seq, num_new_tokens)` would find enough free blocks."""
+        return self._num_missing_blocks(seq, num_new_tokens) <= len(self._free)
+
+    def append_slots(self, seq: Sequence, num_new_tokens: int) -> None:
+        """Grows `seq`'s block table to hold its computed tokens plus `num_new_tokens` more."""
+        missing = self._num_missing_blocks(seq, num_new_tokens)
+        if missing > len(self._free):
+            raise RuntimeError(
+                f"sequence {seq.seq_id} needs {missing} more blocks, only {len(self._free)} are free"
+            )
+        for _ in range(missing):
+            seq.block_table.append(self._take_free_block())
+
+    def mark_computed(self, seq: Sequence, num_new_tokens: int) -> None:
+        """A step wrote K/V for `num_new_tokens` more tokens of `seq`: count them and cache full blocks."""
+        before = seq.num_computed_tokens
+        after = before + num_new_tokens
+        if after > len(seq.block_table) * self.block_size or after > seq.num_tokens:
+            raise ValueError(
+                f"sequence {seq.seq_id}: {after} computed tokens exceed its "
+                f"{len(seq.block_table)} blocks or its {seq.num_tokens} tokens"
+            )
+        seq.num_computed_tokens = after
+        if not self.enable_prefix_caching:
+            return
+        first_new_full, num_full = before // self.block_size, after // self.block_size
+        hashes = self._block_hashes(seq, num_full)
+        for index in range(first_new_full, num_full):
+            block = self.blocks[seq.block_table[index]]
+            if block.content_hash is not None:  # a prefix hit: already registered
+                continue
+            # Another sequence may have computed the same content meanwhile; keep the first one.
+            if hashes[index] not in self._cached:
+                block.content_hash = hashes[index]
+                self._cached[hashes[index]] = block.block_id
+
+    def free(self, seq: Sequence) -> None:
+        """Releases `seq`'s blocks; unreferenced ones go to the free list, keeping any cached hash."""
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count < 0:
+                raise RuntimeError(f"block {block_id} freed more often than it was taken")
+            if block.ref_count == 0:
+                self._free[block_id] = None
+                if block.content_hash is None:
+                    # Holds nothing worth keeping: hand it out before any cached block.
+                    self._free.move_to_end(block_id, last=False)
+        seq.block_table.clear()
+
+    def _num_missing_blocks(self, seq: Sequence, num_new_tokens: int) -> int:
+        needed = self.num_blocks_for(seq.num_computed_tokens + num_new_tokens)
+        return max(0, needed - len(seq.block_table))
+
+    def _take_free_block(self) -> int:
+        block_id, _ = self._free.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.ref_count != 0:
+            raise RuntimeError(f"block {block_id} is in the free list with {block.ref_count} references")
+        if block.content_hash is not None:  # evict: its old content is about to be overwritten
+            if self._cached.get(block.content_hash) == block_id:
+                del self._cached[block.content_hash]
+            block.content_hash = None
+        block.ref_count = 1
+        return block_id
+
+    def _prefix_hits(self, seq: Sequence) -> list[int]:
+        """Block ids of the longest cached chain of `seq`'s leading full blocks, last token excluded."""
+        if not self.enable_prefix_caching:
+            return []
+        max_blocks = (seq.num_tokens - 1) // self.block_size
+        hits: list[int] = []
+        for content_hash in itertools.islice(self._block_hashes(seq, max_blocks), max_blocks):
+            block_id = self._cached.get(content_hash)
+            if block_id is None:
+                break
+            hits.append(block_id)
+        return hits
+
+    def _block_hashes(self, seq: Sequence, num_blocks: int) -> list[int]:
+        """The chained hashes of `seq`'s full blocks, at least its first `num_blocks` (cached on `seq`)."""
+        hashes = seq.block_hashes
+        size = self.block_size
+        while len(hashes) < num_blocks:
+            index = len(hashes)
+            previous = hashes[-1] if hashes else None
+            hashes.append(hash_block_tokens(previous, seq.token_ids[index * size : (index + 1) * size]))
+        return hashes

@@ -1,0 +1,503 @@
+// Paged decode attention: one new query token per sequence, attending over its paged KV cache.
+//
+// Work split. One thread block takes (sequence, KV head, partition of the context) and serves every
+// query head of that KV head's group (up to kMaxHeadsPerBlock of them), so each K/V vector is read
+// from memory once however large the GQA group. Long contexts are cut into partitions of
+// `partition_size` tokens (split-K): each block writes its partial max / sum / normalised output, and a
+// second kernel merges the partitions. With one partition the first kernel writes the output itself.
+//
+// Inside a block, a group of kThreadsPerToken threads holds one token's head_dim row (16 bytes per
+// thread per load), so a warp covers kTokensPerWarp tokens per load; kUnroll loads are issued before
+// the first is used to keep enough bytes in flight.
+//   Phase 1: scores of every token of the partition for every head -> shared memory.
+//   Phase 2: per-head max and sum of exp (one warp per head), in place.
+//   Phase 3: weighted sum of V rows, reduced across token groups and warps.
+// All arithmetic is fp32. Scores: (scale*q).k, + slope*(k_pos - q_pos) with ALiBi, then
+// cap*tanh(s/cap) with a soft cap; a sliding window moves the first visible token, so nothing before
+// it is read at all.
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <cfloat>
+
+#include "vector_io.h"
+
+namespace porter {
+namespace {
+
+constexpr int kNumThreads = 128;
+constexpr int kNumWarps = kNumThreads / 32;
+constexpr int kUnroll = 4;
+constexpr int kMaxHeadsPerBlock = 8;
+constexpr size_t kMaxSharedBytes = 48 * 1024;
+
+struct DecodeParams {
+  void* out;             // [num_seqs, num_heads, head_dim], written directly when max_partitions == 1
+  float* partial_out;    // [num_seqs, num_heads, max_partitions, head_dim]
+  float* partial_max;    // [num_seqs, num_heads, max_partitions]
+  float* partial_sum;    // [num_seqs, num_heads, max_partitions]
+  const void* query;     // [num_seqs, num_heads, head_dim], last dim contiguous
+  const void* key_cache;    // [num_blocks, block_size, num_kv_heads, head_dim], contiguous
+  const void* value_cache;  // same
+  const int* block_tables;  // [num_seqs, max_blocks_per_seq]
+  const int* context_lens;  // [num_seqs]
+  const float* alibi_slopes;  // [num_heads] or nullptr
+  int64_t query_stride_token;
+  int64_t query_stride_head;
+  int num_heads;
+  int num_kv_heads;
+  int max_blocks_per_seq;
+  int block_size_log2;
+  int partition_size;
+  int max_partitions;
+  int scratch_floats;  // floats of shared scratch before the block-number table
+  int sliding_window;  // 0 = none
+  float scale;
+  float soft_cap;  // 0 = none
+};
+
+template <typename T, int HEAD_DIM>
+struct DecodeLayout {
+  static constexpr int kVec = Vec16<T>::kSize;
+  static constexpr int kVecsPerRow = HEAD_DIM / kVec;
+  static constexpr int kThreadsPerToken = kVecsPerRow < 32 ? kVecsPerRow : 32;
+  static constexpr int kVecsPerThread = kVecsPerRow / kThreadsPerToken;
+  static constexpr int kTokensPerWarp = 32 / kThreadsPerToken;
+  static constexpr int kTokensPerIter = kNumWarps * kTokensPerWarp;
+  static_assert(HEAD_DIM % kVec == 0, "head_dim must be a whole number of 16-byte vectors");
+};
+
+// First KV index visible to the sequence's query token and how many follow it (the last is context_len-1).
+__device__ __forceinline__ void visible_range(const DecodeParams& p, int context_len, int* start, int* span) {
+  *start = p.sliding_window > 0 ? max(0, context_len - p.sliding_window) : 0;
+  *span = context_len - *start;
+}
+
+template <typename T, int HEAD_DIM, int HEADS>
+__global__ void __launch_bounds__(kNumThreads) paged_decode_attention_kernel(const DecodeParams p) {
+  using L = DecodeLayout<T, HEAD_DIM>;
+  extern __shared__ __align__(16) unsigned char shared_raw[];
+  float* scratch = reinterpret_cast<float*>(shared_raw);  // scores [HEADS][partition], later partial sums
+  int* block_numbers = reinterpret_cast<int*>(scratch + p.scratch_floats);
+  __shared__ float head_max[HEADS];
+  __shared__ float head_sum[HEADS];
+
+  const int seq = blockIdx.y;
+  const int partition = blockIdx.z;
+  const int group_size = p.num_heads / p.num_kv_heads;
+  const int chunks = (group_size + HEADS - 1) / HEADS;
+  const int kv_head = blockIdx.x / chunks;
+  const int first_in_group = (blockIdx.x % chunks) * HEADS;
+  const int first_head = kv_head * group_size + first_in_group;
+  const int active_heads = min(HEADS, group_size - first_in_group);
+  T* out = static_cast<T*>(p.out);
+
+  const int context_len = p.context_lens[seq];
+  int window_start, span;
+  visible_range(p, context_len, &window_start, &span);
+  if (span <= 0) {
+    // An empty sequence (a padded slot of a captured batch) gets zeros, never garbage.
+    if (partition == 0 && p.max_partitions == 1) {
+      for (int i = threadIdx.x; i < active_heads * HEAD_DIM; i += kNumThreads) {
+        out[((int64_t)seq * p.num_heads + first_head) * HEAD_DIM + i] = from_float<T>(0.f);
+      }
+    }
+    return;
+  }
+  if (partition * p.partition_size >= span) return;  // this partition lies past the context
+  const int token_begin = window_start + partition * p.partition_size;
+  const int num_tokens = min(p.partition_size, span - partition * p.partition_size);
+
+  // This partition's slice of the block table, so that a token's address needs no dependent global load.
+  const int block_mask = (1 << p.block_size_log2) - 1;
+  const int first_block = token_begin >> p.block_size_log2;
+  const int num_table_entries = ((token_begin + num_tokens - 1) >> p.block_size_log2) - first_block + 1;
+  const int* table = p.block_tables + (int64_t)seq * p.max_blocks_per_seq + first_block;
+  for (int i = threadIdx.x; i < num_table_entries; i += kNumThreads) block_numbers[i] = table[i];
+
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int lane_in_token = lane % L::kThreadsPerToken;
+  const int token_in_warp = lane / L::kThreadsPerToken;
+  const int warp_token = warp * L::kTokensPerWarp + token_in_warp;
+
+  // Query fragments, pre-multiplied by the scale. Heads past the group (when it is not a multiple of
+  // HEADS) repeat the last real head; their results are never stored.
+  float q[HEADS][L::kVecsPerThread][L::kVec];
+  float slope[HEADS];
+  const T* query = static_cast<const T*>(p.query) + seq * p.query_stride_token;
+#pragma unroll
+  for (int h = 0; h < HEADS; ++h) {
+    const int head = first_head + min(h, active_heads - 1);
+    slope[h] = p.alibi_slopes != nullptr ? p.alibi_slopes[head] : 0.f;
+#pragma unroll
+    for (int i = 0; i < L::kVecsPerThread; ++i) {
+#pragma unroll
+      for (int e = 0; e < L::kVec; ++e) {
+        const int d = (lane_in_token + i * L::kThreadsPerToken) * L::kVec + e;
+        q[h][i][e] = to_float(query[head * p.query_stride_head + d]) * p.scale;
+      }
+    }
+  }
+  __syncthreads();  // block_numbers ready
+
+  const int64_t token_stride = (int64_t)p.num_kv_heads * HEAD_DIM;
+  const int64_t head_offset = (int64_t)kv_head * HEAD_DIM + lane_in_token * L::kVec;
+  const T* key_base = static_cast<const T*>(p.key_cache) + head_offset;
+  const T* value_base = static_cast<const T*>(p.value_cache) + head_offset;
+  // Row of the cache (block * block_size + offset) holding the partition's t-th token.
+  auto cache_row = [&](int t) -> int64_t {
+    const int token = token_begin + t;
+    return ((int64_t)block_numbers[(token >> p.block_size_log2) - first_block] << p.block_size_log2) |
+           (token & block_mask);
+  };
+  auto load_rows = [&](const T* base, int first, uint4 (&raw)[kUnroll][L::kVecsPerThread]) {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int t = first + u * L::kTokensPerIter + warp_token;
+      const T* ptr = base + (t < num_tokens ? cache_row(t) * token_stride : 0);
+#pragma unroll
+      for (int i = 0; i < L::kVecsPerThread; ++i) {
+        raw[u][i] = t < num_tokens ? load_16_bytes(ptr + i * L::kThreadsPerToken * L::kVec) : make_uint4(0, 0, 0, 0);
+      }
+    }
+  };
+
+  // Phase 1: scores.
+  float* scores = scratch;
+  const int query_pos = context_len - 1;
+  for (int first = 0; first < num_tokens; first += kUnroll * L::kTokensPerIter) {
+    uint4 raw[kUnroll][L::kVecsPerThread];
+    load_rows(key_base, first, raw);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      float dot[HEADS];
+#pragma unroll
+      for (int h = 0; h < HEADS; ++h) dot[h] = 0.f;
+#pragma unroll
+      for (int i = 0; i < L::kVecsPerThread; ++i) {
+        float k[L::kVec];
+        unpack_to_float(raw[u][i], k, static_cast<const T*>(nullptr));
+#pragma unroll
+        for (int h = 0; h < HEADS; ++h) {
+#pragma unroll
+          for (int e = 0; e < L::kVec; ++e) dot[h] = fmaf(q[h][i][e], k[e], dot[h]);
+        }
+      }
+#pragma unroll
+      for (int mask = L::kThreadsPerToken / 2; mask > 0; mask >>= 1) {
+#pragma unroll
+        for (int h = 0; h < HEADS; ++h) dot[h] += __shfl_xor_sync(0xffffffffu, dot[h], mask);
+      }
+      const int t = first + u * L::kTokensPerIter + warp_token;
+      if (lane_in_token == 0 && t < num_tokens) {
+        const float key_minus_query = static_cast<float>(token_begin + t - query_pos);
+#pragma unroll
+        for (int h = 0; h < HEADS; ++h) {
+          float s = fmaf(slope[h], key_minus_query, dot[h]);
+          if (p.soft_cap > 0.f) s = p.soft_cap * tanhf(s / p.soft_cap);
+          scores[h * p.partition_size + t] = s;
+        }
+      }
+    }
+  }
+  __syncthreads();
+
+  // Phase 2: softmax statistics per head; scores become unnormalised probabilities in place.
+  for (int h = warp; h < HEADS; h += kNumWarps) {
+    float* row = scores + h * p.partition_size;
+    float m = -FLT_MAX;
+    for (int t = lane; t < num_tokens; t += 32) m = fmaxf(m, row[t]);
+    m = warp_max(m);
+    float sum = 0.f;
+    for (int t = lane; t < num_tokens; t += 32) {
+      const float e = __expf(row[t] - m);
+      row[t] = e;
+      sum += e;
+    }
+    sum = warp_sum(sum);
+    if (lane == 0) {
+      head_max[h] = m;
+      head_sum[h] = sum;
+    }
+  }
+  __syncthreads();
+
+  // Phase 3: probabilities times V.
+  float acc[HEADS][L::kVecsPerThread][L::kVec];
+#pragma unroll
+  for (int h = 0; h < HEADS; ++h)
+#pragma unroll
+    for (int i = 0; i < L::kVecsPerThread; ++i)
+#pragma unroll
+      for (int e = 0; e < L::kVec; ++e) acc[h][i][e] = 0.f;
+  for (int first = 0; first < num_tokens; first += kUnroll * L::kTokensPerIter) {
+    uint4 raw[kUnroll][L::kVecsPerThread];
+    load_rows(value_base, first, raw);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int t = first + u * L::kTokensPerIter + warp_token;
+      if (t >= num_tokens) continue;
+#pragma unroll
+      for (int i = 0; i < L::kVecsPerThread; ++i) {
+        float v[L::kVec];
+        unpack_to_float(raw[u][i], v, static_cast<const T*>(nullptr));
+#pragma unroll
+        for (int h = 0; h < HEADS; ++h) {
+          const float w = scores[h * p.partition_size + t];
+#pragma unroll
+          for (int e = 0; e < L::kVec; ++e) acc[h][i][e] = fmaf(w, v[e], acc[h][i][e]);
+        }
+      }
+    }
+  }
+  // Token groups of a warp hold the same dims for different tokens: add them up.
+#pragma unroll
+  for (int mask = L::kThreadsPerToken; mask < 32; mask <<= 1)
+#pragma unroll
+    for (int h = 0; h < HEADS; ++h)
+#pragma unroll
+      for (int i = 0; i < L::kVecsPerThread; ++i)
+#pragma unroll
+        for (int e = 0; e < L::kVec; ++e) acc[h][i][e] += __shfl_xor_sync(0xffffffffu, acc[h][i][e], mask);
+  __syncthreads();  // every read of the scores is done; the scratch now takes per-warp sums
+  if (token_in_warp == 0) {
+#pragma unroll
+    for (int h = 0; h < HEADS; ++h)
+#pragma unroll
+      for (int i = 0; i < L::kVecsPerThread; ++i)
+#pragma unroll
+        for (int e = 0; e < L::kVec; ++e) {
+          const int d = (lane_in_token + i * L::kThreadsPerToken) * L::kVec + e;
+          scratch[(warp * HEADS + h) * HEAD_DIM + d] = acc[h][i][e];
+        }
+  }
+  __syncthreads();
+
+  for (int idx = threadIdx.x; idx < active_heads * HEAD_DIM; idx += kNumThreads) {
+    const int h = idx / HEAD_DIM;
+    const int d = idx % HEAD_DIM;
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < kNumWarps; ++w) sum += scratch[(w * HEADS + h) * HEAD_DIM + d];
+    const float value = sum / head_sum[h];
+    const int64_t row = (int64_t)seq * p.num_heads + first_head + h;
+    if (p.max_partitions == 1) {
+      out[row * HEAD_DIM + d] = from_float<T>(value);
+    } else {
+      const int64_t part_row = row * p.max_partitions + partition;
+      p.partial_out[part_row * HEAD_DIM + d] = value;
+      if (d == 0) {
+        p.partial_max[part_row] = head_max[h];
+        p.partial_sum[part_row] = head_sum[h];
+      }
+    }
+  }
+}
+
+// Reduces over the threads of a block; `shared` holds kNumWarps floats.
+template <bool kMax>
+__device__ float block_reduce(float x, float* shared) {
+  x = kMax ? warp_max(x) : warp_sum(x);
+  if (threadIdx.x % 32 == 0) shared[threadIdx.x / 32] = x;
+  __syncthreads();
+  float result = shared[0];
+#pragma unroll
+  for (int w = 1; w < kNumWarps; ++w) result = kMax ? fmaxf(result, shared[w]) : result + shared[w];
+  __syncthreads();  // the caller may reuse `shared`
+  return result;
+}
+
+// Merges the partitions of one (sequence, head): out = sum_p w_p * out_p / sum_p w_p with
+// w_p = sum_p * exp(max_p - max).
+template <typename T>
+__global__ void __launch_bounds__(kNumThreads) paged_decode_reduce_kernel(const DecodeParams p, int head_dim) {
+  extern __shared__ float weights[];  // [max_partitions]
+  __shared__ float reduce_scratch[kNumWarps];
+  const int head = blockIdx.x;
+  const int seq = blockIdx.y;
+  int window_start, span;
+  visible_range(p, p.context_lens[seq], &window_start, &span);
+  const int num_parts = span > 0 ? min((span + p.partition_size - 1) / p.partition_size, p.max_partitions) : 0;
+  const int64_t row = (int64_t)seq * p.num_heads + head;
+  const float* maxes = p.partial_max + row * p.max_partitions;
+  const float* sums = p.partial_sum + row * p.max_partitions;
+
+  float m = -FLT_MAX;
+  for (int i = threadIdx.x; i < num_parts; i += kNumThreads) m = fmaxf(m, maxes[i]);
+  m = block_reduce<true>(m, reduce_scratch);
+  float total = 0.f;
+  for (int i = threadIdx.x; i < num_parts; i += kNumThreads) {
+    const float w = sums[i] * __expf(maxes[i] - m);
+    weights[i] = w;
+    total += w;
+  }
+  total = block_reduce<false>(total, reduce_scratch);  // its barrier also publishes `weights`
+  const float inv_total = total > 0.f ? 1.f / total : 0.f;
+
+  const float* partial = p.partial_out + row * p.max_partitions * head_dim;
+  T* out = static_cast<T*>(p.out) + row * head_dim;
+  for (int d = threadIdx.x; d < head_dim; d += kNumThreads) {
+    float acc = 0.f;
+    for (int i = 0; i < num_parts; ++i) acc = fmaf(weights[i], partial[(int64_t)i * head_dim + d], acc);
+    out[d] = from_float<T>(acc * inv_total);
+  }
+}
+
+template <typename T, int HEAD_DIM, int HEADS>
+void launch_attention(const DecodeParams& p, dim3 grid, size_t shared_bytes, cudaStream_t stream) {
+  paged_decode_attention_kernel<T, HEAD_DIM, HEADS><<<grid, kNumThreads, shared_bytes, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int HEAD_DIM>
+void launch_for_heads(int heads, const DecodeParams& p, dim3 grid, size_t shared_bytes, cudaStream_t stream) {
+  switch (heads) {
+    case 1: return launch_attention<T, HEAD_DIM, 1>(p, grid, shared_bytes, stream);
+    case 2: return launch_attention<T, HEAD_DIM, 2>(p, grid, shared_bytes, stream);
+    case 4: return launch_attention<T, HEAD_DIM, 4>(p, grid, shared_bytes, stream);
+    default: return launch_attention<T, HEAD_DIM, 8>(p, grid, shared_bytes, stream);
+  }
+}
+
+template <typename T>
+void launch_all(int head_dim, int heads, const DecodeParams& p, dim3 grid, size_t shared_bytes, int num_seqs,
+                cudaStream_t stream) {
+  switch (head_dim) {
+    case 64: launch_for_heads<T, 64>(heads, p, grid, shared_bytes, stream); break;
+    case 128: launch_for_heads<T, 128>(heads, p, grid, shared_bytes, stream); break;
+    default: launch_for_heads<T, 256>(heads, p, grid, shared_bytes, stream); break;
+  }
+  if (p.max_partitions > 1) {
+    const dim3 reduce_grid(p.num_heads, num_seqs);
+    paged_decode_reduce_kernel<T><<<reduce_grid, kNumThreads, p.max_partitions * sizeof(float), stream>>>(p, head_dim);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+int heads_per_block(int group_size) {
+  if (group_size <= 1) return 1;
+  if (group_size <= 2) return 2;
+  if (group_size <= 4) return 4;
+  return kMaxHeadsPerBlock;
+}
+
+}  // namespace
+
+void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
+                            const at::Tensor& value_cache, const at::Tensor& block_tables,
+                            const at::Tensor& context_lens, const c10::optional<at::Tensor>& alibi_slopes,
+                            double scale, int64_t sliding_window, double soft_cap, int64_t partition_size,
+                            int64_t max_context_len) {
+  TORCH_CHECK(query.is_cuda(), "paged_decode_attention: query must be a CUDA tensor");
+  const at::Tensor* others[] = {&out, &key_cache, &value_cache, &block_tables, &context_lens};
+  for (const at::Tensor* t : others) {
+    TORCH_CHECK(t->device() == query.device(), "paged_decode_attention: all tensors must be on ", query.device());
+  }
+  TORCH_CHECK(query.dim() == 3, "query must be [num_seqs, num_heads, head_dim], got ", query.sizes());
+  TORCH_CHECK(query.stride(2) == 1, "query's head_dim must be contiguous");
+  const auto dtype = query.scalar_type();
+  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat,
+              "paged_decode_attention supports float16, bfloat16 and float32, got ", dtype);
+  const int64_t num_seqs = query.size(0), num_heads = query.size(1), head_dim = query.size(2);
+  TORCH_CHECK(head_dim == 64 || head_dim == 128 || head_dim == 256, "head_dim must be 64, 128 or 256, got ", head_dim);
+  TORCH_CHECK(key_cache.dim() == 4 && key_cache.sizes() == value_cache.sizes(),
+              "key/value caches must both be [num_blocks, block_size, num_kv_heads, head_dim], got ",
+              key_cache.sizes(), " and ", value_cache.sizes());
+  TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous(), "KV caches must be contiguous");
+  TORCH_CHECK(key_cache.scalar_type() == dtype && value_cache.scalar_type() == dtype,
+              "KV caches must have the query's dtype ", dtype);
+  const int64_t block_size = key_cache.size(1), num_kv_heads = key_cache.size(2);
+  TORCH_CHECK(key_cache.size(3) == head_dim, "cache head_dim ", key_cache.size(3), " != query head_dim ", head_dim);
+  TORCH_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0, "num_heads ", num_heads,
+              " is not a multiple of num_kv_heads ", num_kv_heads);
+  TORCH_CHECK(block_size > 0 && (block_size & (block_size - 1)) == 0, "block_size must be a power of two, got ",
+              block_size);
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.dim() == 2 && block_tables.size(0) == num_seqs &&
+                  block_tables.is_contiguous(),
+              "block_tables must be contiguous int32 [num_seqs, max_blocks], got ", block_tables.sizes(), " ",
+              block_tables.scalar_type());
+  TORCH_CHECK(context_lens.scalar_type() == at::kInt && context_lens.dim() == 1 && context_lens.size(0) == num_seqs &&
+                  context_lens.is_contiguous(),
+              "context_lens must be contiguous int32 [num_seqs]");
+  TORCH_CHECK(out.scalar_type() == dtype && out.sizes() == query.sizes() && out.is_contiguous(),
+              "out must be a contiguous ", dtype, " tensor shaped like the query");
+  const float* slopes = nullptr;
+  if (alibi_slopes.has_value()) {
+    const at::Tensor& s = alibi_slopes.value();
+    TORCH_CHECK(s.device() == query.device() && s.scalar_type() == at::kFloat && s.dim() == 1 &&
+                    s.size(0) == num_heads && s.is_contiguous(),
+                "alibi_slopes must be contiguous float32 [num_heads] on the query's device");
+    slopes = s.data_ptr<float>();
+  }
+  TORCH_CHECK(sliding_window >= 0 && soft_cap >= 0.0, "sliding_window and soft_cap must be >= 0 (0 = off)");
+  TORCH_CHECK(partition_size > 0 && partition_size % 16 == 0, "partition_size must be a positive multiple of 16");
+  TORCH_CHECK(max_context_len >= 0, "max_context_len must be >= 0");
+  if (num_seqs == 0) return;
+
+  const int64_t visible = sliding_window > 0 ? std::min(max_context_len, sliding_window) : max_context_len;
+  const int64_t max_partitions = std::max<int64_t>(1, (visible + partition_size - 1) / partition_size);
+  const int group_size = num_heads / num_kv_heads;
+  const int heads = heads_per_block(group_size);
+  const int64_t chunks = (group_size + heads - 1) / heads;
+  TORCH_CHECK(num_seqs <= 65535 && max_partitions <= 65535, "too many sequences or partitions for one launch");
+
+  int block_size_log2 = 0;
+  while ((int64_t{1} << block_size_log2) < block_size) ++block_size_log2;
+  const int64_t scratch_floats = std::max(heads * partition_size, kNumWarps * heads * head_dim);
+  const int64_t table_entries = (partition_size >> block_size_log2) + 2;
+  const size_t shared_bytes = (scratch_floats + table_entries) * sizeof(float);
+  TORCH_CHECK(shared_bytes <= kMaxSharedBytes, "partition_size ", partition_size, " needs ", shared_bytes,
+              " bytes of shared memory, more than ", kMaxSharedBytes);
+  TORCH_CHECK(max_partitions * sizeof(float) <= kMaxSharedBytes, "context too long for the partition reduction");
+
+  const c10::cuda::OptionalCUDAGuard guard(query.device());
+  at::Tensor partial_out, partial_max, partial_sum;
+  DecodeParams p{};
+  if (max_partitions > 1) {
+    const auto options = query.options().dtype(at::kFloat);
+    partial_out = at::empty({num_seqs, num_heads, max_partitions, head_dim}, options);
+    partial_max = at::empty({num_seqs, num_heads, max_partitions}, options);
+    partial_sum = at::empty({num_seqs, num_heads, max_partitions}, options);
+    p.partial_out = partial_out.data_ptr<float>();
+    p.partial_max = partial_max.data_ptr<float>();
+    p.partial_sum = partial_sum.data_ptr<float>();
+  }
+  p.out = out.data_ptr();
+  p.query = query.data_ptr();
+  p.key_cache = key_cache.data_ptr();
+  p.value_cache = value_cache.data_ptr();
+  p.block_tables = block_tables.data_ptr<int>();
+  p.context_lens = context_lens.data_ptr<int>();
+  p.alibi_slopes = slopes;
+  p.query_stride_token = query.stride(0);
+  p.query_stride_head = query.stride(1);
+  p.num_heads = static_cast<int>(num_heads);
+  p.num_kv_heads = static_cast<int>(num_kv_heads);
+  p.max_blocks_per_seq = static_cast<int>(block_tables.size(1));
+  p.block_size_log2 = block_size_log2;
+  p.partition_size = static_cast<int>(partition_size);
+  p.max_partitions = static_cast<int>(max_partitions);
+  p.scratch_floats = static_cast<int>(scratch_floats);
+  p.sliding_window = static_cast<int>(sliding_window);
+  p.scale = static_cast<float>(scale);
+  p.soft_cap = static_cast<float>(soft_cap);
+
+  const dim3 grid(static_cast<unsigned>(num_kv_heads * chunks), static_cast<unsigned>(num_seqs),
+                  static_cast<unsigned>(max_partitions));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int dim = static_cast<int>(head_dim);
+  const int n = static_cast<int>(num_seqs);
+  switch (dtype) {
+    case at::kHalf: launch_all<__half>(dim, heads, p, grid, shared_bytes, n, stream); break;
+    case at::kBFloat16: launch_all<__nv_bfloat16>(dim, heads, p, grid, shared_bytes, n, stream); break;
+    default: launch_all<float>(dim, heads, p, grid, shared_bytes, n, stream); break;
+  }
+}
+
+}  // namespace porter

@@ -1,0 +1,83 @@
+"""Picks the implementation of each attention op; the layers call only this module.
+
+Today every call runs the PyTorch reference (`engine/kernels/reference.py`): no CUDA or Triton
+kernel is registered yet. They plug in here as a branch taken when the tensors are on CUDA and
+`reference_forced()` is false, falling through to the reference otherwise.
+
+Environment:
+    PORTER_FORCE_REFERENCE=1   always run the reference path, even where a faster kernel exists
+                               (to bisect a numerical difference, or to test the oracle itself).
+
+The shape checks live here so every backend is called with the same, validated arguments.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from engine.input_metadata import InputMetadata
+from engine.kernels.reference import paged_attention_reference, write_kv_cache_reference
+
+
+def reference_forced() -> bool:
+    """True when PORTER_FORCE_REFERENCE=1 asks for the reference path everywhere."""
+    return os.environ.get("PORTER_FORCE_REFERENCE", "0") == "1"
+
+
+def _check_cache(key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
+    if key_cache.dim() != 4 or key_cache.shape != value_cache.shape:
+        raise ValueError(
+            f"KV caches must both be [num_blocks, block_size, num_kv_heads, head_dim], got "
+            f"{tuple(key_cache.shape)} and {tuple(value_cache.shape)}"
+        )
+
+
+def write_kv_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Writes key/value `[T, KV, D]` into the caches at `slot_mapping` (-1 = skip), in place."""
+    _check_cache(key_cache, value_cache)
+    expected = (slot_mapping.shape[0], *key_cache.shape[2:])
+    if tuple(key.shape) != expected or tuple(value.shape) != expected:
+        raise ValueError(
+            f"key/value must be {expected} to match slot_mapping and the cache, got "
+            f"{tuple(key.shape)} and {tuple(value.shape)}"
+        )
+    write_kv_cache_reference(key, value, key_cache, value_cache, slot_mapping)
+
+
+def paged_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    input_metadata: InputMetadata,
+    scale: float,
+    alibi_slopes: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    logits_soft_cap: float | None = None,
+) -> torch.Tensor:
+    """Causal attention of the new tokens `[T, H, D]` over the paged cache -> `[T, H, D]` (query dtype)."""
+    _check_cache(key_cache, value_cache)
+    num_tokens, num_heads, head_dim = query.shape
+    num_kv_heads = key_cache.shape[2]
+    if key_cache.shape[3] != head_dim or num_heads % num_kv_heads != 0:
+        raise ValueError(
+            f"query {tuple(query.shape)} does not fit a cache with {num_kv_heads} KV heads of dim "
+            f"{key_cache.shape[3]}"
+        )
+    if num_tokens != sum(input_metadata.query_lens_host):
+        raise ValueError(
+            f"query has {num_tokens} tokens but the metadata's query lengths sum to "
+            f"{sum(input_metadata.query_lens_host)}"
+        )
+    if alibi_slopes is not None and tuple(alibi_slopes.shape) != (num_heads,):
+        raise ValueError(f"alibi_slopes must be [{num_heads}], got {tuple(alibi_slopes.shape)}")
+    return paged_attention_reference(
+        query, key_cache, value_cache, input_metadata, scale, alibi_slopes, sliding_window, logits_soft_cap
+    )

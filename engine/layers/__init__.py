@@ -1,0 +1,41 @@
+"""Engine layers: tensor-parallel linear/embedding layers, paged attention, rotary, norm, activations."""
+
+from engine.layers.activation import GeluAndMul, SiluAndMul
+from engine.layers.attention import PagedAttention, alibi_slopes
+from engine.layers.linear import (
+    ColumnParallelLinear,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+    kv_heads_for_rank,
+)
+from engine.layers.norm import RMSNorm
+from engine.layers.rotary import LengthDependentRotaryEmbedding, RotaryEmbedding, get_rope
+from engine.layers.vocab_embedding import (
+    LogitsProcessor,
+    ParallelLMHead,
+    VocabParallelEmbedding,
+    pad_vocab_size,
+)
+
+__all__ = [
+    "ColumnParallelLinear",
+    "GeluAndMul",
+    "LengthDependentRotaryEmbedding",
+    "LogitsProcessor",
+    "MergedColumnParallelLinear",
+    "PagedAttention",
+    "ParallelLMHead",
+    "QKVParallelLinear",
+    "RMSNorm",
+    "ReplicatedLinear",
+    "RotaryEmbedding",
+    "RowParallelLinear",
+    "SiluAndMul",
+    "VocabParallelEmbedding",
+    "alibi_slopes",
+    "get_rope",
+    "kv_heads_for_rank",
+    "pad_vocab_size",
+]

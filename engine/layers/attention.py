@@ -1,0 +1,110 @@
+"""PagedAttention: write this step's K/V into the paged cache, then attend causally over the cache.
+
+Constructed with the model's TOTAL head counts; it keeps this rank's heads by the same rule as
+`QKVParallelLinear` (KV heads replicated when tp exceeds their count), so the q/k/v a fused
+projection produces on a rank are exactly what this layer expects on that rank.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from engine import distributed
+from engine.input_metadata import InputMetadata
+from engine.kernels import dispatch
+from engine.kv_cache import KVCache
+from engine.layers.linear import kv_heads_for_rank
+
+
+def alibi_slopes(total_num_heads: int) -> torch.Tensor:
+    """The ALiBi head slopes (Press et al.), float32 `[total_num_heads]`, as BLOOM/MPT use them.
+
+    For n a power of two, slope_h = 2^(-8(h+1)/n). Otherwise the first 2^floor(log2 n) heads take those
+    slopes and the rest take every other slope of the sequence for twice that power of two.
+    """
+    closest_power_of_2 = 2 ** math.floor(math.log2(total_num_heads))
+    base = 2.0 ** (-8.0 / closest_power_of_2)
+    slopes = base ** torch.arange(1, closest_power_of_2 + 1, dtype=torch.float32)
+    if closest_power_of_2 != total_num_heads:
+        extra_base = 2.0 ** (-8.0 / (2 * closest_power_of_2))
+        num_extra = total_num_heads - closest_power_of_2
+        extra = extra_base ** torch.arange(1, 2 * num_extra + 1, 2, dtype=torch.float32)
+        slopes = torch.cat([slopes, extra])
+    return slopes
+
+
+class PagedAttention(nn.Module):
+    """Attention over a paged KV cache for a flattened batch mixing prefill chunks and decode tokens."""
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int,
+        scale: float,
+        num_kv_heads: int | None = None,
+        alibi_slopes: torch.Tensor | None = None,
+        sliding_window: int | None = None,
+        logits_soft_cap: float | None = None,
+    ) -> None:
+        super().__init__()
+        tp_size, tp_rank = distributed.get_tp_size(), distributed.get_tp_rank()
+        total_num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_heads % total_num_kv_heads != 0:
+            raise ValueError(
+                f"number of attention heads ({num_heads}) is not a multiple of the number of "
+                f"key/value heads ({total_num_kv_heads})"
+            )
+        self.total_num_heads = num_heads
+        self.total_num_kv_heads = total_num_kv_heads
+        self.num_heads = distributed.divide(num_heads, tp_size, "number of attention heads")
+        self.num_kv_heads, _ = kv_heads_for_rank(total_num_kv_heads, tp_size, tp_rank)
+        self.head_dim = head_dim
+        self.scale = float(scale)
+        self.sliding_window = sliding_window
+        self.logits_soft_cap = logits_soft_cap
+        if alibi_slopes is not None:
+            if tuple(alibi_slopes.shape) != (num_heads,):
+                raise ValueError(
+                    f"alibi_slopes must hold one slope per head of all ranks ({num_heads}), "
+                    f"got shape {tuple(alibi_slopes.shape)}"
+                )
+            first = tp_rank * self.num_heads
+            alibi_slopes = alibi_slopes[first : first + self.num_heads].detach().clone().float()
+        self.register_buffer("alibi_slopes", alibi_slopes, persistent=False)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: KVCache,
+        input_metadata: InputMetadata,
+    ) -> torch.Tensor:
+        """q/k/v `[T, heads*D]` or `[T, heads, D]` -> `[T, H_local*D]` in the query's dtype."""
+        num_tokens = query.shape[0]
+        query = query.reshape(num_tokens, self.num_heads, self.head_dim)
+        key = key.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        value = value.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        key_cache, value_cache = kv_cache
+        dispatch.write_kv_cache(key, value, key_cache, value_cache, input_metadata.slot_mapping)
+        output = dispatch.paged_attention(
+            query,
+            key_cache,
+            value_cache,
+            input_metadata,
+            self.scale,
+            self.alibi_slopes,
+            self.sliding_window,
+            self.logits_soft_cap,
+        )
+        return output.reshape(num_tokens, self.num_heads * self.head_dim)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+            f"scale={self.scale}, sliding_window={self.sliding_window}, "
+            f"logits_soft_cap={self.logits_soft_cap}, alibi={self.alibi_slopes is not None}"
+        )

@@ -1,0 +1,159 @@
+"""Rotary position embeddings, with inverse frequencies taken from transformers' own rope-init functions.
+
+`get_rope(config, head_dim)` reads `config.rope_parameters` (rope_type, rope_theta,
+partial_rotary_factor, ...) so every rope type a config names (linear, dynamic, yarn, longrope,
+llama3, ...) matches HF exactly. cos/sin are computed on the fly in float32 from the positions, like
+HF's `*RotaryEmbedding.forward`, and applied in the activations' dtype, like `apply_rotary_pos_emb`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+DEFAULT_ROPE_THETA = 10000.0
+DEFAULT_MAX_POSITION = 2048
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotates the first `rotary_dim` features of every head of q and k by position; the rest pass through.
+
+    neox style rotates the two halves against each other (HF `rotate_half`); gptj style rotates
+    interleaved pairs `(x[2i], x[2i+1])` (GPT-J `rotate_every_two`).
+    """
+
+    def __init__(
+        self,
+        head_dim: int,
+        rotary_dim: int,
+        max_position: int,
+        inv_freq: torch.Tensor,
+        attention_scaling: float = 1.0,
+        is_neox_style: bool = True,
+    ) -> None:
+        super().__init__()
+        if rotary_dim > head_dim or rotary_dim % 2 != 0:
+            raise ValueError(f"rotary_dim ({rotary_dim}) must be even and at most head_dim ({head_dim})")
+        if tuple(inv_freq.shape) != (rotary_dim // 2,):
+            raise ValueError(
+                f"inv_freq must hold rotary_dim / 2 = {rotary_dim // 2} frequencies, got {tuple(inv_freq.shape)}"
+            )
+        self.head_dim = head_dim
+        self.rotary_dim = rotary_dim
+        # Only informative: cos/sin come from the positions directly, so no table needs to grow.
+        self.max_position = max_position
+        self.attention_scaling = attention_scaling
+        self.is_neox_style = is_neox_style
+        self.register_buffer("inv_freq", inv_freq.detach().float().clone(), persistent=False)
+
+    def frequencies(self, positions: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Inverse frequencies and cos/sin scaling for this step; length-dependent ropes override it."""
+        return self.inv_freq, self.attention_scaling
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 `[T, rotary_dim / 2]` cos and sin of each position's angles, times the scaling."""
+        inv_freq, scaling = self.frequencies(positions)
+        angles = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]
+        return angles.cos() * scaling, angles.sin() * scaling
+
+    def forward(
+        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions `[T]`; query/key `[T, heads*D]` or `[T, heads, D]`; returns them rotated, same shapes."""
+        cos, sin = self.cos_sin(positions)
+        return self._rotate(query, cos, sin), self._rotate(key, cos, sin)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(shape[0], -1, self.head_dim)
+        cos = cos[:, None, :].to(x.dtype)  # [T, 1, rotary_dim / 2], broadcast over heads
+        sin = sin[:, None, :].to(x.dtype)
+        rotated, passed = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
+        if self.is_neox_style:
+            first, second = rotated.chunk(2, dim=-1)
+            rotated = torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
+        else:
+            even, odd = rotated[..., 0::2], rotated[..., 1::2]
+            rotated = torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1).flatten(-2)
+        return torch.cat([rotated, passed], dim=-1).reshape(shape)
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, rotary_dim={self.rotary_dim}, neox={self.is_neox_style}"
+
+
+class LengthDependentRotaryEmbedding(RotaryEmbedding):
+    """ "dynamic" and "longrope" ropes: HF picks the frequencies from the longest position of the call.
+
+    The same rule is applied per engine step (max position + 1 over the step's tokens): "dynamic"
+    recomputes the NTK frequencies past `max_position_embeddings`, "longrope" switches to the long
+    factors past `original_max_position_embeddings`. For one sequence this equals HF's generate; a
+    step mixing short and long sequences gives them all the longest one's frequencies, as HF would
+    for a padded batch. Reading the max position costs a device sync.
+    """
+
+    def __init__(self, config: Any, rope_type: str, head_dim: int, rotary_dim: int, is_neox_style: bool):
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None)
+        max_position = getattr(config, "max_position_embeddings", DEFAULT_MAX_POSITION)
+        super().__init__(head_dim, rotary_dim, max_position, inv_freq, scaling, is_neox_style)
+        self.config = config
+        self.rope_type = rope_type
+        if rope_type == "longrope":
+            self.threshold = config.rope_parameters["original_max_position_embeddings"]
+            long_inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](config, None, seq_len=self.threshold + 1)
+            self.register_buffer("long_inv_freq", long_inv_freq.float(), persistent=False)
+        else:
+            self.threshold = max_position
+
+    def frequencies(self, positions: torch.Tensor) -> tuple[torch.Tensor, float]:
+        seq_len = int(positions.max()) + 1 if positions.numel() else 0
+        if seq_len <= self.threshold:
+            return self.inv_freq, self.attention_scaling
+        if self.rope_type == "longrope":
+            return self.long_inv_freq, self.attention_scaling
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[self.rope_type](
+            self.config, positions.device, seq_len=seq_len
+        )
+        return inv_freq.float(), scaling
+
+
+def get_rope(
+    config: Any, head_dim: int, rotary_dim: int | None = None, is_neox_style: bool = True
+) -> RotaryEmbedding:
+    """The rotary embedding `config` describes, for heads of `head_dim`.
+
+    rotary_dim defaults to `int(head_dim * partial_rotary_factor)`, like HF; pass it explicitly for
+    configs that name it directly (GPT-J's `rotary_dim`). Non-default rope types take their inverse
+    frequencies and attention scaling from `transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS`.
+    """
+    rope_parameters = dict(getattr(config, "rope_parameters", None) or {})
+    if rope_parameters and "rope_type" not in rope_parameters and "type" not in rope_parameters:
+        if all(isinstance(v, dict) for v in rope_parameters.values()):
+            raise ValueError(
+                f"config.rope_parameters holds one rope per layer type ({sorted(rope_parameters)}); "
+                f"pass that layer type's config to get_rope"
+            )
+    rope_type = rope_parameters.get("rope_type", rope_parameters.get("type", "default"))
+    max_position = getattr(config, "max_position_embeddings", DEFAULT_MAX_POSITION)
+    if rope_type == "default":
+        theta = rope_parameters.get("rope_theta", getattr(config, "rope_theta", DEFAULT_ROPE_THETA))
+        partial = rope_parameters.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
+        if rotary_dim is None:
+            rotary_dim = int(head_dim * partial)
+        inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim))
+        return RotaryEmbedding(head_dim, rotary_dim, max_position, inv_freq, 1.0, is_neox_style)
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        raise ValueError(f"unknown rope_type {rope_type!r}; transformers knows {sorted(ROPE_INIT_FUNCTIONS)}")
+    inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None)
+    # HF derives the rotated width from the config (head_dim * partial_rotary_factor); take it from there.
+    hf_rotary_dim = 2 * inv_freq.numel()
+    if rotary_dim is not None and rotary_dim != hf_rotary_dim:
+        raise ValueError(
+            f"rotary_dim {rotary_dim} disagrees with the {hf_rotary_dim} rotated features transformers "
+            f"computes for rope_type {rope_type!r} from this config"
+        )
+    if rope_type in ("dynamic", "longrope"):
+        return LengthDependentRotaryEmbedding(config, rope_type, head_dim, hf_rotary_dim, is_neox_style)
+    return RotaryEmbedding(head_dim, hf_rotary_dim, max_position, inv_freq, attention_scaling, is_neox_style)

@@ -1,0 +1,318 @@
+"""The engine loop on rank 0: requests in, scheduled steps through the model, finished outputs out.
+
+Each `step()`: the scheduler picks a batch (decode tokens and prefill chunks), every rank runs it,
+rank 0 samples, the scheduler records the tokens, and new text is checked for stop strings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import itertools
+import json
+import sys
+from collections.abc import Sequence as SequenceOf
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig, resolve_max_model_len
+from engine.distributed import divide
+from engine.layers.linear import kv_heads_for_rank
+from engine.model_loader import load_hf_config, load_tokenizer
+from engine.model_runner import StepInputs, attention_shape, select_rows
+from engine.models.registry import resolve_model_class
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import SampleLogprobs, Sequence
+from engine.worker import Driver, start_driver
+
+
+@dataclass(slots=True)
+class CompletionOutput:
+    """One completion of a request. `text` is None when the model directory has no tokenizer."""
+
+    index: int
+    text: str | None
+    token_ids: list[int]
+    finish_reason: str | None
+    logprobs: list[SampleLogprobs] | None = None
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """A finished request: its prompt and its `n` completions.
+
+    num_cached_tokens: prompt tokens of the first completion served from the prefix cache when it
+    was first admitted.
+    """
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return all(output.finish_reason is not None for output in self.outputs)
+
+
+class IncrementalDetokenizer:
+    """Text of a growing token list, one token at a time, without re-decoding the whole list.
+
+    Decodes a short window of recent tokens and keeps what the newest token adds; a window that ends
+    in an incomplete UTF-8 character (U+FFFD) waits for the next token.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.token_ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self.text = ""
+
+    def add(self, token_id: int) -> str:
+        """Appends one token; returns the text it completes (possibly empty)."""
+        self.token_ids.append(token_id)
+        window = self.token_ids[self.prefix_offset :]
+        prefix_text = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
+        full_text = self._decode(window)
+        if len(full_text) <= len(prefix_text) or full_text.endswith("\ufffd"):
+            return ""
+        new_text = full_text[len(prefix_text) :]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
+        self.text += new_text
+        return new_text
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True) if token_ids else ""
+
+
+@dataclass(slots=True)
+class _Request:
+    request_id: str
+    index: int  # arrival order, what generate() sorts by
+    prompt: str | None
+    prompt_token_ids: list[int]
+    seqs: list[Sequence]
+    cached_tokens: int | None = None
+
+
+class LLMEngine:
+    """Owns the tokenizer, scheduler and ranks; `add_request` then `step()` until nothing is unfinished."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        hf_config = load_hf_config(config.model)
+        self.config = prepare_config(config, hf_config)
+        self.tokenizer = load_tokenizer(config.model)
+        self.driver: Driver = start_driver(self.config)
+        self.runner = self.driver.runner
+        self.num_kv_blocks = self.runner.num_kv_blocks
+        # Capped by what the cache holds, so a request the cache cannot take fails in add_request.
+        block_manager = BlockManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            block_manager,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            eos_token_id=eos_token_ids(config.model, hf_config, self.tokenizer),
+        )
+        self.num_preemptions = 0  # sequences sent back to recompute, over the engine's life
+        self._requests: dict[str, _Request] = {}
+        self._request_of_seq: dict[int, _Request] = {}
+        self._detokenizers: dict[int, IncrementalDetokenizer] = {}
+        self._seq_ids = itertools.count()
+        self._arrivals = itertools.count()
+
+    def add_request(
+        self, request_id: str, prompt: str | SequenceOf[int], sampling_params: SamplingParams
+    ) -> None:
+        """Queues a prompt (text, or token ids) for `sampling_params.n` completions."""
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"{self.config.model} has no tokenizer: pass prompts as token ids")
+            text, token_ids = prompt, list(self.tokenizer.encode(prompt))
+        else:
+            text, token_ids = None, [int(t) for t in prompt]
+        max_len = self.config.max_model_len
+        if len(token_ids) >= max_len:
+            raise ValueError(f"prompt of {len(token_ids)} tokens leaves no room under max_model_len {max_len}")
+        params = dataclasses.replace(
+            sampling_params, max_tokens=min(sampling_params.max_tokens, max_len - len(token_ids))
+        )
+        template = Sequence(-1, token_ids, params)
+        seqs = [template.fork(next(self._seq_ids), index) for index in range(params.n)]
+        for seq in seqs:
+            self.scheduler.add(seq)  # raises before anything is recorded if the cache cannot hold it
+        request = _Request(request_id, next(self._arrivals), text, token_ids, seqs)
+        self._requests[request_id] = request
+        for seq in seqs:
+            self._request_of_seq[seq.seq_id] = request
+            if params.stop and self.tokenizer is not None:
+                self._detokenizers[seq.seq_id] = IncrementalDetokenizer(self.tokenizer)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one batch on every rank; returns the requests that finished in it."""
+        scheduled = self.scheduler.schedule()
+        self.num_preemptions += len(scheduled.preempted)
+        if scheduled.is_empty:
+            if self.scheduler.has_unfinished():
+                raise RuntimeError("the scheduler has unfinished requests but scheduled nothing")
+            return []
+        for item in scheduled.scheduled:
+            request = self._request_of_seq[item.seq.seq_id]
+            if request.cached_tokens is None and item.seq is request.seqs[0]:
+                request.cached_tokens = item.seq.num_cached_tokens
+        logits = self.driver.execute(
+            StepInputs(
+                input_ids=scheduled.input_token_ids(),
+                positions=scheduled.positions(),
+                query_lens=scheduled.query_lens(),
+                context_lens=scheduled.context_lens(),
+                block_tables=scheduled.block_tables(),
+            )
+        )
+        rows = scheduled.sample_indices()
+        token_ids = [0] * len(scheduled.scheduled)
+        logprobs: list[SampleLogprobs | None] | None = None
+        if rows:
+            sampled = self.runner.sample(select_rows(logits, rows), [scheduled.scheduled[r].seq for r in rows])
+            for row, token_id in zip(rows, sampled.token_ids.tolist()):
+                token_ids[row] = token_id
+            if sampled.logprobs is not None:
+                logprobs = [None] * len(scheduled.scheduled)
+                for row, entry in zip(rows, sampled.logprobs):
+                    logprobs[row] = entry
+        self.scheduler.postprocess(scheduled, token_ids, logprobs)
+        for row in rows:
+            self._check_stop_strings(scheduled.scheduled[row].seq)
+        return self._collect_finished({scheduled.scheduled[row].seq.seq_id for row in rows})
+
+    def abort_request(self, request_id: str) -> None:
+        """Drops a request and all its completions."""
+        request = self._requests.pop(request_id, None)
+        for seq in request.seqs if request else []:
+            self.scheduler.abort(seq.seq_id)
+            self._forget(seq.seq_id)
+
+    def shutdown(self) -> None:
+        self.driver.shutdown()
+
+    def _check_stop_strings(self, seq: Sequence) -> None:
+        detokenizer = self._detokenizers.get(seq.seq_id)
+        if detokenizer is None or seq.num_output_tokens == len(detokenizer.token_ids):
+            return
+        checked = len(detokenizer.text)
+        detokenizer.add(seq.last_token_id)
+        stop_at = seq.sampling_params.find_stop_string(detokenizer.text, checked)
+        if stop_at is None:
+            return
+        detokenizer.text = detokenizer.text[:stop_at]
+        # A stop string outranks the length limit the same token may have reached.
+        if seq.is_finished:
+            seq.finish_reason = "stop"
+        else:
+            self.scheduler.finish(seq.seq_id, "stop")
+
+    def _collect_finished(self, stepped: set[int]) -> list[RequestOutput]:
+        finished: list[RequestOutput] = []
+        for request in {id(r): r for s in stepped if (r := self._request_of_seq.get(s))}.values():
+            if all(seq.is_finished for seq in request.seqs):
+                finished.append(self._output(request))
+                del self._requests[request.request_id]
+                for seq in request.seqs:
+                    self._forget(seq.seq_id)
+        return finished
+
+    def _output(self, request: _Request) -> RequestOutput:
+        completions = []
+        for index, seq in enumerate(request.seqs):
+            detokenizer = self._detokenizers.get(seq.seq_id)
+            if detokenizer is not None:
+                text = detokenizer.text
+            elif self.tokenizer is not None:
+                text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+            else:
+                text = None
+            wants_logprobs = seq.sampling_params.logprobs is not None
+            completions.append(
+                CompletionOutput(
+                    index, text, seq.output_token_ids, seq.finish_reason, list(seq.logprobs) if wants_logprobs else None
+                )
+            )
+        return RequestOutput(
+            request.request_id, request.prompt, request.prompt_token_ids, completions, request.cached_tokens or 0
+        )
+
+    def _forget(self, seq_id: int) -> None:
+        self._request_of_seq.pop(seq_id, None)
+        self._detokenizers.pop(seq_id, None)
+        self.runner.release(seq_id)
+
+
+def prepare_config(config: EngineConfig, hf_config: Any) -> EngineConfig:
+    """Fills in what every rank must agree on before any starts: max_model_len and the model class.
+
+    Also checks that the tensor-parallel size divides the head counts, so a bad size fails here,
+    before any process is spawned or weight is read.
+    """
+    check_tensor_parallel_size(hf_config, config.tensor_parallel_size)
+    model_class = config.model_class
+    if model_class is None:
+        model_class = portable_class_reference(resolve_model_class(getattr(hf_config, "architectures", None)))
+    return dataclasses.replace(
+        config,
+        max_model_len=resolve_max_model_len(config.max_model_len, hf_config),
+        model_class=model_class,
+    )
+
+
+def check_tensor_parallel_size(hf_config: Any, tp_size: int) -> None:
+    """ValueError naming both numbers when tp divides neither the heads nor (by replication) the KV heads."""
+    try:
+        shape = attention_shape(hf_config)
+    except ValueError:
+        return  # an unusual config: the layers raise the same error when the model is built
+    divide(shape.num_heads, tp_size, "number of attention heads")
+    kv_heads_for_rank(shape.num_kv_heads, tp_size, 0)
+
+
+def portable_class_reference(model_class: type) -> type | str:
+    """The class itself when child processes can import it by module name, else "file.py:Class".
+
+    Classes registered from a file live in a module named only in this process's sys.modules.
+    """
+    module_name = model_class.__module__
+    try:
+        importable = module_name == "__main__" or importlib.util.find_spec(module_name) is not None
+    except (ImportError, ValueError):
+        importable = False
+    if importable:
+        return model_class
+    module_file = getattr(sys.modules.get(module_name), "__file__", None)
+    return f"{module_file}:{model_class.__qualname__}" if module_file else model_class
+
+
+def eos_token_ids(model_dir: str, hf_config: Any, tokenizer: Any | None) -> set[int]:
+    """End-of-sequence ids from config.json, generation_config.json and the tokenizer, together."""
+    ids: set[int] = set()
+
+    def add(value: Any) -> None:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(v for v in value if isinstance(v, int))
+
+    add(getattr(hf_config, "eos_token_id", None))
+    generation_config = Path(model_dir) / "generation_config.json"
+    if generation_config.exists():
+        add(json.loads(generation_config.read_text()).get("eos_token_id"))
+    if tokenizer is not None:
+        add(getattr(tokenizer, "eos_token_id", None))
+    return ids

@@ -1,0 +1,288 @@
+"""One tensor-parallel rank's share of the work: the model, its KV cache, and one forward per step.
+
+Every rank builds a `ModelRunner`; each step they all run `execute_model` on the same `StepInputs`
+(the collectives live inside the layers), and rank 0 alone samples the next tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from engine import distributed
+from engine.config import DEFAULT_CPU_NUM_KV_BLOCKS, EngineConfig, resolve_dtype
+from engine.input_metadata import InputMetadata
+from engine.kv_cache import allocate_kv_caches, kv_cache_bytes_per_block
+from engine.layers.sampler import Sampler, SamplerOutput, make_generator
+from engine.model_loader import load_hf_config, load_model
+from engine.sequence import Sequence as EngineSequence
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class StepInputs:
+    """One step's batch as plain host lists: what the driver sends to every rank, cheap to pickle.
+
+    Sequence i runs `query_lens[i]` tokens; `input_ids` and `positions` hold all of them end to end.
+    """
+
+    input_ids: list[int]
+    positions: list[int]
+    query_lens: list[int]
+    context_lens: list[int]
+    block_tables: list[list[int]]
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionShape:
+    """What the KV cache needs to know about the model, read from its HF config."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    def num_kv_heads_per_rank(self, tp_size: int) -> int:
+        # With tp > num_kv_heads each rank holds one replicated KV head (engine.layers.linear).
+        return max(1, self.num_kv_heads // tp_size)
+
+
+def attention_shape(hf_config: Any) -> AttentionShape:
+    """Layer, head and head-dim counts under whichever names the config uses (HF has several)."""
+    config = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    num_heads = _first_int(config, "num_attention_heads", "n_head", "num_heads")
+    num_layers = _first_int(config, "num_hidden_layers", "n_layer", "num_layers")
+    if num_heads is None or num_layers is None:
+        raise ValueError(f"cannot find the number of attention heads and layers in {type(config).__name__}")
+    num_kv_heads = _first_int(config, "num_key_value_heads", "num_kv_heads", "n_head_kv", "multi_query_group_num")
+    if num_kv_heads is None:
+        num_kv_heads = 1 if getattr(config, "multi_query", False) else num_heads
+    head_dim = _first_int(config, "head_dim")
+    if head_dim is None:
+        hidden_size = _first_int(config, "hidden_size", "n_embd", "d_model")
+        if hidden_size is None:
+            raise ValueError(f"cannot find head_dim or hidden_size in {type(config).__name__}")
+        head_dim = hidden_size // num_heads
+    return AttentionShape(num_layers, num_heads, num_kv_heads, head_dim)
+
+
+def _first_int(config: Any, *names: str) -> int | None:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+class ModelRunner:
+    """Loads the model onto this rank's device and runs forward steps over its paged KV cache.
+
+    Construction loads the weights only; `initialize_kv_cache` (a collective under tensor parallelism,
+    every rank calls it) then sizes and allocates the cache, so a rank that fails to load can be
+    reported before any rank waits on another.
+    """
+
+    def __init__(self, config: EngineConfig, rank: int = 0, device_index: int | None = None) -> None:
+        """`device_index`: which GPU this rank uses when it is not `rank` (torchrun's LOCAL_RANK)."""
+        self.config = config
+        self.rank = rank
+        self.tp_size = config.tensor_parallel_size
+        self.device = config.device_for_rank(rank if device_index is None else device_index)
+        self._previous_num_threads = torch.get_num_threads()
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        elif self.tp_size > 1:
+            # CPU ranks share the cores; each spinning up a thread per core oversubscribes them, and
+            # a rank that waits for CPU time stalls every collective.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.tp_size))
+        torch.manual_seed(config.seed)
+        hf_config = load_hf_config(config.model)
+        self.dtype = resolve_dtype(config.dtype, hf_config, self.device.type)
+        self.model, self.hf_config = load_model(
+            config.model, self.dtype, self.device, config.model_class, hf_config=hf_config
+        )
+        self.shape = attention_shape(self.hf_config)
+        self.block_size = config.block_size
+        self.num_kv_blocks = 0
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # Only rank 0 samples; a seeded sequence keeps one generator for its whole life.
+        self.sampler = Sampler() if rank == 0 else None
+        self._generators: dict[int, torch.Generator] = {}
+
+    # ----------------------------------------------------------------------------------- KV cache
+
+    def initialize_kv_cache(self) -> int:
+        """Sizes the KV cache (the same block count on every rank) and allocates it; returns the count."""
+        num_blocks = self.config.num_kv_blocks
+        if num_blocks is None:
+            num_blocks = self._blocks_that_fit() if self.device.type == "cuda" else DEFAULT_CPU_NUM_KV_BLOCKS
+        # The scheduler on rank 0 hands out block ids for every rank, so all must hold as many.
+        num_blocks = self._min_over_ranks(num_blocks)
+        if num_blocks < 1:
+            raise RuntimeError(
+                f"no room for a KV cache on {self.device}: raise gpu_memory_utilization "
+                f"({self.config.gpu_memory_utilization}) or lower max_num_batched_tokens"
+            )
+        self.num_kv_blocks = num_blocks
+        self.kv_caches = allocate_kv_caches(
+            self.shape.num_layers,
+            num_blocks,
+            self.block_size,
+            self.shape.num_kv_heads_per_rank(self.tp_size),
+            self.shape.head_dim,
+            self.dtype,
+            self.device,
+        )
+        return num_blocks
+
+    def bytes_per_block(self) -> int:
+        return kv_cache_bytes_per_block(
+            self.shape.num_layers,
+            self.block_size,
+            self.shape.num_kv_heads_per_rank(self.tp_size),
+            self.shape.head_dim,
+            self.dtype,
+        )
+
+    def _blocks_that_fit(self) -> int:
+        """Blocks that fit in `gpu_memory_utilization` of the GPU once weights and a full step's activations are in."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        used_before = total - free  # weights, the CUDA context and anything other processes hold
+        torch.cuda.reset_peak_memory_stats(self.device)
+        allocated_before = torch.cuda.memory_allocated(self.device)
+        self._profile_run()
+        torch.cuda.synchronize(self.device)
+        activation_peak = torch.cuda.max_memory_allocated(self.device) - allocated_before
+        torch.cuda.empty_cache()
+        budget = total * self.config.gpu_memory_utilization - used_before - activation_peak
+        num_blocks = int(budget // self.bytes_per_block())
+        logger.info(
+            "rank %d: %.2f GiB used before the cache, %.2f GiB activation peak, %d KV blocks",
+            self.rank,
+            used_before / 2**30,
+            activation_peak / 2**30,
+            num_blocks,
+        )
+        return num_blocks
+
+    def _profile_run(self) -> None:
+        """A forward as large as any step can be (max_num_batched_tokens over max_num_seqs), to measure its peak."""
+        num_tokens = self.config.max_num_batched_tokens
+        max_len = self.config.max_model_len or num_tokens
+        num_seqs = max(min(self.config.max_num_seqs, num_tokens), -(-num_tokens // max_len))
+        lengths = [num_tokens // num_seqs + (1 if i < num_tokens % num_seqs else 0) for i in range(num_seqs)]
+        lengths = [length for length in lengths if length > 0]
+        blocks_per_seq = -(-max(lengths) // self.block_size)
+        # A throwaway cache just big enough; every sequence writes into its own blocks of it.
+        self.kv_caches = allocate_kv_caches(
+            self.shape.num_layers,
+            blocks_per_seq * len(lengths),
+            self.block_size,
+            self.shape.num_kv_heads_per_rank(self.tp_size),
+            self.shape.head_dim,
+            self.dtype,
+            self.device,
+        )
+        tables = [list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) for i in range(len(lengths))]
+        step = StepInputs(
+            input_ids=[0] * sum(lengths),
+            positions=[p for length in lengths for p in range(length)],
+            query_lens=lengths,
+            context_lens=lengths,
+            block_tables=tables,
+        )
+        logits = self.execute_model(step)
+        # Sampling works on a few float32 copies of the logits; count them in the peak too.
+        torch.softmax(logits, dim=-1).cumsum(dim=-1)
+        del logits
+        self.kv_caches = []
+
+    def _min_over_ranks(self, value: int) -> int:
+        if distributed.get_tp_size() == 1:
+            return value
+        device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        tensor = torch.tensor([value], dtype=torch.int64, device=device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+        return int(tensor.item())
+
+    # ------------------------------------------------------------------------------------ forward
+
+    def prepare_inputs(self, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor, InputMetadata]:
+        """Device tensors for one step: input ids, positions and the attention metadata."""
+        input_ids = torch.tensor(step.input_ids, dtype=torch.long, device=self.device)
+        positions = torch.tensor(step.positions, dtype=torch.long, device=self.device)
+        metadata = InputMetadata.build(
+            step.query_lens, step.context_lens, step.block_tables, self.block_size, device=self.device
+        )
+        return input_ids, positions, metadata
+
+    @torch.inference_mode()
+    def execute_model(self, step: StepInputs) -> torch.Tensor:
+        """Runs one step on this rank; returns float32 logits `[num_seqs, vocab]` (the same on every rank)."""
+        if not self.kv_caches:
+            raise RuntimeError("the KV cache is not allocated: call initialize_kv_cache() first")
+        input_ids, positions, metadata = self.prepare_inputs(step)
+        hidden_states = self.run_forward(input_ids, positions, metadata)
+        return self.model.compute_logits(hidden_states, metadata)
+
+    def run_forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: InputMetadata
+    ) -> torch.Tensor:
+        """The model's forward for one step, eagerly.
+
+        This is the seam for CUDA graphs: a decode-only step (`metadata.is_decode_only`) with
+        `config.enforce_eager` false is where a captured graph, padded to a fixed batch size, will be
+        replayed instead. Nothing is captured yet, so every step runs eagerly.
+        """
+        return self.model(input_ids, positions, self.kv_caches, metadata)
+
+    def close(self) -> None:
+        """Frees the KV cache and restores the thread count this runner changed (CPU tensor parallelism)."""
+        self.kv_caches = []
+        self._generators.clear()
+        torch.set_num_threads(self._previous_num_threads)
+
+    # ----------------------------------------------------------------------------------- sampling
+
+    def sample(self, logits: torch.Tensor, seqs: Sequence[EngineSequence]) -> SamplerOutput:
+        """Next token (and logprobs where asked) for each sequence, one row of `logits` each (rank 0)."""
+        if self.sampler is None:
+            raise RuntimeError(f"rank {self.rank} does not sample; rank 0 does")
+        params = [seq.sampling_params for seq in seqs]
+        generators = [self._generator(seq) for seq in seqs]
+        with_penalties = any(p.has_penalties for p in params)
+        return self.sampler(
+            logits,
+            params,
+            prompt_token_ids=[seq.prompt_token_ids for seq in seqs] if with_penalties else None,
+            output_token_ids=[seq.output_token_ids for seq in seqs] if with_penalties else None,
+            generators=generators,
+        )
+
+    def release(self, seq_id: int) -> None:
+        """Forgets a finished sequence's generator."""
+        self._generators.pop(seq_id, None)
+
+    def _generator(self, seq: EngineSequence) -> torch.Generator | None:
+        seed = seq.sampling_params.seed
+        if seed is None:
+            return None
+        if seq.seq_id not in self._generators:
+            self._generators[seq.seq_id] = make_generator(seed, self.device)
+        return self._generators[seq.seq_id]
+
+
+def select_rows(logits: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+    """The logits of the sequences that sample this step (a prefill chunk short of its end does not)."""
+    if len(rows) == logits.shape[0]:
+        return logits
+    return logits[torch.tensor(list(rows), dtype=torch.long, device=logits.device)]

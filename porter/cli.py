@@ -1,0 +1,171 @@
+"""The `porter` command: port, verify, review, list."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from porter.errors import PorterError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Port HF modeling files to the engine and prove them.")
+console = Console()
+errors = Console(stderr=True)
+
+TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}
+
+
+def _fail(message: str) -> None:
+    errors.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+@app.command()
+def port(
+    source: str = typer.Argument(..., help="A modeling_*.py file, or a model type of the installed transformers."),
+    out: Path = typer.Option(None, "--out", help="Where to write the port (default: engine/models/<model_type>.py)."),
+    no_register: bool = typer.Option(False, "--no-register", help="Do not add it to the engine registry."),
+    force: bool = typer.Option(False, "--force", help="Overwrite a file porter did not generate."),
+    allow_review: bool = typer.Option(False, "--allow-review", help="Write the file even with open review items."),
+) -> None:
+    """Port SOURCE to an engine model file and register it."""
+    from porter.port import port as run_port
+
+    try:
+        outcome = run_port(source, out, register_model=not no_register, force=force, allow_review=allow_review)
+    except PorterError as error:
+        _fail(str(error))
+    index = outcome.result.context.index
+    roles = Table(title=f"{outcome.source.display_name} -> {outcome.path}", show_header=True)
+    roles.add_column("class")
+    roles.add_column("role")
+    for name in index.reachable:
+        role = ("causal LM" if name == index.causal_lm else "backbone" if name == index.backbone
+                else "decoder layer" if name == index.decoder_layer else "attention" if name in index.attention else "module")
+        roles.add_row(name, role)
+    console.print(roles)
+    counts: dict[str, int] = {}
+    for change in outcome.result.changes:
+        counts[change.rule] = counts.get(change.rule, 0) + 1
+    console.print("rewrites: " + ", ".join(f"{rule} {count}" for rule, count in counts.items()))
+    console.print(f"review items: {len(outcome.result.review)}")
+    for item in outcome.result.review:
+        console.print(f"  [yellow]{item.where}[/]: {item.message}")
+    registered = "registered" if outcome.registered else ("already registered" if not no_register else "not registered")
+    console.print(f"{outcome.architecture}: {registered}; ported in {outcome.seconds:.2f} s")
+
+
+@app.command()
+def verify(
+    target: str = typer.Argument(..., help="A model type, an architecture name, or the path of a ported file."),
+    tp: int = typer.Option(1, "--tp", min=1, help="Tensor-parallel size (gloo processes on CPU)."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16."),
+    steps: int = typer.Option(8, "--steps", min=1, help="Decode steps after the mixed prefill steps."),
+    json_path: Path = typer.Option(None, "--json", help="Also write the results as JSON."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Compare the port's logits with the HF original (random weights) through prefill and decode."""
+    import torch
+
+    from porter.verify.parity import verify_model
+    from porter.verify.target import resolve_target
+
+    if dtype not in TOLERANCE:
+        _fail(f"--dtype must be one of {', '.join(TOLERANCE)}, not {dtype}")
+    if device not in ("cpu", "cuda"):
+        _fail(f"--device must be cpu or cuda, not {device}")
+    if device == "cuda" and torch.cuda.device_count() < tp:
+        _fail(f"--tp {tp} needs {tp} CUDA devices; found {torch.cuda.device_count()}")
+    try:
+        resolved = resolve_target(target)
+        architecture = _causal_lm_class(resolved.port_path)
+        model_class = f"{resolved.module}:{architecture}" if resolved.module else f"{resolved.port_path}:{architecture}"
+        with tempfile.TemporaryDirectory(prefix="porter-verify-") as work:
+            report = verify_model(resolved.model_type, architecture, model_class, Path(work), tp, device,
+                                  getattr(torch, dtype), steps, seed)
+    except PorterError as error:
+        _fail(str(error))
+    except (RuntimeError, ValueError) as error:
+        _fail(f"verification could not run: {error}")
+    tolerance = TOLERANCE[dtype]
+    table = Table(title=f"{architecture}: engine vs HF, tp={tp}, {device}, {dtype} (tolerance {tolerance:g} relative)")
+    for column in ("step", "what ran", "max abs err", "max rel err", "greedy agree"):
+        table.add_column(column, justify="right" if column != "what ran" else "left")
+    for step in report.steps:
+        ok = step.max_rel <= tolerance and step.tokens_agree == step.tokens
+        style = "" if ok else "red"
+        table.add_row(str(step.step), step.kind, f"{step.max_abs:.2e}", f"{step.max_rel:.2e}",
+                      f"{step.tokens_agree}/{step.tokens}", style=style)
+    console.print(table)
+    passed = report.max_rel <= tolerance and report.all_tokens_agree
+    if json_path is not None:
+        json_path.write_text(json.dumps({
+            "architecture": architecture, "tp": tp, "device": device, "dtype": dtype, "tolerance": tolerance,
+            "passed": passed, "max_rel": report.max_rel,
+            "steps": [vars(s) if hasattr(s, "__dict__") else {f: getattr(s, f) for f in s.__slots__} for s in report.steps],
+        }, indent=2))
+    _record_verify(architecture, tp, device, dtype, report.max_rel, passed)
+    if not passed:
+        _fail(f"parity gap: max relative error {report.max_rel:.2e} (tolerance {tolerance:g}), "
+              f"greedy tokens {'agree' if report.all_tokens_agree else 'differ'}")
+    console.print(f"[green]passed[/]: max relative error {report.max_rel:.2e}, greedy tokens identical")
+
+
+def _causal_lm_class(path: Path) -> str:
+    import libcst as cst
+
+    module = cst.parse_module(path.read_text())
+    for statement in module.body:
+        if isinstance(statement, cst.ClassDef) and any(
+            isinstance(s, cst.FunctionDef) and s.name.value == "compute_logits" for s in statement.body.body
+        ):
+            return statement.name.value
+    raise PorterError(f"{path} defines no class with compute_logits")
+
+
+def _record_verify(architecture: str, tp: int, device: str, dtype: str, max_rel: float, passed: bool) -> None:
+    """Keeps the last result per architecture for `porter list` (best effort, never fails a verify)."""
+    from porter.emit import write_atomically
+    from porter.port import ENGINE_MODELS
+
+    path = ENGINE_MODELS / "verified.json"
+    try:
+        results = json.loads(path.read_text()) if path.exists() else {}
+        results.setdefault(architecture, {})[f"tp{tp}-{device}-{dtype}"] = {"passed": passed, "max_rel": float(f"{max_rel:.3g}")}
+        write_atomically(path, json.dumps(results, indent=2, sort_keys=True) + "\n")
+    except OSError:
+        pass
+
+
+@app.command("list")
+def list_models() -> None:
+    """The architectures registered in the engine and their last verify results."""
+    from engine.models.registry import registered_architectures
+    from porter.port import ENGINE_MODELS
+
+    verified_path = ENGINE_MODELS / "verified.json"
+    verified = json.loads(verified_path.read_text()) if verified_path.exists() else {}
+    table = Table(title="registered architectures")
+    for column in ("architecture", "file", "source", "last verify"):
+        table.add_column(column)
+    for architecture, (module, _) in sorted(registered_architectures().items()):
+        path = ENGINE_MODELS / f"{module.rsplit('.', 1)[-1]}.py"
+        header = path.read_text().splitlines()[:3] if path.exists() else []
+        source = " ".join(line.removeprefix("# ") for line in header[1:3])
+        results = verified.get(architecture, {})
+        summary = ", ".join(f"{k}: {'pass' if v['passed'] else 'FAIL'} ({v['max_rel']:.1e})" for k, v in sorted(results.items()))
+        table.add_row(architecture, str(path.relative_to(ENGINE_MODELS.parent.parent)), source, summary or "never")
+    console.print(table)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,1 @@
+"""`porter verify`: numerical parity of a port against its HF original on random weights."""

@@ -1,0 +1,72 @@
+"""A small random-weight HF checkpoint of a given architecture, written as safetensors.
+
+The config comes from the architecture's own config class, shrunk generically: every integer
+setting equal to the default hidden size becomes the small hidden size (so tied widths such as a
+word-embedding projection stay tied), likewise the MLP width; heads, KV heads and layers are set
+through the config's standard names (its attribute map handles `n_head` and friends). The vocab
+is deliberately not a multiple of 64 so vocab padding is exercised.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoConfig, PretrainedConfig
+
+HIDDEN, HEADS, KV_HEADS, LAYERS, INTERMEDIATE, VOCAB, POSITIONS = 64, 4, 2, 2, 160, 997, 256
+INTERMEDIATE_NAMES = ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size")
+
+
+def small_config(model_type: str, architecture: str) -> PretrainedConfig:
+    default = AutoConfig.for_model(model_type)
+    config = AutoConfig.for_model(model_type)
+    default_hidden = getattr(default, "hidden_size", None)
+    default_intermediate = next((getattr(default, n) for n in INTERMEDIATE_NAMES if getattr(default, n, None)), None)
+    for key, value in list(vars(default).items()):
+        if isinstance(value, bool) or not isinstance(value, int):
+            continue
+        if value == default_hidden:
+            setattr(config, key, HIDDEN)
+        elif default_intermediate and value == default_intermediate:
+            setattr(config, key, INTERMEDIATE)
+    config.hidden_size = HIDDEN
+    config.num_attention_heads = HEADS
+    config.num_hidden_layers = LAYERS
+    if getattr(default, "num_key_value_heads", None) not in (None, getattr(default, "num_attention_heads", None)):
+        config.num_key_value_heads = KV_HEADS  # grouped-query: keep it grouped
+    elif hasattr(default, "num_key_value_heads"):
+        config.num_key_value_heads = HEADS
+    if getattr(config, "head_dim", None):
+        config.head_dim = HIDDEN // HEADS
+    for name in INTERMEDIATE_NAMES:
+        if getattr(config, name, None):
+            setattr(config, name, INTERMEDIATE)
+    config.vocab_size = VOCAB
+    if hasattr(config, "max_position_embeddings"):
+        config.max_position_embeddings = POSITIONS
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value >= VOCAB:
+            setattr(config, name, VOCAB - 1 - ("pad bos eos".split().index(name.split("_")[0])))
+    config.architectures = [architecture]
+    return config
+
+
+def write_checkpoint(config: PretrainedConfig, directory: Path, seed: int) -> torch.nn.Module:
+    """Builds the HF model with seeded random weights, saves it, and returns it (float32, eval)."""
+    torch.manual_seed(seed)
+    model_class = getattr(transformers, config.architectures[0])
+    config._attn_implementation = "eager"
+    model = model_class(config).float().eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 1 and torch.all(param == 1):
+                param.copy_(1 + 0.1 * torch.randn(param.shape, generator=generator))  # norm gains
+            else:
+                param.copy_(0.08 * torch.randn(param.shape, generator=generator))
+    transformers.utils.logging.disable_progress_bar()
+    model.save_pretrained(directory, safe_serialization=True)
+    return model

@@ -1,0 +1,54 @@
+"""What `porter verify TARGET` checks: a model type, an architecture name or a ported file."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from porter.errors import PorterError
+
+SOURCE_LINE = re.compile(r"^# source: (\S+)$", re.MULTILINE)
+ENGINE_MODELS = Path(__file__).resolve().parents[2] / "engine" / "models"
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyTarget:
+    model_type: str  # the transformers model type whose config class and HF model are the reference
+    port_path: Path  # the ported file
+    module: str | None  # its import path when it lives in engine/models
+
+
+def resolve_target(target: str) -> VerifyTarget:
+    path = Path(target)
+    if path.suffix == ".py":
+        if not path.is_file():
+            raise PorterError(f"no such ported file: {target}")
+        return VerifyTarget(_model_type_of(path), path.resolve(), None)
+    from engine.models.registry import registered_architectures
+
+    architectures = registered_architectures()
+    if target in architectures:
+        module = architectures[target][0]
+        port_path = ENGINE_MODELS / f"{module.rsplit('.', 1)[-1]}.py"
+        return VerifyTarget(_model_type_of(port_path), port_path, module)
+    port_path = ENGINE_MODELS / f"{target.replace('-', '_')}.py"
+    if port_path.is_file():
+        return VerifyTarget(_model_type_of(port_path), port_path, f"engine.models.{port_path.stem}")
+    raise PorterError(f"'{target}' is not a ported file, a registered architecture or a ported model type "
+                      f"(port it first: porter port {target})")
+
+
+def _model_type_of(port_path: Path) -> str:
+    header = port_path.read_text()[:2000]
+    match = SOURCE_LINE.search(header)
+    if match is None:
+        raise PorterError(f"{port_path} has no porter header naming its source")
+    source = match.group(1)
+    parts = source.split(".")
+    if source.startswith("transformers.models.") and len(parts) >= 4:
+        return parts[2]
+    stem = Path(source).stem
+    if stem.startswith("modeling_"):
+        return stem.removeprefix("modeling_")
+    raise PorterError(f"cannot tell which transformers model {source} corresponds to")

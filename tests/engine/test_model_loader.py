@@ -1,0 +1,129 @@
+"""engine.model_loader: build on the right device/dtype, stream every tensor in, name what does not fit."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import GPT2Config, LlamaConfig
+
+from engine.config import resolve_dtype, resolve_max_model_len
+from engine.model_loader import default_dtype, load_model, load_tokenizer
+from engine.model_runner import attention_shape
+from tests.tiny_model import TinyTestForCausalLM, write_tiny_model
+
+
+class _RecordingTinyModel(TinyTestForCausalLM):
+    """Records what load_model hands to load_weights, to check it streams rather than materialises."""
+
+    received_iterator = False
+    loaded_names: set[str] = set()
+
+    def load_weights(self, weights):
+        type(self).received_iterator = iter(weights) is weights
+        type(self).loaded_names = super().load_weights(weights)
+        return type(self).loaded_names
+
+
+def _copy_with_checkpoint(source: Path, destination: Path, edit) -> Path:
+    """A copy of the model directory whose tensors `edit(dict)` changed in place."""
+    shutil.copytree(source, destination)
+    tensors = load_file(destination / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, destination / "model.safetensors")
+    return destination
+
+
+def test_streams_every_checkpoint_tensor_into_the_fused_parameters(tiny_model_dir):
+    model, hf_config = load_model(tiny_model_dir, torch.float32, "cpu", model_class=_RecordingTinyModel)
+    checkpoint = load_file(tiny_model_dir / "model.safetensors")
+
+    assert _RecordingTinyModel.received_iterator
+    assert _RecordingTinyModel.loaded_names == set(checkpoint)
+    attention = model.model.layers[1].self_attn
+    expected_qkv = torch.cat([checkpoint[f"model.layers.1.self_attn.{p}_proj.weight"] for p in "qkv"])
+    torch.testing.assert_close(attention.qkv_proj.weight, expected_qkv, rtol=0, atol=0)
+    expected_gate_up = torch.cat([checkpoint[f"model.layers.0.mlp.{p}_proj.weight"] for p in ("gate", "up")])
+    torch.testing.assert_close(model.model.layers[0].mlp.gate_up_proj.weight, expected_gate_up, rtol=0, atol=0)
+    torch.testing.assert_close(model.lm_head.weight[: hf_config.vocab_size], checkpoint["lm_head.weight"])
+    assert not model.training
+
+
+def test_builds_in_the_requested_dtype_and_restores_the_default(tiny_model_dir):
+    model, _ = load_model(tiny_model_dir, torch.bfloat16, torch.device("cpu"), model_class=TinyTestForCausalLM)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    assert torch.get_default_dtype() == torch.float32
+
+
+def test_default_dtype_is_restored_when_the_block_raises():
+    with pytest.raises(RuntimeError), default_dtype(torch.float16):
+        assert torch.get_default_dtype() == torch.float16
+        raise RuntimeError("boom")
+    assert torch.get_default_dtype() == torch.float32
+
+
+def test_resolves_the_class_from_the_registry(tiny_model_dir):
+    model, _ = load_model(tiny_model_dir, torch.float32, "cpu")  # the fixture registered the architecture
+    assert type(model) is TinyTestForCausalLM
+
+
+def test_unknown_checkpoint_tensor_is_named(tiny_model_dir, tmp_path):
+    def add_stray(tensors):
+        tensors["model.layers.0.self_attn.rotary_scale.weight"] = torch.ones(4)
+
+    broken = _copy_with_checkpoint(tiny_model_dir, tmp_path / "stray", add_stray)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.rotary_scale\.weight"):
+        load_model(broken, torch.float32, "cpu", model_class=TinyTestForCausalLM)
+
+
+def test_missing_checkpoint_tensor_is_named(tiny_model_dir, tmp_path):
+    def drop(tensors):
+        del tensors["model.norm.weight"]
+        del tensors["model.layers.1.self_attn.k_proj.weight"]
+
+    broken = _copy_with_checkpoint(tiny_model_dir, tmp_path / "missing", drop)
+    with pytest.raises(ValueError) as error:
+        load_model(broken, torch.float32, "cpu", model_class=TinyTestForCausalLM)
+    assert "model.norm.weight" in str(error.value)
+    assert "model.layers.1.self_attn.qkv_proj.weight" in str(error.value)  # its 'k' shard is missing
+    assert str(broken) in str(error.value)
+
+
+def test_tokenizer_is_loaded_only_when_the_directory_has_one(tiny_model_dir, tmp_path):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    assert tokenizer is not None
+    assert tokenizer.encode("w5 w7") == [5, 7]
+    assert load_tokenizer(write_tiny_model(tmp_path / "bare", with_tokenizer=False)) is None
+
+
+def test_auto_dtype_prefers_the_checkpoint_then_the_device_default():
+    saved = LlamaConfig(dtype="bfloat16")
+    unsaved = LlamaConfig()
+    assert resolve_dtype("auto", saved, "cpu") == torch.bfloat16
+    assert resolve_dtype("auto", unsaved, "cpu") == torch.float32
+    assert resolve_dtype("auto", unsaved, "cuda") == torch.bfloat16
+    assert resolve_dtype("float16", saved, "cpu") == torch.float16
+    assert resolve_dtype(torch.float32, saved, "cuda") == torch.float32
+    with pytest.raises(ValueError, match="float8"):
+        resolve_dtype("float8", saved, "cpu")
+
+
+def test_attention_shape_reads_the_names_each_config_uses():
+    llama = attention_shape(LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2))
+    assert (llama.num_heads, llama.num_kv_heads, llama.head_dim) == (4, 2, 16)
+    gpt2 = attention_shape(GPT2Config(n_embd=96, n_head=6, n_layer=3))
+    assert (gpt2.num_layers, gpt2.num_heads, gpt2.num_kv_heads, gpt2.head_dim) == (3, 6, 6, 16)
+    assert llama.num_kv_heads_per_rank(4) == 1  # replicated past the KV head count
+    assert gpt2.num_kv_heads_per_rank(2) == 3
+
+
+def test_max_model_len_defaults_to_the_model_limit_and_refuses_more():
+    config = LlamaConfig(max_position_embeddings=256)
+    assert resolve_max_model_len(None, config) == 256
+    assert resolve_max_model_len(100, config) == 100
+    with pytest.raises(ValueError, match="300.*256"):
+        resolve_max_model_len(300, config)
