@@ -6,11 +6,18 @@ holds plain values only (strings, numbers, a class or a dotted path) and never a
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
+import sys
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+from engine.distributed import divide
+from engine.layers.linear import kv_heads_for_rank
+from engine.models.registry import resolve_model_class
 
 # Without a GPU there is no free memory to size the cache from; this many blocks (8192 tokens at the
 # default block size) keeps a CPU test run small and still fits several long prompts at once.
@@ -124,3 +131,91 @@ def resolve_max_model_len(requested: int | None, hf_config: Any) -> int:
     if model_limit is not None and requested > model_limit:
         raise ValueError(f"max_model_len ({requested}) exceeds the model's maximum positions ({model_limit})")
     return requested
+
+
+def prepare_config(config: EngineConfig, hf_config: Any) -> EngineConfig:
+    """Fills in what every rank must agree on before any starts: max_model_len and the model class.
+
+    Also checks that the tensor-parallel size divides the head counts, so a bad size fails here,
+    before any process is spawned or weight is read.
+    """
+    check_tensor_parallel_size(hf_config, config.tensor_parallel_size)
+    model_class = config.model_class
+    if model_class is None:
+        model_class = portable_class_reference(resolve_model_class(getattr(hf_config, "architectures", None)))
+    return dataclasses.replace(
+        config,
+        max_model_len=resolve_max_model_len(config.max_model_len, hf_config),
+        model_class=model_class,
+    )
+
+
+def check_tensor_parallel_size(hf_config: Any, tp_size: int) -> None:
+    """ValueError naming both numbers when tp divides neither the heads nor (by replication) the KV heads."""
+    try:
+        shape = attention_shape(hf_config)
+    except ValueError:
+        return  # an unusual config: the layers raise the same error when the model is built
+    divide(shape.num_heads, tp_size, "number of attention heads")
+    kv_heads_for_rank(shape.num_kv_heads, tp_size, 0)
+
+
+def portable_class_reference(model_class: type) -> type | str:
+    """The class itself when child processes can import it by module name, else "file.py:Class".
+
+    Classes registered from a file live in a module named only in this process's sys.modules.
+    """
+    module_name = model_class.__module__
+    try:
+        importable = module_name == "__main__" or importlib.util.find_spec(module_name) is not None
+    except (ImportError, ValueError):
+        importable = False
+    if importable:
+        return model_class
+    module_file = getattr(sys.modules.get(module_name), "__file__", None)
+    return f"{module_file}:{model_class.__qualname__}" if module_file else model_class
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionShape:
+    """What the KV cache needs to know about the model, read from its HF config."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    def num_kv_heads_per_rank(self, tp_size: int) -> int:
+        # With tp > num_kv_heads each rank holds one replicated KV head (engine.layers.linear).
+        return max(1, self.num_kv_heads // tp_size)
+
+
+def attention_shape(hf_config: Any) -> AttentionShape:
+    """Layer, head and head-dim counts under whichever names the config uses (HF has several)."""
+    config = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    num_heads = _first_int(config, "num_attention_heads", "n_head", "num_heads")
+    num_layers = _first_int(config, "num_hidden_layers", "n_layer", "num_layers")
+    if num_heads is None or num_layers is None:
+        raise ValueError(f"cannot find the number of attention heads and layers in {type(config).__name__}")
+    if getattr(config, "multi_query", False) and not getattr(config, "new_decoder_architecture", False):
+        num_kv_heads = 1  # MQA flag (GPT-BigCode, Falcon-7B); Falcon's new architecture counts its groups
+    else:
+        num_kv_heads = _first_int(
+            config, "num_key_value_heads", "num_kv_heads", "n_head_kv", "multi_query_group_num"
+        )
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    head_dim = _first_int(config, "head_dim")
+    if head_dim is None:
+        hidden_size = _first_int(config, "hidden_size", "n_embd", "d_model")
+        if hidden_size is None:
+            raise ValueError(f"cannot find head_dim or hidden_size in {type(config).__name__}")
+        head_dim = hidden_size // num_heads
+    return AttentionShape(num_layers, num_heads, num_kv_heads, head_dim)
+
+
+def _first_int(config: Any, *names: str) -> int | None:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None

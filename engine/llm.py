@@ -119,7 +119,9 @@ class LLM:
         assert self.engine is not None
         prompt_list = _normalize_prompts(prompts)
         params_list = _normalize_params(sampling_params, len(prompt_list))
-        show = (show_progress if use_tqdm is None else use_tqdm) and len(prompt_list) >= _PROGRESS_MIN_REQUESTS
+        show = (show_progress if use_tqdm is None else use_tqdm) and len(
+            prompt_list
+        ) >= _PROGRESS_MIN_REQUESTS
         request_ids = []
         try:
             for prompt, params in zip(prompt_list, params_list):
@@ -224,4 +226,3 @@ def _normalize_params(
     if len(params) != count:
         raise ValueError(f"got {len(params)} sampling params for {count} prompts")
     return params
-

@@ -7,22 +7,15 @@ rank 0 samples, the scheduler records the tokens, and new text is checked for st
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import itertools
-import json
-import sys
 from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from engine.block_manager import BlockManager
-from engine.config import EngineConfig, resolve_max_model_len
-from engine.distributed import divide
-from engine.layers.linear import kv_heads_for_rank
-from engine.model_loader import load_hf_config, load_tokenizer
-from engine.model_runner import StepInputs, attention_shape, select_rows
-from engine.models.registry import resolve_model_class
+from engine.config import EngineConfig, prepare_config
+from engine.model_loader import eos_token_ids, load_hf_config, load_tokenizer
+from engine.model_runner import StepInputs, select_rows
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import SampleLogprobs, Sequence
@@ -93,7 +86,6 @@ class IncrementalDetokenizer:
 @dataclass(slots=True)
 class _Request:
     request_id: str
-    index: int  # arrival order, what generate() sorts by
     prompt: str | None
     prompt_token_ids: list[int]
     seqs: list[Sequence]
@@ -110,12 +102,13 @@ class LLMEngine:
         self.driver: Driver = start_driver(self.config)
         self.runner = self.driver.runner
         self.num_kv_blocks = self.runner.num_kv_blocks
-        # Capped by what the cache holds, so a request the cache cannot take fails in add_request.
-        block_manager = BlockManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching)
+        block_manager = BlockManager(
+            self.num_kv_blocks, self.config.block_size, self.config.enable_prefix_caching
+        )
         self.scheduler = Scheduler(
             block_manager,
-            max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_num_seqs=self.config.max_num_seqs,
+            max_num_batched_tokens=self.config.max_num_batched_tokens,
             eos_token_id=eos_token_ids(config.model, hf_config, self.tokenizer),
         )
         self.num_preemptions = 0  # sequences sent back to recompute, over the engine's life
@@ -123,7 +116,6 @@ class LLMEngine:
         self._request_of_seq: dict[int, _Request] = {}
         self._detokenizers: dict[int, IncrementalDetokenizer] = {}
         self._seq_ids = itertools.count()
-        self._arrivals = itertools.count()
 
     def add_request(
         self, request_id: str, prompt: str | SequenceOf[int], sampling_params: SamplingParams
@@ -139,15 +131,18 @@ class LLMEngine:
             text, token_ids = None, [int(t) for t in prompt]
         max_len = self.config.max_model_len
         if len(token_ids) >= max_len:
-            raise ValueError(f"prompt of {len(token_ids)} tokens leaves no room under max_model_len {max_len}")
+            raise ValueError(
+                f"prompt of {len(token_ids)} tokens leaves no room under max_model_len {max_len}"
+            )
         params = dataclasses.replace(
             sampling_params, max_tokens=min(sampling_params.max_tokens, max_len - len(token_ids))
         )
         template = Sequence(-1, token_ids, params)
         seqs = [template.fork(next(self._seq_ids), index) for index in range(params.n)]
         for seq in seqs:
-            self.scheduler.add(seq)  # raises before anything is recorded if the cache cannot hold it
-        request = _Request(request_id, next(self._arrivals), text, token_ids, seqs)
+            # The completions are alike, so if the cache cannot hold one, the first add raises.
+            self.scheduler.add(seq)
+        request = _Request(request_id, text, token_ids, seqs)
         self._requests[request_id] = request
         for seq in seqs:
             self._request_of_seq[seq.seq_id] = request
@@ -182,7 +177,9 @@ class LLMEngine:
         token_ids = [0] * len(scheduled.scheduled)
         logprobs: list[SampleLogprobs | None] | None = None
         if rows:
-            sampled = self.runner.sample(select_rows(logits, rows), [scheduled.scheduled[r].seq for r in rows])
+            sampled = self.runner.sample(
+                select_rows(logits, rows), [scheduled.scheduled[r].seq for r in rows]
+            )
             for row, token_id in zip(rows, sampled.token_ids.tolist()):
                 token_ids[row] = token_id
             if sampled.logprobs is not None:
@@ -221,8 +218,13 @@ class LLMEngine:
             self.scheduler.finish(seq.seq_id, "stop")
 
     def _collect_finished(self, stepped: set[int]) -> list[RequestOutput]:
+        touched: dict[str, _Request] = {}
+        for seq_id in stepped:
+            request = self._request_of_seq.get(seq_id)
+            if request is not None:
+                touched[request.request_id] = request
         finished: list[RequestOutput] = []
-        for request in {id(r): r for s in stepped if (r := self._request_of_seq.get(s))}.values():
+        for request in touched.values():
             if all(seq.is_finished for seq in request.seqs):
                 finished.append(self._output(request))
                 del self._requests[request.request_id]
@@ -243,76 +245,22 @@ class LLMEngine:
             wants_logprobs = seq.sampling_params.logprobs is not None
             completions.append(
                 CompletionOutput(
-                    index, text, seq.output_token_ids, seq.finish_reason, list(seq.logprobs) if wants_logprobs else None
+                    index,
+                    text,
+                    seq.output_token_ids,
+                    seq.finish_reason,
+                    list(seq.logprobs) if wants_logprobs else None,
                 )
             )
         return RequestOutput(
-            request.request_id, request.prompt, request.prompt_token_ids, completions, request.cached_tokens or 0
+            request.request_id,
+            request.prompt,
+            request.prompt_token_ids,
+            completions,
+            request.cached_tokens or 0,
         )
 
     def _forget(self, seq_id: int) -> None:
         self._request_of_seq.pop(seq_id, None)
         self._detokenizers.pop(seq_id, None)
         self.runner.release(seq_id)
-
-
-def prepare_config(config: EngineConfig, hf_config: Any) -> EngineConfig:
-    """Fills in what every rank must agree on before any starts: max_model_len and the model class.
-
-    Also checks that the tensor-parallel size divides the head counts, so a bad size fails here,
-    before any process is spawned or weight is read.
-    """
-    check_tensor_parallel_size(hf_config, config.tensor_parallel_size)
-    model_class = config.model_class
-    if model_class is None:
-        model_class = portable_class_reference(resolve_model_class(getattr(hf_config, "architectures", None)))
-    return dataclasses.replace(
-        config,
-        max_model_len=resolve_max_model_len(config.max_model_len, hf_config),
-        model_class=model_class,
-    )
-
-
-def check_tensor_parallel_size(hf_config: Any, tp_size: int) -> None:
-    """ValueError naming both numbers when tp divides neither the heads nor (by replication) the KV heads."""
-    try:
-        shape = attention_shape(hf_config)
-    except ValueError:
-        return  # an unusual config: the layers raise the same error when the model is built
-    divide(shape.num_heads, tp_size, "number of attention heads")
-    kv_heads_for_rank(shape.num_kv_heads, tp_size, 0)
-
-
-def portable_class_reference(model_class: type) -> type | str:
-    """The class itself when child processes can import it by module name, else "file.py:Class".
-
-    Classes registered from a file live in a module named only in this process's sys.modules.
-    """
-    module_name = model_class.__module__
-    try:
-        importable = module_name == "__main__" or importlib.util.find_spec(module_name) is not None
-    except (ImportError, ValueError):
-        importable = False
-    if importable:
-        return model_class
-    module_file = getattr(sys.modules.get(module_name), "__file__", None)
-    return f"{module_file}:{model_class.__qualname__}" if module_file else model_class
-
-
-def eos_token_ids(model_dir: str, hf_config: Any, tokenizer: Any | None) -> set[int]:
-    """End-of-sequence ids from config.json, generation_config.json and the tokenizer, together."""
-    ids: set[int] = set()
-
-    def add(value: Any) -> None:
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, list | tuple):
-            ids.update(v for v in value if isinstance(v, int))
-
-    add(getattr(hf_config, "eos_token_id", None))
-    generation_config = Path(model_dir) / "generation_config.json"
-    if generation_config.exists():
-        add(json.loads(generation_config.read_text()).get("eos_token_id"))
-    if tokenizer is not None:
-        add(getattr(tokenizer, "eos_token_id", None))
-    return ids

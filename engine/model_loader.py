@@ -8,6 +8,7 @@ device in the target dtype, and each checkpoint tensor is read once and copied o
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,13 @@ from engine.models.registry import _load_target, resolve_model_class
 from engine.weights import iterate_checkpoint
 
 # Any one of these next to config.json means the directory carries a tokenizer.
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "spiece.model",
+)
 
 
 def load_hf_config(model_dir: str | Path) -> PretrainedConfig:
@@ -91,3 +98,22 @@ def load_tokenizer(model_dir: str | Path) -> Any | None:
     if not has_tokenizer(model_dir):
         return None
     return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+
+
+def eos_token_ids(model_dir: str, hf_config: Any, tokenizer: Any | None) -> set[int]:
+    """End-of-sequence ids from config.json, generation_config.json and the tokenizer, together."""
+    ids: set[int] = set()
+
+    def add(value: Any) -> None:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(v for v in value if isinstance(v, int))
+
+    add(getattr(hf_config, "eos_token_id", None))
+    generation_config = Path(model_dir) / "generation_config.json"
+    if generation_config.exists():
+        add(json.loads(generation_config.read_text()).get("eos_token_id"))
+    if tokenizer is not None:
+        add(getattr(tokenizer, "eos_token_id", None))
+    return ids

@@ -10,13 +10,12 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from engine import distributed
-from engine.config import DEFAULT_CPU_NUM_KV_BLOCKS, EngineConfig, resolve_dtype
+from engine.config import DEFAULT_CPU_NUM_KV_BLOCKS, EngineConfig, attention_shape, resolve_dtype
 from engine.input_metadata import InputMetadata
 from engine.kv_cache import allocate_kv_caches, kv_cache_bytes_per_block
 from engine.layers.sampler import Sampler, SamplerOutput, make_generator
@@ -38,47 +37,6 @@ class StepInputs:
     query_lens: list[int]
     context_lens: list[int]
     block_tables: list[list[int]]
-
-
-@dataclass(frozen=True, slots=True)
-class AttentionShape:
-    """What the KV cache needs to know about the model, read from its HF config."""
-
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-
-    def num_kv_heads_per_rank(self, tp_size: int) -> int:
-        # With tp > num_kv_heads each rank holds one replicated KV head (engine.layers.linear).
-        return max(1, self.num_kv_heads // tp_size)
-
-
-def attention_shape(hf_config: Any) -> AttentionShape:
-    """Layer, head and head-dim counts under whichever names the config uses (HF has several)."""
-    config = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
-    num_heads = _first_int(config, "num_attention_heads", "n_head", "num_heads")
-    num_layers = _first_int(config, "num_hidden_layers", "n_layer", "num_layers")
-    if num_heads is None or num_layers is None:
-        raise ValueError(f"cannot find the number of attention heads and layers in {type(config).__name__}")
-    num_kv_heads = _first_int(config, "num_key_value_heads", "num_kv_heads", "n_head_kv", "multi_query_group_num")
-    if num_kv_heads is None:
-        num_kv_heads = 1 if getattr(config, "multi_query", False) else num_heads
-    head_dim = _first_int(config, "head_dim")
-    if head_dim is None:
-        hidden_size = _first_int(config, "hidden_size", "n_embd", "d_model")
-        if hidden_size is None:
-            raise ValueError(f"cannot find head_dim or hidden_size in {type(config).__name__}")
-        head_dim = hidden_size // num_heads
-    return AttentionShape(num_layers, num_heads, num_kv_heads, head_dim)
-
-
-def _first_int(config: Any, *names: str) -> int | None:
-    for name in names:
-        value = getattr(config, name, None)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return None
 
 
 class ModelRunner:
@@ -152,37 +110,37 @@ class ModelRunner:
         )
 
     def _blocks_that_fit(self) -> int:
-        """Blocks that fit in `gpu_memory_utilization` of the GPU once weights and a full step's activations are in."""
+        """Blocks that fit in `gpu_memory_utilization` of the GPU next to the weights and a step's peak."""
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
         used_before = total - free  # weights, the CUDA context and anything other processes hold
-        torch.cuda.reset_peak_memory_stats(self.device)
         allocated_before = torch.cuda.memory_allocated(self.device)
-        self._profile_run()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        # The two extremes of a step: few long prefills (attention-heavy) and many short sequences
+        # (logits- and sampling-heavy), each as many tokens as a step may hold.
+        num_tokens = self.config.max_num_batched_tokens
+        max_len = min(self.config.max_model_len or num_tokens, num_tokens)
+        self._profile_run(_split_evenly(num_tokens, -(-num_tokens // max_len)))
+        self._profile_run(_split_evenly(num_tokens, min(self.config.max_num_seqs, num_tokens)))
         torch.cuda.synchronize(self.device)
         activation_peak = torch.cuda.max_memory_allocated(self.device) - allocated_before
         torch.cuda.empty_cache()
         budget = total * self.config.gpu_memory_utilization - used_before - activation_peak
         num_blocks = int(budget // self.bytes_per_block())
         logger.info(
-            "rank %d: %.2f GiB used before the cache, %.2f GiB activation peak, %d KV blocks",
+            "rank %d: %.2f GiB used before the cache, %.2f GiB step peak, %d KV blocks of %d tokens",
             self.rank,
             used_before / 2**30,
             activation_peak / 2**30,
             num_blocks,
+            self.block_size,
         )
         return num_blocks
 
-    def _profile_run(self) -> None:
-        """A forward as large as any step can be (max_num_batched_tokens over max_num_seqs), to measure its peak."""
-        num_tokens = self.config.max_num_batched_tokens
-        max_len = self.config.max_model_len or num_tokens
-        num_seqs = max(min(self.config.max_num_seqs, num_tokens), -(-num_tokens // max_len))
-        lengths = [num_tokens // num_seqs + (1 if i < num_tokens % num_seqs else 0) for i in range(num_seqs)]
-        lengths = [length for length in lengths if length > 0]
+    def _profile_run(self, lengths: list[int]) -> None:
+        """One prefill step of sequences of `lengths` tokens into a throwaway cache, then sampling-sized work."""
         blocks_per_seq = -(-max(lengths) // self.block_size)
-        # A throwaway cache just big enough; every sequence writes into its own blocks of it.
         self.kv_caches = allocate_kv_caches(
             self.shape.num_layers,
             blocks_per_seq * len(lengths),
@@ -192,16 +150,17 @@ class ModelRunner:
             self.dtype,
             self.device,
         )
-        tables = [list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) for i in range(len(lengths))]
         step = StepInputs(
             input_ids=[0] * sum(lengths),
             positions=[p for length in lengths for p in range(length)],
             query_lens=lengths,
             context_lens=lengths,
-            block_tables=tables,
+            block_tables=[
+                list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) for i in range(len(lengths))
+            ],
         )
         logits = self.execute_model(step)
-        # Sampling works on a few float32 copies of the logits; count them in the peak too.
+        # The sampler works on a few float32 copies of the logits; count them in the peak too.
         torch.softmax(logits, dim=-1).cumsum(dim=-1)
         del logits
         self.kv_caches = []
@@ -286,3 +245,8 @@ def select_rows(logits: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
     if len(rows) == logits.shape[0]:
         return logits
     return logits[torch.tensor(list(rows), dtype=torch.long, device=logits.device)]
+
+
+def _split_evenly(total: int, parts: int) -> list[int]:
+    """`total` as `parts` lengths differing by at most one."""
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]

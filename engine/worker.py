@@ -20,8 +20,8 @@ import pickle
 import socket
 import threading
 import time
-from collections import deque
 import traceback
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -58,7 +58,9 @@ def serve(runner: ModelRunner, receive: Callable[[], tuple]) -> Any:
             raise RuntimeError(f"worker got an unknown message {kind!r}")
 
 
-def _worker_main(config_bytes: bytes, rank: int, init_method: str, conn: multiprocessing.connection.Connection) -> None:
+def _worker_main(
+    config_bytes: bytes, rank: int, init_method: str, conn: multiprocessing.connection.Connection
+) -> None:
     """Entry point of a spawned worker: join the group, load, size the cache, then serve steps."""
     try:
         # Unpickled here rather than by multiprocessing, so a model class that does not import in the
@@ -167,8 +169,11 @@ class WorkerGroup:
         except (EOFError, OSError):
             return  # closed: the process-liveness check reports it
 
-    def shutdown(self) -> None:
-        """Asks every worker to leave, waits a little, then terminates any that did not."""
+    def shutdown(self, grace_s: float = _SHUTDOWN_GRACE_S) -> None:
+        """Asks every worker to leave, waits up to `grace_s`, then terminates (then kills) any still there.
+
+        A grace of 0 is for a driver that failed mid-step: the workers may be stuck in a collective.
+        """
         if self._closed:
             return
         self._closed = True
@@ -177,27 +182,13 @@ class WorkerGroup:
                 conn.send(("shutdown",))
             except (BrokenPipeError, OSError):
                 pass
-        deadline = time.monotonic() + _SHUTDOWN_GRACE_S
+        deadline = time.monotonic() + grace_s
         for process in self.processes:
             process.join(timeout=max(0.0, deadline - time.monotonic()))
         for process in self.processes:
-            if process.is_alive():  # stuck in a collective the driver will never join
+            if process.is_alive():
                 process.terminate()
                 process.join(timeout=2.0)
-            if process.is_alive():
-                process.kill()
-                process.join()
-        for conn in self.connections:
-            conn.close()
-
-    def terminate(self) -> None:
-        """Stops every worker now, without asking (the driver failed mid-step; they may be in a collective)."""
-        self._closed = True
-        for process in self.processes:
-            if process.is_alive():
-                process.terminate()
-        for process in self.processes:
-            process.join(timeout=2.0)
             if process.is_alive():
                 process.kill()
                 process.join()
@@ -289,10 +280,7 @@ class Driver:
             return
         self._closed = True
         if self.workers is not None:
-            if self._step_in_flight:
-                self.workers.terminate()
-            else:
-                self.workers.shutdown()
+            self.workers.shutdown(grace_s=0.0 if self._step_in_flight else _SHUTDOWN_GRACE_S)
         if self.channel is not None and not self._step_in_flight:
             self.channel.send(("shutdown",))
         self.runner.close()
@@ -306,6 +294,7 @@ def start_driver(config: EngineConfig) -> Driver:
     tensor_parallel_size > 1 must do so under `if __name__ == "__main__":`.
     """
     launched = torchrun_environment()
+    _check_no_other_group(config.tensor_parallel_size, allow_same_size=launched is not None)
     if launched is not None:
         rank, world_size, local_rank = launched
         if rank != 0:
@@ -329,11 +318,25 @@ def start_driver(config: EngineConfig) -> Driver:
         runner.initialize_kv_cache()
         workers.wait_for("ready")
     except BaseException:
-        workers.terminate()
+        workers.shutdown(grace_s=0.0)
         distributed.destroy_distributed()
         torch.set_num_threads(previous_num_threads)
         raise
     return Driver(runner, workers=workers)
+
+
+def _check_no_other_group(world_size: int, allow_same_size: bool) -> None:
+    """The layers read rank and size from the one default process group, so a process runs one
+    tensor-parallel engine at a time; a group already there (another LLM not shut down) is refused."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    existing = dist.get_world_size()
+    if allow_same_size and existing == world_size:
+        return  # torchrun: the script may have joined the group itself
+    raise RuntimeError(
+        f"this process is already in a torch.distributed group of {existing} ranks, and an engine of "
+        f"tensor_parallel_size {world_size} cannot share it: shut the other LLM down first"
+    )
 
 
 def _join_group_watching(workers: WorkerGroup, config: EngineConfig) -> None:
@@ -367,6 +370,7 @@ def start_follower(config: EngineConfig) -> tuple[ModelRunner, BroadcastChannel]
     if launched is None or launched[0] == 0:
         raise RuntimeError("start_follower runs on torchrun ranks other than 0")
     rank, world_size, local_rank = launched
+    _check_no_other_group(world_size, allow_same_size=True)
     distributed.init_distributed(rank, world_size, "env://", _backend(config))
     channel = BroadcastChannel()
     runner = ModelRunner(config, rank, device_index=local_rank)

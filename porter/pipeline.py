@@ -14,12 +14,14 @@ from porter.rewrites.dead_code import RemoveDeadCode
 from porter.rewrites.engine_interface import EngineInterface
 from porter.rewrites.hf_plumbing import StripHFPlumbing
 from porter.rewrites.flatten_batch import FlattenBatch
+from porter.rewrites.fuse_gate_up import FuseGateUp
 from porter.rewrites.fuse_qkv import FuseQKV
 from porter.rewrites.imports import FixImports
 from porter.rewrites.lm_head import SplitLMHead
 from porter.rewrites.load_weights import EmitLoadWeights
 from porter.rewrites.paged_attention import SwapPagedAttention
 from porter.rewrites.prune import PruneUnused
+from porter.rewrites.rotary import RotaryToEngine
 from porter.rewrites.strip_training import StripTraining
 from porter.rewrites.tensor_parallel import TensorParallelLayers
 
@@ -28,11 +30,13 @@ REWRITES: list[Rewrite] = [
     StripHFPlumbing(),  # framework bases, decorators, init helpers
     SplitLMHead(),  # forward returns hidden states; compute_logits; parallel, tied head
     SwapPagedAttention(),  # the attention core becomes one PagedAttention call
+    RotaryToEngine(),  # HF cos/sin plumbing -> the engine's rotary layer inside attention
     EngineInterface(),  # forward signatures, call threading, single-tensor returns
     RemoveDeadCode(),  # masks, caches, output flags and what reads them
     StripTraining(),  # dropout, layerdrop
     FlattenBatch(),  # no batch dimension in sizes, views and transposes
     FuseQKV(),  # q/k/v projections -> QKVParallelLinear
+    FuseGateUp(),  # gated MLP inputs -> MergedColumnParallelLinear
     TensorParallelLayers(),  # remaining Linears by data flow; vocab embedding
     EmitLoadWeights(),  # load_weights from the plan (fused names, ties)
     PruneUnused(),  # task heads, eager attention helpers

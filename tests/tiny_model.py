@@ -208,10 +208,14 @@ def _word_tokenizer(vocab_size: int):
     # Specials get names no word contains: added tokens are matched inside the raw text first, so an
     # eos spelled "w2" would split "w212" apart.
     specials = ["<unk>", "<s>", "</s>"]
-    vocab = {name: i for i, name in enumerate(specials)} | {f"w{i}": i for i in range(len(specials), vocab_size)}
+    vocab = {name: i for i, name in enumerate(specials)} | {
+        f"w{i}": i for i in range(len(specials), vocab_size)
+    }
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
 
 
 def load_reference(directory: str | Path) -> LlamaForCausalLM:
@@ -235,7 +239,6 @@ def reference_greedy(
         if next_token == eos_token_id:
             break
     return generated
-
 
 
 # A prompt starting with this token makes `FailsInForwardOnRankOne` raise on rank 1 (generated

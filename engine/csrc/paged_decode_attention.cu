@@ -1,18 +1,21 @@
 // Paged decode attention: one new query token per sequence, attending over its paged KV cache.
 //
-// Work split. One thread block takes (sequence, KV head, partition of the context) and serves every
-// query head of that KV head's group (up to kMaxHeadsPerBlock of them), so each K/V vector is read
-// from memory once however large the GQA group. Long contexts are cut into partitions of
-// `partition_size` tokens (split-K): each block writes its partial max / sum / normalised output, and a
-// second kernel merges the partitions. With one partition the first kernel writes the output itself.
+// Work split (see decode_common.h). One thread block takes (sequence, KV head, partition of the
+// context) and serves every query head of that KV head's group (up to 8 per block), so each K/V
+// vector is read from memory once however large the GQA group. Long contexts are cut into partitions
+// of `partition_size` tokens (split-K): each block writes its partial max / sum / normalised output,
+// and a second kernel merges the partitions; with one partition the first kernel writes the output.
 //
-// Inside a block, a group of kThreadsPerToken threads holds one token's head_dim row (16 bytes per
-// thread per load), so a warp covers kTokensPerWarp tokens per load; kUnroll loads are issued before
-// the first is used to keep enough bytes in flight.
-//   Phase 1: scores of every token of the partition for every head -> shared memory.
-//   Phase 2: per-head max and sum of exp (one warp per head), in place.
-//   Phase 3: weighted sum of V rows, reduced across token groups and warps.
-// All arithmetic is fp32. Scores: (scale*q).k, + slope*(k_pos - q_pos) with ALiBi, then
+// Two kernels do the per-block work:
+// - fp16/bf16 with >= 2 query heads per KV head: tensor cores (paged_decode_attention_mma.cu), since
+//   on CUDA cores the per-head dot products and shuffles, not memory, would bound the time;
+// - otherwise (MHA, and fp32) the CUDA-core kernel below. A group of kThreadsPerToken threads holds
+//   one token's head_dim row (16 bytes per thread per load), so a warp covers kTokensPerWarp tokens
+//   per load; kUnroll loads are issued before the first is used to keep enough bytes in flight.
+//     Phase 1: scores of every token of the partition for every head -> shared memory.
+//     Phase 2: per-head max and sum of exp (one warp per head), in place.
+//     Phase 3: weighted sum of V rows, reduced across token groups and warps.
+// All softmax arithmetic is fp32. Scores: scale*q.k, + slope*(k_pos - q_pos) with ALiBi, then
 // cap*tanh(s/cap) with a soft cap; a sliding window moves the first visible token, so nothing before
 // it is read at all.
 
@@ -25,41 +28,15 @@
 #include <algorithm>
 #include <cfloat>
 
+#include "decode_common.h"
 #include "vector_io.h"
 
 namespace porter {
 namespace {
 
-constexpr int kNumThreads = 128;
-constexpr int kNumWarps = kNumThreads / 32;
 constexpr int kUnroll = 4;
 constexpr int kMaxHeadsPerBlock = 8;
 constexpr size_t kMaxSharedBytes = 48 * 1024;
-
-struct DecodeParams {
-  void* out;             // [num_seqs, num_heads, head_dim], written directly when max_partitions == 1
-  float* partial_out;    // [num_seqs, num_heads, max_partitions, head_dim]
-  float* partial_max;    // [num_seqs, num_heads, max_partitions]
-  float* partial_sum;    // [num_seqs, num_heads, max_partitions]
-  const void* query;     // [num_seqs, num_heads, head_dim], last dim contiguous
-  const void* key_cache;    // [num_blocks, block_size, num_kv_heads, head_dim], contiguous
-  const void* value_cache;  // same
-  const int* block_tables;  // [num_seqs, max_blocks_per_seq]
-  const int* context_lens;  // [num_seqs]
-  const float* alibi_slopes;  // [num_heads] or nullptr
-  int64_t query_stride_token;
-  int64_t query_stride_head;
-  int num_heads;
-  int num_kv_heads;
-  int max_blocks_per_seq;
-  int block_size_log2;
-  int partition_size;
-  int max_partitions;
-  int scratch_floats;  // floats of shared scratch before the block-number table
-  int sliding_window;  // 0 = none
-  float scale;
-  float soft_cap;  // 0 = none
-};
 
 template <typename T, int HEAD_DIM>
 struct DecodeLayout {
@@ -72,106 +49,61 @@ struct DecodeLayout {
   static_assert(HEAD_DIM % kVec == 0, "head_dim must be a whole number of 16-byte vectors");
 };
 
-// First KV index visible to the sequence's query token and how many follow it (the last is context_len-1).
-__device__ __forceinline__ void visible_range(const DecodeParams& p, int context_len, int* start, int* span) {
-  *start = p.sliding_window > 0 ? max(0, context_len - p.sliding_window) : 0;
-  *span = context_len - *start;
-}
-
 template <typename T, int HEAD_DIM, int HEADS>
 __global__ void __launch_bounds__(kNumThreads) paged_decode_attention_kernel(const DecodeParams p) {
   using L = DecodeLayout<T, HEAD_DIM>;
   extern __shared__ __align__(16) unsigned char shared_raw[];
-  float* scratch = reinterpret_cast<float*>(shared_raw);  // scores [HEADS][partition], later partial sums
+  float* scratch = reinterpret_cast<float*>(shared_raw);
   int* block_numbers = reinterpret_cast<int*>(scratch + p.scratch_floats);
   __shared__ float head_max[HEADS];
   __shared__ float head_sum[HEADS];
-
-  const int seq = blockIdx.y;
-  const int partition = blockIdx.z;
-  const int group_size = p.num_heads / p.num_kv_heads;
-  const int chunks = (group_size + HEADS - 1) / HEADS;
-  const int kv_head = blockIdx.x / chunks;
-  const int first_in_group = (blockIdx.x % chunks) * HEADS;
-  const int first_head = kv_head * group_size + first_in_group;
-  const int active_heads = min(HEADS, group_size - first_in_group);
-  T* out = static_cast<T*>(p.out);
-
-  const int context_len = p.context_lens[seq];
-  int window_start, span;
-  visible_range(p, context_len, &window_start, &span);
-  if (span <= 0) {
-    // An empty sequence (a padded slot of a captured batch) gets zeros, never garbage.
-    if (partition == 0 && p.max_partitions == 1) {
-      for (int i = threadIdx.x; i < active_heads * HEAD_DIM; i += kNumThreads) {
-        out[((int64_t)seq * p.num_heads + first_head) * HEAD_DIM + i] = from_float<T>(0.f);
-      }
-    }
-    return;
-  }
-  if (partition * p.partition_size >= span) return;  // this partition lies past the context
-  const int token_begin = window_start + partition * p.partition_size;
-  const int num_tokens = min(p.partition_size, span - partition * p.partition_size);
-
-  // This partition's slice of the block table, so that a token's address needs no dependent global load.
-  const int block_mask = (1 << p.block_size_log2) - 1;
-  const int first_block = token_begin >> p.block_size_log2;
-  const int num_table_entries = ((token_begin + num_tokens - 1) >> p.block_size_log2) - first_block + 1;
-  const int* table = p.block_tables + (int64_t)seq * p.max_blocks_per_seq + first_block;
-  for (int i = threadIdx.x; i < num_table_entries; i += kNumThreads) block_numbers[i] = table[i];
+  DecodeBlock b;
+  if (!plan_decode_block<T, HEAD_DIM, HEADS>(p, b, block_numbers)) return;
 
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int lane_in_token = lane % L::kThreadsPerToken;
-  const int token_in_warp = lane / L::kThreadsPerToken;
-  const int warp_token = warp * L::kTokensPerWarp + token_in_warp;
+  const int warp_token = warp * L::kTokensPerWarp + lane / L::kThreadsPerToken;
 
-  // Query fragments, pre-multiplied by the scale. Heads past the group (when it is not a multiple of
-  // HEADS) repeat the last real head; their results are never stored.
+  // Query fragments. Heads past the group (when it is not a multiple of HEADS) repeat the last real
+  // head; their results are never stored.
   float q[HEADS][L::kVecsPerThread][L::kVec];
   float slope[HEADS];
-  const T* query = static_cast<const T*>(p.query) + seq * p.query_stride_token;
+  const T* query = static_cast<const T*>(p.query) + b.seq * p.query_stride_token;
 #pragma unroll
   for (int h = 0; h < HEADS; ++h) {
-    const int head = first_head + min(h, active_heads - 1);
+    const int head = b.first_head + min(h, b.active_heads - 1);
     slope[h] = p.alibi_slopes != nullptr ? p.alibi_slopes[head] : 0.f;
 #pragma unroll
     for (int i = 0; i < L::kVecsPerThread; ++i) {
 #pragma unroll
       for (int e = 0; e < L::kVec; ++e) {
         const int d = (lane_in_token + i * L::kThreadsPerToken) * L::kVec + e;
-        q[h][i][e] = to_float(query[head * p.query_stride_head + d]) * p.scale;
+        q[h][i][e] = to_float(query[head * p.query_stride_head + d]);
       }
     }
   }
   __syncthreads();  // block_numbers ready
 
   const int64_t token_stride = (int64_t)p.num_kv_heads * HEAD_DIM;
-  const int64_t head_offset = (int64_t)kv_head * HEAD_DIM + lane_in_token * L::kVec;
+  const int64_t head_offset = (int64_t)b.kv_head * HEAD_DIM + lane_in_token * L::kVec;
   const T* key_base = static_cast<const T*>(p.key_cache) + head_offset;
   const T* value_base = static_cast<const T*>(p.value_cache) + head_offset;
-  // Row of the cache (block * block_size + offset) holding the partition's t-th token.
-  auto cache_row = [&](int t) -> int64_t {
-    const int token = token_begin + t;
-    return ((int64_t)block_numbers[(token >> p.block_size_log2) - first_block] << p.block_size_log2) |
-           (token & block_mask);
-  };
   auto load_rows = [&](const T* base, int first, uint4 (&raw)[kUnroll][L::kVecsPerThread]) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int t = first + u * L::kTokensPerIter + warp_token;
-      const T* ptr = base + (t < num_tokens ? cache_row(t) * token_stride : 0);
+      const T* ptr = base + (t < b.num_tokens ? cache_row(p, b, block_numbers, t) * token_stride : 0);
 #pragma unroll
       for (int i = 0; i < L::kVecsPerThread; ++i) {
-        raw[u][i] = t < num_tokens ? load_16_bytes(ptr + i * L::kThreadsPerToken * L::kVec) : make_uint4(0, 0, 0, 0);
+        raw[u][i] = t < b.num_tokens ? load_16_bytes(ptr + i * L::kThreadsPerToken * L::kVec) : make_uint4(0, 0, 0, 0);
       }
     }
   };
 
   // Phase 1: scores.
   float* scores = scratch;
-  const int query_pos = context_len - 1;
-  for (int first = 0; first < num_tokens; first += kUnroll * L::kTokensPerIter) {
+  for (int first = 0; first < b.num_tokens; first += kUnroll * L::kTokensPerIter) {
     uint4 raw[kUnroll][L::kVecsPerThread];
     load_rows(key_base, first, raw);
 #pragma unroll
@@ -195,13 +127,11 @@ __global__ void __launch_bounds__(kNumThreads) paged_decode_attention_kernel(con
         for (int h = 0; h < HEADS; ++h) dot[h] += __shfl_xor_sync(0xffffffffu, dot[h], mask);
       }
       const int t = first + u * L::kTokensPerIter + warp_token;
-      if (lane_in_token == 0 && t < num_tokens) {
-        const float key_minus_query = static_cast<float>(token_begin + t - query_pos);
+      if (lane_in_token == 0 && t < b.num_tokens) {
+        const float key_minus_query = static_cast<float>(b.token_begin + t - b.query_pos);
 #pragma unroll
         for (int h = 0; h < HEADS; ++h) {
-          float s = fmaf(slope[h], key_minus_query, dot[h]);
-          if (p.soft_cap > 0.f) s = p.soft_cap * tanhf(s / p.soft_cap);
-          scores[h * p.partition_size + t] = s;
+          scores[h * p.partition_size + t] = finish_score(p, dot[h], p.scale, slope[h], key_minus_query);
         }
       }
     }
@@ -209,26 +139,10 @@ __global__ void __launch_bounds__(kNumThreads) paged_decode_attention_kernel(con
   __syncthreads();
 
   // Phase 2: softmax statistics per head; scores become unnormalised probabilities in place.
-  for (int h = warp; h < HEADS; h += kNumWarps) {
-    float* row = scores + h * p.partition_size;
-    float m = -FLT_MAX;
-    for (int t = lane; t < num_tokens; t += 32) m = fmaxf(m, row[t]);
-    m = warp_max(m);
-    float sum = 0.f;
-    for (int t = lane; t < num_tokens; t += 32) {
-      const float e = __expf(row[t] - m);
-      row[t] = e;
-      sum += e;
-    }
-    sum = warp_sum(sum);
-    if (lane == 0) {
-      head_max[h] = m;
-      head_sum[h] = sum;
-    }
-  }
+  softmax_stats(scores, p.partition_size, b.num_tokens, b.active_heads, head_max, head_sum);
   __syncthreads();
 
-  // Phase 3: probabilities times V.
+  // Phase 3: probabilities times V. Rows of unused head slots hold raw scores; their sums are dropped.
   float acc[HEADS][L::kVecsPerThread][L::kVec];
 #pragma unroll
   for (int h = 0; h < HEADS; ++h)
@@ -236,13 +150,13 @@ __global__ void __launch_bounds__(kNumThreads) paged_decode_attention_kernel(con
     for (int i = 0; i < L::kVecsPerThread; ++i)
 #pragma unroll
       for (int e = 0; e < L::kVec; ++e) acc[h][i][e] = 0.f;
-  for (int first = 0; first < num_tokens; first += kUnroll * L::kTokensPerIter) {
+  for (int first = 0; first < b.num_tokens; first += kUnroll * L::kTokensPerIter) {
     uint4 raw[kUnroll][L::kVecsPerThread];
     load_rows(value_base, first, raw);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int t = first + u * L::kTokensPerIter + warp_token;
-      if (t >= num_tokens) continue;
+      if (t >= b.num_tokens) continue;
 #pragma unroll
       for (int i = 0; i < L::kVecsPerThread; ++i) {
         float v[L::kVec];
@@ -266,7 +180,7 @@ __global__ void __launch_bounds__(kNumThreads) paged_decode_attention_kernel(con
 #pragma unroll
         for (int e = 0; e < L::kVec; ++e) acc[h][i][e] += __shfl_xor_sync(0xffffffffu, acc[h][i][e], mask);
   __syncthreads();  // every read of the scores is done; the scratch now takes per-warp sums
-  if (token_in_warp == 0) {
+  if (lane < L::kThreadsPerToken) {
 #pragma unroll
     for (int h = 0; h < HEADS; ++h)
 #pragma unroll
@@ -278,26 +192,7 @@ __global__ void __launch_bounds__(kNumThreads) paged_decode_attention_kernel(con
         }
   }
   __syncthreads();
-
-  for (int idx = threadIdx.x; idx < active_heads * HEAD_DIM; idx += kNumThreads) {
-    const int h = idx / HEAD_DIM;
-    const int d = idx % HEAD_DIM;
-    float sum = 0.f;
-#pragma unroll
-    for (int w = 0; w < kNumWarps; ++w) sum += scratch[(w * HEADS + h) * HEAD_DIM + d];
-    const float value = sum / head_sum[h];
-    const int64_t row = (int64_t)seq * p.num_heads + first_head + h;
-    if (p.max_partitions == 1) {
-      out[row * HEAD_DIM + d] = from_float<T>(value);
-    } else {
-      const int64_t part_row = row * p.max_partitions + partition;
-      p.partial_out[part_row * HEAD_DIM + d] = value;
-      if (d == 0) {
-        p.partial_max[part_row] = head_max[h];
-        p.partial_sum[part_row] = head_sum[h];
-      }
-    }
-  }
+  write_block_output<T, HEAD_DIM, HEADS>(p, b, scratch, head_max, head_sum);
 }
 
 // Reduces over the threads of a block; `shared` holds kNumWarps floats.
@@ -355,36 +250,42 @@ void launch_attention(const DecodeParams& p, dim3 grid, size_t shared_bytes, cud
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// fp16/bf16 reach the CUDA-core kernel only with one query head per KV head (the rest go to tensor
+// cores), so only fp32 needs the multi-head instantiations.
 template <typename T, int HEAD_DIM>
 void launch_for_heads(int heads, const DecodeParams& p, dim3 grid, size_t shared_bytes, cudaStream_t stream) {
-  switch (heads) {
-    case 1: return launch_attention<T, HEAD_DIM, 1>(p, grid, shared_bytes, stream);
-    case 2: return launch_attention<T, HEAD_DIM, 2>(p, grid, shared_bytes, stream);
-    case 4: return launch_attention<T, HEAD_DIM, 4>(p, grid, shared_bytes, stream);
-    default: return launch_attention<T, HEAD_DIM, 8>(p, grid, shared_bytes, stream);
+  if constexpr (sizeof(T) == 4) {
+    switch (heads) {
+      case 2: return launch_attention<T, HEAD_DIM, 2>(p, grid, shared_bytes, stream);
+      case 4: return launch_attention<T, HEAD_DIM, 4>(p, grid, shared_bytes, stream);
+      case 8: return launch_attention<T, HEAD_DIM, 8>(p, grid, shared_bytes, stream);
+      default: break;
+    }
+  }
+  TORCH_CHECK(heads == 1, "internal: no CUDA-core decode kernel for ", heads, " heads per block");
+  launch_attention<T, HEAD_DIM, 1>(p, grid, shared_bytes, stream);
+}
+
+template <typename T>
+void launch_core(int head_dim, int heads, const DecodeParams& p, dim3 grid, size_t shared_bytes, cudaStream_t stream) {
+  switch (head_dim) {
+    case 64: return launch_for_heads<T, 64>(heads, p, grid, shared_bytes, stream);
+    case 128: return launch_for_heads<T, 128>(heads, p, grid, shared_bytes, stream);
+    default: return launch_for_heads<T, 256>(heads, p, grid, shared_bytes, stream);
   }
 }
 
 template <typename T>
-void launch_all(int head_dim, int heads, const DecodeParams& p, dim3 grid, size_t shared_bytes, int num_seqs,
-                cudaStream_t stream) {
-  switch (head_dim) {
-    case 64: launch_for_heads<T, 64>(heads, p, grid, shared_bytes, stream); break;
-    case 128: launch_for_heads<T, 128>(heads, p, grid, shared_bytes, stream); break;
-    default: launch_for_heads<T, 256>(heads, p, grid, shared_bytes, stream); break;
-  }
-  if (p.max_partitions > 1) {
-    const dim3 reduce_grid(p.num_heads, num_seqs);
-    paged_decode_reduce_kernel<T><<<reduce_grid, kNumThreads, p.max_partitions * sizeof(float), stream>>>(p, head_dim);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+void launch_reduce(const DecodeParams& p, int head_dim, int num_seqs, cudaStream_t stream) {
+  const dim3 grid(p.num_heads, num_seqs);
+  paged_decode_reduce_kernel<T><<<grid, kNumThreads, p.max_partitions * sizeof(float), stream>>>(p, head_dim);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-int heads_per_block(int group_size) {
+int heads_per_block(int group_size, bool tensor_cores) {
+  if (tensor_cores || group_size > 4) return kMaxHeadsPerBlock;
   if (group_size <= 1) return 1;
-  if (group_size <= 2) return 2;
-  if (group_size <= 4) return 4;
-  return kMaxHeadsPerBlock;
+  return group_size <= 2 ? 2 : 4;
 }
 
 }  // namespace
@@ -443,7 +344,8 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::
   const int64_t visible = sliding_window > 0 ? std::min(max_context_len, sliding_window) : max_context_len;
   const int64_t max_partitions = std::max<int64_t>(1, (visible + partition_size - 1) / partition_size);
   const int group_size = num_heads / num_kv_heads;
-  const int heads = heads_per_block(group_size);
+  const bool tensor_cores = dtype != at::kFloat && group_size >= 2;
+  const int heads = heads_per_block(group_size, tensor_cores);
   const int64_t chunks = (group_size + heads - 1) / heads;
   TORCH_CHECK(num_seqs <= 65535 && max_partitions <= 65535, "too many sequences or partitions for one launch");
 
@@ -493,10 +395,21 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int dim = static_cast<int>(head_dim);
   const int n = static_cast<int>(num_seqs);
-  switch (dtype) {
-    case at::kHalf: launch_all<__half>(dim, heads, p, grid, shared_bytes, n, stream); break;
-    case at::kBFloat16: launch_all<__nv_bfloat16>(dim, heads, p, grid, shared_bytes, n, stream); break;
-    default: launch_all<float>(dim, heads, p, grid, shared_bytes, n, stream); break;
+  if (tensor_cores) {
+    launch_paged_decode_mma(p, dtype == at::kBFloat16, dim, grid, shared_bytes, stream);
+  } else if (dtype == at::kHalf) {
+    launch_core<__half>(dim, heads, p, grid, shared_bytes, stream);
+  } else if (dtype == at::kBFloat16) {
+    launch_core<__nv_bfloat16>(dim, heads, p, grid, shared_bytes, stream);
+  } else {
+    launch_core<float>(dim, heads, p, grid, shared_bytes, stream);
+  }
+  if (max_partitions > 1) {
+    switch (dtype) {
+      case at::kHalf: launch_reduce<__half>(p, dim, n, stream); break;
+      case at::kBFloat16: launch_reduce<__nv_bfloat16>(p, dim, n, stream); break;
+      default: launch_reduce<float>(p, dim, n, stream); break;
+    }
   }
 }
 

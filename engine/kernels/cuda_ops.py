@@ -1,5 +1,9 @@
 """porter's CUDA C++ kernels (`engine/csrc/`): paged decode attention and the KV cache write.
 
+Decode attention runs on tensor cores for fp16/bf16 with grouped KV heads (GQA/MQA) and on CUDA
+cores otherwise (MHA, fp32); both split long contexts over thread blocks (split-K) and read each
+K/V byte once per KV head.
+
 The extension is compiled on first use on a CUDA device, for that device's architecture, with
 torch's extension builder, and cached under `$PORTER_KERNEL_CACHE` (default
 `~/.cache/porter/kernels`) in a folder named by a hash of the sources, the architecture and the
@@ -9,6 +13,7 @@ this module builds nothing; a machine without CUDA never builds at all.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -20,8 +25,8 @@ from types import ModuleType
 import torch
 
 CSRC_DIR = Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = ("bindings.cpp", "paged_decode_attention.cu", "cache_write.cu")
-HEADERS = ("vector_io.h",)
+SOURCES = ("bindings.cpp", "paged_decode_attention.cu", "paged_decode_attention_mma.cu", "cache_write.cu")
+HEADERS = ("decode_common.h", "vector_io.h")
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 PARTITION_SIZES = (512, 256, 128)  # split-K partition lengths the launcher picks from, longest first
@@ -37,12 +42,19 @@ def _cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "porter" / "kernels"
 
 
+def _cuda_flags(arch: str) -> list[str]:
+    # Naming the architecture keeps torch from adding every arch it knows (slow builds, and code
+    # that would be JIT-compiled from PTX at start).
+    return ["-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}", "-lineinfo"]
+
+
 def _build_key(arch: str) -> str:
+    """Hash of everything that changes the binary: sources, flags, architecture, torch and CUDA versions."""
     digest = hashlib.sha256()
     for name in (*SOURCES, *HEADERS):
         digest.update(name.encode())
         digest.update((CSRC_DIR / name).read_bytes())
-    digest.update(f"{arch}|{torch.__version__}|{torch.version.cuda}".encode())
+    digest.update(f"{_cuda_flags(arch)}|{torch.__version__}|{torch.version.cuda}".encode())
     return digest.hexdigest()[:16]
 
 
@@ -86,9 +98,7 @@ def load_extension() -> ModuleType:
             sources=[str(CSRC_DIR / source) for source in SOURCES],
             build_directory=str(build_dir),
             extra_cflags=["-O3"],
-            # Naming the architecture keeps torch from adding every arch it knows (slow builds, and
-            # code that would be JIT-compiled from PTX at start).
-            extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}", "-lineinfo"],
+            extra_cuda_cflags=_cuda_flags(arch),
             verbose=os.environ.get("PORTER_KERNEL_VERBOSE", "0") == "1",
         )
         return _extension
@@ -140,13 +150,20 @@ def supports_decode(query: torch.Tensor, key_cache: torch.Tensor) -> bool:
     )
 
 
+@functools.cache
+def _multiprocessor_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def choose_partition_size(num_blocks_per_partition: int, visible_len: int, device: torch.device) -> int:
     """Longest split-K partition that still gives about two thread blocks per multiprocessor.
 
     `num_blocks_per_partition` is sequences x KV heads x head chunks. Longer partitions mean less
     merge work; shorter ones fill the GPU at small batch.
     """
-    sm_count = torch.cuda.get_device_properties(device).multi_processor_count
+    sm_count = _multiprocessor_count(
+        device.index if device.index is not None else torch.cuda.current_device()
+    )
     for size in PARTITION_SIZES:
         if num_blocks_per_partition * math.ceil(max(visible_len, 1) / size) >= 2 * sm_count:
             return size

@@ -1,8 +1,14 @@
 """Picks the implementation of each attention op; the layers call only this module.
 
-Today every call runs the PyTorch reference (`engine/kernels/reference.py`): no CUDA or Triton
-kernel is registered yet. They plug in here as a branch taken when the tensors are on CUDA and
-`reference_forced()` is false, falling through to the reference otherwise.
+On CUDA tensors (and unless `reference_forced()`):
+- the KV cache write runs the CUDA kernel (`engine/kernels/cuda_ops.py`);
+- a decode-only step (one new token per sequence) runs the CUDA paged decode kernel when it supports
+  the head dim, dtype and block size;
+- every other step (prefill, chunked prefill, prefix-cache hits, mixed) runs the Triton kernel
+  (`engine/kernels/triton_attention.py`), as does decode outside the CUDA kernel's shapes.
+Everything else (CPU tensors, a query whose dtype differs from the cache's) runs the PyTorch
+reference (`engine/kernels/reference.py`). The fast modules are imported only when first taken, so
+a CPU-only machine never needs Triton or a CUDA toolchain.
 
 Environment:
     PORTER_FORCE_REFERENCE=1   always run the reference path, even where a faster kernel exists
@@ -49,6 +55,13 @@ def write_kv_cache(
             f"key/value must be {expected} to match slot_mapping and the cache, got "
             f"{tuple(key.shape)} and {tuple(value.shape)}"
         )
+    if key_cache.is_cuda and not reference_forced():
+        from engine.kernels import cuda_ops
+
+        cuda_ops.write_kv_cache(
+            key.to(key_cache.dtype), value.to(value_cache.dtype), key_cache, value_cache, slot_mapping
+        )
+        return
     write_kv_cache_reference(key, value, key_cache, value_cache, slot_mapping)
 
 
@@ -78,6 +91,59 @@ def paged_attention(
         )
     if alibi_slopes is not None and tuple(alibi_slopes.shape) != (num_heads,):
         raise ValueError(f"alibi_slopes must be [{num_heads}], got {tuple(alibi_slopes.shape)}")
+    if query.is_cuda and not reference_forced() and query.dtype == key_cache.dtype:
+        return _paged_attention_cuda(
+            query,
+            key_cache,
+            value_cache,
+            input_metadata,
+            scale,
+            alibi_slopes,
+            sliding_window,
+            logits_soft_cap,
+        )
     return paged_attention_reference(
         query, key_cache, value_cache, input_metadata, scale, alibi_slopes, sliding_window, logits_soft_cap
+    )
+
+
+def _paged_attention_cuda(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    input_metadata: InputMetadata,
+    scale: float,
+    alibi_slopes: torch.Tensor | None,
+    sliding_window: int | None,
+    logits_soft_cap: float | None,
+) -> torch.Tensor:
+    from engine.kernels import cuda_ops
+
+    if input_metadata.is_decode_only and cuda_ops.supports_decode(query, key_cache):
+        return cuda_ops.paged_decode_attention(
+            query,
+            key_cache,
+            value_cache,
+            input_metadata.block_tables,
+            input_metadata.context_lens,
+            input_metadata.max_context_len,
+            scale,
+            alibi_slopes,
+            sliding_window,
+            logits_soft_cap,
+        )
+    from engine.kernels import triton_attention
+
+    return triton_attention.paged_prefill_attention(
+        query,
+        key_cache,
+        value_cache,
+        input_metadata.block_tables,
+        input_metadata.context_lens,
+        input_metadata.query_start_loc,
+        input_metadata.max_query_len,
+        scale,
+        alibi_slopes,
+        sliding_window,
+        logits_soft_cap,
     )

@@ -8,6 +8,7 @@ weight as `[in, out]` (GPT-2's Conv1D); it is transposed before slicing (biases 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import torch
@@ -49,7 +50,7 @@ def kv_heads_for_rank(total_num_kv_heads: int, tp_size: int, tp_rank: int) -> tu
     return 1, tp_rank // (tp_size // total_num_kv_heads)
 
 
-class LinearBase(nn.Module):
+class LinearBase(nn.Module, ABC):
     """Holds the local weight/bias and attaches `weight_loader` to each; subclasses say how to slice."""
 
     def __init__(
@@ -79,8 +80,9 @@ class LinearBase(nn.Module):
             return loaded.t()
         return loaded
 
+    @abstractmethod
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
-        raise NotImplementedError  # every concrete layer defines its slicing
+        """Copies this rank's part of the full checkpoint tensor `loaded_weight` into `param`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)

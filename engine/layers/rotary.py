@@ -56,7 +56,7 @@ class RotaryEmbedding(nn.Module):
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 `[T, rotary_dim / 2]` cos and sin of each position's angles, times the scaling."""
         inv_freq, scaling = self.frequencies(positions)
-        angles = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]
+        angles = positions.float()[:, None] * inv_freq.to(positions.device, torch.float32)[None, :]
         return angles.cos() * scaling, angles.sin() * scaling
 
     def forward(

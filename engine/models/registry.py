@@ -16,7 +16,11 @@ from pathlib import Path
 from torch import nn
 
 _MODELS: dict[str, tuple[str, str]] = {
+    "LlamaForCausalLM": ("engine.models.llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("engine.models.mistral", "MistralForCausalLM"),
     "OPTForCausalLM": ("engine.models.opt", "OPTForCausalLM"),
+    "Qwen2ForCausalLM": ("engine.models.qwen2", "Qwen2ForCausalLM"),
+    "Qwen3ForCausalLM": ("engine.models.qwen3", "Qwen3ForCausalLM"),
 }
 
 _CUSTOM: dict[str, str | type[nn.Module]] = {}

@@ -51,7 +51,8 @@ def analyse_attention(index: ModelIndex, name: str) -> AttentionInfo | None:
     head_dim = next((f"self.{a}" for a in _init_attributes(info) if a in HEAD_DIM_WORDS), None)
     if head_dim is None:
         return None
-    num_heads = _heads(info, q, head_dim, 1)
+    fused = q == k == v  # one projection makes q, k and v: its output is 3 heads' worth per head
+    num_heads = _heads(info, q, head_dim, 3 if fused else 1)
     num_kv_heads = num_heads if k == q else _heads(info, k, head_dim, 1)
     return AttentionInfo(name, core, statements[core_at], q, k, v, output, head_dim, num_heads, num_kv_heads)
 
@@ -135,10 +136,15 @@ def _init_attributes(info: ClassInfo) -> dict[str, cst.BaseExpression]:
     return found
 
 
-def _heads(info: ClassInfo, projection: str, head_dim: str, _unused: int) -> str:
-    """Head count behind a projection's output size, as an expression valid in __init__."""
+def _heads(info: ClassInfo, projection: str, head_dim: str, parts: int) -> str:
+    """Head count behind a projection's output size (`parts` tensors per head), valid in __init__."""
     call = info.init_calls[projection]
     out = call.args[1].value if call_name(call) != "Conv1D" else call.args[0].value
+    if parts > 1:
+        if isinstance(out, cst.BinaryOperation) and isinstance(out.operator, cst.Multiply) and code_of(out.left) == str(parts):
+            out = out.right
+        else:
+            return f"({code_of(out)}) // ({parts} * {head_dim})"
     if isinstance(out, cst.BinaryOperation) and isinstance(out.operator, cst.Multiply):
         if code_of(out.right) == head_dim:
             return code_of(out.left)

@@ -61,6 +61,8 @@ def assigned_names(target: cst.BaseExpression) -> list[str]:
         return names
     if isinstance(target, cst.StarredElement):
         return assigned_names(target.value)
+    if isinstance(target, cst.Subscript) and isinstance(target.value, cst.Name):
+        return [target.value.value]  # `mapping[key] = ...` updates `mapping`
     return []
 
 

@@ -97,6 +97,12 @@ class _Pruner:
                 return self._if(statement.orelse)
             return self.block(list(statement.orelse.body.body))
         if names_in(statement.test) & self.dead:
+            targets = _assigned_anywhere(statement)
+            if targets is not None and not targets & self.live:
+                # Undecidable, but it only builds fresh names from plumbing (mask mappings): all of it goes.
+                self.dead |= targets
+                self._drop(statement, "builds only removed plumbing")
+                return []
             self.context.flag("dead-code", self.where, f"cannot decide `if {_code(statement.test)}`, which reads removed plumbing")
         body = self.block(list(statement.body.body)) or [cst.SimpleStatementLine([cst.Pass()])]
         orelse = statement.orelse
@@ -155,6 +161,43 @@ class _Pruner:
 
     def _drop(self, node: cst.CSTNode, reason: str) -> None:
         self.context.record("dead-code", self.where, node, "", reason)
+
+
+def _assigned_anywhere(statement: cst.If) -> set[str] | None:
+    """Names every branch assigns, or None if a branch does anything but assign (calls, returns)."""
+    names: set[str] = set()
+    blocks = [statement.body.body]
+    orelse = statement.orelse
+    while orelse is not None:
+        blocks.append(orelse.body.body)
+        orelse = orelse.orelse if isinstance(orelse, cst.If) else None
+    for block in blocks:
+        for inner in block:
+            if isinstance(inner, cst.If):
+                nested = _assigned_anywhere(inner)
+                if nested is None:
+                    return None
+                names |= nested
+                continue
+            targets = statement_targets(inner)
+            if not targets:
+                return None
+            names |= set(targets)
+    if isinstance(statement.test, cst.UnaryOperation):
+        names |= _walrus_targets(statement.test)
+    return names | _walrus_targets(statement.test)
+
+
+def _walrus_targets(node: cst.CSTNode) -> set[str]:
+    found: set[str] = set()
+
+    class _Find(cst.CSTVisitor):
+        def visit_NamedExpr(self, expr: cst.NamedExpr) -> None:
+            if isinstance(expr.target, cst.Name):
+                found.add(expr.target.value)
+
+    node.visit(_Find())
+    return found
 
 
 def _code(node: cst.CSTNode) -> str:

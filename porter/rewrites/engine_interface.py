@@ -23,6 +23,7 @@ from porter.analysis.cst_utils import (
     code_of,
     dotted_name,
     function_params,
+    names_in,
     self_attribute_path,
 )
 from porter.analysis.model_index import ModelIndex
@@ -33,6 +34,7 @@ PLUMBING = {
     "output_hidden_states", "return_dict", "labels", "head_mask", "cross_attn_head_mask", "cache_position",
     "encoder_hidden_states", "encoder_attention_mask", "logits_to_keep", "num_logits_to_keep",
     "past_key_values_length", "layer_head_mask", "cross_attn_layer_head_mask", "kwargs", "flash_attn_kwargs",
+    "position_embeddings",  # HF's (cos, sin); the rotary rewrite applies rotary from positions instead
 }
 ABSENT_INPUTS = {"inputs_embeds", "token_type_ids"}
 POSITION_PARAMS = {"position_ids"}
@@ -60,7 +62,7 @@ def compute_signatures(index: ModelIndex) -> dict[str, list[str]]:
         if forward is not None:
             if name in index.attention:
                 result |= {"kv_cache", "input_metadata"}
-            if set(function_params(forward)) & POSITION_PARAMS:
+            if set(function_params(forward)) & POSITION_PARAMS or "positions" in names_in(forward.body):
                 result.add("positions")
             for attr, child in info.submodules.items():
                 child_needs = need(child, (*trail, name))

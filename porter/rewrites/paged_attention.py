@@ -64,7 +64,7 @@ class _Transformer(ClassScopedTransformer):
             if keywords.get("scale") is None:
                 keywords["scale"] = f"{info.head_dim} ** -0.5"
             for value in keywords.values():
-                if names_in(cst.parse_expression(value)) - {"self", "config", "math", "torch"}:
+                if names_in(cst.parse_expression(value)) - {"self", "config", "math", "torch", "getattr", "None"}:
                     self.context.flag("paged-attention", self.where, f"attention argument `{value}` is computed in forward")
             if info.num_kv_heads != info.num_heads:
                 keywords["num_kv_heads"] = info.num_kv_heads

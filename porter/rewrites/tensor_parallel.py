@@ -16,7 +16,7 @@ from porter.analysis.cst_utils import call_name, code_of, self_attribute, statem
 from porter.analysis.model_index import EMBEDDING_CALLS, LINEAR_CALLS
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
 
-SHARDED_SOURCES = {"qkv_proj", "attn"}
+SHARDED_SOURCES = {"qkv_proj", "attn", "gate_up_proj"}  # outputs of the fused layers and attention
 
 
 class TensorParallelLayers(Rewrite):
@@ -67,8 +67,8 @@ def _propagate(forward, linears, elementwise, forced) -> tuple[dict[str, str], s
                 poisoned.update(origins)  # a replicated Linear needs the whole tensor
                 return False, set()
             if attr in SHARDED_SOURCES:
-                return True, set()
-            if attr in elementwise or _is_elementwise_call(node):
+                return True, origins  # attention keeps its inputs' head sharding
+            if attr in elementwise or attr == "rotary_emb" or _is_elementwise_call(node):
                 return is_sharded, origins
             poisoned.update(origins)  # a norm, a submodule, anything that mixes the hidden dim
             return False, set()

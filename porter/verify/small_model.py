@@ -43,6 +43,11 @@ def small_config(model_type: str, architecture: str) -> PretrainedConfig:
     for name in INTERMEDIATE_NAMES:
         if getattr(config, name, None):
             setattr(config, name, INTERMEDIATE)
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, list) and len(layer_types) > LAYERS:
+        # Keep one of each kind of layer (sliding and full attention, for instance).
+        kinds = list(dict.fromkeys(layer_types))
+        config.layer_types = (kinds + layer_types)[:LAYERS] if len(kinds) <= LAYERS else kinds[:LAYERS]
     config.vocab_size = VOCAB
     if hasattr(config, "max_position_embeddings"):
         config.max_position_embeddings = POSITIONS

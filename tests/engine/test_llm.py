@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
+from engine.llm_engine import IncrementalDetokenizer
 from tests.tiny_model import reference_greedy
 
 MAX_TOKENS = 10
@@ -127,7 +128,9 @@ def test_stop_token_ids_max_tokens_and_stop_strings(llm, expected):
     prompt, reference = _prompts()[3], expected[3]
     stop_token = reference[3]
     stop_index = reference.index(stop_token)
-    stopped = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=MAX_TOKENS, stop_token_ids=[stop_token]))
+    stopped = llm.generate(
+        [prompt], SamplingParams(temperature=0, max_tokens=MAX_TOKENS, stop_token_ids=[stop_token])
+    )
     assert stopped[0].outputs[0].token_ids == reference[: stop_index + 1]
     assert stopped[0].outputs[0].finish_reason == "stop"
 
@@ -136,12 +139,22 @@ def test_stop_token_ids_max_tokens_and_stop_strings(llm, expected):
 
     full_text = llm.tokenizer.decode(reference, skip_special_tokens=True)
     stop_word = f"w{reference[4]}"
-    text_stopped = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=MAX_TOKENS, stop=[stop_word]))
+    text_stopped = llm.generate(
+        [prompt], SamplingParams(temperature=0, max_tokens=MAX_TOKENS, stop=[stop_word])
+    )
     completion = text_stopped[0].outputs[0]
     assert completion.finish_reason == "stop"
     assert completion.text == full_text[: full_text.index(stop_word)]
     assert completion.token_ids == reference[: len(completion.token_ids)]
     assert len(completion.token_ids) <= 5
+
+
+def test_incremental_detokenizer_adds_up_to_the_whole_decode(llm):
+    token_ids = [5, 1, 17, 250, 2, 3, 0, 99]  # specials (0, 1, 2) among words
+    detokenizer = IncrementalDetokenizer(llm.tokenizer)
+    pieces = [detokenizer.add(token_id) for token_id in token_ids]
+    assert "".join(pieces) == detokenizer.text == llm.tokenizer.decode(token_ids, skip_special_tokens=True)
+    assert pieces[1] == ""  # a special token adds no text
 
 
 def test_logprobs_match_the_reference_distribution(llm, tiny_reference):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import GPT2Config, LlamaConfig
+from transformers import FalconConfig, GPT2Config, GPTBigCodeConfig, LlamaConfig
 
 from engine.config import resolve_dtype, resolve_max_model_len
 from engine.model_loader import default_dtype, load_model, load_tokenizer
@@ -47,13 +47,17 @@ def test_streams_every_checkpoint_tensor_into_the_fused_parameters(tiny_model_di
     expected_qkv = torch.cat([checkpoint[f"model.layers.1.self_attn.{p}_proj.weight"] for p in "qkv"])
     torch.testing.assert_close(attention.qkv_proj.weight, expected_qkv, rtol=0, atol=0)
     expected_gate_up = torch.cat([checkpoint[f"model.layers.0.mlp.{p}_proj.weight"] for p in ("gate", "up")])
-    torch.testing.assert_close(model.model.layers[0].mlp.gate_up_proj.weight, expected_gate_up, rtol=0, atol=0)
+    torch.testing.assert_close(
+        model.model.layers[0].mlp.gate_up_proj.weight, expected_gate_up, rtol=0, atol=0
+    )
     torch.testing.assert_close(model.lm_head.weight[: hf_config.vocab_size], checkpoint["lm_head.weight"])
     assert not model.training
 
 
 def test_builds_in_the_requested_dtype_and_restores_the_default(tiny_model_dir):
-    model, _ = load_model(tiny_model_dir, torch.bfloat16, torch.device("cpu"), model_class=TinyTestForCausalLM)
+    model, _ = load_model(
+        tiny_model_dir, torch.bfloat16, torch.device("cpu"), model_class=TinyTestForCausalLM
+    )
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert {p.device.type for p in model.parameters()} == {"cpu"}
     assert torch.get_default_dtype() == torch.float32
@@ -119,6 +123,10 @@ def test_attention_shape_reads_the_names_each_config_uses():
     assert (gpt2.num_layers, gpt2.num_heads, gpt2.num_kv_heads, gpt2.head_dim) == (3, 6, 6, 16)
     assert llama.num_kv_heads_per_rank(4) == 1  # replicated past the KV head count
     assert gpt2.num_kv_heads_per_rank(2) == 3
+    assert attention_shape(GPTBigCodeConfig(n_head=8, multi_query=True)).num_kv_heads == 1
+    assert attention_shape(FalconConfig(num_attention_heads=8, multi_query=True)).num_kv_heads == 1
+    falcon_grouped = FalconConfig(num_attention_heads=8, num_kv_heads=2, new_decoder_architecture=True)
+    assert attention_shape(falcon_grouped).num_kv_heads == 2
 
 
 def test_max_model_len_defaults_to_the_model_limit_and_refuses_more():

@@ -1,0 +1,321 @@
+"""CUDA and Triton attention kernels against the PyTorch reference (`engine/kernels/reference.py`).
+
+Every case draws fresh random inputs, scatters each sequence over shuffled cache blocks, fills the
+output with NaN before the call (so an unwritten element fails), and compares with the reference
+computed in float32 from the same low-precision inputs. Skipped without a CUDA device.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.input_metadata import InputMetadata
+from engine.kernels.reference import paged_attention_reference, write_kv_cache_reference
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+TOLERANCE = {torch.float16: 3e-3, torch.bfloat16: 2e-2, torch.float32: 1e-4}
+FEATURES = {
+    "plain": {},
+    "alibi": {"alibi": True},
+    "window": {"sliding_window": 300},
+    "soft_cap": {"logits_soft_cap": 4.0},
+    "all": {"alibi": True, "sliding_window": 20, "logits_soft_cap": 2.5},
+}
+
+
+def make_step(
+    query_lens: list[int],
+    context_lens: list[int],
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    block_size: int = 16,
+    seed: int = 0,
+):
+    """Random query, caches and metadata; each sequence's blocks are scattered over the cache."""
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    blocks_per_seq = [-(-c // block_size) for c in context_lens]
+    num_blocks = sum(blocks_per_seq) + 5  # spare blocks that no sequence owns
+    order = torch.randperm(num_blocks, generator=generator, device="cuda").tolist()
+    tables, used = [], 0
+    for count in blocks_per_seq:
+        tables.append(order[used : used + count] or [0])
+        used += count
+    metadata = InputMetadata.build(query_lens, context_lens, tables, block_size, device="cuda")
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    key_cache = torch.randn(shape, generator=generator, device="cuda").to(dtype)
+    value_cache = torch.randn(shape, generator=generator, device="cuda").to(dtype)
+    query = torch.randn(sum(query_lens), num_heads, head_dim, generator=generator, device="cuda").to(dtype)
+    return query, key_cache, value_cache, metadata
+
+
+def feature_args(features: dict, num_heads: int) -> dict:
+    slopes = None
+    if features.get("alibi"):
+        slopes = torch.rand(num_heads, device="cuda") * 0.5
+    return {
+        "alibi_slopes": slopes,
+        "sliding_window": features.get("sliding_window"),
+        "logits_soft_cap": features.get("logits_soft_cap"),
+    }
+
+
+def reference(query, key_cache, value_cache, metadata, scale, args) -> torch.Tensor:
+    return paged_attention_reference(
+        query.float(), key_cache.float(), value_cache.float(), metadata, scale, **args
+    )
+
+
+def assert_matches(out: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    assert not out.isnan().any(), "output has unwritten (NaN) elements"
+    tolerance = TOLERANCE[dtype]
+    torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
+
+
+# --- KV cache write ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("head_dim", [128, 36])  # 36 fp16/bf16 rows are not whole 16-byte packs
+def test_write_kv_cache_matches_reference(dtype, head_dim):
+    from engine.kernels import cuda_ops
+
+    num_tokens, num_kv_heads, block_size, num_blocks = 37, 4, 16, 9
+    # k and v as strided views into one fused projection output, as the attention layer sees them.
+    fused = torch.randn(num_tokens, 3 * num_kv_heads * head_dim + 4, device="cuda").to(dtype)
+    width = num_kv_heads * head_dim
+    key = fused[:, width : 2 * width].view(num_tokens, num_kv_heads, head_dim)
+    value = fused[:, 2 * width + 4 :].view(num_tokens, num_kv_heads, head_dim)
+    slots = torch.randperm(num_blocks * block_size, device="cuda")[:num_tokens]
+    slots[::5] = -1  # padding tokens are skipped
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    key_cache = torch.randn(shape, device="cuda").to(dtype)
+    value_cache = torch.randn(shape, device="cuda").to(dtype)
+    expected_key, expected_value = key_cache.clone(), value_cache.clone()
+    write_kv_cache_reference(key, value, expected_key, expected_value, slots)
+    cuda_ops.write_kv_cache(key, value, key_cache, value_cache, slots)
+    assert torch.equal(key_cache, expected_key)
+    assert torch.equal(value_cache, expected_value)
+
+
+def test_write_kv_cache_rejects_mismatched_shapes():
+    from engine.kernels import cuda_ops
+
+    cache = torch.zeros(4, 16, 2, 64, device="cuda", dtype=torch.float16)
+    key = torch.zeros(3, 2, 32, device="cuda", dtype=torch.float16)
+    with pytest.raises(ValueError, match="key/value must be"):
+        cuda_ops.write_kv_cache(
+            key, key, cache, cache.clone(), torch.zeros(3, dtype=torch.long, device="cuda")
+        )
+
+
+# --- CUDA decode attention -----------------------------------------------------------------------
+
+DECODE_CONTEXTS = [1, 16, 17, 32, 1000, 4096]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_decode_matches_reference(dtype, head_dim, group, feature):
+    from engine.kernels import cuda_ops
+
+    num_kv_heads = 2
+    num_heads = num_kv_heads * group
+    query, key_cache, value_cache, metadata = make_step(
+        [1] * len(DECODE_CONTEXTS), DECODE_CONTEXTS, num_heads, num_kv_heads, head_dim, dtype, seed=group
+    )
+    args = feature_args(FEATURES[feature], num_heads)
+    scale = head_dim**-0.5
+    expected = reference(query, key_cache, value_cache, metadata, scale, args)
+    for partition_size in (None, 128, 512):  # heuristic, many partitions, few (and single) partitions
+        out = torch.full_like(query, float("nan"))
+        cuda_ops.paged_decode_attention(
+            query,
+            key_cache,
+            value_cache,
+            metadata.block_tables,
+            metadata.context_lens,
+            metadata.max_context_len,
+            scale,
+            out=out,
+            partition_size=partition_size,
+            **args,
+        )
+        assert_matches(out, expected, dtype)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "head_dim", "num_heads", "num_kv_heads", "block_size"),
+    [
+        (torch.float32, 128, 8, 2, 16),
+        (torch.float32, 64, 16, 2, 16),  # fp32 runs on CUDA cores at every group size
+        (torch.float16, 256, 4, 1, 16),
+        (torch.float16, 256, 2, 2, 16),
+        (torch.bfloat16, 128, 12, 4, 32),  # group of 3: a head chunk with an unused slot
+        (torch.float16, 64, 48, 1, 8),  # MQA, 48 heads: six chunks of eight
+        (torch.bfloat16, 128, 6, 6, 1),
+    ],
+)
+def test_decode_other_shapes(dtype, head_dim, num_heads, num_kv_heads, block_size):
+    from engine.kernels import cuda_ops
+
+    contexts = [3, 64, 513, 2000]
+    query, key_cache, value_cache, metadata = make_step(
+        [1] * len(contexts), contexts, num_heads, num_kv_heads, head_dim, dtype, block_size
+    )
+    args = feature_args(FEATURES["all"], num_heads)
+    expected = reference(query, key_cache, value_cache, metadata, 0.1, args)
+    out = torch.full_like(query, float("nan"))
+    cuda_ops.paged_decode_attention(
+        query,
+        key_cache,
+        value_cache,
+        metadata.block_tables,
+        metadata.context_lens,
+        2000,
+        0.1,
+        out=out,
+        **args,
+    )
+    assert_matches(out, expected, dtype)
+
+
+def test_decode_single_partition_big_batch_and_strided_query():
+    from engine.kernels import cuda_ops
+
+    contexts = [int(c) for c in torch.randint(1, 300, (96,))]
+    num_heads, num_kv_heads, head_dim = 8, 2, 128
+    query, key_cache, value_cache, metadata = make_step(
+        [1] * len(contexts), contexts, num_heads, num_kv_heads, head_dim, torch.float16
+    )
+    # The query as a view into a fused qkv output: token stride larger than num_heads * head_dim.
+    fused = torch.randn(len(contexts), num_heads * head_dim * 2, device="cuda", dtype=torch.float16)
+    fused[:, : num_heads * head_dim] = query.reshape(len(contexts), -1)
+    strided_query = fused[:, : num_heads * head_dim].view(len(contexts), num_heads, head_dim)
+    expected = reference(query, key_cache, value_cache, metadata, 0.125, feature_args({}, num_heads))
+    out = cuda_ops.paged_decode_attention(
+        strided_query, key_cache, value_cache, metadata.block_tables, metadata.context_lens, 300, 0.125
+    )
+    assert_matches(out, expected, torch.float16)
+
+
+def test_decode_empty_sequence_gets_zeros():
+    from engine.kernels import cuda_ops
+
+    query, key_cache, value_cache, metadata = make_step([1, 1], [40, 700], 4, 2, 64, torch.float16)
+    context_lens = metadata.context_lens.clone()
+    context_lens[0] = 0  # a padded slot of a captured batch
+    for partition_size in (512, 128):
+        out = torch.full_like(query, float("nan"))
+        cuda_ops.paged_decode_attention(
+            query,
+            key_cache,
+            value_cache,
+            metadata.block_tables,
+            context_lens,
+            700,
+            0.1,
+            out=out,
+            partition_size=partition_size,
+        )
+        assert torch.equal(out[0], torch.zeros_like(out[0]))
+        assert not out[1].isnan().any()
+
+
+# --- Triton prefill / mixed attention ------------------------------------------------------------
+
+# (query_lens, context_lens): whole prompts, chunked prefill and prefix-cache hits (new tokens after
+# cached context), and decode tokens, all in one step.
+MIXED_STEP = ([70, 1, 33, 5, 1, 128], [70, 17, 100, 4096, 1000, 300])
+
+
+def run_prefill(query, key_cache, value_cache, metadata, scale, args):
+    from engine.kernels import triton_attention
+
+    out = torch.full_like(query, float("nan"))
+    triton_attention.paged_prefill_attention(
+        query,
+        key_cache,
+        value_cache,
+        metadata.block_tables,
+        metadata.context_lens,
+        metadata.query_start_loc,
+        metadata.max_query_len,
+        scale,
+        out=out,
+        **args,
+    )
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_prefill_mixed_step_matches_reference(dtype, head_dim, group):
+    query, key_cache, value_cache, metadata = make_step(
+        *MIXED_STEP, 2 * group, 2, head_dim, dtype, seed=group
+    )
+    args = feature_args({}, 2 * group)
+    expected = reference(query, key_cache, value_cache, metadata, head_dim**-0.5, args)
+    assert_matches(
+        run_prefill(query, key_cache, value_cache, metadata, head_dim**-0.5, args), expected, dtype
+    )
+
+
+@pytest.mark.parametrize("feature", ["alibi", "window", "soft_cap", "all"])
+def test_prefill_features_match_reference(feature):
+    query, key_cache, value_cache, metadata = make_step(*MIXED_STEP, 8, 2, 128, torch.bfloat16)
+    args = feature_args(FEATURES[feature], 8)
+    expected = reference(query, key_cache, value_cache, metadata, 0.09, args)
+    assert_matches(run_prefill(query, key_cache, value_cache, metadata, 0.09, args), expected, torch.bfloat16)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "head_dim", "query_lens", "context_lens", "block_size"),
+    [
+        (torch.float32, 64, [40, 3], [40, 90], 16),
+        (torch.float16, 80, [17, 1], [50, 33], 16),  # head_dim padded to 128 inside the kernel
+        (torch.float16, 128, [1, 1, 1, 1], [1, 16, 17, 4096], 16),  # decode-only through Triton
+        (torch.bfloat16, 64, [200, 9], [200, 300], 12),  # block size that is not a power of two
+    ],
+)
+def test_prefill_other_shapes(dtype, head_dim, query_lens, context_lens, block_size):
+    query, key_cache, value_cache, metadata = make_step(
+        query_lens, context_lens, 4, 2, head_dim, dtype, block_size
+    )
+    args = feature_args(FEATURES["all"], 4)
+    expected = reference(query, key_cache, value_cache, metadata, 0.2, args)
+    assert_matches(run_prefill(query, key_cache, value_cache, metadata, 0.2, args), expected, dtype)
+
+
+# --- dispatch: the layer-facing entry points -----------------------------------------------------
+
+
+@pytest.mark.parametrize("query_lens", [[1, 1, 1], [9, 1, 30]])
+def test_dispatch_write_then_attend_matches_reference(query_lens, monkeypatch):
+    from engine.kernels import dispatch
+
+    context_lens = [50, 20, 30]
+    query, key_cache, value_cache, metadata = make_step(query_lens, context_lens, 8, 2, 128, torch.bfloat16)
+    new_key = torch.randn(sum(query_lens), 2, 128, device="cuda").to(torch.bfloat16)
+    new_value = torch.randn_like(new_key)
+    caches = (key_cache.clone(), value_cache.clone())
+    dispatch.write_kv_cache(new_key, new_value, *caches, metadata.slot_mapping)
+    out = dispatch.paged_attention(query, *caches, metadata, 0.1, None, 16, 3.0)
+
+    monkeypatch.setenv("PORTER_FORCE_REFERENCE", "1")
+    reference_caches = (key_cache.clone(), value_cache.clone())
+    dispatch.write_kv_cache(new_key, new_value, *reference_caches, metadata.slot_mapping)
+    expected = dispatch.paged_attention(
+        query.float(), *(c.float() for c in reference_caches), metadata, 0.1, None, 16, 3.0
+    )
+    assert torch.equal(caches[0], reference_caches[0]) and torch.equal(caches[1], reference_caches[1])
+    assert_matches(out, expected, torch.bfloat16)

@@ -1,0 +1,192 @@
+"""dead-code: with the plumbing parameters gone, decided conditions keep one branch and what read them goes.
+
+Every test runs engine-interface first: it decides which parameters the forward lost.
+"""
+
+from __future__ import annotations
+
+from tests.porter.rewrite_helpers import (
+    MINI_MODEL,
+    assert_code,
+    method_code,
+    replace_method,
+    run_rewrites,
+)
+
+
+def _backbone(forward: str):
+    """MINI_MODEL with MiniModel.forward replaced, after engine-interface and dead-code."""
+    return run_rewrites(
+        replace_method(MINI_MODEL, "MiniModel", "forward", forward), "engine-interface", "dead-code"
+    )
+
+
+def _backbone_forward(forward: str) -> str:
+    return method_code(_backbone(forward).code, "MiniModel", "forward")
+
+
+SIGNATURE = "def forward(self, input_ids, positions, kv_caches, input_metadata):\n"
+
+
+def test_absent_inputs_embeds_keeps_the_branch_that_embeds_input_ids():
+    assert_code(
+        _backbone_forward(
+            """
+            def forward(self, input_ids=None, inputs_embeds=None):
+                if inputs_embeds is None:
+                    inputs_embeds = self.embed_tokens(input_ids)
+                return self.norm(inputs_embeds)
+            """
+        ),
+        SIGNATURE + "    inputs_embeds = self.embed_tokens(input_ids)\n    return self.norm(inputs_embeds)\n",
+    )
+
+
+def test_exactly_one_of_ids_or_embeds_check_is_decided_and_goes():
+    assert_code(
+        _backbone_forward(
+            """
+            def forward(self, input_ids=None, inputs_embeds=None):
+                if (input_ids is None) ^ (inputs_embeds is not None):
+                    raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+                return self.embed_tokens(input_ids)
+            """
+        ),
+        SIGNATURE + "    return self.embed_tokens(input_ids)\n",
+    )
+
+
+def test_mask_construction_and_everything_built_from_it_goes():
+    assert_code(
+        _backbone_forward(
+            """
+            def forward(self, input_ids=None, attention_mask=None):
+                hidden_states = self.embed_tokens(input_ids)
+                causal_mask = build_causal_mask(attention_mask, hidden_states)
+                expanded_mask = causal_mask[:, None, :, :]
+                hidden_states = self.norm(hidden_states)
+                return hidden_states
+            """
+        ),
+        SIGNATURE + "    hidden_states = self.embed_tokens(input_ids)\n"
+        "    hidden_states = self.norm(hidden_states)\n    return hidden_states\n",
+    )
+
+
+def test_in_place_masking_step_goes_and_the_data_flow_survives():
+    assert_code(
+        _backbone_forward(
+            """
+            def forward(self, input_ids=None, attention_mask=None):
+                hidden_states = self.embed_tokens(input_ids)
+                hidden_states = hidden_states * attention_mask[..., None]
+                return self.norm(hidden_states)
+            """
+        ),
+        SIGNATURE + "    hidden_states = self.embed_tokens(input_ids)\n    return self.norm(hidden_states)\n",
+    )
+
+
+def test_cache_setup_behind_use_cache_goes():
+    assert_code(
+        _backbone_forward(
+            """
+            def forward(self, input_ids=None, past_key_values=None, use_cache=None):
+                if use_cache and past_key_values is None:
+                    past_key_values = DynamicCache(config=self.config)
+                return self.embed_tokens(input_ids)
+            """
+        ),
+        SIGNATURE + "    return self.embed_tokens(input_ids)\n",
+    )
+
+
+def test_training_and_gradient_checkpointing_branches_keep_the_else():
+    assert_code(
+        _backbone_forward(
+            """
+            def forward(self, input_ids=None, use_cache=None):
+                hidden_states = self.embed_tokens(input_ids)
+                if self.gradient_checkpointing and self.training:
+                    hidden_states = checkpoint(self.norm, hidden_states)
+                else:
+                    hidden_states = self.norm(hidden_states)
+                return hidden_states
+            """
+        ),
+        SIGNATURE + "    hidden_states = self.embed_tokens(input_ids)\n"
+        "    hidden_states = self.norm(hidden_states)\n    return hidden_states\n",
+    )
+
+
+def test_output_flag_accumulators_go_inside_and_outside_the_layer_loop():
+    assert_code(
+        _backbone_forward(
+            """
+            def forward(self, input_ids=None, output_hidden_states=None, return_dict=None):
+                output_hidden_states = output_hidden_states if output_hidden_states is not None else False
+                hidden_states = self.embed_tokens(input_ids)
+                all_hidden_states = () if output_hidden_states else None
+                for decoder_layer in self.layers:
+                    if output_hidden_states:
+                        all_hidden_states += (hidden_states,)
+                    hidden_states = decoder_layer(hidden_states)
+                hidden_states = self.norm(hidden_states)
+                if not return_dict:
+                    return tuple(v for v in [hidden_states, all_hidden_states] if v is not None)
+                return BaseModelOutputWithPast(last_hidden_state=hidden_states, hidden_states=all_hidden_states)
+            """
+        ),
+        """
+        def forward(self, input_ids, positions, kv_caches, input_metadata):
+            hidden_states = self.embed_tokens(input_ids)
+            for layer_idx, decoder_layer in enumerate(self.layers):
+                hidden_states = decoder_layer(hidden_states, kv_caches[layer_idx], input_metadata)
+            hidden_states = self.norm(hidden_states)
+            return hidden_states
+        """,
+    )
+
+
+def test_a_condition_on_plumbing_it_cannot_decide_is_a_review_item():
+    after = _backbone(
+        """
+        def forward(self, input_ids=None, attention_mask=None):
+            hidden_states = self.embed_tokens(input_ids)
+            if attention_mask.dim() == 2:
+                hidden_states = hidden_states * 2
+            return hidden_states
+        """
+    )
+    assert after.review_messages() == [
+        "dead-code @ MiniModel.forward: cannot decide `if attention_mask.dim() == 2`, which reads removed plumbing"
+    ]
+
+
+def test_given_inputs_decide_their_is_none_checks():
+    assert_code(
+        _backbone_forward(
+            """
+            def forward(self, input_ids=None, attention_mask=None):
+                if input_ids is not None:
+                    hidden_states = self.embed_tokens(input_ids)
+                else:
+                    raise ValueError("no input")
+                return hidden_states
+            """
+        ),
+        SIGNATURE + "    hidden_states = self.embed_tokens(input_ids)\n    return hidden_states\n",
+    )
+
+
+def test_removed_code_is_recorded_for_the_review():
+    after = _backbone(
+        """
+        def forward(self, input_ids=None, attention_mask=None):
+            causal_mask = build_causal_mask(attention_mask, input_ids)
+            return self.embed_tokens(input_ids)
+        """
+    )
+    assert after.changes("dead-code", "MiniModel.forward") == [
+        "causal_mask = build_causal_mask(attention_mask, input_ids) -> "
+    ]
