@@ -81,24 +81,25 @@ class _Transformer(ClassScopedTransformer):
         if attr not in (info.query, info.key, info.value):
             return statement
         calls = {a: self.context.index.classes[info.name].init_calls[a] for a in (info.query, info.key, info.value)}
-        biases = {code_of(_bias(c)) for c in calls.values()}
-        if len(biases) != 1:
-            self.context.flag("fuse-qkv", self.where, f"q/k/v projections disagree on bias: {sorted(biases)}")
         first = next(a for a in self.context.index.classes[info.name].init_calls if a in calls)
         if attr != first:
             return cst.RemovalSentinel.REMOVE
+        biases = {code_of(linear_bias(c)) for c in calls.values()}
+        if len(biases) != 1:
+            self.context.flag("fuse-qkv", self.where, f"q/k/v projections disagree on bias: {sorted(biases)}")
         query = calls[info.query]
         hidden = code_of(query.args[0].value)
         new = cst.parse_statement(
             f"self.{FUSED} = QKVParallelLinear({hidden}, {info.head_dim}, {info.num_heads}, {info.num_kv_heads}, "
-            f"bias={code_of(_bias(query))})"
+            f"bias={code_of(linear_bias(query))})"
         )
         self.context.need("engine.layers", "QKVParallelLinear")
         self.context.record("fuse-qkv", self.where, ", ".join(calls), new, "q, k and v fused, column-parallel by head")
         return new
 
 
-def _bias(call: cst.Call) -> cst.BaseExpression:
+def linear_bias(call: cst.Call) -> cst.BaseExpression:
+    """The bias argument of `nn.Linear(in, out, bias)`, by keyword or position (default True)."""
     for arg in call.args:
         if arg.keyword is not None and arg.keyword.value == "bias":
             return arg.value

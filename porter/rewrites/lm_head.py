@@ -17,6 +17,7 @@ from porter.analysis.cst_utils import call_name, code_of, names_in, self_attribu
 from porter.analysis.model_index import EMBEDDING_CALLS, LINEAR_CALLS, ModelIndex, _projects_to_vocab
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
 from porter.rewrites.engine_interface import PLUMBING
+from porter.rewrites.fuse_qkv import linear_bias
 
 LAYERS = "engine.layers"
 
@@ -69,8 +70,7 @@ class _Transformer(ClassScopedTransformer):
             return updated
         call = updated.value
         hidden, vocab = call.args[0].value, call.args[1].value
-        bias = next((a for a in call.args if a.keyword and a.keyword.value == "bias"), None)
-        bias_code = f", bias={code_of(bias.value)}" if bias else ", bias=True"
+        bias_code = f", bias={code_of(linear_bias(call))}"
         new = cst.parse_expression(f"ParallelLMHead({code_of(vocab)}, {code_of(hidden)}{bias_code})")
         self.context.need(LAYERS, "ParallelLMHead")
         self.context.record("lm-head", self.where, call, new, "vocabulary-parallel head (vocab padded to a multiple of 64*tp)")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import libcst as cst
 
-from porter.analysis.model_index import build_index
+from porter.analysis.model_index import ModelIndex, build_index
 from porter.analysis.source import SourceFile
 from porter.emit import format_code
 from porter.pipeline import REWRITES
@@ -254,10 +254,17 @@ def replace_class(source: str, class_name: str, new_code: str) -> str:
 
 def make_context(source: str, module: str | None = MINI_MODULE) -> tuple[cst.Module, PortContext]:
     """Parses `source` and builds the context a port of it starts with."""
-    tree = cst.parse_module(source)
+    tree, index = _parse_and_index(source)
     name = module.rsplit(".", 1)[-1] + ".py" if module else "modeling_mini.py"
     source_file = SourceFile(Path(name), source, module, module or name, "mini")
-    return tree, PortContext(source=source_file, index=build_index(tree))
+    return tree, PortContext(source=source_file, index=index)
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_and_index(source: str) -> tuple[cst.Module, ModelIndex]:
+    # Rewrites read the index and replace it (reindex), never change it, so one source's can be shared.
+    tree = _parse(source)
+    return tree, build_index(tree)
 
 
 def run_rewrites(source: str, *names: str, module: str | None = MINI_MODULE) -> Rewritten:
@@ -278,7 +285,9 @@ def _run_rewrites(source: str, names: frozenset[str], module: str | None) -> Rew
         tree = rewrite.apply(tree, context)
         if position < len(selected) - 1:  # the index after the last one is never read, and it is slow
             context.reindex(tree)
-    return Rewritten(tree.code, context)
+    code = tree.code
+    _PARSED[code] = tree  # helpers that read the result need not parse it again
+    return Rewritten(code, context)
 
 
 def run_through(source: str, last: str, module: str | None = MINI_MODULE) -> Rewritten:
@@ -294,29 +303,51 @@ def normalize(code: str) -> str:
     return format_code(textwrap.dedent(code).strip() + "\n")
 
 
+_PARSED: dict[str, cst.Module] = {}
+
+
+def _parse(code: str) -> cst.Module:
+    # Nodes are immutable, so a parsed module can be shared by every helper that reads the same code.
+    if code not in _PARSED:
+        _PARSED[code] = cst.parse_module(code)
+    return _PARSED[code]
+
+
+def _code(node: cst.BaseStatement) -> str:
+    return cst.Module(body=[node.with_changes(leading_lines=[])]).code
+
+
+def _ellipsis_body() -> cst.IndentedBlock:
+    return cst.IndentedBlock([cst.SimpleStatementLine([cst.Expr(cst.Ellipsis())])])
+
+
+def _top_level(code: str, kind: type, name: str) -> cst.ClassDef | cst.FunctionDef:
+    for statement in _parse(code).body:
+        if isinstance(statement, kind) and statement.name.value == name:
+            return statement
+    raise AssertionError(f"no top-level {kind.__name__} {name} in:\n{code}")
+
+
+def _method(code: str, class_name: str, method: str) -> cst.FunctionDef:
+    for statement in _top_level(code, cst.ClassDef, class_name).body.body:
+        if isinstance(statement, cst.FunctionDef) and statement.name.value == method:
+            return statement
+    raise AssertionError(f"no method {class_name}.{method} in:\n{code}")
+
+
 def class_code(code: str, class_name: str) -> str:
     """The source of top-level class `class_name` in `code` (an AssertionError if it is absent)."""
-    for statement in cst.parse_module(code).body:
-        if isinstance(statement, cst.ClassDef) and statement.name.value == class_name:
-            return cst.Module(body=[statement.with_changes(leading_lines=[])]).code
-    raise AssertionError(f"no class {class_name} in:\n{code}")
+    return _code(_top_level(code, cst.ClassDef, class_name))
 
 
 def function_code(code: str, name: str) -> str:
     """The source of top-level function `name` in `code`."""
-    for statement in cst.parse_module(code).body:
-        if isinstance(statement, cst.FunctionDef) and statement.name.value == name:
-            return cst.Module(body=[statement.with_changes(leading_lines=[])]).code
-    raise AssertionError(f"no function {name} in:\n{code}")
+    return _code(_top_level(code, cst.FunctionDef, name))
 
 
 def method_code(code: str, class_name: str, method: str) -> str:
     """The source of `class_name.method` in `code`, dedented to top level."""
-    tree = cst.parse_module(class_code(code, class_name))
-    for statement in tree.body[0].body.body:
-        if isinstance(statement, cst.FunctionDef) and statement.name.value == method:
-            return cst.Module(body=[statement.with_changes(leading_lines=[])]).code
-    raise AssertionError(f"no method {class_name}.{method} in:\n{code}")
+    return _code(_method(code, class_name, method))
 
 
 def init_value(code: str, class_name: str, attribute: str) -> str:
@@ -334,32 +365,26 @@ def init_value(code: str, class_name: str, attribute: str) -> str:
             ):
                 found.append(node.value)
 
-    cst.parse_statement(method_code(code, class_name, "__init__")).visit(_Find())
+    _method(code, class_name, "__init__").visit(_Find())
     assert found, f"{class_name}.__init__ assigns no self.{attribute}"
     return cst.Module(body=[]).code_for_node(found[0])
 
 
 def signature(code: str, class_name: str, method: str) -> str:
     """`def method(params): ...` of `class_name.method`, for comparing signatures alone."""
-    function = cst.parse_statement(method_code(code, class_name, method))
-    stub = function.with_changes(
-        decorators=[], body=cst.IndentedBlock([cst.SimpleStatementLine([cst.Expr(cst.Ellipsis())])])
-    )
-    return cst.Module(body=[stub]).code
+    return _code(_method(code, class_name, method).with_changes(decorators=[], body=_ellipsis_body()))
 
 
 def class_header(code: str, class_name: str) -> str:
     """`class X(bases):` of a class, with its body cut down to `...`, for comparing bases and decorators."""
-    node = cst.parse_module(class_code(code, class_name)).body[0]
-    stub = node.with_changes(body=cst.IndentedBlock([cst.SimpleStatementLine([cst.Expr(cst.Ellipsis())])]))
-    return cst.Module(body=[stub]).code
+    return _code(_top_level(code, cst.ClassDef, class_name).with_changes(body=_ellipsis_body()))
 
 
 def import_block(code: str) -> str:
     """The top-level import statements of `code`, in order."""
     imports = [
         s.with_changes(leading_lines=[])  # blank lines between import groups do not matter here
-        for s in cst.parse_module(code).body
+        for s in _parse(code).body
         if isinstance(s, cst.SimpleStatementLine) and isinstance(s.body[0], (cst.Import, cst.ImportFrom))
     ]
     return cst.Module(body=imports).code
@@ -367,11 +392,7 @@ def import_block(code: str) -> str:
 
 def top_level_names(code: str) -> list[str]:
     """Names of the top-level classes and functions, in file order."""
-    return [
-        statement.name.value
-        for statement in cst.parse_module(code).body
-        if isinstance(statement, (cst.ClassDef, cst.FunctionDef))
-    ]
+    return [s.name.value for s in _parse(code).body if isinstance(s, (cst.ClassDef, cst.FunctionDef))]
 
 
 def assert_code(actual: str, expected: str) -> None:

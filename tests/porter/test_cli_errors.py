@@ -123,10 +123,6 @@ def test_source_without_a_causal_lm(engine_models: Path, tmp_path: Path):
     assert _files(tmp_path) == before
 
 
-@pytest.mark.xfail(
-    reason="port writes the output file before it finds --out is outside engine/models and cannot register it",
-    strict=True,
-)
 def test_out_path_it_cannot_register_writes_nothing(engine_models: Path, mini_source: Path, tmp_path: Path):
     out = tmp_path / "elsewhere" / "mini.py"
     result = CliRunner().invoke(app, ["port", str(mini_source), "--out", str(out)])

@@ -118,9 +118,6 @@ def test_projections_that_disagree_on_bias_are_a_review_item():
     }
 
 
-@pytest.mark.xfail(
-    reason="the bias disagreement is flagged once per projection statement (3 items)", strict=True
-)
 def test_bias_disagreement_is_flagged_once():
     before = vary(
         MINI_MODEL,

@@ -42,9 +42,6 @@ def test_head_without_a_bias_argument_keeps_nn_linear_default_bias():
     )
 
 
-@pytest.mark.xfail(
-    reason="lm-head reads only a `bias=` keyword: a positional False becomes bias=True", strict=True
-)
 def test_positional_bias_argument_is_kept():
     before = vary(MINI_MODEL, HEAD, "nn.Linear(config.hidden_size, config.vocab_size, False)")
     after = run_rewrites(before, "lm-head")
