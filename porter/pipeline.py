@@ -9,13 +9,13 @@ import libcst as cst
 from porter.analysis.model_index import build_index
 from porter.analysis.source import SourceFile
 from porter.errors import PorterError
-from porter.rewrites.base import Change, PortContext, Rewrite, ReviewItem
+from porter.rewrites.base import Change, PortContext, ReviewItem, Rewrite
 from porter.rewrites.dead_code import RemoveDeadCode
 from porter.rewrites.engine_interface import EngineInterface
-from porter.rewrites.hf_plumbing import StripHFPlumbing
 from porter.rewrites.flatten_batch import FlattenBatch
 from porter.rewrites.fuse_gate_up import FuseGateUp
 from porter.rewrites.fuse_qkv import FuseQKV
+from porter.rewrites.hf_plumbing import StripHFPlumbing
 from porter.rewrites.imports import FixImports
 from porter.rewrites.lm_head import SplitLMHead
 from porter.rewrites.load_weights import EmitLoadWeights

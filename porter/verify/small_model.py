@@ -67,7 +67,7 @@ def write_checkpoint(config: PretrainedConfig, directory: Path, seed: int) -> to
     model = model_class(config).float().eval()
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.dim() == 1 and torch.all(param == 1):
                 param.copy_(1 + 0.1 * torch.randn(param.shape, generator=generator))  # norm gains
             else:

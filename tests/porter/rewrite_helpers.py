@@ -234,14 +234,14 @@ def replace_method(source: str, class_name: str, method: str, new_code: str) -> 
                 return replacement
             return updated
 
-    new = cst.parse_module(source).visit(_Replace()).code
+    tree = _parse(source).visit(_Replace())
     assert found == [method], f"no single {class_name}.{method} in the snippet"
-    return new
+    return tree.code
 
 
 def replace_class(source: str, class_name: str, new_code: str) -> str:
     """`source` with top-level class `class_name` replaced by `new_code`."""
-    tree = cst.parse_module(source)
+    tree = _parse(source)
     body = [
         cst.parse_statement(textwrap.dedent(new_code))
         if isinstance(s, cst.ClassDef) and s.name.value == class_name
@@ -263,7 +263,8 @@ def make_context(source: str, module: str | None = MINI_MODULE) -> tuple[cst.Mod
 @functools.lru_cache(maxsize=64)
 def _parse_and_index(source: str) -> tuple[cst.Module, ModelIndex]:
     # Rewrites read the index and replace it (reindex), never change it, so one source's can be shared.
-    tree = _parse(source)
+    # A fresh parse of the text, as the pipeline does, never a tree a helper built.
+    tree = cst.parse_module(source)
     return tree, build_index(tree)
 
 
