@@ -7,7 +7,6 @@ holds plain values only (strings, numbers, a class or a dotted path) and never a
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -166,14 +165,21 @@ def portable_class_reference(model_class: type) -> type | str:
     Classes registered from a file live in a module named only in this process's sys.modules.
     """
     module_name = model_class.__module__
-    try:
-        importable = module_name == "__main__" or importlib.util.find_spec(module_name) is not None
-    except (ImportError, ValueError):
-        importable = False
-    if importable:
+    if module_name == "__main__" or _importable_by_name(module_name):
         return model_class
     module_file = getattr(sys.modules.get(module_name), "__file__", None)
     return f"{module_file}:{model_class.__qualname__}" if module_file else model_class
+
+
+def _importable_by_name(module_name: str) -> bool:
+    # Ask the import finders directly: importlib.util.find_spec also answers from sys.modules, where a
+    # module loaded from a file path sits under a name no other process can import.
+    top_level = module_name.partition(".")[0]
+    for finder in sys.meta_path:
+        find_spec = getattr(finder, "find_spec", None)
+        if find_spec is not None and find_spec(top_level, None) is not None:
+            return True
+    return False
 
 
 @dataclass(frozen=True, slots=True)

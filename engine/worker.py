@@ -3,13 +3,15 @@
 Two ways to get them:
 - `WorkerGroup` (what `LLM(tensor_parallel_size=N)` uses): the driver spawns N-1 processes and sends
   each step over one Pipe per worker. A worker that fails sends its traceback back and exits, and the
-  driver raises `WorkerError` with that message.
+  driver raises `WorkerError` with that message (on NCCL, which does not notice a dead peer, a watchdog
+  thread aborts the group so the driver's pending collective fails at once).
 - torchrun: every rank runs the user's script. Rank 0 drives; the others call `serve` with a
   `BroadcastChannel`, which receives each step through `broadcast_object_list` on a gloo group (host
   pickles, so the GPU stream is not involved).
 
-Messages (tuples, first item is the kind): ("step", StepInputs), ("shutdown",) driver -> worker, and,
-over the pipes, ("loaded",), ("ready", num_kv_blocks), ("error", rank, traceback) worker -> driver.
+Messages (tuples, first item is the kind): ("step", StepInputs), ("shutdown",) and, under torchrun,
+("end", outputs) driver -> workers; over the pipes, ("loaded",), ("ready", num_kv_blocks) and
+("error", rank, traceback) worker -> driver.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import multiprocessing.connection
 import os
 import pickle
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -32,6 +35,11 @@ import torch.multiprocessing as mp
 from engine import distributed
 from engine.config import EngineConfig
 from engine.model_runner import ModelRunner, StepInputs
+
+try:  # experimental in torch; without it a failed NCCL worker surfaces only at NCCL's timeout
+    from torch.distributed.distributed_c10d import _abort_process_group
+except ImportError:
+    _abort_process_group = None
 
 # How long a worker gets to leave on its own after "shutdown" before it is terminated.
 _SHUTDOWN_GRACE_S = 10.0
@@ -78,9 +86,13 @@ def _worker_main(
             conn.send(("error", rank, traceback.format_exc()))
         except (BrokenPipeError, OSError):
             pass
-    finally:
-        conn.close()
-        distributed.destroy_distributed()
+        # Leave at once: tearing down a group mid-collective can block (NCCL), and under gloo our exit
+        # is what makes rank 0's pending collective fail instead of wait.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    conn.close()
+    distributed.destroy_distributed()
 
 
 def _backend(config: EngineConfig) -> str:
@@ -109,6 +121,7 @@ class WorkerGroup:
             self.processes.append(process)
             self.connections.append(driver_end)
         self._pending: list[deque[tuple]] = [deque() for _ in self.connections]
+        self._lock = threading.Lock()  # the driver's watchdog thread checks the pipes too
         self._closed = False
 
     def wait_for(self, kind: str, poll_s: float = 0.05) -> list[tuple]:
@@ -143,8 +156,9 @@ class WorkerGroup:
         """
         deadline = time.monotonic() + wait_s
         while True:
-            for index in range(len(self.connections)):
-                self._drain(index)
+            with self._lock:
+                for index in range(len(self.connections)):
+                    self._drain(index)
             for index, process in enumerate(self.processes):
                 if not process.is_alive():
                     self._drain(index)
@@ -242,6 +256,9 @@ class Driver:
         self.channel = channel
         self._step_in_flight = False
         self._closed = False
+        self._worker_error: WorkerError | None = None
+        if workers is not None and runner.device.type == "cuda":
+            threading.Thread(target=self._watch_workers, name="porter-tp-watchdog", daemon=True).start()
 
     def execute(self, step: StepInputs) -> torch.Tensor:
         """One forward on every rank; returns rank 0's logits `[num_seqs, vocab]`."""
@@ -254,6 +271,8 @@ class Driver:
             if self.channel is not None:
                 self.channel.send(("step", step))
             logits = self.runner.execute_model(step)
+            if self._worker_error is not None:
+                raise self._worker_error
         except Exception:
             if self.workers is None and self.channel is None:
                 self._step_in_flight = False
@@ -261,6 +280,8 @@ class Driver:
             # A collective broke midway, so the group is unusable: stop every rank. A worker that
             # failed is why; its traceback is the useful error, so raise that when it arrives.
             try:
+                if self._worker_error is not None:
+                    raise self._worker_error from None
                 if self.workers is not None:
                     self.workers.check(wait_s=_ERROR_REPORT_WAIT_S)
             finally:
@@ -268,6 +289,21 @@ class Driver:
             raise
         self._step_in_flight = False
         return logits
+
+    def _watch_workers(self) -> None:
+        """NCCL does not notice a dead peer: rank 0 would wait in its collective until NCCL's own
+        timeout (minutes). While a step runs, this thread watches the workers; when one fails it keeps
+        the error and aborts the process group, so the step fails now and `execute` raises that error."""
+        while not self._closed:
+            time.sleep(0.1)
+            if not self._step_in_flight or self._worker_error is not None:
+                continue
+            try:
+                self.workers.check()  # type: ignore[union-attr]
+            except WorkerError as error:
+                self._worker_error = error
+                if _abort_process_group is not None and dist.is_initialized():
+                    _abort_process_group()
 
     def end_generate(self, payload: Any) -> None:
         """Under torchrun, hands the finished outputs to the other ranks (their `generate` returns them)."""
@@ -284,6 +320,14 @@ class Driver:
         if self.channel is not None and not self._step_in_flight:
             self.channel.send(("shutdown",))
         self.runner.close()
+        broken = self._step_in_flight
+        if (
+            broken
+            and _abort_process_group is not None
+            and dist.is_initialized()
+            and dist.get_backend() == "nccl"
+        ):
+            _abort_process_group()  # destroying a NCCL group that is stuck mid-collective blocks
         distributed.destroy_distributed()
 
 

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import FalconConfig, GPT2Config, GPTBigCodeConfig, LlamaConfig
 
-from engine.config import resolve_dtype, resolve_max_model_len
+from engine.config import attention_shape, portable_class_reference, resolve_dtype, resolve_max_model_len
 from engine.model_loader import default_dtype, load_model, load_tokenizer
-from engine.model_runner import attention_shape
+from engine.models.registry import register_model, resolve_model_class
 from tests.tiny_model import TinyTestForCausalLM, write_tiny_model
 
 
@@ -135,3 +135,17 @@ def test_max_model_len_defaults_to_the_model_limit_and_refuses_more():
     assert resolve_max_model_len(100, config) == 100
     with pytest.raises(ValueError, match="300.*256"):
         resolve_max_model_len(300, config)
+
+
+def test_a_class_registered_from_a_file_reaches_other_processes_as_its_path(tiny_model_dir, tmp_path):
+    source = tmp_path / "my_port.py"
+    source.write_text(
+        "from tests.tiny_model import TinyTestForCausalLM\n\nclass MyPort(TinyTestForCausalLM):\n    pass\n"
+    )
+    register_model("MyPortForCausalLM", f"{source}:MyPort")
+    model_class = resolve_model_class(["MyPortForCausalLM"])
+    assert portable_class_reference(TinyTestForCausalLM) is TinyTestForCausalLM  # importable by name
+    reference = portable_class_reference(model_class)
+    assert reference == f"{source}:MyPort"
+    model, _ = load_model(tiny_model_dir, torch.float32, "cpu", model_class=reference)
+    assert type(model).__name__ == "MyPort"

@@ -18,18 +18,21 @@ from porter.emit import GENERATED_MARK
 from porter.register import REGISTRY_PATH
 from tests.porter.rewrite_helpers import MINI_MODEL
 
-REAL_REGISTRY = REGISTRY_PATH.read_bytes()
-
 
 @pytest.fixture
-def engine_models(tmp_path: Path, monkeypatch) -> Path:
-    """A temp engine/models folder holding a copy of the registry; porter.port writes there instead."""
+def engine_models(tmp_path: Path, monkeypatch):
+    """A temp engine/models folder holding a copy of the registry; porter.port writes there instead.
+
+    On teardown the checkout's real registry must be byte-for-byte what it was.
+    """
+    real_registry = REGISTRY_PATH.read_bytes()
     models = tmp_path / "engine" / "models"
     models.mkdir(parents=True)
     shutil.copyfile(REGISTRY_PATH, models / "registry.py")
     monkeypatch.setattr(porter.port, "ENGINE_MODELS", models)
     monkeypatch.setattr(porter.port, "REGISTRY_PATH", models / "registry.py")
-    return models
+    yield models
+    assert REGISTRY_PATH.read_bytes() == real_registry
 
 
 @pytest.fixture
@@ -55,7 +58,6 @@ def _assert_clean_failure(result, *phrases: str) -> None:
     for phrase in phrases:
         assert phrase in lines[0]
     assert "Traceback" not in result.output
-    assert REGISTRY_PATH.read_bytes() == REAL_REGISTRY
 
 
 def test_missing_modeling_file(engine_models: Path, tmp_path: Path):
@@ -88,12 +90,13 @@ def test_force_overwrites_the_file_it_refused(engine_models: Path, mini_source: 
     # The control for the test above: with --force the same port goes through.
     out = tmp_path / "hand_written.py"
     out.write_text("# written by hand\n")
+    registry = (engine_models / "registry.py").read_bytes()
     result = CliRunner().invoke(
         app, ["port", str(mini_source), "--out", str(out), "--no-register", "--force", "--allow-review"]
     )
     assert result.exit_code == 0, result.output
     assert GENERATED_MARK in out.read_text().splitlines()[0]
-    assert (engine_models / "registry.py").read_bytes() == REAL_REGISTRY
+    assert (engine_models / "registry.py").read_bytes() == registry
 
 
 def test_bad_dtype(engine_models: Path):

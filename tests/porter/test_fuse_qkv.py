@@ -6,8 +6,6 @@ test runs paged-attention first.
 
 from __future__ import annotations
 
-import pytest
-
 from tests.porter.rewrite_helpers import (
     MINI_MODEL,
     assert_code,

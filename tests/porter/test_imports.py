@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import ast
+
+import engine.layers
 from tests.porter.rewrite_helpers import (
     MINI_MODEL,
+    REWRITE_NAMES,
     assert_code,
     import_block,
     run_rewrites,
+    run_through,
     vary,
 )
 
@@ -111,3 +116,26 @@ def test_relative_import_in_a_file_outside_transformers_is_a_review_item():
     )
     assert len(after.review_messages()) == len(SOURCE_IMPORTS.splitlines())
     assert "from ...activations import ACT2FN\n" in import_block(after.code)
+
+
+def _imported_and_read(code: str) -> tuple[set[str], set[str]]:
+    tree = ast.parse(code)
+    imported: set[str] = set()
+    read: set[str] = set()
+    for statement in tree.body:
+        if isinstance(statement, (ast.Import, ast.ImportFrom)):
+            imported |= {(a.asname or a.name).split(".")[0] for a in statement.names}
+        else:
+            read |= {node.id for node in ast.walk(statement) if isinstance(node, ast.Name)}
+    return imported, read
+
+
+def test_after_the_whole_pipeline_imports_are_absolute_used_and_complete():
+    after = run_through(MINI_MODEL, REWRITE_NAMES[-1])
+    compile(after.code, "mini.py", "exec")
+    assert "from ." not in import_block(after.code)
+    imported, read = _imported_and_read(after.code)
+    assert imported <= read, f"imported but unused: {imported - read}"
+    engine_names = set(engine.layers.__all__) | {"load_named_weights"}
+    assert read & engine_names <= imported, f"used but not imported: {(read & engine_names) - imported}"
+    assert {"PagedAttention", "QKVParallelLinear", "ParallelLMHead", "load_named_weights"} <= imported
