@@ -32,11 +32,18 @@ def format_code(code: str) -> str:
         ruff = find_ruff_bin()
     except ImportError:
         raise PorterError("ruff is not installed; it formats generated files (pip install ruff)") from None
-    args = [str(ruff), "format", "--line-length", "110", "--stdin-filename", "generated.py", "-"]
-    result = subprocess.run(args, input=code, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise PorterError(f"the generated code does not format: {result.stderr.strip().splitlines()[-1]}")
-    return result.stdout
+    # --isolated: no project configuration may change the bytes of a generated file.
+    steps = [
+        ["check", "--isolated", "--select", "I", "--fix", "--exit-zero", "--quiet"],
+        ["format", "--isolated", "--line-length", "110"],
+    ]
+    for step in steps:
+        args = [str(ruff), *step, "--stdin-filename", "generated.py", "-"]
+        result = subprocess.run(args, input=code, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise PorterError(f"the generated code does not format: {result.stderr.strip().splitlines()[-1]}")
+        code = result.stdout
+    return code
 
 
 def is_generated(path: Path) -> bool:

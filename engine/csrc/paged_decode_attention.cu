@@ -278,7 +278,10 @@ void launch_core(int head_dim, int heads, const DecodeParams& p, dim3 grid, size
 template <typename T>
 void launch_reduce(const DecodeParams& p, int head_dim, int num_seqs, cudaStream_t stream) {
   const dim3 grid(p.num_heads, num_seqs);
-  paged_decode_reduce_kernel<T><<<grid, kNumThreads, p.max_partitions * sizeof(float), stream>>>(p, head_dim);
+  // Whole 16-byte rows plus one spare: the compiler may read the weights as vectors past num_parts
+  // (compute-sanitizer caught a 12-byte read of a 2-float array).
+  const size_t shared_bytes = ((p.max_partitions + 3) / 4 + 1) * 16;
+  paged_decode_reduce_kernel<T><<<grid, kNumThreads, shared_bytes, stream>>>(p, head_dim);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -356,7 +359,7 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::
   const size_t shared_bytes = (scratch_floats + table_entries) * sizeof(float);
   TORCH_CHECK(shared_bytes <= kMaxSharedBytes, "partition_size ", partition_size, " needs ", shared_bytes,
               " bytes of shared memory, more than ", kMaxSharedBytes);
-  TORCH_CHECK(max_partitions * sizeof(float) <= kMaxSharedBytes, "context too long for the partition reduction");
+  TORCH_CHECK((max_partitions + 8) * sizeof(float) <= kMaxSharedBytes, "context too long for the partition reduction");
 
   const c10::cuda::OptionalCUDAGuard guard(query.device());
   at::Tensor partial_out, partial_max, partial_sum;

@@ -23,9 +23,9 @@
 
 import torch
 from torch import nn
-
 from transformers.activations import ACT2FN
 from transformers.models.llama.configuration_llama import LlamaConfig
+
 from engine.layers import (
     LogitsProcessor,
     MergedColumnParallelLinear,

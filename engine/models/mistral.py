@@ -11,10 +11,9 @@
 
 import torch
 from torch import nn
-
 from transformers.activations import ACT2FN
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.models.mistral.configuration_mistral import MistralConfig
+
 from engine.layers import (
     LogitsProcessor,
     MergedColumnParallelLinear,
@@ -161,10 +160,6 @@ class MistralModel(nn.Module):
         input_metadata,
     ):
         inputs_embeds = self.embed_tokens(input_ids)
-
-        mask_function = (
-            create_causal_mask if self.config.sliding_window is None else create_sliding_window_causal_mask
-        )
 
         hidden_states = inputs_embeds
 

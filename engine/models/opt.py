@@ -19,10 +19,10 @@
 
 import torch
 from torch import nn
-
 from transformers.activations import ACT2FN
-from transformers.utils import logging
 from transformers.models.opt.configuration_opt import OPTConfig
+from transformers.utils import logging
+
 from engine.layers import (
     ColumnParallelLinear,
     LogitsProcessor,
@@ -34,7 +34,6 @@ from engine.layers import (
     VocabParallelEmbedding,
 )
 from engine.weights import load_named_weights
-
 
 logger = logging.get_logger(__name__)
 

@@ -11,9 +11,9 @@
 
 import torch
 from torch import nn
-
 from transformers.activations import ACT2FN
 from transformers.models.qwen2.configuration_qwen2 import Qwen2Config
+
 from engine.layers import (
     LogitsProcessor,
     MergedColumnParallelLinear,

@@ -25,9 +25,9 @@
 
 import torch
 from torch import nn
-
 from transformers.activations import ACT2FN
 from transformers.models.qwen3.configuration_qwen3 import Qwen3Config
+
 from engine.layers import (
     LogitsProcessor,
     MergedColumnParallelLinear,

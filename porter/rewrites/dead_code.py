@@ -43,7 +43,27 @@ class _Transformer(ClassScopedTransformer):
             )
             body = pruner.block(list(updated.body.body)) or [cst.SimpleStatementLine([cst.Pass()])]
             updated = updated.with_changes(body=updated.body.with_changes(body=body))
+            updated = _drop_unread_assignments(updated, self.context, self.where)
         return super().leave_FunctionDef(original, updated)
+
+
+def _drop_unread_assignments(function: cst.FunctionDef, context: PortContext, where: str) -> cst.FunctionDef:
+    """Removes top-level assignments whose names nothing reads any more (a mask function chosen for
+    a mask that is gone). Statements that call a submodule stay: they compute the model."""
+    while True:
+        body = list(function.body.body)
+        for position, statement in enumerate(body):
+            targets = statement_targets(statement)
+            if not targets or not isinstance(statement, cst.SimpleStatementLine) or _calls_submodule(statement):
+                continue
+            rest = body[:position] + body[position + 1:]
+            if any(set(targets) & names_in(other) for other in rest):
+                continue
+            context.record("dead-code", where, statement, "", "nothing reads it")
+            function = function.with_changes(body=function.body.with_changes(body=rest))
+            break
+        else:
+            return function
 
 
 class _Pruner:
@@ -161,6 +181,18 @@ class _Pruner:
 
     def _drop(self, node: cst.CSTNode, reason: str) -> None:
         self.context.record("dead-code", self.where, node, "", reason)
+
+
+def _calls_submodule(statement: cst.CSTNode) -> bool:
+    found = []
+
+    class _Find(cst.CSTVisitor):
+        def visit_Call(self, node: cst.Call) -> None:
+            if (dotted_name(node.func) or "").startswith("self."):
+                found.append(node)
+
+    statement.visit(_Find())
+    return bool(found)
 
 
 def _assigned_anywhere(statement: cst.If) -> set[str] | None:
