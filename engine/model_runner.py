@@ -15,7 +15,14 @@ import torch
 import torch.distributed as dist
 
 from engine import distributed
-from engine.config import DEFAULT_CPU_NUM_KV_BLOCKS, EngineConfig, attention_shape, resolve_dtype
+from engine.config import (
+    DEFAULT_CPU_NUM_KV_BLOCKS,
+    EngineConfig,
+    attention_shape,
+    resolve_dtype,
+    resolve_max_model_len,
+)
+from engine.cuda_graphs import DecodeGraphs, capture_sizes, graph_unsafe_reason
 from engine.input_metadata import InputMetadata
 from engine.kv_cache import allocate_kv_caches, kv_cache_bytes_per_block
 from engine.layers.sampler import Sampler, SamplerOutput, make_generator
@@ -70,6 +77,7 @@ class ModelRunner:
         self.block_size = config.block_size
         self.num_kv_blocks = 0
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.decode_graphs: DecodeGraphs | None = None  # set by initialize_kv_cache unless eager
         # Only rank 0 samples; a seeded sequence keeps one generator for its whole life.
         self.sampler = Sampler() if rank == 0 else None
         self._generators: dict[int, torch.Generator] = {}
@@ -98,7 +106,32 @@ class ModelRunner:
             self.dtype,
             self.device,
         )
+        self._capture_decode_graphs()
         return num_blocks
+
+    def _capture_decode_graphs(self) -> None:
+        """Captures the decode forward at each batch size (CUDA, unless `enforce_eager`).
+
+        Every rank captures the same sizes in the same order, so the collectives inside line up.
+        """
+        self.decode_graphs = None
+        if self.device.type != "cuda" or self.config.enforce_eager:
+            return
+        reason = graph_unsafe_reason(self.model)
+        if reason is not None:
+            logger.warning("decode steps run eagerly: %s", reason)
+            return
+        max_model_len = self.config.max_model_len or resolve_max_model_len(None, self.hf_config)
+        graphs = DecodeGraphs(
+            self.model,
+            self.kv_caches,
+            capture_sizes(self.config.max_num_seqs),
+            max_context_len=max_model_len,
+            block_size=self.block_size,
+            device=self.device,
+        )
+        graphs.capture()
+        self.decode_graphs = graphs
 
     def bytes_per_block(self) -> int:
         return kv_cache_bytes_per_block(
@@ -196,16 +229,18 @@ class ModelRunner:
     def run_forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: InputMetadata
     ) -> torch.Tensor:
-        """The model's forward for one step, eagerly.
+        """The model's forward for one step: hidden states `[num_tokens, hidden]`.
 
-        This is the seam for CUDA graphs: a decode-only step (`metadata.is_decode_only`) with
-        `config.enforce_eager` false is where a captured graph, padded to a fixed batch size, will be
-        replayed instead. Nothing is captured yet, so every step runs eagerly.
+        A decode-only step that a captured CUDA graph covers (see `engine.cuda_graphs`) replays the
+        graph, padded to the next captured batch size; every other step runs eagerly.
         """
+        if self.decode_graphs is not None and self.decode_graphs.can_run(metadata):
+            return self.decode_graphs.replay(input_ids, positions, metadata)
         return self.model(input_ids, positions, self.kv_caches, metadata)
 
     def close(self) -> None:
         """Frees the KV cache and restores the thread count this runner changed (CPU tensor parallelism)."""
+        self.decode_graphs = None  # the graphs hold the cache's tensors
         self.kv_caches = []
         self._generators.clear()
         torch.set_num_threads(self._previous_num_threads)

@@ -10,7 +10,7 @@ from porter.analysis.model_index import build_index
 from porter.analysis.source import SourceFile
 from porter.errors import PorterError
 from porter.rewrites.base import Change, PortContext, ReviewItem, Rewrite
-from porter.rewrites.dead_code import RemoveDeadCode
+from porter.rewrites.dead_code import DecideConditions, RemoveDeadCode
 from porter.rewrites.engine_interface import EngineInterface
 from porter.rewrites.flatten_batch import FlattenBatch
 from porter.rewrites.fuse_gate_up import FuseGateUp
@@ -29,6 +29,7 @@ from porter.rewrites.tensor_parallel import TensorParallelLayers
 REWRITES: list[Rewrite] = [
     StripHFPlumbing(),  # framework bases, decorators, init helpers
     SplitLMHead(),  # forward returns hidden states; compute_logits; parallel, tied head
+    DecideConditions(),  # branches the engine decides (no cache, no cross-attention, not training)
     SwapPagedAttention(),  # the attention core becomes one PagedAttention call
     RotaryToEngine(),  # HF cos/sin plumbing -> the engine's rotary layer inside attention
     EngineInterface(),  # forward signatures, call threading, single-tensor returns

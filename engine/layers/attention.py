@@ -83,8 +83,13 @@ class PagedAttention(nn.Module):
         kv_cache: KVCache,
         input_metadata: InputMetadata,
     ) -> torch.Tensor:
-        """q/k/v `[T, heads*D]` or `[T, heads, D]` -> `[T, H_local*D]` in the query's dtype."""
+        """q/k/v `[T, heads*D]` or `[T, heads, D]` -> the output in the query's layout and dtype.
+
+        Returning the query's rank keeps a port's own output reshape (`reshape(*shape[:-2], -1)`,
+        `reshape(T, -1)`) meaning what it meant in the HF source.
+        """
         num_tokens = query.shape[0]
+        per_head = query.dim() == 3
         query = query.reshape(num_tokens, self.num_heads, self.head_dim)
         key = key.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         value = value.reshape(num_tokens, self.num_kv_heads, self.head_dim)
@@ -100,6 +105,8 @@ class PagedAttention(nn.Module):
             self.sliding_window,
             self.logits_soft_cap,
         )
+        if per_head:
+            return output.reshape(num_tokens, self.num_heads, self.head_dim)
         return output.reshape(num_tokens, self.num_heads * self.head_dim)
 
     def extra_repr(self) -> str:

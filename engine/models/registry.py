@@ -16,6 +16,7 @@ from pathlib import Path
 from torch import nn
 
 _MODELS: dict[str, tuple[str, str]] = {
+    "GPT2LMHeadModel": ("engine.models.gpt2", "GPT2LMHeadModel"),
     "LlamaForCausalLM": ("engine.models.llama", "LlamaForCausalLM"),
     "MistralForCausalLM": ("engine.models.mistral", "MistralForCausalLM"),
     "OPTForCausalLM": ("engine.models.opt", "OPTForCausalLM"),

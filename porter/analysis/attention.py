@@ -18,6 +18,7 @@ class AttentionInfo:
     name: str
     core: cst.Call  # the call that computes attention (HF interface or eager function)
     core_statement: cst.SimpleStatementLine
+    other_cores: list[cst.SimpleStatementLine]  # alternative backends in other branches (upcast/eager paths)
     query: str  # projection attributes; the same one three times for a fused projection
     key: str
     value: str
@@ -33,10 +34,13 @@ def analyse_attention(index: ModelIndex, name: str) -> AttentionInfo | None:
     if forward is None:
         return None
     statements = _flat_statements(forward.body.body)
-    core_at = next((i for i, s in enumerate(statements) if _core_call(s, info, index)), None)
-    if core_at is None:
+    cores = [i for i, s in enumerate(statements) if _core_call(s, info, index)]
+    if not cores:
         return None
+    # Several backends in branches: take HF's interface dispatch, whose arguments are the standard ones.
+    core_at = next((i for i in cores if call_name(_core_call(statements[i], info, index)) == "attention_interface"), cores[0])
     core = _core_call(statements[core_at], info, index)
+    other_cores = [statements[i] for i in cores if i != core_at]
     positional = [a.value for a in core.args if a.keyword is None and not a.star]
     if positional and code_of(positional[0]) == "self":
         positional = positional[1:]
@@ -54,7 +58,7 @@ def analyse_attention(index: ModelIndex, name: str) -> AttentionInfo | None:
     fused = q == k == v  # one projection makes q, k and v: its output is 3 heads' worth per head
     num_heads = _heads(info, q, head_dim, 3 if fused else 1)
     num_kv_heads = num_heads if k == q else _heads(info, k, head_dim, 1)
-    return AttentionInfo(name, core, statements[core_at], q, k, v, output, head_dim, num_heads, num_kv_heads)
+    return AttentionInfo(name, core, statements[core_at], other_cores, q, k, v, output, head_dim, num_heads, num_kv_heads)
 
 
 def _flat_statements(body) -> list[cst.SimpleStatementLine]:
@@ -64,6 +68,10 @@ def _flat_statements(body) -> list[cst.SimpleStatementLine]:
             result.append(statement)
         elif hasattr(statement, "body") and hasattr(statement.body, "body"):
             result.extend(_flat_statements(statement.body.body))
+            orelse = getattr(statement, "orelse", None)
+            while orelse is not None:  # else / elif chains
+                result.extend(_flat_statements(orelse.body.body))
+                orelse = getattr(orelse, "orelse", None)
     return result
 
 
@@ -138,7 +146,10 @@ def _init_attributes(info: ClassInfo) -> dict[str, cst.BaseExpression]:
 
 def _heads(info: ClassInfo, projection: str, head_dim: str, parts: int) -> str:
     """Head count behind a projection's output size (`parts` tensors per head), valid in __init__."""
-    call = info.init_calls[projection]
+    calls = info.all_init_calls.get(projection) or [info.init_calls[projection]]
+    if parts > 1:  # the configuration that builds all three parts (not a cross-attention k/v-only one)
+        calls = [c for c in calls if _out_size(c).replace(" ", "").startswith(f"{parts}*")] or calls
+    call = calls[0]
     out = call.args[1].value if call_name(call) != "Conv1D" else call.args[0].value
     if parts > 1:
         if isinstance(out, cst.BinaryOperation) and isinstance(out.operator, cst.Multiply) and code_of(out.left) == str(parts):
@@ -159,6 +170,10 @@ def _heads(info: ClassInfo, projection: str, head_dim: str, parts: int) -> str:
     ):
         return code_of(definition.right)
     return f"({code_of(out)}) // {head_dim}"
+
+
+def _out_size(call: cst.Call) -> str:
+    return code_of(call.args[1].value if call_name(call) != "Conv1D" else call.args[0].value)
 
 
 def is_linear(call: cst.Call) -> bool:

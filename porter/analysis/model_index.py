@@ -30,6 +30,8 @@ class ClassInfo:
     methods: dict[str, cst.FunctionDef]
     # self.<attr> = <Call>: the call expression of each attribute assigned in __init__.
     init_calls: dict[str, cst.Call] = field(default_factory=dict)
+    # every call assigned to each attribute, for attributes built differently per configuration
+    all_init_calls: dict[str, list[cst.Call]] = field(default_factory=dict)
     # self.<attr> -> class of this file it instantiates (directly or as ModuleList elements).
     submodules: dict[str, str] = field(default_factory=dict)
     module_lists: set[str] = field(default_factory=set)
@@ -107,6 +109,7 @@ class _InitCalls(cst.CSTVisitor):
             attr = self_attribute(target.target)
             if attr is not None and isinstance(node.value, cst.Call):
                 self.info.init_calls.setdefault(attr, node.value)
+                self.info.all_init_calls.setdefault(attr, []).append(node.value)
 
 
 def _link_submodules(info: ClassInfo, classes: dict[str, ClassInfo]) -> None:

@@ -49,6 +49,8 @@ class Plan:
     engine_imports: set[tuple[str, str]] = field(default_factory=set)
     # attention class -> what analysis found in it (read before its core is replaced)
     attention: dict[str, AttentionInfo] = field(default_factory=dict)
+    # (class, attribute) of single projections that hold q|k|v side by side
+    concatenated_qkv: set[tuple[str, str]] = field(default_factory=set)
 
 
 @dataclass(slots=True)

@@ -15,35 +15,61 @@ import libcst as cst
 
 from porter.analysis.cst_utils import dotted_name, function_params, names_in, statement_targets
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
-from porter.rewrites.engine_interface import ABSENT_INPUTS, DROPPED_OUTPUT, ENGINE_PARAMS
+from porter.rewrites.engine_interface import (
+    ABSENT_INPUTS,
+    DROPPED_OUTPUT,
+    ENGINE_PARAMS,
+    POSITION_PARAMS,
+    compute_signatures,
+    dropped_params,
+)
 
 FALSE_ATTRIBUTES = {"self.training", "self.gradient_checkpointing"}
 UNKNOWN = object()
+
+
+class DecideConditions(Rewrite):
+    """The first half, run before the attention and rotary rewrites read the code: conditions the
+    engine decides keep only the branch that runs (so a cross-attention or cache branch is gone
+    before anyone traces q/k/v through it); nothing else is removed yet."""
+
+    name = "decide-conditions"
+
+    def apply(self, module: cst.Module, context: PortContext) -> cst.Module:
+        signatures = compute_signatures(context.index)
+        context.plan.dropped_params = dropped_params(context.index, signatures)
+        return module.visit(_Transformer(context, cascade=False))
 
 
 class RemoveDeadCode(Rewrite):
     name = "dead-code"
 
     def apply(self, module: cst.Module, context: PortContext) -> cst.Module:
-        return module.visit(_Transformer(context))
+        return module.visit(_Transformer(context, cascade=True))
 
 
 class _Transformer(ClassScopedTransformer):
+    def __init__(self, context: PortContext, cascade: bool) -> None:
+        super().__init__(context)
+        self.cascade = cascade
+
     def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef):
         dropped = self.context.plan.dropped_params.get(self.current_class or "", set())
         if len(self.function_stack) == 1 and updated.name.value == "forward" and self.current_class is not None:
-            current = set(function_params(updated))
+            current = set(function_params(updated)) - dropped
             pruner = _Pruner(
                 self.context,
                 self.where,
                 dead=(dropped | {DROPPED_OUTPUT}) - ABSENT_INPUTS,
                 absent=set(dropped),
-                present=current & set(ENGINE_PARAMS),
+                present=(current & set(ENGINE_PARAMS)) | ({"positions", "input_ids"} - dropped) | (POSITION_PARAMS & current),
                 live=current,
+                cascade=self.cascade,
             )
             body = pruner.block(list(updated.body.body)) or [cst.SimpleStatementLine([cst.Pass()])]
             updated = updated.with_changes(body=updated.body.with_changes(body=body))
-            updated = _drop_unread_assignments(updated, self.context, self.where)
+            if self.cascade:
+                updated = _drop_unread_assignments(updated, self.context, self.where)
         return super().leave_FunctionDef(original, updated)
 
 
@@ -68,9 +94,22 @@ def _drop_unread_assignments(function: cst.FunctionDef, context: PortContext, wh
 
 class _Pruner:
     def __init__(self, context: PortContext, where: str, dead: set[str], absent: set[str], present: set[str],
-                 live: set[str]) -> None:
+                 live: set[str], cascade: bool = True) -> None:
+        self.cascade = cascade
         self.context, self.where = context, where
         self.dead, self.absent, self.present, self.live = set(dead), absent, present, set(live)
+        self.constants: dict[str, bool] = {}  # flags decided from plumbing (`is_cross = encoder is not None`)
+
+    def _known_flag(self, statement: cst.SimpleStatementLine) -> tuple[str, bool] | None:
+        if len(statement.body) != 1 or not isinstance(statement.body[0], cst.Assign):
+            return None
+        assign = statement.body[0]
+        if len(assign.targets) != 1 or not isinstance(assign.targets[0].target, cst.Name):
+            return None
+        if not names_in(assign.value) & (self.dead | self.absent | set(self.constants)):
+            return None
+        value = self.evaluate(assign.value)
+        return (assign.targets[0].target.value, value) if isinstance(value, bool) else None
 
     def block(self, statements: list[cst.BaseStatement]) -> list[cst.BaseStatement]:
         result: list[cst.BaseStatement] = []
@@ -84,7 +123,7 @@ class _Pruner:
         if isinstance(statement, (cst.For, cst.While, cst.With)):
             header = statement.iter if isinstance(statement, cst.For) else (
                 statement.test if isinstance(statement, cst.While) else cst.Tuple([cst.Element(i.item) for i in statement.items]))
-            if names_in(header) & self.dead:
+            if names_in(header) & self.dead and self.cascade:
                 self._drop(statement, "loops over removed plumbing")
                 return []
             if isinstance(statement, cst.For):
@@ -93,8 +132,14 @@ class _Pruner:
             return [statement.with_changes(body=statement.body.with_changes(body=body))]
         if isinstance(statement, cst.SimpleStatementLine):
             targets = statement_targets(statement)
+            known = self._known_flag(statement)
+            if known is not None:
+                name, value = known
+                self.constants[name] = value
+                self._drop(statement, f"`{name}` is always {value} in the engine")
+                return []
             reads_dead = names_in(statement) & self.dead
-            if reads_dead:
+            if reads_dead and self.cascade:
                 fresh = [t for t in targets if t not in self.live]
                 self.dead |= set(fresh)
                 self._drop(statement, f"reads removed {', '.join(sorted(reads_dead))}")
@@ -116,7 +161,7 @@ class _Pruner:
             if isinstance(statement.orelse, cst.If):
                 return self._if(statement.orelse)
             return self.block(list(statement.orelse.body.body))
-        if names_in(statement.test) & self.dead:
+        if names_in(statement.test) & self.dead and self.cascade:
             targets = _assigned_anywhere(statement)
             if targets is not None and not targets & self.live:
                 # Undecidable, but it only builds fresh names from plumbing (mask mappings): all of it goes.
@@ -169,6 +214,8 @@ class _Pruner:
             return False
         if isinstance(node, cst.Name) and node.value in {"True", "False"}:
             return node.value == "True"
+        if isinstance(node, cst.Name) and node.value in self.constants:
+            return self.constants[node.value]
         return UNKNOWN
 
     def _is_none(self, node: cst.BaseExpression):

@@ -93,11 +93,18 @@ class EngineInterface(Rewrite):
 
     def apply(self, module: cst.Module, context: PortContext) -> cst.Module:
         context.plan.signatures = compute_signatures(context.index)
-        for name, params in context.plan.signatures.items():
-            forward = context.index.classes[name].methods["forward"]
-            star = [p.name.value for p in (forward.params.star_kwarg, forward.params.star_arg) if isinstance(p, cst.Param)]
-            context.plan.dropped_params[name] = (set(function_params(forward)[1:]) | set(star)) - set(params) - POSITION_PARAMS
+        context.plan.dropped_params = dropped_params(context.index, context.plan.signatures)
         return module.visit(_Transformer(context))
+
+
+def dropped_params(index: ModelIndex, signatures: dict[str, list[str]]) -> dict[str, set[str]]:
+    """Per class, the forward parameters the engine interface removes."""
+    dropped = {}
+    for name, params in signatures.items():
+        forward = index.classes[name].methods["forward"]
+        star = [p.name.value for p in (forward.params.star_kwarg, forward.params.star_arg) if isinstance(p, cst.Param)]
+        dropped[name] = (set(function_params(forward)[1:]) | set(star)) - set(params) - POSITION_PARAMS
+    return dropped
 
 
 class _Transformer(ClassScopedTransformer):

@@ -12,7 +12,8 @@ from __future__ import annotations
 import libcst as cst
 
 from porter.analysis.attention import AttentionInfo
-from porter.analysis.cst_utils import code_of, names_in, self_attribute
+from porter.analysis.cst_utils import call_name, code_of, names_in, self_attribute
+from porter.analysis.model_index import LINEAR_CALLS
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
 
 FUSED = "qkv_proj"
@@ -26,7 +27,75 @@ class FuseQKV(Rewrite):
             if len({info.query, info.key, info.value}) == 3:
                 for attr, shard in ((info.query, "q"), (info.key, "k"), (info.value, "v")):
                     context.plan.fused.append((FUSED, attr, shard))
-        return module.visit(_Transformer(context))
+        module = module.visit(_Transformer(context))
+        return module.visit(_ConcatenatedQKV(context))
+
+
+class _ConcatenatedQKV(ClassScopedTransformer):
+    """One projection already holds q, k and v side by side (`c_attn(x).split(size, dim=2)`): it
+    becomes a `QKVParallelLinear` that loads the fused checkpoint tensor in its concatenated layout,
+    and the split takes this rank's q, k and v sizes."""
+
+    def _fused_attr(self) -> tuple[AttentionInfo, str] | None:
+        info = self.context.plan.attention.get(self.current_class or "")
+        if info is None or len({info.query, info.key, info.value}) != 1:
+            return None
+        return info, info.query
+
+    def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.BaseExpression:
+        found = self._fused_attr()
+        if found is None or self.current_function != "forward":
+            return updated
+        info, attr = found
+        func = updated.func
+        if not (isinstance(func, cst.Attribute) and func.attr.value == "split" and isinstance(func.value, cst.Call)
+                and self_attribute(func.value.func) == attr):
+            return updated
+        sizes = f"[self.{attr}.q_size, self.{attr}.kv_size, self.{attr}.kv_size]"
+        new = updated.with_changes(args=[cst.Arg(cst.parse_expression(sizes)),
+                                         cst.Arg(cst.parse_expression("-1"), keyword=cst.Name("dim"),
+                                                 equal=cst.AssignEqual(cst.SimpleWhitespace(""), cst.SimpleWhitespace("")))])
+        self.context.plan.concatenated_qkv.add((self.current_class, attr))
+        self.context.record("fuse-qkv", self.where, original, new, "split this rank's q, k and v out of the fused projection")
+        return new
+
+    def leave_ClassDef(self, original: cst.ClassDef, updated: cst.ClassDef):
+        name = updated.name.value
+        attrs = {a for c, a in self.context.plan.concatenated_qkv if c == name}
+        if attrs:
+            updated = updated.visit(_FusedInit(self.context, self.context.plan.attention[name], attrs))
+        return super().leave_ClassDef(original, updated)
+
+
+class _FusedInit(cst.CSTTransformer):
+    def __init__(self, context: PortContext, info: AttentionInfo, attrs: set[str]) -> None:
+        self.context, self.info, self.attrs = context, info, attrs
+
+    def leave_Assign(self, original: cst.Assign, updated: cst.Assign) -> cst.Assign:
+        attr = self_attribute(updated.targets[0].target)
+        call = updated.value
+        if attr not in self.attrs or not isinstance(call, cst.Call) or call_name(call) not in LINEAR_CALLS:
+            return updated
+        transposed = call_name(call) == "Conv1D"  # Conv1D(out, in) stores its weight as [in, out]
+        out = call.args[0].value if transposed else call.args[1].value
+        hidden = call.args[1].value if transposed else call.args[0].value
+        if not _three_parts(out):
+            return updated  # another configuration of the same attribute (a cross-attention k/v-only variant)
+        info = self.info
+        new = cst.parse_expression(
+            f"QKVParallelLinear({code_of(hidden)}, {info.head_dim}, {info.num_heads}, {info.num_kv_heads}, "
+            f"bias={code_of(linear_bias(call)) if not transposed else 'True'}, checkpoint_layout='concatenated'"
+            + (", checkpoint_transposed=True)" if transposed else ")")
+        )
+        self.context.need("engine.layers", "QKVParallelLinear")
+        self.context.record("fuse-qkv", info.name, call, new, "fused q|k|v projection, sharded by head")
+        return updated.with_changes(value=new)
+
+
+def _three_parts(out: cst.BaseExpression) -> bool:
+    """`3 * E` (MHA) or `E + 2 * kv` (MQA/GQA): one projection producing q, k and v."""
+    code = code_of(out).replace(" ", "")
+    return code.startswith("3*") or "+2*" in code
 
 
 class _Transformer(ClassScopedTransformer):

@@ -44,16 +44,45 @@ class _Transformer(ClassScopedTransformer):
         if "attention_interface" in statement_targets(updated):
             self.context.record("paged-attention", self.where, updated, "", "attention backend lookup replaced by PagedAttention")
             return cst.RemovalSentinel.REMOVE
+        if any(original.deep_equals(other) for other in info.other_cores):
+            return self._paged_statement(info, updated)
         if original.deep_equals(info.core_statement):
-            positional = [a.value for a in info.core.args if a.keyword is None and not a.star]
-            if positional and code_of(positional[0]) == "self":
-                positional = positional[1:]
-            q, k, v = (code_of(p) for p in positional[:3])
-            targets = statement_targets(updated)
-            new = cst.parse_statement(f"{targets[0]} = self.attn({q}, {k}, {v}, kv_cache, input_metadata)")
-            self.context.record("paged-attention", self.where, updated, new, "paged attention over the KV cache")
-            return new
+            return self._paged_statement(info, updated)
         return updated
+
+    def _paged_statement(self, info: AttentionInfo, updated: cst.SimpleStatementLine) -> cst.BaseStatement:
+        positional = [a.value for a in info.core.args if a.keyword is None and not a.star]
+        if positional and code_of(positional[0]) == "self":
+            positional = positional[1:]
+        q, k, v = (code_of(p) for p in positional[:3])
+        targets = statement_targets(updated)
+        new = cst.parse_statement(f"{targets[0]} = self.attn({q}, {k}, {v}, kv_cache, input_metadata)")
+        self.context.record("paged-attention", self.where, updated, new, "paged attention over the KV cache")
+        return new
+
+    def leave_If(self, original: cst.If, updated: cst.If) -> cst.BaseStatement:
+        """`if eager_variant: core_a else: core_b`, both now the same paged call, is just that call."""
+        if self.info is None or self.current_function != "forward" or not isinstance(updated.orelse, cst.Else):
+            return updated
+        body, orelse = updated.body.body, updated.orelse.body.body
+        if len(body) == len(orelse) == 1 and body[0].deep_equals(orelse[0]) and "self.attn(" in code_of(body[0]):
+            self.context.record("paged-attention", self.where, updated.test, "", "one attention backend in the engine")
+            return body[0]
+        return updated
+
+    def leave_ClassDef(self, original: cst.ClassDef, updated: cst.ClassDef):
+        """Drops the class's own eager-attention helpers (softmax methods) that nothing calls any more."""
+        if self.info is not None:
+            code = code_of(updated)
+            kept = []
+            for statement in updated.body.body:
+                if (isinstance(statement, cst.FunctionDef) and statement.name.value not in ("__init__", "forward")
+                        and "softmax" in code_of(statement) and f"self.{statement.name.value}(" not in code):
+                    self.context.record("paged-attention", self.where, f"def {statement.name.value}", "", "eager attention path, unused")
+                    continue
+                kept.append(statement)
+            updated = updated.with_changes(body=updated.body.with_changes(body=kept))
+        return super().leave_ClassDef(original, updated)
 
     def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef):
         info = self.info

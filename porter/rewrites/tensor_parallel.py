@@ -16,7 +16,8 @@ from porter.analysis.cst_utils import call_name, code_of, self_attribute, statem
 from porter.analysis.model_index import EMBEDDING_CALLS, LINEAR_CALLS
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
 
-SHARDED_SOURCES = {"qkv_proj", "attn", "gate_up_proj"}  # outputs of the fused layers and attention
+# Engine layers whose outputs are sharded by head or feature on each rank.
+SHARDED_LAYERS = {"QKVParallelLinear", "MergedColumnParallelLinear", "PagedAttention"}
 
 
 class TensorParallelLayers(Rewrite):
@@ -28,21 +29,23 @@ class TensorParallelLayers(Rewrite):
             info = context.index.classes[name]
             forward = info.methods.get("forward")
             if forward is not None and info.linears():
-                kinds.update({(name, a): k for a, k in _shard_kinds(forward, set(info.linears()), elementwise_attributes(info)).items()})
+                sharded = {a for a, call in info.init_calls.items() if call_name(call) in SHARDED_LAYERS}
+                kinds.update({(name, a): k for a, k in _shard_kinds(
+                    forward, set(info.linears()), elementwise_attributes(info), sharded).items()})
         return module.visit(_Transformer(context, kinds))
 
 
-def _shard_kinds(forward: cst.FunctionDef, linears: set[str], elementwise: set[str]) -> dict[str, str]:
+def _shard_kinds(forward: cst.FunctionDef, linears: set[str], elementwise: set[str], sharded_sources: set[str]) -> dict[str, str]:
     """Linear attribute -> "column" | "row" | "replicated", by a fixed point over the data flow."""
     forced: set[str] = set()
     while True:
-        kinds, poisoned = _propagate(forward, linears, elementwise, forced)
+        kinds, poisoned = _propagate(forward, linears, elementwise, forced, sharded_sources)
         if not poisoned - forced:
             return {a: ("replicated" if k == "candidate" or a in forced else k) for a, k in kinds.items()}
         forced |= poisoned
 
 
-def _propagate(forward, linears, elementwise, forced) -> tuple[dict[str, str], set[str]]:
+def _propagate(forward, linears, elementwise, forced, sharded_sources) -> tuple[dict[str, str], set[str]]:
     sharded: dict[str, set[str]] = {}  # variable -> column candidates it came through
     kinds: dict[str, str] = {}
     poisoned: set[str] = set()
@@ -66,7 +69,7 @@ def _propagate(forward, linears, elementwise, forced) -> tuple[dict[str, str], s
             if attr in linears:
                 poisoned.update(origins)  # a replicated Linear needs the whole tensor
                 return False, set()
-            if attr in SHARDED_SOURCES:
+            if attr in sharded_sources:
                 return True, origins  # attention keeps its inputs' head sharding
             if attr in elementwise or attr == "rotary_emb" or _is_elementwise_call(node):
                 return is_sharded, origins

@@ -125,7 +125,7 @@ def test_bias_disagreement_is_flagged_once():
     assert len(_fused(before).context.review) == 1
 
 
-def test_an_already_fused_projection_is_left_alone():
+def test_an_already_fused_concatenated_projection_becomes_qkv_parallel():
     # GPT-2 style: one Conv1D makes q, k and v.
     before = replace_class(
         MINI_MODEL,
@@ -147,9 +147,12 @@ class MiniAttention(nn.Module):
 """,
     )
     after = _fused(before)
-    assert (
-        init_value(after.code, "MiniAttention", "c_attn")
-        == "Conv1D(3 * config.hidden_size, config.hidden_size)"
+    assert init_value(after.code, "MiniAttention", "c_attn") == (
+        "QKVParallelLinear(config.hidden_size, self.head_dim, self.num_heads, self.num_heads, "
+        "bias=True, checkpoint_layout='concatenated', checkpoint_transposed=True)"
     )
-    assert "QKVParallelLinear" not in after.code
-    assert after.context.plan.fused == []
+    assert (
+        "self.c_attn(hidden_states).split([self.c_attn.q_size, self.c_attn.kv_size, self.c_attn.kv_size], dim=-1)"
+        in after.code
+    )
+    assert after.context.plan.fused == []  # one checkpoint tensor: nothing to map

@@ -5,8 +5,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 from tests.porter.rewrite_helpers import (
     MINI_MODEL,
     assert_code,
@@ -163,11 +161,6 @@ def test_engine_layers_used_are_requested_for_import():
     } <= after.context.plan.engine_imports
 
 
-@pytest.mark.xfail(
-    reason="tensor-parallel treats any attribute named `attn` as sharded: a decoder layer's attention "
-    "submodule of that name (GPT-2 style) returns a whole tensor, yet a Linear fed by it turns row-parallel",
-    strict=True,
-)
 def test_a_linear_after_an_attention_submodule_named_attn_stays_replicated():
     before = MINI_MODEL.replace("self.self_attn", "self.attn")
     before = vary(
