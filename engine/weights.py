@@ -56,9 +56,12 @@ def load_named_weights(
     fused: Sequence[FusedName] = (),
     tied: dict[str, str] | None = None,
     ignored: Sequence[str] = (),
+    renamed: Sequence[tuple[str, str]] = (),
 ) -> set[str]:
     """Loads checkpoint tensors by their HF names; returns the names loaded.
 
+    renamed: (regular expression, replacement) pairs applied to each checkpoint name first, for
+    checkpoints whose names differ from the module tree (transformers' own conversion renames).
     fused: checkpoint module names that feed a shard of a packed parameter.
     tied: parameter name -> the name it shares storage with (a checkpoint copy of it is redundant).
     ignored: regular expressions for checkpoint tensors the engine recomputes (rotary caches, masks).
@@ -78,16 +81,20 @@ def load_named_weights(
     loaded_names: set[str] = set()
     unknown: list[str] = []
 
-    for name, tensor in weights:
+    renames = [(re.compile(pattern), replacement) for pattern, replacement in renamed]
+    for checkpoint_name, tensor in weights:
+        name = checkpoint_name
+        for pattern, replacement in renames:
+            name = pattern.sub(replacement, name)
         if any(pattern.search(name) for pattern in ignored_patterns):
             continue
         if name in tied and name not in params:
-            loaded_names.add(name)  # the parameter it is tied to carries it
+            loaded_names.add(checkpoint_name)  # the parameter it is tied to carries it
             continue
         target, shard_id = _packed_target(name, fused, params)
         if target is None:
             if name not in params:
-                unknown.append(name)
+                unknown.append(checkpoint_name)
                 continue
             target = name
         param = params[target]
@@ -104,7 +111,7 @@ def load_named_weights(
         if target in expected_shards and shard_id is None:
             loaded_shards[target] |= expected_shards[target]  # one fused checkpoint tensor fills every shard
         loaded_params.add(target)
-        loaded_names.add(name)
+        loaded_names.add(checkpoint_name)
 
     missing = [
         name

@@ -17,6 +17,8 @@ from torch import nn
 
 _MODELS: dict[str, tuple[str, str]] = {
     "GPT2LMHeadModel": ("engine.models.gpt2", "GPT2LMHeadModel"),
+    "GPTBigCodeForCausalLM": ("engine.models.gpt_bigcode", "GPTBigCodeForCausalLM"),
+    "GPTNeoXForCausalLM": ("engine.models.gpt_neox", "GPTNeoXForCausalLM"),
     "LlamaForCausalLM": ("engine.models.llama", "LlamaForCausalLM"),
     "MistralForCausalLM": ("engine.models.mistral", "MistralForCausalLM"),
     "OPTForCausalLM": ("engine.models.opt", "OPTForCausalLM"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import libcst as cst
 
+from porter.analysis.checkpoint_names import checkpoint_renames
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
 
 
@@ -25,6 +26,11 @@ class _Transformer(ClassScopedTransformer):
         if updated.name.value != self.context.index.causal_lm:
             return super().leave_ClassDef(original, updated)
         plan = self.context.plan
+        renames, unsupported = checkpoint_renames(updated.name.value, self.context.source.model_type)
+        plan.renamed = renames
+        for transform in unsupported:
+            self.context.flag("load-weights", self.where, f"checkpoint conversion beyond a rename: {transform}")
+        renamed = "".join(f"\n        ({p!r}, {r!r})," for p, r in renames)
         fused = "".join(f"\n        ({packed!r}, {name!r}, {shard!r})," for packed, name, shard in sorted(plan.fused, key=str))
         tied = "".join(f"\n        {k!r}: {v!r}," for k, v in sorted(plan.tied.items()))
         ignored = "".join(f"\n        {pattern!r}," for pattern in sorted(plan.ignored))
@@ -33,7 +39,9 @@ class _Transformer(ClassScopedTransformer):
             f"    fused = [{fused}\n    ]\n"
             f"    tied = {{{tied}\n    }}\n"
             f"    ignored = [{ignored}\n    ]\n"
-            "    return load_named_weights(self, weights, fused=fused, tied=tied, ignored=ignored)\n"
+            + (f"    renamed = [{renamed}\n    ]\n" if renames else "")
+            + "    return load_named_weights(self, weights, fused=fused, tied=tied, ignored=ignored"
+            + (", renamed=renamed)\n" if renames else ")\n")
         )
         self.context.need("engine.weights", "load_named_weights")
         self.context.record("load-weights", self.where, "", method, "load HF checkpoint names into the engine's parameters")

@@ -1,0 +1,270 @@
+"""Offline throughput: porter's engine against HF `generate_batch` and `generate`, and the roofline.
+
+The protocol is `../shared/BENCHMARKS.md`: a random-weight model of a real shape, built from its
+transformers config class and saved as safetensors to a temp dir; random prompts, 256 tokens in and
+256 out, EOS ignored; output and total tokens/s of each system, on the same model and prompts, in one
+run, next to the floor set by the copy bandwidth and matmul rate measured in the same run.
+
+    PYTHONPATH=. python3 benchmarks/bench_throughput.py --model llama-1b --json llama.json
+    PYTHONPATH=. python3 benchmarks/bench_throughput.py --smoke      # tiny config, 8 prompts, CPU
+
+`--hf-prompts N` runs the HF baselines on the first N prompts only (they are slow); the table says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig, PretrainedConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.hf_baselines import run_generate, run_generate_batch  # noqa: E402
+from benchmarks.roofline import ModelCost, copy_bandwidth, matmul_rate, workload_roofline  # noqa: E402
+from engine import LLM, SamplingParams  # noqa: E402
+from engine.config import attention_shape  # noqa: E402
+
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=512)
+MODELS: dict[str, PretrainedConfig] = {
+    "llama-1b": LlamaConfig(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+    ),
+    "opt-1.3b": OPTConfig(
+        hidden_size=2048, ffn_dim=8192, num_hidden_layers=24, num_attention_heads=32, vocab_size=50272
+    ),
+    "tiny-llama": LlamaConfig(**TINY, intermediate_size=128, num_key_value_heads=2, tie_word_embeddings=True),
+    "tiny-opt": OPTConfig(**TINY, ffn_dim=128, word_embed_proj_dim=64),
+}
+SMOKE_MODEL = {"llama-1b": "tiny-llama", "opt-1.3b": "tiny-opt"}
+
+
+def build_checkpoint(config: PretrainedConfig, dtype: torch.dtype, device: torch.device, directory: Path):
+    """A random-weight HF model of `config` on `device`, saved (safetensors) to `directory`; returned for
+    the HF baselines, which run on the same weights."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    model.save_pretrained(directory)
+    return model
+
+
+def model_cost(model: torch.nn.Module, config: PretrainedConfig, dtype: torch.dtype) -> ModelCost:
+    unique = {id(p): p for p in model.parameters()}.values()  # a tied head counts once
+    params = sum(p.numel() for p in unique)
+    shape = attention_shape(config)
+    element = torch.empty((), dtype=dtype).element_size()
+    kv_per_token = 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * element
+    return ModelCost(params=params, weight_bytes=params * element, kv_bytes_per_token=kv_per_token)
+
+
+def run_engine(
+    directory: Path, prompts: list[list[int]], args: argparse.Namespace, enforce_eager: bool
+) -> dict:
+    """Start-up, then a short warm-up (kernel compiles), then the timed `LLM.generate` over all prompts."""
+    start = time.perf_counter()
+    llm = LLM(
+        str(directory),
+        dtype=args.dtype,
+        device=args.device,
+        max_model_len=args.input_len + args.output_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enforce_eager=enforce_eager,
+    )
+    startup = time.perf_counter() - start
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+        llm.generate(
+            prompts[:2], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), show_progress=False
+        )
+        engine = llm.engine
+        timers = {"forward_and_sample_s": 0.0, "steps": 0, "graph_replays": 0}
+        execute, sample = engine.driver.execute, engine.runner.sample
+        graphs = engine.runner.decode_graphs
+
+        def timed_execute(step):
+            timers["steps"] += 1
+            timers["_t0"] = time.perf_counter()
+            return execute(step)
+
+        def timed_sample(logits, seqs):
+            result = sample(logits, seqs)  # reads the tokens back: the step's GPU work is done here
+            timers["forward_and_sample_s"] += time.perf_counter() - timers["_t0"]
+            return result
+
+        engine.driver.execute, engine.runner.sample = timed_execute, timed_sample
+        if graphs is not None:
+            replay = graphs.replay
+            graphs.replay = lambda *a: (
+                timers.__setitem__("graph_replays", timers["graph_replays"] + 1) or replay(*a)
+            )
+        _sync(args.device)
+        begin = time.perf_counter()
+        outputs = llm.generate(prompts, params, show_progress=False)
+        _sync(args.device)
+        seconds = time.perf_counter() - begin
+        timers.pop("_t0", None)
+    finally:
+        llm.shutdown()
+        del llm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    return {"startup_s": startup, "output_tokens": tokens, "seconds": seconds, **timers}
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _rates(tokens: int, prompts: int, input_len: int, seconds: float) -> dict:
+    return {
+        "prompts": prompts,
+        "output_tokens": tokens,
+        "seconds": seconds,
+        "output_tokens_per_s": tokens / seconds,
+        "total_tokens_per_s": (tokens + prompts * input_len) / seconds,
+    }
+
+
+def print_table(results: dict, baseline_names: tuple[str, str]) -> None:
+    rows = results["systems"]
+    print(
+        f"\n{results['model']} on {results['device_name']}: {results['num_prompts']} prompts, "
+        f"{results['input_len']} in / {results['output_len']} out, {results['dtype']}"
+    )
+    header = f"{'system':<34}{'prompts':>8}{'out tok/s':>12}{'total tok/s':>13}"
+    header += "".join(f"{'x ' + name:>18}" for name in baseline_names)
+    print(header)
+    for name, row in rows.items():
+        if "error" in row:
+            print(f"{name:<34}  failed: {row['error']}")
+            continue
+        line = f"{name:<34}{row.get('prompts', results['num_prompts']):>8}"
+        line += f"{row['output_tokens_per_s']:>12,.0f}{row['total_tokens_per_s']:>13,.0f}"
+        for base in baseline_names:
+            ref = rows.get(base, {}).get("output_tokens_per_s")
+            line += f"{row['output_tokens_per_s'] / ref:>18.2f}" if ref else f"{'-':>18}"
+        print(line)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", choices=sorted(MODELS), default="llama-1b")
+    parser.add_argument("--num-prompts", type=int, default=512)
+    parser.add_argument("--input-len", type=int, default=256)
+    parser.add_argument("--output-len", type=int, default=256)
+    parser.add_argument("--hf-prompts", type=int, default=None, help="HF baselines on the first N prompts")
+    parser.add_argument("--hf-batch", type=int, default=128, help="static batch of HF generate")
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["generate_batch", "generate", "eager"])
+    parser.add_argument("--smoke", action="store_true", help="tiny config, 8 prompts of 32/16, CPU, float32")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    if args.smoke:
+        args.model = SMOKE_MODEL.get(args.model, args.model)
+        args.num_prompts, args.input_len, args.output_len = 8, 32, 16
+        args.device, args.dtype, args.hf_batch = "cpu", "float32", 4
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    config = MODELS[args.model]
+    generator = torch.Generator().manual_seed(0)
+    prompts = torch.randint(
+        10, config.vocab_size, (args.num_prompts, args.input_len), generator=generator
+    ).tolist()
+    hf_prompts = prompts[: args.hf_prompts or args.num_prompts]
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    results: dict = {
+        "model": args.model,
+        "device_name": device_name,
+        "dtype": args.dtype,
+        "num_prompts": args.num_prompts,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": sys.version.split()[0],
+        },
+        "date": datetime.date.today().isoformat(),
+        "command": " ".join(sys.argv),
+        "systems": {},
+    }
+    systems = results["systems"]
+    with tempfile.TemporaryDirectory(prefix="porter-bench-") as tmp:
+        start = time.perf_counter()
+        hf_model = build_checkpoint(config, dtype, device, Path(tmp))
+        results["build_s"] = time.perf_counter() - start
+        cost = model_cost(hf_model, config, dtype)
+        results["cost"] = cost.__dict__
+        bandwidth, flops = copy_bandwidth(device), matmul_rate(device, dtype)
+        roof = workload_roofline(
+            cost, args.num_prompts, args.input_len, args.output_len, args.max_num_seqs, bandwidth, flops
+        )
+        systems["roofline"] = {"prompts": args.num_prompts, **roof.as_dict()}
+        # The HF model stays on the device: the engine sizes its KV cache from the memory left.
+        for name, eager in (("engine (LLM.generate)", False), ("engine, enforce_eager", True)):
+            if eager and "eager" in args.skip:
+                continue
+            run = run_engine(Path(tmp), prompts, args, enforce_eager=eager)
+            systems[name] = {
+                **run,
+                **_rates(run["output_tokens"], args.num_prompts, args.input_len, run["seconds"]),
+            }
+            print(f"{name}: {systems[name]}", flush=True)
+
+        label = "" if len(hf_prompts) == args.num_prompts else f" [{len(hf_prompts)} prompts]"
+        if "generate_batch" not in args.skip:
+            try:
+                tokens, seconds = run_generate_batch(hf_model, hf_prompts, args.output_len)
+                systems["HF generate_batch" + label] = _rates(
+                    tokens, len(hf_prompts), args.input_len, seconds
+                )
+            except Exception as error:  # a baseline that breaks is reported, not fatal
+                systems["HF generate_batch" + label] = {"error": repr(error)}
+            gc.collect()
+        if "generate" not in args.skip:
+            name = f"HF generate (batch {args.hf_batch})" + label
+            try:
+                tokens, seconds = run_generate(hf_model, hf_prompts, args.output_len, args.hf_batch)
+                systems[name] = _rates(tokens, len(hf_prompts), args.input_len, seconds)
+            except Exception as error:
+                systems[name] = {"error": repr(error)}
+    baselines = tuple(n for n in systems if n.startswith("HF") and "error" not in systems[n])
+    print_table(results, baselines)
+    print(
+        f"copy bandwidth {bandwidth / 1e9:,.0f} GB/s, {args.dtype} matmul {flops / 1e12:,.1f} TFLOP/s; "
+        f"roofline: {roof.memory_bound_steps} of {roof.decode_steps} decode steps memory-bound"
+    )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
