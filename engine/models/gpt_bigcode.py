@@ -26,6 +26,7 @@ from engine.layers import (
     LogitsProcessor,
     PagedAttention,
     ParallelLMHead,
+    QKVParallelLinear,
     ReplicatedLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
@@ -70,31 +71,39 @@ class GPTBigCodeAttention(nn.Module):
             if self.multi_query:
                 raise NotImplementedError("Multi-Query Attention not supported for cross_attention")
 
-            self.c_attn = ReplicatedLinear(self.embed_dim, 2 * self.embed_dim)
+            self.c_attn = ColumnParallelLinear(self.embed_dim, 2 * self.embed_dim)
             self.q_attn = ReplicatedLinear(self.embed_dim, self.embed_dim)
         else:
-            self.c_attn = ReplicatedLinear(self.embed_dim, self.embed_dim + 2 * self.kv_dim)
+            self.c_attn = QKVParallelLinear(
+                self.embed_dim,
+                self.head_dim,
+                self.num_heads,
+                self.kv_heads,
+                bias=True,
+                checkpoint_layout="concatenated" if self.multi_query else "per_head",
+            )
 
-        self.c_proj = ReplicatedLinear(self.embed_dim, self.embed_dim)
+        self.c_proj = RowParallelLinear(self.embed_dim, self.embed_dim)
         self.attn = PagedAttention(
-            (2 * self.embed_dim) // (3 * self.head_dim), self.head_dim, scale=self.scaling
+            self.num_heads, self.head_dim, scale=self.scaling, num_kv_heads=self.kv_heads
         )
 
     def forward(self, hidden_states: torch.Tensor, kv_cache, input_metadata):
         input_shape = hidden_states.shape[:-1]
-
-        if self.is_cross_attention:
-            if not hasattr(self, "q_attn") or not self.is_cross_attention:
-                raise ValueError(
-                    "If class is used as cross attention, the weights `q_attn` have to be defined. "
-                    "Please make sure to instantiate class with `GPTBigCodeAttention(..., is_cross_attention=True)`."
-                )
-            query = self.q_attn(hidden_states).unflatten(-1, (-1, self.head_dim))
+        if self.multi_query:
+            query, key, value = self.c_attn(hidden_states).split(
+                [self.c_attn.q_size, self.c_attn.kv_size, self.c_attn.kv_size], dim=-1
+            )
+            query = query.unflatten(-1, (-1, self.head_dim))
         else:
-            if self.multi_query:
-                query = query.unflatten(-1, (-1, self.head_dim))
-            else:
-                pass
+            query, key, value = self.c_attn(hidden_states).split(
+                [self.c_attn.q_size, self.c_attn.kv_size, self.c_attn.kv_size], dim=-1
+            )
+        attn_output = self.attn(query, key, value, kv_cache, input_metadata)
+
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        attn_output = self.c_proj(attn_output)
+        return attn_output
 
 
 class GPTBigCodeMLP(nn.Module):

@@ -55,9 +55,14 @@ def analyse_attention(index: ModelIndex, name: str) -> AttentionInfo | None:
     head_dim = next((f"self.{a}" for a in _init_attributes(info) if a in HEAD_DIM_WORDS), None)
     if head_dim is None:
         return None
-    fused = q == k == v  # one projection makes q, k and v: its output is 3 heads' worth per head
-    num_heads = _heads(info, q, head_dim, 3 if fused else 1)
-    num_kv_heads = num_heads if k == q else _heads(info, k, head_dim, 1)
+    if q == k == v:  # one projection makes q, k and v
+        counts = _fused_heads(info, q, head_dim)
+        if counts is None:
+            return None
+        num_heads, num_kv_heads = counts
+    else:
+        num_heads = _heads(info, q, head_dim)
+        num_kv_heads = num_heads if k == q else _heads(info, k, head_dim)
     return AttentionInfo(name, core, statements[core_at], other_cores, q, k, v, output, head_dim, num_heads, num_kv_heads)
 
 
@@ -144,32 +149,53 @@ def _init_attributes(info: ClassInfo) -> dict[str, cst.BaseExpression]:
     return found
 
 
-def _heads(info: ClassInfo, projection: str, head_dim: str, parts: int) -> str:
-    """Head count behind a projection's output size (`parts` tensors per head), valid in __init__."""
-    calls = info.all_init_calls.get(projection) or [info.init_calls[projection]]
-    if parts > 1:  # the configuration that builds all three parts (not a cross-attention k/v-only one)
-        calls = [c for c in calls if _out_size(c).replace(" ", "").startswith(f"{parts}*")] or calls
-    call = calls[0]
-    out = call.args[1].value if call_name(call) != "Conv1D" else call.args[0].value
-    if parts > 1:
-        if isinstance(out, cst.BinaryOperation) and isinstance(out.operator, cst.Multiply) and code_of(out.left) == str(parts):
-            out = out.right
-        else:
-            return f"({code_of(out)}) // ({parts} * {head_dim})"
-    if isinstance(out, cst.BinaryOperation) and isinstance(out.operator, cst.Multiply):
-        if code_of(out.right) == head_dim:
-            return code_of(out.left)
-        if code_of(out.left) == head_dim:
-            return code_of(out.right)
-    # `self.head_dim = <out> // <heads>` names the head count directly.
-    definition = _init_attributes(info).get(head_dim.removeprefix("self."))
+def _heads(info: ClassInfo, projection: str, head_dim: str) -> str:
+    """Head count behind a separate q, k or v projection's output size, valid in __init__."""
+    call = info.init_calls[projection]
+    return _count(info, _out_expr(call), head_dim)
+
+
+def _fused_heads(info: ClassInfo, projection: str, head_dim: str) -> tuple[str, str] | None:
+    """(query heads, KV heads) of one projection making q, k and v: `3 * E` or `E + 2 * kv`."""
+    for call in info.all_init_calls.get(projection) or [info.init_calls[projection]]:
+        out = _out_expr(call)
+        if isinstance(out, cst.BinaryOperation) and isinstance(out.operator, cst.Multiply) and code_of(out.left) == "3":
+            heads = _count(info, out.right, head_dim)
+            return heads, heads
+        if isinstance(out, cst.BinaryOperation) and isinstance(out.operator, cst.Add):
+            right = out.right
+            if isinstance(right, cst.BinaryOperation) and isinstance(right.operator, cst.Multiply) and code_of(right.left) == "2":
+                return _count(info, out.left, head_dim), _count(info, right.right, head_dim)
+    return None  # (a configuration building only some of the three is a cross-attention variant)
+
+
+def _count(info: ClassInfo, size: cst.BaseExpression, head_dim: str) -> str:
+    """How many heads of `head_dim` make `size`, as simply as the source lets us say it."""
+    if isinstance(size, cst.BinaryOperation) and isinstance(size.operator, cst.Multiply):
+        if code_of(size.right) == head_dim:
+            return code_of(size.left)
+        if code_of(size.left) == head_dim:
+            return code_of(size.right)
+    attributes = _init_attributes(info)
+    # `self.head_dim = <size> // <heads>` names the head count directly.
+    definition = attributes.get(head_dim.removeprefix("self."))
     if (
         isinstance(definition, cst.BinaryOperation)
         and isinstance(definition.operator, cst.FloorDivide)
-        and code_of(definition.left) == code_of(out)
+        and code_of(definition.left) == code_of(size)
     ):
         return code_of(definition.right)
-    return f"({code_of(out)}) // {head_dim}"
+    # `self.kv_dim = self.kv_heads * self.head_dim`: follow the attribute once.
+    name = self_attribute(size)
+    if name in attributes and not isinstance(attributes[name], cst.Name):
+        inner = attributes[name]
+        if isinstance(inner, cst.BinaryOperation) and isinstance(inner.operator, cst.Multiply):
+            return _count(info, inner, head_dim)
+    return f"({code_of(size)}) // {head_dim}"
+
+
+def _out_expr(call: cst.Call) -> cst.BaseExpression:
+    return call.args[1].value if call_name(call) != "Conv1D" else call.args[0].value
 
 
 def _out_size(call: cst.Call) -> str:

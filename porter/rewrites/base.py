@@ -51,8 +51,12 @@ class Plan:
     engine_imports: set[tuple[str, str]] = field(default_factory=set)
     # attention class -> what analysis found in it (read before its core is replaced)
     attention: dict[str, AttentionInfo] = field(default_factory=dict)
+    # (class, attribute) -> value fixed by a constructor default nobody passes
+    constant_attributes: dict[tuple[str, str], bool | None] = field(default_factory=dict)
     # (class, attribute) of single projections that hold q|k|v side by side
     concatenated_qkv: set[tuple[str, str]] = field(default_factory=set)
+    # (class, attribute) -> [(layout, (if test, branch) or None)] of each split of that projection
+    qkv_layouts: dict[tuple[str, str], list] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

@@ -13,7 +13,14 @@ from __future__ import annotations
 
 import libcst as cst
 
-from porter.analysis.cst_utils import dotted_name, function_params, names_in, statement_targets
+from porter.analysis.constructor_flags import constructor_flags
+from porter.analysis.cst_utils import (
+    dotted_name,
+    function_params,
+    names_in,
+    self_attribute,
+    statement_targets,
+)
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
 from porter.rewrites.engine_interface import (
     ABSENT_INPUTS,
@@ -38,6 +45,11 @@ class DecideConditions(Rewrite):
     def apply(self, module: cst.Module, context: PortContext) -> cst.Module:
         signatures = compute_signatures(context.index)
         context.plan.dropped_params = dropped_params(context.index, signatures)
+        module = module.visit(_Transformer(context, cascade=False))
+        # Deciding those branches can leave a submodule uncalled (a cross-attention block), which
+        # fixes flags its siblings were built with; decide again with those.
+        context.reindex(module)
+        context.plan.constant_attributes = constructor_flags(context.index)
         return module.visit(_Transformer(context, cascade=False))
 
 
@@ -65,6 +77,8 @@ class _Transformer(ClassScopedTransformer):
                 present=(current & set(ENGINE_PARAMS)) | ({"positions", "input_ids"} - dropped) | (POSITION_PARAMS & current),
                 live=current,
                 cascade=self.cascade,
+                attributes={a: v for (c, a), v in self.context.plan.constant_attributes.items()
+                            if c == self.current_class},
             )
             body = pruner.block(list(updated.body.body)) or [cst.SimpleStatementLine([cst.Pass()])]
             updated = updated.with_changes(body=updated.body.with_changes(body=body))
@@ -94,8 +108,9 @@ def _drop_unread_assignments(function: cst.FunctionDef, context: PortContext, wh
 
 class _Pruner:
     def __init__(self, context: PortContext, where: str, dead: set[str], absent: set[str], present: set[str],
-                 live: set[str], cascade: bool = True) -> None:
+                 live: set[str], cascade: bool = True, attributes: dict[str, bool | None] | None = None) -> None:
         self.cascade = cascade
+        self.attributes = attributes or {}  # self.<attr> fixed by constructor defaults
         self.context, self.where = context, where
         self.dead, self.absent, self.present, self.live = set(dead), absent, present, set(live)
         self.constants: dict[str, bool] = {}  # flags decided from plumbing (`is_cross = encoder is not None`)
@@ -212,6 +227,9 @@ class _Pruner:
             return False
         if dotted_name(node) in FALSE_ATTRIBUTES:
             return False
+        attr = self_attribute(node)
+        if attr in self.attributes and isinstance(self.attributes[attr], bool):
+            return self.attributes[attr]
         if isinstance(node, cst.Name) and node.value in {"True", "False"}:
             return node.value == "True"
         if isinstance(node, cst.Name) and node.value in self.constants:

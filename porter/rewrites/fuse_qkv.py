@@ -17,6 +17,7 @@ from porter.analysis.model_index import LINEAR_CALLS
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
 
 FUSED = "qkv_proj"
+RESHAPE_METHODS = {"view", "reshape", "unsqueeze", "transpose", "contiguous"}
 
 
 class FuseQKV(Rewrite):
@@ -42,21 +43,46 @@ class _ConcatenatedQKV(ClassScopedTransformer):
             return None
         return info, info.query
 
+    def __init__(self, context: PortContext) -> None:
+        super().__init__(context)
+        self.branches: list[list[str]] = []  # [test, "body" | "orelse"] of the enclosing ifs
+
+    def visit_If(self, node: cst.If) -> bool:
+        self.branches.append([code_of(node.test), "body"])
+        return True
+
+    def visit_Else(self, node: cst.Else) -> bool:
+        if self.branches:
+            self.branches[-1][1] = "orelse"
+        return True
+
+    def leave_If(self, original: cst.If, updated: cst.If) -> cst.BaseStatement:
+        self.branches.pop()
+        return updated
+
     def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.BaseExpression:
         found = self._fused_attr()
         if found is None or self.current_function != "forward":
             return updated
-        info, attr = found
+        _, attr = found
         func = updated.func
-        if not (isinstance(func, cst.Attribute) and func.attr.value == "split" and isinstance(func.value, cst.Call)
-                and self_attribute(func.value.func) == attr):
+        if not (isinstance(func, cst.Attribute) and func.attr.value == "split"):
+            return updated
+        # Walk the batch-era reshapes between the projection and its split: `.unsqueeze(1)` (a fake
+        # head axis) means q|k|v side by side; a `.view(..., heads, 3 * head_dim)` means per head.
+        node, layout = func.value, "concatenated"
+        while isinstance(node, cst.Call) and isinstance(node.func, cst.Attribute) and node.func.attr.value in RESHAPE_METHODS:
+            if node.func.attr.value in ("view", "reshape"):
+                layout = "per_head"
+            node = node.func.value
+        if not (isinstance(node, cst.Call) and self_attribute(node.func) == attr):
             return updated
         sizes = f"[self.{attr}.q_size, self.{attr}.kv_size, self.{attr}.kv_size]"
-        new = updated.with_changes(args=[cst.Arg(cst.parse_expression(sizes)),
-                                         cst.Arg(cst.parse_expression("-1"), keyword=cst.Name("dim"),
-                                                 equal=cst.AssignEqual(cst.SimpleWhitespace(""), cst.SimpleWhitespace("")))])
+        new = cst.parse_expression(f"{code_of(node)}.split({sizes}, dim=-1)")
+        branch = tuple(self.branches[-1]) if self.branches else None
         self.context.plan.concatenated_qkv.add((self.current_class, attr))
-        self.context.record("fuse-qkv", self.where, original, new, "split this rank's q, k and v out of the fused projection")
+        self.context.plan.qkv_layouts.setdefault((self.current_class, attr), []).append((layout, branch))
+        self.context.record("fuse-qkv", self.where, original, new, f"this rank's q, k and v out of the fused projection ({layout})")
         return new
 
     def leave_ClassDef(self, original: cst.ClassDef, updated: cst.ClassDef):
@@ -82,14 +108,29 @@ class _FusedInit(cst.CSTTransformer):
         if not _three_parts(out):
             return updated  # another configuration of the same attribute (a cross-attention k/v-only variant)
         info = self.info
+        layout = self._layout(attr)
         new = cst.parse_expression(
             f"QKVParallelLinear({code_of(hidden)}, {info.head_dim}, {info.num_heads}, {info.num_kv_heads}, "
-            f"bias={code_of(linear_bias(call)) if not transposed else 'True'}, checkpoint_layout='concatenated'"
+            f"bias={code_of(linear_bias(call)) if not transposed else 'True'}, checkpoint_layout={layout}"
             + (", checkpoint_transposed=True)" if transposed else ")")
         )
         self.context.need("engine.layers", "QKVParallelLinear")
         self.context.record("fuse-qkv", info.name, call, new, "fused q|k|v projection, sharded by head")
         return updated.with_changes(value=new)
+
+
+    def _layout(self, attr: str) -> str:
+        """The layout expression: one layout, or a choice by the same condition forward branches on."""
+        uses = self.context.plan.qkv_layouts.get((self.info.name, attr), [])
+        layouts = {layout for layout, _ in uses}
+        if len(layouts) == 1:
+            return repr(layouts.pop())
+        branches = {branch[1]: (layout, branch[0]) for layout, branch in uses if branch}
+        if set(branches) == {"body", "orelse"} and branches["body"][1] == branches["orelse"][1]:
+            test = branches["body"][1]
+            return f"{branches['body'][0]!r} if {test} else {branches['orelse'][0]!r}"
+        self.context.flag("fuse-qkv", self.info.name, f"{attr} is split in several layouts under conditions porter cannot pair")
+        return repr("concatenated")
 
 
 def _three_parts(out: cst.BaseExpression) -> bool:

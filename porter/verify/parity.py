@@ -99,19 +99,13 @@ def hf_reference(model: torch.nn.Module, prompts: list[list[int]], steps: list[S
 def engine_logits(model_dir: str, model_class: str, inputs_per_step, dtype: torch.dtype, device: str) -> list[dict[int, torch.Tensor]]:
     """Runs the schedule through the engine at the current tensor-parallel rank."""
     from engine.input_metadata import InputMetadata
-    from engine.kv_cache import allocate_kv_caches
+    from engine.kv_cache import allocate_kv_caches, cache_shape_of
     from engine.model_loader import load_model
 
-    model, config = load_model(model_dir, dtype, device, model_class=model_class)
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    from engine.distributed import get_tp_size
-
-    tp = get_tp_size()
-    kv_per_rank = max(1, kv_heads // tp)
+    model, _ = load_model(model_dir, dtype, device, model_class=model_class)
+    num_layers, kv_per_rank, head_dim = cache_shape_of(model)
     num_blocks = 64
-    caches = allocate_kv_caches(config.num_hidden_layers, num_blocks, BLOCK_SIZE, kv_per_rank, head_dim, dtype, device)
+    caches = allocate_kv_caches(num_layers, num_blocks, BLOCK_SIZE, kv_per_rank, head_dim, dtype, device)
     pool = list(range(num_blocks))
     random.Random(1234).shuffle(pool)  # block tables far from the identity
     tables: dict[int, list[int]] = {}
