@@ -8,15 +8,18 @@ run, next to the floor set by the copy bandwidth and matmul rate measured in the
     PYTHONPATH=. python3 benchmarks/bench_throughput.py --model llama-1b --json llama.json
     PYTHONPATH=. python3 benchmarks/bench_throughput.py --smoke      # tiny config, 8 prompts, CPU
 
-`--hf-prompts N` runs the HF baselines on the first N prompts only (they are slow); the table says so.
+`--hf-prompts N` runs both HF baselines on the first N prompts only (they are slow), `--generate-prompts N`
+and `--generate-batch-prompts N` one of them; the table says how many prompts each row ran.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import datetime
 import gc
 import json
+import pstats
 import sys
 import tempfile
 import time
@@ -94,18 +97,23 @@ def run_engine(
             prompts[:2], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), show_progress=False
         )
         engine = llm.engine
-        timers = {"forward_and_sample_s": 0.0, "steps": 0, "graph_replays": 0}
+        # Host time inside the model step (prepare, launches, logits) and the sampler; neither waits for
+        # the GPU, which the engine does when it reads the sampled tokens back.
+        timers = {"execute_host_s": 0.0, "sample_host_s": 0.0, "steps": 0, "graph_replays": 0}
         execute, sample = engine.driver.execute, engine.runner.sample
         graphs = engine.runner.decode_graphs
 
         def timed_execute(step):
             timers["steps"] += 1
-            timers["_t0"] = time.perf_counter()
-            return execute(step)
+            begin = time.perf_counter()
+            logits = execute(step)
+            timers["execute_host_s"] += time.perf_counter() - begin
+            return logits
 
         def timed_sample(logits, seqs):
-            result = sample(logits, seqs)  # reads the tokens back: the step's GPU work is done here
-            timers["forward_and_sample_s"] += time.perf_counter() - timers["_t0"]
+            begin = time.perf_counter()
+            result = sample(logits, seqs)
+            timers["sample_host_s"] += time.perf_counter() - begin
             return result
 
         engine.driver.execute, engine.runner.sample = timed_execute, timed_sample
@@ -116,16 +124,17 @@ def run_engine(
             )
         _sync(args.device)
         begin = time.perf_counter()
-        outputs = llm.generate(prompts, params, show_progress=False)
+        if args.profile is None:
+            outputs = llm.generate(prompts, params, show_progress=False)
+        else:
+            profiler = cProfile.Profile()
+            outputs = profiler.runcall(llm.generate, prompts, params, show_progress=False)
+            with open(args.profile, "w") as stream:
+                pstats.Stats(profiler, stream=stream).sort_stats("tottime").print_stats(40)
         _sync(args.device)
         seconds = time.perf_counter() - begin
-        timers.pop("_t0", None)
     finally:
         llm.shutdown()
-        del llm
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     return {"startup_s": startup, "output_tokens": tokens, "seconds": seconds, **timers}
 
@@ -145,24 +154,33 @@ def _rates(tokens: int, prompts: int, input_len: int, seconds: float) -> dict:
     }
 
 
-def print_table(results: dict, baseline_names: tuple[str, str]) -> None:
+def _subset_label(subset: list, total: int) -> str:
+    return "" if len(subset) == total else f" [{len(subset)} prompts]"
+
+
+def print_table(results: dict) -> None:
+    """One row per system; the last columns are output tokens/s over each HF baseline's."""
     rows = results["systems"]
+    baselines = {
+        short: next((n for n in rows if n.startswith(prefix) and "error" not in rows[n]), None)
+        for short, prefix in (("x gen_batch", "HF generate_batch"), ("x generate", "HF generate ("))
+    }
     print(
         f"\n{results['model']} on {results['device_name']}: {results['num_prompts']} prompts, "
         f"{results['input_len']} in / {results['output_len']} out, {results['dtype']}"
     )
-    header = f"{'system':<34}{'prompts':>8}{'out tok/s':>12}{'total tok/s':>13}"
-    header += "".join(f"{'x ' + name:>18}" for name in baseline_names)
-    print(header)
+    print(
+        f"{'system':<40}{'prompts':>8}{'out tok/s':>12}{'total tok/s':>13}{'x gen_batch':>13}{'x generate':>12}"
+    )
     for name, row in rows.items():
         if "error" in row:
-            print(f"{name:<34}  failed: {row['error']}")
+            print(f"{name:<40}  failed: {row['error']}")
             continue
-        line = f"{name:<34}{row.get('prompts', results['num_prompts']):>8}"
-        line += f"{row['output_tokens_per_s']:>12,.0f}{row['total_tokens_per_s']:>13,.0f}"
-        for base in baseline_names:
-            ref = rows.get(base, {}).get("output_tokens_per_s")
-            line += f"{row['output_tokens_per_s'] / ref:>18.2f}" if ref else f"{'-':>18}"
+        line = f"{name:<40}{row['prompts']:>8}{row['output_tokens_per_s']:>12,.0f}{row['total_tokens_per_s']:>13,.0f}"
+        for short, base in baselines.items():
+            width = len(short) + 2
+            ratio = row["output_tokens_per_s"] / rows[base]["output_tokens_per_s"] if base else None
+            line += f"{ratio:>{width}.2f}" if ratio else f"{'-':>{width}}"
         print(line)
 
 
@@ -175,6 +193,10 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=256)
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--hf-prompts", type=int, default=None, help="HF baselines on the first N prompts")
+    parser.add_argument("--generate-prompts", type=int, default=None, help="HF generate on the first N")
+    parser.add_argument(
+        "--generate-batch-prompts", type=int, default=None, help="generate_batch on the first N"
+    )
     parser.add_argument("--hf-batch", type=int, default=128, help="static batch of HF generate")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -183,6 +205,9 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], choices=["generate_batch", "generate", "eager"])
     parser.add_argument("--smoke", action="store_true", help="tiny config, 8 prompts of 32/16, CPU, float32")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--profile", type=Path, default=None, help="cProfile the engine's timed run to this file"
+    )
     args = parser.parse_args()
     if args.smoke:
         args.model = SMOKE_MODEL.get(args.model, args.model)
@@ -196,7 +221,9 @@ def main() -> None:
     prompts = torch.randint(
         10, config.vocab_size, (args.num_prompts, args.input_len), generator=generator
     ).tolist()
-    hf_prompts = prompts[: args.hf_prompts or args.num_prompts]
+    hf_count = args.hf_prompts or args.num_prompts
+    batch_prompts = prompts[: args.generate_batch_prompts or hf_count]
+    generate_prompts = prompts[: args.generate_prompts or hf_count]
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     results: dict = {
         "model": args.model,
@@ -232,32 +259,39 @@ def main() -> None:
         for name, eager in (("engine (LLM.generate)", False), ("engine, enforce_eager", True)):
             if eager and "eager" in args.skip:
                 continue
-            run = run_engine(Path(tmp), prompts, args, enforce_eager=eager)
+            try:
+                run = run_engine(Path(tmp), prompts, args, enforce_eager=eager)
+            except Exception as error:  # reported in the table; the baselines still run
+                systems[name] = {"error": repr(error)}
+                continue
+            finally:
+                # The engine's timing hooks form reference cycles with it: collect them here, after
+                # run_engine's frame is gone, or its KV cache stays allocated for the next engine.
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
             systems[name] = {
                 **run,
                 **_rates(run["output_tokens"], args.num_prompts, args.input_len, run["seconds"]),
             }
             print(f"{name}: {systems[name]}", flush=True)
 
-        label = "" if len(hf_prompts) == args.num_prompts else f" [{len(hf_prompts)} prompts]"
         if "generate_batch" not in args.skip:
+            name = "HF generate_batch" + _subset_label(batch_prompts, args.num_prompts)
             try:
-                tokens, seconds = run_generate_batch(hf_model, hf_prompts, args.output_len)
-                systems["HF generate_batch" + label] = _rates(
-                    tokens, len(hf_prompts), args.input_len, seconds
-                )
+                tokens, seconds = run_generate_batch(hf_model, batch_prompts, args.output_len)
+                systems[name] = _rates(tokens, len(batch_prompts), args.input_len, seconds)
             except Exception as error:  # a baseline that breaks is reported, not fatal
-                systems["HF generate_batch" + label] = {"error": repr(error)}
+                systems[name] = {"error": repr(error)}
             gc.collect()
         if "generate" not in args.skip:
-            name = f"HF generate (batch {args.hf_batch})" + label
+            name = f"HF generate (batch {args.hf_batch})" + _subset_label(generate_prompts, args.num_prompts)
             try:
-                tokens, seconds = run_generate(hf_model, hf_prompts, args.output_len, args.hf_batch)
-                systems[name] = _rates(tokens, len(hf_prompts), args.input_len, seconds)
+                tokens, seconds = run_generate(hf_model, generate_prompts, args.output_len, args.hf_batch)
+                systems[name] = _rates(tokens, len(generate_prompts), args.input_len, seconds)
             except Exception as error:
                 systems[name] = {"error": repr(error)}
-    baselines = tuple(n for n in systems if n.startswith("HF") and "error" not in systems[n])
-    print_table(results, baselines)
+    print_table(results)
     print(
         f"copy bandwidth {bandwidth / 1e9:,.0f} GB/s, {args.dtype} matmul {flops / 1e12:,.1f} TFLOP/s; "
         f"roofline: {roof.memory_bound_steps} of {roof.decode_steps} decode steps memory-bound"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel
+from transformers import ContinuousBatchingConfig, GenerationConfig, PreTrainedModel
 from transformers.generation.continuous_batching.utils import WorkloadHints
 
 # A result that does not come within this long means the manager's thread died or hung.
@@ -32,16 +32,39 @@ def run_generate_batch(
     """(output tokens, seconds) of transformers' continuous batching over all `prompts`; EOS disabled
     (eos_token_id -1, which the continuous-batching requests read as none)."""
     config = GenerationConfig(max_new_tokens=output_len, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    # On a GPU the manager sizes its cache from free memory; on CPU (the smoke run) it cannot, so say.
+    cb_config = None
+    if model.device.type == "cpu":
+        longest = max(len(p) for p in prompts) + output_len
+        cb_config = ContinuousBatchingConfig(
+            block_size=16, num_blocks=len(prompts) * -(-longest // 16), max_batch_tokens=256
+        )
     hints = WorkloadHints(
         max_prompt_length=max(len(p) for p in prompts),
         max_generated_length=output_len,
         num_requests=len(prompts),
     )
     manager_context = model.continuous_batching_context_manager(
-        generation_config=config, block=True, timeout=5, workload_hints=hints
+        generation_config=config,
+        continuous_batching_config=cb_config,
+        block=True,
+        timeout=5,
+        workload_hints=hints,
     )
+    original_attention = model.config._attn_implementation
+    try:
+        tokens, seconds = _drive(manager_context, prompts, output_len, model.device)
+    finally:
+        # The manager switches the model to a paged attention; a failed start leaves it switched.
+        model.set_attn_implementation(original_attention)
+    return tokens, seconds
+
+
+def _drive(
+    manager_context, prompts: list[list[int]], output_len: int, device: torch.device
+) -> tuple[int, float]:
     with manager_context as manager:  # warm-up happens on entry, outside the clock
-        _sync(model.device)
+        _sync(device)
         start = time.perf_counter()
         request_ids = manager.add_requests(inputs=prompts, max_new_tokens=output_len)
         tokens = 0
@@ -54,7 +77,7 @@ def run_generate_batch(
                 tokens += len(result.generated_tokens)
             elif result is None and (not manager.is_running() or time.perf_counter() > deadline):
                 raise RuntimeError(f"generate_batch stopped after {finished} of {len(request_ids)} requests")
-        _sync(model.device)
+        _sync(device)
         seconds = time.perf_counter() - start
     return tokens, seconds
 

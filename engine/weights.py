@@ -113,11 +113,9 @@ def load_named_weights(
         loaded_params.add(target)
         loaded_names.add(checkpoint_name)
 
-    missing = [
-        name
-        for name in params
-        if name not in loaded_params and name not in tied
-    ]
+    # A tied parameter really shared with its partner is not listed by named_parameters() at all;
+    # one that is listed is its own tensor and must be loaded like any other.
+    missing = [name for name in params if name not in loaded_params]
     missing += [
         f"{name} (shards {sorted(map(str, expected_shards[name] - got))})"
         for name, got in loaded_shards.items()

@@ -68,7 +68,12 @@ class RotaryEmbedding(nn.Module):
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x = x.reshape(shape[0], -1, self.head_dim)
+        # A [T, heads, D] input carries its own per-head size: a caller that sliced off the rotary
+        # part itself (partial rotary done by hand) passes D == rotary_dim.
+        head_size = shape[-1] if x.dim() == 3 else self.head_dim
+        if head_size < self.rotary_dim:
+            raise ValueError(f"per-head size {head_size} is smaller than the rotary dim {self.rotary_dim}")
+        x = x.reshape(shape[0], -1, head_size)
         cos = cos[:, None, :].to(x.dtype)  # [T, 1, rotary_dim / 2], broadcast over heads
         sin = sin[:, None, :].to(x.dtype)
         rotated, passed = x[..., : self.rotary_dim], x[..., self.rotary_dim :]

@@ -19,9 +19,11 @@ _MODELS: dict[str, tuple[str, str]] = {
     "GPT2LMHeadModel": ("engine.models.gpt2", "GPT2LMHeadModel"),
     "GPTBigCodeForCausalLM": ("engine.models.gpt_bigcode", "GPTBigCodeForCausalLM"),
     "GPTNeoXForCausalLM": ("engine.models.gpt_neox", "GPTNeoXForCausalLM"),
+    "Gemma2ForCausalLM": ("engine.models.gemma2", "Gemma2ForCausalLM"),
     "LlamaForCausalLM": ("engine.models.llama", "LlamaForCausalLM"),
     "MistralForCausalLM": ("engine.models.mistral", "MistralForCausalLM"),
     "OPTForCausalLM": ("engine.models.opt", "OPTForCausalLM"),
+    "PhiForCausalLM": ("engine.models.phi", "PhiForCausalLM"),
     "Qwen2ForCausalLM": ("engine.models.qwen2", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("engine.models.qwen3", "Qwen3ForCausalLM"),
 }

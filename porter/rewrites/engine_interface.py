@@ -81,7 +81,10 @@ def compute_signatures(index: ModelIndex) -> dict[str, list[str]]:
             continue
         engine = need(name)
         original = function_params(forward)[1:]
-        kept = [p for p in original if p not in PLUMBING | ABSENT_INPUTS | POSITION_PARAMS and p not in ENGINE_PARAMS]
+        # `input_ids` is the engine's input where the backbone (or a class above it) needs it; in a
+        # module below the backbone it is plain data (a word embedding's input).
+        engine_names = set(ENGINE_PARAMS) if "input_ids" in engine else set(ENGINE_PARAMS) - {"input_ids"}
+        kept = [p for p in original if p not in PLUMBING | ABSENT_INPUTS | POSITION_PARAMS and p not in engine_names]
         starred = forward.params.star_kwarg is not None or isinstance(forward.params.star_arg, cst.Param)
         if engine or kept != original or starred:
             signatures[name] = kept + [p for p in ENGINE_PARAMS if p in engine]

@@ -36,13 +36,18 @@ class SplitLMHead(Rewrite):
 def _vocab_embedding_path(index: ModelIndex) -> list[str] | None:
     """`["model", "decoder", "embed_tokens"]`: where the input embedding lives, seen from the head class."""
 
+    # nn.Embedding itself, or this file's subclasses of it (a scaled word embedding)
+    embeddings = set(EMBEDDING_CALLS) | {
+        name for name, info in index.classes.items() if any(b in EMBEDDING_CALLS for b in info.bases)
+    }
+
     def search(name: str, trail: list[str], seen: set[str]) -> list[str] | None:
         if name in seen:
             return None
         seen.add(name)
         info = index.classes[name]
         for attr, call in info.init_calls.items():
-            if call_name(call) in EMBEDDING_CALLS and call.args and "vocab" in code_of(call.args[0].value):
+            if call_name(call) in embeddings and call.args and "vocab" in code_of(call.args[0].value):
                 return [*trail, attr]
         for attr, child in info.submodules.items():
             if attr not in info.module_lists:

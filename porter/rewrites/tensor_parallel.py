@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import libcst as cst
 
-from porter.analysis.cst_utils import call_name, code_of, self_attribute, statement_targets
+from porter.analysis.cst_utils import call_name, code_of, dotted_name, self_attribute, statement_targets
 from porter.analysis.model_index import EMBEDDING_CALLS, LINEAR_CALLS
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
 
@@ -32,7 +32,22 @@ class TensorParallelLayers(Rewrite):
                 sharded = {a for a, call in info.init_calls.items() if call_name(call) in SHARDED_LAYERS}
                 kinds.update({(name, a): k for a, k in _shard_kinds(
                     forward, set(info.linears()), elementwise_attributes(info), sharded).items()})
-        return module.visit(_Transformer(context, kinds))
+        vocab_embeddings = _vocab_embedding_subclasses(context)
+        return module.visit(_Transformer(context, kinds, vocab_embeddings))
+
+
+def _vocab_embedding_subclasses(context: PortContext) -> set[str]:
+    """This file's `nn.Embedding` subclasses that some module builds with the vocabulary size."""
+    subclasses = {
+        name for name, info in context.index.classes.items() if any(b in EMBEDDING_CALLS for b in info.bases)
+    }
+    found = set()
+    for info in context.index.classes.values():
+        for calls in info.all_init_calls.values():
+            for call in calls:
+                if call_name(call) in subclasses and call.args and "vocab" in code_of(call.args[0].value):
+                    found.add(call_name(call))
+    return found
 
 
 def _shard_kinds(forward: cst.FunctionDef, linears: set[str], elementwise: set[str], sharded_sources: set[str]) -> dict[str, str]:
@@ -154,9 +169,22 @@ def elementwise_attributes(info) -> set[str]:
 
 
 class _Transformer(ClassScopedTransformer):
-    def __init__(self, context: PortContext, kinds: dict[tuple[str, str], str]) -> None:
+    def __init__(self, context: PortContext, kinds: dict[tuple[str, str], str], vocab_embeddings: set[str]) -> None:
         super().__init__(context)
         self.kinds = kinds
+        self.vocab_embeddings = vocab_embeddings
+
+    def leave_ClassDef(self, original: cst.ClassDef, updated: cst.ClassDef):
+        if updated.name.value in self.vocab_embeddings:
+            bases = [
+                a.with_changes(value=cst.Name("VocabParallelEmbedding")) if dotted_name(a.value) in EMBEDDING_CALLS else a
+                for a in updated.bases
+            ]
+            self.context.need("engine.layers", "VocabParallelEmbedding")
+            self.context.record("tensor-parallel", updated.name.value, "nn.Embedding", "VocabParallelEmbedding",
+                                "a word embedding (built with the vocab size): vocabulary-parallel")
+            updated = updated.with_changes(bases=bases)
+        return super().leave_ClassDef(original, updated)
 
     def leave_Assign(self, original: cst.Assign, updated: cst.Assign) -> cst.Assign:
         if self.current_function != "__init__" or not isinstance(updated.value, cst.Call):

@@ -16,6 +16,7 @@ import transformers
 from transformers import AutoConfig, PretrainedConfig
 
 HIDDEN, HEADS, KV_HEADS, LAYERS, INTERMEDIATE, VOCAB, POSITIONS = 64, 4, 2, 2, 160, 997, 256
+SLIDING_WINDOW = 8
 INTERMEDIATE_NAMES = ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size")
 
 
@@ -48,6 +49,8 @@ def small_config(model_type: str, architecture: str) -> PretrainedConfig:
         # Keep one of each kind of layer (sliding and full attention, for instance).
         kinds = list(dict.fromkeys(layer_types))
         config.layer_types = (kinds + layer_types)[:LAYERS] if len(kinds) <= LAYERS else kinds[:LAYERS]
+    if isinstance(getattr(config, "sliding_window", None), int):
+        config.sliding_window = SLIDING_WINDOW  # shorter than the prompts, so the window really masks
     config.vocab_size = VOCAB
     if hasattr(config, "max_position_embeddings"):
         config.max_position_embeddings = POSITIONS

@@ -6,6 +6,7 @@ in its header; with another version it says so and the verify tests below still 
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from porter.cli import app
 from porter.port import generate
 
 MODELS = Path(__file__).resolve().parents[2] / "engine" / "models"
-PORTED = ["opt", "llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "gpt_bigcode"]
+PORTED = ["opt", "llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "gpt_bigcode", "phi", "gemma2"]
 
 
 @pytest.mark.parametrize("model_type", PORTED)
@@ -33,24 +34,52 @@ def test_checked_in_port_regenerates_byte_for_byte(model_type):
 
 
 @pytest.mark.parametrize("model_type", PORTED)
+def _identifiers(code: str) -> set[str]:
+    """Every name, attribute, parameter and keyword the code uses (comments and docstrings aside)."""
+    found = set()
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.Name):
+            found.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            found.add(node.attr)
+        elif isinstance(node, ast.arg):
+            found.add(node.arg)
+        elif isinstance(node, ast.keyword) and node.arg:
+            found.add(node.arg)
+    return found
+
+
+@pytest.mark.parametrize("model_type", PORTED)
 def test_port_has_no_training_or_batching_code(model_type):
     code = (MODELS / f"{model_type}.py").read_text()
-    body = code.split('"""', 2)[-1]
-    for forbidden in ("dropout", "loss", "attention_mask", "past_key_values", "bsz", "batch_size",
-                      "use_cache", "output_attentions", "return_dict", "labels", "post_init"):
-        assert forbidden not in body, f"{model_type}: `{forbidden}` left in the port"
-    assert ".transpose(1, 2)" not in body
+    identifiers = _identifiers(code)
+    for forbidden in ("dropout", "loss", "attention_mask", "past_key_values", "past_key_value", "layer_past",
+                      "bsz", "batch_size", "use_cache", "output_attentions", "return_dict", "labels", "post_init",
+                      "create_causal_mask", "inputs_embeds_is_none"):
+        assert forbidden not in identifiers, f"{model_type}: `{forbidden}` left in the port"
+    assert ".transpose(1, 2)" not in code
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("model_type", "tp"),
-    [("opt", 1), ("opt", 2), ("llama", 1), ("llama", 2), ("mistral", 1), ("qwen2", 2), ("qwen3", 1), ("gpt2", 2), ("gpt_neox", 2), ("gpt_bigcode", 1), ("gpt_bigcode", 2)],
+    [("opt", 1), ("opt", 2), ("llama", 1), ("llama", 2), ("mistral", 1), ("qwen2", 2), ("qwen3", 1), ("gpt2", 2), ("gpt_neox", 2), ("gpt_bigcode", 1), ("gpt_bigcode", 2), ("phi", 2), ("gemma2", 1), ("gemma2", 2)],
 )
 def test_verify_passes(model_type, tp, tmp_path):
     result = CliRunner().invoke(app, ["verify", model_type, "--tp", str(tp), "--json", str(tmp_path / "r.json")])
     assert result.exit_code == 0, result.output
     assert "passed" in result.output
+
+
+def test_verify_fails_without_the_sliding_window(tmp_path):
+    """The small config's window (8) is shorter than the prompts: dropping it must be caught."""
+    broken = tmp_path / "gemma2_no_window.py"
+    code = (MODELS / "gemma2.py").read_text()
+    assert "sliding_window=self.sliding_window" in code
+    broken.write_text(code.replace("sliding_window=self.sliding_window", "sliding_window=None"))
+    result = CliRunner().invoke(app, ["verify", str(broken)])
+    assert result.exit_code != 0
+    assert "parity gap" in result.output
 
 
 def test_verify_fails_on_a_real_gap(tmp_path, monkeypatch):
