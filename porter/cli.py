@@ -69,13 +69,17 @@ def verify(
     steps: int = typer.Option(8, "--steps", min=1, help="Decode steps after the mixed prefill steps."),
     json_path: Path = typer.Option(None, "--json", help="Also write the results as JSON."),
     seed: int = typer.Option(0, "--seed"),
+    reference: str = typer.Option(
+        None, "--reference", help="The transformers model type to compare with (default: from the port's header)."
+    ),
 ) -> None:
     """Compare the port's logits with the HF original (random weights) through prefill and decode."""
     import torch
 
     from porter.verify.parity import verify_model
-    from porter.verify.target import resolve_target
+    from porter.verify.target import reference_architecture, resolve_target
 
+    tolerance = TOLERANCE.get(dtype, 0.0)
     if dtype not in TOLERANCE:
         _fail(f"--dtype must be one of {', '.join(TOLERANCE)}, not {dtype}")
     if device not in ("cpu", "cuda"):
@@ -83,17 +87,17 @@ def verify(
     if device == "cuda" and torch.cuda.device_count() < tp:
         _fail(f"--tp {tp} needs {tp} CUDA devices; found {torch.cuda.device_count()}")
     try:
-        resolved = resolve_target(target)
+        resolved = resolve_target(target, reference)
         architecture = _causal_lm_class(resolved.port_path)
         model_class = f"{resolved.module}:{architecture}" if resolved.module else f"{resolved.port_path}:{architecture}"
+        hf_architecture = reference_architecture(resolved.model_type, architecture)
         with tempfile.TemporaryDirectory(prefix="porter-verify-") as work:
-            report = verify_model(resolved.model_type, architecture, model_class, Path(work), tp, device,
-                                  getattr(torch, dtype), steps, seed)
+            report = verify_model(resolved.model_type, hf_architecture, model_class, Path(work), tp, device,
+                                  getattr(torch, dtype), steps, seed, near_tie=0.0 if dtype == "float32" else tolerance)
     except PorterError as error:
         _fail(str(error))
     except (RuntimeError, ValueError) as error:
         _fail(f"verification could not run: {error}")
-    tolerance = TOLERANCE[dtype]
     table = Table(title=f"{architecture}: engine vs HF, tp={tp}, {device}, {dtype} (tolerance {tolerance:g} relative)")
     for column in ("step", "what ran", "max abs err", "max rel err", "greedy agree"):
         table.add_column(column, justify="right" if column != "what ran" else "left")

@@ -8,6 +8,7 @@ import libcst as cst
 
 from porter.analysis.model_index import build_index
 from porter.analysis.source import SourceFile
+from porter.analysis.unsupported import find_unsupported
 from porter.errors import PorterError
 from porter.rewrites.base import Change, PortContext, ReviewItem, Rewrite
 from porter.rewrites.dead_code import DecideConditions, RemoveDeadCode
@@ -59,13 +60,25 @@ class PortResult:
         return self.context.review
 
 
-def port_source(source: SourceFile) -> PortResult:
+def port_source(source: SourceFile, allow_review: bool = False) -> PortResult:
+    """Runs every rewrite over `source`. Constructs the engine cannot run stop the port before any
+    rewrite (unless `allow_review`, which carries on and leaves them as review items)."""
     try:
         module = cst.parse_module(source.text)
     except cst.ParserSyntaxError as error:
         raise PorterError(f"{source.display_name} does not parse: {error.message} (line {error.raw_line})") from None
     context = PortContext(source=source, index=build_index(module))
+    for found in find_unsupported(module, set(context.index.reachable)):
+        context.flag("unsupported", found.where, f"{found.construct} (line {found.line}) is not supported by the engine")
+    if context.review and not allow_review:
+        return PortResult(code=module.code, context=context)
     for rewrite in REWRITES:
-        module = rewrite.apply(module, context)
-        context.reindex(module)
+        try:
+            module = rewrite.apply(module, context)
+            context.reindex(module)
+        except PorterError:
+            raise
+        except Exception as error:  # a construct this rewrite does not handle: say which, never a traceback
+            raise PorterError(f"the {rewrite.name} rewrite failed on {source.display_name}: "
+                              f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from error
     return PortResult(code=module.code, context=context)

@@ -27,7 +27,7 @@ class PortOutcome:
 
 def generate(source: SourceFile, allow_review: bool = False) -> tuple[str, PortResult]:
     """The generated file's full text (header, formatted code) and what the port did."""
-    result = port_source(source)
+    result = port_source(source, allow_review)
     if result.review and not allow_review:
         first = result.review[0]
         more = f" (and {len(result.review) - 1} more)" if len(result.review) > 1 else ""

@@ -18,7 +18,6 @@ from engine.layers import (
     LogitsProcessor,
     PagedAttention,
     ParallelLMHead,
-    ReplicatedLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
     get_rope,

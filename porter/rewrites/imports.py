@@ -29,7 +29,7 @@ class FixImports(Rewrite):
             kept = _rewrite_import(statement.body[0], used, context)
             if kept is not None:
                 body.append(statement.with_changes(body=[kept]))
-        engine_lines = _engine_imports(context)
+        engine_lines = _engine_imports(context, used)
         first_code = next(i for i, s in enumerate(body) if not _is_import(s) and not _is_docstring(s))
         return module.with_changes(body=[*body[:first_code], *engine_lines, *body[first_code:]])
 
@@ -74,10 +74,11 @@ def _commas(names):
     return names
 
 
-def _engine_imports(context: PortContext) -> list[cst.BaseStatement]:
+def _engine_imports(context: PortContext, used: set[str]) -> list[cst.BaseStatement]:
     by_module: dict[str, list[str]] = {}
     for module, name in context.plan.engine_imports:
-        by_module.setdefault(module, []).append(name)
+        if name in used:  # a rewrite may ask for a layer that a later one replaced
+            by_module.setdefault(module, []).append(name)
     return [
         cst.parse_statement(f"from {module} import {', '.join(sorted(names))}")
         for module, names in sorted(by_module.items())

@@ -117,7 +117,10 @@ class _Transformer(ClassScopedTransformer):
             return forward, cst.parse_statement("def compute_logits(self, hidden_states, input_metadata):\n    return None\n")
         replacer = _ReplaceHeadCall(self.head)
         head_statement = body[position].visit(replacer)
-        hidden = replacer.hidden or "hidden_states"
+        # forward returns what the head was given; compute_logits takes it under a plain name.
+        returned = replacer.hidden or "hidden_states"
+        hidden = returned if returned.isidentifier() else "hidden_states"
+        head_statement = head_statement.visit(_Rename(returned, hidden)) if hidden != returned else head_statement
         logits_names = set(statement_targets(body[position]))
         kept_after = [
             s for s in body[position + 1:]
@@ -128,7 +131,7 @@ class _Transformer(ClassScopedTransformer):
             f"def compute_logits(self, {hidden}, input_metadata):\n    pass\n"
         ).with_changes(body=cst.IndentedBlock([head_statement, *kept_after, returns]))
         new_forward = forward.with_changes(
-            body=forward.body.with_changes(body=[*body[:position], cst.parse_statement(f"return {hidden}")])
+            body=forward.body.with_changes(body=[*body[:position], cst.parse_statement(f"return {returned}")])
         )
         self.context.record("lm-head", self.where, body[position], head_statement,
                             "logits of each sequence's last token, computed apart from forward")
@@ -147,6 +150,18 @@ class _ReplaceHeadCall(cst.CSTTransformer):
             argument = argument.value  # HF's logits_to_keep slice
         self.hidden = code_of(argument)
         return cst.parse_expression(f"self.logits_processor(self.{self.head}, {self.hidden}, input_metadata)")
+
+
+class _Rename(cst.CSTTransformer):
+    """Replaces the head's argument expression inside the processor call by the parameter name."""
+
+    def __init__(self, expression: str, name: str) -> None:
+        self.expression, self.name = expression, name
+
+    def leave_Arg(self, original: cst.Arg, updated: cst.Arg) -> cst.Arg:
+        if code_of(updated.value) == self.expression:
+            return updated.with_changes(value=cst.Name(self.name))
+        return updated
 
 
 def _only_touches(statement: cst.BaseStatement, names: set[str]) -> bool:

@@ -15,6 +15,7 @@ import random
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from queue import Empty
 
 import torch
 import torch.multiprocessing as mp
@@ -132,7 +133,10 @@ def engine_logits(model_dir: str, model_class: str, inputs_per_step, dtype: torc
     return results
 
 
-def compare(reference, engine, steps: list[Step], tp: int, dtype: str, device: str) -> ParityReport:
+def compare(reference, engine, steps: list[Step], tp: int, dtype: str, device: str, near_tie: float = 0.0) -> ParityReport:
+    """Per step errors and greedy agreement. `near_tie` (relative to the logits' scale) excuses a
+    different greedy token only when HF itself rates the two tokens that close: the precision of a
+    bf16 run cannot order them, while float32 (near_tie 0) must agree exactly."""
     report = ParityReport(tp, dtype, device)
     for number, (step, ref, got) in enumerate(zip(steps, reference, engine)):
         max_abs = max_rel = 0.0
@@ -144,7 +148,9 @@ def compare(reference, engine, steps: list[Step], tp: int, dtype: str, device: s
             error = (actual - expected).abs().max().item()
             max_abs = max(max_abs, error)
             max_rel = max(max_rel, error / max(expected.abs().max().item(), 1e-12))
-            agree += int(actual.argmax() == expected.argmax())
+            ours, theirs = int(actual.argmax()), int(expected.argmax())
+            margin = (expected[theirs] - expected[ours]).item()
+            agree += int(ours == theirs or margin <= near_tie * expected.abs().max().item())
         report.steps.append(StepResult(number, step.kind, max_abs, max_rel, agree, len(ref)))
     return report
 
@@ -153,7 +159,7 @@ def run_engine(model_dir: str, model_class: str, inputs_per_step, tp: int, dtype
     if tp == 1:
         return engine_logits(model_dir, model_class, inputs_per_step, dtype, device)
     context = mp.get_context("spawn")
-    queue = context.SimpleQueue()
+    queue = context.Queue()
     port = _free_port()
     processes = [
         context.Process(target=_rank_main, args=(rank, tp, port, model_dir, model_class, inputs_per_step, dtype, device, queue))
@@ -161,7 +167,14 @@ def run_engine(model_dir: str, model_class: str, inputs_per_step, tp: int, dtype
     ]
     for process in processes:
         process.start()
-    outcome = queue.get()
+    outcome = None
+    while outcome is None:
+        try:
+            outcome = queue.get(timeout=2)
+        except Empty:
+            if not any(p.is_alive() for p in processes):  # every rank ended without an answer
+                outcome = "tensor-parallel ranks exited without a result: " + ", ".join(
+                    f"rank {r} exit code {p.exitcode}" for r, p in enumerate(processes))
     for process in processes:
         process.join(timeout=120)
     if isinstance(outcome, str):
@@ -196,7 +209,7 @@ def _free_port() -> int:
 
 
 def verify_model(model_type: str, architecture: str, model_class: str, work_dir: Path, tp: int, device: str,
-                 dtype: torch.dtype, decode_steps: int, seed: int = 0) -> ParityReport:
+                 dtype: torch.dtype, decode_steps: int, seed: int = 0, near_tie: float = 0.0) -> ParityReport:
     """Writes a small random checkpoint of `architecture`, runs it through HF and the port, compares."""
     from porter.verify.small_model import small_config, write_checkpoint
 
@@ -206,4 +219,4 @@ def verify_model(model_type: str, architecture: str, model_class: str, work_dir:
     prompts = make_prompts(config.vocab_size, seed)
     reference, inputs_per_step = hf_reference(hf_model, prompts, steps)
     engine = run_engine(str(work_dir), model_class, inputs_per_step, tp, dtype, device)
-    return compare(reference, engine, steps, tp, str(dtype).removeprefix("torch."), device)
+    return compare(reference, engine, steps, tp, str(dtype).removeprefix("torch."), device, near_tie)

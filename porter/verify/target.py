@@ -19,7 +19,33 @@ class VerifyTarget:
     module: str | None  # its import path when it lives in engine/models
 
 
-def resolve_target(target: str) -> VerifyTarget:
+def resolve_target(target: str, reference: str | None = None) -> VerifyTarget:
+    """The port to check and the transformers model type it is compared with (`reference` wins)."""
+    resolved = _resolve(target)
+    if reference is None:
+        return resolved
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if reference not in CONFIG_MAPPING_NAMES:
+        raise PorterError(f"--reference {reference!r} is not a model type of the installed transformers")
+    return VerifyTarget(reference, resolved.port_path, resolved.module)
+
+
+def reference_architecture(model_type: str, port_class: str) -> str:
+    """The transformers causal-LM class to compare with: the port's own class name when transformers
+    has it, else the class transformers maps the model type to (a remote-code port's class)."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if hasattr(transformers, port_class):
+        return port_class
+    mapped = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    if mapped is None:
+        raise PorterError(f"transformers has no causal-LM class for model type '{model_type}'; pass --reference")
+    return mapped
+
+
+def _resolve(target: str) -> VerifyTarget:
     path = Path(target)
     if path.suffix == ".py":
         if not path.is_file():
@@ -51,4 +77,4 @@ def _model_type_of(port_path: Path) -> str:
     stem = Path(source).stem
     if stem.startswith("modeling_"):
         return stem.removeprefix("modeling_")
-    raise PorterError(f"cannot tell which transformers model {source} corresponds to")
+    raise PorterError(f"cannot tell which transformers model {source} corresponds to; pass --reference")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 from tests.porter.rewrite_helpers import (
     MINI_MODEL,
     assert_code,
@@ -177,11 +175,6 @@ def test_forward_that_never_calls_the_head_is_a_review_item():
     assert after.review_messages() == ["lm-head @ MiniForCausalLM.forward: forward never calls self.lm_head"]
 
 
-@pytest.mark.xfail(
-    reason="lm-head builds `def compute_logits(self, <head argument>, ...)` from the argument's code: "
-    "an attribute like `outputs.last_hidden_state` (6 HF models) is no parameter name and libcst raises",
-    strict=True,
-)
 def test_head_applied_to_an_attribute_expression():
     before = vary(
         MINI_MODEL,

@@ -1,0 +1,74 @@
+"""Constructs the engine cannot run yet, found before any rewrite so the port stops with the place.
+
+Each check reads what the code does, never a model's name:
+- mixture-of-experts routing: a forward that picks experts with a top-k over router scores;
+- multi-latent attention: attention through low-rank compressed KV projections (`kv_lora_rank`);
+- cross-attention the model always runs: a forward whose encoder states are a required input;
+- recurrent / state-space layers: a convolution or scan state carried between steps (`conv_state`,
+  `ssm_state`, `A_log`, a recurrent state).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import libcst as cst
+from libcst.metadata import MetadataWrapper, PositionProvider
+
+from porter.analysis.cst_utils import code_of
+
+STATE_WORDS = ("conv_state", "conv1d_state", "ssm_state", "recurrent_state", "A_log", "selective_scan")
+
+
+@dataclass(frozen=True, slots=True)
+class UnsupportedConstruct:
+    construct: str
+    where: str  # "Class.method"
+    line: int
+
+
+def find_unsupported(module: cst.Module, reachable: set[str]) -> list[UnsupportedConstruct]:
+    wrapper = MetadataWrapper(module, unsafe_skip_copy=True)
+    finder = _Finder(reachable)
+    wrapper.visit(finder)
+    return finder.found
+
+
+class _Finder(cst.CSTVisitor):
+    METADATA_DEPENDENCIES = (PositionProvider,)
+
+    def __init__(self, reachable: set[str]) -> None:
+        self.reachable = reachable
+        self.found: list[UnsupportedConstruct] = []
+        self.classes: list[str] = []
+        self.seen: set[tuple[str, str]] = set()
+
+    def visit_ClassDef(self, node: cst.ClassDef) -> None:
+        self.classes.append(node.name.value)
+
+    def leave_ClassDef(self, node: cst.ClassDef) -> None:
+        self.classes.pop()
+
+    def visit_FunctionDef(self, node: cst.FunctionDef) -> None:
+        if not self.classes or self.classes[-1] not in self.reachable:
+            return
+        where = f"{self.classes[-1]}.{node.name.value}"
+        code = code_of(node)
+        if node.name.value == "forward":
+            if "topk(" in code and ("router" in code or "expert" in code):
+                self._add("mixture-of-experts routing", where, node)
+            for param in node.params.params:
+                if param.name.value == "encoder_hidden_states" and param.default is None:
+                    self._add("cross-attention over encoder states", where, node)
+        if "kv_lora_rank" in code:
+            self._add("multi-latent attention (compressed KV projections)", where, node)
+        if any(word in code for word in STATE_WORDS):
+            self._add("a recurrent or state-space layer (state carried across steps)", where, node)
+
+    def _add(self, construct: str, where: str, node: cst.CSTNode) -> None:
+        key = (construct, where.split(".")[0])
+        if key in self.seen:
+            return
+        self.seen.add(key)
+        line = self.get_metadata(PositionProvider, node).start.line
+        self.found.append(UnsupportedConstruct(construct, where, line))
