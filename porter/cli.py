@@ -111,14 +111,16 @@ def verify(
     if json_path is not None:
         json_path.write_text(json.dumps({
             "architecture": architecture, "tp": tp, "device": device, "dtype": dtype, "tolerance": tolerance,
-            "passed": passed, "max_rel": report.max_rel,
+            "passed": passed, "max_rel": report.max_rel, "near_ties": sum(s.near_ties for s in report.steps),
             "steps": [vars(s) if hasattr(s, "__dict__") else {f: getattr(s, f) for f in s.__slots__} for s in report.steps],
         }, indent=2))
     _record_verify(architecture, tp, device, dtype, report.max_rel, passed)
     if not passed:
         _fail(f"parity gap: max relative error {report.max_rel:.2e} (tolerance {tolerance:g}), "
               f"greedy tokens {'agree' if report.all_tokens_agree else 'differ'}")
-    console.print(f"[green]passed[/]: max relative error {report.max_rel:.2e}, greedy tokens identical")
+    ties = sum(step.near_ties for step in report.steps)
+    excused = f" ({ties} near ties excused at {dtype})" if ties else ""
+    console.print(f"[green]passed[/]: max relative error {report.max_rel:.2e}, greedy tokens identical{excused}")
 
 
 def _causal_lm_class(path: Path) -> str:
@@ -173,3 +175,7 @@ def main() -> None:
         app()
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -39,7 +39,7 @@ def generate(source: SourceFile, allow_review: bool = False) -> tuple[str, PortR
 def _mark_review_items(result: PortResult) -> str:
     if not result.review:
         return result.code
-    notes = "".join(f"# REVIEW {item.where}: {item.message}\n" for item in result.review)
+    notes = "".join(f"# REVIEW {item.where}: {' '.join(item.message.split())}\n" for item in result.review)
     return notes + "\n" + result.code
 
 

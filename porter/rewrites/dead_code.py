@@ -80,6 +80,8 @@ class _Transformer(ClassScopedTransformer):
                 attributes={a: v for (c, a), v in self.context.plan.constant_attributes.items()
                             if c == self.current_class},
             )
+            info = self.context.index.classes.get(self.current_class)
+            pruner.modules = set(info.init_calls) if info else set()
             body = pruner.block(list(updated.body.body)) or [cst.SimpleStatementLine([cst.Pass()])]
             updated = updated.with_changes(body=updated.body.with_changes(body=body))
             if self.cascade:
@@ -113,7 +115,23 @@ class _Pruner:
         self.attributes = attributes or {}  # self.<attr> fixed by constructor defaults
         self.context, self.where = context, where
         self.dead, self.absent, self.present, self.live = set(dead), absent, present, set(live)
+        self.modules: set[str] = set()  # attributes holding modules (set by the transformer)
+        self.loop_vars: set[str] = set()
         self.constants: dict[str, bool] = {}  # flags decided from plumbing (`is_cross = encoder is not None`)
+
+    def _runs_submodule(self, statement: cst.CSTNode) -> bool:
+        """Calls a module built in __init__ (`self.layer(...)`) or a layer of a loop over one."""
+        found = []
+        modules, loop_vars = self.modules, self.loop_vars
+
+        class _Find(cst.CSTVisitor):
+            def visit_Call(self, node: cst.Call) -> None:
+                name = dotted_name(node.func) or ""
+                if name in loop_vars or (name.startswith("self.") and name.split(".")[1] in modules):
+                    found.append(node)
+
+        statement.visit(_Find())
+        return bool(found)
 
     def _known_flag(self, statement: cst.SimpleStatementLine) -> tuple[str, bool] | None:
         if len(statement.body) != 1 or not isinstance(statement.body[0], cst.Assign):
@@ -143,6 +161,7 @@ class _Pruner:
                 return []
             if isinstance(statement, cst.For):
                 self.live |= names_in(statement.target)
+                self.loop_vars |= names_in(statement.target)
             body = self.block(list(statement.body.body)) or [cst.SimpleStatementLine([cst.Pass()])]
             return [statement.with_changes(body=statement.body.with_changes(body=body))]
         if isinstance(statement, cst.SimpleStatementLine):
@@ -154,6 +173,13 @@ class _Pruner:
                 self._drop(statement, f"`{name}` is always {value} in the engine")
                 return []
             reads_dead = names_in(statement) & self.dead
+            if reads_dead and self.cascade and self._runs_submodule(statement):
+                # A statement that runs part of the model (a layer, attention) is never dropped
+                # silently: something it needs was removed, and a person has to look.
+                self.context.flag("dead-code", self.where,
+                                  f"`{_code(statement.with_changes(leading_lines=[])).strip()[:80]}` runs a submodule but reads removed "
+                                  f"{', '.join(sorted(reads_dead))}")
+                return [statement]
             if reads_dead and self.cascade:
                 fresh = [t for t in targets if t not in self.live]
                 self.dead |= set(fresh)

@@ -35,6 +35,7 @@ PLUMBING = {
     "encoder_hidden_states", "encoder_attention_mask", "logits_to_keep", "num_logits_to_keep",
     "past_key_values_length", "layer_head_mask", "cross_attn_layer_head_mask", "kwargs", "flash_attn_kwargs",
     "position_embeddings",  # HF's (cos, sin); the rotary rewrite applies rotary from positions instead
+    "alibi",  # HF's precomputed ALiBi bias; PagedAttention applies ALiBi from per-head slopes instead
 }
 ABSENT_INPUTS = {"inputs_embeds", "token_type_ids"}
 POSITION_PARAMS = {"position_ids"}
@@ -127,6 +128,7 @@ class _Transformer(ClassScopedTransformer):
     def visit_FunctionDef(self, node: cst.FunctionDef) -> bool:
         super().visit_FunctionDef(node)
         self.loop_layers, self.result_vars = {}, set()
+        self.tuple_vars: dict[str, cst.BaseExpression] = {}
         return True
 
     def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef):
@@ -255,6 +257,10 @@ class _Transformer(ClassScopedTransformer):
 
     # -- results of rewritten submodules ---------------------------------------------------------
     def leave_Assign(self, original: cst.Assign, updated: cst.Assign) -> cst.Assign:
+        target = updated.targets[0].target
+        if self.in_rewritten_forward and isinstance(target, cst.Name) and isinstance(updated.value, cst.Tuple):
+            if updated.value.elements:  # `outputs = (hidden_states, ...)`, returned later
+                self.tuple_vars[target.value] = updated.value.elements[0].value
         if not self.in_rewritten_forward or not isinstance(updated.value, cst.Call):
             return updated
         callee, _ = self._callee(updated.value.func)
@@ -305,6 +311,10 @@ class _Transformer(ClassScopedTransformer):
             if data is not None:
                 self.context.record("engine-interface", self.where, value, data, "return the tensor, not a ModelOutput")
                 return updated.with_changes(value=data)
+        if isinstance(value, cst.Name) and value.value in self.tuple_vars:
+            first = self.tuple_vars[value.value]
+            self.context.record("engine-interface", self.where, value, first, "return the tensor the output tuple starts with")
+            return updated.with_changes(value=first)
         if isinstance(value, cst.Tuple) and value.elements:
             first = value.elements[0].value
             self.context.record("engine-interface", self.where, value, first, "attention weights and caches are not returned")

@@ -49,9 +49,17 @@ def _gated_pair(linears: dict[str, cst.Call], forward: cst.FunctionDef) -> tuple
             a, b = linears[first], linears[second]
             same_shape = [code_of(x.value) for x in a.args[:2]] == [code_of(x.value) for x in b.args[:2]]
             same_input = arguments.get(first) == arguments.get(second) and len(arguments.get(first, ())) == 1
-            if same_shape and same_input:
+            if same_shape and same_input and _gated(forward, first, second):
                 return first, second
     return None
+
+
+def _gated(forward: cst.FunctionDef, first: str, second: str) -> bool:
+    """The two projections meet in a product, one of them through an activation: `act(a(x)) * b(x)`
+    (directly or through variables), which is what makes them a gated pair and not, say, k and v."""
+    code = code_of(forward).replace(" ", "")
+    direct = f"(self.{first}(" in code and f"self.{second}(" in code and "*" in code
+    return direct and any(word in code for word in ("act", "silu", "gelu", "relu", "sigmoid", "swish"))
 
 
 class _Transformer(ClassScopedTransformer):

@@ -21,12 +21,21 @@ class EmitLoadWeights(Rewrite):
         return module.visit(_Transformer(context))
 
 
+def _source_name(pattern: str) -> str:
+    """`embed_out` from the rename pattern `^embed_out\\.`."""
+    return pattern.strip("^$").replace("\\.", ".").strip(".").split(".")[-1]
+
+
 class _Transformer(ClassScopedTransformer):
     def leave_ClassDef(self, original: cst.ClassDef, updated: cst.ClassDef):
         if updated.name.value != self.context.index.causal_lm:
             return super().leave_ClassDef(original, updated)
         plan = self.context.plan
         renames, unsupported = checkpoint_renames(updated.name.value, self.context.source.model_type)
+        # A rename is for modules named as in current transformers; a source that still uses the
+        # checkpoint's name (an older file) needs none.
+        attributes = {a for info in self.context.index.classes.values() for a in info.init_calls}
+        renames = [(p, r) for p, r in renames if _source_name(p) not in attributes]
         plan.renamed = renames
         for transform in unsupported:
             self.context.flag("load-weights", self.where, f"checkpoint conversion beyond a rename: {transform}")
