@@ -13,7 +13,9 @@ from rich.table import Table
 
 from porter.errors import PorterError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Port HF modeling files to the engine and prove them.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Port HF modeling files to the engine and prove them."
+)
 console = Console()
 errors = Console(stderr=True)
 
@@ -27,17 +29,25 @@ def _fail(message: str) -> None:
 
 @app.command()
 def port(
-    source: str = typer.Argument(..., help="A modeling_*.py file, or a model type of the installed transformers."),
-    out: Path = typer.Option(None, "--out", help="Where to write the port (default: engine/models/<model_type>.py)."),
+    source: str = typer.Argument(
+        ..., help="A modeling_*.py file, or a model type of the installed transformers."
+    ),
+    out: Path = typer.Option(
+        None, "--out", help="Where to write the port (default: engine/models/<model_type>.py)."
+    ),
     no_register: bool = typer.Option(False, "--no-register", help="Do not add it to the engine registry."),
     force: bool = typer.Option(False, "--force", help="Overwrite a file porter did not generate."),
-    allow_review: bool = typer.Option(False, "--allow-review", help="Write the file even with open review items."),
+    allow_review: bool = typer.Option(
+        False, "--allow-review", help="Write the file even with open review items."
+    ),
 ) -> None:
     """Port SOURCE to an engine model file and register it."""
     from porter.port import port as run_port
 
     try:
-        outcome = run_port(source, out, register_model=not no_register, force=force, allow_review=allow_review)
+        outcome = run_port(
+            source, out, register_model=not no_register, force=force, allow_review=allow_review
+        )
     except PorterError as error:
         _fail(str(error))
     index = outcome.result.context.index
@@ -45,8 +55,17 @@ def port(
     roles.add_column("class")
     roles.add_column("role")
     for name in index.reachable:
-        role = ("causal LM" if name == index.causal_lm else "backbone" if name == index.backbone
-                else "decoder layer" if name == index.decoder_layer else "attention" if name in index.attention else "module")
+        role = (
+            "causal LM"
+            if name == index.causal_lm
+            else "backbone"
+            if name == index.backbone
+            else "decoder layer"
+            if name == index.decoder_layer
+            else "attention"
+            if name in index.attention
+            else "module"
+        )
         roles.add_row(name, role)
     console.print(roles)
     counts: dict[str, int] = {}
@@ -56,13 +75,19 @@ def port(
     console.print(f"review items: {len(outcome.result.review)}")
     for item in outcome.result.review:
         console.print(f"  [yellow]{item.where}[/]: {item.message}")
-    registered = "registered" if outcome.registered else ("already registered" if not no_register else "not registered")
+    registered = (
+        "registered"
+        if outcome.registered
+        else ("already registered" if not no_register else "not registered")
+    )
     console.print(f"{outcome.architecture}: {registered}; ported in {outcome.seconds:.2f} s")
 
 
 @app.command()
 def verify(
-    target: str = typer.Argument(..., help="A model type, an architecture name, or the path of a ported file."),
+    target: str = typer.Argument(
+        ..., help="A model type, an architecture name, or the path of a ported file."
+    ),
     tp: int = typer.Option(1, "--tp", min=1, help="Tensor-parallel size (gloo processes on CPU)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16."),
@@ -70,7 +95,9 @@ def verify(
     json_path: Path = typer.Option(None, "--json", help="Also write the results as JSON."),
     seed: int = typer.Option(0, "--seed"),
     reference: str = typer.Option(
-        None, "--reference", help="The transformers model type to compare with (default: from the port's header)."
+        None,
+        "--reference",
+        help="The transformers model type to compare with (default: from the port's header).",
     ),
 ) -> None:
     """Compare the port's logits with the HF original (random weights) through prefill and decode."""
@@ -89,38 +116,76 @@ def verify(
     try:
         resolved = resolve_target(target, reference)
         architecture = _causal_lm_class(resolved.port_path)
-        model_class = f"{resolved.module}:{architecture}" if resolved.module else f"{resolved.port_path}:{architecture}"
+        model_class = (
+            f"{resolved.module}:{architecture}" if resolved.module else f"{resolved.port_path}:{architecture}"
+        )
         hf_architecture = reference_architecture(resolved.model_type, architecture)
         with tempfile.TemporaryDirectory(prefix="porter-verify-") as work:
-            report = verify_model(resolved.model_type, hf_architecture, model_class, Path(work), tp, device,
-                                  getattr(torch, dtype), steps, seed, near_tie=0.0 if dtype == "float32" else tolerance)
+            report = verify_model(
+                resolved.model_type,
+                hf_architecture,
+                model_class,
+                Path(work),
+                tp,
+                device,
+                getattr(torch, dtype),
+                steps,
+                seed,
+                near_tie=0.0 if dtype == "float32" else tolerance,
+            )
     except PorterError as error:
         _fail(str(error))
     except (RuntimeError, ValueError) as error:
         _fail(f"verification could not run: {error}")
-    table = Table(title=f"{architecture}: engine vs HF, tp={tp}, {device}, {dtype} (tolerance {tolerance:g} relative)")
+    table = Table(
+        title=f"{architecture}: engine vs HF, tp={tp}, {device}, {dtype} (tolerance {tolerance:g} relative)"
+    )
     for column in ("step", "what ran", "max abs err", "max rel err", "greedy agree"):
         table.add_column(column, justify="right" if column != "what ran" else "left")
     for step in report.steps:
         ok = step.max_rel <= tolerance and step.tokens_agree == step.tokens
         style = "" if ok else "red"
-        table.add_row(str(step.step), step.kind, f"{step.max_abs:.2e}", f"{step.max_rel:.2e}",
-                      f"{step.tokens_agree}/{step.tokens}", style=style)
+        table.add_row(
+            str(step.step),
+            step.kind,
+            f"{step.max_abs:.2e}",
+            f"{step.max_rel:.2e}",
+            f"{step.tokens_agree}/{step.tokens}",
+            style=style,
+        )
     console.print(table)
     passed = report.max_rel <= tolerance and report.all_tokens_agree
     if json_path is not None:
-        json_path.write_text(json.dumps({
-            "architecture": architecture, "tp": tp, "device": device, "dtype": dtype, "tolerance": tolerance,
-            "passed": passed, "max_rel": report.max_rel, "near_ties": sum(s.near_ties for s in report.steps),
-            "steps": [vars(s) if hasattr(s, "__dict__") else {f: getattr(s, f) for f in s.__slots__} for s in report.steps],
-        }, indent=2))
+        json_path.write_text(
+            json.dumps(
+                {
+                    "architecture": architecture,
+                    "tp": tp,
+                    "device": device,
+                    "dtype": dtype,
+                    "tolerance": tolerance,
+                    "passed": passed,
+                    "max_rel": report.max_rel,
+                    "near_ties": sum(s.near_ties for s in report.steps),
+                    "steps": [
+                        vars(s) if hasattr(s, "__dict__") else {f: getattr(s, f) for f in s.__slots__}
+                        for s in report.steps
+                    ],
+                },
+                indent=2,
+            )
+        )
     _record_verify(architecture, tp, device, dtype, report.max_rel, passed)
     if not passed:
-        _fail(f"parity gap: max relative error {report.max_rel:.2e} (tolerance {tolerance:g}), "
-              f"greedy tokens {'agree' if report.all_tokens_agree else 'differ'}")
+        _fail(
+            f"parity gap: max relative error {report.max_rel:.2e} (tolerance {tolerance:g}), "
+            f"greedy tokens {'agree' if report.all_tokens_agree else 'differ'}"
+        )
     ties = sum(step.near_ties for step in report.steps)
     excused = f" ({ties} near ties excused at {dtype})" if ties else ""
-    console.print(f"[green]passed[/]: max relative error {report.max_rel:.2e}, greedy tokens identical{excused}")
+    console.print(
+        f"[green]passed[/]: max relative error {report.max_rel:.2e}, greedy tokens identical{excused}"
+    )
 
 
 def _causal_lm_class(path: Path) -> str:
@@ -143,7 +208,10 @@ def _record_verify(architecture: str, tp: int, device: str, dtype: str, max_rel:
     path = ENGINE_MODELS / "verified.json"
     try:
         results = json.loads(path.read_text()) if path.exists() else {}
-        results.setdefault(architecture, {})[f"tp{tp}-{device}-{dtype}"] = {"passed": passed, "max_rel": float(f"{max_rel:.3g}")}
+        results.setdefault(architecture, {})[f"tp{tp}-{device}-{dtype}"] = {
+            "passed": passed,
+            "max_rel": float(f"{max_rel:.3g}"),
+        }
         write_atomically(path, json.dumps(results, indent=2, sort_keys=True) + "\n")
     except OSError:
         pass
@@ -165,8 +233,13 @@ def list_models() -> None:
         header = path.read_text().splitlines()[:3] if path.exists() else []
         source = " ".join(line.removeprefix("# ") for line in header[1:3])
         results = verified.get(architecture, {})
-        summary = ", ".join(f"{k}: {'pass' if v['passed'] else 'FAIL'} ({v['max_rel']:.1e})" for k, v in sorted(results.items()))
-        table.add_row(architecture, str(path.relative_to(ENGINE_MODELS.parent.parent)), source, summary or "never")
+        summary = ", ".join(
+            f"{k}: {'pass' if v['passed'] else 'FAIL'} ({v['max_rel']:.1e})"
+            for k, v in sorted(results.items())
+        )
+        table.add_row(
+            architecture, str(path.relative_to(ENGINE_MODELS.parent.parent)), source, summary or "never"
+        )
     console.print(table)
 
 

@@ -66,10 +66,16 @@ def port_source(source: SourceFile, allow_review: bool = False) -> PortResult:
     try:
         module = cst.parse_module(source.text)
     except cst.ParserSyntaxError as error:
-        raise PorterError(f"{source.display_name} does not parse: {error.message} (line {error.raw_line})") from None
+        raise PorterError(
+            f"{source.display_name} does not parse: {error.message} (line {error.raw_line})"
+        ) from None
     context = PortContext(source=source, index=build_index(module))
     for found in find_unsupported(module, set(context.index.reachable)):
-        context.flag("unsupported", found.where, f"{found.construct} (line {found.line}) is not supported by the engine")
+        context.flag(
+            "unsupported",
+            found.where,
+            f"{found.construct} (line {found.line}) is not supported by the engine",
+        )
     if context.review and not allow_review:
         return PortResult(code=module.code, context=context)
     for rewrite in REWRITES:
@@ -79,6 +85,8 @@ def port_source(source: SourceFile, allow_review: bool = False) -> PortResult:
         except PorterError:
             raise
         except Exception as error:  # a construct this rewrite does not handle: say which, never a traceback
-            raise PorterError(f"the {rewrite.name} rewrite failed on {source.display_name}: "
-                              f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from error
+            raise PorterError(
+                f"the {rewrite.name} rewrite failed on {source.display_name}: "
+                f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            ) from error
     return PortResult(code=module.code, context=context)

@@ -31,7 +31,9 @@ def generate(source: SourceFile, allow_review: bool = False) -> tuple[str, PortR
     if result.review and not allow_review:
         first = result.review[0]
         more = f" (and {len(result.review) - 1} more)" if len(result.review) > 1 else ""
-        raise PorterError(f"cannot port {first.where}: {first.message}{more}; --allow-review writes it anyway")
+        raise PorterError(
+            f"cannot port {first.where}: {first.message}{more}; --allow-review writes it anyway"
+        )
     code = header(source.display_name) + "\n" + _mark_review_items(result)
     return format_code(code), result
 
@@ -64,8 +66,10 @@ def port(
     module = _module_name(out)
     if register_model and module is None:
         # Checked before anything is written: a port that cannot be registered leaves no file behind.
-        raise PorterError(f"{out} is outside engine/models; register it with engine.models.registry.register_model, "
-                          "or pass --no-register")
+        raise PorterError(
+            f"{out} is outside engine/models; register it with engine.models.registry.register_model, "
+            "or pass --no-register"
+        )
     text, result = generate(source, allow_review)
     write_atomically(out, text)
     architecture = result.context.index.causal_lm

@@ -7,7 +7,14 @@ from dataclasses import dataclass
 
 import libcst as cst
 
-from porter.analysis.cst_utils import call_name, code_of, names_in, self_attribute, statement_targets
+from porter.analysis.cst_utils import (
+    call_name,
+    code_of,
+    init_attribute_values,
+    names_in,
+    self_attribute,
+    statement_targets,
+)
 from porter.analysis.model_index import LINEAR_CALLS, ClassInfo, ModelIndex
 
 HEAD_DIM_WORDS = ("head_dim", "head_size", "attention_head_size", "hidden_size_per_attention_head")
@@ -38,7 +45,10 @@ def analyse_attention(index: ModelIndex, name: str) -> AttentionInfo | None:
     if not cores:
         return None
     # Several backends in branches: take HF's interface dispatch, whose arguments are the standard ones.
-    core_at = next((i for i in cores if call_name(_core_call(statements[i], info, index)) == "attention_interface"), cores[0])
+    core_at = next(
+        (i for i in cores if call_name(_core_call(statements[i], info, index)) == "attention_interface"),
+        cores[0],
+    )
     core = _core_call(statements[core_at], info, index)
     other_cores = [statements[i] for i in cores if i != core_at]
     positional = [a.value for a in core.args if a.keyword is None and not a.star]
@@ -51,7 +61,7 @@ def analyse_attention(index: ModelIndex, name: str) -> AttentionInfo | None:
     if None in (q, k, v):
         return None
     output_vars = set(statement_targets(statements[core_at]))
-    output = _consumer(output_vars, statements[core_at + 1:], linears)
+    output = _consumer(output_vars, statements[core_at + 1 :], linears)
     head_dim = next((f"self.{a}" for a in _init_attributes(info) if a in HEAD_DIM_WORDS), None)
     if head_dim is None:
         return None
@@ -63,7 +73,9 @@ def analyse_attention(index: ModelIndex, name: str) -> AttentionInfo | None:
     else:
         num_heads = _heads(info, q, head_dim)
         num_kv_heads = num_heads if k == q else _heads(info, k, head_dim)
-    return AttentionInfo(name, core, statements[core_at], other_cores, q, k, v, output, head_dim, num_heads, num_kv_heads)
+    return AttentionInfo(
+        name, core, statements[core_at], other_cores, q, k, v, output, head_dim, num_heads, num_kv_heads
+    )
 
 
 def _flat_statements(body) -> list[cst.SimpleStatementLine]:
@@ -87,7 +99,9 @@ def _core_call(statement: cst.CSTNode, info: ClassInfo, index: ModelIndex) -> cs
         def visit_Call(self, node: cst.Call) -> None:
             name = call_name(node) or ""
             method = self_attribute(node.func)
-            if name == "attention_interface" or (name in index.functions and "softmax" in code_of(index.functions[name])):
+            if name == "attention_interface" or (
+                name in index.functions and "softmax" in code_of(index.functions[name])
+            ):
                 found.append(node)
             elif method in info.methods and "softmax" in code_of(info.methods[method]):
                 found.append(node)
@@ -134,19 +148,7 @@ def _calls(node: cst.CSTNode) -> list[cst.Call]:
 
 
 def _init_attributes(info: ClassInfo) -> dict[str, cst.BaseExpression]:
-    found: dict[str, cst.BaseExpression] = {}
-    init = info.methods.get("__init__")
-    if init is None:
-        return found
-
-    class _Assigns(cst.CSTVisitor):
-        def visit_Assign(self, node: cst.Assign) -> None:
-            attr = self_attribute(node.targets[0].target)
-            if attr is not None:
-                found.setdefault(attr, node.value)
-
-    init.visit(_Assigns())
-    return found
+    return init_attribute_values(info.methods.get("__init__"))
 
 
 def _heads(info: ClassInfo, projection: str, head_dim: str) -> str:
@@ -159,12 +161,20 @@ def _fused_heads(info: ClassInfo, projection: str, head_dim: str) -> tuple[str, 
     """(query heads, KV heads) of one projection making q, k and v: `3 * E` or `E + 2 * kv`."""
     for call in info.all_init_calls.get(projection) or [info.init_calls[projection]]:
         out = _out_expr(call)
-        if isinstance(out, cst.BinaryOperation) and isinstance(out.operator, cst.Multiply) and code_of(out.left) == "3":
+        if (
+            isinstance(out, cst.BinaryOperation)
+            and isinstance(out.operator, cst.Multiply)
+            and code_of(out.left) == "3"
+        ):
             heads = _count(info, out.right, head_dim)
             return heads, heads
         if isinstance(out, cst.BinaryOperation) and isinstance(out.operator, cst.Add):
             right = out.right
-            if isinstance(right, cst.BinaryOperation) and isinstance(right.operator, cst.Multiply) and code_of(right.left) == "2":
+            if (
+                isinstance(right, cst.BinaryOperation)
+                and isinstance(right.operator, cst.Multiply)
+                and code_of(right.left) == "2"
+            ):
                 return _count(info, out.left, head_dim), _count(info, right.right, head_dim)
     return None  # (a configuration building only some of the three is a cross-attention variant)
 

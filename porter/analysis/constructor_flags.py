@@ -69,7 +69,11 @@ def _called_instances(index: ModelIndex, class_name: str):
                     built = getattr(element, "elt", None) or built
                 if call_name(built) != class_name:
                     continue
-                called = f"self.{attr}(" in forward_code or f"self.{attr}[" in forward_code or f"in self.{attr}" in forward_code
+                called = (
+                    f"self.{attr}(" in forward_code
+                    or f"self.{attr}[" in forward_code
+                    or f"in self.{attr}" in forward_code
+                )
                 if called or attr in info.module_lists:
                     yield built
 

@@ -104,3 +104,35 @@ def keyword_arg(call: cst.Call, keyword: str, position: int | None = None) -> cs
 
 def code_of(node: cst.CSTNode) -> str:
     return cst.Module(body=[]).code_for_node(node)
+
+
+class ReplaceProjectionCalls(cst.CSTTransformer):
+    """Replaces `self.<attr>(x)` by a name per attribute, remembering the argument `x` it was given
+    (how the fusion rewrites swap separate projections for pieces of one fused projection)."""
+
+    def __init__(self, pieces: dict[str, str]) -> None:
+        self.pieces = pieces
+        self.argument: str | None = None
+
+    def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.BaseExpression:
+        attr = self_attribute(updated.func)
+        if attr in self.pieces and updated.args:
+            self.argument = code_of(updated.args[0].value)
+            return cst.Name(self.pieces[attr])
+        return updated
+
+
+def init_attribute_values(init: cst.FunctionDef | None) -> dict[str, cst.BaseExpression]:
+    """`self.<attr> = <value>` in an `__init__`: the first value assigned to each attribute."""
+    found: dict[str, cst.BaseExpression] = {}
+    if init is None:
+        return found
+
+    class _Assigns(cst.CSTVisitor):
+        def visit_Assign(self, node: cst.Assign) -> None:
+            attr = self_attribute(node.targets[0].target)
+            if attr is not None:
+                found.setdefault(attr, node.value)
+
+    init.visit(_Assigns())
+    return found

@@ -90,9 +90,7 @@ def build_index(module: cst.Module, causal_lm: str | None = None) -> ModelIndex:
 
 def _class_info(node: cst.ClassDef) -> ClassInfo:
     bases = [dotted_name(arg.value) or "" for arg in node.bases]
-    methods = {
-        s.name.value: s for s in node.body.body if isinstance(s, cst.FunctionDef)
-    }
+    methods = {s.name.value: s for s in node.body.body if isinstance(s, cst.FunctionDef)}
     info = ClassInfo(node.name.value, node, bases, methods)
     init = methods.get("__init__")
     if init is not None:
@@ -142,14 +140,17 @@ def _projects_to_vocab(call: cst.Call) -> bool:
 
 def _find_causal_lm(classes: dict[str, ClassInfo]) -> str:
     candidates = [
-        info for info in classes.values()
+        info
+        for info in classes.values()
         if "forward" in info.methods and any(_projects_to_vocab(c) for c in info.init_calls.values())
     ]
     if not candidates:
         raise PorterError("found no causal-LM class (no Linear projecting to vocab_size)")
     # Several classes can hold a vocab head (double-head variants); the plain causal LM is the one
     # with the fewest modules beside its backbone.
-    candidates.sort(key=lambda info: (not info.name.endswith(("ForCausalLM", "LMHeadModel")), len(info.init_calls)))
+    candidates.sort(
+        key=lambda info: (not info.name.endswith(("ForCausalLM", "LMHeadModel")), len(info.init_calls))
+    )
     return candidates[0].name
 
 
@@ -166,7 +167,9 @@ def _reachable(root: str, classes: dict[str, ClassInfo]) -> list[str]:
     return [name for name in classes if name in seen]
 
 
-def _calls_attention_core(info: ClassInfo, functions: dict[str, cst.FunctionDef], classes: dict[str, ClassInfo]) -> bool:
+def _calls_attention_core(
+    info: ClassInfo, functions: dict[str, cst.FunctionDef], classes: dict[str, ClassInfo]
+) -> bool:
     forward = info.methods.get("forward")
     if forward is None:
         return False

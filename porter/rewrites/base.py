@@ -67,7 +67,9 @@ class PortContext:
     changes: list[Change] = field(default_factory=list)
     review: list[ReviewItem] = field(default_factory=list)
 
-    def record(self, rule: str, where: str, before: cst.CSTNode | str, after: cst.CSTNode | str, reason: str) -> None:
+    def record(
+        self, rule: str, where: str, before: cst.CSTNode | str, after: cst.CSTNode | str, reason: str
+    ) -> None:
         before_code = before if isinstance(before, str) else code_of(before).strip()
         after_code = after if isinstance(after, str) else code_of(after).strip()
         self.changes.append(Change(rule, where, before_code, after_code, reason))

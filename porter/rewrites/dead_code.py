@@ -67,18 +67,27 @@ class _Transformer(ClassScopedTransformer):
 
     def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef):
         dropped = self.context.plan.dropped_params.get(self.current_class or "", set())
-        if len(self.function_stack) == 1 and updated.name.value == "forward" and self.current_class is not None:
+        if (
+            len(self.function_stack) == 1
+            and updated.name.value == "forward"
+            and self.current_class is not None
+        ):
             current = set(function_params(updated)) - dropped
             pruner = _Pruner(
                 self.context,
                 self.where,
                 dead=(dropped | {DROPPED_OUTPUT}) - ABSENT_INPUTS,
                 absent=set(dropped),
-                present=(current & set(ENGINE_PARAMS)) | ({"positions", "input_ids"} - dropped) | (POSITION_PARAMS & current),
+                present=(current & set(ENGINE_PARAMS))
+                | ({"positions", "input_ids"} - dropped)
+                | (POSITION_PARAMS & current),
                 live=current,
                 cascade=self.cascade,
-                attributes={a: v for (c, a), v in self.context.plan.constant_attributes.items()
-                            if c == self.current_class},
+                attributes={
+                    a: v
+                    for (c, a), v in self.context.plan.constant_attributes.items()
+                    if c == self.current_class
+                },
             )
             info = self.context.index.classes.get(self.current_class)
             pruner.modules = set(info.init_calls) if info else set()
@@ -96,9 +105,13 @@ def _drop_unread_assignments(function: cst.FunctionDef, context: PortContext, wh
         body = list(function.body.body)
         for position, statement in enumerate(body):
             targets = statement_targets(statement)
-            if not targets or not isinstance(statement, cst.SimpleStatementLine) or _calls_submodule(statement):
+            if (
+                not targets
+                or not isinstance(statement, cst.SimpleStatementLine)
+                or _calls_submodule(statement)
+            ):
                 continue
-            rest = body[:position] + body[position + 1:]
+            rest = body[:position] + body[position + 1 :]
             if any(set(targets) & names_in(other) for other in rest):
                 continue
             context.record("dead-code", where, statement, "", "nothing reads it")
@@ -109,8 +122,17 @@ def _drop_unread_assignments(function: cst.FunctionDef, context: PortContext, wh
 
 
 class _Pruner:
-    def __init__(self, context: PortContext, where: str, dead: set[str], absent: set[str], present: set[str],
-                 live: set[str], cascade: bool = True, attributes: dict[str, bool | None] | None = None) -> None:
+    def __init__(
+        self,
+        context: PortContext,
+        where: str,
+        dead: set[str],
+        absent: set[str],
+        present: set[str],
+        live: set[str],
+        cascade: bool = True,
+        attributes: dict[str, bool | None] | None = None,
+    ) -> None:
         self.cascade = cascade
         self.attributes = attributes or {}  # self.<attr> fixed by constructor defaults
         self.context, self.where = context, where
@@ -154,8 +176,15 @@ class _Pruner:
         if isinstance(statement, cst.If):
             return self._if(statement)
         if isinstance(statement, (cst.For, cst.While, cst.With)):
-            header = statement.iter if isinstance(statement, cst.For) else (
-                statement.test if isinstance(statement, cst.While) else cst.Tuple([cst.Element(i.item) for i in statement.items]))
+            header = (
+                statement.iter
+                if isinstance(statement, cst.For)
+                else (
+                    statement.test
+                    if isinstance(statement, cst.While)
+                    else cst.Tuple([cst.Element(i.item) for i in statement.items])
+                )
+            )
             if names_in(header) & self.dead and self.cascade:
                 self._drop(statement, "loops over removed plumbing")
                 return []
@@ -176,9 +205,12 @@ class _Pruner:
             if reads_dead and self.cascade and self._runs_submodule(statement):
                 # A statement that runs part of the model (a layer, attention) is never dropped
                 # silently: something it needs was removed, and a person has to look.
-                self.context.flag("dead-code", self.where,
-                                  f"`{_code(statement.with_changes(leading_lines=[])).strip()[:80]}` runs a submodule but reads removed "
-                                  f"{', '.join(sorted(reads_dead))}")
+                self.context.flag(
+                    "dead-code",
+                    self.where,
+                    f"`{_code(statement.with_changes(leading_lines=[])).strip()[:80]}` runs a submodule but reads removed "
+                    f"{', '.join(sorted(reads_dead))}",
+                )
                 return [statement]
             if reads_dead and self.cascade:
                 fresh = [t for t in targets if t not in self.live]
@@ -209,7 +241,11 @@ class _Pruner:
                 self.dead |= targets
                 self._drop(statement, "builds only removed plumbing")
                 return []
-            self.context.flag("dead-code", self.where, f"cannot decide `if {_code(statement.test)}`, which reads removed plumbing")
+            self.context.flag(
+                "dead-code",
+                self.where,
+                f"cannot decide `if {_code(statement.test)}`, which reads removed plumbing",
+            )
         body = self.block(list(statement.body.body)) or [cst.SimpleStatementLine([cst.Pass()])]
         orelse = statement.orelse
         if isinstance(orelse, cst.Else):
@@ -217,15 +253,21 @@ class _Pruner:
             orelse = orelse.with_changes(body=orelse.body.with_changes(body=else_body))
         elif isinstance(orelse, cst.If):
             rest = self._if(orelse)
-            orelse = rest[0] if len(rest) == 1 and isinstance(rest[0], cst.If) else (
-                cst.Else(cst.IndentedBlock(rest)) if rest else None)
+            orelse = (
+                rest[0]
+                if len(rest) == 1 and isinstance(rest[0], cst.If)
+                else (cst.Else(cst.IndentedBlock(rest)) if rest else None)
+            )
         return [statement.with_changes(body=statement.body.with_changes(body=body), orelse=orelse)]
 
     def evaluate(self, node: cst.BaseExpression):
         """True/False where the engine decides the test, else UNKNOWN."""
         if isinstance(node, cst.Comparison) and len(node.comparisons) == 1:
             operator = node.comparisons[0].operator
-            if isinstance(node.comparisons[0].comparator, cst.Name) and node.comparisons[0].comparator.value == "None":
+            if (
+                isinstance(node.comparisons[0].comparator, cst.Name)
+                and node.comparisons[0].comparator.value == "None"
+            ):
                 is_none = self._is_none(node.left)
                 if is_none is UNKNOWN:
                     return UNKNOWN

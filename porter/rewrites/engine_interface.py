@@ -30,10 +30,27 @@ from porter.analysis.model_index import ModelIndex
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
 
 PLUMBING = {
-    "attention_mask", "past_key_values", "past_key_value", "layer_past", "use_cache", "output_attentions",
-    "output_hidden_states", "return_dict", "labels", "head_mask", "cross_attn_head_mask", "cache_position",
-    "encoder_hidden_states", "encoder_attention_mask", "logits_to_keep", "num_logits_to_keep",
-    "past_key_values_length", "layer_head_mask", "cross_attn_layer_head_mask", "kwargs", "flash_attn_kwargs",
+    "attention_mask",
+    "past_key_values",
+    "past_key_value",
+    "layer_past",
+    "use_cache",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "labels",
+    "head_mask",
+    "cross_attn_head_mask",
+    "cache_position",
+    "encoder_hidden_states",
+    "encoder_attention_mask",
+    "logits_to_keep",
+    "num_logits_to_keep",
+    "past_key_values_length",
+    "layer_head_mask",
+    "cross_attn_layer_head_mask",
+    "kwargs",
+    "flash_attn_kwargs",
     "position_embeddings",  # HF's (cos, sin); the rotary rewrite applies rotary from positions instead
     "alibi",  # HF's precomputed ALiBi bias; PagedAttention applies ALiBi from per-head slopes instead
 }
@@ -45,7 +62,14 @@ TOP_LEVEL_SIGNATURE = ["input_ids", "positions", "kv_caches", "input_metadata"]
 # the dead-code rewrite removes whatever reads it.
 DROPPED_OUTPUT = "_porter_dropped_output"
 OUTPUT_DATA_FIELDS = ("last_hidden_state", "logits")
-OUTPUT_DROPPED_FIELDS = {"past_key_values", "hidden_states", "attentions", "cross_attentions", "loss", "aux_loss"}
+OUTPUT_DROPPED_FIELDS = {
+    "past_key_values",
+    "hidden_states",
+    "attentions",
+    "cross_attentions",
+    "loss",
+    "aux_loss",
+}
 
 
 def compute_signatures(index: ModelIndex) -> dict[str, list[str]]:
@@ -85,7 +109,11 @@ def compute_signatures(index: ModelIndex) -> dict[str, list[str]]:
         # `input_ids` is the engine's input where the backbone (or a class above it) needs it; in a
         # module below the backbone it is plain data (a word embedding's input).
         engine_names = set(ENGINE_PARAMS) if "input_ids" in engine else set(ENGINE_PARAMS) - {"input_ids"}
-        kept = [p for p in original if p not in PLUMBING | ABSENT_INPUTS | POSITION_PARAMS and p not in engine_names]
+        kept = [
+            p
+            for p in original
+            if p not in PLUMBING | ABSENT_INPUTS | POSITION_PARAMS and p not in engine_names
+        ]
         starred = forward.params.star_kwarg is not None or isinstance(forward.params.star_arg, cst.Param)
         if engine or kept != original or starred:
             signatures[name] = kept + [p for p in ENGINE_PARAMS if p in engine]
@@ -106,7 +134,11 @@ def dropped_params(index: ModelIndex, signatures: dict[str, list[str]]) -> dict[
     dropped = {}
     for name, params in signatures.items():
         forward = index.classes[name].methods["forward"]
-        star = [p.name.value for p in (forward.params.star_kwarg, forward.params.star_arg) if isinstance(p, cst.Param)]
+        star = [
+            p.name.value
+            for p in (forward.params.star_kwarg, forward.params.star_arg)
+            if isinstance(p, cst.Param)
+        ]
         dropped[name] = (set(function_params(forward)[1:]) | set(star)) - set(params) - POSITION_PARAMS
     return dropped
 
@@ -122,7 +154,11 @@ class _Transformer(ClassScopedTransformer):
 
     @property
     def in_rewritten_forward(self) -> bool:
-        return self.current_function == "forward" and self.current_class in self.signatures and len(self.function_stack) == 1
+        return (
+            self.current_function == "forward"
+            and self.current_class in self.signatures
+            and len(self.function_stack) == 1
+        )
 
     # -- signature -------------------------------------------------------------------------------
     def visit_FunctionDef(self, node: cst.FunctionDef) -> bool:
@@ -140,17 +176,24 @@ class _Transformer(ClassScopedTransformer):
         for name in new_params:
             if name in old:
                 # Every input is given on every step, so defaults (mostly `= None`) go.
-                params.append(old[name].with_changes(comma=cst.MaybeSentinel.DEFAULT, default=None,
-                                                     equal=cst.MaybeSentinel.DEFAULT))
+                params.append(
+                    old[name].with_changes(
+                        comma=cst.MaybeSentinel.DEFAULT, default=None, equal=cst.MaybeSentinel.DEFAULT
+                    )
+                )
             else:
                 params.append(cst.Param(cst.Name(name)))
         body = list(updated.body.body)
         if body and _is_docstring(body[0]):
             body = body[1:]  # it documents the HF arguments that are gone
-        new = updated.with_changes(params=cst.Parameters(params=params), returns=None,
-                                   body=updated.body.with_changes(body=body))
+        new = updated.with_changes(
+            params=cst.Parameters(params=params), returns=None, body=updated.body.with_changes(body=body)
+        )
         self.context.record(
-            "engine-interface", self.where, _signature(updated), _signature(new),
+            "engine-interface",
+            self.where,
+            _signature(updated),
+            _signature(new),
             "engine calling convention: flattened tokens, paged KV cache, step metadata",
         )
         return super().leave_FunctionDef(original, new)
@@ -201,8 +244,13 @@ class _Transformer(ClassScopedTransformer):
             target=cst.parse_expression(f"layer_idx, {updated.target.value}"),
             iter=cst.parse_expression(f"enumerate({code_of(updated.iter)})"),
         )
-        self.context.record("engine-interface", self.where, f"for {code_of(updated.target)} in {code_of(updated.iter)}",
-                            f"for layer_idx, {code_of(updated.target)} in enumerate(...)", "each layer gets its own KV cache")
+        self.context.record(
+            "engine-interface",
+            self.where,
+            f"for {code_of(updated.target)} in {code_of(updated.iter)}",
+            f"for layer_idx, {code_of(updated.target)} in enumerate(...)",
+            "each layer gets its own KV cache",
+        )
         return new
 
     # -- calls of rewritten submodules -----------------------------------------------------------
@@ -225,10 +273,19 @@ class _Transformer(ClassScopedTransformer):
                     continue
                 value = arg.value
             keyword = cst.Name(name) if use_keywords else None
-            args.append(cst.Arg(value=value, keyword=keyword,
-                                equal=cst.AssignEqual(cst.SimpleWhitespace(""), cst.SimpleWhitespace("")) if keyword else cst.MaybeSentinel.DEFAULT))
+            args.append(
+                cst.Arg(
+                    value=value,
+                    keyword=keyword,
+                    equal=cst.AssignEqual(cst.SimpleWhitespace(""), cst.SimpleWhitespace(""))
+                    if keyword
+                    else cst.MaybeSentinel.DEFAULT,
+                )
+            )
         new = updated.with_changes(args=args)
-        self.context.record("engine-interface", self.where, original, new, f"call {callee} with its engine signature")
+        self.context.record(
+            "engine-interface", self.where, original, new, f"call {callee} with its engine signature"
+        )
         return new
 
     def _callee(self, func: cst.BaseExpression) -> tuple[str | None, str | None]:
@@ -250,7 +307,11 @@ class _Transformer(ClassScopedTransformer):
             if "kv_cache" in own:
                 return cst.Name("kv_cache")
             if index_expr is None:
-                self.context.flag("engine-interface", self.where, "a layer needing a KV cache is called outside a layer loop")
+                self.context.flag(
+                    "engine-interface",
+                    self.where,
+                    "a layer needing a KV cache is called outside a layer loop",
+                )
                 return cst.Name("kv_cache")
             return cst.parse_expression(f"kv_caches[{index_expr}]")
         return cst.Name(name)
@@ -258,7 +319,11 @@ class _Transformer(ClassScopedTransformer):
     # -- results of rewritten submodules ---------------------------------------------------------
     def leave_Assign(self, original: cst.Assign, updated: cst.Assign) -> cst.Assign:
         target = updated.targets[0].target
-        if self.in_rewritten_forward and isinstance(target, cst.Name) and isinstance(updated.value, cst.Tuple):
+        if (
+            self.in_rewritten_forward
+            and isinstance(target, cst.Name)
+            and isinstance(updated.value, cst.Tuple)
+        ):
             if updated.value.elements:  # `outputs = (hidden_states, ...)`, returned later
                 self.tuple_vars[target.value] = updated.value.elements[0].value
         if not self.in_rewritten_forward or not isinstance(updated.value, cst.Call):
@@ -269,7 +334,9 @@ class _Transformer(ClassScopedTransformer):
         target = updated.targets[0].target
         if isinstance(target, cst.Tuple) and target.elements:
             first = target.elements[0].value
-            self.context.record("engine-interface", self.where, target, first, f"{callee} now returns one tensor")
+            self.context.record(
+                "engine-interface", self.where, target, first, f"{callee} now returns one tensor"
+            )
             return updated.with_changes(targets=[cst.AssignTarget(first)])
         if isinstance(target, cst.Name):
             self.result_vars.add(target.value)
@@ -285,7 +352,11 @@ class _Transformer(ClassScopedTransformer):
         return updated
 
     def leave_Attribute(self, original: cst.Attribute, updated: cst.Attribute) -> cst.BaseExpression:
-        if self.in_rewritten_forward and isinstance(updated.value, cst.Name) and updated.value.value in self.result_vars:
+        if (
+            self.in_rewritten_forward
+            and isinstance(updated.value, cst.Name)
+            and updated.value.value in self.result_vars
+        ):
             if updated.attr.value in OUTPUT_DATA_FIELDS:
                 return updated.value
             if updated.attr.value in OUTPUT_DROPPED_FIELDS:
@@ -293,8 +364,12 @@ class _Transformer(ClassScopedTransformer):
         return updated
 
     def leave_Subscript(self, original: cst.Subscript, updated: cst.Subscript) -> cst.BaseExpression:
-        if (self.in_rewritten_forward and isinstance(updated.value, cst.Name) and updated.value.value in self.result_vars
-                and code_of(updated.slice[0]) == "0"):
+        if (
+            self.in_rewritten_forward
+            and isinstance(updated.value, cst.Name)
+            and updated.value.value in self.result_vars
+            and code_of(updated.slice[0]) == "0"
+        ):
             return updated.value
         return updated
 
@@ -309,15 +384,21 @@ class _Transformer(ClassScopedTransformer):
             if data is None and value.args:
                 data = value.args[0].value
             if data is not None:
-                self.context.record("engine-interface", self.where, value, data, "return the tensor, not a ModelOutput")
+                self.context.record(
+                    "engine-interface", self.where, value, data, "return the tensor, not a ModelOutput"
+                )
                 return updated.with_changes(value=data)
         if isinstance(value, cst.Name) and value.value in self.tuple_vars:
             first = self.tuple_vars[value.value]
-            self.context.record("engine-interface", self.where, value, first, "return the tensor the output tuple starts with")
+            self.context.record(
+                "engine-interface", self.where, value, first, "return the tensor the output tuple starts with"
+            )
             return updated.with_changes(value=first)
         if isinstance(value, cst.Tuple) and value.elements:
             first = value.elements[0].value
-            self.context.record("engine-interface", self.where, value, first, "attention weights and caches are not returned")
+            self.context.record(
+                "engine-interface", self.where, value, first, "attention weights and caches are not returned"
+            )
             return updated.with_changes(value=first)
         return updated
 

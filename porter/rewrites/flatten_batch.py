@@ -59,10 +59,18 @@ class _Transformer(ClassScopedTransformer):
                 self.context.record("flatten-batch", self.where, updated, "", "no batch dimension to measure")
                 return cst.RemovalSentinel.REMOVE
             new = cst.parse_statement(f"{seq} = {source}.shape[0]")
-            self.context.record("flatten-batch", self.where, updated, new, "tokens are flattened: one leading dimension")
+            self.context.record(
+                "flatten-batch", self.where, updated, new, "tokens are flattened: one leading dimension"
+            )
             return new
-        if isinstance(target, cst.Name) and target.value in ONE_DIMENSIONAL and _reshapes_itself(assign.value, target.value):
-            self.context.record("flatten-batch", self.where, updated, "", f"{target.value} stays 1-D ([num_tokens])")
+        if (
+            isinstance(target, cst.Name)
+            and target.value in ONE_DIMENSIONAL
+            and _reshapes_itself(assign.value, target.value)
+        ):
+            self.context.record(
+                "flatten-batch", self.where, updated, "", f"{target.value} stays 1-D ([num_tokens])"
+            )
             return cst.RemovalSentinel.REMOVE
         return updated
 
@@ -72,14 +80,22 @@ class _Transformer(ClassScopedTransformer):
         method = updated.func.attr.value
         receiver = updated.func.value
         if method == "transpose" and self.head_dim and [code_of(a.value) for a in updated.args] == ["1", "2"]:
-            self.context.record("flatten-batch", self.where, original, receiver, "no batch dimension: [T, H, D] needs no transpose")
+            self.context.record(
+                "flatten-batch",
+                self.where,
+                original,
+                receiver,
+                "no batch dimension: [T, H, D] needs no transpose",
+            )
             return receiver
         if method in RESHAPES and updated.args:
             args = [a for a in updated.args if code_of(a.value) not in self.batch_names]
             head_dim = self.head_dim
             if head_dim and len(args) == 3 and code_of(args[-1].value) == head_dim:
                 new = cst.parse_expression(f"{code_of(receiver)}.unflatten(-1, (-1, {head_dim}))")
-                self.context.record("flatten-batch", self.where, original, new, "split heads; head count is this rank's")
+                self.context.record(
+                    "flatten-batch", self.where, original, new, "split heads; head count is this rank's"
+                )
                 return new
             if len(args) != len(updated.args):
                 args[-1] = args[-1].with_changes(comma=cst.MaybeSentinel.DEFAULT)
@@ -90,7 +106,12 @@ class _Transformer(ClassScopedTransformer):
 
 
 def _size_source(value: cst.BaseExpression) -> str | None:
-    if isinstance(value, cst.Call) and isinstance(value.func, cst.Attribute) and value.func.attr.value == "size" and not value.args:
+    if (
+        isinstance(value, cst.Call)
+        and isinstance(value.func, cst.Attribute)
+        and value.func.attr.value == "size"
+        and not value.args
+    ):
         return code_of(value.func.value)
     if isinstance(value, cst.Attribute) and value.attr.value == "shape":
         return code_of(value.value)

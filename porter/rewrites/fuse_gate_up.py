@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import libcst as cst
 
-from porter.analysis.cst_utils import code_of, names_in, self_attribute
+from porter.analysis.cst_utils import ReplaceProjectionCalls, code_of, names_in, self_attribute
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
 
 FUSED = "gate_up_proj"
@@ -45,7 +45,7 @@ def _gated_pair(linears: dict[str, cst.Call], forward: cst.FunctionDef) -> tuple
     forward.visit(_Calls())
     order = list(linears)
     for i, first in enumerate(order):
-        for second in order[i + 1:]:
+        for second in order[i + 1 :]:
             a, b = linears[first], linears[second]
             same_shape = [code_of(x.value) for x in a.args[:2]] == [code_of(x.value) for x in b.args[:2]]
             same_input = arguments.get(first) == arguments.get(second) and len(arguments.get(first, ())) == 1
@@ -86,7 +86,11 @@ class _Transformer(ClassScopedTransformer):
         pair = self.pairs.get(self.current_class or "")
         if pair is None or len(self.function_stack) != 1:
             return updated
-        if self.current_function == "__init__" and len(updated.body) == 1 and isinstance(updated.body[0], cst.Assign):
+        if (
+            self.current_function == "__init__"
+            and len(updated.body) == 1
+            and isinstance(updated.body[0], cst.Assign)
+        ):
             attr = self_attribute(updated.body[0].targets[0].target)
             if attr == pair[1]:
                 return cst.RemovalSentinel.REMOVE
@@ -94,30 +98,30 @@ class _Transformer(ClassScopedTransformer):
                 call = updated.body[0].value
                 size_in, size_out = code_of(call.args[0].value), code_of(call.args[1].value)
                 rest = "".join(f", {code_of(a)}" for a in call.args[2:])
-                new = cst.parse_statement(f"self.{FUSED} = MergedColumnParallelLinear({size_in}, [{size_out}, {size_out}]{rest})")
+                new = cst.parse_statement(
+                    f"self.{FUSED} = MergedColumnParallelLinear({size_in}, [{size_out}, {size_out}]{rest})"
+                )
                 self.context.need("engine.layers", "MergedColumnParallelLinear")
-                self.context.record("fuse-gate-up", self.where, f"{pair[0]}, {pair[1]}", new, "one GEMM for both gated-MLP inputs")
+                self.context.record(
+                    "fuse-gate-up",
+                    self.where,
+                    f"{pair[0]}, {pair[1]}",
+                    new,
+                    "one GEMM for both gated-MLP inputs",
+                )
                 return new
             return updated
         if self.current_function != "forward":
             return updated
-        replacer = _Replace({pair[0]: self.names[0], pair[1]: self.names[1]})
+        replacer = ReplaceProjectionCalls({pair[0]: self.names[0], pair[1]: self.names[1]})
         new = updated.visit(replacer)
         if replacer.argument is None or self.inserted:
             return new
         self.inserted = True
-        split = cst.parse_statement(f"{self.names[0]}, {self.names[1]} = self.{FUSED}({replacer.argument}).chunk(2, dim=-1)")
-        self.context.record("fuse-gate-up", self.where, "", split, "run the fused projection once, split its halves")
+        split = cst.parse_statement(
+            f"{self.names[0]}, {self.names[1]} = self.{FUSED}({replacer.argument}).chunk(2, dim=-1)"
+        )
+        self.context.record(
+            "fuse-gate-up", self.where, "", split, "run the fused projection once, split its halves"
+        )
         return cst.FlattenSentinel([split, new])
-
-
-class _Replace(cst.CSTTransformer):
-    def __init__(self, pieces: dict[str, str]) -> None:
-        self.pieces, self.argument = pieces, None
-
-    def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.BaseExpression:
-        attr = self_attribute(updated.func)
-        if attr in self.pieces and updated.args:
-            self.argument = code_of(updated.args[0].value)
-            return cst.Name(self.pieces[attr])
-        return updated

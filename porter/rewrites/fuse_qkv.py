@@ -12,7 +12,7 @@ from __future__ import annotations
 import libcst as cst
 
 from porter.analysis.attention import AttentionInfo
-from porter.analysis.cst_utils import call_name, code_of, names_in, self_attribute
+from porter.analysis.cst_utils import ReplaceProjectionCalls, call_name, code_of, names_in, self_attribute
 from porter.analysis.model_index import LINEAR_CALLS
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
 
@@ -71,7 +71,11 @@ class _ConcatenatedQKV(ClassScopedTransformer):
         # Walk the batch-era reshapes between the projection and its split: `.unsqueeze(1)` (a fake
         # head axis) means q|k|v side by side; a `.view(..., heads, 3 * head_dim)` means per head.
         node, layout = func.value, "concatenated"
-        while isinstance(node, cst.Call) and isinstance(node.func, cst.Attribute) and node.func.attr.value in RESHAPE_METHODS:
+        while (
+            isinstance(node, cst.Call)
+            and isinstance(node.func, cst.Attribute)
+            and node.func.attr.value in RESHAPE_METHODS
+        ):
             if node.func.attr.value in ("view", "reshape"):
                 layout = "per_head"
             node = node.func.value
@@ -82,7 +86,13 @@ class _ConcatenatedQKV(ClassScopedTransformer):
         branch = tuple(self.branches[-1]) if self.branches else None
         self.context.plan.concatenated_qkv.add((self.current_class, attr))
         self.context.plan.qkv_layouts.setdefault((self.current_class, attr), []).append((layout, branch))
-        self.context.record("fuse-qkv", self.where, original, new, f"this rank's q, k and v out of the fused projection ({layout})")
+        self.context.record(
+            "fuse-qkv",
+            self.where,
+            original,
+            new,
+            f"this rank's q, k and v out of the fused projection ({layout})",
+        )
         return new
 
     def leave_ClassDef(self, original: cst.ClassDef, updated: cst.ClassDef):
@@ -118,7 +128,6 @@ class _FusedInit(cst.CSTTransformer):
         self.context.record("fuse-qkv", info.name, call, new, "fused q|k|v projection, sharded by head")
         return updated.with_changes(value=new)
 
-
     def _layout(self, attr: str) -> str:
         """The layout expression: one layout, or a choice by the same condition forward branches on."""
         uses = self.context.plan.qkv_layouts.get((self.info.name, attr), [])
@@ -129,7 +138,11 @@ class _FusedInit(cst.CSTTransformer):
         if set(branches) == {"body", "orelse"} and branches["body"][1] == branches["orelse"][1]:
             test = branches["body"][1]
             return f"{branches['body'][0]!r} if {test} else {branches['orelse'][0]!r}"
-        self.context.flag("fuse-qkv", self.info.name, f"{attr} is split in several layouts under conditions porter cannot pair")
+        self.context.flag(
+            "fuse-qkv",
+            self.info.name,
+            f"{attr} is split in several layouts under conditions porter cannot pair",
+        )
         return repr("concatenated")
 
 
@@ -171,7 +184,7 @@ class _Transformer(ClassScopedTransformer):
             return self._init_statement(updated, info)
         if self.current_function != "forward":
             return updated
-        replacer = _ReplaceProjections(self.pieces)
+        replacer = ReplaceProjectionCalls(self.pieces)
         new = updated.visit(replacer)
         if replacer.argument is None or self.inserted:
             return new
@@ -181,7 +194,9 @@ class _Transformer(ClassScopedTransformer):
             f"{q}, {k}, {v} = self.{FUSED}({replacer.argument}).split("
             f"[self.{FUSED}.q_size, self.{FUSED}.kv_size, self.{FUSED}.kv_size], dim=-1)"
         )
-        self.context.record("fuse-qkv", self.where, "", split, "one GEMM for q, k and v, split into this rank's heads")
+        self.context.record(
+            "fuse-qkv", self.where, "", split, "one GEMM for q, k and v, split into this rank's heads"
+        )
         return cst.FlattenSentinel([split, new])
 
     def _init_statement(self, statement: cst.SimpleStatementLine, info: AttentionInfo):
@@ -190,7 +205,9 @@ class _Transformer(ClassScopedTransformer):
         attr = self_attribute(statement.body[0].targets[0].target)
         if attr not in (info.query, info.key, info.value):
             return statement
-        calls = {a: self.context.index.classes[info.name].init_calls[a] for a in (info.query, info.key, info.value)}
+        calls = {
+            a: self.context.index.classes[info.name].init_calls[a] for a in (info.query, info.key, info.value)
+        }
         first = next(a for a in self.context.index.classes[info.name].init_calls if a in calls)
         if attr != first:
             return cst.RemovalSentinel.REMOVE
@@ -204,7 +221,9 @@ class _Transformer(ClassScopedTransformer):
             f"bias={code_of(linear_bias(query))})"
         )
         self.context.need("engine.layers", "QKVParallelLinear")
-        self.context.record("fuse-qkv", self.where, ", ".join(calls), new, "q, k and v fused, column-parallel by head")
+        self.context.record(
+            "fuse-qkv", self.where, ", ".join(calls), new, "q, k and v fused, column-parallel by head"
+        )
         return new
 
 
@@ -216,15 +235,3 @@ def linear_bias(call: cst.Call) -> cst.BaseExpression:
     if len(call.args) >= 3 and call.args[2].keyword is None:
         return call.args[2].value
     return cst.Name("True")
-
-
-class _ReplaceProjections(cst.CSTTransformer):
-    def __init__(self, pieces: dict[str, str]) -> None:
-        self.pieces, self.argument = pieces, None
-
-    def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.BaseExpression:
-        attr = self_attribute(updated.func)
-        if attr in self.pieces and updated.args:
-            self.argument = code_of(updated.args[0].value)
-            return cst.Name(self.pieces[attr])
-        return updated

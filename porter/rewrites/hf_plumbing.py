@@ -65,7 +65,9 @@ def _read_tied_keys(statement: cst.CSTNode, context: PortContext) -> None:
         if isinstance(small, cst.Assign) and dotted_name(small.targets[0].target) == "_tied_weights_keys":
             if isinstance(small.value, cst.Dict):
                 for element in small.value.elements:
-                    if isinstance(element.key, cst.SimpleString) and isinstance(element.value, cst.SimpleString):
+                    if isinstance(element.key, cst.SimpleString) and isinstance(
+                        element.value, cst.SimpleString
+                    ):
                         context.plan.tied[element.key.evaluated_value] = element.value.evaluated_value
             elif isinstance(small.value, (cst.List, cst.Tuple)):
                 # Older files list the tied parameter only; its partner is the input embedding.
@@ -82,14 +84,21 @@ class _Transformer(ClassScopedTransformer):
 
     def visit_ClassDef(self, node: cst.ClassDef) -> bool:
         super().visit_ClassDef(node)
-        self.framework_derived.append(any((dotted_name(a.value) or "").split(".")[-1] in self.framework for a in node.bases))
+        self.framework_derived.append(
+            any((dotted_name(a.value) or "").split(".")[-1] in self.framework for a in node.bases)
+        )
         return True
 
     def leave_ClassDef(self, original: cst.ClassDef, updated: cst.ClassDef):
         derived = self.framework_derived.pop()
         if updated.name.value in self.framework:
-            self.context.record("hf-plumbing", self.where, f"class {updated.name.value}", "",
-                                "HF pretrained-model base: init, hub and generation settings only")
+            self.context.record(
+                "hf-plumbing",
+                self.where,
+                f"class {updated.name.value}",
+                "",
+                "HF pretrained-model base: init, hub and generation settings only",
+            )
             super().leave_ClassDef(original, updated)
             return cst.RemovalSentinel.REMOVE
         kept = [a for a in updated.bases if (dotted_name(a.value) or "").split(".")[-1] not in self.framework]
@@ -98,8 +107,11 @@ class _Transformer(ClassScopedTransformer):
         if [code_of(a) for a in kept] != [code_of(a) for a in updated.bases]:
             kept = [a.with_changes(comma=cst.MaybeSentinel.DEFAULT) for a in kept]
             self.context.record(
-                "hf-plumbing", self.where, ", ".join(code_of(a.value) for a in updated.bases),
-                ", ".join(code_of(a.value) for a in kept), "HF framework bases replaced by nn.Module",
+                "hf-plumbing",
+                self.where,
+                ", ".join(code_of(a.value) for a in updated.bases),
+                ", ".join(code_of(a.value) for a in kept),
+                "HF framework bases replaced by nn.Module",
             )
             updated = updated.with_changes(bases=kept)
         body = [s for s in updated.body.body if not _is_framework_class_attribute(s)]
@@ -107,11 +119,19 @@ class _Transformer(ClassScopedTransformer):
         return super().leave_ClassDef(original, updated)
 
     def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef):
-        decorators = [d for d in updated.decorators if dotted_name(_decorator_root(d.decorator)) in KEPT_DECORATORS]
+        decorators = [
+            d for d in updated.decorators if dotted_name(_decorator_root(d.decorator)) in KEPT_DECORATORS
+        ]
         if len(decorators) != len(updated.decorators):
             updated = updated.with_changes(decorators=decorators)
-        if self.current_class is not None and len(self.function_stack) == 1 and updated.name.value in HF_API_METHODS:
-            self.context.record("hf-plumbing", self.where, updated.name.value, "", "HF model API, not used by the engine")
+        if (
+            self.current_class is not None
+            and len(self.function_stack) == 1
+            and updated.name.value in HF_API_METHODS
+        ):
+            self.context.record(
+                "hf-plumbing", self.where, updated.name.value, "", "HF model API, not used by the engine"
+            )
             super().leave_FunctionDef(original, updated)
             return cst.RemovalSentinel.REMOVE
         return super().leave_FunctionDef(original, updated)
@@ -122,20 +142,34 @@ class _Transformer(ClassScopedTransformer):
         small = updated.body[0]
         if isinstance(small, cst.Expr) and isinstance(small.value, cst.Call):
             if call_name(small.value) == "self.post_init":
-                self.context.record("hf-plumbing", self.where, small, "", "weight init: the checkpoint sets every weight")
+                self.context.record(
+                    "hf-plumbing", self.where, small, "", "weight init: the checkpoint sets every weight"
+                )
                 return cst.RemovalSentinel.REMOVE
             if call_name(small.value) == "super().__init__" or _is_super_init(small.value):
                 if small.value.args and self.framework_derived and self.framework_derived[-1]:
                     new_call = small.value.with_changes(args=[])
                     config = code_of(small.value.args[0].value)
-                    self.context.record("hf-plumbing", self.where, small, f"super().__init__(); self.config = {config}",
-                                        "nn.Module takes no config; keep it as an attribute")
-                    return cst.FlattenSentinel([
-                        updated.with_changes(body=[small.with_changes(value=new_call)]),
-                        cst.parse_statement(f"self.config = {config}"),
-                    ])
-        if isinstance(small, cst.Assign) and self_attribute(small.targets[0].target) == "gradient_checkpointing":
-            self.context.record("hf-plumbing", self.where, small, "", "gradient checkpointing is training-only")
+                    self.context.record(
+                        "hf-plumbing",
+                        self.where,
+                        small,
+                        f"super().__init__(); self.config = {config}",
+                        "nn.Module takes no config; keep it as an attribute",
+                    )
+                    return cst.FlattenSentinel(
+                        [
+                            updated.with_changes(body=[small.with_changes(value=new_call)]),
+                            cst.parse_statement(f"self.config = {config}"),
+                        ]
+                    )
+        if (
+            isinstance(small, cst.Assign)
+            and self_attribute(small.targets[0].target) == "gradient_checkpointing"
+        ):
+            self.context.record(
+                "hf-plumbing", self.where, small, "", "gradient checkpointing is training-only"
+            )
             return cst.RemovalSentinel.REMOVE
         return updated
 
@@ -164,8 +198,16 @@ def _is_framework_class_attribute(statement: cst.BaseStatement) -> bool:
         elif isinstance(small, cst.AnnAssign):
             target = small.target
         if isinstance(target, cst.Name) and (
-            target.value.startswith("_") or target.value in {"config_class", "base_model_prefix", "config", "main_input_name",
-                                                             "supports_gradient_checkpointing", "input_modalities"}
+            target.value.startswith("_")
+            or target.value
+            in {
+                "config_class",
+                "base_model_prefix",
+                "config",
+                "main_input_name",
+                "supports_gradient_checkpointing",
+                "input_modalities",
+            }
         ):
             return True
     return False

@@ -35,7 +35,9 @@ class FixImports(Rewrite):
 
 
 def _is_import(statement: cst.CSTNode) -> bool:
-    return isinstance(statement, cst.SimpleStatementLine) and isinstance(statement.body[0], (cst.Import, cst.ImportFrom))
+    return isinstance(statement, cst.SimpleStatementLine) and isinstance(
+        statement.body[0], (cst.Import, cst.ImportFrom)
+    )
 
 
 def _is_docstring(statement: cst.CSTNode) -> bool:
@@ -59,7 +61,9 @@ def _rewrite_import(node: cst.Import | cst.ImportFrom, used: set[str], context: 
     if node.relative:
         base = context.source.module
         if base is None:
-            context.flag("imports", "module", f"relative import `{code_of(node)}` in a file outside transformers")
+            context.flag(
+                "imports", "module", f"relative import `{code_of(node)}` in a file outside transformers"
+            )
             return node.with_changes(names=_commas(names))
         parts = base.split(".")[: -len(node.relative)]
         absolute = ".".join([*parts, module_name] if module_name else parts)

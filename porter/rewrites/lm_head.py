@@ -71,14 +71,19 @@ class _Transformer(ClassScopedTransformer):
     def leave_Assign(self, original: cst.Assign, updated: cst.Assign):
         if not (self.in_head_class and self.current_function == "__init__"):
             return updated
-        if self_attribute(updated.targets[0].target) != self.head or call_name(updated.value) not in LINEAR_CALLS:
+        if (
+            self_attribute(updated.targets[0].target) != self.head
+            or call_name(updated.value) not in LINEAR_CALLS
+        ):
             return updated
         call = updated.value
         hidden, vocab = call.args[0].value, call.args[1].value
         bias_code = f", bias={code_of(linear_bias(call))}"
         new = cst.parse_expression(f"ParallelLMHead({code_of(vocab)}, {code_of(hidden)}{bias_code})")
         self.context.need(LAYERS, "ParallelLMHead")
-        self.context.record("lm-head", self.where, call, new, "vocabulary-parallel head (vocab padded to a multiple of 64*tp)")
+        self.context.record(
+            "lm-head", self.where, call, new, "vocabulary-parallel head (vocab padded to a multiple of 64*tp)"
+        )
         self.vocab_code = code_of(vocab)
         return updated.with_changes(value=new)
 
@@ -99,14 +104,23 @@ class _Transformer(ClassScopedTransformer):
         tied_key = f"{self.head}.weight"
         if self.embedding is not None and tied_key in self.context.plan.tied:
             target = ".".join(self.embedding)
-            added.append(cst.parse_statement(
-                f"if getattr({config}, 'tie_word_embeddings', True):\n    self.{self.head}.tie_to(self.{target})\n"))
+            added.append(
+                cst.parse_statement(
+                    f"if getattr({config}, 'tie_word_embeddings', True):\n    self.{self.head}.tie_to(self.{target})\n"
+                )
+            )
             self.context.plan.tied = {tied_key: f"{target}.weight"}
         vocab = getattr(self, "vocab_code", f"{config}.vocab_size")
         added.append(cst.parse_statement(f"self.logits_processor = LogitsProcessor({vocab})"))
         self.context.need(LAYERS, "LogitsProcessor")
         for statement in added:
-            self.context.record("lm-head", self.where, "", statement, "tie the head to the embedding; gather logits across ranks")
+            self.context.record(
+                "lm-head",
+                self.where,
+                "",
+                statement,
+                "tie the head to the embedding; gather logits across ranks",
+            )
         return init.with_changes(body=init.body.with_changes(body=[*init.body.body, *added]))
 
     def _split_forward(self, forward: cst.FunctionDef) -> tuple[cst.FunctionDef, cst.FunctionDef]:
@@ -114,16 +128,21 @@ class _Transformer(ClassScopedTransformer):
         position = next((i for i, s in enumerate(body) if f"self.{self.head}(" in code_of(s)), None)
         if position is None:
             self.context.flag("lm-head", self.where, f"forward never calls self.{self.head}")
-            return forward, cst.parse_statement("def compute_logits(self, hidden_states, input_metadata):\n    return None\n")
+            return forward, cst.parse_statement(
+                "def compute_logits(self, hidden_states, input_metadata):\n    return None\n"
+            )
         replacer = _ReplaceHeadCall(self.head)
         head_statement = body[position].visit(replacer)
         # forward returns what the head was given; compute_logits takes it under a plain name.
         returned = replacer.hidden or "hidden_states"
         hidden = returned if returned.isidentifier() else "hidden_states"
-        head_statement = head_statement.visit(_Rename(returned, hidden)) if hidden != returned else head_statement
+        head_statement = (
+            head_statement.visit(_Rename(returned, hidden)) if hidden != returned else head_statement
+        )
         logits_names = set(statement_targets(body[position]))
         kept_after = [
-            s for s in body[position + 1:]
+            s
+            for s in body[position + 1 :]
             if _only_touches(s, logits_names) and not names_in(s) & (PLUMBING | {"loss"})
         ]
         returns = cst.parse_statement(f"return {', '.join(sorted(logits_names)) or 'logits'}")
@@ -133,8 +152,13 @@ class _Transformer(ClassScopedTransformer):
         new_forward = forward.with_changes(
             body=forward.body.with_changes(body=[*body[:position], cst.parse_statement(f"return {returned}")])
         )
-        self.context.record("lm-head", self.where, body[position], head_statement,
-                            "logits of each sequence's last token, computed apart from forward")
+        self.context.record(
+            "lm-head",
+            self.where,
+            body[position],
+            head_statement,
+            "logits of each sequence's last token, computed apart from forward",
+        )
         return new_forward, compute
 
 

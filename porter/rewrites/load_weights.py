@@ -38,9 +38,14 @@ class _Transformer(ClassScopedTransformer):
         renames = [(p, r) for p, r in renames if _source_name(p) not in attributes]
         plan.renamed = renames
         for transform in unsupported:
-            self.context.flag("load-weights", self.where, f"checkpoint conversion beyond a rename: {transform}")
+            self.context.flag(
+                "load-weights", self.where, f"checkpoint conversion beyond a rename: {transform}"
+            )
         renamed = "".join(f"\n        ({p!r}, {r!r})," for p, r in renames)
-        fused = "".join(f"\n        ({packed!r}, {name!r}, {shard!r})," for packed, name, shard in sorted(plan.fused, key=str))
+        fused = "".join(
+            f"\n        ({packed!r}, {name!r}, {shard!r}),"
+            for packed, name, shard in sorted(plan.fused, key=str)
+        )
         tied = "".join(f"\n        {k!r}: {v!r}," for k, v in sorted(plan.tied.items()))
         ignored = "".join(f"\n        {pattern!r}," for pattern in sorted(plan.ignored))
         method = cst.parse_statement(
@@ -53,6 +58,10 @@ class _Transformer(ClassScopedTransformer):
             + (", renamed=renamed)\n" if renames else ")\n")
         )
         self.context.need("engine.weights", "load_named_weights")
-        self.context.record("load-weights", self.where, "", method, "load HF checkpoint names into the engine's parameters")
+        self.context.record(
+            "load-weights", self.where, "", method, "load HF checkpoint names into the engine's parameters"
+        )
         body = [*updated.body.body, method]
-        return super().leave_ClassDef(original, updated.with_changes(body=updated.body.with_changes(body=body)))
+        return super().leave_ClassDef(
+            original, updated.with_changes(body=updated.body.with_changes(body=body))
+        )

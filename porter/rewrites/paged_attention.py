@@ -26,7 +26,11 @@ class SwapPagedAttention(Rewrite):
         for name in sorted(context.index.attention):
             info = analyse_attention(context.index, name)
             if info is None:
-                context.flag("paged-attention", name, "could not trace q/k/v projections and head size into the attention core")
+                context.flag(
+                    "paged-attention",
+                    name,
+                    "could not trace q/k/v projections and head size into the attention core",
+                )
                 continue
             context.plan.attention[name] = info
         return module.visit(_Transformer(context))
@@ -42,7 +46,13 @@ class _Transformer(ClassScopedTransformer):
         if info is None or self.current_function != "forward":
             return updated
         if "attention_interface" in statement_targets(updated):
-            self.context.record("paged-attention", self.where, updated, "", "attention backend lookup replaced by PagedAttention")
+            self.context.record(
+                "paged-attention",
+                self.where,
+                updated,
+                "",
+                "attention backend lookup replaced by PagedAttention",
+            )
             return cst.RemovalSentinel.REMOVE
         if any(original.deep_equals(other) for other in info.other_cores):
             return self._paged_statement(info, updated)
@@ -62,11 +72,21 @@ class _Transformer(ClassScopedTransformer):
 
     def leave_If(self, original: cst.If, updated: cst.If) -> cst.BaseStatement:
         """`if eager_variant: core_a else: core_b`, both now the same paged call, is just that call."""
-        if self.info is None or self.current_function != "forward" or not isinstance(updated.orelse, cst.Else):
+        if (
+            self.info is None
+            or self.current_function != "forward"
+            or not isinstance(updated.orelse, cst.Else)
+        ):
             return updated
         body, orelse = updated.body.body, updated.orelse.body.body
-        if len(body) == len(orelse) == 1 and body[0].deep_equals(orelse[0]) and "self.attn(" in code_of(body[0]):
-            self.context.record("paged-attention", self.where, updated.test, "", "one attention backend in the engine")
+        if (
+            len(body) == len(orelse) == 1
+            and body[0].deep_equals(orelse[0])
+            and "self.attn(" in code_of(body[0])
+        ):
+            self.context.record(
+                "paged-attention", self.where, updated.test, "", "one attention backend in the engine"
+            )
             return body[0]
         return updated
 
@@ -76,9 +96,19 @@ class _Transformer(ClassScopedTransformer):
             code = code_of(updated)
             kept = []
             for statement in updated.body.body:
-                if (isinstance(statement, cst.FunctionDef) and statement.name.value not in ("__init__", "forward")
-                        and "softmax" in code_of(statement) and f"self.{statement.name.value}(" not in code):
-                    self.context.record("paged-attention", self.where, f"def {statement.name.value}", "", "eager attention path, unused")
+                if (
+                    isinstance(statement, cst.FunctionDef)
+                    and statement.name.value not in ("__init__", "forward")
+                    and "softmax" in code_of(statement)
+                    and f"self.{statement.name.value}(" not in code
+                ):
+                    self.context.record(
+                        "paged-attention",
+                        self.where,
+                        f"def {statement.name.value}",
+                        "",
+                        "eager attention path, unused",
+                    )
                     continue
                 kept.append(statement)
             updated = updated.with_changes(body=updated.body.with_changes(body=kept))
@@ -88,18 +118,34 @@ class _Transformer(ClassScopedTransformer):
         info = self.info
         if info is not None and updated.name.value == "__init__" and len(self.function_stack) == 1:
             arguments = [info.num_heads, info.head_dim]
-            keywords = {CORE_KEYWORDS[a.keyword.value]: code_of(a.value) for a in info.core.args
-                        if a.keyword is not None and a.keyword.value in CORE_KEYWORDS}
+            keywords = {
+                CORE_KEYWORDS[a.keyword.value]: code_of(a.value)
+                for a in info.core.args
+                if a.keyword is not None and a.keyword.value in CORE_KEYWORDS
+            }
             if keywords.get("scale") is None:
                 keywords["scale"] = f"{info.head_dim} ** -0.5"
             for value in keywords.values():
-                if names_in(cst.parse_expression(value)) - {"self", "config", "math", "torch", "getattr", "None"}:
-                    self.context.flag("paged-attention", self.where, f"attention argument `{value}` is computed in forward")
+                if names_in(cst.parse_expression(value)) - {
+                    "self",
+                    "config",
+                    "math",
+                    "torch",
+                    "getattr",
+                    "None",
+                }:
+                    self.context.flag(
+                        "paged-attention", self.where, f"attention argument `{value}` is computed in forward"
+                    )
             if info.num_kv_heads != info.num_heads:
                 keywords["num_kv_heads"] = info.num_kv_heads
             call = ", ".join([*arguments, *(f"{k}={v}" for k, v in keywords.items())])
             statement = cst.parse_statement(f"self.attn = PagedAttention({call})")
             self.context.need("engine.layers", "PagedAttention")
-            self.context.record("paged-attention", self.where, "", statement, "the paged attention module for this layer")
-            updated = updated.with_changes(body=updated.body.with_changes(body=[*updated.body.body, statement]))
+            self.context.record(
+                "paged-attention", self.where, "", statement, "the paged attention module for this layer"
+            )
+            updated = updated.with_changes(
+                body=updated.body.with_changes(body=[*updated.body.body, statement])
+            )
         return super().leave_FunctionDef(original, updated)

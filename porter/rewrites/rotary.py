@@ -35,12 +35,16 @@ class RotaryToEngine(Rewrite):
 
 
 def _is_neox_style(function: cst.FunctionDef, functions: dict[str, cst.FunctionDef]) -> bool:
-    code = code_of(function) + "".join(code_of(f) for n, f in functions.items() if f"{n}(" in code_of(function))
+    code = code_of(function) + "".join(
+        code_of(f) for n, f in functions.items() if f"{n}(" in code_of(function)
+    )
     return "::2" not in code and "every_two" not in code
 
 
 class _Transformer(ClassScopedTransformer):
-    def __init__(self, context: PortContext, rotary_classes: set[str], apply_functions: dict[str, bool]) -> None:
+    def __init__(
+        self, context: PortContext, rotary_classes: set[str], apply_functions: dict[str, bool]
+    ) -> None:
         super().__init__(context)
         self.rotary_classes, self.apply_functions = rotary_classes, apply_functions
         self.rotary_attrs = {
@@ -60,10 +64,14 @@ class _Transformer(ClassScopedTransformer):
             attr = self_attribute(value.func)
             target_attr = self_attribute(small.targets[0].target)
             if (self.current_class, target_attr) in self.rotary_attrs and self.current_function == "__init__":
-                self.context.record("rotary", self.where, updated, "", "rotary module replaced by the engine's rotary layer")
+                self.context.record(
+                    "rotary", self.where, updated, "", "rotary module replaced by the engine's rotary layer"
+                )
                 return cst.RemovalSentinel.REMOVE
             if (self.current_class, attr) in self.rotary_attrs:
-                self.context.record("rotary", self.where, updated, "", "cos/sin are computed inside the engine's rotary layer")
+                self.context.record(
+                    "rotary", self.where, updated, "", "cos/sin are computed inside the engine's rotary layer"
+                )
                 return cst.RemovalSentinel.REMOVE
             name = call_name(value)
             if name in self.apply_functions and self.current_function == "forward" and len(value.args) >= 2:
@@ -71,17 +79,25 @@ class _Transformer(ClassScopedTransformer):
                 q, k = code_of(value.args[0].value), code_of(value.args[1].value)
                 new = cst.parse_statement(f"{', '.join(targets)} = self.rotary_emb(positions, {q}, {k})")
                 self.applied_in[self.current_class] = self.apply_functions[name]
-                self.context.record("rotary", self.where, updated, new, "rotary embedding applied by position, per token")
+                self.context.record(
+                    "rotary", self.where, updated, new, "rotary embedding applied by position, per token"
+                )
                 return new
         return updated
 
     def leave_ClassDef(self, original: cst.ClassDef, updated: cst.ClassDef):
         name = updated.name.value
         if name in self.applied_in:
-            updated = updated.with_changes(body=updated.body.with_changes(body=[
-                self._with_rope(s, name) if isinstance(s, cst.FunctionDef) and s.name.value == "__init__" else s
-                for s in updated.body.body
-            ]))
+            updated = updated.with_changes(
+                body=updated.body.with_changes(
+                    body=[
+                        self._with_rope(s, name)
+                        if isinstance(s, cst.FunctionDef) and s.name.value == "__init__"
+                        else s
+                        for s in updated.body.body
+                    ]
+                )
+            )
         return super().leave_ClassDef(original, updated)
 
     def _with_rope(self, init: cst.FunctionDef, class_name: str) -> cst.FunctionDef:
@@ -89,10 +105,16 @@ class _Transformer(ClassScopedTransformer):
         params = function_params(init)
         config = next((p for p in params if "config" in p), None)
         if info is None or config is None:
-            self.context.flag("rotary", class_name, "rotary applied in a class without a config or known head size")
+            self.context.flag(
+                "rotary", class_name, "rotary applied in a class without a config or known head size"
+            )
             return init
         neox = self.applied_in[class_name]
-        statement = cst.parse_statement(f"self.rotary_emb = get_rope({config}, {info.head_dim}, is_neox_style={neox})")
+        statement = cst.parse_statement(
+            f"self.rotary_emb = get_rope({config}, {info.head_dim}, is_neox_style={neox})"
+        )
         self.context.need("engine.layers", "get_rope")
-        self.context.record("rotary", class_name, "", statement, "the engine's rotary layer, configured from the config")
+        self.context.record(
+            "rotary", class_name, "", statement, "the engine's rotary layer, configured from the config"
+        )
         return init.with_changes(body=init.body.with_changes(body=[*init.body.body, statement]))

@@ -13,8 +13,15 @@ import libcst as cst
 from porter.analysis.cst_utils import call_name, code_of, dotted_name, self_attribute
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
 
-FUNCTIONAL_DROPOUT = {"nn.functional.dropout", "F.dropout", "torch.dropout", "torch.nn.functional.dropout",
-                      "nn.functional.dropout1d", "nn.functional.dropout2d", "F.alpha_dropout"}
+FUNCTIONAL_DROPOUT = {
+    "nn.functional.dropout",
+    "F.dropout",
+    "torch.dropout",
+    "torch.nn.functional.dropout",
+    "nn.functional.dropout1d",
+    "nn.functional.dropout2d",
+    "F.alpha_dropout",
+}
 DROPOUT_MODULES = {"nn.Dropout", "torch.nn.Dropout", "Dropout"}
 TRAINING_ONLY_WORDS = ("dropout", "layerdrop", "drop_prob")
 
@@ -43,13 +50,23 @@ class _DropoutCalls(ClassScopedTransformer):
         attr = self_attribute(updated.func)
         is_module = attr is not None and (self.current_class, attr) in self.dropout_modules
         if (name in FUNCTIONAL_DROPOUT or is_module) and updated.args:
-            self.context.record("strip-training", self.where, original, updated.args[0].value, "dropout is identity at inference")
+            self.context.record(
+                "strip-training",
+                self.where,
+                original,
+                updated.args[0].value,
+                "dropout is identity at inference",
+            )
             return updated.args[0].value
         return updated
 
     def leave_IfExp(self, original: cst.IfExp, updated: cst.IfExp) -> cst.BaseExpression:
         test = updated.test
-        if isinstance(test, cst.UnaryOperation) and isinstance(test.operator, cst.Not) and dotted_name(test.expression) == "self.training":
+        if (
+            isinstance(test, cst.UnaryOperation)
+            and isinstance(test.operator, cst.Not)
+            and dotted_name(test.expression) == "self.training"
+        ):
             return updated.body
         if dotted_name(test) == "self.training":
             return updated.orelse
@@ -95,13 +112,19 @@ class _UnusedRates(ClassScopedTransformer):
         self.reads = reads
 
     def leave_SimpleStatementLine(self, original, updated: cst.SimpleStatementLine):
-        if self.current_function != "__init__" or len(updated.body) != 1 or not isinstance(updated.body[0], cst.Assign):
+        if (
+            self.current_function != "__init__"
+            or len(updated.body) != 1
+            or not isinstance(updated.body[0], cst.Assign)
+        ):
             return updated
         attr = self_attribute(updated.body[0].targets[0].target)
         if attr is None or (self.current_class, attr) in self.reads:
             return updated
         value = code_of(updated.body[0].value)
         if any(word in attr.lower() or word in value.lower() for word in TRAINING_ONLY_WORDS):
-            self.context.record("strip-training", self.where, updated, "", "training-only rate, nothing reads it now")
+            self.context.record(
+                "strip-training", self.where, updated, "", "training-only rate, nothing reads it now"
+            )
             return cst.RemovalSentinel.REMOVE
         return updated

@@ -12,7 +12,14 @@ from __future__ import annotations
 
 import libcst as cst
 
-from porter.analysis.cst_utils import call_name, code_of, dotted_name, self_attribute, statement_targets
+from porter.analysis.cst_utils import (
+    call_name,
+    code_of,
+    dotted_name,
+    init_attribute_values,
+    self_attribute,
+    statement_targets,
+)
 from porter.analysis.model_index import EMBEDDING_CALLS, LINEAR_CALLS
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
 
@@ -30,8 +37,14 @@ class TensorParallelLayers(Rewrite):
             forward = info.methods.get("forward")
             if forward is not None and info.linears():
                 sharded = {a for a, call in info.init_calls.items() if call_name(call) in SHARDED_LAYERS}
-                kinds.update({(name, a): k for a, k in _shard_kinds(
-                    forward, set(info.linears()), elementwise_attributes(info), sharded).items()})
+                kinds.update(
+                    {
+                        (name, a): k
+                        for a, k in _shard_kinds(
+                            forward, set(info.linears()), elementwise_attributes(info), sharded
+                        ).items()
+                    }
+                )
         vocab_embeddings = _vocab_embedding_subclasses(context)
         return module.visit(_Transformer(context, kinds, vocab_embeddings))
 
@@ -50,7 +63,9 @@ def _vocab_embedding_subclasses(context: PortContext) -> set[str]:
     return found
 
 
-def _shard_kinds(forward: cst.FunctionDef, linears: set[str], elementwise: set[str], sharded_sources: set[str]) -> dict[str, str]:
+def _shard_kinds(
+    forward: cst.FunctionDef, linears: set[str], elementwise: set[str], sharded_sources: set[str]
+) -> dict[str, str]:
     """Linear attribute -> "column" | "row" | "replicated", by a fixed point over the data flow."""
     forced: set[str] = set()
     while True:
@@ -69,7 +84,11 @@ def _propagate(forward, linears, elementwise, forced, sharded_sources) -> tuple[
         if isinstance(node, cst.Call):
             attr = self_attribute(node.func)
             inner = [evaluate(a.value) for a in node.args]
-            receiver = evaluate(node.func.value) if isinstance(node.func, cst.Attribute) and attr is None else (False, set())
+            receiver = (
+                evaluate(node.func.value)
+                if isinstance(node.func, cst.Attribute) and attr is None
+                else (False, set())
+            )
             inner.append(receiver)
             is_sharded = any(s for s, _ in inner)
             origins = set().union(*(o for _, o in inner))
@@ -127,49 +146,87 @@ def _propagate(forward, linears, elementwise, forced, sharded_sources) -> tuple[
 
 
 ELEMENTWISE_FUNCTIONS = {
-    "torch.tanh", "torch.sigmoid", "torch.relu", "torch.exp", "nn.functional.gelu", "nn.functional.silu",
-    "nn.functional.relu", "F.gelu", "F.silu", "F.relu", "torch.nn.functional.gelu", "torch.nn.functional.silu",
+    "torch.tanh",
+    "torch.sigmoid",
+    "torch.relu",
+    "torch.exp",
+    "nn.functional.gelu",
+    "nn.functional.silu",
+    "nn.functional.relu",
+    "F.gelu",
+    "F.silu",
+    "F.relu",
+    "torch.nn.functional.gelu",
+    "torch.nn.functional.silu",
 }
 # Methods that keep a head- or feature-sharded tensor sharded the same way (splits of the fused
 # projection, per-head views that the flatten rewrite made rank-agnostic).
-ELEMENTWISE_METHODS = {"to", "contiguous", "float", "half", "type_as", "clamp", "pow", "mul", "add",
-                       "split", "chunk", "unflatten", "view", "reshape", "flatten"}
-ACTIVATION_FACTORIES = {"ACT2FN", "get_activation", "nn.GELU", "nn.SiLU", "nn.ReLU", "nn.Tanh", "NewGELUActivation"}
+ELEMENTWISE_METHODS = {
+    "to",
+    "contiguous",
+    "float",
+    "half",
+    "type_as",
+    "clamp",
+    "pow",
+    "mul",
+    "add",
+    "split",
+    "chunk",
+    "unflatten",
+    "view",
+    "reshape",
+    "flatten",
+}
+ACTIVATION_FACTORIES = {
+    "ACT2FN",
+    "get_activation",
+    "nn.GELU",
+    "nn.SiLU",
+    "nn.ReLU",
+    "nn.Tanh",
+    "NewGELUActivation",
+}
 
 
 def _is_elementwise_call(node: cst.Call) -> bool:
     name = call_name(node)
     if name in ELEMENTWISE_FUNCTIONS:
         return True
-    return isinstance(node.func, cst.Attribute) and self_attribute(node.func) is None and node.func.attr.value in ELEMENTWISE_METHODS
+    return (
+        isinstance(node.func, cst.Attribute)
+        and self_attribute(node.func) is None
+        and node.func.attr.value in ELEMENTWISE_METHODS
+    )
 
 
 def _is_tensor(node: cst.BaseExpression) -> bool:
     """A variable or call result (scalars are attributes and literals)."""
-    return isinstance(node, (cst.Name, cst.Call, cst.Subscript)) and code_of(node) not in {"None", "True", "False"}
+    return isinstance(node, (cst.Name, cst.Call, cst.Subscript)) and code_of(node) not in {
+        "None",
+        "True",
+        "False",
+    }
 
 
 def elementwise_attributes(info) -> set[str]:
     """Attributes of a class that hold an activation function."""
     found = set()
-    init = info.methods.get("__init__")
-    if init is None:
-        return found
-
-    class _Assigns(cst.CSTVisitor):
-        def visit_Assign(self, node: cst.Assign) -> None:
-            attr = self_attribute(node.targets[0].target)
-            value = node.value
-            root = value.value if isinstance(value, cst.Subscript) else (value.func if isinstance(value, cst.Call) else value)
-            if attr and (code_of(root) in ACTIVATION_FACTORIES or code_of(root).split(".")[-1] in ACTIVATION_FACTORIES):
-                found.add(attr)
-
-    init.visit(_Assigns())
+    for attr, value in init_attribute_values(info.methods.get("__init__")).items():
+        root = (
+            value.value
+            if isinstance(value, cst.Subscript)
+            else (value.func if isinstance(value, cst.Call) else value)
+        )
+        if code_of(root) in ACTIVATION_FACTORIES or code_of(root).split(".")[-1] in ACTIVATION_FACTORIES:
+            found.add(attr)
     return found
 
 
 class _Transformer(ClassScopedTransformer):
-    def __init__(self, context: PortContext, kinds: dict[tuple[str, str], str], vocab_embeddings: set[str]) -> None:
+    def __init__(
+        self, context: PortContext, kinds: dict[tuple[str, str], str], vocab_embeddings: set[str]
+    ) -> None:
         super().__init__(context)
         self.kinds = kinds
         self.vocab_embeddings = vocab_embeddings
@@ -177,12 +234,19 @@ class _Transformer(ClassScopedTransformer):
     def leave_ClassDef(self, original: cst.ClassDef, updated: cst.ClassDef):
         if updated.name.value in self.vocab_embeddings:
             bases = [
-                a.with_changes(value=cst.Name("VocabParallelEmbedding")) if dotted_name(a.value) in EMBEDDING_CALLS else a
+                a.with_changes(value=cst.Name("VocabParallelEmbedding"))
+                if dotted_name(a.value) in EMBEDDING_CALLS
+                else a
                 for a in updated.bases
             ]
             self.context.need("engine.layers", "VocabParallelEmbedding")
-            self.context.record("tensor-parallel", updated.name.value, "nn.Embedding", "VocabParallelEmbedding",
-                                "a word embedding (built with the vocab size): vocabulary-parallel")
+            self.context.record(
+                "tensor-parallel",
+                updated.name.value,
+                "nn.Embedding",
+                "VocabParallelEmbedding",
+                "a word embedding (built with the vocab size): vocabulary-parallel",
+            )
             updated = updated.with_changes(bases=bases)
         return super().leave_ClassDef(original, updated)
 
@@ -200,14 +264,21 @@ class _Transformer(ClassScopedTransformer):
         if name not in LINEAR_CALLS or attr is None:
             return updated
         kind = self.kinds.get((self.current_class, attr), "replicated")
-        layer = {"column": "ColumnParallelLinear", "row": "RowParallelLinear", "replicated": "ReplicatedLinear"}[kind]
+        layer = {
+            "column": "ColumnParallelLinear",
+            "row": "RowParallelLinear",
+            "replicated": "ReplicatedLinear",
+        }[kind]
         args = list(call.args)
         if name == "Conv1D":
             # Conv1D(nf=out, nx=in) stores weight as [in, out].
-            args = [args[1].with_changes(comma=args[0].comma), args[0].with_changes(comma=args[1].comma), *args[2:]]
+            args = [
+                args[1].with_changes(comma=args[0].comma),
+                args[0].with_changes(comma=args[1].comma),
+                *args[2:],
+            ]
             args.append(cst.Arg(cst.Name("True"), keyword=cst.Name("checkpoint_transposed")))
         new = call.with_changes(func=cst.Name(layer), args=args)
         self.context.need("engine.layers", layer)
         self.context.record("tensor-parallel", self.where, call, new, f"{kind} by the data flow of forward")
         return updated.with_changes(value=new)
-

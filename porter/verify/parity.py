@@ -84,7 +84,7 @@ def hf_reference(model: torch.nn.Module, prompts: list[list[int]], steps: list[S
         for step in steps:
             inputs, logits = {}, {}
             for seq, count in step.entries:
-                inputs[seq] = sequences[seq][consumed[seq]: consumed[seq] + count]
+                inputs[seq] = sequences[seq][consumed[seq] : consumed[seq] + count]
                 consumed[seq] += count
                 if consumed[seq] < len(prompts[seq]) and consumed[seq] < len(sequences[seq]):
                     continue  # a prefill chunk that does not reach the end produces no token
@@ -98,7 +98,9 @@ def hf_reference(model: torch.nn.Module, prompts: list[list[int]], steps: list[S
     return logits_per_step, inputs_per_step
 
 
-def engine_logits(model_dir: str, model_class: str, inputs_per_step, dtype: torch.dtype, device: str) -> list[dict[int, torch.Tensor]]:
+def engine_logits(
+    model_dir: str, model_class: str, inputs_per_step, dtype: torch.dtype, device: str
+) -> list[dict[int, torch.Tensor]]:
     """Runs the schedule through the engine at the current tensor-parallel rank."""
     from engine.input_metadata import InputMetadata
     from engine.kv_cache import allocate_kv_caches, cache_shape_of
@@ -128,13 +130,17 @@ def engine_logits(model_dir: str, model_class: str, inputs_per_step, dtype: torc
                 context_lens.append(context[seq])
                 block_tables.append(table)
             metadata = InputMetadata.build(query_lens, context_lens, block_tables, BLOCK_SIZE, device)
-            hidden = model(torch.tensor(ids, device=device), torch.tensor(positions, device=device), caches, metadata)
+            hidden = model(
+                torch.tensor(ids, device=device), torch.tensor(positions, device=device), caches, metadata
+            )
             logits = model.compute_logits(hidden, metadata).float().cpu()
             results.append({seq: logits[i] for i, seq in enumerate(inputs)})
     return results
 
 
-def compare(reference, engine, steps: list[Step], tp: int, dtype: str, device: str, near_tie: float = 0.0) -> ParityReport:
+def compare(
+    reference, engine, steps: list[Step], tp: int, dtype: str, device: str, near_tie: float = 0.0
+) -> ParityReport:
     """Per step errors and greedy agreement. `near_tie` (relative to the logits' scale) excuses a
     different greedy token only when HF itself rates the two tokens that close: the precision of a
     bf16 run cannot order them, while float32 (near_tie 0) must agree exactly."""
@@ -145,7 +151,9 @@ def compare(reference, engine, steps: list[Step], tp: int, dtype: str, device: s
         for seq, expected in ref.items():
             actual = got[seq]
             if actual.shape != expected.shape:
-                raise ValueError(f"step {number}: logits of shape {tuple(actual.shape)}, expected {tuple(expected.shape)}")
+                raise ValueError(
+                    f"step {number}: logits of shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
+                )
             error = (actual - expected).abs().max().item()
             max_abs = max(max_abs, error)
             max_rel = max(max_rel, error / max(expected.abs().max().item(), 1e-12))
@@ -165,7 +173,10 @@ def run_engine(model_dir: str, model_class: str, inputs_per_step, tp: int, dtype
     queue = context.Queue()
     port = _free_port()
     processes = [
-        context.Process(target=_rank_main, args=(rank, tp, port, model_dir, model_class, inputs_per_step, dtype, device, queue))
+        context.Process(
+            target=_rank_main,
+            args=(rank, tp, port, model_dir, model_class, inputs_per_step, dtype, device, queue),
+        )
         for rank in range(tp)
     ]
     for process in processes:
@@ -177,7 +188,8 @@ def run_engine(model_dir: str, model_class: str, inputs_per_step, tp: int, dtype
         except Empty:
             if not any(p.is_alive() for p in processes):  # every rank ended without an answer
                 outcome = "tensor-parallel ranks exited without a result: " + ", ".join(
-                    f"rank {r} exit code {p.exitcode}" for r, p in enumerate(processes))
+                    f"rank {r} exit code {p.exitcode}" for r, p in enumerate(processes)
+                )
     for process in processes:
         process.join(timeout=120)
     if isinstance(outcome, str):
@@ -211,8 +223,18 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def verify_model(model_type: str, architecture: str, model_class: str, work_dir: Path, tp: int, device: str,
-                 dtype: torch.dtype, decode_steps: int, seed: int = 0, near_tie: float = 0.0) -> ParityReport:
+def verify_model(
+    model_type: str,
+    architecture: str,
+    model_class: str,
+    work_dir: Path,
+    tp: int,
+    device: str,
+    dtype: torch.dtype,
+    decode_steps: int,
+    seed: int = 0,
+    near_tie: float = 0.0,
+) -> ParityReport:
     """Writes a small random checkpoint of `architecture`, runs it through HF and the port, compares."""
     from porter.verify.small_model import small_config, write_checkpoint
 

@@ -24,7 +24,9 @@ def small_config(model_type: str, architecture: str) -> PretrainedConfig:
     default = AutoConfig.for_model(model_type)
     config = AutoConfig.for_model(model_type)
     default_hidden = getattr(default, "hidden_size", None)
-    default_intermediate = next((getattr(default, n) for n in INTERMEDIATE_NAMES if getattr(default, n, None)), None)
+    default_intermediate = next(
+        (getattr(default, n) for n in INTERMEDIATE_NAMES if getattr(default, n, None)), None
+    )
     for key, value in list(vars(default).items()):
         if isinstance(value, bool) or not isinstance(value, int):
             continue
@@ -35,7 +37,10 @@ def small_config(model_type: str, architecture: str) -> PretrainedConfig:
     config.hidden_size = HIDDEN
     config.num_attention_heads = HEADS
     config.num_hidden_layers = LAYERS
-    if getattr(default, "num_key_value_heads", None) not in (None, getattr(default, "num_attention_heads", None)):
+    if getattr(default, "num_key_value_heads", None) not in (
+        None,
+        getattr(default, "num_attention_heads", None),
+    ):
         config.num_key_value_heads = KV_HEADS  # grouped-query: keep it grouped
     elif hasattr(default, "num_key_value_heads"):
         config.num_key_value_heads = HEADS

@@ -41,7 +41,9 @@ def reference_architecture(model_type: str, port_class: str) -> str:
         return port_class
     mapped = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
     if mapped is None:
-        raise PorterError(f"transformers has no causal-LM class for model type '{model_type}'; pass --reference")
+        raise PorterError(
+            f"transformers has no causal-LM class for model type '{model_type}'; pass --reference"
+        )
     return mapped
 
 
@@ -61,8 +63,10 @@ def _resolve(target: str) -> VerifyTarget:
     port_path = ENGINE_MODELS / f"{target.replace('-', '_')}.py"
     if port_path.is_file():
         return VerifyTarget(_model_type_of(port_path), port_path, f"engine.models.{port_path.stem}")
-    raise PorterError(f"'{target}' is not a ported file, a registered architecture or a ported model type "
-                      f"(port it first: porter port {target})")
+    raise PorterError(
+        f"'{target}' is not a ported file, a registered architecture or a ported model type "
+        f"(port it first: porter port {target})"
+    )
 
 
 def _model_type_of(port_path: Path) -> str:
