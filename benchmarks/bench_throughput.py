@@ -7,6 +7,7 @@ run, next to the floor set by the copy bandwidth and matmul rate measured in the
 
     PYTHONPATH=. python3 benchmarks/bench_throughput.py --model llama-1b --json llama.json
     PYTHONPATH=. python3 benchmarks/bench_throughput.py --smoke      # tiny config, 8 prompts, CPU
+    PYTHONPATH=. python3 benchmarks/bench_throughput.py --model opt-1.3b --engine-only  # no HF baselines
 
 `--hf-prompts N` runs both HF baselines on the first N prompts only (they are slow), `--generate-prompts N`
 and `--generate-batch-prompts N` one of them; the table says how many prompts each row ran.
@@ -203,12 +204,19 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--skip", nargs="*", default=[], choices=["generate_batch", "generate", "eager"])
+    parser.add_argument(
+        "--engine-only",
+        action="store_true",
+        help="the engine with CUDA graphs only: same as --skip generate_batch generate eager",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny config, 8 prompts of 32/16, CPU, float32")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument(
         "--profile", type=Path, default=None, help="cProfile the engine's timed run to this file"
     )
     args = parser.parse_args()
+    if args.engine_only:
+        args.skip = sorted({*args.skip, "generate_batch", "generate", "eager"})
     if args.smoke:
         args.model = SMOKE_MODEL.get(args.model, args.model)
         args.num_prompts, args.input_len, args.output_len = 8, 32, 16

@@ -22,6 +22,8 @@ from collections import OrderedDict
 from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass
 
+import numpy as np
+
 from engine.sequence import Sequence
 
 
@@ -35,6 +37,73 @@ def hash_block_tokens(previous_hash: int | None, token_ids: SequenceOf[int]) -> 
     digest.update(b"\x00" if previous_hash is None else b"\x01" + previous_hash.to_bytes(16, "little"))
     digest.update(struct.pack(f"<{len(token_ids)}q", *token_ids))
     return int.from_bytes(digest.digest(), "little")
+
+
+class BlockTableRows:
+    """An int32 mirror of the running sequences' block tables, one row per sequence, padded with 0.
+
+    A step needs every scheduled sequence's table as one padded array; rebuilding that from the lists
+    costs a Python pass over every block id each step. Here a table is written once, block by block as
+    it grows, and a step's array is one gather of rows. The lists stay the source of truth: a row
+    whose recorded length differs from its list's is rewritten from the list before it is read.
+    """
+
+    def __init__(self, num_rows: int = 64, width: int = 64) -> None:
+        self.array = np.zeros((num_rows, width), dtype=np.int32)
+        self.lengths: list[int] = [0] * num_rows  # blocks written into each row
+        self._free_rows = list(range(num_rows - 1, -1, -1))  # popped from the end: row 0 first
+
+    def sync(self, seq: Sequence) -> int:
+        """Brings `seq`'s row up to date with `seq.block_table` (taking a row if it has none); returns it."""
+        row = seq.block_table_row
+        if row < 0:
+            if not self._free_rows:
+                self._grow(rows=2 * self.array.shape[0])
+            row = seq.block_table_row = self._free_rows.pop()
+        table, written = seq.block_table, self.lengths[row]
+        if len(table) > self.array.shape[1]:
+            self._grow(width=max(2 * self.array.shape[1], len(table)))
+        if len(table) < written:  # shrunk outside the manager: rewrite the row
+            self.array[row, :written] = 0
+            written = 0
+        if len(table) > written:
+            self.array[row, written : len(table)] = table[written:]
+        self.lengths[row] = len(table)
+        return row
+
+    def release(self, seq: Sequence) -> None:
+        """Zeroes `seq`'s row and gives it back."""
+        row = seq.block_table_row
+        if row < 0:
+            return
+        self.array[row, : self.lengths[row]] = 0
+        self.lengths[row] = 0
+        self._free_rows.append(row)
+        seq.block_table_row = -1
+
+    def gather(self, seqs: SequenceOf[Sequence]) -> np.ndarray:
+        """The tables of `seqs` as a new int32 array `[len(seqs), longest table]`, padded with 0."""
+        rows: list[int] = []
+        width = 0
+        lengths = self.lengths
+        for seq in seqs:
+            row, length = seq.block_table_row, len(seq.block_table)
+            if row < 0 or lengths[row] != length:
+                row = self.sync(seq)
+            rows.append(row)
+            if length > width:
+                width = length
+        return self.array[rows, :width]
+
+    def _grow(self, rows: int | None = None, width: int | None = None) -> None:
+        old_rows, old_width = self.array.shape
+        rows, width = rows or old_rows, width or old_width
+        grown = np.zeros((rows, width), dtype=np.int32)
+        grown[:old_rows, :old_width] = self.array
+        self.array = grown
+        if rows > old_rows:
+            self.lengths.extend([0] * (rows - old_rows))
+            self._free_rows[:0] = range(rows - 1, old_rows - 1, -1)
 
 
 @dataclass(slots=True, eq=False)
@@ -62,6 +131,7 @@ class BlockManager:
         # Front = handed out next. An OrderedDict gives O(1) removal of a cache hit from the middle.
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._cached: dict[int, int] = {}  # content hash -> block id
+        self.table_rows = BlockTableRows()
 
     @property
     def num_free_blocks(self) -> int:
@@ -125,12 +195,17 @@ class BlockManager:
             )
         for _ in range(missing):
             seq.block_table.append(self._take_free_block())
+        self.table_rows.sync(seq)
+
+    def block_table_array(self, seqs: SequenceOf[Sequence]) -> np.ndarray:
+        """The block tables of `seqs` as one int32 array `[len(seqs), longest]` padded with 0 (a copy)."""
+        return self.table_rows.gather(seqs)
 
     def mark_computed(self, seq: Sequence, num_new_tokens: int) -> None:
         """A step wrote K/V for `num_new_tokens` more tokens of `seq`: count them and cache full blocks."""
         before = seq.num_computed_tokens
         after = before + num_new_tokens
-        if after > len(seq.block_table) * self.block_size or after > seq.num_tokens:
+        if after > len(seq.block_table) * self.block_size or after > len(seq.token_ids):
             raise ValueError(
                 f"sequence {seq.seq_id}: {after} computed tokens exceed its "
                 f"{len(seq.block_table)} blocks or its {seq.num_tokens} tokens"
@@ -139,6 +214,8 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         first_new_full, num_full = before // self.block_size, after // self.block_size
+        if first_new_full == num_full:  # no block filled up (most decode steps): nothing to register
+            return
         hashes = self._block_hashes(seq, num_full)
         for index in range(first_new_full, num_full):
             block = self.blocks[seq.block_table[index]]
@@ -162,6 +239,7 @@ class BlockManager:
                     # Holds nothing worth keeping: hand it out before any cached block.
                     self._free.move_to_end(block_id, last=False)
         seq.block_table.clear()
+        self.table_rows.release(seq)
 
     def _num_missing_blocks(self, seq: Sequence, num_new_tokens: int) -> int:
         needed = self.num_blocks_for(seq.num_computed_tokens + num_new_tokens)

@@ -15,9 +15,11 @@ a slot of -1 is not written (padding tokens of a captured CUDA graph).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -67,7 +69,6 @@ class InputMetadata:
                 f"query_lens, context_lens and block_tables differ in length: "
                 f"{len(query_lens)}, {len(context_lens)}, {len(block_tables)}"
             )
-        slots: list[int] = []
         for query_len, context_len, table in zip(query_lens, context_lens, block_tables):
             if not 0 < query_len <= context_len:
                 raise ValueError(f"need 0 < query_len <= context_len, got {query_len} and {context_len}")
@@ -75,21 +76,77 @@ class InputMetadata:
                 raise ValueError(
                     f"a block table of {len(table)} blocks of {block_size} cannot hold {context_len} tokens"
                 )
-            for index in range(context_len - query_len, context_len):
-                slots.append(table[index // block_size] * block_size + index % block_size)
-        starts = [0]
-        for query_len in query_lens:
-            starts.append(starts[-1] + query_len)
-        max_blocks = max((len(t) for t in block_tables), default=0)
-        padded = [list(t) + [0] * (max_blocks - len(t)) for t in block_tables]
-        return cls(
-            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
-            context_lens=torch.tensor(list(context_lens), dtype=torch.int32, device=device),
-            block_tables=torch.tensor(padded, dtype=torch.int32, device=device).reshape(len(padded), max_blocks),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-            max_query_len=max(query_lens, default=0),
-            max_context_len=max(context_lens, default=0),
-            block_size=block_size,
-            query_lens_host=tuple(query_lens),
-            context_lens_host=tuple(context_lens),
+        return cls.from_arrays(
+            np.asarray(query_lens, dtype=np.int64).reshape(-1),
+            np.asarray(context_lens, dtype=np.int64).reshape(-1),
+            pad_block_tables(block_tables),
+            block_size,
+            device,
         )
+
+    @classmethod
+    def from_arrays(
+        cls,
+        query_lens: np.ndarray,
+        context_lens: np.ndarray,
+        block_tables: np.ndarray,
+        block_size: int,
+        device: torch.device | str = "cpu",
+    ) -> InputMetadata:
+        """`build` from numpy arrays, with no per-token or per-block Python loop.
+
+        `query_lens`, `context_lens`: integers `[num_seqs]`; `block_tables`: `[num_seqs, max_blocks]`,
+        rows padded with 0 (a width that holds the longest context is all that is checked here).
+        The int32 fields travel to `device` in one copy, the slot mapping in a second.
+        """
+        query = np.asarray(query_lens, dtype=np.int64)
+        context = np.asarray(context_lens, dtype=np.int64)
+        tables = np.asarray(block_tables, dtype=np.int32)
+        num_seqs = len(query)
+        if len(context) != num_seqs or tables.ndim != 2 or tables.shape[0] != num_seqs:
+            raise ValueError(
+                f"query_lens {query.shape}, context_lens {context.shape} and block_tables "
+                f"{tables.shape} do not describe the same sequences"
+            )
+        if num_seqs and ((query <= 0).any() or (query > context).any()):
+            bad = int(np.flatnonzero((query <= 0) | (query > context))[0])
+            raise ValueError(f"need 0 < query_len <= context_len, got {query[bad]} and {context[bad]}")
+        if num_seqs and int(context.max()) > tables.shape[1] * block_size:
+            raise ValueError(
+                f"a block table of {tables.shape[1]} blocks of {block_size} cannot hold "
+                f"{int(context.max())} tokens"
+            )
+        starts = np.zeros(num_seqs + 1, dtype=np.int64)
+        np.cumsum(query, out=starts[1:])
+        num_tokens = int(starts[-1])
+        if num_tokens == num_seqs:  # decode only: each sequence's one new token is its last
+            rows = np.arange(num_seqs)
+            kv_index = context - 1
+        else:
+            # Token t of sequence i sits at KV index (context_i - query_i) + (t - start_i).
+            rows = np.repeat(np.arange(num_seqs), query)
+            kv_index = np.arange(num_tokens) + np.repeat(context - query - starts[:-1], query)
+        slots = tables[rows, kv_index // block_size].astype(np.int64) * block_size + kv_index % block_size
+        packed = np.concatenate([starts.astype(np.int32), context.astype(np.int32), tables.reshape(-1)])
+        on_device = torch.from_numpy(packed).to(device)
+        return cls(
+            query_start_loc=on_device[: num_seqs + 1],
+            context_lens=on_device[num_seqs + 1 : 2 * num_seqs + 1],
+            block_tables=on_device[2 * num_seqs + 1 :].view(tables.shape),
+            slot_mapping=torch.from_numpy(slots).to(device),
+            max_query_len=int(query.max()) if num_seqs else 0,
+            max_context_len=int(context.max()) if num_seqs else 0,
+            block_size=block_size,
+            query_lens_host=tuple(query.tolist()),
+            context_lens_host=tuple(context.tolist()),
+        )
+
+
+def pad_block_tables(block_tables: Sequence[Sequence[int]]) -> np.ndarray:
+    """Per-sequence block lists as one int32 array `[num_seqs, longest]`, padded with 0."""
+    lengths = np.fromiter(map(len, block_tables), dtype=np.int64, count=len(block_tables))
+    width = int(lengths.max()) if len(lengths) else 0
+    padded = np.zeros((len(block_tables), width), dtype=np.int32)
+    flat = np.fromiter(itertools.chain.from_iterable(block_tables), dtype=np.int32, count=int(lengths.sum()))
+    padded[np.arange(width) < lengths[:, None]] = flat
+    return padded

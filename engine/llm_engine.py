@@ -160,7 +160,9 @@ class LLMEngine:
             if self.scheduler.has_unfinished():
                 raise RuntimeError("the scheduler has unfinished requests but scheduled nothing")
             return []
-        for item in scheduled.scheduled:
+        # A request's first completion is first scheduled when admitted, always as a prefill row:
+        # decode rows (the first `num_decodes`) belong to sequences recorded at their admission.
+        for item in scheduled.scheduled[scheduled.num_decodes :]:
             request = self._request_of_seq[item.seq.seq_id]
             if request.cached_tokens is None and item.seq is request.seqs[0]:
                 request.cached_tokens = item.seq.num_cached_tokens
@@ -171,25 +173,37 @@ class LLMEngine:
                 query_lens=scheduled.query_lens(),
                 context_lens=scheduled.context_lens(),
                 block_tables=scheduled.block_tables(),
+                block_table_array=scheduled.block_table_array,
             )
         )
         rows = scheduled.sample_indices()
-        token_ids = [0] * len(scheduled.scheduled)
+        num_rows = len(scheduled.scheduled)
         logprobs: list[SampleLogprobs | None] | None = None
         if rows:
             sampled = self.runner.sample(
                 select_rows(logits, rows), [scheduled.scheduled[r].seq for r in rows]
             )
-            for row, token_id in zip(rows, sampled.token_ids.tolist()):
-                token_ids[row] = token_id
+            sampled_ids = sampled.token_ids.tolist()
+            if len(rows) == num_rows:  # every row samples (any decode-only step): rows = 0..n-1
+                token_ids = sampled_ids
+            else:
+                token_ids = [0] * num_rows
+                for row, token_id in zip(rows, sampled_ids):
+                    token_ids[row] = token_id
             if sampled.logprobs is not None:
-                logprobs = [None] * len(scheduled.scheduled)
+                logprobs = [None] * num_rows
                 for row, entry in zip(rows, sampled.logprobs):
                     logprobs[row] = entry
+        else:
+            token_ids = [0] * num_rows
         self.scheduler.postprocess(scheduled, token_ids, logprobs)
-        for row in rows:
-            self._check_stop_strings(scheduled.scheduled[row].seq)
-        return self._collect_finished({scheduled.scheduled[row].seq.seq_id for row in rows})
+        if self._detokenizers:
+            for row in rows:
+                self._check_stop_strings(scheduled.scheduled[row].seq)
+        # Only a sequence that finished in this step can complete its request now.
+        return self._collect_finished(
+            {seq.seq_id for seq in (scheduled.scheduled[row].seq for row in rows) if seq.is_finished}
+        )
 
     def abort_request(self, request_id: str) -> None:
         """Drops a request and all its completions."""

@@ -11,6 +11,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -37,6 +38,8 @@ class StepInputs:
     """One step's batch as plain host lists: what the driver sends to every rank, cheap to pickle.
 
     Sequence i runs `query_lens[i]` tokens; `input_ids` and `positions` hold all of them end to end.
+    `block_table_array`, when given, is `block_tables` as an int32 array padded with 0 (the scheduler
+    keeps one); the step's metadata is then built from it without a pass over every block id.
     """
 
     input_ids: list[int]
@@ -44,6 +47,7 @@ class StepInputs:
     query_lens: list[int]
     context_lens: list[int]
     block_tables: list[list[int]]
+    block_table_array: np.ndarray | None = None
 
 
 class ModelRunner:
@@ -210,12 +214,7 @@ class ModelRunner:
 
     def prepare_inputs(self, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor, InputMetadata]:
         """Device tensors for one step: input ids, positions and the attention metadata."""
-        input_ids = torch.tensor(step.input_ids, dtype=torch.long, device=self.device)
-        positions = torch.tensor(step.positions, dtype=torch.long, device=self.device)
-        metadata = InputMetadata.build(
-            step.query_lens, step.context_lens, step.block_tables, self.block_size, device=self.device
-        )
-        return input_ids, positions, metadata
+        return prepare_step_tensors(step, self.block_size, self.device)
 
     @torch.inference_mode()
     def execute_model(self, step: StepInputs) -> torch.Tensor:
@@ -273,6 +272,28 @@ class ModelRunner:
         if seq.seq_id not in self._generators:
             self._generators[seq.seq_id] = make_generator(seed, self.device)
         return self._generators[seq.seq_id]
+
+
+def prepare_step_tensors(
+    step: StepInputs, block_size: int, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor, InputMetadata]:
+    """Input ids, positions and attention metadata of `step` on `device`, in three host-to-device copies."""
+    num_tokens = len(step.input_ids)
+    # One copy for both int64 inputs; the two halves are contiguous views of it.
+    ids_and_positions = torch.tensor(step.input_ids + step.positions, dtype=torch.long).to(device)
+    if step.block_table_array is not None:
+        metadata = InputMetadata.from_arrays(
+            np.asarray(step.query_lens, dtype=np.int64),
+            np.asarray(step.context_lens, dtype=np.int64),
+            step.block_table_array,
+            block_size,
+            device,
+        )
+    else:
+        metadata = InputMetadata.build(
+            step.query_lens, step.context_lens, step.block_tables, block_size, device=device
+        )
+    return ids_and_positions[:num_tokens], ids_and_positions[num_tokens:], metadata
 
 
 def select_rows(logits: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:

@@ -20,6 +20,8 @@ from collections.abc import Iterable
 from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from engine.block_manager import BlockManager
 from engine.sequence import FinishReason, SampleLogprobs, Sequence, SequenceStatus
 
@@ -63,6 +65,10 @@ class SchedulerOutput:
 
     scheduled: list[ScheduledSequence] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)  # sent back to waiting by this step
+    num_decodes: int = 0  # the first `num_decodes` rows are decodes: one token of a running sequence
+    # `block_tables()` as an int32 array [num_scheduled, longest] padded with 0, taken at schedule time
+    # (what `InputMetadata.from_arrays` takes); None when the output was not made by `Scheduler`.
+    block_table_array: np.ndarray | None = None
 
     @property
     def is_empty(self) -> bool:
@@ -86,10 +92,15 @@ class SchedulerOutput:
         return [item.block_table for item in self.scheduled]
 
     def input_token_ids(self) -> list[int]:
-        return [token for item in self.scheduled for token in item.token_ids]
+        # Decode rows (one token, at index `start`) skip the slice and its list.
+        decodes = [item.seq.token_ids[item.start] for item in self.scheduled[: self.num_decodes]]
+        return decodes + [token for item in self.scheduled[self.num_decodes :] for token in item.token_ids]
 
     def positions(self) -> list[int]:
-        return [position for item in self.scheduled for position in item.positions]
+        decodes = [item.start for item in self.scheduled[: self.num_decodes]]
+        return decodes + [
+            position for item in self.scheduled[self.num_decodes :] for position in item.positions
+        ]
 
     def sample_indices(self) -> list[int]:
         """Rows whose logits are sampled: the others are prefill chunks that stop short of the end."""
@@ -169,14 +180,26 @@ class Scheduler:
         prefills: list[ScheduledSequence] = []
         budget = self.max_num_batched_tokens
         # Budget held back for decode tokens of sequences not reached yet, so a chunk never starves them.
-        pending_decodes = sum(1 for seq in self.running if seq.num_uncomputed_tokens == 1)
+        pending_decodes = sum(1 for seq in self.running if len(seq.token_ids) - seq.num_computed_tokens == 1)
+        block_size = self.block_manager.block_size
+        running = SequenceStatus.RUNNING
         for seq in list(self.running):  # oldest first: it gets blocks first, and is preempted last
-            if seq.status is not SequenceStatus.RUNNING:  # preempted for an older one in this loop
+            if seq.status is not running:  # preempted for an older one in this loop
                 continue
-            is_decode = seq.num_uncomputed_tokens == 1
+            computed = seq.num_computed_tokens
+            is_decode = len(seq.token_ids) - computed == 1
             if is_decode:
                 pending_decodes -= 1
-                wanted = min(1, budget)
+                if budget <= 0:
+                    continue
+                if computed < len(seq.block_table) * block_size:
+                    # Fast path: its last block has room for the token, so no block is needed.
+                    budget -= 1
+                    decodes.append(
+                        ScheduledSequence(seq, 1, computed, list(seq.block_table), samples_token=True)
+                    )
+                    continue
+                wanted = 1
             else:
                 # (A decode preempted later in this loop keeps its reservation: only this step is affected.)
                 wanted = min(seq.num_uncomputed_tokens, budget - pending_decodes)
@@ -203,6 +226,10 @@ class Scheduler:
             prefills.append(self._scheduled(seq, wanted))
 
         output.scheduled = decodes + prefills
+        output.num_decodes = len(decodes)
+        output.block_table_array = self.block_manager.block_table_array(
+            [item.seq for item in output.scheduled]
+        )
         return output
 
     def postprocess(
@@ -223,17 +250,22 @@ class Scheduler:
         if logprobs is not None and len(logprobs) != len(output.scheduled):
             raise ValueError(f"got {len(logprobs)} logprobs for {len(output.scheduled)} scheduled sequences")
         finished: list[Sequence] = []
+        mark_computed = self.block_manager.mark_computed
+        running = SequenceStatus.RUNNING
         for index, item in enumerate(output.scheduled):
             seq = item.seq
-            if seq.status is not SequenceStatus.RUNNING:  # aborted while the step ran
+            if seq.status is not running:  # aborted while the step ran
                 continue
             if seq.num_computed_tokens != item.start:
                 raise RuntimeError(f"sequence {seq.seq_id} changed between schedule() and postprocess()")
-            self.block_manager.mark_computed(seq, item.num_new_tokens)
+            mark_computed(seq, item.num_new_tokens)
             if not item.samples_token:
                 continue
             token_id = int(token_ids[index])
-            seq.append_token(token_id, None if logprobs is None else logprobs[index])
+            if logprobs is None:
+                seq.token_ids.append(token_id)  # = append_token without logprobs, minus a call
+            else:
+                seq.append_token(token_id, logprobs[index])
             reason = self._finish_reason(seq, token_id)
             if reason is not None:
                 self._finish(seq, reason)
@@ -255,7 +287,7 @@ class Scheduler:
         params = seq.sampling_params
         if (not params.ignore_eos and token_id in self.eos_token_ids) or token_id in params.stop_token_ids:
             return "stop"
-        if seq.num_output_tokens >= params.max_tokens:
+        if len(seq.token_ids) - seq.num_prompt_tokens >= params.max_tokens:  # num_output_tokens
             return "length"
         return None
 

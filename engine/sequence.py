@@ -51,6 +51,7 @@ class Sequence:
         "status",
         "finish_reason",
         "block_table",
+        "block_table_row",
         "block_hashes",
         "num_computed_tokens",
         "num_cached_tokens",
@@ -68,6 +69,8 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.finish_reason: FinishReason | None = None
         self.block_table: list[int] = []  # block ids, in token order
+        # This sequence's row in its block manager's int32 mirror of the block tables (-1: none yet).
+        self.block_table_row = -1
         # Chained content hashes of this sequence's full blocks, filled in lazily by the block manager.
         # Tokens never change once appended, so a hash stays valid for the sequence's whole life.
         self.block_hashes: list[int] = []

@@ -60,7 +60,8 @@ class PagedAttention(nn.Module):
         self.total_num_heads = num_heads
         self.total_num_kv_heads = total_num_kv_heads
         self.num_heads = distributed.divide(num_heads, tp_size, "number of attention heads")
-        self.num_kv_heads, _ = kv_heads_for_rank(total_num_kv_heads, tp_size, tp_rank)
+        self.num_kv_heads, self.first_kv_head = kv_heads_for_rank(total_num_kv_heads, tp_size, tp_rank)
+        self.first_head = tp_rank * self.num_heads
         self.head_dim = head_dim
         self.scale = float(scale)
         self.sliding_window = sliding_window
@@ -90,6 +91,13 @@ class PagedAttention(nn.Module):
         """
         num_tokens = query.shape[0]
         per_head = query.dim() == 3
+        if self.num_heads != self.total_num_heads and query.numel() == num_tokens * self.total_num_heads * self.head_dim:
+            # A projection the port kept replicated hands every rank all heads: take this rank's.
+            query = query.reshape(num_tokens, self.total_num_heads, self.head_dim)
+            query = query[:, self.first_head : self.first_head + self.num_heads]
+            kv_heads = slice(self.first_kv_head, self.first_kv_head + self.num_kv_heads)
+            key = key.reshape(num_tokens, self.total_num_kv_heads, self.head_dim)[:, kv_heads]
+            value = value.reshape(num_tokens, self.total_num_kv_heads, self.head_dim)[:, kv_heads]
         query = query.reshape(num_tokens, self.num_heads, self.head_dim)
         key = key.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         value = value.reshape(num_tokens, self.num_kv_heads, self.head_dim)

@@ -16,6 +16,7 @@ from pathlib import Path
 from torch import nn
 
 _MODELS: dict[str, tuple[str, str]] = {
+    "BloomForCausalLM": ("engine.models.bloom", "BloomForCausalLM"),
     "GPT2LMHeadModel": ("engine.models.gpt2", "GPT2LMHeadModel"),
     "GPTBigCodeForCausalLM": ("engine.models.gpt_bigcode", "GPTBigCodeForCausalLM"),
     "GPTNeoXForCausalLM": ("engine.models.gpt_neox", "GPTNeoXForCausalLM"),

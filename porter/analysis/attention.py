@@ -33,6 +33,13 @@ class AttentionInfo:
     head_dim: str  # expressions valid inside __init__
     num_heads: str
     num_kv_heads: str
+    # An eager core written inline in forward: the top-level statements [start, end] it spans.
+    inline_region: tuple[int, int] | None = None
+    inline_output: str | None = None  # the variable the region leaves the attention output in
+    inline_scale: str | None = None
+    alibi: bool = False  # the scores add an ALiBi bias
+    merged_heads: bool = False  # the region ended by merging heads: the output is [T, H*D]
+    core_args: list[str] | None = None  # the q, k, v variables the core reads
 
 
 def analyse_attention(index: ModelIndex, name: str) -> AttentionInfo | None:
@@ -42,26 +49,37 @@ def analyse_attention(index: ModelIndex, name: str) -> AttentionInfo | None:
         return None
     statements = _flat_statements(forward.body.body)
     cores = [i for i, s in enumerate(statements) if _core_call(s, info, index)]
-    if not cores:
-        return None
-    # Several backends in branches: take HF's interface dispatch, whose arguments are the standard ones.
-    core_at = next(
-        (i for i in cores if call_name(_core_call(statements[i], info, index)) == "attention_interface"),
-        cores[0],
-    )
-    core = _core_call(statements[core_at], info, index)
-    other_cores = [statements[i] for i in cores if i != core_at]
-    positional = [a.value for a in core.args if a.keyword is None and not a.star]
-    if positional and code_of(positional[0]) == "self":
-        positional = positional[1:]
-    if len(positional) < 3:
-        return None
+    inline = None
+    if cores:
+        # Several backends in branches: take HF's interface dispatch, whose arguments are the standard ones.
+        core_at = next(
+            (i for i in cores if call_name(_core_call(statements[i], info, index)) == "attention_interface"),
+            cores[0],
+        )
+        core = _core_call(statements[core_at], info, index)
+        other_cores = [statements[i] for i in cores if i != core_at]
+        positional = [a.value for a in core.args if a.keyword is None and not a.star]
+        if positional and code_of(positional[0]) == "self":
+            positional = positional[1:]
+        if len(positional) < 3:
+            return None
+        names = [code_of(p) for p in positional[:3]]
+        before, after, core_statement = statements[:core_at], statements[core_at + 1 :], statements[core_at]
+    else:
+        inline = _inline_core(list(forward.body.body), info)
+        if inline is None:
+            return None
+        body = list(forward.body.body)
+        start, end = inline["region"]
+        core, core_statement, other_cores = None, body[end], []
+        names = inline["qkv"]
+        before, after = _flat_statements(body[:start]), _flat_statements(body[end + 1 :])
     linears = set(info.linears())
-    q, k, v = (_source_projection(code_of(p), statements[:core_at], linears) for p in positional[:3])
+    q, k, v = (_source_projection(name, before, linears) for name in names)
     if None in (q, k, v):
         return None
-    output_vars = set(statement_targets(statements[core_at]))
-    output = _consumer(output_vars, statements[core_at + 1 :], linears)
+    output_vars = set(statement_targets(core_statement)) if inline is None else {inline["output"]}
+    output = _consumer(output_vars, after, linears)
     head_dim = next((f"self.{a}" for a in _init_attributes(info) if a in HEAD_DIM_WORDS), None)
     if head_dim is None:
         return None
@@ -73,9 +91,15 @@ def analyse_attention(index: ModelIndex, name: str) -> AttentionInfo | None:
     else:
         num_heads = _heads(info, q, head_dim)
         num_kv_heads = num_heads if k == q else _heads(info, k, head_dim)
-    return AttentionInfo(
-        name, core, statements[core_at], other_cores, q, k, v, output, head_dim, num_heads, num_kv_heads
-    )
+    result = AttentionInfo(name, core, core_statement, other_cores, q, k, v, output, head_dim, num_heads, num_kv_heads)
+    result.core_args = names
+    if inline is not None:
+        result.inline_region = inline["region"]
+        result.inline_output = inline["output"]
+        result.inline_scale = inline["scale"]
+        result.alibi = inline["alibi"]
+        result.merged_heads = inline["merged"]
+    return result
 
 
 def _flat_statements(body) -> list[cst.SimpleStatementLine]:
@@ -214,3 +238,117 @@ def _out_size(call: cst.Call) -> str:
 
 def is_linear(call: cst.Call) -> bool:
     return call_name(call) in LINEAR_CALLS
+
+
+SCORE_CALLS = ("matmul", "bmm", "baddbmm", "einsum")
+RESHAPE_CALLS = ("view", "reshape", "transpose", "permute", "contiguous", "flatten", "unflatten")
+
+
+def _inline_core(body: list[cst.BaseStatement], info: ClassInfo) -> dict | None:
+    """Finds `scores = q @ k^T (* scale, + alibi); probs = softmax(scores); out = probs @ v` among the
+    top-level statements of forward, with the reshapes of q/k/v (and KV-head repetition) just
+    before it and a head merge just after it: the span that one PagedAttention call replaces."""
+    codes = [code_of(s) for s in body]
+    soft = next((i for i, c in enumerate(codes) if "softmax(" in c), None)
+    if soft is None:
+        return None
+    score_at = next((i for i in range(soft, -1, -1) if _score_call(body[i])), None)
+    if score_at is None:
+        return None
+    q, k, scale = _score_operands(_score_call(body[score_at]), body[score_at])
+    if q is None or k is None:
+        return None
+    probs = set(statement_targets(body[soft]))
+    out_at = v = output = None
+    for j in range(soft + 1, len(body)):
+        call = _score_call(body[j])
+        if call is not None and names_in(call) & probs:
+            operands = [a.value for a in call.args if a.keyword is None]
+            v = next((code_of(o) for o in operands if not names_in(o) & probs), None)
+            out_at, output = j, next(iter(statement_targets(body[j])), None)
+            break
+        if names_in(body[j]) & probs:
+            probs |= set(statement_targets(body[j]))
+    if out_at is None or v is None or output is None:
+        return None
+    start = score_at
+    while start > 0:  # q/k/v reshapes and KV-head repetition for the eager matmuls
+        previous = body[start - 1]
+        targets = set(statement_targets(previous))
+        reshapes_itself = targets and targets <= {q, k, v} and targets <= names_in(previous) - targets | targets and all(
+            t in names_in(_value_of(previous)) for t in targets)
+        if not reshapes_itself or _calls_projection(previous, info):
+            break
+        start -= 1
+    end, merged = out_at, False
+    while end + 1 < len(body):  # a head merge of the output
+        following = body[end + 1]
+        if set(statement_targets(following)) != {output} or not _only_reshapes(following, info):
+            break
+        end, merged = end + 1, True
+    return {
+        "region": (start, end),
+        "qkv": [q, k, v],
+        "output": output,
+        "scale": scale,
+        "alibi": "alibi" in codes[score_at],
+        "merged": merged,
+    }
+
+
+def _score_call(statement: cst.CSTNode) -> cst.Call | None:
+    for call in _calls(statement):
+        name = call.func.attr.value if isinstance(call.func, cst.Attribute) else (call_name(call) or "")
+        if name in SCORE_CALLS:
+            return call
+    return None
+
+
+def _score_operands(call: cst.Call, statement: cst.CSTNode) -> tuple[str | None, str | None, str]:
+    """q and k of the score product (k without its transpose), and the scale it applies."""
+    keywords = {a.keyword.value: a.value for a in call.args if a.keyword is not None}
+    positional = [a.value for a in call.args if a.keyword is None]
+    is_baddbmm = isinstance(call.func, cst.Attribute) and call.func.attr.value == "baddbmm"
+    if is_baddbmm:
+        first, second = keywords.get("batch1"), keywords.get("batch2")
+        if first is None:  # torch.baddbmm(bias, q, k) or bias.baddbmm(q, k)
+            offset = 1 if call_name(call) == "torch.baddbmm" else 0
+            first, second = positional[offset], positional[offset + 1]
+        scale = code_of(keywords["alpha"]) if "alpha" in keywords else "1.0"
+    else:
+        if len(positional) < 2:
+            return None, None, "1.0"
+        first, second = positional[0], positional[1]
+        scale = "1.0"
+        value = statement.body[0].value if isinstance(statement, cst.SimpleStatementLine) else None
+        if isinstance(value, cst.BinaryOperation) and isinstance(value.operator, cst.Divide):
+            scale = f"1 / ({code_of(value.right)})"
+        elif isinstance(value, cst.BinaryOperation) and isinstance(value.operator, cst.Multiply):
+            scale = code_of(value.right)
+    while isinstance(second, cst.Call) and isinstance(second.func, cst.Attribute) and second.func.attr.value in RESHAPE_CALLS:
+        second = second.func.value  # k^T -> k
+    return (code_of(first) if isinstance(first, cst.Name) else None,
+            code_of(second) if isinstance(second, cst.Name) else None, scale)
+
+
+def _value_of(statement: cst.CSTNode) -> cst.CSTNode:
+    """The right-hand side of a simple assignment (the statement itself otherwise)."""
+    if isinstance(statement, cst.SimpleStatementLine) and isinstance(statement.body[0], cst.Assign):
+        return statement.body[0].value
+    return statement
+
+
+def _calls_projection(statement: cst.CSTNode, info: ClassInfo) -> bool:
+    return any(self_attribute(c.func) in info.init_calls for c in _calls(statement))
+
+
+def _only_reshapes(statement: cst.CSTNode, info: ClassInfo) -> bool:
+    """`x = x.view(...)...` or `x = self._merge_heads(x)` with a method that builds no module."""
+    for call in _calls(statement):
+        method = self_attribute(call.func)
+        if method in info.methods:
+            if any(self_attribute(c.func) in info.init_calls for c in _calls(info.methods[method])):
+                return False
+        elif not (isinstance(call.func, cst.Attribute) and call.func.attr.value in RESHAPE_CALLS):
+            return False
+    return True

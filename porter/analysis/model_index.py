@@ -175,7 +175,10 @@ def _calls_attention_core(
         return False
     finder = _AttentionCoreFinder(info, functions)
     forward.visit(finder)
-    return finder.found
+    # An eager core written inline: scores, a softmax and a product with the values in forward itself.
+    code = cst.Module(body=[]).code_for_node(forward)
+    inline = "softmax(" in code and any(f"{op}(" in code for op in ("matmul", "bmm", "baddbmm"))
+    return finder.found or inline
 
 
 def _has_softmax(node: cst.CSTNode) -> bool:

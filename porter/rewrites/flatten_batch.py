@@ -33,12 +33,22 @@ class _Transformer(ClassScopedTransformer):
 
     @property
     def active(self) -> bool:
-        return self.current_function == "forward" and self.current_class in self.context.plan.signatures
+        if self.current_function is None or self.current_function == "__init__":
+            return False
+        if self.current_function == "forward":
+            return self.current_class in self.context.plan.signatures
+        # An attention class's helpers (head split/merge) see the same [num_tokens, ...] tensors.
+        return self.current_class in self.context.plan.attention
 
     @property
     def head_dim(self) -> str | None:
         info = self.context.plan.attention.get(self.current_class or "")
         return info.head_dim if info else None
+
+    @property
+    def head_count(self) -> str | None:
+        info = self.context.plan.attention.get(self.current_class or "")
+        return info.num_heads if info else None
 
     def visit_FunctionDef(self, node: cst.FunctionDef) -> bool:
         super().visit_FunctionDef(node)
@@ -91,6 +101,10 @@ class _Transformer(ClassScopedTransformer):
         if method in RESHAPES and updated.args:
             args = [a for a in updated.args if code_of(a.value) not in self.batch_names]
             head_dim = self.head_dim
+            heads = self.head_count
+            if heads and len(args) >= 3 and code_of(args[-1].value) == head_dim and "-1" not in [code_of(a.value) for a in args]:
+                # the global head count is not this rank's: let the view infer it
+                args = [a.with_changes(value=cst.parse_expression("-1")) if code_of(a.value) == heads else a for a in args]
             if head_dim and len(args) == 3 and code_of(args[-1].value) == head_dim:
                 new = cst.parse_expression(f"{code_of(receiver)}.unflatten(-1, (-1, {head_dim}))")
                 self.context.record(

@@ -28,6 +28,10 @@ HF_API_METHODS = {
     "tie_weights",
     "get_decoder",
     "set_decoder",
+    "prepare_inputs_for_generation",  # HF generate's hooks: the engine schedules its own steps
+    "_reorder_cache",
+    "_update_causal_mask",
+    "_prepare_4d_causal_attention_mask_with_cache_position",
 }
 # Decorators worth keeping: they change what the function computes.
 KEPT_DECORATORS = {"torch.no_grad", "staticmethod", "classmethod", "property"}

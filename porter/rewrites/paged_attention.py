@@ -43,7 +43,7 @@ class _Transformer(ClassScopedTransformer):
 
     def leave_SimpleStatementLine(self, original: cst.SimpleStatementLine, updated: cst.SimpleStatementLine):
         info = self.info
-        if info is None or self.current_function != "forward":
+        if info is None or self.current_function != "forward" or info.inline_region is not None:
             return updated
         if "attention_interface" in statement_targets(updated):
             self.context.record(
@@ -59,6 +59,18 @@ class _Transformer(ClassScopedTransformer):
         if original.deep_equals(info.core_statement):
             return self._paged_statement(info, updated)
         return updated
+
+    def _swap_inline_core(self, forward: cst.FunctionDef, info: AttentionInfo) -> cst.FunctionDef:
+        """Replaces the eager statements (reshapes, KV repetition, scores, mask, softmax, the product
+        with V, a head merge) by one paged call on the q, k, v they started from."""
+        start, end = info.inline_region
+        body = list(forward.body.body)
+        q, k, v = info.core_args
+        merge = ".flatten(-2)" if info.merged_heads else ""
+        call = cst.parse_statement(f"{info.inline_output} = self.attn({q}, {k}, {v}, kv_cache, input_metadata){merge}")
+        removed = "\n".join(code_of(s).strip() for s in body[start : end + 1])
+        self.context.record("paged-attention", self.where, removed, call, "the eager attention written inline becomes paged attention")
+        return forward.with_changes(body=forward.body.with_changes(body=[*body[:start], call, *body[end + 1 :]]))
 
     def _paged_statement(self, info: AttentionInfo, updated: cst.SimpleStatementLine) -> cst.BaseStatement:
         positional = [a.value for a in info.core.args if a.keyword is None and not a.star]
@@ -91,38 +103,43 @@ class _Transformer(ClassScopedTransformer):
         return updated
 
     def leave_ClassDef(self, original: cst.ClassDef, updated: cst.ClassDef):
-        """Drops the class's own eager-attention helpers (softmax methods) that nothing calls any more."""
+        """Drops the class's own helpers nothing calls any more (eager attention, head merges)."""
         if self.info is not None:
-            code = code_of(updated)
-            kept = []
-            for statement in updated.body.body:
-                if (
-                    isinstance(statement, cst.FunctionDef)
-                    and statement.name.value not in ("__init__", "forward")
-                    and "softmax" in code_of(statement)
-                    and f"self.{statement.name.value}(" not in code
-                ):
-                    self.context.record(
-                        "paged-attention",
-                        self.where,
-                        f"def {statement.name.value}",
-                        "",
-                        "eager attention path, unused",
-                    )
-                    continue
-                kept.append(statement)
-            updated = updated.with_changes(body=updated.body.with_changes(body=kept))
+            changed = True
+            while changed:
+                changed = False
+                code = code_of(updated)
+                kept = []
+                for statement in updated.body.body:
+                    if (
+                        isinstance(statement, cst.FunctionDef)
+                        and statement.name.value not in ("__init__", "forward")
+                        and not statement.name.value.startswith("__")
+                        and f"self.{statement.name.value}" not in code
+                    ):
+                        self.context.record("paged-attention", self.where, f"def {statement.name.value}", "", "helper of the eager path, unused")
+                        changed = True
+                        continue
+                    kept.append(statement)
+                updated = updated.with_changes(body=updated.body.with_changes(body=kept))
         return super().leave_ClassDef(original, updated)
 
     def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef):
         info = self.info
+        if info is not None and info.inline_region is not None and updated.name.value == "forward" and len(self.function_stack) == 1:
+            updated = self._swap_inline_core(updated, info)
         if info is not None and updated.name.value == "__init__" and len(self.function_stack) == 1:
             arguments = [info.num_heads, info.head_dim]
             keywords = {
                 CORE_KEYWORDS[a.keyword.value]: code_of(a.value)
-                for a in info.core.args
+                for a in (info.core.args if info.core is not None else [])
                 if a.keyword is not None and a.keyword.value in CORE_KEYWORDS
             }
+            if info.inline_scale is not None:
+                keywords["scale"] = info.inline_scale
+            if info.alibi:
+                keywords["alibi_slopes"] = f"alibi_slopes({info.num_heads})"
+                self.context.need("engine.layers", "alibi_slopes")
             if keywords.get("scale") is None:
                 keywords["scale"] = f"{info.head_dim} ** -0.5"
             for value in keywords.values():
@@ -133,6 +150,7 @@ class _Transformer(ClassScopedTransformer):
                     "torch",
                     "getattr",
                     "None",
+                    "alibi_slopes",
                 }:
                     self.context.flag(
                         "paged-attention", self.where, f"attention argument `{value}` is computed in forward"

@@ -17,6 +17,7 @@ class PruneUnused(Rewrite):
     name = "prune"
 
     def apply(self, module: cst.Module, context: PortContext) -> cst.Module:
+        module = module.with_changes(body=[_prune_methods(s, context) for s in module.body])
         definitions: dict[str, cst.CSTNode] = {}
         for statement in module.body:
             for name in _defined(statement):
@@ -38,6 +39,29 @@ class PruneUnused(Rewrite):
                 continue
             body.append(statement)
         return module.with_changes(body=body)
+
+
+CONTRACT_METHODS = {"__init__", "forward", "compute_logits", "load_weights", "extra_repr"}
+
+
+def _prune_methods(statement: cst.CSTNode, context: PortContext) -> cst.CSTNode:
+    """Drops methods of a class that nothing calls any more (mask builders, cache helpers)."""
+    if not isinstance(statement, cst.ClassDef):
+        return statement
+    while True:
+        code = cst.Module(body=[]).code_for_node(statement)
+        kept, dropped = [], []
+        for item in statement.body.body:
+            name = item.name.value if isinstance(item, cst.FunctionDef) else None
+            if name and name not in CONTRACT_METHODS and not name.startswith("__") and f".{name}" not in code.replace(f"def {name}", ""):
+                dropped.append(name)
+                continue
+            kept.append(item)
+        if not dropped:
+            return statement
+        for name in dropped:
+            context.record("prune", statement.name.value, f"def {name}", "", "method nothing calls any more")
+        statement = statement.with_changes(body=statement.body.with_changes(body=kept))
 
 
 def _defined(statement: cst.CSTNode) -> list[str]:

@@ -41,7 +41,8 @@ class TensorParallelLayers(Rewrite):
                     {
                         (name, a): k
                         for a, k in _shard_kinds(
-                            forward, set(info.linears()), elementwise_attributes(info), sharded
+                            forward, set(info.linears()), elementwise_attributes(info), sharded,
+                            reshape_methods(info),
                         ).items()
                     }
                 )
@@ -64,18 +65,22 @@ def _vocab_embedding_subclasses(context: PortContext) -> set[str]:
 
 
 def _shard_kinds(
-    forward: cst.FunctionDef, linears: set[str], elementwise: set[str], sharded_sources: set[str]
+    forward: cst.FunctionDef,
+    linears: set[str],
+    elementwise: set[str],
+    sharded_sources: set[str],
+    reshape_methods: frozenset[str] = frozenset(),
 ) -> dict[str, str]:
     """Linear attribute -> "column" | "row" | "replicated", by a fixed point over the data flow."""
     forced: set[str] = set()
     while True:
-        kinds, poisoned = _propagate(forward, linears, elementwise, forced, sharded_sources)
+        kinds, poisoned = _propagate(forward, linears, elementwise, forced, sharded_sources, reshape_methods)
         if not poisoned - forced:
             return {a: ("replicated" if k == "candidate" or a in forced else k) for a, k in kinds.items()}
         forced |= poisoned
 
 
-def _propagate(forward, linears, elementwise, forced, sharded_sources) -> tuple[dict[str, str], set[str]]:
+def _propagate(forward, linears, elementwise, forced, sharded_sources, reshape_methods=frozenset()) -> tuple[dict[str, str], set[str]]:
     sharded: dict[str, set[str]] = {}  # variable -> column candidates it came through
     kinds: dict[str, str] = {}
     poisoned: set[str] = set()
@@ -105,7 +110,7 @@ def _propagate(forward, linears, elementwise, forced, sharded_sources) -> tuple[
                 return False, set()
             if attr in sharded_sources:
                 return True, origins  # attention keeps its inputs' head sharding
-            if attr in elementwise or attr == "rotary_emb" or _is_elementwise_call(node):
+            if attr in elementwise or attr == "rotary_emb" or attr in reshape_methods or _is_elementwise_call(node):
                 return is_sharded, origins
             poisoned.update(origins)  # a norm, a submodule, anything that mixes the hidden dim
             return False, set()
@@ -207,6 +212,19 @@ def _is_tensor(node: cst.BaseExpression) -> bool:
         "True",
         "False",
     }
+
+
+def reshape_methods(info) -> frozenset[str]:
+    """The class's own helper methods that run no module (head splits and merges): they keep a
+    head-sharded tensor head-sharded."""
+    found = set()
+    for name, method in info.methods.items():
+        if name in ("__init__", "forward"):
+            continue
+        calls_module = any(f"self.{attr}(" in code_of(method) for attr in info.init_calls)
+        if not calls_module and "softmax" not in code_of(method):
+            found.add(name)
+    return frozenset(found)
 
 
 def elementwise_attributes(info) -> set[str]:

@@ -19,7 +19,7 @@ from porter.cli import app
 from porter.port import generate
 
 MODELS = Path(__file__).resolve().parents[2] / "engine" / "models"
-PORTED = ["opt", "llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "gpt_bigcode", "phi", "gemma2"]
+PORTED = ["opt", "llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "gpt_bigcode", "phi", "gemma2", "bloom"]
 
 
 @pytest.mark.parametrize("model_type", PORTED)
@@ -63,7 +63,7 @@ def test_port_has_no_training_or_batching_code(model_type):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("model_type", "tp"),
-    [("opt", 1), ("opt", 2), ("llama", 1), ("llama", 2), ("mistral", 1), ("qwen2", 2), ("qwen3", 1), ("gpt2", 2), ("gpt_neox", 2), ("gpt_bigcode", 1), ("gpt_bigcode", 2), ("phi", 2), ("gemma2", 1), ("gemma2", 2)],
+    [("opt", 1), ("opt", 2), ("llama", 1), ("llama", 2), ("mistral", 1), ("qwen2", 2), ("qwen3", 1), ("gpt2", 2), ("gpt_neox", 2), ("gpt_bigcode", 1), ("gpt_bigcode", 2), ("phi", 2), ("gemma2", 1), ("gemma2", 2), ("bloom", 1), ("bloom", 2)],
 )
 def test_verify_passes(model_type, tp, tmp_path):
     result = CliRunner().invoke(app, ["verify", model_type, "--tp", str(tp), "--json", str(tmp_path / "r.json")])
