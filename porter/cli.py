@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.syntax import Syntax
 from rich.table import Table
 
 from porter.errors import PorterError
@@ -215,6 +216,29 @@ def _record_verify(architecture: str, tp: int, device: str, dtype: str, max_rel:
         write_atomically(path, json.dumps(results, indent=2, sort_keys=True) + "\n")
     except OSError:
         pass
+
+
+@app.command()
+def review(
+    source: str = typer.Argument(..., help="A modeling_*.py file, or a model type of the installed transformers."),
+    rule: str = typer.Option(None, "--rule", help="Only changes of this rewrite (e.g. tensor-parallel)."),
+    where: str = typer.Option(None, "--where", help="Only changes in this class (or Class.method)."),
+    diff: bool = typer.Option(False, "--diff", help="Also print the unified diff of source and port."),
+) -> None:
+    """Explain every change a port of SOURCE makes: rule, place, before, after and why."""
+    from porter.analysis.source import locate
+    from porter.port import generate
+    from porter.review import render_review, unified_diff
+
+    try:
+        located = locate(source)
+        text, result = generate(located, allow_review=True)
+    except PorterError as error:
+        _fail(str(error))
+    shown = render_review(result, console, rule, where)
+    if diff:
+        console.print(Syntax(unified_diff(located.text, text, located.display_name, "port"), "diff", background_color="default"))
+    console.print(f"{shown} changes shown of {len(result.changes)}; review items: {len(result.review)}")
 
 
 @app.command("list")

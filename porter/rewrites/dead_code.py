@@ -186,6 +186,12 @@ class _Pruner:
                 )
             )
             if names_in(header) & self.dead and self.cascade:
+                if isinstance(statement, cst.For):
+                    self.loop_vars |= names_in(statement.target)
+                if self._runs_submodule(statement):
+                    self.context.flag("dead-code", self.where, f"a loop that runs submodules iterates over removed "
+                                      f"{', '.join(sorted(names_in(header) & self.dead))}")
+                    return [statement]
                 self._drop(statement, "loops over removed plumbing")
                 return []
             if isinstance(statement, cst.For):

@@ -271,6 +271,8 @@ class _Transformer(ClassScopedTransformer):
     def leave_Assign(self, original: cst.Assign, updated: cst.Assign) -> cst.Assign:
         if self.current_function != "__init__" or not isinstance(updated.value, cst.Call):
             return updated
+        if self.current_class not in self.context.index.reachable:
+            return updated  # a task head the prune rewrite removes
         attr = self_attribute(updated.targets[0].target)
         call = updated.value
         name = call_name(call)

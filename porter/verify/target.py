@@ -79,6 +79,8 @@ def _model_type_of(port_path: Path) -> str:
     if source.startswith("transformers.models.") and len(parts) >= 4:
         return parts[2]
     stem = Path(source).stem
-    if stem.startswith("modeling_"):
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if stem.startswith("modeling_") and stem.removeprefix("modeling_") in CONFIG_MAPPING_NAMES:
         return stem.removeprefix("modeling_")
     raise PorterError(f"cannot tell which transformers model {source} corresponds to; pass --reference")
