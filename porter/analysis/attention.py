@@ -15,7 +15,7 @@ from porter.analysis.cst_utils import (
     self_attribute,
     statement_targets,
 )
-from porter.analysis.model_index import LINEAR_CALLS, ClassInfo, ModelIndex
+from porter.analysis.model_index import ClassInfo, ModelIndex
 
 HEAD_DIM_WORDS = ("head_dim", "head_size", "attention_head_size", "hidden_size_per_attention_head")
 
@@ -232,12 +232,6 @@ def _out_expr(call: cst.Call) -> cst.BaseExpression:
     return call.args[1].value if call_name(call) != "Conv1D" else call.args[0].value
 
 
-def _out_size(call: cst.Call) -> str:
-    return code_of(call.args[1].value if call_name(call) != "Conv1D" else call.args[0].value)
-
-
-def is_linear(call: cst.Call) -> bool:
-    return call_name(call) in LINEAR_CALLS
 
 
 SCORE_CALLS = ("matmul", "bmm", "baddbmm", "einsum")

@@ -91,16 +91,6 @@ def function_params(function: cst.FunctionDef) -> list[str]:
     return names
 
 
-def keyword_arg(call: cst.Call, keyword: str, position: int | None = None) -> cst.Arg | None:
-    """The argument bound to `keyword` (or at positional index `position`)."""
-    positional = [a for a in call.args if a.keyword is None and not a.star]
-    for arg in call.args:
-        if arg.keyword is not None and arg.keyword.value == keyword:
-            return arg
-    if position is not None and position < len(positional):
-        return positional[position]
-    return None
-
 
 def code_of(node: cst.CSTNode) -> str:
     return cst.Module(body=[]).code_for_node(node)
