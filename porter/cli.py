@@ -220,7 +220,9 @@ def _record_verify(architecture: str, tp: int, device: str, dtype: str, max_rel:
 
 @app.command()
 def review(
-    source: str = typer.Argument(..., help="A modeling_*.py file, or a model type of the installed transformers."),
+    source: str = typer.Argument(
+        ..., help="A modeling_*.py file, or a model type of the installed transformers."
+    ),
     rule: str = typer.Option(None, "--rule", help="Only changes of this rewrite (e.g. tensor-parallel)."),
     where: str = typer.Option(None, "--where", help="Only changes in this class (or Class.method)."),
     diff: bool = typer.Option(False, "--diff", help="Also print the unified diff of source and port."),
@@ -237,7 +239,13 @@ def review(
         _fail(str(error))
     shown = render_review(result, console, rule, where)
     if diff:
-        console.print(Syntax(unified_diff(located.text, text, located.display_name, "port"), "diff", background_color="default"))
+        console.print(
+            Syntax(
+                unified_diff(located.text, text, located.display_name, "port"),
+                "diff",
+                background_color="default",
+            )
+        )
     console.print(f"{shown} changes shown of {len(result.changes)}; review items: {len(result.review)}")
 
 

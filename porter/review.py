@@ -12,10 +12,14 @@ from rich.text import Text
 from porter.pipeline import PortResult
 
 
-def render_review(result: PortResult, console: Console, rule: str | None = None, where: str | None = None) -> int:
+def render_review(
+    result: PortResult, console: Console, rule: str | None = None, where: str | None = None
+) -> int:
     """Prints review items, then the changes grouped by class and method; returns how many it showed."""
     for item in result.review:
-        console.print(Panel(Text(item.message), title=f"review item: {item.where} ({item.rule})", border_style="yellow"))
+        console.print(
+            Panel(Text(item.message), title=f"review item: {item.where} ({item.rule})", border_style="yellow")
+        )
     shown = 0
     current = None
     for change in result.changes:
@@ -29,15 +33,38 @@ def render_review(result: PortResult, console: Console, rule: str | None = None,
         shown += 1
         console.print(Text.assemble((f"[{change.rule}] ", "cyan"), change.reason))
         if change.before:
-            console.print(Syntax(change.before, "python", theme="ansi_dark", background_color="default",
-                                 line_numbers=False, code_width=100), style="red")
+            console.print(
+                Syntax(
+                    change.before,
+                    "python",
+                    theme="ansi_dark",
+                    background_color="default",
+                    line_numbers=False,
+                    code_width=100,
+                ),
+                style="red",
+            )
         if change.after:
-            console.print(Syntax(change.after, "python", theme="ansi_dark", background_color="default",
-                                 line_numbers=False, code_width=100), style="green")
+            console.print(
+                Syntax(
+                    change.after,
+                    "python",
+                    theme="ansi_dark",
+                    background_color="default",
+                    line_numbers=False,
+                    code_width=100,
+                ),
+                style="green",
+            )
     return shown
 
 
 def unified_diff(source_text: str, generated: str, source_name: str, output_name: str) -> str:
-    return "".join(difflib.unified_diff(
-        source_text.splitlines(keepends=True), generated.splitlines(keepends=True), source_name, output_name,
-    ))
+    return "".join(
+        difflib.unified_diff(
+            source_text.splitlines(keepends=True),
+            generated.splitlines(keepends=True),
+            source_name,
+            output_name,
+        )
+    )

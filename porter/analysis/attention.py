@@ -91,7 +91,9 @@ def analyse_attention(index: ModelIndex, name: str) -> AttentionInfo | None:
     else:
         num_heads = _heads(info, q, head_dim)
         num_kv_heads = num_heads if k == q else _heads(info, k, head_dim)
-    result = AttentionInfo(name, core, core_statement, other_cores, q, k, v, output, head_dim, num_heads, num_kv_heads)
+    result = AttentionInfo(
+        name, core, core_statement, other_cores, q, k, v, output, head_dim, num_heads, num_kv_heads
+    )
     result.core_args = names
     if inline is not None:
         result.inline_region = inline["region"]
@@ -232,8 +234,6 @@ def _out_expr(call: cst.Call) -> cst.BaseExpression:
     return call.args[1].value if call_name(call) != "Conv1D" else call.args[0].value
 
 
-
-
 SCORE_CALLS = ("matmul", "bmm", "baddbmm", "einsum")
 RESHAPE_CALLS = ("view", "reshape", "transpose", "permute", "contiguous", "flatten", "unflatten")
 
@@ -269,8 +269,12 @@ def _inline_core(body: list[cst.BaseStatement], info: ClassInfo) -> dict | None:
     while start > 0:  # q/k/v reshapes and KV-head repetition for the eager matmuls
         previous = body[start - 1]
         targets = set(statement_targets(previous))
-        reshapes_itself = targets and targets <= {q, k, v} and targets <= names_in(previous) - targets | targets and all(
-            t in names_in(_value_of(previous)) for t in targets)
+        reshapes_itself = (
+            targets
+            and targets <= {q, k, v}
+            and targets <= names_in(previous) - targets | targets
+            and all(t in names_in(_value_of(previous)) for t in targets)
+        )
         if not reshapes_itself or _calls_projection(previous, info):
             break
         start -= 1
@@ -319,10 +323,17 @@ def _score_operands(call: cst.Call, statement: cst.CSTNode) -> tuple[str | None,
             scale = f"1 / ({code_of(value.right)})"
         elif isinstance(value, cst.BinaryOperation) and isinstance(value.operator, cst.Multiply):
             scale = code_of(value.right)
-    while isinstance(second, cst.Call) and isinstance(second.func, cst.Attribute) and second.func.attr.value in RESHAPE_CALLS:
+    while (
+        isinstance(second, cst.Call)
+        and isinstance(second.func, cst.Attribute)
+        and second.func.attr.value in RESHAPE_CALLS
+    ):
         second = second.func.value  # k^T -> k
-    return (code_of(first) if isinstance(first, cst.Name) else None,
-            code_of(second) if isinstance(second, cst.Name) else None, scale)
+    return (
+        code_of(first) if isinstance(first, cst.Name) else None,
+        code_of(second) if isinstance(second, cst.Name) else None,
+        scale,
+    )
 
 
 def _value_of(statement: cst.CSTNode) -> cst.CSTNode:

@@ -91,7 +91,6 @@ def function_params(function: cst.FunctionDef) -> list[str]:
     return names
 
 
-
 def code_of(node: cst.CSTNode) -> str:
     return cst.Module(body=[]).code_for_node(node)
 

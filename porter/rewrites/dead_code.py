@@ -21,8 +21,7 @@ from porter.analysis.cst_utils import (
     self_attribute,
     statement_targets,
 )
-from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
-from porter.rewrites.engine_interface import (
+from porter.analysis.signatures import (
     ABSENT_INPUTS,
     DROPPED_OUTPUT,
     ENGINE_PARAMS,
@@ -30,6 +29,7 @@ from porter.rewrites.engine_interface import (
     compute_signatures,
     dropped_params,
 )
+from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
 
 FALSE_ATTRIBUTES = {"self.training", "self.gradient_checkpointing"}
 UNKNOWN = object()
@@ -189,8 +189,12 @@ class _Pruner:
                 if isinstance(statement, cst.For):
                     self.loop_vars |= names_in(statement.target)
                 if self._runs_submodule(statement):
-                    self.context.flag("dead-code", self.where, f"a loop that runs submodules iterates over removed "
-                                      f"{', '.join(sorted(names_in(header) & self.dead))}")
+                    self.context.flag(
+                        "dead-code",
+                        self.where,
+                        f"a loop that runs submodules iterates over removed "
+                        f"{', '.join(sorted(names_in(header) & self.dead))}",
+                    )
                     return [statement]
                 self._drop(statement, "loops over removed plumbing")
                 return []

@@ -102,9 +102,17 @@ class _Transformer(ClassScopedTransformer):
             args = [a for a in updated.args if code_of(a.value) not in self.batch_names]
             head_dim = self.head_dim
             heads = self.head_count
-            if heads and len(args) >= 3 and code_of(args[-1].value) == head_dim and "-1" not in [code_of(a.value) for a in args]:
+            if (
+                heads
+                and len(args) >= 3
+                and code_of(args[-1].value) == head_dim
+                and "-1" not in [code_of(a.value) for a in args]
+            ):
                 # the global head count is not this rank's: let the view infer it
-                args = [a.with_changes(value=cst.parse_expression("-1")) if code_of(a.value) == heads else a for a in args]
+                args = [
+                    a.with_changes(value=cst.parse_expression("-1")) if code_of(a.value) == heads else a
+                    for a in args
+                ]
             if head_dim and len(args) == 3 and code_of(args[-1].value) == head_dim:
                 new = cst.parse_expression(f"{code_of(receiver)}.unflatten(-1, (-1, {head_dim}))")
                 self.context.record(

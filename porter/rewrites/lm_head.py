@@ -15,8 +15,8 @@ import libcst as cst
 
 from porter.analysis.cst_utils import call_name, code_of, names_in, self_attribute, statement_targets
 from porter.analysis.model_index import EMBEDDING_CALLS, LINEAR_CALLS, ModelIndex, _projects_to_vocab
+from porter.analysis.signatures import PLUMBING
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
-from porter.rewrites.engine_interface import PLUMBING
 from porter.rewrites.fuse_qkv import linear_bias
 
 LAYERS = "engine.layers"

@@ -67,10 +67,20 @@ class _Transformer(ClassScopedTransformer):
         body = list(forward.body.body)
         q, k, v = info.core_args
         merge = ".flatten(-2)" if info.merged_heads else ""
-        call = cst.parse_statement(f"{info.inline_output} = self.attn({q}, {k}, {v}, kv_cache, input_metadata){merge}")
+        call = cst.parse_statement(
+            f"{info.inline_output} = self.attn({q}, {k}, {v}, kv_cache, input_metadata){merge}"
+        )
         removed = "\n".join(code_of(s).strip() for s in body[start : end + 1])
-        self.context.record("paged-attention", self.where, removed, call, "the eager attention written inline becomes paged attention")
-        return forward.with_changes(body=forward.body.with_changes(body=[*body[:start], call, *body[end + 1 :]]))
+        self.context.record(
+            "paged-attention",
+            self.where,
+            removed,
+            call,
+            "the eager attention written inline becomes paged attention",
+        )
+        return forward.with_changes(
+            body=forward.body.with_changes(body=[*body[:start], call, *body[end + 1 :]])
+        )
 
     def _paged_statement(self, info: AttentionInfo, updated: cst.SimpleStatementLine) -> cst.BaseStatement:
         positional = [a.value for a in info.core.args if a.keyword is None and not a.star]
@@ -117,7 +127,13 @@ class _Transformer(ClassScopedTransformer):
                         and not statement.name.value.startswith("__")
                         and f"self.{statement.name.value}" not in code
                     ):
-                        self.context.record("paged-attention", self.where, f"def {statement.name.value}", "", "helper of the eager path, unused")
+                        self.context.record(
+                            "paged-attention",
+                            self.where,
+                            f"def {statement.name.value}",
+                            "",
+                            "helper of the eager path, unused",
+                        )
                         changed = True
                         continue
                     kept.append(statement)
@@ -126,7 +142,12 @@ class _Transformer(ClassScopedTransformer):
 
     def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef):
         info = self.info
-        if info is not None and info.inline_region is not None and updated.name.value == "forward" and len(self.function_stack) == 1:
+        if (
+            info is not None
+            and info.inline_region is not None
+            and updated.name.value == "forward"
+            and len(self.function_stack) == 1
+        ):
             updated = self._swap_inline_core(updated, info)
         if info is not None and updated.name.value == "__init__" and len(self.function_stack) == 1:
             arguments = [info.num_heads, info.head_dim]

@@ -53,7 +53,12 @@ def _prune_methods(statement: cst.CSTNode, context: PortContext) -> cst.CSTNode:
         kept, dropped = [], []
         for item in statement.body.body:
             name = item.name.value if isinstance(item, cst.FunctionDef) else None
-            if name and name not in CONTRACT_METHODS and not name.startswith("__") and f".{name}" not in code.replace(f"def {name}", ""):
+            if (
+                name
+                and name not in CONTRACT_METHODS
+                and not name.startswith("__")
+                and f".{name}" not in code.replace(f"def {name}", "")
+            ):
                 dropped.append(name)
                 continue
             kept.append(item)

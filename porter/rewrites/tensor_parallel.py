@@ -41,7 +41,10 @@ class TensorParallelLayers(Rewrite):
                     {
                         (name, a): k
                         for a, k in _shard_kinds(
-                            forward, set(info.linears()), elementwise_attributes(info), sharded,
+                            forward,
+                            set(info.linears()),
+                            elementwise_attributes(info),
+                            sharded,
                             reshape_methods(info),
                         ).items()
                     }
@@ -80,7 +83,9 @@ def _shard_kinds(
         forced |= poisoned
 
 
-def _propagate(forward, linears, elementwise, forced, sharded_sources, reshape_methods=frozenset()) -> tuple[dict[str, str], set[str]]:
+def _propagate(
+    forward, linears, elementwise, forced, sharded_sources, reshape_methods=frozenset()
+) -> tuple[dict[str, str], set[str]]:
     sharded: dict[str, set[str]] = {}  # variable -> column candidates it came through
     kinds: dict[str, str] = {}
     poisoned: set[str] = set()
@@ -110,7 +115,12 @@ def _propagate(forward, linears, elementwise, forced, sharded_sources, reshape_m
                 return False, set()
             if attr in sharded_sources:
                 return True, origins  # attention keeps its inputs' head sharding
-            if attr in elementwise or attr == "rotary_emb" or attr in reshape_methods or _is_elementwise_call(node):
+            if (
+                attr in elementwise
+                or attr == "rotary_emb"
+                or attr in reshape_methods
+                or _is_elementwise_call(node)
+            ):
                 return is_sharded, origins
             poisoned.update(origins)  # a norm, a submodule, anything that mixes the hidden dim
             return False, set()
