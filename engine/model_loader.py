@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
-from engine.models.registry import _load_target, resolve_model_class
+from engine.models.registry import load_target, resolve_model_class
 from engine.weights import iterate_checkpoint
 
 # Any one of these next to config.json means the directory carries a tokenizer.
@@ -65,7 +65,7 @@ def load_model(
     if model_class is None:
         model_class = resolve_model_class(getattr(hf_config, "architectures", None))
     elif isinstance(model_class, str):
-        model_class = _load_target(model_class)
+        model_class = load_target(model_class)
     device = torch.device(device)
     # Building under the device and dtype allocates each parameter once, where it will live; a later
     # .to() would hold two copies of the model at its peak.

@@ -46,7 +46,7 @@ def resolve_model_class(architectures: list[str] | None) -> type[nn.Module]:
     """The class for the first of `architectures` the engine knows; a clear error when it knows none."""
     for architecture in architectures or []:
         if architecture in _CUSTOM:
-            return _load_target(_CUSTOM[architecture])
+            return load_target(_CUSTOM[architecture])
         if architecture in _MODELS:
             module_name, class_name = _MODELS[architecture]
             return getattr(importlib.import_module(module_name), class_name)
@@ -57,7 +57,8 @@ def resolve_model_class(architectures: list[str] | None) -> type[nn.Module]:
     )
 
 
-def _load_target(target: str | type[nn.Module]) -> type[nn.Module]:
+def load_target(target: str | type[nn.Module]) -> type[nn.Module]:
+    """A class, or the class a `"package.module:Class"` / `"file.py:Class"` string names."""
     if not isinstance(target, str):
         return target
     location, _, class_name = target.rpartition(":")

@@ -91,6 +91,15 @@ def function_params(function: cst.FunctionDef) -> list[str]:
     return names
 
 
+def is_docstring(statement: cst.CSTNode) -> bool:
+    """A statement that is only a string literal (a module, class or function docstring)."""
+    return (
+        isinstance(statement, cst.SimpleStatementLine)
+        and isinstance(statement.body[0], cst.Expr)
+        and isinstance(statement.body[0].value, (cst.SimpleString, cst.ConcatenatedString))
+    )
+
+
 def code_of(node: cst.CSTNode) -> str:
     return cst.Module(body=[]).code_for_node(node)
 

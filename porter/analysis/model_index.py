@@ -54,6 +54,12 @@ class ModelIndex:
     attention: set[str]
     reachable: list[str]  # classes the causal LM needs, in file order
 
+    def embedding_classes(self) -> set[str]:
+        """What builds an embedding here: `nn.Embedding` itself and this file's subclasses of it."""
+        return set(EMBEDDING_CALLS) | {
+            name for name, info in self.classes.items() if any(b in EMBEDDING_CALLS for b in info.bases)
+        }
+
     def class_of_path(self, owner: str, path: list[str]) -> str | None:
         """The class of `self.a.b` seen from class `owner` (through __init__ assignments)."""
         current: str | None = owner
@@ -131,7 +137,8 @@ def _element_class(node: cst.BaseExpression, classes: dict[str, ClassInfo]) -> s
     return None
 
 
-def _projects_to_vocab(call: cst.Call) -> bool:
+def projects_to_vocab(call: cst.Call) -> bool:
+    """A Linear (or Conv1D) whose output size is the vocabulary: an LM head."""
     if call_name(call) not in LINEAR_CALLS or len(call.args) < 2:
         return False
     out_features = call.args[1].value if call_name(call) != "Conv1D" else call.args[0].value
@@ -142,7 +149,7 @@ def _find_causal_lm(classes: dict[str, ClassInfo]) -> str:
     candidates = [
         info
         for info in classes.values()
-        if "forward" in info.methods and any(_projects_to_vocab(c) for c in info.init_calls.values())
+        if "forward" in info.methods and any(projects_to_vocab(c) for c in info.init_calls.values())
     ]
     if not candidates:
         raise PorterError("found no causal-LM class (no Linear projecting to vocab_size)")

@@ -23,6 +23,7 @@ from porter.analysis.cst_utils import (
     code_of,
     dotted_name,
     function_params,
+    is_docstring,
     self_attribute_path,
 )
 from porter.analysis.signatures import (
@@ -87,7 +88,7 @@ class _Transformer(ClassScopedTransformer):
             else:
                 params.append(cst.Param(cst.Name(name)))
         body = list(updated.body.body)
-        if body and _is_docstring(body[0]):
+        if body and is_docstring(body[0]):
             body = body[1:]  # it documents the HF arguments that are gone
         new = updated.with_changes(
             params=cst.Parameters(params=params), returns=None, body=updated.body.with_changes(body=body)
@@ -314,14 +315,6 @@ def _find_arg(call: cst.Call, name: str, original_params: list[str]) -> cst.Arg 
     if name in original_params and original_params.index(name) < len(positional):
         return positional[original_params.index(name)]
     return None
-
-
-def _is_docstring(statement: cst.BaseStatement) -> bool:
-    return (
-        isinstance(statement, cst.SimpleStatementLine)
-        and isinstance(statement.body[0], cst.Expr)
-        and isinstance(statement.body[0].value, (cst.SimpleString, cst.ConcatenatedString))
-    )
 
 
 def _signature(function: cst.FunctionDef) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import libcst as cst
 
-from porter.analysis.cst_utils import code_of, dotted_name, names_in
+from porter.analysis.cst_utils import code_of, dotted_name, is_docstring, names_in
 from porter.rewrites.base import PortContext, Rewrite
 
 
@@ -30,21 +30,13 @@ class FixImports(Rewrite):
             if kept is not None:
                 body.append(statement.with_changes(body=[kept]))
         engine_lines = _engine_imports(context, used)
-        first_code = next(i for i, s in enumerate(body) if not _is_import(s) and not _is_docstring(s))
+        first_code = next(i for i, s in enumerate(body) if not _is_import(s) and not is_docstring(s))
         return module.with_changes(body=[*body[:first_code], *engine_lines, *body[first_code:]])
 
 
 def _is_import(statement: cst.CSTNode) -> bool:
     return isinstance(statement, cst.SimpleStatementLine) and isinstance(
         statement.body[0], (cst.Import, cst.ImportFrom)
-    )
-
-
-def _is_docstring(statement: cst.CSTNode) -> bool:
-    return (
-        isinstance(statement, cst.SimpleStatementLine)
-        and isinstance(statement.body[0], cst.Expr)
-        and isinstance(statement.body[0].value, (cst.SimpleString, cst.ConcatenatedString))
     )
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import libcst as cst
 
 from porter.analysis.cst_utils import call_name, code_of, names_in, self_attribute, statement_targets
-from porter.analysis.model_index import EMBEDDING_CALLS, LINEAR_CALLS, ModelIndex, _projects_to_vocab
+from porter.analysis.model_index import LINEAR_CALLS, ModelIndex, projects_to_vocab
 from porter.analysis.signatures import PLUMBING
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
 from porter.rewrites.fuse_qkv import linear_bias
@@ -28,7 +28,7 @@ class SplitLMHead(Rewrite):
     def apply(self, module: cst.Module, context: PortContext) -> cst.Module:
         index = context.index
         info = index.classes[index.causal_lm]
-        head = next(attr for attr, call in info.init_calls.items() if _projects_to_vocab(call))
+        head = next(attr for attr, call in info.init_calls.items() if projects_to_vocab(call))
         embedding = _vocab_embedding_path(index)
         return module.visit(_Transformer(context, head, embedding))
 
@@ -36,10 +36,7 @@ class SplitLMHead(Rewrite):
 def _vocab_embedding_path(index: ModelIndex) -> list[str] | None:
     """`["model", "decoder", "embed_tokens"]`: where the input embedding lives, seen from the head class."""
 
-    # nn.Embedding itself, or this file's subclasses of it (a scaled word embedding)
-    embeddings = set(EMBEDDING_CALLS) | {
-        name for name, info in index.classes.items() if any(b in EMBEDDING_CALLS for b in info.bases)
-    }
+    embeddings = index.embedding_classes()  # a scaled word embedding subclasses nn.Embedding
 
     def search(name: str, trail: list[str], seen: set[str]) -> list[str] | None:
         if name in seen:

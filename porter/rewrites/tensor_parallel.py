@@ -55,9 +55,7 @@ class TensorParallelLayers(Rewrite):
 
 def _vocab_embedding_subclasses(context: PortContext) -> set[str]:
     """This file's `nn.Embedding` subclasses that some module builds with the vocabulary size."""
-    subclasses = {
-        name for name, info in context.index.classes.items() if any(b in EMBEDDING_CALLS for b in info.bases)
-    }
+    subclasses = context.index.embedding_classes() - EMBEDDING_CALLS
     found = set()
     for info in context.index.classes.values():
         for calls in info.all_init_calls.values():
