@@ -27,7 +27,10 @@ def _tanh(x):
     return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
 
-@triton.jit
+# Arguments that change from step to step are not specialised on (Triton would otherwise compile a
+# variant for each of "== 1" and "divisible by 16"), so a run compiles once per tile config and dtype
+# instead of stalling mid-run on a new batch size or block-table width.
+@triton.jit(do_not_specialize=["num_seqs", "stride_table_seq"])
 def _paged_prefill_kernel(
     out_ptr,
     query_ptr,
