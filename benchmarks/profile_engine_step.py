@@ -11,6 +11,7 @@ kernels are the limit; if it is idle, the host is.
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import sys
 import tempfile
@@ -35,6 +36,38 @@ def _timed(table: dict, name: str, fn):
         return result
 
     return wrapper
+
+
+def _record_triton_compiles(state: dict) -> list[tuple[int, str]]:
+    """(step index, kernel signature) of every Triton compile from now on: a compile inside the timed
+    run is a stall the engine's warm-up should have taken."""
+    compiles: list[tuple[int, str]] = []
+    try:
+        from triton import knobs
+    except ImportError:
+        return compiles
+
+    def hook(*args, **kwargs) -> bool:
+        compiles.append((state["index"], str(kwargs.get("repr", ""))[:300]))
+        return False  # go on compiling
+
+    knobs.runtime.jit_cache_hook = hook
+    return compiles
+
+
+def _record_gc_pauses(state: dict) -> list[tuple[int, float]]:
+    """(step index, ms) of every garbage collection from now on."""
+    pauses: list[tuple[int, float]] = []
+    started = [0.0]
+
+    def callback(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            pauses.append((state["index"], 1e3 * (time.perf_counter() - started[0])))
+
+    gc.callbacks.append(callback)
+    return pauses
 
 
 def main() -> None:
@@ -70,6 +103,8 @@ def main() -> None:
         runner.sample = _timed(phases, "sample (launch)", runner.sample)
         step = engine.step
         state = {"index": 0, "profiler": None, "window": []}
+        compiles = _record_triton_compiles(state)
+        collections = _record_gc_pauses(state)
 
         def profiled_step():
             index = state["index"]
@@ -124,6 +159,13 @@ def main() -> None:
     print("slowest steps (ms, step index, decode rows, prefill rows):")
     for elapsed, index, decodes, prefills in sorted(steps_seen, reverse=True)[:8]:
         print(f"  {1e3 * elapsed:8.2f}  #{index:<4d} {decodes:4d} {prefills:4d}")
+    print(f"Triton compiles during the timed run: {len(compiles)}")
+    for index, what in compiles:
+        print(f"  step #{index}: {what}")
+    long_pauses = [(i, ms) for i, ms in collections if ms > 5]
+    print(f"garbage collections during the timed run: {len(collections)}, {len(long_pauses)} over 5 ms")
+    for index, ms in long_pauses:
+        print(f"  step #{index}: {ms:.1f} ms")
     print("host phases over the whole run (s):")
     for name, seconds in sorted(phases.items(), key=lambda kv: -kv[1]):
         print(f"  {name:34s} {seconds:7.3f}  ({1e3 * seconds / steps:6.2f} ms/step)")

@@ -127,12 +127,12 @@ class InputMetadata:
             rows = np.repeat(np.arange(num_seqs), query)
             kv_index = np.arange(num_tokens) + np.repeat(context - query - starts[:-1], query)
         slots = tables[rows, kv_index // block_size].astype(np.int64) * block_size + kv_index % block_size
-        packed = np.concatenate([starts.astype(np.int32), context.astype(np.int32), tables.reshape(-1)])
+        packed, offsets = pack_aligned([starts.astype(np.int32), context.astype(np.int32), tables.reshape(-1)])
         on_device = torch.from_numpy(packed).to(device)
         return cls(
-            query_start_loc=on_device[: num_seqs + 1],
-            context_lens=on_device[num_seqs + 1 : 2 * num_seqs + 1],
-            block_tables=on_device[2 * num_seqs + 1 :].view(tables.shape),
+            query_start_loc=on_device[offsets[0] : offsets[0] + num_seqs + 1],
+            context_lens=on_device[offsets[1] : offsets[1] + num_seqs],
+            block_tables=on_device[offsets[2] : offsets[2] + tables.size].view(tables.shape),
             slot_mapping=torch.from_numpy(slots).to(device),
             max_query_len=int(query.max()) if num_seqs else 0,
             max_context_len=int(context.max()) if num_seqs else 0,
@@ -140,6 +140,26 @@ class InputMetadata:
             query_lens_host=tuple(query.tolist()),
             context_lens_host=tuple(context.tolist()),
         )
+
+
+# Each field of a packed copy starts on this many bytes: Triton specialises a kernel on whether a
+# pointer is 16-byte aligned, so a field whose alignment followed the batch size would recompile
+# kernels mid-run (and misaligned rows cannot be read as vectors).
+PACK_ALIGNMENT_BYTES = 16
+
+
+def pack_aligned(arrays: Sequence[np.ndarray]) -> tuple[np.ndarray, list[int]]:
+    """One flat array holding `arrays` (one dtype) back to back, each starting 16-byte aligned;
+    returns it and each array's element offset into it."""
+    step = max(1, PACK_ALIGNMENT_BYTES // arrays[0].dtype.itemsize)
+    offsets, total = [], 0
+    for array in arrays:
+        offsets.append(total)
+        total += -(-array.size // step) * step
+    packed = np.zeros(total, dtype=arrays[0].dtype)
+    for offset, array in zip(offsets, arrays):
+        packed[offset : offset + array.size] = array.reshape(-1)
+    return packed, offsets
 
 
 def pad_block_tables(block_tables: Sequence[Sequence[int]]) -> np.ndarray:

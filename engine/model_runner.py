@@ -279,8 +279,11 @@ def prepare_step_tensors(
 ) -> tuple[torch.Tensor, torch.Tensor, InputMetadata]:
     """Input ids, positions and attention metadata of `step` on `device`, in three host-to-device copies."""
     num_tokens = len(step.input_ids)
-    # One copy for both int64 inputs; the two halves are contiguous views of it.
-    ids_and_positions = torch.tensor(step.input_ids + step.positions, dtype=torch.long).to(device)
+    # One copy for both int64 inputs; the two halves are contiguous views of it, the positions
+    # starting 16-byte aligned whatever the token count (see `pack_aligned`).
+    padding = [0] * (num_tokens % 2)
+    ids_and_positions = torch.tensor(step.input_ids + padding + step.positions, dtype=torch.long).to(device)
+    positions_start = num_tokens + len(padding)
     if step.block_table_array is not None:
         metadata = InputMetadata.from_arrays(
             np.asarray(step.query_lens, dtype=np.int64),
@@ -293,7 +296,7 @@ def prepare_step_tensors(
         metadata = InputMetadata.build(
             step.query_lens, step.context_lens, step.block_tables, block_size, device=device
         )
-    return ids_and_positions[:num_tokens], ids_and_positions[num_tokens:], metadata
+    return ids_and_positions[:num_tokens], ids_and_positions[positions_start:], metadata
 
 
 def select_rows(logits: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:

@@ -10,6 +10,10 @@ Everything else (CPU tensors, a query whose dtype differs from the cache's) runs
 reference (`engine/kernels/reference.py`). The fast modules are imported only when first taken, so
 a CPU-only machine never needs Triton or a CUDA toolchain.
 
+The fused elementwise ops (RMSNorm with the residual add, rotary embedding, gated activations; the
+section at the end) follow the same rule through `can_fuse_*` predicates: Triton kernels on CUDA,
+the layers' own PyTorch code otherwise.
+
 Environment:
     PORTER_FORCE_REFERENCE=1   always run the reference path, even where a faster kernel exists
                                (to bisect a numerical difference, or to test the oracle itself).
@@ -147,3 +151,96 @@ def _paged_attention_cuda(
         sliding_window,
         logits_soft_cap,
     )
+
+
+# --- Fused elementwise kernels: RMSNorm (+ residual add), rotary embedding, gated activations -------
+#
+# Each op comes as a `can_fuse_*` predicate and the fused call. The layers (`engine/layers/norm.py`,
+# `rotary.py`, `activation.py`) keep their PyTorch code as the reference and run it whenever the
+# predicate says no: CPU tensors, PORTER_FORCE_REFERENCE=1, or a dtype/layout the kernel does not take.
+
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Widest row the Triton RMSNorm holds in registers (engine/kernels/triton_norm.py MAX_HIDDEN).
+_MAX_FUSED_NORM_HIDDEN = 16384
+
+
+def _fused_eligible(*tensors: torch.Tensor) -> bool:
+    return not reference_forced() and all(t.is_cuda for t in tensors)
+
+
+def can_fuse_rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    residual: torch.Tensor | None = None,
+    multiply_in_float32: bool = False,
+) -> bool:
+    """Whether `fused_rms_norm` computes this norm (otherwise the layer runs its PyTorch code)."""
+    tensors = (x, weight) if residual is None else (x, weight, residual)
+    if not _fused_eligible(*tensors) or x.dtype not in _FUSED_DTYPES or weight.dtype not in _FUSED_DTYPES:
+        return False
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        return False
+    # Without the float32 multiply the output dtype is the promotion of weight and input: kept simple.
+    if not multiply_in_float32 and weight.dtype != x.dtype:
+        return False
+    return (
+        x.dim() >= 1 and 0 < x.shape[-1] <= _MAX_FUSED_NORM_HIDDEN and tuple(weight.shape) == (x.shape[-1],)
+    )
+
+
+def fused_rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    weight_offset: float = 0.0,
+    multiply_in_float32: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One Triton pass: `(norm(x + residual), x + residual)`, or `(norm(x), None)`; new tensors."""
+    from engine.kernels import triton_norm
+
+    return triton_norm.rms_norm(x, weight, eps, residual, weight_offset, multiply_in_float32)
+
+
+def can_fuse_rotary(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> bool:
+    """Whether `fused_rotary_embedding_` can rotate these `[T, heads, D]` views in place."""
+    if not _fused_eligible(positions, query, key) or query.dtype not in _FUSED_DTYPES:
+        return False
+    if positions.dtype.is_floating_point or positions.dim() != 1 or query.dim() != 3 or key.dim() != 3:
+        return False
+    # In place needs writable, non-aliased rows: no broadcast (stride 0) dims, q and k distinct.
+    return (
+        query.dtype == key.dtype
+        and query.stride(-1) == 1
+        and key.stride(-1) == 1
+        and 0 not in query.stride()[:2]
+        and 0 not in key.stride()[:2]
+        and query.data_ptr() != key.data_ptr()
+    )
+
+
+def fused_rotary_embedding_(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    inv_freq: torch.Tensor,
+    scaling: float,
+    rotary_dim: int,
+    is_neox_style: bool,
+) -> None:
+    """Rotates the first `rotary_dim` features of each head of query/key `[T, heads, D]` in place."""
+    from engine.kernels import triton_rotary
+
+    triton_rotary.rotary_embedding_(positions, query, key, inv_freq, scaling, rotary_dim, is_neox_style)
+
+
+def can_fuse_gated_activation(x: torch.Tensor) -> bool:
+    """Whether `fused_gated_activation` takes this `[..., 2d]` input."""
+    return _fused_eligible(x) and x.dtype in _FUSED_DTYPES and x.dim() >= 1 and x.shape[-1] % 2 == 0
+
+
+def fused_gated_activation(x: torch.Tensor, activation: str) -> torch.Tensor:
+    """`act(x[..., :d]) * x[..., d:]` in one Triton pass; activation "silu", "gelu" or "gelu_tanh"."""
+    from engine.kernels import triton_activation
+
+    return triton_activation.gated_activation(x, activation)

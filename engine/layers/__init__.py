@@ -1,6 +1,6 @@
 """Engine layers: tensor-parallel linear/embedding layers, paged attention, rotary, norm, activations."""
 
-from engine.layers.activation import GeluAndMul, SiluAndMul
+from engine.layers.activation import GatedActivation, GeluAndMul, SiluAndMul, get_gated_activation
 from engine.layers.attention import PagedAttention, alibi_slopes
 from engine.layers.linear import (
     ColumnParallelLinear,
@@ -21,6 +21,7 @@ from engine.layers.vocab_embedding import (
 
 __all__ = [
     "ColumnParallelLinear",
+    "GatedActivation",
     "GeluAndMul",
     "LengthDependentRotaryEmbedding",
     "LogitsProcessor",
@@ -35,6 +36,7 @@ __all__ = [
     "SiluAndMul",
     "VocabParallelEmbedding",
     "alibi_slopes",
+    "get_gated_activation",
     "get_rope",
     "kv_heads_for_rank",
     "pad_vocab_size",

@@ -4,6 +4,11 @@
 partial_rotary_factor, ...) so every rope type a config names (linear, dynamic, yarn, longrope,
 llama3, ...) matches HF exactly. cos/sin are computed on the fly in float32 from the positions, like
 HF's `*RotaryEmbedding.forward`, and applied in the activations' dtype, like `apply_rotary_pos_emb`.
+
+On CUDA one Triton kernel (`engine.kernels.dispatch.fused_rotary_embedding_`) does the same
+arithmetic for query and key at once, in place, computing cos/sin itself from the step's inverse
+frequencies (no table, so any position and the length-dependent ropes work, and a decode step stays
+capturable in a CUDA graph); the PyTorch code here is the reference it matches.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from engine.kernels import dispatch
 
 DEFAULT_ROPE_THETA = 10000.0
 DEFAULT_MAX_POSITION = 2048
@@ -56,24 +63,49 @@ class RotaryEmbedding(nn.Module):
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 `[T, rotary_dim / 2]` cos and sin of each position's angles, times the scaling."""
         inv_freq, scaling = self.frequencies(positions)
+        return self._cos_sin(positions, inv_freq, scaling)
+
+    @staticmethod
+    def _cos_sin(
+        positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         angles = positions.float()[:, None] * inv_freq.to(positions.device, torch.float32)[None, :]
         return angles.cos() * scaling, angles.sin() * scaling
 
     def forward(
         self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions `[T]`; query/key `[T, heads*D]` or `[T, heads, D]`; returns them rotated, same shapes."""
-        cos, sin = self.cos_sin(positions)
+        """positions `[T]`; query/key `[T, heads*D]` or `[T, heads, D]`; returns them rotated, same shapes.
+
+        On CUDA the rotation happens in place and the returned tensors are `query` and `key`
+        themselves; elsewhere they are new tensors. Either way use the returned pair, and do not
+        rely on the inputs keeping their unrotated values.
+        """
+        inv_freq, scaling = self.frequencies(positions)
+        query_heads, key_heads = self._heads(query), self._heads(key)
+        # With a contiguous last dim the [T, heads, D] forms are views, so rotating them rotates q/k.
+        in_place = query.stride(-1) == 1 and key.stride(-1) == 1
+        if in_place and dispatch.can_fuse_rotary(positions, query_heads, key_heads):
+            inv_freq = inv_freq.to(positions.device, torch.float32)
+            dispatch.fused_rotary_embedding_(
+                positions, query_heads, key_heads, inv_freq, scaling, self.rotary_dim, self.is_neox_style
+            )
+            return query, key
+        cos, sin = self._cos_sin(positions, inv_freq, scaling)
         return self._rotate(query, cos, sin), self._rotate(key, cos, sin)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        """x as `[T, heads, head_size]` (a view where the strides allow)."""
+        # A [T, heads, D] input carries its own per-head size: a caller that sliced off the rotary
+        # part itself (partial rotary done by hand) passes D == rotary_dim.
+        head_size = x.shape[-1] if x.dim() == 3 else self.head_dim
+        if head_size < self.rotary_dim:
+            raise ValueError(f"per-head size {head_size} is smaller than the rotary dim {self.rotary_dim}")
+        return x if x.dim() == 3 else x.reshape(x.shape[0], x.shape[-1] // head_size, head_size)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        # A [T, heads, D] input carries its own per-head size: a caller that sliced off the rotary
-        # part itself (partial rotary done by hand) passes D == rotary_dim.
-        head_size = shape[-1] if x.dim() == 3 else self.head_dim
-        if head_size < self.rotary_dim:
-            raise ValueError(f"per-head size {head_size} is smaller than the rotary dim {self.rotary_dim}")
-        x = x.reshape(shape[0], -1, head_size)
+        x = self._heads(x)
         cos = cos[:, None, :].to(x.dtype)  # [T, 1, rotary_dim / 2], broadcast over heads
         sin = sin[:, None, :].to(x.dtype)
         rotated, passed = x[..., : self.rotary_dim], x[..., self.rotary_dim :]

@@ -163,3 +163,30 @@ def test_scheduler_fast_paths_match_generic_forms(seed: int) -> None:
         scheduler.postprocess(output, [rng.randint(0, 9) for _ in scheduled])
     assert preemptions > 0 and steps > 10
     assert manager.num_free_blocks == manager.num_blocks
+
+
+@pytest.mark.parametrize("num_seqs", [1, 2, 3, 5, 8])
+def test_step_tensors_start_16_byte_aligned_whatever_the_batch(num_seqs: int) -> None:
+    # Triton compiles a kernel variant per pointer alignment: a field whose alignment followed the
+    # batch size made a run stall mid-way on a new compile.
+    rng = random.Random(num_seqs)
+    query_lens = [rng.randint(1, 5) for _ in range(num_seqs)]
+    context_lens = [q + rng.randint(0, 9) for q in query_lens]
+    tables = [list(range(i * 4, i * 4 + (c + 3) // 4)) for i, c in enumerate(context_lens)]
+    num_tokens = sum(query_lens)
+    step = StepInputs(
+        input_ids=list(range(num_tokens)),
+        positions=list(range(100, 100 + num_tokens)),
+        query_lens=query_lens,
+        context_lens=context_lens,
+        block_tables=tables,
+        block_table_array=pad_block_tables(tables),
+    )
+    input_ids, positions, metadata = prepare_step_tensors(step, 4, "cpu")
+    assert input_ids.tolist() == step.input_ids and positions.tolist() == step.positions
+    fields = [positions, metadata.query_start_loc, metadata.context_lens, metadata.block_tables]
+    for field in fields:
+        base = field.untyped_storage().data_ptr()
+        assert (field.data_ptr() - base) % 16 == 0
+    assert metadata.query_start_loc.tolist() == np.cumsum([0, *query_lens]).tolist()
+    assert metadata.context_lens.tolist() == context_lens

@@ -173,3 +173,24 @@ def test_rotary_argument_errors():
         RotaryEmbedding(8, 8, 16, torch.ones(3))
     with pytest.raises(ValueError, match="disagrees"):
         get_rope(llama_config(dict(LLAMA_ROPES["linear"])), HEAD_DIM, rotary_dim=8)
+
+
+def test_empty_step_keeps_shapes():
+    rope = get_rope(llama_config(dict(LLAMA_ROPES["default"])), HEAD_DIM)
+    query, key = random_qk(0)
+    out_query, out_key = rope(torch.zeros(0, dtype=torch.long), query, key)
+    assert out_query.shape == query.shape and out_key.shape == key.shape
+
+
+def test_forward_matches_cos_sin_applied_by_hand():
+    # cos_sin stays the public view of the angles the forward (and the CUDA kernel) uses.
+    rope = get_rope(llama_config(dict(LLAMA_ROPES["yarn"])), HEAD_DIM)
+    positions = torch.tensor([7, 3, 300, 0])
+    query, key = random_qk(4)
+    cos, sin = rope.cos_sin(positions)
+    q = query.view(4, HEADS, HEAD_DIM)
+    first, second = q[..., : HEAD_DIM // 2], q[..., HEAD_DIM // 2 :]
+    expected = torch.cat(
+        [first * cos[:, None] - second * sin[:, None], second * cos[:, None] + first * sin[:, None]], -1
+    )
+    torch.testing.assert_close(rope(positions, query, key)[0], expected.view(4, -1), rtol=0, atol=0)

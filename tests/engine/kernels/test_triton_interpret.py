@@ -1,0 +1,75 @@
+"""The fused Triton kernels' logic on the CPU: run by Triton's interpreter (TRITON_INTERPRET=1).
+
+triton.jit decides at import time whether a kernel is compiled or interpreted, so each case runs
+in a fresh interpreter process with the variable set: this test process (and every other test in
+it that uses Triton normally) never imports a kernel module in interpreter mode. The cases are the
+checks of tests/engine/kernels/fused_cases.py on small shapes. Skipped where Triton is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+NORM_CASES = """
+for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    for shape in ((1, 64), (7, 1000)):
+        for offset, in_f32 in ((0.0, False), (1.0, True), (0.5, False), (0.0, True)):
+            for residual in (False, True):
+                check_rms_norm(shape, dtype, "cpu", offset, in_f32, with_residual=residual)
+check_rms_norm((5, 3, 128), torch.float16, "cpu", strided=True)  # q/k norm on a strided [T, heads, D] view
+check_rms_norm((5, 3, 128), torch.float32, "cpu", 1.0, True, with_residual=True, strided=True)
+check_rms_norm((2, 3, 4, 48), torch.float32, "cpu", with_residual=True)  # more leading dims
+check_rms_norm((4, 80), torch.bfloat16, "cpu", 1.0, True, weight_dtype=torch.float32)
+"""
+
+ROTARY_CASES = """
+for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    for neox in (True, False):
+        check_rotary(7, 4, 2, 64, 64, neox, dtype, "cpu")           # full rotary, GQA
+        check_rotary(5, 3, 3, 80, 32, neox, dtype, "cpu", scaling=0.75)  # partial, odd heads, scaled
+check_rotary(1, 2, 1, 96, 96, True, torch.float32, "cpu", max_position=200000)  # half = 48: padded lanes
+check_rotary(3, 40, 8, 128, 128, True, torch.float16, "cpu")  # several query head blocks
+"""
+
+ACTIVATION_CASES = """
+for activation in ("silu", "gelu", "gelu_tanh"):
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        check_gated_activation(activation, (7, 2 * 300), dtype, "cpu")
+    check_gated_activation(activation, (2, 3, 2 * 1100), torch.float32, "cpu")  # 3-D, two column blocks
+check_gated_activation("silu", (1, 2 * 64), torch.float16, "cpu")
+"""
+
+
+def run_interpreted(cases: str) -> None:
+    script = "import torch\nfrom tests.engine.kernels.fused_cases import *\n" + textwrap.dedent(cases)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO_ROOT))
+    env.pop("PORTER_FORCE_REFERENCE", None)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, (
+        f"interpreted kernel check failed:\n{result.stdout}\n{result.stderr[-6000:]}"
+    )
+
+
+def test_rms_norm_kernel_under_interpreter():
+    run_interpreted(NORM_CASES)
+
+
+def test_rotary_kernel_under_interpreter():
+    run_interpreted(ROTARY_CASES)
+
+
+def test_gated_activation_kernel_under_interpreter():
+    run_interpreted(ACTIVATION_CASES)
