@@ -100,11 +100,18 @@ def verify(
         "--reference",
         help="The transformers model type to compare with (default: from the port's header).",
     ),
+    settings: list[str] = typer.Option(
+        None,
+        "--set",
+        help="KEY=VALUE: change an attribute of the small config (a variant of the architecture); "
+        "VALUE is a JSON literal or else a string. Repeatable.",
+    ),
 ) -> None:
     """Compare the port's logits with the HF original (random weights) through prefill and decode."""
     import torch
 
     from porter.verify.parity import verify_model
+    from porter.verify.small_model import parse_overrides
     from porter.verify.target import reference_architecture, resolve_target
 
     tolerance = TOLERANCE.get(dtype, 0.0)
@@ -115,6 +122,7 @@ def verify(
     if device == "cuda" and torch.cuda.device_count() < tp:
         _fail(f"--tp {tp} needs {tp} CUDA devices; found {torch.cuda.device_count()}")
     try:
+        overrides = parse_overrides(settings or [])
         resolved = resolve_target(target, reference)
         architecture = _causal_lm_class(resolved.port_path)
         model_class = (
@@ -133,6 +141,7 @@ def verify(
                 steps,
                 seed,
                 near_tie=0.0 if dtype == "float32" else tolerance,
+                overrides=overrides,
             )
     except PorterError as error:
         _fail(str(error))
@@ -140,6 +149,7 @@ def verify(
         _fail(f"verification could not run: {error}")
     table = Table(
         title=f"{architecture}: engine vs HF, tp={tp}, {device}, {dtype} (tolerance {tolerance:g} relative)"
+        + "".join(f", {item}" for item in settings or [])
     )
     for column in ("step", "what ran", "max abs err", "max rel err", "greedy agree"):
         table.add_column(column, justify="right" if column != "what ran" else "left")
@@ -176,7 +186,8 @@ def verify(
                 indent=2,
             )
         )
-    _record_verify(architecture, tp, device, dtype, report.max_rel, passed)
+    variant = "".join(f"+{key}={json.dumps(value)}" for key, value in sorted(overrides.items()))
+    _record_verify(architecture, tp, device, dtype + variant, report.max_rel, passed)
     if not passed:
         _fail(
             f"parity gap: max relative error {report.max_rel:.2e} (tolerance {tolerance:g}), "

@@ -11,35 +11,56 @@ from porter.analysis.source import SourceFile
 from porter.analysis.unsupported import find_unsupported
 from porter.errors import PorterError
 from porter.rewrites.base import Change, PortContext, ReviewItem, Rewrite
+from porter.rewrites.class_table import BuildTableClass
+from porter.rewrites.conditional_inputs import ConditionalInputs
 from porter.rewrites.dead_code import DecideConditions, RemoveDeadCode
 from porter.rewrites.engine_interface import EngineInterface
 from porter.rewrites.flatten_batch import FlattenBatch
 from porter.rewrites.fuse_gate_up import FuseGateUp
 from porter.rewrites.fuse_qkv import FuseQKV
+from porter.rewrites.gated_activation import FuseGatedActivation
 from porter.rewrites.hf_plumbing import StripHFPlumbing
 from porter.rewrites.imports import FixImports
+from porter.rewrites.layer_loops import UnzipLayerLoops
 from porter.rewrites.lm_head import SplitLMHead
 from porter.rewrites.load_weights import EmitLoadWeights
+from porter.rewrites.optional_libraries import DropOptionalLibraries
 from porter.rewrites.paged_attention import SwapPagedAttention
+from porter.rewrites.plain_linear import PlainLinear
 from porter.rewrites.prune import PruneUnused
+from porter.rewrites.qkv_split_helper import SplitByHelper
+from porter.rewrites.rms_norm import FuseResidualNorm, SwapRMSNorm
 from porter.rewrites.rotary import RotaryToEngine
+from porter.rewrites.shape_checks import DropShapeChecks
+from porter.rewrites.sliced_linears import KeepModuleCalls
 from porter.rewrites.strip_training import StripTraining
 from porter.rewrites.tensor_parallel import TensorParallelLayers
 
 # The order matters: each rewrite sees the output of the ones before it.
 REWRITES: list[Rewrite] = [
+    BuildTableClass(),  # a submodule picked from a table of backend classes -> the common class
+    PlainLinear(),  # Linear subclasses that only compute x W^T + b -> the Linear itself
     StripHFPlumbing(),  # framework bases, decorators, init helpers
+    KeepModuleCalls(),  # layers computed again from weight slices (pretraining-tp branches)
+    DropShapeChecks(),  # asserts of the batched eager layout
     SplitLMHead(),  # forward returns hidden states; compute_logits; parallel, tied head
+    ConditionalInputs(),  # `if alibi is None:` where a config flag builds alibi -> a test of that flag
     DecideConditions(),  # branches the engine decides (no cache, no cross-attention, not training)
+    UnzipLayerLoops(),  # layer loops zipped with per-layer HF caches
     SwapPagedAttention(),  # the attention core becomes one PagedAttention call
+    SplitByHelper(),  # a fused q|k|v split into heads by a helper -> split by this rank's sizes
     RotaryToEngine(),  # HF cos/sin plumbing -> the engine's rotary layer inside attention
     EngineInterface(),  # forward signatures, call threading, single-tensor returns
     RemoveDeadCode(),  # masks, caches, output flags and what reads them
+    DropOptionalLibraries(),  # flash-attention probes and imports the port never needs
     StripTraining(),  # dropout, layerdrop
     FlattenBatch(),  # no batch dimension in sizes, views and transposes
     FuseQKV(),  # q/k/v projections -> QKVParallelLinear
     FuseGateUp(),  # gated MLP inputs -> MergedColumnParallelLinear
+    SwapRMSNorm(),  # the file's RMSNorm -> the engine's, where running both proves them equal
+    FuseResidualNorm(),  # residual add + norm -> one call
     TensorParallelLayers(),  # remaining Linears by data flow; vocab embedding
+    FuseGatedActivation(),  # act(gate) * up -> one layer on [gate | up], once the data flow is read
     EmitLoadWeights(),  # load_weights from the plan (fused names, ties)
     PruneUnused(),  # task heads, eager attention helpers
     FixImports(),  # absolute imports, engine imports, unused ones gone

@@ -22,7 +22,6 @@ import math
 import torch
 from torch import nn
 from torch.nn import LayerNorm
-from torch.nn import functional as F
 from transformers.models.bloom.configuration_bloom import BloomConfig
 from transformers.utils import logging
 
@@ -30,6 +29,7 @@ from engine.layers import (
     LogitsProcessor,
     PagedAttention,
     ParallelLMHead,
+    QKVParallelLinear,
     ReplicatedLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
@@ -120,7 +120,14 @@ class BloomAttention(nn.Module):
                 "when creating this class."
             )
 
-        self.query_key_value = ReplicatedLinear(self.hidden_size, 3 * self.hidden_size, bias=True)
+        self.query_key_value = QKVParallelLinear(
+            self.hidden_size,
+            self.head_dim,
+            self.num_heads,
+            self.num_heads,
+            bias=True,
+            checkpoint_layout="per_head",
+        )
         self.dense = RowParallelLinear(self.hidden_size, self.hidden_size)
         self.attn = PagedAttention(
             self.num_heads,
@@ -129,43 +136,14 @@ class BloomAttention(nn.Module):
             alibi_slopes=alibi_slopes(self.num_heads),
         )
 
-    def _reshape(self, fused_qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """
-        Split the last dimension into (num_heads, head_dim) and reshapes to (bs, heads, len, dim) shape
-        without making any copies, results share same memory storage as `fused_qkv`
-
-        Args:
-            fused_qkv (`torch.tensor`): [batch_size, seq_length, num_heads * 3 * head_dim]
-
-        Returns:
-            query: [batch_size, num_heads, seq_length, head_dim]
-            key: [batch_size, num_heads, seq_length, head_dim]
-            value: [batch_size, num_heads, seq_length, head_dim]
-        """
-        seq_length = fused_qkv.shape[0]
-        fused_qkv = fused_qkv.view(seq_length, -1, 3, self.head_dim)
-        query_layer = fused_qkv[..., 0, :]
-        key_layer = fused_qkv[..., 1, :]
-        value_layer = fused_qkv[..., 2, :]
-        return query_layer, key_layer, value_layer
-
     def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor, kv_cache, input_metadata):
         fused_qkv = self.query_key_value(hidden_states)  # [batch_size, seq_length, 3 x hidden_size]
         # 3 x [batch_size, num_heads, seq_length, head_dim]
-        query_layer, key_layer, value_layer = self._reshape(fused_qkv)
-        context_layer = self.attn(query_layer, key_layer, value_layer, kv_cache, input_metadata).flatten(-2)
-
-        # aggregate results across tp ranks. See here: https://github.com/pytorch/pytorch/issues/76232
-        if self.pretraining_tp > 1 and self.slow_but_exact:
-            slices = self.hidden_size / self.pretraining_tp
-            output_tensor = torch.zeros_like(context_layer)
-            for i in range(self.pretraining_tp):
-                output_tensor = output_tensor + F.linear(
-                    context_layer[:, :, int(i * slices) : int((i + 1) * slices)],
-                    self.dense.weight[:, int(i * slices) : int((i + 1) * slices)],
-                )
-        else:
-            output_tensor = self.dense(context_layer)
+        query_layer, key_layer, value_layer = fused_qkv.split(
+            [self.query_key_value.q_size, self.query_key_value.kv_size, self.query_key_value.kv_size], dim=-1
+        )
+        context_layer = self.attn(query_layer, key_layer, value_layer, kv_cache, input_metadata).flatten(1)
+        output_tensor = self.dense(context_layer)
 
         output_tensor = dropout_add(output_tensor, residual, self.hidden_dropout, self.training)
         return output_tensor
@@ -185,17 +163,7 @@ class BloomMLP(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         hidden_states = self.gelu_impl(self.dense_h_to_4h(hidden_states))
-
-        if self.pretraining_tp > 1 and self.slow_but_exact:
-            intermediate_output = torch.zeros_like(residual)
-            slices = self.dense_4h_to_h.weight.shape[-1] / self.pretraining_tp
-            for i in range(self.pretraining_tp):
-                intermediate_output = intermediate_output + F.linear(
-                    hidden_states[:, :, int(i * slices) : int((i + 1) * slices)],
-                    self.dense_4h_to_h.weight[:, int(i * slices) : int((i + 1) * slices)],
-                )
-        else:
-            intermediate_output = self.dense_4h_to_h(hidden_states)
+        intermediate_output = self.dense_4h_to_h(hidden_states)
 
         output = dropout_add(intermediate_output, residual, self.hidden_dropout, self.training)
 

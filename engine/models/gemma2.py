@@ -25,7 +25,6 @@
 
 import torch
 import torch.nn as nn
-from transformers.activations import ACT2FN
 from transformers.models.gemma2.configuration_gemma2 import Gemma2Config
 
 from engine.layers import (
@@ -34,31 +33,13 @@ from engine.layers import (
     PagedAttention,
     ParallelLMHead,
     QKVParallelLinear,
+    RMSNorm,
     RowParallelLinear,
     VocabParallelEmbedding,
+    get_gated_activation,
     get_rope,
 )
 from engine.weights import load_named_weights
-
-
-class Gemma2RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.zeros(dim))
-
-    def _norm(self, x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-
-    def forward(self, x):
-        output = self._norm(x.float())
-        # Llama does x.to(float16) * w whilst Gemma2 is (x * w).to(float16)
-        # See https://github.com/huggingface/transformers/pull/29402
-        output = output * (1.0 + self.weight.float())
-        return output.type_as(x)
-
-    def extra_repr(self):
-        return f"{tuple(self.weight.shape)}, eps={self.eps}"
 
 
 class Gemma2MLP(nn.Module):
@@ -71,11 +52,11 @@ class Gemma2MLP(nn.Module):
             self.hidden_size, [self.intermediate_size, self.intermediate_size], bias=False
         )
         self.down_proj = RowParallelLinear(self.intermediate_size, self.hidden_size, bias=False)
-        self.act_fn = ACT2FN[config.hidden_activation]
+        self.act_fn = get_gated_activation(config.hidden_activation)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        down_proj = self.down_proj(self.act_fn(gate) * up)
+        gate_up = self.gate_up_proj(x)
+        down_proj = self.down_proj(self.act_fn(gate_up))
         return down_proj
 
 
@@ -138,11 +119,19 @@ class Gemma2DecoderLayer(nn.Module):
         self.config = config
         self.self_attn = Gemma2Attention(config=config, layer_idx=layer_idx)
         self.mlp = Gemma2MLP(config)
-        self.input_layernorm = Gemma2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = Gemma2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.input_layernorm = RMSNorm(
+            config.hidden_size, eps=config.rms_norm_eps, weight_offset=1.0, multiply_in_float32=True
+        )
+        self.post_attention_layernorm = RMSNorm(
+            config.hidden_size, eps=config.rms_norm_eps, weight_offset=1.0, multiply_in_float32=True
+        )
 
-        self.pre_feedforward_layernorm = Gemma2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_feedforward_layernorm = Gemma2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.pre_feedforward_layernorm = RMSNorm(
+            config.hidden_size, eps=config.rms_norm_eps, weight_offset=1.0, multiply_in_float32=True
+        )
+        self.post_feedforward_layernorm = RMSNorm(
+            config.hidden_size, eps=config.rms_norm_eps, weight_offset=1.0, multiply_in_float32=True
+        )
 
     def forward(
         self, hidden_states: torch.Tensor, positions: torch.LongTensor | None, kv_cache, input_metadata
@@ -154,10 +143,8 @@ class Gemma2DecoderLayer(nn.Module):
         # Self Attention
         hidden_states = self.self_attn(hidden_states, positions, kv_cache, input_metadata)
         hidden_states = self.post_attention_layernorm(hidden_states)
-        hidden_states = residual + hidden_states
 
-        residual = hidden_states
-        hidden_states = self.pre_feedforward_layernorm(hidden_states)
+        hidden_states, residual = self.pre_feedforward_layernorm(hidden_states, residual)
         hidden_states = self.mlp(hidden_states)
         hidden_states = self.post_feedforward_layernorm(hidden_states)
         hidden_states = residual + hidden_states
@@ -192,7 +179,9 @@ class Gemma2Model(nn.Module):
         self.layers = nn.ModuleList(
             [Gemma2DecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
         )
-        self.norm = Gemma2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = RMSNorm(
+            config.hidden_size, eps=config.rms_norm_eps, weight_offset=1.0, multiply_in_float32=True
+        )
 
     def forward(
         self,

@@ -19,7 +19,6 @@
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
-from transformers.utils.generic import is_flash_attention_requested
 
 from engine.layers import (
     ColumnParallelLinear,
@@ -180,11 +179,6 @@ class GPTBigCodeModel(nn.Module):
         self, input_ids: torch.Tensor | None, positions: torch.Tensor | None, kv_caches, input_metadata
     ):
         inputs_embeds = self.wte(input_ids)
-
-        if is_flash_attention_requested(self.config):
-            pass
-        else:
-            pass
 
         position_embeds = self.wpe(positions)
         hidden_states = inputs_embeds + position_embeds.to(inputs_embeds.device)

@@ -11,7 +11,6 @@
 
 import torch
 from torch import nn
-from transformers.activations import ACT2FN
 from transformers.models.qwen2.configuration_qwen2 import Qwen2Config
 
 from engine.layers import (
@@ -20,8 +19,10 @@ from engine.layers import (
     PagedAttention,
     ParallelLMHead,
     QKVParallelLinear,
+    RMSNorm,
     RowParallelLinear,
     VocabParallelEmbedding,
+    get_gated_activation,
     get_rope,
 )
 from engine.weights import load_named_weights
@@ -37,11 +38,11 @@ class Qwen2MLP(nn.Module):
             self.hidden_size, [self.intermediate_size, self.intermediate_size], bias=False
         )
         self.down_proj = RowParallelLinear(self.intermediate_size, self.hidden_size, bias=False)
-        self.act_fn = ACT2FN[config.hidden_act]
+        self.act_fn = get_gated_activation(config.hidden_act)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        down_proj = self.down_proj(self.act_fn(gate) * up)
+        gate_up = self.gate_up_proj(x)
+        down_proj = self.down_proj(self.act_fn(gate_up))
         return down_proj
 
 
@@ -95,26 +96,6 @@ class Qwen2Attention(nn.Module):
         return attn_output
 
 
-class Qwen2RMSNorm(nn.Module):
-    def __init__(self, hidden_size, eps: float = 1e-6) -> None:
-        """
-        Qwen2RMSNorm is equivalent to T5LayerNorm
-        """
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.variance_epsilon = eps
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
-
-    def extra_repr(self):
-        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
-
-
 class Qwen2DecoderLayer(nn.Module):
     def __init__(self, config: Qwen2Config, layer_idx: int):
         super().__init__()
@@ -123,8 +104,8 @@ class Qwen2DecoderLayer(nn.Module):
         self.self_attn = Qwen2Attention(config=config, layer_idx=layer_idx)
 
         self.mlp = Qwen2MLP(config)
-        self.input_layernorm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(
         self, hidden_states: torch.Tensor, positions: torch.LongTensor | None, kv_cache, input_metadata
@@ -133,11 +114,9 @@ class Qwen2DecoderLayer(nn.Module):
         hidden_states = self.input_layernorm(hidden_states)
         # Self Attention
         hidden_states = self.self_attn(hidden_states, positions, kv_cache, input_metadata)
-        hidden_states = residual + hidden_states
 
         # Fully Connected
-        residual = hidden_states
-        hidden_states = self.post_attention_layernorm(hidden_states)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         hidden_states = self.mlp(hidden_states)
         hidden_states = residual + hidden_states
         return hidden_states
@@ -154,7 +133,7 @@ class Qwen2Model(nn.Module):
         self.layers = nn.ModuleList(
             [Qwen2DecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
         )
-        self.norm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.has_sliding_layers = "sliding_attention" in self.config.layer_types
 
     def forward(

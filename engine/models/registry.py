@@ -17,6 +17,7 @@ from torch import nn
 
 _MODELS: dict[str, tuple[str, str]] = {
     "BloomForCausalLM": ("engine.models.bloom", "BloomForCausalLM"),
+    "FalconForCausalLM": ("engine.models.falcon", "FalconForCausalLM"),
     "GPT2LMHeadModel": ("engine.models.gpt2", "GPT2LMHeadModel"),
     "GPTBigCodeForCausalLM": ("engine.models.gpt_bigcode", "GPTBigCodeForCausalLM"),
     "GPTNeoXForCausalLM": ("engine.models.gpt_neox", "GPTNeoXForCausalLM"),

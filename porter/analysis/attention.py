@@ -3,18 +3,21 @@ one takes the output, how many heads of what size, and the attention core's argu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import libcst as cst
 
+from porter.analysis.config_branches import branch_values, choice
 from porter.analysis.cst_utils import (
     call_name,
+    calls_in,
     code_of,
     init_attribute_values,
     names_in,
     self_attribute,
     statement_targets,
 )
+from porter.analysis.inline_attention import branch_cores, inline_core, only_reshapes, relayouts
 from porter.analysis.model_index import ClassInfo, ModelIndex
 
 HEAD_DIM_WORDS = ("head_dim", "head_size", "attention_head_size", "hidden_size_per_attention_head")
@@ -40,6 +43,18 @@ class AttentionInfo:
     alibi: bool = False  # the scores add an ALiBi bias
     merged_heads: bool = False  # the region ended by merging heads: the output is [T, H*D]
     core_args: list[str] | None = None  # the q, k, v variables the core reads
+    # top-level statements before an inline core that only re-lay out q, k or v (they go with it)
+    inline_relayouts: list[int] = field(default_factory=list)
+    alibi_scale: str | None = None  # a factor the scores' ALiBi bias is multiplied by
+    alibi_condition: str | None = None  # the configuration test under which the bias is added
+    # Inline cores in the branches of a top-level `if` of forward: its position, and per branch
+    # (condition, statements, core) as `branch_cores` finds them.
+    branch_if: int | None = None
+    branch_cores: list[tuple] = field(default_factory=list)
+    # `k = repeat_kv(k, groups)` just before a called core: PagedAttention reads KV heads unrepeated
+    kv_repeats: list[cst.SimpleStatementLine] = field(default_factory=list)
+    # `out = self._merge_heads(out, ...)` right after a called core: the paged call's `.flatten(1)`
+    head_merges: list[cst.SimpleStatementLine] = field(default_factory=list)
 
 
 def analyse_attention(index: ModelIndex, name: str) -> AttentionInfo | None:
@@ -49,7 +64,7 @@ def analyse_attention(index: ModelIndex, name: str) -> AttentionInfo | None:
         return None
     statements = _flat_statements(forward.body.body)
     cores = [i for i, s in enumerate(statements) if _core_call(s, info, index)]
-    inline = None
+    inline = branches = None
     if cores:
         # Several backends in branches: take HF's interface dispatch, whose arguments are the standard ones.
         core_at = next(
@@ -65,15 +80,23 @@ def analyse_attention(index: ModelIndex, name: str) -> AttentionInfo | None:
             return None
         names = [code_of(p) for p in positional[:3]]
         before, after, core_statement = statements[:core_at], statements[core_at + 1 :], statements[core_at]
+        kv_repeats = _kv_repetitions(before, set(names[1:]) - {names[0]}, index)
     else:
-        inline = _inline_core(list(forward.body.body), info)
-        if inline is None:
-            return None
         body = list(forward.body.body)
+        inline, branches = inline_core(body, info), None
+        if inline is None:
+            branches = branch_cores(body, info)
+            if branches is None:
+                return None
+            _, block, inline = branches[1][0]
         start, end = inline["region"]
-        core, core_statement, other_cores = None, body[end], []
-        names = inline["qkv"]
-        before, after = _flat_statements(body[:start]), _flat_statements(body[end + 1 :])
+        core, core_statement, other_cores = None, (block if branches else body)[end], []
+        names, kv_repeats = inline["qkv"], []
+        if branches is None:
+            before, after = _flat_statements(body[:start]), _flat_statements(body[end + 1 :])
+        else:
+            before = _flat_statements(body[: branches[0]]) + _flat_statements(block[:start])
+            after = _flat_statements(block[end + 1 :])
     linears = set(info.linears())
     q, k, v = (_source_projection(name, before, linears) for name in names)
     if None in (q, k, v):
@@ -95,13 +118,36 @@ def analyse_attention(index: ModelIndex, name: str) -> AttentionInfo | None:
         name, core, core_statement, other_cores, q, k, v, output, head_dim, num_heads, num_kv_heads
     )
     result.core_args = names
+    result.kv_repeats = kv_repeats
+    if inline is None:
+        result.head_merges = _head_merges(statement_targets(core_statement)[:1], after, info)
     if inline is not None:
         result.inline_region = inline["region"]
         result.inline_output = inline["output"]
         result.inline_scale = inline["scale"]
         result.alibi = inline["alibi"]
         result.merged_heads = inline["merged"]
+        result.inline_relayouts = inline["relayouts"]
+        result.alibi_scale = inline["alibi_scale"]
+    if branches is not None:
+        _with_branch_cores(result, branches, body, info)
     return result
+
+
+def _with_branch_cores(result: AttentionInfo, branches: tuple[int, list[tuple]], body: list, info) -> None:
+    """The paged attention's arguments when each branch holds its own core: the scale chosen by the
+    branches' conditions (one expression where they agree), the ALiBi bias under the condition of
+    the branch that adds it."""
+    position, cores = branches
+    result.branch_if, result.branch_cores = position, cores
+    result.inline_relayouts = relayouts(body, position, set(result.core_args), info)
+    scales = [(condition, core["scale"]) for condition, _, core in cores]
+    result.inline_scale = choice([*scales[:-1], (None, scales[-1][1])])
+    with_alibi = [(condition, core) for condition, _, core in cores if core["alibi"]]
+    if with_alibi:
+        condition, core = with_alibi[0]
+        result.alibi, result.alibi_scale = True, core["alibi_scale"]
+        result.alibi_condition = condition if len(with_alibi) < len(cores) else None
 
 
 def _flat_statements(body) -> list[cst.SimpleStatementLine]:
@@ -116,6 +162,46 @@ def _flat_statements(body) -> list[cst.SimpleStatementLine]:
                 result.extend(_flat_statements(orelse.body.body))
                 orelse = getattr(orelse, "orelse", None)
     return result
+
+
+def _kv_repetitions(before: list, kv: set[str], index: ModelIndex) -> list[cst.SimpleStatementLine]:
+    """The statements right before the core that repeat the key/value heads for the query heads:
+    `k = f(k, n)` with `f` this file's function that expands or repeats, or `repeat_interleave`."""
+    found = []
+    for statement in reversed(before):
+        targets = statement_targets(statement)
+        value = getattr(statement.body[0], "value", None)
+        if len(targets) != 1 or targets[0] not in kv or not isinstance(value, cst.Call) or not value.args:
+            break
+        name = call_name(value) or ""
+        function = index.functions.get(name)
+        repeats = name.endswith("repeat_interleave") or (
+            function is not None and any(w in code_of(function) for w in (".expand(", ".repeat("))
+        )
+        if not repeats or code_of(value.args[0].value) != targets[0]:
+            break
+        found.append(statement)
+    return found
+
+
+def _head_merges(output: list[str], after: list, info: ClassInfo) -> list[cst.SimpleStatementLine]:
+    """The statements right after a called core that merge heads through a helper of the class
+    that runs no module (`out = self._merge_heads(out, heads, size)`)."""
+    found = []
+    for statement in after:
+        value = getattr(statement.body[0], "value", None)
+        method = self_attribute(value.func) if isinstance(value, cst.Call) else None
+        if (
+            not output
+            or statement_targets(statement) != output
+            or method not in info.methods
+            or not value.args
+            or code_of(value.args[0].value) != output[0]
+            or not only_reshapes(statement, info)
+        ):
+            break
+        found.append(statement)
+    return found
 
 
 def _core_call(statement: cst.CSTNode, info: ClassInfo, index: ModelIndex) -> cst.Call | None:
@@ -137,40 +223,44 @@ def _core_call(statement: cst.CSTNode, info: ClassInfo, index: ModelIndex) -> cs
 
 
 def _source_projection(var: str, statements: list, linears: set[str]) -> str | None:
-    """The Linear attribute whose output flows into `var` (following reassignments backwards)."""
+    """The Linear attribute whose output flows into `var` (following reassignments backwards).
+
+    A statement that reads what it assigns transforms it (`q = q.view(...)`, `q, k = rotate(q, k,
+    cos, sin)`, `k = torch.cat([past_k, k])`): only that variable is followed through it, so the
+    cos/sin, cache or other operands it mixes in never lead the trace to another projection."""
     wanted = {var}
     for statement in reversed(statements):
         targets = set(statement_targets(statement))
         if not targets & wanted:
             continue
-        called = [self_attribute(c.func) for c in _calls(statement)]
+        called = [self_attribute(c.func) for c in calls_in(statement)]
         hits = [c for c in called if c in linears]
         if hits:
             return hits[0]
+        if _transforms(statement, targets & wanted):
+            continue
         wanted |= names_in(statement) - targets - {"self"}
     return None
+
+
+def _transforms(statement: cst.SimpleStatementLine, variables: set[str]) -> bool:
+    """`statement` assigns each of `variables` from an expression that reads it."""
+    small = statement.body[0]
+    if isinstance(small, cst.AugAssign):
+        return True
+    value = getattr(small, "value", None)
+    return value is not None and variables <= names_in(value)
 
 
 def _consumer(vars_: set[str], statements: list, linears: set[str]) -> str | None:
     live = set(vars_)
     for statement in statements:
         if names_in(statement) & live:
-            hits = [self_attribute(c.func) for c in _calls(statement) if self_attribute(c.func) in linears]
+            hits = [self_attribute(c.func) for c in calls_in(statement) if self_attribute(c.func) in linears]
             if hits:
                 return hits[0]
             live |= set(statement_targets(statement))
     return None
-
-
-def _calls(node: cst.CSTNode) -> list[cst.Call]:
-    calls: list[cst.Call] = []
-
-    class _Collect(cst.CSTVisitor):
-        def visit_Call(self, call: cst.Call) -> None:
-            calls.append(call)
-
-    node.visit(_Collect())
-    return calls
 
 
 def _init_attributes(info: ClassInfo) -> dict[str, cst.BaseExpression]:
@@ -184,29 +274,61 @@ def _heads(info: ClassInfo, projection: str, head_dim: str) -> str:
 
 
 def _fused_heads(info: ClassInfo, projection: str, head_dim: str) -> tuple[str, str] | None:
-    """(query heads, KV heads) of one projection making q, k and v: `3 * E` or `E + 2 * kv`."""
+    """(query heads, KV heads) of one projection making q, k and v: `3 * E`, `E + 2 * kv` or
+    `(H + 2 * kv) * head_dim`; a size held in a local set per configuration (`if config.a: size =
+    ... elif ...: ... else: ...`) gives counts that choose by the same tests."""
     for call in info.all_init_calls.get(projection) or [info.init_calls[projection]]:
         out = _out_expr(call)
-        if (
-            isinstance(out, cst.BinaryOperation)
-            and isinstance(out.operator, cst.Multiply)
-            and code_of(out.left) == "3"
-        ):
-            heads = _count(info, out.right, head_dim)
-            return heads, heads
-        if isinstance(out, cst.BinaryOperation) and isinstance(out.operator, cst.Add):
-            right = out.right
-            if (
-                isinstance(right, cst.BinaryOperation)
-                and isinstance(right.operator, cst.Multiply)
-                and code_of(right.left) == "2"
-            ):
-                return _count(info, out.left, head_dim), _count(info, right.right, head_dim)
+        counts = _three_part_heads(info, out, head_dim)
+        if counts is not None:
+            return counts
+        branches = branch_values(info.methods.get("__init__"), out)
+        if branches:
+            per_branch = [(test, _three_part_heads(info, value, head_dim)) for test, value in branches]
+            if all(counts is not None for _, counts in per_branch):
+                return (
+                    choice([(test, counts[0]) for test, counts in per_branch]),
+                    choice([(test, counts[1]) for test, counts in per_branch]),
+                )
     return None  # (a configuration building only some of the three is a cross-attention variant)
+
+
+def _three_part_heads(info: ClassInfo, out: cst.BaseExpression, head_dim: str) -> tuple[str, str] | None:
+    if not isinstance(out, cst.BinaryOperation):
+        return None
+    if isinstance(out.operator, cst.Multiply) and code_of(out.left) == "3":
+        heads = _count(info, out.right, head_dim)
+        return heads, heads
+    if isinstance(out.operator, cst.Add):
+        doubled = _doubled(out.right) or _doubled(out.left)
+        if doubled is not None:
+            single = out.left if _doubled(out.right) is not None else out.right
+            return _count(info, single, head_dim), _count(info, doubled, head_dim)
+    if isinstance(out.operator, cst.Multiply) and head_dim in (code_of(out.left), code_of(out.right)):
+        # `(H + 2 * kv) * head_dim`: head counts in parentheses
+        counts = out.left if code_of(out.right) == head_dim else out.right
+        if isinstance(counts, cst.BinaryOperation) and isinstance(counts.operator, cst.Add):
+            doubled = _doubled(counts.right) or _doubled(counts.left)
+            if doubled is not None:
+                single = counts.left if _doubled(counts.right) is not None else counts.right
+                return code_of(single), code_of(doubled)
+    return None
+
+
+def _doubled(node: cst.BaseExpression) -> cst.BaseExpression | None:
+    """`x` of `2 * x` or `x * 2`."""
+    if isinstance(node, cst.BinaryOperation) and isinstance(node.operator, cst.Multiply):
+        if code_of(node.left) == "2":
+            return node.right
+        if code_of(node.right) == "2":
+            return node.left
+    return None
 
 
 def _count(info: ClassInfo, size: cst.BaseExpression, head_dim: str) -> str:
     """How many heads of `head_dim` make `size`, as simply as the source lets us say it."""
+    if code_of(size) == head_dim:
+        return "1"
     if isinstance(size, cst.BinaryOperation) and isinstance(size.operator, cst.Multiply):
         if code_of(size.right) == head_dim:
             return code_of(size.left)
@@ -232,128 +354,3 @@ def _count(info: ClassInfo, size: cst.BaseExpression, head_dim: str) -> str:
 
 def _out_expr(call: cst.Call) -> cst.BaseExpression:
     return call.args[1].value if call_name(call) != "Conv1D" else call.args[0].value
-
-
-SCORE_CALLS = ("matmul", "bmm", "baddbmm", "einsum")
-RESHAPE_CALLS = ("view", "reshape", "transpose", "permute", "contiguous", "flatten", "unflatten")
-
-
-def _inline_core(body: list[cst.BaseStatement], info: ClassInfo) -> dict | None:
-    """Finds `scores = q @ k^T (* scale, + alibi); probs = softmax(scores); out = probs @ v` among the
-    top-level statements of forward, with the reshapes of q/k/v (and KV-head repetition) just
-    before it and a head merge just after it: the span that one PagedAttention call replaces."""
-    codes = [code_of(s) for s in body]
-    soft = next((i for i, c in enumerate(codes) if "softmax(" in c), None)
-    if soft is None:
-        return None
-    score_at = next((i for i in range(soft, -1, -1) if _score_call(body[i])), None)
-    if score_at is None:
-        return None
-    q, k, scale = _score_operands(_score_call(body[score_at]), body[score_at])
-    if q is None or k is None:
-        return None
-    probs = set(statement_targets(body[soft]))
-    out_at = v = output = None
-    for j in range(soft + 1, len(body)):
-        call = _score_call(body[j])
-        if call is not None and names_in(call) & probs:
-            operands = [a.value for a in call.args if a.keyword is None]
-            v = next((code_of(o) for o in operands if not names_in(o) & probs), None)
-            out_at, output = j, next(iter(statement_targets(body[j])), None)
-            break
-        if names_in(body[j]) & probs:
-            probs |= set(statement_targets(body[j]))
-    if out_at is None or v is None or output is None:
-        return None
-    start = score_at
-    while start > 0:  # q/k/v reshapes and KV-head repetition for the eager matmuls
-        previous = body[start - 1]
-        targets = set(statement_targets(previous))
-        reshapes_itself = (
-            targets
-            and targets <= {q, k, v}
-            and targets <= names_in(previous) - targets | targets
-            and all(t in names_in(_value_of(previous)) for t in targets)
-        )
-        if not reshapes_itself or _calls_projection(previous, info):
-            break
-        start -= 1
-    end, merged = out_at, False
-    while end + 1 < len(body):  # a head merge of the output
-        following = body[end + 1]
-        if set(statement_targets(following)) != {output} or not _only_reshapes(following, info):
-            break
-        end, merged = end + 1, True
-    return {
-        "region": (start, end),
-        "qkv": [q, k, v],
-        "output": output,
-        "scale": scale,
-        "alibi": "alibi" in codes[score_at],
-        "merged": merged,
-    }
-
-
-def _score_call(statement: cst.CSTNode) -> cst.Call | None:
-    for call in _calls(statement):
-        name = call.func.attr.value if isinstance(call.func, cst.Attribute) else (call_name(call) or "")
-        if name in SCORE_CALLS:
-            return call
-    return None
-
-
-def _score_operands(call: cst.Call, statement: cst.CSTNode) -> tuple[str | None, str | None, str]:
-    """q and k of the score product (k without its transpose), and the scale it applies."""
-    keywords = {a.keyword.value: a.value for a in call.args if a.keyword is not None}
-    positional = [a.value for a in call.args if a.keyword is None]
-    is_baddbmm = isinstance(call.func, cst.Attribute) and call.func.attr.value == "baddbmm"
-    if is_baddbmm:
-        first, second = keywords.get("batch1"), keywords.get("batch2")
-        if first is None:  # torch.baddbmm(bias, q, k) or bias.baddbmm(q, k)
-            offset = 1 if call_name(call) == "torch.baddbmm" else 0
-            first, second = positional[offset], positional[offset + 1]
-        scale = code_of(keywords["alpha"]) if "alpha" in keywords else "1.0"
-    else:
-        if len(positional) < 2:
-            return None, None, "1.0"
-        first, second = positional[0], positional[1]
-        scale = "1.0"
-        value = statement.body[0].value if isinstance(statement, cst.SimpleStatementLine) else None
-        if isinstance(value, cst.BinaryOperation) and isinstance(value.operator, cst.Divide):
-            scale = f"1 / ({code_of(value.right)})"
-        elif isinstance(value, cst.BinaryOperation) and isinstance(value.operator, cst.Multiply):
-            scale = code_of(value.right)
-    while (
-        isinstance(second, cst.Call)
-        and isinstance(second.func, cst.Attribute)
-        and second.func.attr.value in RESHAPE_CALLS
-    ):
-        second = second.func.value  # k^T -> k
-    return (
-        code_of(first) if isinstance(first, cst.Name) else None,
-        code_of(second) if isinstance(second, cst.Name) else None,
-        scale,
-    )
-
-
-def _value_of(statement: cst.CSTNode) -> cst.CSTNode:
-    """The right-hand side of a simple assignment (the statement itself otherwise)."""
-    if isinstance(statement, cst.SimpleStatementLine) and isinstance(statement.body[0], cst.Assign):
-        return statement.body[0].value
-    return statement
-
-
-def _calls_projection(statement: cst.CSTNode, info: ClassInfo) -> bool:
-    return any(self_attribute(c.func) in info.init_calls for c in _calls(statement))
-
-
-def _only_reshapes(statement: cst.CSTNode, info: ClassInfo) -> bool:
-    """`x = x.view(...)...` or `x = self._merge_heads(x)` with a method that builds no module."""
-    for call in _calls(statement):
-        method = self_attribute(call.func)
-        if method in info.methods:
-            if any(self_attribute(c.func) in info.init_calls for c in _calls(info.methods[method])):
-                return False
-        elif not (isinstance(call.func, cst.Attribute) and call.func.attr.value in RESHAPE_CALLS):
-            return False
-    return True

@@ -80,6 +80,18 @@ def statement_targets(statement: cst.BaseStatement) -> list[str]:
     return names
 
 
+def calls_in(node: cst.CSTNode) -> list[cst.Call]:
+    """Every call inside `node`, outermost first."""
+    calls: list[cst.Call] = []
+
+    class _Collect(cst.CSTVisitor):
+        def visit_Call(self, call: cst.Call) -> None:
+            calls.append(call)
+
+    node.visit(_Collect())
+    return calls
+
+
 def call_name(node: cst.BaseExpression | None) -> str | None:
     """Dotted name of the function a Call calls."""
     return dotted_name(node.func) if isinstance(node, cst.Call) else None

@@ -3,6 +3,8 @@
 Roles are read from what a class does, never from its name alone:
 - the causal-LM head: the class that holds a Linear projecting to `vocab_size` and returns logits;
 - the decoder layer: the element class of a ModuleList held by a class the head reaches;
+- a submodule built from a table of classes (`ATTENTION_CLASSES[config._attn_implementation](...)`)
+  is the class the table's other entries derive from (one backend in the engine);
 - the backbone: the class holding that ModuleList;
 - attention: a reachable class whose forward calls an attention core (HF's attention-interface
   dispatch, or a function/method that takes a softmax over scores).
@@ -53,6 +55,8 @@ class ModelIndex:
     decoder_layer: str | None
     attention: set[str]
     reachable: list[str]  # classes the causal LM needs, in file order
+    # module-level dict of this file's classes -> the class every entry is or derives from
+    class_tables: dict[str, str] = field(default_factory=dict)
 
     def embedding_classes(self) -> set[str]:
         """What builds an embedding here: `nn.Embedding` itself and this file's subclasses of it."""
@@ -79,8 +83,9 @@ def build_index(module: cst.Module, causal_lm: str | None = None) -> ModelIndex:
             classes[statement.name.value] = _class_info(statement)
         elif isinstance(statement, cst.FunctionDef):
             functions[statement.name.value] = statement
+    tables = class_tables(module, classes)
     for info in classes.values():
-        _link_submodules(info, classes)
+        _link_submodules(info, classes, tables)
 
     causal_lm = causal_lm or _find_causal_lm(classes)
     reachable = _reachable(causal_lm, classes)
@@ -91,7 +96,45 @@ def build_index(module: cst.Module, causal_lm: str | None = None) -> ModelIndex:
             if element is not None:
                 backbone, decoder_layer = name, element
     attention = {name for name in reachable if _calls_attention_core(classes[name], functions, classes)}
-    return ModelIndex(module, classes, functions, causal_lm, backbone, decoder_layer, attention, reachable)
+    return ModelIndex(
+        module, classes, functions, causal_lm, backbone, decoder_layer, attention, reachable, tables
+    )
+
+
+def class_tables(module: cst.Module, classes: dict[str, ClassInfo]) -> dict[str, str]:
+    """`TABLE = {"eager": A, "sdpa": A, "flash": B}` at module level, every value a class of this
+    file -> the entry all the others are or derive from (`A` when `B(A)`): the variants differ in
+    backend only, and the engine has one backend. A table with no such common base is left out."""
+    tables: dict[str, str] = {}
+    for statement in module.body:
+        if not (isinstance(statement, cst.SimpleStatementLine) and isinstance(statement.body[0], cst.Assign)):
+            continue
+        assign = statement.body[0]
+        target, value = assign.targets[0].target, assign.value
+        if not isinstance(target, cst.Name) or not isinstance(value, cst.Dict) or not value.elements:
+            continue
+        entries = [getattr(e, "value", None) for e in value.elements]
+        names = [e.value for e in entries if isinstance(e, cst.Name) and e.value in classes]
+        if len(names) != len(entries):
+            continue
+        common = next((n for n in names if all(_derives_from(o, n, classes) for o in names)), None)
+        if common is not None:
+            tables[target.value] = common
+    return tables
+
+
+def _derives_from(name: str, base: str, classes: dict[str, ClassInfo]) -> bool:
+    seen: set[str] = set()
+    stack = [name]
+    while stack:
+        current = stack.pop()
+        if current == base:
+            return True
+        if current in seen or current not in classes:
+            continue
+        seen.add(current)
+        stack.extend(classes[current].bases)
+    return False
 
 
 def _class_info(node: cst.ClassDef) -> ClassInfo:
@@ -101,7 +144,28 @@ def _class_info(node: cst.ClassDef) -> ClassInfo:
     init = methods.get("__init__")
     if init is not None:
         init.visit(_InitCalls(info))
+        # Submodules built by a helper __init__ calls (`self._init_rope()`) are built in __init__ too.
+        for helper in init_helpers(init, methods):
+            methods[helper].visit(_InitCalls(info))
     return info
+
+
+def init_helpers(init: cst.FunctionDef, methods: dict[str, cst.FunctionDef]) -> list[str]:
+    """The class's own methods that `__init__` calls as statements (`self._init_rope()`), in order."""
+    found = []
+    for statement in init.body.body:
+        method = calls_method(statement)
+        if method in methods and method != "__init__" and method not in found:
+            found.append(method)
+    return found
+
+
+def calls_method(statement: cst.CSTNode) -> str | None:
+    """`m` for a statement that is only a call `self.m(...)`."""
+    if not isinstance(statement, cst.SimpleStatementLine) or not isinstance(statement.body[0], cst.Expr):
+        return None
+    call = statement.body[0].value
+    return self_attribute(call.func) if isinstance(call, cst.Call) else None
 
 
 class _InitCalls(cst.CSTVisitor):
@@ -116,9 +180,9 @@ class _InitCalls(cst.CSTVisitor):
                 self.info.all_init_calls.setdefault(attr, []).append(node.value)
 
 
-def _link_submodules(info: ClassInfo, classes: dict[str, ClassInfo]) -> None:
+def _link_submodules(info: ClassInfo, classes: dict[str, ClassInfo], tables: dict[str, str]) -> None:
     for attr, call in info.init_calls.items():
-        name = call_name(call)
+        name = call_name(call) or table_class(call, tables)
         if name in classes:
             info.submodules[attr] = name
         elif name in MODULE_LIST_CALLS and call.args:
@@ -126,6 +190,14 @@ def _link_submodules(info: ClassInfo, classes: dict[str, ClassInfo]) -> None:
             if element is not None:
                 info.submodules[attr] = element
                 info.module_lists.add(attr)
+
+
+def table_class(call: cst.Call, tables: dict[str, str]) -> str | None:
+    """The class `TABLE[key](...)` builds, for a table of classes (see `class_tables`)."""
+    func = call.func
+    if isinstance(func, cst.Subscript) and isinstance(func.value, cst.Name):
+        return tables.get(func.value.value)
+    return None
 
 
 def _element_class(node: cst.BaseExpression, classes: dict[str, ClassInfo]) -> str | None:
@@ -184,8 +256,22 @@ def _calls_attention_core(
     forward.visit(finder)
     # An eager core written inline: scores, a softmax and a product with the values in forward itself.
     code = cst.Module(body=[]).code_for_node(forward)
-    inline = "softmax(" in code and any(f"{op}(" in code for op in ("matmul", "bmm", "baddbmm"))
+    inline = "softmax(" in code and (
+        any(f"{op}(" in code for op in ("matmul", "bmm", "baddbmm")) or _has_matrix_product(forward)
+    )
     return finder.found or inline
+
+
+def _has_matrix_product(node: cst.CSTNode) -> bool:
+    """The `@` operator somewhere in `node` (scores and values written as `q @ k.T`, `p @ v`)."""
+    found: list[bool] = []
+
+    class _Find(cst.CSTVisitor):
+        def visit_MatrixMultiply(self, operator: cst.MatrixMultiply) -> None:
+            found.append(True)
+
+    node.visit(_Find())
+    return bool(found)
 
 
 def _has_softmax(node: cst.CSTNode) -> bool:

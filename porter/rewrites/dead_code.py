@@ -2,7 +2,10 @@
 
 Conditions are decided where the port knows the answer: a dropped parameter is None (an absent
 `inputs_embeds`, no cache, no mask, no output flags), `input_ids`/`positions`/the caches/the
-metadata are always given, and `self.training` and `self.gradient_checkpointing` are False. An
+metadata are always given, and `self.training` and `self.gradient_checkpointing` are False. A
+choice of HF attention backend (`config._attn_implementation == "sdpa"`) takes the eager branch:
+it writes the attention math out (scale, biases) where porter can read it, and the engine
+replaces every backend by paged attention anyway. An
 `if` whose test is decided keeps only the branch that runs. Then, in statement order, a statement
 that reads a removed name goes too: a fresh variable it assigned is removed with it (so a causal
 mask and everything built from it disappear), while a variable that already held a value keeps
@@ -15,12 +18,10 @@ import libcst as cst
 
 from porter.analysis.constructor_flags import constructor_flags
 from porter.analysis.cst_utils import (
-    dotted_name,
     function_params,
-    names_in,
-    self_attribute,
     statement_targets,
 )
+from porter.analysis.optional_backends import optional_backend_flags
 from porter.analysis.signatures import (
     ABSENT_INPUTS,
     DROPPED_OUTPUT,
@@ -30,9 +31,13 @@ from porter.analysis.signatures import (
     dropped_params,
 )
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
-
-FALSE_ATTRIBUTES = {"self.training", "self.gradient_checkpointing"}
-UNKNOWN = object()
+from porter.rewrites.statement_pruner import (
+    Pruner,
+    assigned_anywhere,
+    calls_anything,
+    calls_submodule,
+    names_read,
+)
 
 
 class DecideConditions(Rewrite):
@@ -49,7 +54,10 @@ class DecideConditions(Rewrite):
         # Deciding those branches can leave a submodule uncalled (a cross-attention block), which
         # fixes flags its siblings were built with; decide again with those.
         context.reindex(module)
-        context.plan.constant_attributes = constructor_flags(context.index)
+        context.plan.constant_attributes = {
+            **optional_backend_flags(context.index),
+            **constructor_flags(context.index),
+        }
         return module.visit(_Transformer(context, cascade=False))
 
 
@@ -73,7 +81,7 @@ class _Transformer(ClassScopedTransformer):
             and self.current_class is not None
         ):
             current = set(function_params(updated)) - dropped
-            pruner = _Pruner(
+            pruner = Pruner(
                 self.context,
                 self.where,
                 dead=(dropped | {DROPPED_OUTPUT}) - ABSENT_INPUTS,
@@ -94,286 +102,35 @@ class _Transformer(ClassScopedTransformer):
             body = pruner.block(list(updated.body.body)) or [cst.SimpleStatementLine([cst.Pass()])]
             updated = updated.with_changes(body=updated.body.with_changes(body=body))
             if self.cascade:
-                updated = _drop_unread_assignments(updated, self.context, self.where)
+                updated = drop_unread_assignments(updated, self.context, self.where)
         return super().leave_FunctionDef(original, updated)
 
 
-def _drop_unread_assignments(function: cst.FunctionDef, context: PortContext, where: str) -> cst.FunctionDef:
+def drop_unread_assignments(function: cst.FunctionDef, context: PortContext, where: str) -> cst.FunctionDef:
     """Removes top-level assignments whose names nothing reads any more (a mask function chosen for
-    a mask that is gone). Statements that call a submodule stay: they compute the model."""
+    a mask that is gone; a size an earlier rewrite no longer needs), and `if` chains that only
+    assign such names. Statements that call a submodule stay: they compute the model."""
     while True:
         body = list(function.body.body)
         for position, statement in enumerate(body):
-            targets = statement_targets(statement)
-            if (
-                not targets
-                or not isinstance(statement, cst.SimpleStatementLine)
-                or _calls_submodule(statement)
-            ):
-                continue
+            if isinstance(statement, cst.If):
+                assigned = assigned_anywhere(statement)
+                if not assigned or calls_anything(statement):
+                    continue
+                targets = sorted(assigned)
+            else:
+                targets = statement_targets(statement)
+                if (
+                    not targets
+                    or not isinstance(statement, cst.SimpleStatementLine)
+                    or calls_submodule(statement)
+                ):
+                    continue
             rest = body[:position] + body[position + 1 :]
-            if any(set(targets) & names_in(other) for other in rest):
+            if any(set(targets) & names_read(other) for other in rest):
                 continue
             context.record("dead-code", where, statement, "", "nothing reads it")
             function = function.with_changes(body=function.body.with_changes(body=rest))
             break
         else:
             return function
-
-
-class _Pruner:
-    def __init__(
-        self,
-        context: PortContext,
-        where: str,
-        dead: set[str],
-        absent: set[str],
-        present: set[str],
-        live: set[str],
-        cascade: bool = True,
-        attributes: dict[str, bool | None] | None = None,
-    ) -> None:
-        self.cascade = cascade
-        self.attributes = attributes or {}  # self.<attr> fixed by constructor defaults
-        self.context, self.where = context, where
-        self.dead, self.absent, self.present, self.live = set(dead), absent, present, set(live)
-        self.modules: set[str] = set()  # attributes holding modules (set by the transformer)
-        self.loop_vars: set[str] = set()
-        self.constants: dict[str, bool] = {}  # flags decided from plumbing (`is_cross = encoder is not None`)
-
-    def _runs_submodule(self, statement: cst.CSTNode) -> bool:
-        """Calls a module built in __init__ (`self.layer(...)`) or a layer of a loop over one."""
-        found = []
-        modules, loop_vars = self.modules, self.loop_vars
-
-        class _Find(cst.CSTVisitor):
-            def visit_Call(self, node: cst.Call) -> None:
-                name = dotted_name(node.func) or ""
-                if name in loop_vars or (name.startswith("self.") and name.split(".")[1] in modules):
-                    found.append(node)
-
-        statement.visit(_Find())
-        return bool(found)
-
-    def _known_flag(self, statement: cst.SimpleStatementLine) -> tuple[str, bool] | None:
-        if len(statement.body) != 1 or not isinstance(statement.body[0], cst.Assign):
-            return None
-        assign = statement.body[0]
-        if len(assign.targets) != 1 or not isinstance(assign.targets[0].target, cst.Name):
-            return None
-        if not names_in(assign.value) & (self.dead | self.absent | set(self.constants)):
-            return None
-        value = self.evaluate(assign.value)
-        return (assign.targets[0].target.value, value) if isinstance(value, bool) else None
-
-    def block(self, statements: list[cst.BaseStatement]) -> list[cst.BaseStatement]:
-        result: list[cst.BaseStatement] = []
-        for statement in statements:
-            result.extend(self.statement(statement))
-        return result
-
-    def statement(self, statement: cst.BaseStatement) -> list[cst.BaseStatement]:
-        if isinstance(statement, cst.If):
-            return self._if(statement)
-        if isinstance(statement, (cst.For, cst.While, cst.With)):
-            header = (
-                statement.iter
-                if isinstance(statement, cst.For)
-                else (
-                    statement.test
-                    if isinstance(statement, cst.While)
-                    else cst.Tuple([cst.Element(i.item) for i in statement.items])
-                )
-            )
-            if names_in(header) & self.dead and self.cascade:
-                if isinstance(statement, cst.For):
-                    self.loop_vars |= names_in(statement.target)
-                if self._runs_submodule(statement):
-                    self.context.flag(
-                        "dead-code",
-                        self.where,
-                        f"a loop that runs submodules iterates over removed "
-                        f"{', '.join(sorted(names_in(header) & self.dead))}",
-                    )
-                    return [statement]
-                self._drop(statement, "loops over removed plumbing")
-                return []
-            if isinstance(statement, cst.For):
-                self.live |= names_in(statement.target)
-                self.loop_vars |= names_in(statement.target)
-            body = self.block(list(statement.body.body)) or [cst.SimpleStatementLine([cst.Pass()])]
-            return [statement.with_changes(body=statement.body.with_changes(body=body))]
-        if isinstance(statement, cst.SimpleStatementLine):
-            targets = statement_targets(statement)
-            known = self._known_flag(statement)
-            if known is not None:
-                name, value = known
-                self.constants[name] = value
-                self._drop(statement, f"`{name}` is always {value} in the engine")
-                return []
-            reads_dead = names_in(statement) & self.dead
-            if reads_dead and self.cascade and self._runs_submodule(statement):
-                # A statement that runs part of the model (a layer, attention) is never dropped
-                # silently: something it needs was removed, and a person has to look.
-                self.context.flag(
-                    "dead-code",
-                    self.where,
-                    f"`{_code(statement.with_changes(leading_lines=[])).strip()[:80]}` runs a submodule but reads removed "
-                    f"{', '.join(sorted(reads_dead))}",
-                )
-                return [statement]
-            if reads_dead and self.cascade:
-                fresh = [t for t in targets if t not in self.live]
-                self.dead |= set(fresh)
-                self._drop(statement, f"reads removed {', '.join(sorted(reads_dead))}")
-                return []
-            self.live |= set(targets)
-            self.absent -= set(targets)
-            return [statement]
-        return [statement]
-
-    def _if(self, statement: cst.If) -> list[cst.BaseStatement]:
-        value = self.evaluate(statement.test)
-        if value is True:
-            self._drop(statement.test, "condition is always true in the engine")
-            return self.block(list(statement.body.body))
-        if value is False:
-            self._drop(statement.test, "condition is never true in the engine")
-            if statement.orelse is None:
-                return []
-            if isinstance(statement.orelse, cst.If):
-                return self._if(statement.orelse)
-            return self.block(list(statement.orelse.body.body))
-        if names_in(statement.test) & self.dead and self.cascade:
-            targets = _assigned_anywhere(statement)
-            if targets is not None and not targets & self.live:
-                # Undecidable, but it only builds fresh names from plumbing (mask mappings): all of it goes.
-                self.dead |= targets
-                self._drop(statement, "builds only removed plumbing")
-                return []
-            self.context.flag(
-                "dead-code",
-                self.where,
-                f"cannot decide `if {_code(statement.test)}`, which reads removed plumbing",
-            )
-        body = self.block(list(statement.body.body)) or [cst.SimpleStatementLine([cst.Pass()])]
-        orelse = statement.orelse
-        if isinstance(orelse, cst.Else):
-            else_body = self.block(list(orelse.body.body)) or [cst.SimpleStatementLine([cst.Pass()])]
-            orelse = orelse.with_changes(body=orelse.body.with_changes(body=else_body))
-        elif isinstance(orelse, cst.If):
-            rest = self._if(orelse)
-            orelse = (
-                rest[0]
-                if len(rest) == 1 and isinstance(rest[0], cst.If)
-                else (cst.Else(cst.IndentedBlock(rest)) if rest else None)
-            )
-        return [statement.with_changes(body=statement.body.with_changes(body=body), orelse=orelse)]
-
-    def evaluate(self, node: cst.BaseExpression):
-        """True/False where the engine decides the test, else UNKNOWN."""
-        if isinstance(node, cst.Comparison) and len(node.comparisons) == 1:
-            operator = node.comparisons[0].operator
-            if (
-                isinstance(node.comparisons[0].comparator, cst.Name)
-                and node.comparisons[0].comparator.value == "None"
-            ):
-                is_none = self._is_none(node.left)
-                if is_none is UNKNOWN:
-                    return UNKNOWN
-                if isinstance(operator, cst.Is):
-                    return is_none
-                if isinstance(operator, cst.IsNot):
-                    return not is_none
-            return UNKNOWN
-        if isinstance(node, cst.UnaryOperation) and isinstance(node.operator, cst.Not):
-            inner = self.evaluate(node.expression)
-            return UNKNOWN if inner is UNKNOWN else not inner
-        if isinstance(node, cst.BooleanOperation):
-            left, right = self.evaluate(node.left), self.evaluate(node.right)
-            if isinstance(node.operator, cst.And):
-                if left is False or right is False:
-                    return False
-                return True if left is True and right is True else UNKNOWN
-            if left is True or right is True:
-                return True
-            return False if left is False and right is False else UNKNOWN
-        if isinstance(node, cst.BinaryOperation) and isinstance(node.operator, cst.BitXor):
-            left, right = self.evaluate(node.left), self.evaluate(node.right)
-            return UNKNOWN if UNKNOWN in (left, right) else left != right
-        if isinstance(node, cst.Name) and node.value in self.absent | self.dead:
-            return False
-        if dotted_name(node) in FALSE_ATTRIBUTES:
-            return False
-        attr = self_attribute(node)
-        if attr in self.attributes and isinstance(self.attributes[attr], bool):
-            return self.attributes[attr]
-        if isinstance(node, cst.Name) and node.value in {"True", "False"}:
-            return node.value == "True"
-        if isinstance(node, cst.Name) and node.value in self.constants:
-            return self.constants[node.value]
-        return UNKNOWN
-
-    def _is_none(self, node: cst.BaseExpression):
-        if isinstance(node, cst.Name):
-            if node.value in self.absent or node.value in self.dead:
-                return True
-            if node.value in self.present:
-                return False
-        return UNKNOWN
-
-    def _drop(self, node: cst.CSTNode, reason: str) -> None:
-        self.context.record("dead-code", self.where, node, "", reason)
-
-
-def _calls_submodule(statement: cst.CSTNode) -> bool:
-    found = []
-
-    class _Find(cst.CSTVisitor):
-        def visit_Call(self, node: cst.Call) -> None:
-            if (dotted_name(node.func) or "").startswith("self."):
-                found.append(node)
-
-    statement.visit(_Find())
-    return bool(found)
-
-
-def _assigned_anywhere(statement: cst.If) -> set[str] | None:
-    """Names every branch assigns, or None if a branch does anything but assign (calls, returns)."""
-    names: set[str] = set()
-    blocks = [statement.body.body]
-    orelse = statement.orelse
-    while orelse is not None:
-        blocks.append(orelse.body.body)
-        orelse = orelse.orelse if isinstance(orelse, cst.If) else None
-    for block in blocks:
-        for inner in block:
-            if isinstance(inner, cst.If):
-                nested = _assigned_anywhere(inner)
-                if nested is None:
-                    return None
-                names |= nested
-                continue
-            targets = statement_targets(inner)
-            if not targets:
-                return None
-            names |= set(targets)
-    if isinstance(statement.test, cst.UnaryOperation):
-        names |= _walrus_targets(statement.test)
-    return names | _walrus_targets(statement.test)
-
-
-def _walrus_targets(node: cst.CSTNode) -> set[str]:
-    found: set[str] = set()
-
-    class _Find(cst.CSTVisitor):
-        def visit_NamedExpr(self, expr: cst.NamedExpr) -> None:
-            if isinstance(expr.target, cst.Name):
-                found.add(expr.target.value)
-
-    node.visit(_Find())
-    return found
-
-
-def _code(node: cst.CSTNode) -> str:
-    return cst.Module(body=[]).code_for_node(node)

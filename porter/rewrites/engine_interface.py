@@ -223,13 +223,12 @@ class _Transformer(ClassScopedTransformer):
     # -- results of rewritten submodules ---------------------------------------------------------
     def leave_Assign(self, original: cst.Assign, updated: cst.Assign) -> cst.Assign:
         target = updated.targets[0].target
-        if (
-            self.in_rewritten_forward
-            and isinstance(target, cst.Name)
-            and isinstance(updated.value, cst.Tuple)
-        ):
-            if updated.value.elements:  # `outputs = (hidden_states, ...)`, returned later
-                self.tuple_vars[target.value] = updated.value.elements[0].value
+        value = updated.value
+        if isinstance(value, cst.BinaryOperation) and isinstance(value.operator, cst.Add):
+            value = value.left  # `outputs = (hidden_states,) + outputs[1:]` starts with the same tensor
+        if self.in_rewritten_forward and isinstance(target, cst.Name) and isinstance(value, cst.Tuple):
+            if value.elements:  # `outputs = (hidden_states, ...)`, returned later
+                self.tuple_vars[target.value] = value.elements[0].value
         if not self.in_rewritten_forward or not isinstance(updated.value, cst.Call):
             return updated
         callee, _ = self._callee(updated.value.func)

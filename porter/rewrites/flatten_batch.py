@@ -3,7 +3,10 @@
 - `bsz, seq_len, _ = x.size()` (or `.shape`) keeps only the token count: `seq_len = x.shape[0]`;
 - view/reshape arguments naming the batch size go; a per-head view ending in the head size
   becomes `unflatten(-1, (-1, head_dim))`, so the head count is whatever this rank holds;
-- in attention, `.transpose(1, 2)` (heads <-> sequence) goes: per-token rows stay `[T, H, D]`;
+- in attention, `.transpose(1, 2)` or `.permute(0, 2, 1, 3)` (heads <-> sequence) goes: per-token
+  rows stay `[T, H, D]`;
+- a head merge of the paged attention's output sized by the global width
+  (`reshape(bsz, q_len, self.hidden_size)`) infers it (`reshape(q_len, -1)`): a rank holds its heads;
 - a token-id or position tensor reshaped to 2-D (`input_ids.view(-1, input_ids.shape[-1])`,
   `position_ids.unsqueeze(0)`) stays 1-D.
 """
@@ -12,7 +15,14 @@ from __future__ import annotations
 
 import libcst as cst
 
-from porter.analysis.cst_utils import assigned_names, code_of, dotted_name
+from porter.analysis.cst_utils import (
+    assigned_names,
+    calls_in,
+    code_of,
+    dotted_name,
+    names_in,
+    statement_targets,
+)
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
 
 ONE_DIMENSIONAL = {"input_ids", "positions"}
@@ -30,13 +40,18 @@ class _Transformer(ClassScopedTransformer):
     def __init__(self, context: PortContext) -> None:
         super().__init__(context)
         self.batch_names: set[str] = set()
+        self.attention_outputs: set[str] = set()  # variables holding the paged attention's output
 
     @property
     def active(self) -> bool:
         if self.current_function is None or self.current_function == "__init__":
             return False
         if self.current_function == "forward":
-            return self.current_class in self.context.plan.signatures
+            # every module the model runs sees [num_tokens, ...], rewritten signature or not
+            return (
+                self.current_class in self.context.plan.signatures
+                or self.current_class in self.context.index.reachable
+            )
         # An attention class's helpers (head split/merge) see the same [num_tokens, ...] tensors.
         return self.current_class in self.context.plan.attention
 
@@ -52,23 +67,30 @@ class _Transformer(ClassScopedTransformer):
 
     def visit_FunctionDef(self, node: cst.FunctionDef) -> bool:
         super().visit_FunctionDef(node)
-        self.batch_names = set()
+        self.batch_names, self.attention_outputs = set(), set()
         return True
 
     def leave_SimpleStatementLine(self, original, updated: cst.SimpleStatementLine):
+        self._track_attention_output(original)
         if not self.active or len(updated.body) != 1 or not isinstance(updated.body[0], cst.Assign):
             return updated
         assign = updated.body[0]
         target = assign.targets[0].target
         names = assigned_names(target)
         source = _size_source(assign.value)
-        if isinstance(target, cst.Tuple) and source is not None and len(names) >= 3:
-            self.batch_names |= {n for n in names[:-2] if n != "_"}
-            seq = names[-2]
-            if seq == "_":
+        # `[batch, seq, hidden]` activations, or `[batch, seq]` token ids and positions
+        rank = 2 if source in ONE_DIMENSIONAL else 3
+        if isinstance(target, cst.Tuple) and source is not None and len(names) >= rank:
+            seq_at = len(names) - (rank - 1)  # the token count: the dimension after the batch
+            self.batch_names |= {n for n in names[:seq_at] if n != "_"}
+            kept = names[seq_at:]
+            if all(n == "_" for n in kept):
                 self.context.record("flatten-batch", self.where, updated, "", "no batch dimension to measure")
                 return cst.RemovalSentinel.REMOVE
-            new = cst.parse_statement(f"{seq} = {source}.shape[0]")
+            if all(n == "_" for n in kept[1:]):
+                new = cst.parse_statement(f"{kept[0]} = {source}.shape[0]")
+            else:  # a feature size read later stays bound: `seq_len, hidden_size = x.shape`
+                new = cst.parse_statement(f"{', '.join(kept)} = {source}.shape")
             self.context.record(
                 "flatten-batch", self.where, updated, new, "tokens are flattened: one leading dimension"
             )
@@ -89,7 +111,11 @@ class _Transformer(ClassScopedTransformer):
             return updated
         method = updated.func.attr.value
         receiver = updated.func.value
-        if method == "transpose" and self.head_dim and [code_of(a.value) for a in updated.args] == ["1", "2"]:
+        swaps_heads_and_tokens = [code_of(a.value) for a in updated.args] in (
+            ["1", "2"],
+            ["0", "2", "1", "3"],
+        )
+        if method in ("transpose", "permute") and self.head_dim and swaps_heads_and_tokens:
             self.context.record(
                 "flatten-batch",
                 self.where,
@@ -119,12 +145,39 @@ class _Transformer(ClassScopedTransformer):
                     "flatten-batch", self.where, original, new, "split heads; head count is this rank's"
                 )
                 return new
+            if (
+                isinstance(receiver, cst.Name)
+                and receiver.value in self.attention_outputs
+                and len(args) == 2
+                and code_of(args[-1].value) not in ("-1", head_dim)
+            ):
+                args[-1] = args[-1].with_changes(value=cst.parse_expression("-1"))
+                new = updated.with_changes(args=args)
+                self.context.record(
+                    "flatten-batch", self.where, original, new, "merged heads: the width is this rank's heads"
+                )
+                return new
             if len(args) != len(updated.args):
                 args[-1] = args[-1].with_changes(comma=cst.MaybeSentinel.DEFAULT)
                 new = updated.with_changes(args=args)
                 self.context.record("flatten-batch", self.where, original, new, "batch dimension removed")
                 return new
         return updated
+
+    def _track_attention_output(self, statement: cst.SimpleStatementLine) -> None:
+        """Follows the paged attention's output (`self.attn(...)`) through reassignments that run no
+        projection, so its head merge is known when it comes."""
+        targets = statement_targets(statement)
+        if not targets or self.current_class not in self.context.plan.attention:
+            return
+        calls = [dotted_name(c.func) or "" for c in calls_in(statement)]
+        if "self.attn" in calls or (
+            names_in(statement.body[0].value) & self.attention_outputs
+            and not any(c.startswith("self.") for c in calls)
+        ):
+            self.attention_outputs |= set(targets)
+        else:
+            self.attention_outputs -= set(targets)
 
 
 def _size_source(value: cst.BaseExpression) -> str | None:
@@ -141,6 +194,17 @@ def _size_source(value: cst.BaseExpression) -> str | None:
 
 
 def _reshapes_itself(value: cst.BaseExpression, name: str) -> bool:
+    while _is_cast(value):  # `position_ids.view(-1, seq_length).long()`: ids are long already
+        value = value.func.value
     if not (isinstance(value, cst.Call) and isinstance(value.func, cst.Attribute)):
         return False
     return dotted_name(value.func.value) == name and value.func.attr.value in {"view", "reshape", "unsqueeze"}
+
+
+def _is_cast(value: cst.BaseExpression) -> bool:
+    return (
+        isinstance(value, cst.Call)
+        and isinstance(value.func, cst.Attribute)
+        and value.func.attr.value in ("long", "int", "contiguous")
+        and not value.args
+    )

@@ -54,6 +54,20 @@ class _Transformer(ClassScopedTransformer):
                 "attention backend lookup replaced by PagedAttention",
             )
             return cst.RemovalSentinel.REMOVE
+        if any(original.deep_equals(repeat) for repeat in info.kv_repeats):
+            self.context.record(
+                "paged-attention",
+                self.where,
+                updated,
+                "",
+                "PagedAttention maps query heads to KV heads itself",
+            )
+            return cst.RemovalSentinel.REMOVE
+        if any(original.deep_equals(merge) for merge in info.head_merges):
+            self.context.record(
+                "paged-attention", self.where, updated, "", "heads merged by the paged call's flatten"
+            )
+            return cst.RemovalSentinel.REMOVE
         if any(original.deep_equals(other) for other in info.other_cores):
             return self._paged_statement(info, updated)
         if original.deep_equals(info.core_statement):
@@ -63,13 +77,56 @@ class _Transformer(ClassScopedTransformer):
     def _swap_inline_core(self, forward: cst.FunctionDef, info: AttentionInfo) -> cst.FunctionDef:
         """Replaces the eager statements (reshapes, KV repetition, scores, mask, softmax, the product
         with V, a head merge) by one paged call on the q, k, v they started from."""
-        start, end = info.inline_region
-        body = list(forward.body.body)
-        q, k, v = info.core_args
-        merge = ".flatten(-2)" if info.merged_heads else ""
-        call = cst.parse_statement(
-            f"{info.inline_output} = self.attn({q}, {k}, {v}, kv_cache, input_metadata){merge}"
+        body = self._swap_region(
+            list(forward.body.body),
+            info.inline_region,
+            info.inline_relayouts,
+            info.core_args,
+            info.inline_output,
+            info.merged_heads,
         )
+        return forward.with_changes(body=forward.body.with_changes(body=body))
+
+    def _swap_branch_cores(self, forward: cst.FunctionDef, info: AttentionInfo) -> cst.FunctionDef:
+        """The same, in each branch of the `if` that holds one core per configuration; the q/k/v
+        re-layouts before that `if` go too."""
+        body = list(forward.body.body)
+        branch_if = body[info.branch_if]
+        cores = iter(info.branch_cores)
+        pending = next(cores, None)
+
+        def swap(block: cst.BaseSuite) -> cst.BaseSuite:
+            nonlocal pending
+            statements = list(block.body)
+            if pending is None or not _same_statements(statements, pending[1]):
+                return block
+            core = pending[2]
+            pending = next(cores, None)
+            return block.with_changes(
+                body=self._swap_region(
+                    statements, core["region"], core["relayouts"], core["qkv"], core["output"], core["merged"]
+                )
+            )
+
+        node: cst.If | cst.Else | None = branch_if
+        chain = []
+        while node is not None:
+            chain.append(node.with_changes(body=swap(node.body)))
+            node = node.orelse if isinstance(node, cst.If) else None
+        for position in range(len(chain) - 2, -1, -1):  # rebuild the elif/else chain bottom-up
+            chain[position] = chain[position].with_changes(orelse=chain[position + 1])
+        body[info.branch_if] = chain[0]
+        self._record_relayouts([body[i] for i in info.inline_relayouts])
+        kept = [s for i, s in enumerate(body) if i not in info.inline_relayouts]
+        return forward.with_changes(body=forward.body.with_changes(body=kept))
+
+    def _swap_region(self, body, region, relayout_positions, qkv, output, merged) -> list:
+        start, end = region
+        q, k, v = qkv
+        # [T, H, D] or [T, H*D] (a fused projection's split) both merge to [T, H*D]
+        merge = ".flatten(1)" if merged else ""
+        call = cst.parse_statement(f"{output} = self.attn({q}, {k}, {v}, kv_cache, input_metadata){merge}")
+        self._record_relayouts([body[i] for i in relayout_positions])
         removed = "\n".join(code_of(s).strip() for s in body[start : end + 1])
         self.context.record(
             "paged-attention",
@@ -78,9 +135,18 @@ class _Transformer(ClassScopedTransformer):
             call,
             "the eager attention written inline becomes paged attention",
         )
-        return forward.with_changes(
-            body=forward.body.with_changes(body=[*body[:start], call, *body[end + 1 :]])
-        )
+        kept_before = [s for i, s in enumerate(body[:start]) if i not in relayout_positions]
+        return [*kept_before, call, *body[end + 1 :]]
+
+    def _record_relayouts(self, statements: list) -> None:
+        for statement in statements:
+            self.context.record(
+                "paged-attention",
+                self.where,
+                statement,
+                "",
+                "paged attention and the rotary layer take per-token rows in any head layout",
+            )
 
     def _paged_statement(self, info: AttentionInfo, updated: cst.SimpleStatementLine) -> cst.BaseStatement:
         positional = [a.value for a in info.core.args if a.keyword is None and not a.star]
@@ -88,7 +154,9 @@ class _Transformer(ClassScopedTransformer):
             positional = positional[1:]
         q, k, v = (code_of(p) for p in positional[:3])
         targets = statement_targets(updated)
-        new = cst.parse_statement(f"{targets[0]} = self.attn({q}, {k}, {v}, kv_cache, input_metadata)")
+        # [T, H, D] or [T, H*D] both merge to [T, H*D]
+        merge = ".flatten(1)" if info.head_merges else ""
+        new = cst.parse_statement(f"{targets[0]} = self.attn({q}, {k}, {v}, kv_cache, input_metadata){merge}")
         self.context.record("paged-attention", self.where, updated, new, "paged attention over the KV cache")
         return new
 
@@ -148,7 +216,10 @@ class _Transformer(ClassScopedTransformer):
             and updated.name.value == "forward"
             and len(self.function_stack) == 1
         ):
-            updated = self._swap_inline_core(updated, info)
+            if info.branch_if is not None:
+                updated = self._swap_branch_cores(updated, info)
+            else:
+                updated = self._swap_inline_core(updated, info)
         if info is not None and updated.name.value == "__init__" and len(self.function_stack) == 1:
             arguments = [info.num_heads, info.head_dim]
             keywords = {
@@ -159,7 +230,12 @@ class _Transformer(ClassScopedTransformer):
             if info.inline_scale is not None:
                 keywords["scale"] = info.inline_scale
             if info.alibi:
-                keywords["alibi_slopes"] = f"alibi_slopes({info.num_heads})"
+                slopes = f"alibi_slopes({info.num_heads})"
+                if info.alibi_scale is not None:  # the scores' scale applied to the bias too
+                    slopes = f"{slopes} * {info.alibi_scale}"
+                if info.alibi_condition is not None:  # a bias only some configurations add
+                    slopes = f"{slopes} if {info.alibi_condition} else None"
+                keywords["alibi_slopes"] = slopes
                 self.context.need("engine.layers", "alibi_slopes")
             if keywords.get("scale") is None:
                 keywords["scale"] = f"{info.head_dim} ** -0.5"
@@ -188,3 +264,7 @@ class _Transformer(ClassScopedTransformer):
                 body=updated.body.with_changes(body=[*updated.body.body, statement])
             )
         return super().leave_FunctionDef(original, updated)
+
+
+def _same_statements(first: list, second: list) -> bool:
+    return len(first) == len(second) and all(a.deep_equals(b) for a, b in zip(first, second))

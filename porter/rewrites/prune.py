@@ -2,7 +2,8 @@
 
 Starting from the causal-LM class, a name is kept if kept code reads it; every top-level class,
 function and assignment nobody reads goes (sequence-classification and QA heads, `repeat_kv`,
-`eager_attention_forward`, mask builders, `__all__`). Imports are the imports rewrite's business.
+`eager_attention_forward`, mask builders, `__all__`), and so do non-persistent buffers nothing
+reads (`unused_buffers`). Imports are the imports rewrite's business.
 """
 
 from __future__ import annotations
@@ -11,13 +12,20 @@ import libcst as cst
 
 from porter.analysis.cst_utils import names_in
 from porter.rewrites.base import PortContext, Rewrite
+from porter.rewrites.dead_code import drop_unread_assignments
+from porter.rewrites.unused_buffers import drop_unread_buffers
 
 
 class PruneUnused(Rewrite):
     name = "prune"
 
     def apply(self, module: cst.Module, context: PortContext) -> cst.Module:
-        module = module.with_changes(body=[_prune_methods(s, context) for s in module.body])
+        module = module.with_changes(
+            body=[
+                _prune_methods(drop_unread_buffers(s, context) if isinstance(s, cst.ClassDef) else s, context)
+                for s in module.body
+            ]
+        )
         definitions: dict[str, cst.CSTNode] = {}
         for statement in module.body:
             for name in _defined(statement):
@@ -45,20 +53,29 @@ CONTRACT_METHODS = {"__init__", "forward", "compute_logits", "load_weights", "ex
 
 
 def _prune_methods(statement: cst.CSTNode, context: PortContext) -> cst.CSTNode:
-    """Drops methods of a class that nothing calls any more (mask builders, cache helpers)."""
+    """Drops methods of a class that nothing calls any more (mask builders, cache helpers), and
+    locals of its `__init__` that nothing reads any more (sizes the fused layers no longer need)."""
     if not isinstance(statement, cst.ClassDef):
         return statement
+    statement = statement.with_changes(
+        body=statement.body.with_changes(
+            body=[
+                drop_unread_assignments(item, context, f"{statement.name.value}.__init__")
+                if isinstance(item, cst.FunctionDef) and item.name.value == "__init__"
+                else item
+                for item in statement.body.body
+            ]
+        )
+    )
     while True:
-        code = cst.Module(body=[]).code_for_node(statement)
         kept, dropped = [], []
         for item in statement.body.body:
             name = item.name.value if isinstance(item, cst.FunctionDef) else None
-            if (
-                name
-                and name not in CONTRACT_METHODS
-                and not name.startswith("__")
-                and f".{name}" not in code.replace(f"def {name}", "")
-            ):
+            # read as an attribute (`self.name`) by another item; comments do not count
+            read = name is not None and any(
+                name in _attributes_read(other) for other in statement.body.body if other is not item
+            )
+            if name and name not in CONTRACT_METHODS and not name.startswith("__") and not read:
                 dropped.append(name)
                 continue
             kept.append(item)
@@ -83,3 +100,15 @@ def _defined(statement: cst.CSTNode) -> list[str]:
                 names.append(small.target.value)
         return names
     return []
+
+
+def _attributes_read(node: cst.CSTNode) -> set[str]:
+    """Names read as attributes (`x.name`) inside `node`."""
+    found: set[str] = set()
+
+    class _Find(cst.CSTVisitor):
+        def visit_Attribute(self, attribute: cst.Attribute) -> None:
+            found.add(attribute.attr.value)
+
+    node.visit(_Find())
+    return found

@@ -5,7 +5,9 @@ threads them down as `position_embeddings` to an `apply_rotary_pos_emb(q, k, cos
 function. The port instead gives each attention class `self.rotary_emb = get_rope(config,
 head_dim, is_neox_style=...)` and calls `q, k = self.rotary_emb(positions, q, k)` where the source
 applied the rotation; `get_rope` reads the rope type, theta, scaling and partial-rotary factor from
-the config with transformers' own init functions. The rotary module, its call and its outputs go.
+the config with transformers' own init functions. The rotary module, its call and its outputs go,
+and so do a helper `__init__` calls only to build it (`self._init_rope()`) and the attributes
+only its construction read (`self.rope_theta`: a 5.x config may not even have the field).
 The rotation style is read from the apply function: half-split (`rotate_half`, GPT-NeoX style) or
 interleaved pairs (`x[..., ::2]`, GPT-J style).
 """
@@ -14,7 +16,15 @@ from __future__ import annotations
 
 import libcst as cst
 
-from porter.analysis.cst_utils import call_name, code_of, function_params, self_attribute, statement_targets
+from porter.analysis.cst_utils import (
+    call_name,
+    code_of,
+    function_params,
+    init_attribute_values,
+    self_attribute,
+    statement_targets,
+)
+from porter.analysis.model_index import calls_method, init_helpers
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
 
 
@@ -31,7 +41,9 @@ class RotaryToEngine(Rewrite):
         }
         if not apply_functions and not rotary_classes:
             return module
-        return module.visit(_Transformer(context, rotary_classes, apply_functions))
+        transformer = _Transformer(context, rotary_classes, apply_functions)
+        module = module.visit(transformer)
+        return module.visit(_DropRotaryOnlyAttributes(context, transformer.rotary_inputs))
 
 
 def _is_neox_style(function: cst.FunctionDef, functions: dict[str, cst.FunctionDef]) -> bool:
@@ -54,6 +66,8 @@ class _Transformer(ClassScopedTransformer):
             if sub in rotary_classes
         }
         self.applied_in: dict[str, bool] = {}  # attention class -> neox style
+        # (class, attribute) read by a rotary module's construction that was removed
+        self.rotary_inputs: set[tuple[str, str]] = set()
 
     def leave_SimpleStatementLine(self, original, updated: cst.SimpleStatementLine):
         if len(updated.body) != 1 or self.current_class is None:
@@ -64,6 +78,7 @@ class _Transformer(ClassScopedTransformer):
             attr = self_attribute(value.func)
             target_attr = self_attribute(small.targets[0].target)
             if (self.current_class, target_attr) in self.rotary_attrs and self.current_function == "__init__":
+                self._note_inputs(value)
                 self.context.record(
                     "rotary", self.where, updated, "", "rotary module replaced by the engine's rotary layer"
                 )
@@ -74,7 +89,12 @@ class _Transformer(ClassScopedTransformer):
                 )
                 return cst.RemovalSentinel.REMOVE
             name = call_name(value)
-            if name in self.apply_functions and self.current_function == "forward" and len(value.args) >= 2:
+            if (
+                name in self.apply_functions
+                and self.current_function == "forward"
+                and len(value.args) >= 2
+                and self.current_class in self.context.index.reachable  # others are pruned
+            ):
                 targets = statement_targets(updated)
                 q, k = code_of(value.args[0].value), code_of(value.args[1].value)
                 new = cst.parse_statement(f"{', '.join(targets)} = self.rotary_emb(positions, {q}, {k})")
@@ -85,8 +105,44 @@ class _Transformer(ClassScopedTransformer):
                 return new
         return updated
 
+    def _note_inputs(self, construction: cst.CSTNode) -> None:
+        self.rotary_inputs |= {(self.current_class, a) for a in _self_attributes_read(construction)}
+
+    def _drop_rotary_builders(self, class_def: cst.ClassDef) -> cst.ClassDef:
+        """Drops the helpers `__init__` calls only to build the rotary module, and their calls."""
+        methods = {s.name.value: s for s in class_def.body.body if isinstance(s, cst.FunctionDef)}
+        if "__init__" not in methods:
+            return class_def
+        builders = set()
+        for helper in init_helpers(methods["__init__"], methods):
+            assigned = set(init_attribute_values(methods[helper]))
+            if assigned and all((class_def.name.value, a) in self.rotary_attrs for a in assigned):
+                builders.add(helper)
+                self._note_inputs(methods[helper])
+                self.context.record(
+                    "rotary", class_def.name.value, f"def {helper}", "", "it only built the rotary module"
+                )
+        if not builders:
+            return class_def
+
+        def keep(statement: cst.CSTNode) -> bool:
+            if isinstance(statement, cst.FunctionDef):
+                return statement.name.value not in builders
+            return calls_method(statement) not in builders
+
+        body = []
+        for statement in class_def.body.body:
+            if isinstance(statement, cst.FunctionDef) and statement.name.value == "__init__":
+                init_body = [s for s in statement.body.body if keep(s)]
+                statement = statement.with_changes(body=statement.body.with_changes(body=init_body))
+            if keep(statement):
+                body.append(statement)
+        return class_def.with_changes(body=class_def.body.with_changes(body=body))
+
     def leave_ClassDef(self, original: cst.ClassDef, updated: cst.ClassDef):
         name = updated.name.value
+        if any(owner == name for owner, _ in self.rotary_attrs):
+            updated = self._drop_rotary_builders(updated)
         if name in self.applied_in:
             updated = updated.with_changes(
                 body=updated.body.with_changes(
@@ -118,3 +174,75 @@ class _Transformer(ClassScopedTransformer):
             "rotary", class_name, "", statement, "the engine's rotary layer, configured from the config"
         )
         return init.with_changes(body=init.body.with_changes(body=[*init.body.body, statement]))
+
+
+def _self_attributes_read(node: cst.CSTNode) -> set[str]:
+    """`x` of every `self.x` read inside `node` (assignment targets excluded)."""
+    found: set[str] = set()
+
+    class _Reads(cst.CSTVisitor):
+        def visit_AssignTarget(self, target: cst.AssignTarget) -> bool:
+            return False
+
+        def visit_Attribute(self, attribute: cst.Attribute) -> None:
+            attr = self_attribute(attribute)
+            if attr is not None:
+                found.add(attr)
+
+    node.visit(_Reads())
+    return found
+
+
+class _DropRotaryOnlyAttributes(ClassScopedTransformer):
+    """`self.rope_theta = ...` in `__init__` goes once the rotary module that read it is gone and
+    nothing else in the file reads the attribute."""
+
+    def __init__(self, context: PortContext, candidates: set[tuple[str, str]]) -> None:
+        super().__init__(context)
+        self.candidates = candidates
+        self.read_anywhere: set[str] = set()
+
+    def visit_Module(self, node: cst.Module) -> bool:
+        reads: set[str] = set()
+
+        class _Reads(cst.CSTVisitor):
+            def visit_AssignTarget(self, target: cst.AssignTarget) -> bool:
+                return False
+
+            def visit_Attribute(self, attribute: cst.Attribute) -> None:
+                # `self.x` and `self.attn.x` read the attribute; `config.x` is the config's field
+                if self_attribute(attribute) is not None or isinstance(attribute.value, cst.Attribute):
+                    reads.add(attribute.attr.value)
+
+        node.visit(_Reads())
+        self.read_anywhere = reads
+        return True
+
+    def leave_SimpleStatementLine(self, original, updated: cst.SimpleStatementLine):
+        if self.current_function != "__init__" or len(updated.body) != 1:
+            return updated
+        small = updated.body[0]
+        if not isinstance(small, cst.Assign) or len(small.targets) != 1:
+            return updated
+        attr = self_attribute(small.targets[0].target)
+        if (self.current_class, attr) not in self.candidates or attr in self.read_anywhere:
+            return updated
+        if _calls_module(small.value):
+            return updated  # building a module is more than holding a number
+        self.context.record("rotary", self.where, updated, "", "only the rotary module read it")
+        return cst.RemovalSentinel.REMOVE
+
+
+def _calls_module(node: cst.CSTNode) -> bool:
+    return any(self_attribute(c.func) is not None for c in _calls(node))
+
+
+def _calls(node: cst.CSTNode) -> list[cst.Call]:
+    found: list[cst.Call] = []
+
+    class _Collect(cst.CSTVisitor):
+        def visit_Call(self, call: cst.Call) -> None:
+            found.append(call)
+
+    node.visit(_Collect())
+    return found

@@ -234,11 +234,14 @@ def verify_model(
     decode_steps: int,
     seed: int = 0,
     near_tie: float = 0.0,
+    overrides: dict[str, object] | None = None,
 ) -> ParityReport:
-    """Writes a small random checkpoint of `architecture`, runs it through HF and the port, compares."""
-    from porter.verify.small_model import small_config, write_checkpoint
+    """Writes a small random checkpoint of `architecture` (its small config changed by `overrides`,
+    a variant of the architecture), runs it through HF and the port, compares."""
+    from porter.verify.small_model import apply_overrides, small_config, write_checkpoint
 
     config = small_config(model_type, architecture)
+    apply_overrides(config, overrides or {})
     hf_model = write_checkpoint(config, work_dir, seed)
     steps = schedule(decode_steps)
     prompts = make_prompts(config.vocab_size, seed)

@@ -9,11 +9,14 @@ is deliberately not a multiple of 64 so vocab padding is exercised.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 import transformers
 from transformers import AutoConfig, PretrainedConfig
+
+from porter.errors import PorterError
 
 HIDDEN, HEADS, KV_HEADS, LAYERS, INTERMEDIATE, VOCAB, POSITIONS = 64, 4, 2, 2, 160, 997, 256
 SLIDING_WINDOW = 8
@@ -44,8 +47,10 @@ def small_config(model_type: str, architecture: str) -> PretrainedConfig:
         config.num_key_value_heads = KV_HEADS  # grouped-query: keep it grouped
     elif hasattr(default, "num_key_value_heads"):
         config.num_key_value_heads = HEADS
-    if getattr(config, "head_dim", None):
-        config.head_dim = HIDDEN // HEADS
+    if getattr(config, "head_dim", None) and not isinstance(
+        getattr(type(config), "head_dim", None), property
+    ):
+        config.head_dim = HIDDEN // HEADS  # (a property computes it from the sizes set above)
     for name in INTERMEDIATE_NAMES:
         if getattr(config, name, None):
             setattr(config, name, INTERMEDIATE)
@@ -67,11 +72,41 @@ def small_config(model_type: str, architecture: str) -> PretrainedConfig:
     return config
 
 
+def parse_overrides(items: list[str]) -> dict[str, object]:
+    """`KEY=VALUE` strings (`--set`) -> {key: value}; a value is a JSON literal (`true`, `2`, `null`,
+    `"x"`) where it parses as one, else the string as written."""
+    overrides: dict[str, object] = {}
+    for item in items:
+        key, equals, text = item.partition("=")
+        if not equals or not key.strip():
+            raise PorterError(f"--set takes KEY=VALUE, got {item!r}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        overrides[key.strip()] = value
+    return overrides
+
+
+def apply_overrides(config: PretrainedConfig, overrides: dict[str, object]) -> None:
+    """Sets each override on the small config; a key the config class does not have is an error (a
+    typo would otherwise verify the default architecture and pass)."""
+    unknown = sorted(key for key in overrides if not hasattr(config, key))
+    if unknown:
+        raise PorterError(f"--set: {type(config).__name__} has no attribute {', '.join(map(repr, unknown))}")
+    for key, value in overrides.items():
+        setattr(config, key, value)
+
+
 def write_checkpoint(config: PretrainedConfig, directory: Path, seed: int) -> torch.nn.Module:
-    """Builds the HF model with seeded random weights, saves it, and returns it (float32, eval)."""
+    """Builds the HF model with seeded random weights, saves it, and returns it (float32, eval).
+
+    The reference runs HF's eager attention unless the config already names an implementation
+    (`--set _attn_implementation=sdpa`)."""
     torch.manual_seed(seed)
     model_class = getattr(transformers, config.architectures[0])
-    config._attn_implementation = "eager"
+    if config._attn_implementation is None:
+        config._attn_implementation = "eager"
     model = model_class(config).float().eval()
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -21,14 +21,12 @@ class VerifyTarget:
 
 def resolve_target(target: str, reference: str | None = None) -> VerifyTarget:
     """The port to check and the transformers model type it is compared with (`reference` wins)."""
-    resolved = _resolve(target)
-    if reference is None:
-        return resolved
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    if reference is not None:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
-    if reference not in CONFIG_MAPPING_NAMES:
-        raise PorterError(f"--reference {reference!r} is not a model type of the installed transformers")
-    return VerifyTarget(reference, resolved.port_path, resolved.module)
+        if reference not in CONFIG_MAPPING_NAMES:
+            raise PorterError(f"--reference {reference!r} is not a model type of the installed transformers")
+    return _resolve(target, reference)
 
 
 def reference_architecture(model_type: str, port_class: str) -> str:
@@ -47,22 +45,28 @@ def reference_architecture(model_type: str, port_class: str) -> str:
     return mapped
 
 
-def _resolve(target: str) -> VerifyTarget:
+def _resolve(target: str, reference: str | None) -> VerifyTarget:
+    """The port `target` names; its model type is `reference` when given, else read from its header
+    (a port of a file that is no transformers model names none)."""
+
+    def model_type(port_path: Path) -> str:
+        return reference if reference is not None else _model_type_of(port_path)
+
     path = Path(target)
     if path.suffix == ".py":
         if not path.is_file():
             raise PorterError(f"no such ported file: {target}")
-        return VerifyTarget(_model_type_of(path), path.resolve(), None)
+        return VerifyTarget(model_type(path), path.resolve(), None)
     from engine.models.registry import registered_architectures
 
     architectures = registered_architectures()
     if target in architectures:
         module = architectures[target][0]
         port_path = ENGINE_MODELS / f"{module.rsplit('.', 1)[-1]}.py"
-        return VerifyTarget(_model_type_of(port_path), port_path, module)
+        return VerifyTarget(model_type(port_path), port_path, module)
     port_path = ENGINE_MODELS / f"{target.replace('-', '_')}.py"
     if port_path.is_file():
-        return VerifyTarget(_model_type_of(port_path), port_path, f"engine.models.{port_path.stem}")
+        return VerifyTarget(model_type(port_path), port_path, f"engine.models.{port_path.stem}")
     raise PorterError(
         f"'{target}' is not a ported file, a registered architecture or a ported model type "
         f"(port it first: porter port {target})"

@@ -6,8 +6,7 @@ tests prove that claim: HF's own model, with seeded random weights, is saved as 
 loaded strictly into the fixture (so the checkpoint names are identical), and both give the same
 logits on a batch, on a left-padded batch and through the fixture's own tuple-cache decoding.
 The last test ports each fixture with `porter port` and checks it with `porter verify` against that
-architecture at tp=1 and tp=2; where porter cannot do it yet the test is a strict xfail whose
-reason names the first failure, so it turns red (XPASS) the moment porter learns it.
+architecture at tp=1 and tp=2.
 """
 
 from __future__ import annotations
@@ -197,42 +196,12 @@ def test_fixture_tuple_cache_decoding_matches_hf_without_cache(pair):
 # `porter verify` is told its reference with `--reference MODEL_TYPE`: the port's header says
 # `# source: modeling_llama_legacy.py`, and neither "llama_legacy" nor "remote_code_style" is a
 # transformers model type (nor is EmberForCausalLM a transformers class).
-# Each reason names the first failure and, after it, the next one verify_model meets with the
-# reference given by hand, so a fix to the first does not hide the second.
-LLAMA_LEGACY_GAP = (
-    "porter port exits 1: 'cannot port LlamaAttention: rotary applied in a class without a config or known "
-    "head size' (rotary). Cause: the inline matmul/softmax/matmul core of LlamaAttention.forward is not found "
-    "as an attention core (analysis.model_index._calls_attention_core), so paged-attention and fuse-qkv skip it "
-    "and fuse-gate-up fuses k_proj/v_proj into `gate_up_proj`. Then: verify has no --reference option."
-)
-GPT_NEOX_LEGACY_GAP = (
-    "porter port exits 0 with 0 review items, but dead-code deletes GPTNeoXModel's decoder loop (`for i, (layer, "
-    "layer_past) in enumerate(zip(self.layers, past_key_values))` reads the dropped past_key_values) and "
-    "GPTNeoXAttention.forward's `return outputs`; verify: 'No such option: --reference'; verify_model with "
-    "gpt_neox: 'checkpoint tensors with no parameter: embed_out.weight' (load-weights emits 5.x's rename "
-    "embed_out -> lm_head for a port that keeps `embed_out`)."
-)
-REMOTE_CODE_GAP = (
-    "porter port exits 1: 'cannot port EmberAttention: could not trace q/k/v projections and head size into the "
-    "attention core (and 1 more)'. Cause: analysis.attention._source_projection follows every name a statement "
-    "reads, so `query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)` and "
-    "`cos, sin = self.rotary_emb(value_states, position_ids)` send q, k and v all to v_proj; the eager core sits "
-    "in the else of `if self._use_flash_attention_2:`. Then: verify has no --reference option (and the port "
-    "keeps `self.rope_theta = config.rope_theta`, which the reference LlamaConfig 5.x lacks)."
-)
-
-
-def _gap(reason: str) -> pytest.MarkDecorator:
-    # raises=AssertionError: a crash of the test itself is not the known gap
-    return pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason)
-
-
 PORT_CASES = [
-    pytest.param(fixture, tp, id=f"{name}-tp{tp}", marks=_gap(gap))
-    for name, fixture, gap in (
-        ("llama_legacy", LLAMA_LEGACY, LLAMA_LEGACY_GAP),
-        ("gpt_neox_legacy", GPT_NEOX_LEGACY, GPT_NEOX_LEGACY_GAP),
-        ("remote_code_style", REMOTE_CODE, REMOTE_CODE_GAP),
+    pytest.param(fixture, tp, id=f"{name}-tp{tp}")
+    for name, fixture in (
+        ("llama_legacy", LLAMA_LEGACY),
+        ("gpt_neox_legacy", GPT_NEOX_LEGACY),
+        ("remote_code_style", REMOTE_CODE),
     )
     for tp in (1, 2)
 ]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import builtins
 
 import libcst as cst
-import pytest
 
 from tests.porter.rewrite_helpers import (
     MINI_MODEL,
@@ -188,10 +187,6 @@ def _target_names(target: cst.BaseExpression) -> list[str]:
     return []
 
 
-@pytest.mark.xfail(
-    reason="flatten-batch drops the last name of `b, s, h = x.shape` even when the code reads it afterwards",
-    strict=True,
-)
 def test_unpacked_hidden_size_that_is_read_later_stays_bound():
     before = vary(
         MINI_MODEL,
@@ -204,12 +199,6 @@ def test_unpacked_hidden_size_that_is_read_later_stays_bound():
     assert _unbound_names(method_code(after.code, "MiniDecoderLayer", "forward"), {"self"}) == set()
 
 
-@pytest.mark.xfail(
-    reason="flatten-batch only visits forwards engine-interface rewrote: a block whose signature is unchanged "
-    "(a sparse-MoE block, 26 HF files) keeps `batch_size, sequence_length, hidden_dim = hidden_states.shape`, "
-    "which cannot unpack a [num_tokens, hidden] tensor",
-    strict=True,
-)
 def test_batch_unpacking_in_a_forward_whose_signature_is_unchanged_goes():
     before = replace_method(
         MINI_MODEL,

@@ -19,7 +19,7 @@ from porter.cli import app
 from porter.port import generate
 
 MODELS = Path(__file__).resolve().parents[2] / "engine" / "models"
-PORTED = ["opt", "llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "gpt_bigcode", "phi", "gemma2", "bloom"]
+PORTED = ["opt", "llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "gpt_bigcode", "phi", "gemma2", "bloom", "falcon"]
 
 
 @pytest.mark.parametrize("model_type", PORTED)
@@ -63,10 +63,40 @@ def test_port_has_no_training_or_batching_code(model_type):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("model_type", "tp"),
-    [("opt", 1), ("opt", 2), ("llama", 1), ("llama", 2), ("mistral", 1), ("qwen2", 2), ("qwen3", 1), ("gpt2", 2), ("gpt_neox", 2), ("gpt_bigcode", 1), ("gpt_bigcode", 2), ("phi", 2), ("gemma2", 1), ("gemma2", 2), ("bloom", 1), ("bloom", 2)],
+    [("opt", 1), ("opt", 2), ("llama", 1), ("llama", 2), ("mistral", 1), ("qwen2", 2), ("qwen3", 1), ("gpt2", 2), ("gpt_neox", 2), ("gpt_bigcode", 1), ("gpt_bigcode", 2), ("phi", 2), ("gemma2", 1), ("gemma2", 2), ("bloom", 1), ("bloom", 2), ("falcon", 1), ("falcon", 2)],
 )
 def test_verify_passes(model_type, tp, tmp_path):
     result = CliRunner().invoke(app, ["verify", model_type, "--tp", str(tp), "--json", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    assert "passed" in result.output
+
+
+# One port, variants chosen by the config at run time (`--set` changes the small verify config).
+# HF's eager ALiBi path adds the bias twice (once itself, once through the mask the backbone merged it
+# into); its SDPA path, transformers' default for this model, adds it once, so the ALiBi variant is
+# compared with SDPA.
+CONFIG_VARIANTS = {
+    "falcon new decoder architecture (GQA, grouped fused QKV, two norms)": (
+        "falcon",
+        ["new_decoder_architecture=true", "num_kv_heads=2"],
+    ),
+    "falcon ALiBi (per-head fused QKV, sequential residual, biases)": (
+        "falcon",
+        ["alibi=true", "multi_query=false", "parallel_attn=false", "bias=true", "num_kv_heads=4",
+         "_attn_implementation=sdpa"],
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("variant", sorted(CONFIG_VARIANTS))
+def test_verify_passes_for_config_variants(variant, tp, tmp_path):
+    model_type, settings = CONFIG_VARIANTS[variant]
+    arguments = ["verify", model_type, "--tp", str(tp), "--json", str(tmp_path / "r.json")]
+    for setting in settings:
+        arguments += ["--set", setting]
+    result = CliRunner().invoke(app, arguments)
     assert result.exit_code == 0, result.output
     assert "passed" in result.output
 

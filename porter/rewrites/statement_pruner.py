@@ -1,0 +1,341 @@
+"""The statement-level work of dead-code: decide conditions, then drop what reads removed names.
+
+`Pruner` walks one forward's statements in order. An `if` whose test it can decide (a dropped
+parameter is None, an engine input is present, `self.training` is False, a constructor flag or an
+attention-backend choice is fixed) keeps the branch that runs; with `cascade`, a statement that
+reads a dead name goes too, and a fresh variable it assigned dies with it. Loops and blocks that
+run submodules are never dropped silently: they become review items.
+"""
+
+from __future__ import annotations
+
+import libcst as cst
+
+from porter.analysis.cst_utils import dotted_name, names_in, self_attribute, statement_targets
+from porter.rewrites.base import PortContext
+
+FALSE_ATTRIBUTES = {"self.training", "self.gradient_checkpointing"}
+BACKEND_ATTRIBUTE = "_attn_implementation"
+UNKNOWN = object()
+
+
+def _same_code(first: list[cst.BaseStatement], second: list[cst.BaseStatement]) -> bool:
+    """The same statements, comments, blank lines and `pass` aside."""
+
+    def strip(statements):
+        codes = [_code(s.with_changes(leading_lines=[])).strip() for s in statements]
+        return [c for c in codes if c != "pass"]
+
+    return strip(first) == strip(second)
+
+
+def calls_anything(node: cst.CSTNode) -> bool:
+    found: list[bool] = []
+
+    class _Find(cst.CSTVisitor):
+        def visit_Call(self, call: cst.Call) -> None:
+            found.append(True)
+
+    node.visit(_Find())
+    return bool(found)
+
+
+def _backend_choice(node: cst.Comparison) -> bool | None:
+    """`<config>._attn_implementation ==/!= "name"` decided as if the backend were "eager"."""
+    left, comparison = node.left, node.comparisons[0]
+    if not (
+        isinstance(left, cst.Attribute)
+        and left.attr.value == BACKEND_ATTRIBUTE
+        and isinstance(comparison.comparator, cst.SimpleString)
+    ):
+        return None
+    is_eager = comparison.comparator.evaluated_value == "eager"
+    if isinstance(comparison.operator, cst.Equal):
+        return is_eager
+    if isinstance(comparison.operator, cst.NotEqual):
+        return not is_eager
+    return None
+
+
+class Pruner:
+    def __init__(
+        self,
+        context: PortContext,
+        where: str,
+        dead: set[str],
+        absent: set[str],
+        present: set[str],
+        live: set[str],
+        cascade: bool = True,
+        attributes: dict[str, bool | None] | None = None,
+    ) -> None:
+        self.cascade = cascade
+        self.attributes = attributes or {}  # self.<attr> fixed by constructor defaults
+        self.context, self.where = context, where
+        self.dead, self.absent, self.present, self.live = set(dead), absent, present, set(live)
+        self.modules: set[str] = set()  # attributes holding modules (set by the transformer)
+        self.loop_vars: set[str] = set()
+        self.constants: dict[str, bool] = {}  # flags decided from plumbing (`is_cross = encoder is not None`)
+
+    def _runs_submodule(self, statement: cst.CSTNode) -> bool:
+        """Calls a module built in __init__ (`self.layer(...)`) or a layer of a loop over one."""
+        found = []
+        modules, loop_vars = self.modules, self.loop_vars
+
+        class _Find(cst.CSTVisitor):
+            def visit_Call(self, node: cst.Call) -> None:
+                name = dotted_name(node.func) or ""
+                if name in loop_vars or (name.startswith("self.") and name.split(".")[1] in modules):
+                    found.append(node)
+
+        statement.visit(_Find())
+        return bool(found)
+
+    def _known_flag(self, statement: cst.SimpleStatementLine) -> tuple[str, bool] | None:
+        if len(statement.body) != 1 or not isinstance(statement.body[0], cst.Assign):
+            return None
+        assign = statement.body[0]
+        if len(assign.targets) != 1 or not isinstance(assign.targets[0].target, cst.Name):
+            return None
+        if not names_in(assign.value) & (self.dead | self.absent | set(self.constants)):
+            return None
+        value = self.evaluate(assign.value)
+        return (assign.targets[0].target.value, value) if isinstance(value, bool) else None
+
+    def block(self, statements: list[cst.BaseStatement]) -> list[cst.BaseStatement]:
+        result: list[cst.BaseStatement] = []
+        for statement in statements:
+            result.extend(self.statement(statement))
+        return result
+
+    def statement(self, statement: cst.BaseStatement) -> list[cst.BaseStatement]:
+        if isinstance(statement, cst.If):
+            return self._if(statement)
+        if isinstance(statement, (cst.For, cst.While, cst.With)):
+            header = (
+                statement.iter
+                if isinstance(statement, cst.For)
+                else (
+                    statement.test
+                    if isinstance(statement, cst.While)
+                    else cst.Tuple([cst.Element(i.item) for i in statement.items])
+                )
+            )
+            if names_in(header) & self.dead and self.cascade:
+                if isinstance(statement, cst.For):
+                    self.loop_vars |= names_in(statement.target)
+                if self._runs_submodule(statement):
+                    self.context.flag(
+                        "dead-code",
+                        self.where,
+                        f"a loop that runs submodules iterates over removed "
+                        f"{', '.join(sorted(names_in(header) & self.dead))}",
+                    )
+                    return [statement]
+                self._drop(statement, "loops over removed plumbing")
+                return []
+            if isinstance(statement, cst.For):
+                self.live |= names_in(statement.target)
+                self.loop_vars |= names_in(statement.target)
+            body = self.block(list(statement.body.body)) or [cst.SimpleStatementLine([cst.Pass()])]
+            return [statement.with_changes(body=statement.body.with_changes(body=body))]
+        if isinstance(statement, cst.SimpleStatementLine):
+            targets = statement_targets(statement)
+            known = self._known_flag(statement)
+            if known is not None:
+                name, value = known
+                self.constants[name] = value
+                self._drop(statement, f"`{name}` is always {value} in the engine")
+                return []
+            reads_dead = names_in(statement) & self.dead
+            if reads_dead and self.cascade and self._runs_submodule(statement):
+                # A statement that runs part of the model (a layer, attention) is never dropped
+                # silently: something it needs was removed, and a person has to look.
+                self.context.flag(
+                    "dead-code",
+                    self.where,
+                    f"`{_code(statement.with_changes(leading_lines=[])).strip()[:80]}` runs a submodule but reads removed "
+                    f"{', '.join(sorted(reads_dead))}",
+                )
+                return [statement]
+            if reads_dead and self.cascade:
+                fresh = [t for t in targets if t not in self.live]
+                self.dead |= set(fresh)
+                self._drop(statement, f"reads removed {', '.join(sorted(reads_dead))}")
+                return []
+            self.live |= set(targets)
+            self.absent -= set(targets)
+            return [statement]
+        return [statement]
+
+    def _if(self, statement: cst.If) -> list[cst.BaseStatement]:
+        value = self.evaluate(statement.test)
+        if value is True:
+            self._drop(statement.test, "condition is always true in the engine")
+            return self.block(list(statement.body.body))
+        if value is False:
+            self._drop(statement.test, "condition is never true in the engine")
+            if statement.orelse is None:
+                return []
+            if isinstance(statement.orelse, cst.If):
+                return self._if(statement.orelse)
+            return self.block(list(statement.orelse.body.body))
+        if names_in(statement.test) & self.dead and self.cascade:
+            targets = assigned_anywhere(statement)
+            if targets is not None and not targets & self.live:
+                # Undecidable, but it only builds fresh names from plumbing (mask mappings): all of it goes.
+                self.dead |= targets
+                self._drop(statement, "builds only removed plumbing")
+                return []
+            self.context.flag(
+                "dead-code",
+                self.where,
+                f"cannot decide `if {_code(statement.test)}`, which reads removed plumbing",
+            )
+        body = self.block(list(statement.body.body)) or [cst.SimpleStatementLine([cst.Pass()])]
+        orelse = statement.orelse
+        if self.cascade and orelse is None and _same_code(body, []) and not calls_anything(statement.test):
+            self._drop(statement, "everything it guarded is gone")  # `if self.use_alibi: pass`
+            return []
+        if isinstance(orelse, cst.Else):
+            else_body = self.block(list(orelse.body.body)) or [cst.SimpleStatementLine([cst.Pass()])]
+            orelse = orelse.with_changes(body=orelse.body.with_changes(body=else_body))
+            if self.cascade and _same_code(body, else_body):
+                # the paths differed only in what the engine removed (an eager core, a mask)
+                self._drop(statement.test, "both branches now do the same")
+                return [s for s in body if _code(s.with_changes(leading_lines=[])).strip() != "pass"]
+        elif isinstance(orelse, cst.If):
+            rest = self._if(orelse)
+            orelse = (
+                rest[0]
+                if len(rest) == 1 and isinstance(rest[0], cst.If)
+                else (cst.Else(cst.IndentedBlock(rest)) if rest else None)
+            )
+        return [statement.with_changes(body=statement.body.with_changes(body=body), orelse=orelse)]
+
+    def evaluate(self, node: cst.BaseExpression):
+        """True/False where the engine decides the test, else UNKNOWN."""
+        if isinstance(node, cst.Comparison) and len(node.comparisons) == 1:
+            operator = node.comparisons[0].operator
+            backend = _backend_choice(node)
+            if backend is not None:
+                return backend
+            if (
+                isinstance(node.comparisons[0].comparator, cst.Name)
+                and node.comparisons[0].comparator.value == "None"
+            ):
+                is_none = self._is_none(node.left)
+                if is_none is UNKNOWN:
+                    return UNKNOWN
+                if isinstance(operator, cst.Is):
+                    return is_none
+                if isinstance(operator, cst.IsNot):
+                    return not is_none
+            return UNKNOWN
+        if isinstance(node, cst.UnaryOperation) and isinstance(node.operator, cst.Not):
+            inner = self.evaluate(node.expression)
+            return UNKNOWN if inner is UNKNOWN else not inner
+        if isinstance(node, cst.BooleanOperation):
+            left, right = self.evaluate(node.left), self.evaluate(node.right)
+            if isinstance(node.operator, cst.And):
+                if left is False or right is False:
+                    return False
+                return True if left is True and right is True else UNKNOWN
+            if left is True or right is True:
+                return True
+            return False if left is False and right is False else UNKNOWN
+        if isinstance(node, cst.BinaryOperation) and isinstance(node.operator, cst.BitXor):
+            left, right = self.evaluate(node.left), self.evaluate(node.right)
+            return UNKNOWN if UNKNOWN in (left, right) else left != right
+        if isinstance(node, cst.Name) and node.value in self.absent | self.dead:
+            return False
+        if dotted_name(node) in FALSE_ATTRIBUTES:
+            return False
+        attr = self_attribute(node)
+        if attr in self.attributes and isinstance(self.attributes[attr], bool):
+            return self.attributes[attr]
+        if isinstance(node, cst.Name) and node.value in {"True", "False"}:
+            return node.value == "True"
+        if isinstance(node, cst.Name) and node.value in self.constants:
+            return self.constants[node.value]
+        return UNKNOWN
+
+    def _is_none(self, node: cst.BaseExpression):
+        if isinstance(node, cst.Name):
+            if node.value in self.absent or node.value in self.dead:
+                return True
+            if node.value in self.present:
+                return False
+        return UNKNOWN
+
+    def _drop(self, node: cst.CSTNode, reason: str) -> None:
+        self.context.record("dead-code", self.where, node, "", reason)
+
+
+def names_read(statement: cst.CSTNode) -> set[str]:
+    """Names `statement` reads: a plain `x = ...` target is written, not read (`outputs = (h,) +
+    outputs[1:]` reads `outputs` in its value only)."""
+    if isinstance(statement, cst.SimpleStatementLine) and all(
+        isinstance(s, cst.Assign) for s in statement.body
+    ):
+        read: set[str] = set()
+        for small in statement.body:
+            read |= names_in(small.value)
+            read |= {
+                n for t in small.targets if not isinstance(t.target, cst.Name) for n in names_in(t.target)
+            }
+        return read
+    return names_in(statement)
+
+
+def calls_submodule(statement: cst.CSTNode) -> bool:
+    found = []
+
+    class _Find(cst.CSTVisitor):
+        def visit_Call(self, node: cst.Call) -> None:
+            if (dotted_name(node.func) or "").startswith("self."):
+                found.append(node)
+
+    statement.visit(_Find())
+    return bool(found)
+
+
+def assigned_anywhere(statement: cst.If) -> set[str] | None:
+    """Names every branch assigns, or None if a branch does anything but assign (calls, returns)."""
+    names: set[str] = set()
+    blocks = [statement.body.body]
+    orelse = statement.orelse
+    while orelse is not None:
+        blocks.append(orelse.body.body)
+        orelse = orelse.orelse if isinstance(orelse, cst.If) else None
+    for block in blocks:
+        for inner in block:
+            if isinstance(inner, cst.If):
+                nested = assigned_anywhere(inner)
+                if nested is None:
+                    return None
+                names |= nested
+                continue
+            targets = statement_targets(inner)
+            if not targets:
+                return None
+            names |= set(targets)
+    if isinstance(statement.test, cst.UnaryOperation):
+        names |= _walrus_targets(statement.test)
+    return names | _walrus_targets(statement.test)
+
+
+def _walrus_targets(node: cst.CSTNode) -> set[str]:
+    found: set[str] = set()
+
+    class _Find(cst.CSTVisitor):
+        def visit_NamedExpr(self, expr: cst.NamedExpr) -> None:
+            if isinstance(expr.target, cst.Name):
+                found.add(expr.target.value)
+
+    node.visit(_Find())
+    return found
+
+
+def _code(node: cst.CSTNode) -> str:
+    return cst.Module(body=[]).code_for_node(node)

@@ -1,0 +1,121 @@
+"""Non-persistent buffers nothing reads any more, and the `__init__` helpers that only built them.
+
+Older attention classes keep a causal-mask buffer (`self._init_bias(max_positions)` registering a
+`[1, 1, max_pos, max_pos]` bool `bias`) and a `masked_bias` constant for their eager core. Paged
+attention masks by itself, so once the core is gone those buffers only cost memory (for every
+layer). A buffer registered with `persistent=False` is in no checkpoint, so dropping it changes
+no weight name. Used by the prune rewrite, class by class.
+"""
+
+from __future__ import annotations
+
+import libcst as cst
+
+from porter.analysis.cst_utils import code_of, is_docstring, self_attribute
+from porter.analysis.model_index import calls_method, init_helpers
+from porter.rewrites.base import PortContext
+
+
+def drop_unread_buffers(class_def: cst.ClassDef, context: PortContext) -> cst.ClassDef:
+    """`class_def` without its unread non-persistent buffers (and helpers that only built them)."""
+    methods = {s.name.value: s for s in class_def.body.body if isinstance(s, cst.FunctionDef)}
+    if "__init__" not in methods:
+        return class_def
+    setup = {"__init__", *init_helpers(methods["__init__"], methods)}
+    buffers: set[str] = set()
+    for name in setup:
+        buffers |= _non_persistent_buffers(methods[name])
+    read: set[str] = set()
+    for name, method in methods.items():
+        if name not in setup:
+            read |= _self_attributes_read(method)
+    unread = buffers - read
+    if not unread:
+        return class_def
+    where = class_def.name.value
+    builders = {
+        name
+        for name in setup - {"__init__"}
+        if all(is_docstring(s) or _only_builds(s, unread) for s in methods[name].body.body)
+    }
+
+    def keep(statement: cst.BaseStatement) -> bool:
+        if _only_builds(statement, unread) or calls_method(statement) in builders:
+            context.record("prune", f"{where}.__init__", statement, "", "a buffer nothing reads")
+            return False
+        return True
+
+    body = []
+    for item in class_def.body.body:
+        if isinstance(item, cst.FunctionDef) and item.name.value in builders:
+            context.record(
+                "prune", where, f"def {item.name.value}", "", "it only built buffers nothing reads"
+            )
+            continue
+        if isinstance(item, cst.FunctionDef) and item.name.value == "__init__":
+            item = item.with_changes(body=item.body.with_changes(body=[s for s in item.body.body if keep(s)]))
+        body.append(item)
+    return class_def.with_changes(body=class_def.body.with_changes(body=body))
+
+
+def _register_buffer(statement: cst.CSTNode) -> tuple[str, bool] | None:
+    """(name, persistent) of `self.register_buffer("name", value, persistent=...)`."""
+    if not isinstance(statement, cst.SimpleStatementLine) or len(statement.body) != 1:
+        return None
+    call = getattr(statement.body[0], "value", None)
+    if not isinstance(statement.body[0], cst.Expr) or not isinstance(call, cst.Call):
+        return None
+    if code_of(call.func) != "self.register_buffer" or not isinstance(call.args[0].value, cst.SimpleString):
+        return None
+    persistent = next(
+        (code_of(a.value) for a in call.args if a.keyword and a.keyword.value == "persistent"), "True"
+    )
+    return call.args[0].value.evaluated_value, persistent != "False"
+
+
+def _non_persistent_buffers(function: cst.FunctionDef) -> set[str]:
+    found: set[str] = set()
+
+    class _Find(cst.CSTVisitor):
+        def visit_SimpleStatementLine(self, statement: cst.SimpleStatementLine) -> None:
+            registered = _register_buffer(statement)
+            if registered is not None and not registered[1]:
+                found.add(registered[0])
+
+    function.visit(_Find())
+    return found
+
+
+def _only_builds(statement: cst.BaseStatement, buffers: set[str]) -> bool:
+    """Registers or reassigns one of `buffers` and nothing else (an `if` of such statements too)."""
+    if isinstance(statement, cst.If):
+        blocks = [statement.body.body]
+        if isinstance(statement.orelse, cst.Else):
+            blocks.append(statement.orelse.body.body)
+        elif statement.orelse is not None:
+            return False
+        return all(_only_builds(s, buffers) for block in blocks for s in block)
+    registered = _register_buffer(statement)
+    if registered is not None:
+        return registered[0] in buffers and not registered[1]
+    if isinstance(statement, cst.SimpleStatementLine) and len(statement.body) == 1:
+        small = statement.body[0]
+        if isinstance(small, cst.Assign) and len(small.targets) == 1:
+            return self_attribute(small.targets[0].target) in buffers
+    return False
+
+
+def _self_attributes_read(node: cst.CSTNode) -> set[str]:
+    found: set[str] = set()
+
+    class _Reads(cst.CSTVisitor):
+        def visit_AssignTarget(self, target: cst.AssignTarget) -> bool:
+            return False
+
+        def visit_Attribute(self, attribute: cst.Attribute) -> None:
+            attr = self_attribute(attribute)
+            if attr is not None:
+                found.add(attr)
+
+    node.visit(_Reads())
+    return found

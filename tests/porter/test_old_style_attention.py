@@ -1,0 +1,242 @@
+"""Attention written the 4.3x / remote-code way: what paged-attention, rotary and the rewrites before
+them make of it (tests/fixtures/ holds whole files in these styles; these pin one pattern each)."""
+
+from __future__ import annotations
+
+from tests.porter.rewrite_helpers import (
+    MINI_MODEL,
+    assert_code,
+    method_code,
+    replace_class,
+    replace_method,
+    run_rewrites,
+    run_through,
+    vary,
+)
+
+# A 4.3x-style rotary module (cos/sin caches, `seq_len`) and its apply function, put before the MLP.
+ROTARY = """
+class MiniRotaryEmbedding(nn.Module):
+    def __init__(self, dim, max_position_embeddings=2048, base=10000):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x, seq_len=None):
+        t = torch.arange(seq_len, dtype=self.inv_freq.dtype)
+        emb = torch.cat((torch.outer(t, self.inv_freq),) * 2, dim=-1)
+        return emb.cos(), emb.sin()
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin, position_ids):
+    cos, sin = cos[position_ids].unsqueeze(1), sin[position_ids].unsqueeze(1)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def repeat_kv(hidden_states, n_rep):
+    batch, heads, slen, head_dim = hidden_states.shape
+    hidden_states = hidden_states[:, :, None, :, :].expand(batch, heads, n_rep, slen, head_dim)
+    return hidden_states.reshape(batch, heads * n_rep, slen, head_dim)
+
+
+class MiniMLP(nn.Module):"""
+
+# Llama 4.3x attention: a rotary module per layer built by `_init_rope`, views with the batch and the
+# global head counts, KV heads repeated before an eager core method, a head-merging helper after it.
+LEGACY_ATTENTION = """
+class MiniAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // self.num_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
+        self.rope_theta = config.rope_theta
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self._init_rope()
+
+    def _init_rope(self):
+        self.rotary_emb = MiniRotaryEmbedding(self.head_dim, base=self.rope_theta)
+
+    def _eager(self, query, key, value):
+        weights = nn.functional.softmax(torch.matmul(query, key.transpose(2, 3)) * self.head_dim**-0.5, dim=-1)
+        return torch.matmul(weights, value)
+
+    def _merge_heads(self, tensor):
+        return tensor.transpose(1, 2).reshape(tensor.size(0), tensor.size(2), -1)
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_value=None):
+        bsz, q_len, _ = hidden_states.size()
+        query_states = self.q_proj(hidden_states)
+        key_states = self.k_proj(hidden_states)
+        value_states = self.v_proj(hidden_states)
+        query_states = query_states.view(bsz, q_len, self.num_heads, self.head_dim).transpose(1, 2)
+        key_states = key_states.view(bsz, q_len, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        value_states = value_states.view(bsz, q_len, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        kv_seq_len = key_states.shape[-2]
+        cos, sin = self.rotary_emb(value_states, seq_len=kv_seq_len)
+        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin, position_ids)
+        key_states = repeat_kv(key_states, self.num_key_value_groups)
+        value_states = repeat_kv(value_states, self.num_key_value_groups)
+        attn_output = self._eager(query_states, key_states, value_states)
+        attn_output = self._merge_heads(attn_output)
+        return self.o_proj(attn_output), None, past_key_value
+
+"""
+
+LEGACY = replace_class(
+    vary(MINI_MODEL, "\nclass MiniMLP(nn.Module):", ROTARY), "MiniAttention", LEGACY_ATTENTION
+)
+
+
+def test_rotary_cos_sin_read_from_the_values_do_not_send_q_and_k_to_v_proj():
+    # `cos, sin = self.rotary_emb(value_states, ...)` and `q, k = apply_rotary_pos_emb(q, k, cos, sin)`:
+    # a statement that reads what it assigns transforms it, so q and k trace to their own projections
+    info = run_through(LEGACY, "paged-attention").context.plan.attention["MiniAttention"]
+    assert (info.query, info.key, info.value) == ("q_proj", "k_proj", "v_proj")
+    assert (info.num_heads, info.num_kv_heads) == ("self.num_heads", "self.num_key_value_heads")
+
+
+def test_kv_head_repetition_and_a_merging_helper_around_a_called_core_go_into_the_paged_call():
+    after = run_through(LEGACY, "paged-attention")
+    forward = method_code(after.code, "MiniAttention", "forward")
+    assert "repeat_kv" not in forward and "_merge_heads" not in forward
+    assert (
+        "attn_output = self.attn(query_states, key_states, value_states, kv_cache, input_metadata).flatten(1)"
+        in (forward)
+    )
+    assert "def _merge_heads" not in after.code  # the helper nothing calls goes with its call
+
+
+def test_rotary_built_by_an_init_helper_goes_with_the_helper_and_what_only_it_read():
+    after = run_through(LEGACY, "rotary")
+    assert_code(
+        method_code(after.code, "MiniAttention", "__init__")
+        .split("self.num_key_value_groups", 1)[1]
+        .split("\n", 1)[1],
+        """
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.attn = PagedAttention(
+            self.num_heads, self.head_dim, scale=self.head_dim**-0.5, num_kv_heads=self.num_key_value_heads
+        )
+        self.rotary_emb = get_rope(config, self.head_dim, is_neox_style=True)
+        """,
+    )
+    assert "def _init_rope" not in after.code
+    forward = method_code(after.code, "MiniAttention", "forward")
+    assert "cos, sin" not in forward
+    assert "query_states, key_states = self.rotary_emb(positions, query_states, key_states)" in forward
+
+
+def test_the_index_sees_submodules_an_init_helper_builds():
+    context = run_rewrites(LEGACY, "hf-plumbing").context
+    assert context.index.classes["MiniAttention"].submodules["rotary_emb"] == "MiniRotaryEmbedding"
+
+
+def test_a_port_of_legacy_attention_runs_per_token_with_this_ranks_heads():
+    after = run_through(LEGACY, "flatten-batch")
+    assert_code(
+        method_code(after.code, "MiniAttention", "forward"),
+        """
+        def forward(self, hidden_states, positions, kv_cache, input_metadata):
+            q_len = hidden_states.shape[0]
+            query_states = self.q_proj(hidden_states)
+            key_states = self.k_proj(hidden_states)
+            value_states = self.v_proj(hidden_states)
+            query_states = query_states.unflatten(-1, (-1, self.head_dim))
+            key_states = key_states.unflatten(-1, (-1, self.head_dim))
+            value_states = value_states.unflatten(-1, (-1, self.head_dim))
+            query_states, key_states = self.rotary_emb(positions, query_states, key_states)
+            attn_output = self.attn(query_states, key_states, value_states, kv_cache, input_metadata).flatten(1)
+            return self.o_proj(attn_output)
+        """,
+    )
+
+
+FLASH_OR_EAGER = """
+def forward(self, hidden_states, attention_mask=None, **kwargs):
+    bsz, q_len, _ = hidden_states.size()
+    query_states = self.q_proj(hidden_states)
+    key_states = self.k_proj(hidden_states)
+    value_states = self.v_proj(hidden_states)
+    if self._use_flash_attention_2:
+        attn_output = self._flash_attention_forward(query_states, key_states, value_states, attention_mask)
+    else:
+        attn_output, attn_weights = self._eager(query_states, key_states, value_states, attention_mask)
+        attn_output = attn_output.transpose(1, 2).contiguous()
+    attn_output = attn_output.reshape(bsz, q_len, self.hidden_size)
+    return self.o_proj(attn_output), None
+"""
+
+
+def _flash_or_eager() -> str:
+    source = replace_method(MINI_MODEL, "MiniAttention", "forward", FLASH_OR_EAGER)
+    source = vary(
+        source,
+        "        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)\n",
+        "        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)\n"
+        "        self.hidden_size = config.hidden_size\n"
+        "        self._use_flash_attention_2 = (\n"
+        '            is_flash_attn_2_available() and config._attn_implementation == "flash_attention_2"\n'
+        "        )\n\n"
+        "    def _eager(self, query, key, value, attention_mask):\n"
+        "        weights = nn.functional.softmax(torch.matmul(query, key.transpose(2, 3)), dim=-1)\n"
+        "        return torch.matmul(weights, value), weights\n\n"
+        "    def _flash_attention_forward(self, query, key, value, attention_mask):\n"
+        "        return flash_attn_func(query, key, value, causal=True)\n",
+    )
+    return source
+
+
+def test_an_attribute_asking_for_an_optional_library_is_false_so_the_eager_branch_stays():
+    after = run_through(_flash_or_eager(), "decide-conditions")
+    forward = method_code(after.code, "MiniAttention", "forward")
+    assert "_flash_attention_forward" not in forward and "if self._use_flash_attention_2" not in forward
+    assert (
+        "attn_output, attn_weights = self._eager(query_states, key_states, value_states, attention_mask)"
+        in forward
+    )
+
+
+def test_a_head_merge_to_the_global_width_infers_this_ranks_width():
+    forward = method_code(run_through(_flash_or_eager(), "flatten-batch").code, "MiniAttention", "forward")
+    # `reshape(bsz, q_len, self.hidden_size)` would need every head; a rank holds its share
+    assert "attn_output = attn_output.reshape(q_len, -1)" in forward
+    assert "transpose" not in forward
+
+
+def test_a_permute_of_heads_and_tokens_goes_in_attention():
+    source = vary(
+        LEGACY,
+        "        query_states = query_states.view(bsz, q_len, self.num_heads, self.head_dim).transpose(1, 2)\n",
+        "        query_states = query_states.view(bsz, q_len, self.num_heads, self.head_dim).permute(0, 2, 1, 3)\n",
+    )
+    forward = method_code(run_through(source, "flatten-batch").code, "MiniAttention", "forward")
+    assert "query_states = query_states.unflatten(-1, (-1, self.head_dim))\n" in forward
+    assert "permute" not in forward
+
+
+def test_an_optional_library_import_and_the_flag_asking_for_it_go_once_nothing_reads_them():
+    source = vary(
+        _flash_or_eager(),
+        "from ...utils import auto_docstring\n",
+        "from ...utils import auto_docstring, is_flash_attn_2_available\n\n"
+        "if is_flash_attn_2_available():\n"
+        "    from flash_attn import flash_attn_func\n",
+    )
+    after = run_through(source, "optional-libraries")
+    assert "if is_flash_attn_2_available():" not in after.code
+    assert "from flash_attn import" not in after.code
+    assert "_use_flash_attention_2" not in after.code

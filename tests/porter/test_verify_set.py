@@ -1,0 +1,51 @@
+"""`porter verify --set KEY=VALUE`: overrides of the small verify config, for variants of an architecture."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from porter.cli import app
+from porter.errors import PorterError
+from porter.verify.small_model import apply_overrides, parse_overrides, small_config
+
+
+def test_values_are_json_literals_or_else_strings():
+    assert parse_overrides(
+        ["alibi=true", "num_kv_heads=2", "rope=null", "act=gelu", 'name="x=y"', "ratio=0.5"]
+    ) == {
+        "alibi": True,
+        "num_kv_heads": 2,
+        "rope": None,
+        "act": "gelu",
+        "name": "x=y",
+        "ratio": 0.5,
+    }
+
+
+def test_an_item_without_a_key_and_value_is_an_error():
+    with pytest.raises(PorterError, match="KEY=VALUE"):
+        parse_overrides(["alibi"])
+
+
+def test_overrides_change_the_small_config():
+    config = small_config("falcon", "FalconForCausalLM")
+    assert config.new_decoder_architecture is False
+    apply_overrides(config, {"new_decoder_architecture": True, "num_kv_heads": 2})
+    assert (config.new_decoder_architecture, config.num_kv_heads) == (True, 2)
+
+
+def test_a_key_the_config_does_not_have_is_an_error_naming_it():
+    config = small_config("falcon", "FalconForCausalLM")
+    with pytest.raises(PorterError, match="FalconConfig has no attribute 'new_decoder_arch'"):
+        apply_overrides(config, {"new_decoder_arch": True})
+
+
+@pytest.mark.parametrize(
+    ("setting", "phrase"), [("new_decoder_arch=true", "new_decoder_arch"), ("alibi", "KEY=VALUE")]
+)
+def test_the_cli_fails_in_one_line(setting, phrase):
+    result = CliRunner().invoke(app, ["verify", "falcon", "--set", setting])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and phrase in lines[0], result.output
