@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 import typer
@@ -21,6 +22,18 @@ console = Console()
 errors = Console(stderr=True)
 
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}
+
+
+def _describe_failure(error: BaseException) -> str:
+    """`Type: message (at file:line)`, the line being the innermost frame outside torch and
+    transformers: usually the generated port's own code."""
+    message = " ".join(str(error).split()) or "(no message)"
+    where = ""
+    for frame in reversed(traceback.extract_tb(error.__traceback__)):
+        if "site-packages" not in frame.filename and "/porter/" not in frame.filename:
+            where = f" (at {frame.filename}:{frame.lineno})"
+            break
+    return f"{type(error).__name__}: {message}{where}"
 
 
 def _fail(message: str) -> None:
@@ -145,8 +158,8 @@ def verify(
             )
     except PorterError as error:
         _fail(str(error))
-    except (RuntimeError, ValueError) as error:
-        _fail(f"verification could not run: {error}")
+    except Exception as error:  # the port (or HF) failed while running: one line, where it broke
+        _fail(f"verification could not run: {_describe_failure(error)}")
     table = Table(
         title=f"{architecture}: engine vs HF, tp={tp}, {device}, {dtype} (tolerance {tolerance:g} relative)"
         + "".join(f", {item}" for item in settings or [])

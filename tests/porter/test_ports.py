@@ -121,3 +121,17 @@ def test_verify_fails_on_a_real_gap(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["verify", str(broken)])
     assert result.exit_code != 0
     assert "parity gap" in result.output
+
+
+def test_verify_of_a_port_that_crashes_is_one_line_naming_the_line(tmp_path):
+    """A port whose forward raises (any exception type) fails verify with one line, no traceback."""
+    broken = tmp_path / "opt_crashes.py"
+    code = (MODELS / "opt.py").read_text()
+    assert "hidden_states = self.fc2(hidden_states)" in code
+    broken.write_text(code.replace("hidden_states = self.fc2(hidden_states)", "hidden_states = self.fc2()"))
+    result = CliRunner().invoke(app, ["verify", str(broken)])
+    assert result.exit_code != 0
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    assert lines[0].startswith("error: verification could not run: TypeError:")
+    assert f"(at {broken}:" in lines[0]
