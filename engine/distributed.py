@@ -60,7 +60,5 @@ def tensor_parallel_all_gather(tensor: torch.Tensor, dim: int = -1) -> torch.Ten
 def divide(numerator: int, denominator: int, what: str) -> int:
     """`numerator / denominator`, or a clear error naming both numbers when it does not divide."""
     if numerator % denominator != 0:
-        raise ValueError(
-            f"{what} ({numerator}) is not divisible by the tensor-parallel size ({denominator})"
-        )
+        raise ValueError(f"{what} ({numerator}) is not divisible by the tensor-parallel size ({denominator})")
     return numerator // denominator

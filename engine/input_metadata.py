@@ -127,7 +127,9 @@ class InputMetadata:
             rows = np.repeat(np.arange(num_seqs), query)
             kv_index = np.arange(num_tokens) + np.repeat(context - query - starts[:-1], query)
         slots = tables[rows, kv_index // block_size].astype(np.int64) * block_size + kv_index % block_size
-        packed, offsets = pack_aligned([starts.astype(np.int32), context.astype(np.int32), tables.reshape(-1)])
+        packed, offsets = pack_aligned(
+            [starts.astype(np.int32), context.astype(np.int32), tables.reshape(-1)]
+        )
         on_device = torch.from_numpy(packed).to(device)
         return cls(
             query_start_loc=on_device[offsets[0] : offsets[0] + num_seqs + 1],

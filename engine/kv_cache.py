@@ -50,6 +50,8 @@ def cache_shape_of(model: torch.nn.Module) -> tuple[int, int, int]:
         raise ValueError(f"{type(model).__name__} has no PagedAttention layers")
     shapes = {(m.num_kv_heads, m.head_dim) for m in layers}
     if len(shapes) != 1:
-        raise ValueError(f"attention layers differ in KV heads/head size {sorted(shapes)}; one cache shape is needed")
+        raise ValueError(
+            f"attention layers differ in KV heads/head size {sorted(shapes)}; one cache shape is needed"
+        )
     kv_heads, head_dim = shapes.pop()
     return len(layers), kv_heads, head_dim

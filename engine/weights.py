@@ -46,7 +46,9 @@ def iterate_checkpoint(model_dir: str | Path) -> Iterator[tuple[str, torch.Tenso
 def default_weight_loader(param: torch.Tensor, loaded_weight: torch.Tensor) -> None:
     """Copies a whole checkpoint tensor into a replicated parameter."""
     if param.shape != loaded_weight.shape:
-        raise ValueError(f"shape mismatch: parameter {tuple(param.shape)}, checkpoint {tuple(loaded_weight.shape)}")
+        raise ValueError(
+            f"shape mismatch: parameter {tuple(param.shape)}, checkpoint {tuple(loaded_weight.shape)}"
+        )
     param.data.copy_(loaded_weight)
 
 

@@ -91,7 +91,10 @@ class PagedAttention(nn.Module):
         """
         num_tokens = query.shape[0]
         per_head = query.dim() == 3
-        if self.num_heads != self.total_num_heads and query.numel() == num_tokens * self.total_num_heads * self.head_dim:
+        if (
+            self.num_heads != self.total_num_heads
+            and query.numel() == num_tokens * self.total_num_heads * self.head_dim
+        ):
             # A projection the port kept replicated hands every rank all heads: take this rank's.
             query = query.reshape(num_tokens, self.total_num_heads, self.head_dim)
             query = query[:, self.first_head : self.first_head + self.num_heads]

@@ -19,7 +19,20 @@ from porter.cli import app
 from porter.port import generate
 
 MODELS = Path(__file__).resolve().parents[2] / "engine" / "models"
-PORTED = ["opt", "llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "gpt_bigcode", "phi", "gemma2", "bloom", "falcon"]
+PORTED = [
+    "opt",
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gpt2",
+    "gpt_neox",
+    "gpt_bigcode",
+    "phi",
+    "gemma2",
+    "bloom",
+    "falcon",
+]
 
 
 @pytest.mark.parametrize("model_type", PORTED)
@@ -27,8 +40,10 @@ def test_checked_in_port_regenerates_byte_for_byte(model_type):
     checked_in = (MODELS / f"{model_type}.py").read_text()
     version = re.search(r"^# transformers (\S+),", checked_in, re.MULTILINE).group(1)
     if version != transformers.__version__:
-        pytest.skip(f"port generated with transformers {version}, installed {transformers.__version__}; "
-                    "the verify tests check it instead")
+        pytest.skip(
+            f"port generated with transformers {version}, installed {transformers.__version__}; "
+            "the verify tests check it instead"
+        )
     text, _ = generate(locate(model_type))
     assert text == checked_in, f"engine/models/{model_type}.py is stale: re-run `porter port {model_type}`"
 
@@ -53,9 +68,23 @@ def _identifiers(code: str) -> set[str]:
 def test_port_has_no_training_or_batching_code(model_type):
     code = (MODELS / f"{model_type}.py").read_text()
     identifiers = _identifiers(code)
-    for forbidden in ("dropout", "loss", "attention_mask", "past_key_values", "past_key_value", "layer_past",
-                      "bsz", "batch_size", "use_cache", "output_attentions", "return_dict", "labels", "post_init",
-                      "create_causal_mask", "inputs_embeds_is_none"):
+    for forbidden in (
+        "dropout",
+        "loss",
+        "attention_mask",
+        "past_key_values",
+        "past_key_value",
+        "layer_past",
+        "bsz",
+        "batch_size",
+        "use_cache",
+        "output_attentions",
+        "return_dict",
+        "labels",
+        "post_init",
+        "create_causal_mask",
+        "inputs_embeds_is_none",
+    ):
         assert forbidden not in identifiers, f"{model_type}: `{forbidden}` left in the port"
     assert ".transpose(1, 2)" not in code
 
@@ -63,10 +92,31 @@ def test_port_has_no_training_or_batching_code(model_type):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("model_type", "tp"),
-    [("opt", 1), ("opt", 2), ("llama", 1), ("llama", 2), ("mistral", 1), ("qwen2", 2), ("qwen3", 1), ("gpt2", 2), ("gpt_neox", 2), ("gpt_bigcode", 1), ("gpt_bigcode", 2), ("phi", 2), ("gemma2", 1), ("gemma2", 2), ("bloom", 1), ("bloom", 2), ("falcon", 1), ("falcon", 2)],
+    [
+        ("opt", 1),
+        ("opt", 2),
+        ("llama", 1),
+        ("llama", 2),
+        ("mistral", 1),
+        ("qwen2", 2),
+        ("qwen3", 1),
+        ("gpt2", 2),
+        ("gpt_neox", 2),
+        ("gpt_bigcode", 1),
+        ("gpt_bigcode", 2),
+        ("phi", 2),
+        ("gemma2", 1),
+        ("gemma2", 2),
+        ("bloom", 1),
+        ("bloom", 2),
+        ("falcon", 1),
+        ("falcon", 2),
+    ],
 )
 def test_verify_passes(model_type, tp, tmp_path):
-    result = CliRunner().invoke(app, ["verify", model_type, "--tp", str(tp), "--json", str(tmp_path / "r.json")])
+    result = CliRunner().invoke(
+        app, ["verify", model_type, "--tp", str(tp), "--json", str(tmp_path / "r.json")]
+    )
     assert result.exit_code == 0, result.output
     assert "passed" in result.output
 
@@ -82,8 +132,14 @@ CONFIG_VARIANTS = {
     ),
     "falcon ALiBi (per-head fused QKV, sequential residual, biases)": (
         "falcon",
-        ["alibi=true", "multi_query=false", "parallel_attn=false", "bias=true", "num_kv_heads=4",
-         "_attn_implementation=sdpa"],
+        [
+            "alibi=true",
+            "multi_query=false",
+            "parallel_attn=false",
+            "bias=true",
+            "num_kv_heads=4",
+            "_attn_implementation=sdpa",
+        ],
     ),
 }
 
