@@ -3,8 +3,8 @@
 The causal LM and its backbone take `(input_ids, positions, kv_caches, input_metadata)`; a class
 below takes its own data inputs plus whichever of `positions`, `kv_cache` (one layer's cache) or
 `kv_caches`, and `input_metadata` its children need. HF plumbing parameters (masks, caches, output
-flags, labels, `**kwargs`) and alternative inputs (`inputs_embeds`) are dropped; `position_ids`
-becomes `positions`. Read-only: the engine-interface and dead-code rewrites act on it.
+flags, labels, `**kwargs`), alternative inputs (`inputs_embeds`) and optional inputs no call in the
+file passes (`porter.analysis.optional_inputs`) are dropped; `position_ids` becomes `positions`. Read-only: the engine-interface and dead-code rewrites act on it.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import libcst as cst
 
 from porter.analysis.cst_utils import function_params, names_in
 from porter.analysis.model_index import ModelIndex
+from porter.analysis.optional_inputs import never_passed
 
 PLUMBING = {
     "attention_mask",
@@ -84,6 +85,7 @@ def compute_signatures(index: ModelIndex) -> dict[str, list[str]]:
         needs[name] = result
         return result
 
+    unpassed = never_passed(index)
     signatures: dict[str, list[str]] = {}
     for name in index.reachable:
         forward = index.classes[name].methods.get("forward")
@@ -97,7 +99,9 @@ def compute_signatures(index: ModelIndex) -> dict[str, list[str]]:
         kept = [
             p
             for p in original
-            if p not in PLUMBING | ABSENT_INPUTS | POSITION_PARAMS and p not in engine_names
+            if p not in PLUMBING | ABSENT_INPUTS | POSITION_PARAMS
+            and p not in engine_names
+            and p not in unpassed.get(name, ())
         ]
         starred = forward.params.star_kwarg is not None or isinstance(forward.params.star_arg, cst.Param)
         if engine or kept != original or starred:
