@@ -140,6 +140,7 @@ class Pruner:
             body = self.block(list(statement.body.body)) or [cst.SimpleStatementLine([cst.Pass()])]
             return [statement.with_changes(body=statement.body.with_changes(body=body))]
         if isinstance(statement, cst.SimpleStatementLine):
+            statement = self._decide_conditional_expressions(statement)
             targets = statement_targets(statement)
             known = self._known_flag(statement)
             if known is not None:
@@ -167,6 +168,29 @@ class Pruner:
             self.absent -= set(targets)
             return [statement]
         return [statement]
+
+    def _decide_conditional_expressions(self, statement: cst.SimpleStatementLine) -> cst.SimpleStatementLine:
+        """`a if flag else b` whose flag the engine decides becomes the branch that runs
+        (`current = key_value_states if is_cross_attention else hidden_states`).
+
+        Only for a test that reads no removed name itself (a flag decided earlier, a constant
+        attribute): an expression that tests a removed input directly (`m if mask is None else
+        mask`) builds plumbing, and the statement goes as a whole, with what reads it."""
+        pruner = self
+
+        class _Decide(cst.CSTTransformer):
+            def leave_IfExp(self, original: cst.IfExp, updated: cst.IfExp) -> cst.BaseExpression:
+                if names_in(updated.test) & (pruner.dead | pruner.absent):
+                    return updated
+                value = pruner.evaluate(updated.test)
+                if value is UNKNOWN:
+                    return updated
+                pruner._drop(
+                    updated.test, f"condition is {'always' if value else 'never'} true in the engine"
+                )
+                return updated.body if value else updated.orelse
+
+        return statement.visit(_Decide())
 
     def _if(self, statement: cst.If) -> list[cst.BaseStatement]:
         value = self.evaluate(statement.test)

@@ -6,7 +6,7 @@ import libcst as cst
 
 from porter.analysis.model_index import build_index
 from porter.analysis.optional_inputs import never_passed
-from tests.porter.rewrite_helpers import MINI_MODEL, run_rewrites, signature, vary
+from tests.porter.rewrite_helpers import MINI_MODEL, method_code, run_rewrites, run_through, signature, vary
 
 ATTENTION_FORWARD = (
     "    def forward(self, hidden_states, attention_mask=None, past_key_values=None, **kwargs):\n"
@@ -53,3 +53,23 @@ def test_a_call_that_unpacks_another_mapping_counts_as_passing_everything():
         }
     )
     assert "MiniAttention" not in never_passed(build_index(cst.parse_module(unpacked)))
+
+
+def test_a_flag_derived_from_the_dropped_input_picks_the_data_path():
+    source = _source(
+        **{
+            WITH_CROSS_INPUT: WITH_CROSS_INPUT.replace(
+                "        input_shape",
+                "        is_cross_attention = key_value_states is not None\n"
+                "        current_states = key_value_states if is_cross_attention else hidden_states\n"
+                "        input_shape",
+            ),
+            "self.k_proj(hidden_states)": "self.k_proj(current_states)",
+            "self.v_proj(hidden_states)": "self.v_proj(current_states)",
+        }
+    )
+    after = run_through(source, "dead-code")
+    forward = method_code(after.code, "MiniAttention", "forward")
+    assert after.review_messages() == []
+    assert "current_states = hidden_states" in forward
+    assert "key_value_states" not in forward and "is_cross_attention" not in forward
