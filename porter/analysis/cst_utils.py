@@ -146,3 +146,20 @@ def init_attribute_values(init: cst.FunctionDef | None) -> dict[str, cst.BaseExp
 
     init.visit(_Assigns())
     return found
+
+
+def self_attributes_read(node: cst.CSTNode) -> set[str]:
+    """`x` of every `self.x` read inside `node` (assignment targets excluded)."""
+    found: set[str] = set()
+
+    class _Reads(cst.CSTVisitor):
+        def visit_AssignTarget(self, target: cst.AssignTarget) -> bool:
+            return False
+
+        def visit_Attribute(self, attribute: cst.Attribute) -> None:
+            attr = self_attribute(attribute)
+            if attr is not None:
+                found.add(attr)
+
+    node.visit(_Reads())
+    return found

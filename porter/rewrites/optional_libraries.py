@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import libcst as cst
 
-from porter.analysis.cst_utils import code_of, self_attribute
+from porter.analysis.cst_utils import code_of, self_attribute, self_attributes_read
 from porter.analysis.optional_backends import asks_availability
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
 
@@ -19,7 +19,7 @@ class DropOptionalLibraries(Rewrite):
     name = "optional-libraries"
 
     def apply(self, module: cst.Module, context: PortContext) -> cst.Module:
-        return module.visit(_Transformer(context, _self_attributes_read(module)))
+        return module.visit(_Transformer(context, self_attributes_read(module)))
 
 
 class _Transformer(ClassScopedTransformer):
@@ -63,19 +63,3 @@ def _requires_optional_library(value: cst.BaseExpression) -> bool:
     if isinstance(value, cst.BooleanOperation) and isinstance(value.operator, cst.And):
         return _requires_optional_library(value.left) or _requires_optional_library(value.right)
     return asks_availability(value)
-
-
-def _self_attributes_read(module: cst.Module) -> set[str]:
-    found: set[str] = set()
-
-    class _Reads(cst.CSTVisitor):
-        def visit_AssignTarget(self, target: cst.AssignTarget) -> bool:
-            return False
-
-        def visit_Attribute(self, attribute: cst.Attribute) -> None:
-            attr = self_attribute(attribute)
-            if attr is not None:
-                found.add(attr)
-
-    module.visit(_Reads())
-    return found

@@ -18,10 +18,12 @@ import libcst as cst
 
 from porter.analysis.cst_utils import (
     call_name,
+    calls_in,
     code_of,
     function_params,
     init_attribute_values,
     self_attribute,
+    self_attributes_read,
     statement_targets,
 )
 from porter.analysis.model_index import calls_method, init_helpers
@@ -106,7 +108,7 @@ class _Transformer(ClassScopedTransformer):
         return updated
 
     def _note_inputs(self, construction: cst.CSTNode) -> None:
-        self.rotary_inputs |= {(self.current_class, a) for a in _self_attributes_read(construction)}
+        self.rotary_inputs |= {(self.current_class, a) for a in self_attributes_read(construction)}
 
     def _drop_rotary_builders(self, class_def: cst.ClassDef) -> cst.ClassDef:
         """Drops the helpers `__init__` calls only to build the rotary module, and their calls."""
@@ -176,23 +178,6 @@ class _Transformer(ClassScopedTransformer):
         return init.with_changes(body=init.body.with_changes(body=[*init.body.body, statement]))
 
 
-def _self_attributes_read(node: cst.CSTNode) -> set[str]:
-    """`x` of every `self.x` read inside `node` (assignment targets excluded)."""
-    found: set[str] = set()
-
-    class _Reads(cst.CSTVisitor):
-        def visit_AssignTarget(self, target: cst.AssignTarget) -> bool:
-            return False
-
-        def visit_Attribute(self, attribute: cst.Attribute) -> None:
-            attr = self_attribute(attribute)
-            if attr is not None:
-                found.add(attr)
-
-    node.visit(_Reads())
-    return found
-
-
 class _DropRotaryOnlyAttributes(ClassScopedTransformer):
     """`self.rope_theta = ...` in `__init__` goes once the rotary module that read it is gone and
     nothing else in the file reads the attribute."""
@@ -234,15 +219,4 @@ class _DropRotaryOnlyAttributes(ClassScopedTransformer):
 
 
 def _calls_module(node: cst.CSTNode) -> bool:
-    return any(self_attribute(c.func) is not None for c in _calls(node))
-
-
-def _calls(node: cst.CSTNode) -> list[cst.Call]:
-    found: list[cst.Call] = []
-
-    class _Collect(cst.CSTVisitor):
-        def visit_Call(self, call: cst.Call) -> None:
-            found.append(call)
-
-    node.visit(_Collect())
-    return found
+    return any(self_attribute(c.func) is not None for c in calls_in(node))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import libcst as cst
 
-from porter.analysis.cst_utils import dotted_name, names_in, self_attribute, statement_targets
+from porter.analysis.cst_utils import calls_in, dotted_name, names_in, self_attribute, statement_targets
 from porter.rewrites.base import PortContext
 
 FALSE_ATTRIBUTES = {"self.training", "self.gradient_checkpointing"}
@@ -30,14 +30,7 @@ def _same_code(first: list[cst.BaseStatement], second: list[cst.BaseStatement]) 
 
 
 def calls_anything(node: cst.CSTNode) -> bool:
-    found: list[bool] = []
-
-    class _Find(cst.CSTVisitor):
-        def visit_Call(self, call: cst.Call) -> None:
-            found.append(True)
-
-    node.visit(_Find())
-    return bool(found)
+    return bool(calls_in(node))
 
 
 def _backend_choice(node: cst.Comparison) -> bool | None:

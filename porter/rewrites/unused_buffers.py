@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import libcst as cst
 
-from porter.analysis.cst_utils import code_of, is_docstring, self_attribute
+from porter.analysis.cst_utils import code_of, is_docstring, self_attribute, self_attributes_read
 from porter.analysis.model_index import calls_method, init_helpers
 from porter.rewrites.base import PortContext
 
@@ -28,7 +28,7 @@ def drop_unread_buffers(class_def: cst.ClassDef, context: PortContext) -> cst.Cl
     read: set[str] = set()
     for name, method in methods.items():
         if name not in setup:
-            read |= _self_attributes_read(method)
+            read |= self_attributes_read(method)
     unread = buffers - read
     if not unread:
         return class_def
@@ -103,19 +103,3 @@ def _only_builds(statement: cst.BaseStatement, buffers: set[str]) -> bool:
         if isinstance(small, cst.Assign) and len(small.targets) == 1:
             return self_attribute(small.targets[0].target) in buffers
     return False
-
-
-def _self_attributes_read(node: cst.CSTNode) -> set[str]:
-    found: set[str] = set()
-
-    class _Reads(cst.CSTVisitor):
-        def visit_AssignTarget(self, target: cst.AssignTarget) -> bool:
-            return False
-
-        def visit_Attribute(self, attribute: cst.Attribute) -> None:
-            attr = self_attribute(attribute)
-            if attr is not None:
-                found.add(attr)
-
-    node.visit(_Reads())
-    return found
