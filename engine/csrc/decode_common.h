@@ -1,10 +1,11 @@
-// What the two paged decode attention kernels share: launch parameters, how a thread block finds its
-// share of the work, the per-head softmax statistics, and the cross-warp merge that writes the result.
-// Device code: include it from .cu files only.
+// What the two paged decode attention kernels share: launch parameters and how a thread block finds
+// its share of the work; and, for the CUDA-core kernel, the per-head softmax statistics and the
+// cross-warp merge that writes the result. Device code: include it from .cu files only.
 //
 // A block takes (sequence, KV head, chunk of up to HEADS query heads of its group, partition of the
-// visible context). Shared memory: `scratch` (scores [HEADS][partition_size], reused for per-warp
-// partial outputs [kNumWarps][HEADS][head_dim]) followed by this partition's block-table slice.
+// visible context), and keeps the partition's block-table slice in shared memory. The CUDA-core
+// kernel's shared memory starts with `scratch` (scores [HEADS][partition_size], reused for per-warp
+// partial outputs [kNumWarps][HEADS][head_dim]); the tensor-core kernel's with its load pipeline.
 #pragma once
 
 #include <cfloat>
@@ -28,6 +29,9 @@ struct DecodeParams {
   const int* block_tables;    // [num_seqs, max_blocks_per_seq]
   const int* context_lens;    // [num_seqs]
   const float* alibi_slopes;  // [num_heads] or nullptr
+  // Split-K merged in the attention kernel itself (the tensor-core kernel): one arrival counter per
+  // (sequence, blockIdx.x), zero between launches; nullptr when a separate merge kernel runs.
+  int* merge_counters;
   int64_t query_stride_token;
   int64_t query_stride_head;
   int num_heads;
@@ -58,6 +62,7 @@ struct DecodeBlock {
   int token_begin;   // KV index of the partition's first token
   int num_tokens;    // tokens in this partition
   int first_block;   // logical block of token_begin
+  int num_partitions;  // partitions of this sequence that have work
 };
 
 // Works out the block's share; false when it has nothing to do (past the context, or an empty sequence,
@@ -78,13 +83,15 @@ __device__ bool plan_decode_block(const DecodeParams& p, DecodeBlock& b, int* bl
   int window_start, span;
   visible_range(p, context_len, &window_start, &span);
   if (span <= 0) {
-    if (b.partition == 0 && p.max_partitions == 1) {
+    // Nobody merges an empty sequence's partitions in-kernel, so partition 0 writes the zeros then too.
+    if (b.partition == 0 && (p.max_partitions == 1 || p.merge_counters != nullptr)) {
       T* out = static_cast<T*>(p.out) + ((int64_t)b.seq * p.num_heads + b.first_head) * HEAD_DIM;
       for (int i = threadIdx.x; i < b.active_heads * HEAD_DIM; i += kNumThreads) out[i] = from_float<T>(0.f);
     }
     return false;
   }
   if (b.partition * p.partition_size >= span) return false;
+  b.num_partitions = (span + p.partition_size - 1) / p.partition_size;
   b.query_pos = context_len - 1;
   b.token_begin = window_start + b.partition * p.partition_size;
   b.num_tokens = min(p.partition_size, span - b.partition * p.partition_size);
@@ -160,8 +167,16 @@ __device__ void write_block_output(const DecodeParams& p, const DecodeBlock& b, 
   }
 }
 
-// Launches the tensor-core kernel (fp16/bf16, query heads per KV head >= 2); paged_decode_attention_mma.cu.
-void launch_paged_decode_mma(const DecodeParams& p, bool bfloat16, int head_dim, dim3 grid, size_t shared_bytes,
+// The tensor-core kernel (fp16/bf16, query heads per KV head >= 2), in paged_decode_attention_mma.cu.
+// It takes 8 query heads per block, needs `table_bytes` of shared memory for the partition's block
+// numbers on top of its own pipeline, and merges split-K partitions itself (p.merge_counters).
+void launch_paged_decode_mma(const DecodeParams& p, bool bfloat16, int head_dim, dim3 grid, size_t table_bytes,
                              cudaStream_t stream);
+// Shared memory the split-K merge may use (its weights and per-warp sums): the pipeline's.
+size_t mma_merge_scratch_bytes(int head_dim);
+// Shared memory left for the block-number table on the current device.
+size_t mma_max_table_bytes(int head_dim);
+// Resident blocks per multiprocessor on the current device.
+int mma_blocks_per_multiprocessor(int head_dim, size_t table_bytes);
 
 }  // namespace porter

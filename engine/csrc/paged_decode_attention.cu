@@ -4,7 +4,10 @@
 // context) and serves every query head of that KV head's group (up to 8 per block), so each K/V
 // vector is read from memory once however large the GQA group. Long contexts are cut into partitions
 // of `partition_size` tokens (split-K): each block writes its partial max / sum / normalised output,
-// and a second kernel merges the partitions; with one partition the first kernel writes the output.
+// and the partitions are merged (by a second kernel after the CUDA-core kernel; inside the
+// tensor-core kernel, by the last block to finish); with one partition the block writes the output.
+// Unless the caller fixes it, the partition length is chosen here from the batch, the context and
+// the kernel's occupancy on the device.
 //
 // Two kernels do the per-block work:
 // - fp16/bf16 with >= 2 query heads per KV head: tensor cores (paged_decode_attention_mma.cu), since
@@ -24,9 +27,11 @@
 #include <c10/cuda/CUDAStream.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <cfloat>
+#include <mutex>
 
 #include "decode_common.h"
 #include "vector_io.h"
@@ -285,6 +290,83 @@ void launch_reduce(const DecodeParams& p, int head_dim, int num_seqs, cudaStream
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The tensor-core kernel's split-K arrival counters: one int per (sequence, blockIdx.x), zero between
+// launches (the last block of each resets its own). Kept per device and grown on demand; growing
+// allocates, which a CUDA graph capture forbids, but every capture follows an eager run of the same
+// shape (engine/cuda_graphs.py). Launches on concurrent streams of one device would share them.
+int* merge_counters(int64_t needed, cudaStream_t stream) {
+  static std::mutex mutex;
+  // Never destroyed: freeing device memory after the CUDA context is gone (at exit) would fail.
+  static at::Tensor* const counters = new at::Tensor[64];
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  TORCH_CHECK(device < 64, "device index ", device, " out of range");
+  const std::lock_guard<std::mutex> lock(mutex);
+  at::Tensor& buffer = counters[device];
+  if (!buffer.defined() || buffer.numel() < needed) {
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+    TORCH_CHECK(status == cudaStreamCaptureStatusNone,
+                "paged_decode_attention: run this shape once outside CUDA graph capture first");
+    buffer = at::zeros({std::max<int64_t>(needed, 4096)},
+                       at::TensorOptions().dtype(at::kInt).device(at::kCUDA, static_cast<c10::DeviceIndex>(device)));
+  }
+  return buffer.data_ptr<int>();
+}
+
+int multiprocessor_count() {
+  int device = 0, count = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return count;
+}
+
+// CUDA-core kernel: the longest partition (its scores live in shared memory, so 512 at most) that
+// still gives about two thread blocks per multiprocessor.
+int64_t core_partition_size(int64_t blocks_per_partition, int64_t visible) {
+  const int64_t wanted = 2 * multiprocessor_count();
+  for (int64_t size : {512, 256, 128}) {
+    if (blocks_per_partition * ((std::max<int64_t>(visible, 1) + size - 1) / size) >= wanted) return size;
+  }
+  return 128;
+}
+
+// Tensor-core kernel: a block costs a fixed start and finish (reading its block table, the first
+// round trip to memory, merging its warps; about as long as streaming kBlockOverheadTokens tokens)
+// plus its tokens, and blocks run in waves of (resident blocks per SM x SMs); the split-K merge,
+// done by one block per sequence and head chunk, costs about kMergeTokensPerPartition tokens per
+// partition. Pick the partition length that minimises the sum, preferring the longer on a tie, from
+// 64 tokens (one tile per warp) up to the whole context. Constants fitted to H200 sweeps
+// (docs/performance.md): about 4 us per block against 0.025 us per streamed token.
+constexpr int64_t kBlockOverheadTokens = 192;
+constexpr int64_t kMergeTokensPerPartition = 8;
+
+int64_t mma_partition_size(int64_t blocks_per_partition, int64_t visible, int head_dim, int block_size_log2) {
+  const int64_t longest = std::max<int64_t>(visible, 1);
+  const int64_t max_table_entries = mma_max_table_bytes(head_dim) / sizeof(int) - 2;
+  int64_t longest_table = 64;
+  while (2 * longest_table < longest && (2 * longest_table >> block_size_log2) <= max_table_entries) longest_table *= 2;
+  const int64_t slots = std::max<int64_t>(
+      1, int64_t{mma_blocks_per_multiprocessor(head_dim, ((longest_table >> block_size_log2) + 2) * sizeof(int))} *
+             multiprocessor_count());
+  int64_t best = 64, best_cost = INT64_MAX;
+  for (int64_t size = 64;; size *= 2) {
+    const bool whole = size >= longest;
+    const int64_t length = whole ? ((longest + 15) / 16) * 16 : size;
+    if ((length >> block_size_log2) > max_table_entries) break;
+    const int64_t partitions = (longest + length - 1) / length;
+    const int64_t blocks = blocks_per_partition * partitions;
+    const int64_t cost = (blocks + slots - 1) / slots * (kBlockOverheadTokens + length) +
+                         (partitions > 1 ? partitions * kMergeTokensPerPartition : 0);
+    if (cost <= best_cost) {
+      best = length;
+      best_cost = cost;
+    }
+    if (whole) break;
+  }
+  return best;
+}
+
 int heads_per_block(int group_size, bool tensor_cores) {
   if (tensor_cores || group_size > 4) return kMaxHeadsPerBlock;
   if (group_size <= 1) return 1;
@@ -340,28 +422,46 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::
     slopes = s.data_ptr<float>();
   }
   TORCH_CHECK(sliding_window >= 0 && soft_cap >= 0.0, "sliding_window and soft_cap must be >= 0 (0 = off)");
-  TORCH_CHECK(partition_size > 0 && partition_size % 16 == 0, "partition_size must be a positive multiple of 16");
+  TORCH_CHECK(partition_size >= 0 && partition_size % 16 == 0,
+              "partition_size must be a multiple of 16 (0 = chosen here)");
   TORCH_CHECK(max_context_len >= 0, "max_context_len must be >= 0");
   if (num_seqs == 0) return;
 
+  const c10::cuda::OptionalCUDAGuard guard(query.device());
   const int64_t visible = sliding_window > 0 ? std::min(max_context_len, sliding_window) : max_context_len;
-  const int64_t max_partitions = std::max<int64_t>(1, (visible + partition_size - 1) / partition_size);
   const int group_size = num_heads / num_kv_heads;
   const bool tensor_cores = dtype != at::kFloat && group_size >= 2;
   const int heads = heads_per_block(group_size, tensor_cores);
   const int64_t chunks = (group_size + heads - 1) / heads;
-  TORCH_CHECK(num_seqs <= 65535 && max_partitions <= 65535, "too many sequences or partitions for one launch");
-
   int block_size_log2 = 0;
   while ((int64_t{1} << block_size_log2) < block_size) ++block_size_log2;
-  const int64_t scratch_floats = std::max(heads * partition_size, kNumWarps * heads * head_dim);
-  const int64_t table_entries = (partition_size >> block_size_log2) + 2;
-  const size_t shared_bytes = (scratch_floats + table_entries) * sizeof(float);
-  TORCH_CHECK(shared_bytes <= kMaxSharedBytes, "partition_size ", partition_size, " needs ", shared_bytes,
-              " bytes of shared memory, more than ", kMaxSharedBytes);
-  TORCH_CHECK((max_partitions + 8) * sizeof(float) <= kMaxSharedBytes, "context too long for the partition reduction");
+  const int64_t grid_x = num_kv_heads * chunks;
+  const int64_t blocks_per_partition = num_seqs * grid_x;
+  if (partition_size == 0) {
+    partition_size = tensor_cores ? mma_partition_size(blocks_per_partition, visible, static_cast<int>(head_dim),
+                                                       block_size_log2)
+                                  : core_partition_size(blocks_per_partition, visible);
+  }
+  const int64_t max_partitions = std::max<int64_t>(1, (visible + partition_size - 1) / partition_size);
+  TORCH_CHECK(num_seqs <= 65535 && max_partitions <= 65535, "too many sequences or partitions for one launch");
 
-  const c10::cuda::OptionalCUDAGuard guard(query.device());
+  // Shared memory: the CUDA-core kernel keeps the partition's scores; both keep its block numbers.
+  const int64_t table_entries = (partition_size >> block_size_log2) + 2;
+  const size_t table_bytes = table_entries * sizeof(int);
+  const int64_t scratch_floats = tensor_cores ? 0 : std::max(heads * partition_size, kNumWarps * heads * head_dim);
+  const size_t shared_bytes = scratch_floats * sizeof(float) + table_bytes;
+  const size_t shared_limit = tensor_cores ? mma_max_table_bytes(static_cast<int>(head_dim)) : kMaxSharedBytes;
+  TORCH_CHECK((tensor_cores ? table_bytes : shared_bytes) <= shared_limit, "partition_size ", partition_size,
+              " needs more shared memory than the device has");
+  if (tensor_cores) {
+    const size_t merge_bytes = (max_partitions * kMaxHeadsPerBlock + kNumWarps * kMaxHeadsPerBlock * head_dim) * sizeof(float) + 16;
+    TORCH_CHECK(merge_bytes <= mma_merge_scratch_bytes(static_cast<int>(head_dim)),
+                "partition_size ", partition_size, " cuts a context of ", visible, " into too many partitions to merge");
+  } else {
+    TORCH_CHECK((max_partitions + 8) * sizeof(float) <= kMaxSharedBytes, "context too long for the partition reduction");
+  }
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor partial_out, partial_max, partial_sum;
   DecodeParams p{};
   if (max_partitions > 1) {
@@ -372,6 +472,7 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::
     p.partial_out = partial_out.data_ptr<float>();
     p.partial_max = partial_max.data_ptr<float>();
     p.partial_sum = partial_sum.data_ptr<float>();
+    if (tensor_cores) p.merge_counters = merge_counters(num_seqs * grid_x, stream);
   }
   p.out = out.data_ptr();
   p.query = query.data_ptr();
@@ -393,13 +494,12 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::
   p.scale = static_cast<float>(scale);
   p.soft_cap = static_cast<float>(soft_cap);
 
-  const dim3 grid(static_cast<unsigned>(num_kv_heads * chunks), static_cast<unsigned>(num_seqs),
+  const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(num_seqs),
                   static_cast<unsigned>(max_partitions));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int dim = static_cast<int>(head_dim);
   const int n = static_cast<int>(num_seqs);
   if (tensor_cores) {
-    launch_paged_decode_mma(p, dtype == at::kBFloat16, dim, grid, shared_bytes, stream);
+    launch_paged_decode_mma(p, dtype == at::kBFloat16, dim, grid, table_bytes, stream);
   } else if (dtype == at::kHalf) {
     launch_core<__half>(dim, heads, p, grid, shared_bytes, stream);
   } else if (dtype == at::kBFloat16) {
@@ -407,7 +507,7 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::
   } else {
     launch_core<float>(dim, heads, p, grid, shared_bytes, stream);
   }
-  if (max_partitions > 1) {
+  if (max_partitions > 1 && !tensor_cores) {
     switch (dtype) {
       case at::kHalf: launch_reduce<__half>(p, dim, n, stream); break;
       case at::kBFloat16: launch_reduce<__nv_bfloat16>(p, dim, n, stream); break;

@@ -1,26 +1,36 @@
 // Paged decode attention on tensor cores, for fp16/bf16 with 2 or more query heads per KV head.
 //
-// Why: with G query heads per KV head, every cached K/V element feeds G multiply-adds. On CUDA cores
-// that arithmetic (and the shuffles that finish each dot product) costs more issue slots than the
-// memory system needs to stream the cache, so GQA-8 ran at a third of copy bandwidth. One
-// mma.sync.m16n8k16 does 16 tokens x 8 heads x 16 dims, which leaves the loads as the only real cost.
+// Why tensor cores: with G query heads per KV head, every cached K/V element feeds G multiply-adds.
+// On CUDA cores that arithmetic (and the shuffles that finish each dot product) costs more issue
+// slots than the memory system needs to stream the cache. One mma.sync.m16n8k16 does 16 x 8 x 16.
 //
-// Block, partitions, softmax and output merge are as in decode_common.h (8 head slots per block).
-// Per warp and 16-token tile, with g = lane / 4 and j = lane % 4 (the mma fragment coordinates):
-//   Phase 1, scores S[token][head] = K[token][:] . Q[head][:]: A = K tile (16 tokens x 16 dims per
-//     step), B = Q^T (16 dims x 8 heads). The dot product sums over dims, so dims may be assigned to
-//     fragment slots in any order as long as K and Q agree: thread (g, j) loads 16 contiguous bytes of
-//     tokens g and g+8 at dim offset i*32 + j*8 (four threads cover 64 contiguous bytes of a row per
-//     load) and the same dims of Q[head g], and feeds them to the mma unpermuted.
-//   Phase 3, O^T[dim][head] = V^T[dim][tokens] . P^T[tokens][head]: A = V^T (16 dims x 16 tokens),
-//     B = P^T (16 tokens x 8 heads). Thread (g, j) owns tokens 2j, 2j+1, 8+2j, 9+2j of the tile and
-//     loads their dims c*64 + g*8 .. +8 (eight threads cover a 128-byte row segment per load); a byte
-//     permute pairs the same dim of two tokens into one register, as the A fragment wants. Output dim
-//     of (d-tile mt, row g / g+8) is (mt/4)*64 + g*8 + (mt%4)*2 + (0 / 1).
-// The probabilities enter the mma rounded to the cache dtype, as in flash attention; sums stay fp32.
+// Why this shape: the kernel must keep enough bytes in flight to stream the cache at full bandwidth
+// while holding little in registers. Each warp therefore streams its own 16-token tiles of K and V
+// through a cp.async pipeline in shared memory (kStages - 1 tiles in flight while one is used, no
+// registers held for them)
+// and keeps an online softmax in registers, so the warps of a block never wait for one another until
+// the end, and a block can take a long partition of the context (fewer partitions to merge).
+//
+// A block takes (sequence, KV head, up to 8 query heads of its group, partition of the context);
+// warp w takes the partition's tiles w, w + 4, w + 8, ... Per tile, with g = lane / 4, j = lane % 4:
+//   Scores S[head][token] = Q . K^T: A = Q (16 rows, of which the 8 head slots are rows 0..7 and
+//     rows 8..15 are zero), B = K^T per 8 tokens (ldmatrix of the K rows). Thread (g, j) gets head g,
+//     tokens 2j, 2j+1 and 8+2j, 9+2j: exactly the B fragment of P^T that the next product wants, so
+//     the probabilities never leave registers.
+//   Output O^T[dim][head] += V^T . P^T: A = V^T (ldmatrix.trans of the V rows), B = P^T.
+// Shared memory rows are swizzled (16-byte chunk c of token row r sits at chunk c ^ (r % 8)) so the
+// eight rows an ldmatrix reads fall in different banks. The probabilities enter the mma rounded to
+// the cache dtype, as in flash attention; maxima, sums and accumulators stay fp32.
+// At the end the four warps' (max, sum, output) are merged through shared memory, and the block
+// writes the output, or its partition's share, which the last partition block to finish merges.
 
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
+
+#include <cmath>
+#include <map>
+#include <mutex>
+#include <tuple>
 
 #include "decode_common.h"
 #include "vector_io.h"
@@ -28,8 +38,56 @@
 namespace porter {
 namespace {
 
-constexpr int kSlots = 8;  // head slots per block: the mma's N
-constexpr int kTile = 16;  // tokens per warp step: the mma's M in phase 1 and K in phase 3
+constexpr int kSlots = 8;  // query heads per block: the mma's N in the output product
+constexpr int kTile = 16;  // tokens per pipeline stage
+constexpr int kMaxDevices = 64;
+
+template <int HEAD_DIM>
+struct MmaLayout {
+  static constexpr int kChunksPerRow = HEAD_DIM / 8;  // 16-byte chunks in one cache row
+  static constexpr int kRowsPerLoad = kChunksPerRow >= 32 ? 1 : 32 / kChunksPerRow;
+  static constexpr int kLoadsPerTile = kTile / kRowsPerLoad;  // cp.async per lane per tile, of K and of V
+  static constexpr int kTileBytes = kTile * HEAD_DIM * 2;     // K (or V) rows of one tile
+  static constexpr int kStageBytes = 2 * kTileBytes;
+  // Three 16-token stages per warp: 48 KB of pipeline per block at head_dim 64, 96 KB at 128 (two at
+  // 256, 128 KB). On an H200 sweep, deeper pipelines streamed long contexts no faster and cost short
+  // contexts up to 30% by fitting fewer blocks per SM; two stages at head_dim 128 cost mid-sized
+  // problems up to 16 points of copy bandwidth.
+  static constexpr int kStages = HEAD_DIM >= 256 ? 2 : 3;
+  static constexpr int kPipelineBytes = kNumWarps * kStages * kStageBytes;
+  static constexpr int kSteps = HEAD_DIM / 16;  // mma k-steps over dims (scores), dim tiles (output)
+  static_assert(HEAD_DIM % 64 == 0, "head_dim must be a multiple of 64");
+  // The final cross-warp merge reuses the pipeline's shared memory.
+  static_assert(kNumWarps * kSlots * (HEAD_DIM + 2) * 4 <= kPipelineBytes, "merge scratch does not fit");
+};
+
+__device__ __forceinline__ uint32_t swizzled(int row, int chunk, int row_bytes) {
+  return row * row_bytes + ((chunk ^ (row & 7)) << 4);
+}
+
+// 16 bytes global -> shared without passing through registers; bytes = 0 writes zeros.
+__device__ __forceinline__ void cp_async_16(uint32_t shared_addr, const void* global, int bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_addr), "l"(global), "r"(bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t shared_addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared_addr));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t shared_addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared_addr));
+}
 
 __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], __half) {
   asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
@@ -54,24 +112,102 @@ __device__ __forceinline__ uint32_t pack_pair(float lo, float hi, __nv_bfloat16)
   return *reinterpret_cast<const uint32_t*>(&h);
 }
 
-__device__ __forceinline__ uint32_t word(const uint4& v, int i) {
-  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;  // i is a compile-time constant after unrolling
+// Split-K merge, done by whichever of a (sequence, head chunk)'s partition blocks finishes last, so no
+// second kernel (and no wait for the whole grid to drain) is needed. Each block publishes its
+// partials, then counts itself in; the last to arrive merges out = sum_p w_p out_p / sum_p w_p with
+// w_p = sum_p * exp(max_p - max) and resets the counter for the next launch. `scratch` holds
+// kSlots * max_partitions weights and kNumWarps x kSlots x HEAD_DIM sums (checked by the launcher).
+template <typename T, int HEAD_DIM>
+__device__ void merge_if_last(const DecodeParams& p, const DecodeBlock& b, float* scratch) {
+  __shared__ bool last;
+  __shared__ float inv_total[kSlots];
+  __threadfence();  // this thread's partials are visible device-wide before the block is counted
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int* counter = p.merge_counters + (int64_t)b.seq * gridDim.x + blockIdx.x;
+    last = atomicAdd(counter, 1) == b.num_partitions - 1;
+    if (last) *counter = 0;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();  // see every other block's partials
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int parts = b.num_partitions;
+  float* weights = scratch;  // [kSlots][parts]
+  for (int h = warp; h < b.active_heads; h += kNumWarps) {
+    const int64_t part_row = ((int64_t)b.seq * p.num_heads + b.first_head + h) * p.max_partitions;
+    float m = -FLT_MAX;
+    for (int i = lane; i < parts; i += 32) m = fmaxf(m, __ldcg(p.partial_max + part_row + i));
+    m = warp_max(m);
+    float total = 0.f;
+    for (int i = lane; i < parts; i += 32) {
+      const float w = __ldcg(p.partial_sum + part_row + i) * __expf(__ldcg(p.partial_max + part_row + i) - m);
+      weights[h * parts + i] = w;
+      total += w;
+    }
+    total = warp_sum(total);
+    if (lane == 0) inv_total[h] = 1.f / total;
+  }
+  __syncthreads();
+
+  // The partials are in L2, so the merge is bound by how many loads are in flight: each warp takes
+  // every kNumWarps-th partition, each lane 16 bytes of kColumnsPerLane (head, 4 dims) columns, two
+  // partitions per step; the warps' sums then meet in shared memory.
+  constexpr int kColumnsPerHead = HEAD_DIM / 4;
+  constexpr int kColumnsPerLane = kSlots * kColumnsPerHead / 32;
+  float4 acc[kColumnsPerLane];
+#pragma unroll
+  for (int c = 0; c < kColumnsPerLane; ++c) acc[c] = make_float4(0.f, 0.f, 0.f, 0.f);
+  const int64_t first_row = (int64_t)b.seq * p.num_heads + b.first_head;
+  const float4* partials = reinterpret_cast<const float4*>(p.partial_out) + first_row * p.max_partitions * kColumnsPerHead;
+#pragma unroll 2
+  for (int i = warp; i < parts; i += kNumWarps) {
+#pragma unroll
+    for (int c = 0; c < kColumnsPerLane; ++c) {
+      const int column = c * 32 + lane;
+      const int h = column / kColumnsPerHead;
+      if (h < b.active_heads) {
+        const float4 v = __ldcg(partials + ((int64_t)h * p.max_partitions + i) * kColumnsPerHead + column % kColumnsPerHead);
+        const float w = weights[h * parts + i];
+        acc[c].x = fmaf(w, v.x, acc[c].x);
+        acc[c].y = fmaf(w, v.y, acc[c].y);
+        acc[c].z = fmaf(w, v.z, acc[c].z);
+        acc[c].w = fmaf(w, v.w, acc[c].w);
+      }
+    }
+  }
+  float4* warp_sums = reinterpret_cast<float4*>(weights + kSlots * parts);  // [kNumWarps][kSlots * kColumnsPerHead]
+  warp_sums = reinterpret_cast<float4*>((reinterpret_cast<uintptr_t>(warp_sums) + 15) & ~uintptr_t{15});
+#pragma unroll
+  for (int c = 0; c < kColumnsPerLane; ++c) warp_sums[warp * kSlots * kColumnsPerHead + c * 32 + lane] = acc[c];
+  __syncthreads();
+  for (int column = threadIdx.x; column < b.active_heads * kColumnsPerHead; column += kNumThreads) {
+    const int h = column / kColumnsPerHead;
+    float4 sum = warp_sums[column];
+#pragma unroll
+    for (int w = 1; w < kNumWarps; ++w) {
+      const float4 v = warp_sums[w * kSlots * kColumnsPerHead + column];
+      sum.x += v.x;
+      sum.y += v.y;
+      sum.z += v.z;
+      sum.w += v.w;
+    }
+    T* out = static_cast<T*>(p.out) + (first_row + h) * HEAD_DIM + (column % kColumnsPerHead) * 4;
+    out[0] = from_float<T>(sum.x * inv_total[h]);
+    out[1] = from_float<T>(sum.y * inv_total[h]);
+    out[2] = from_float<T>(sum.z * inv_total[h]);
+    out[3] = from_float<T>(sum.w * inv_total[h]);
+  }
 }
 
 template <typename T, int HEAD_DIM>
 __global__ void __launch_bounds__(kNumThreads) paged_decode_attention_mma_kernel(const DecodeParams p) {
-  constexpr int kRowLoads = HEAD_DIM / 32;  // phase 1: 16-byte loads per thread per K row
-  constexpr int kChunks = HEAD_DIM / 64;    // phase 3: 16-byte loads per thread per V row
-  constexpr int kSteps = HEAD_DIM / 16;     // mma k-steps (phase 1) and dim tiles (phase 3)
-  // Two tiles per warp step keep twice the bytes in flight; at head_dim 256 registers allow one.
-  constexpr int kTilesPerStep = HEAD_DIM <= 128 ? 2 : 1;
-  constexpr int kWarpSpan = kTilesPerStep * kTile;
-  static_assert(sizeof(T) == 2 && HEAD_DIM % 64 == 0, "fp16/bf16 and head_dim a multiple of 64");
-  extern __shared__ __align__(16) unsigned char shared_raw[];
-  float* scratch = reinterpret_cast<float*>(shared_raw);
-  int* block_numbers = reinterpret_cast<int*>(scratch + p.scratch_floats);
-  __shared__ float head_max[kSlots];
-  __shared__ float head_sum[kSlots];
+  using L = MmaLayout<HEAD_DIM>;
+  static_assert(sizeof(T) == 2, "fp16/bf16 only");
+  constexpr int kRowBytes = HEAD_DIM * 2;
+  extern __shared__ __align__(128) unsigned char shared_raw[];
+  int* block_numbers = reinterpret_cast<int*>(shared_raw + L::kPipelineBytes);
   DecodeBlock b;
   if (!plan_decode_block<T, HEAD_DIM, kSlots>(p, b, block_numbers)) return;
 
@@ -81,164 +217,272 @@ __global__ void __launch_bounds__(kNumThreads) paged_decode_attention_mma_kernel
   const int j = lane & 3;
   const T zero{};
 
-  // B fragment of phase 1: Q[head slot g] at dims i*32 + j*8 .. +8. Unused slots repeat the last head.
-  uint4 q_frag[kRowLoads];
+  // A fragment of the scores product for head slot g: dims 16s + 2j, +1 and 16s + 8 + 2j, +1. Slots
+  // past the group's heads hold zeros; their results are never stored.
+  uint32_t q_frag[L::kSteps][2];
+  const bool real_head = g < b.active_heads;
+  const int head = b.first_head + min(g, b.active_heads - 1);
   {
-    const int head = b.first_head + min(g, b.active_heads - 1);
     const uint16_t* q = reinterpret_cast<const uint16_t*>(static_cast<const T*>(p.query) +
                                                           b.seq * p.query_stride_token + head * p.query_stride_head);
 #pragma unroll
-    for (int i = 0; i < kRowLoads; ++i) {
-      uint32_t w[4];
+    for (int s = 0; s < L::kSteps; ++s) {
 #pragma unroll
-      for (int x = 0; x < 4; ++x) {
-        const int d = i * 32 + j * 8 + 2 * x;
-        w[x] = static_cast<uint32_t>(q[d]) | (static_cast<uint32_t>(q[d + 1]) << 16);
+      for (int x = 0; x < 2; ++x) {
+        const int d = 16 * s + 8 * x + 2 * j;
+        q_frag[s][x] = real_head ? static_cast<uint32_t>(q[d]) | (static_cast<uint32_t>(q[d + 1]) << 16) : 0u;
       }
-      q_frag[i] = make_uint4(w[0], w[1], w[2], w[3]);
     }
   }
-  // This thread's scores belong to head slots 2j and 2j+1.
-  float slope[2];
-#pragma unroll
-  for (int x = 0; x < 2; ++x) {
-    const int head = b.first_head + min(2 * j + x, b.active_heads - 1);
-    slope[x] = p.alibi_slopes != nullptr ? p.alibi_slopes[head] : 0.f;
-  }
+  const float slope = p.alibi_slopes != nullptr ? p.alibi_slopes[head] : 0.f;
   __syncthreads();  // block_numbers ready
 
   const int64_t token_stride = (int64_t)p.num_kv_heads * HEAD_DIM;
   const T* key_base = static_cast<const T*>(p.key_cache) + (int64_t)b.kv_head * HEAD_DIM;
   const T* value_base = static_cast<const T*>(p.value_cache) + (int64_t)b.kv_head * HEAD_DIM;
-  auto row_ptr = [&](const T* base, int t) { return base + cache_row(p, b, block_numbers, t) * token_stride; };
-  float* scores = scratch;
+  const uint32_t pipeline =
+      static_cast<uint32_t>(__cvta_generic_to_shared(shared_raw)) + warp * L::kStages * L::kStageBytes;
+  const int num_tiles = (b.num_tokens + kTile - 1) / kTile;
+  const int my_tiles = num_tiles > warp ? (num_tiles - warp + kNumWarps - 1) / kNumWarps : 0;
 
-  // Phase 1: scores. A warp takes kTilesPerStep tiles per step, all loads issued before the first mma.
-  for (int first = warp * kWarpSpan; first < b.num_tokens; first += kNumWarps * kWarpSpan) {
-    uint4 k_lo[kTilesPerStep][kRowLoads], k_hi[kTilesPerStep][kRowLoads];  // tokens tile+g and tile+g+8
+  // Starts the copy of this warp's k-th tile (K and V) into stage k % kStages; always commits a group
+  // so that "all but the newest kStages - 1 groups are done" means "tile k has landed".
+  auto issue_tile = [&](int k) {
+    if (k < my_tiles) {
+      const int first = (warp + k * kNumWarps) * kTile;
+      const int t = first + (lane & (kTile - 1));
+      const int my_row = t < b.num_tokens ? static_cast<int>(cache_row(p, b, block_numbers, t)) : -1;
+      const uint32_t stage = pipeline + (k % L::kStages) * L::kStageBytes;
+      const int chunk = lane % L::kChunksPerRow;
 #pragma unroll
-    for (int u = 0; u < kTilesPerStep; ++u) {
-      const int t_lo = first + u * kTile + g, t_hi = t_lo + 8;
-      const T* lo_ptr = t_lo < b.num_tokens ? row_ptr(key_base, t_lo) + j * 8 : nullptr;
-      const T* hi_ptr = t_hi < b.num_tokens ? row_ptr(key_base, t_hi) + j * 8 : nullptr;
-#pragma unroll
-      for (int i = 0; i < kRowLoads; ++i) {
-        k_lo[u][i] = lo_ptr != nullptr ? load_16_bytes(lo_ptr + i * 32) : make_uint4(0, 0, 0, 0);
-        k_hi[u][i] = hi_ptr != nullptr ? load_16_bytes(hi_ptr + i * 32) : make_uint4(0, 0, 0, 0);
+      for (int i = 0; i < L::kLoadsPerTile; ++i) {
+        const int r = i * L::kRowsPerLoad + lane / L::kChunksPerRow;
+        const int row = __shfl_sync(0xffffffffu, my_row, r);
+        const int64_t offset = row >= 0 ? row * token_stride + chunk * 8 : 0;
+        const uint32_t dst = stage + swizzled(r, chunk, kRowBytes);
+        cp_async_16(dst, key_base + offset, row >= 0 ? 16 : 0);
+        cp_async_16(dst + L::kTileBytes, value_base + offset, row >= 0 ? 16 : 0);
       }
     }
-#pragma unroll
-    for (int u = 0; u < kTilesPerStep; ++u) {
-      float c[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-      for (int step = 0; step < kSteps; ++step) {
-        const int i = step / 2, x = (step % 2) * 2;
-        const uint32_t a[4] = {word(k_lo[u][i], x), word(k_hi[u][i], x), word(k_lo[u][i], x + 1),
-                               word(k_hi[u][i], x + 1)};
-        const uint32_t bq[2] = {word(q_frag[i], x), word(q_frag[i], x + 1)};
-        mma_16816(c, a, bq, zero);
-      }
-      // c[0], c[1]: token tile+g, heads 2j, 2j+1; c[2], c[3]: token tile+g+8.
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int t = first + u * kTile + g + 8 * r;
-        if (t >= b.num_tokens) continue;
-        const float key_minus_query = static_cast<float>(b.token_begin + t - b.query_pos);
-#pragma unroll
-        for (int x = 0; x < 2; ++x) {
-          scores[(2 * j + x) * p.partition_size + t] =
-              finish_score(p, c[2 * r + x], p.scale, slope[x], key_minus_query);
-        }
-      }
-    }
-  }
-
-  // Phase 3 operands: thread (g, j) takes tokens 2j, 2j+1, 8+2j, 9+2j of each tile.
-  auto tile_token = [&](int first, int u, int k) { return first + u * kTile + (k >> 1) * 8 + 2 * j + (k & 1); };
-  auto load_values = [&](int first, uint4 (&v)[kTilesPerStep][4][kChunks]) {
-#pragma unroll
-    for (int u = 0; u < kTilesPerStep; ++u) {
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const int t = tile_token(first, u, k);
-        const T* ptr = t < b.num_tokens ? row_ptr(value_base, t) + g * 8 : nullptr;
-#pragma unroll
-        for (int c = 0; c < kChunks; ++c) v[u][k][c] = ptr != nullptr ? load_16_bytes(ptr + c * 64) : make_uint4(0, 0, 0, 0);
-      }
-    }
+    cp_async_commit();
   };
-  // V does not depend on the softmax: the first step's loads are in flight while it runs.
-  uint4 v[kTilesPerStep][4][kChunks];
-  load_values(warp * kWarpSpan, v);
-  __syncthreads();
 
-  // Phase 2: softmax statistics per real head.
-  softmax_stats(scores, p.partition_size, b.num_tokens, b.active_heads, head_max, head_sum);
-  __syncthreads();
+  // ldmatrix x4 addresses: lanes 8m..8m+7 give the rows of matrix m, which covers tokens
+  // (m / 2) * 8 .. +8 and the first (m even) or second (m odd) 16-byte chunk of a 16-dim step.
+  const int ld_row = ((lane >> 4) << 3) + (lane & 7);
+  const int ld_chunk = (lane >> 3) & 1;
 
-  // Phase 3: probabilities times V.
-  float acc[kSteps][4];
+  float row_max = -FLT_MAX;  // head g, over the tiles seen so far
+  float row_sum = 0.f;       // head g, this thread's tokens only (summed over the quad at the end)
+  float acc[L::kSteps][4];   // O^T: dims 16mt + g (+8), heads 2j, 2j+1
 #pragma unroll
-  for (int mt = 0; mt < kSteps; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
-  const bool real_head = g < b.active_heads;
-  for (int first = warp * kWarpSpan; first < b.num_tokens; first += kNumWarps * kWarpSpan) {
-    if (first != warp * kWarpSpan) load_values(first, v);
+  for (int mt = 0; mt < L::kSteps; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
+
 #pragma unroll
-    for (int u = 0; u < kTilesPerStep; ++u) {
-      // Past the partition and for unused head slots the weight is 0 (the shared row holds garbage there).
-      float prob[4];
+  for (int k = 0; k < L::kStages - 1; ++k) issue_tile(k);
+  for (int k = 0; k < my_tiles; ++k) {
+    issue_tile(k + L::kStages - 1);
+    cp_async_wait<L::kStages - 1>();
+    __syncwarp();
+    const uint32_t key_tile = pipeline + (k % L::kStages) * L::kStageBytes;
+    const uint32_t value_tile = key_tile + L::kTileBytes;
+
+    float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};  // tokens 0..7 and 8..15
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const int t = tile_token(first, u, k);
-        prob[k] = t < b.num_tokens && real_head ? scores[g * p.partition_size + t] : 0.f;
+    for (int step = 0; step < L::kSteps; ++step) {
+      uint32_t kf[4];
+      ldmatrix_x4(kf, key_tile + swizzled(ld_row, 2 * step + ld_chunk, kRowBytes));
+      const uint32_t a[4] = {q_frag[step][0], 0u, q_frag[step][1], 0u};
+      const uint32_t b0[2] = {kf[0], kf[1]};
+      const uint32_t b1[2] = {kf[2], kf[3]};
+      mma_16816(s[0], a, b0, zero);
+      mma_16816(s[1], a, b1, zero);
+    }
+
+    // Online softmax for head g over this tile's 16 tokens (4 per thread, the quad holds all 16).
+    const int first = (warp + k * kNumWarps) * kTile;
+    float tile_max = -FLT_MAX;
+#pragma unroll
+    for (int n = 0; n < 2; ++n) {
+#pragma unroll
+      for (int x = 0; x < 2; ++x) {
+        const int t = first + 8 * n + 2 * j + x;
+        const float key_minus_query = static_cast<float>(b.token_begin + t - b.query_pos);
+        s[n][x] = t < b.num_tokens ? finish_score(p, s[n][x], p.scale, slope, key_minus_query) : -INFINITY;
+        tile_max = fmaxf(tile_max, s[n][x]);
       }
-      const uint32_t bp[2] = {pack_pair(prob[0], prob[1], zero), pack_pair(prob[2], prob[3], zero)};
+    }
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+    const float new_max = fmaxf(row_max, tile_max);
+    const float alpha = __expf(row_max - new_max);
+    row_max = new_max;
+    float prob[2][2];
 #pragma unroll
-      for (int mt = 0; mt < kSteps; ++mt) {
-        const int c = mt / 4, w = mt % 4;
-        const uint32_t a[4] = {
-            __byte_perm(word(v[u][0][c], w), word(v[u][1][c], w), 0x5410),  // dim row g, tokens 2j, 2j+1
-            __byte_perm(word(v[u][0][c], w), word(v[u][1][c], w), 0x7632),  // dim row g+8
-            __byte_perm(word(v[u][2][c], w), word(v[u][3][c], w), 0x5410),  // dim row g, tokens 8+2j, 9+2j
-            __byte_perm(word(v[u][2][c], w), word(v[u][3][c], w), 0x7632),  // dim row g+8
-        };
-        mma_16816(acc[mt], a, bp, zero);
+    for (int n = 0; n < 2; ++n) {
+#pragma unroll
+      for (int x = 0; x < 2; ++x) prob[n][x] = __expf(s[n][x] - new_max);
+    }
+    row_sum = fmaf(row_sum, alpha, prob[0][0] + prob[0][1] + prob[1][0] + prob[1][1]);
+    const uint32_t pb[2] = {pack_pair(prob[0][0], prob[0][1], zero), pack_pair(prob[1][0], prob[1][1], zero)};
+
+    // The accumulator columns are heads 2j and 2j+1, whose rescale factors live in quads 2j and 2j+1.
+    const float alpha_even = __shfl_sync(0xffffffffu, alpha, 8 * j);
+    const float alpha_odd = __shfl_sync(0xffffffffu, alpha, 8 * j + 4);
+#pragma unroll
+    for (int mt = 0; mt < L::kSteps; ++mt) {
+      acc[mt][0] *= alpha_even;
+      acc[mt][1] *= alpha_odd;
+      acc[mt][2] *= alpha_even;
+      acc[mt][3] *= alpha_odd;
+      uint32_t vf[4];
+      ldmatrix_x4_trans(vf, value_tile + swizzled(ld_row, 2 * mt + ld_chunk, kRowBytes));
+      // vf: dims 16mt + g and 16mt + 8 + g, tokens (2j, 2j+1) and (8+2j, 9+2j): the A fragment of V^T.
+      const uint32_t a[4] = {vf[0], vf[1], vf[2], vf[3]};
+      mma_16816(acc[mt], a, pb, zero);
+    }
+    __syncwarp();  // every lane is done with this stage before the next issue overwrites it
+  }
+  cp_async_wait<0>();
+  row_sum += __shfl_xor_sync(0xffffffffu, row_sum, 1);
+  row_sum += __shfl_xor_sync(0xffffffffu, row_sum, 2);
+
+  // Merge the warps: the pipeline's shared memory now takes [warp][slot][dim] outputs, maxima, sums.
+  __syncthreads();
+  float* warp_out = reinterpret_cast<float*>(shared_raw);
+  float* warp_max = warp_out + kNumWarps * kSlots * HEAD_DIM;
+  float* warp_sum = warp_max + kNumWarps * kSlots;
+  {
+    float* even = warp_out + (warp * kSlots + 2 * j) * HEAD_DIM;
+    float* odd = even + HEAD_DIM;
+#pragma unroll
+    for (int mt = 0; mt < L::kSteps; ++mt) {
+      const int d = 16 * mt + g;
+      even[d] = acc[mt][0];
+      odd[d] = acc[mt][1];
+      even[d + 8] = acc[mt][2];
+      odd[d + 8] = acc[mt][3];
+    }
+    if (j == 0) {
+      warp_max[warp * kSlots + g] = row_max;
+      warp_sum[warp * kSlots + g] = row_sum;
+    }
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < b.active_heads * HEAD_DIM; idx += kNumThreads) {
+    const int h = idx / HEAD_DIM;
+    const int d = idx % HEAD_DIM;
+    float m = -FLT_MAX;
+#pragma unroll
+    for (int w = 0; w < kNumWarps; ++w) m = fmaxf(m, warp_max[w * kSlots + h]);
+    float numerator = 0.f, denominator = 0.f;
+#pragma unroll
+    for (int w = 0; w < kNumWarps; ++w) {
+      const float weight = __expf(warp_max[w * kSlots + h] - m);  // 0 for a warp that saw no tile
+      numerator = fmaf(weight, warp_out[(w * kSlots + h) * HEAD_DIM + d], numerator);
+      denominator = fmaf(weight, warp_sum[w * kSlots + h], denominator);
+    }
+    const float value = numerator / denominator;
+    const int64_t row = (int64_t)b.seq * p.num_heads + b.first_head + h;
+    if (p.max_partitions == 1) {
+      static_cast<T*>(p.out)[row * HEAD_DIM + d] = from_float<T>(value);
+    } else {
+      const int64_t part_row = row * p.max_partitions + b.partition;
+      p.partial_out[part_row * HEAD_DIM + d] = value;
+      if (d == 0) {
+        p.partial_max[part_row] = m;
+        p.partial_sum[part_row] = denominator;
       }
     }
   }
-  __syncthreads();  // every read of the scores is done; the scratch now takes per-warp sums
-#pragma unroll
-  for (int mt = 0; mt < kSteps; ++mt) {
-    const int d = (mt / 4) * 64 + g * 8 + (mt % 4) * 2;
-    float* slot0 = scratch + (warp * kSlots + 2 * j) * HEAD_DIM;
-    float* slot1 = slot0 + HEAD_DIM;
-    slot0[d] = acc[mt][0];
-    slot1[d] = acc[mt][1];
-    slot0[d + 1] = acc[mt][2];
-    slot1[d + 1] = acc[mt][3];
-  }
-  __syncthreads();
-  write_block_output<T, HEAD_DIM, kSlots>(p, b, scratch, head_max, head_sum);
+  if (p.max_partitions > 1) merge_if_last<T, HEAD_DIM>(p, b, reinterpret_cast<float*>(shared_raw));
+}
+
+template <typename T, int HEAD_DIM>
+size_t opt_in_shared_memory(size_t table_bytes) {
+  auto kernel = paged_decode_attention_mma_kernel<T, HEAD_DIM>;
+  // Above 48 KB a kernel must opt in, once per device; allow the device's maximum so any table fits.
+  static std::once_flag configured[kMaxDevices];
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  TORCH_CHECK(device < kMaxDevices, "device index ", device, " out of range");
+  std::call_once(configured[device], [&] {
+    int limit = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    cudaFuncAttributes attributes{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        limit - static_cast<int>(attributes.sharedSizeBytes)));
+  });
+  return MmaLayout<HEAD_DIM>::kPipelineBytes + table_bytes;
+}
+
+template <typename T, int HEAD_DIM>
+void launch_typed(const DecodeParams& p, dim3 grid, size_t table_bytes, cudaStream_t stream) {
+  const size_t shared_bytes = opt_in_shared_memory<T, HEAD_DIM>(table_bytes);
+  paged_decode_attention_mma_kernel<T, HEAD_DIM><<<grid, kNumThreads, shared_bytes, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
-void launch_typed(const DecodeParams& p, int head_dim, dim3 grid, size_t shared_bytes, cudaStream_t stream) {
+void launch_for_dim(const DecodeParams& p, int head_dim, dim3 grid, size_t table_bytes, cudaStream_t stream) {
   switch (head_dim) {
-    case 64: paged_decode_attention_mma_kernel<T, 64><<<grid, kNumThreads, shared_bytes, stream>>>(p); break;
-    case 128: paged_decode_attention_mma_kernel<T, 128><<<grid, kNumThreads, shared_bytes, stream>>>(p); break;
-    default: paged_decode_attention_mma_kernel<T, 256><<<grid, kNumThreads, shared_bytes, stream>>>(p); break;
+    case 64: return launch_typed<T, 64>(p, grid, table_bytes, stream);
+    case 128: return launch_typed<T, 128>(p, grid, table_bytes, stream);
+    default: return launch_typed<T, 256>(p, grid, table_bytes, stream);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <int HEAD_DIM>
+int blocks_per_multiprocessor(size_t table_bytes) {
+  // fp16 and bf16 instantiations use the same registers and shared memory.
+  const size_t shared_bytes = opt_in_shared_memory<__nv_bfloat16, HEAD_DIM>(table_bytes);
+  int blocks = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &blocks, paged_decode_attention_mma_kernel<__nv_bfloat16, HEAD_DIM>, kNumThreads, shared_bytes));
+  return blocks;
 }
 
 }  // namespace
 
-void launch_paged_decode_mma(const DecodeParams& p, bool bfloat16, int head_dim, dim3 grid, size_t shared_bytes,
+size_t mma_merge_scratch_bytes(int head_dim) {
+  return head_dim == 64 ? MmaLayout<64>::kPipelineBytes
+         : head_dim == 128 ? MmaLayout<128>::kPipelineBytes
+                           : MmaLayout<256>::kPipelineBytes;
+}
+
+size_t mma_max_table_bytes(int head_dim) {
+  int device = 0, limit = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  // The kernel's own static shared memory (a few flags and per-head sums) is well under 1 KB.
+  const size_t taken = mma_merge_scratch_bytes(head_dim) + 1024;
+  return static_cast<size_t>(limit) > taken ? limit - taken : 0;
+}
+
+int mma_blocks_per_multiprocessor(int head_dim, size_t table_bytes) {
+  // Asked on every launch that picks its own partition length: remember the answers.
+  static std::mutex mutex;
+  static std::map<std::tuple<int, int, size_t>, int> known;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const auto key = std::make_tuple(device, head_dim, table_bytes);
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto found = known.find(key);
+  if (found != known.end()) return found->second;
+  const int blocks = head_dim == 64    ? blocks_per_multiprocessor<64>(table_bytes)
+                     : head_dim == 128 ? blocks_per_multiprocessor<128>(table_bytes)
+                                       : blocks_per_multiprocessor<256>(table_bytes);
+  known.emplace(key, blocks);
+  return blocks;
+}
+
+void launch_paged_decode_mma(const DecodeParams& p, bool bfloat16, int head_dim, dim3 grid, size_t table_bytes,
                              cudaStream_t stream) {
   if (bfloat16) {
-    launch_typed<__nv_bfloat16>(p, head_dim, grid, shared_bytes, stream);
+    launch_for_dim<__nv_bfloat16>(p, head_dim, grid, table_bytes, stream);
   } else {
-    launch_typed<__half>(p, head_dim, grid, shared_bytes, stream);
+    launch_for_dim<__half>(p, head_dim, grid, table_bytes, stream);
   }
 }
 

@@ -13,9 +13,7 @@ this module builds nothing; a machine without CUDA never builds at all.
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import math
 import os
 import shutil
 import threading
@@ -29,7 +27,6 @@ SOURCES = ("bindings.cpp", "paged_decode_attention.cu", "paged_decode_attention_
 HEADERS = ("decode_common.h", "vector_io.h")
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-PARTITION_SIZES = (512, 256, 128)  # split-K partition lengths the launcher picks from, longest first
 
 _extension: ModuleType | None = None
 _lock = threading.Lock()
@@ -150,26 +147,6 @@ def supports_decode(query: torch.Tensor, key_cache: torch.Tensor) -> bool:
     )
 
 
-@functools.cache
-def _multiprocessor_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def choose_partition_size(num_blocks_per_partition: int, visible_len: int, device: torch.device) -> int:
-    """Longest split-K partition that still gives about two thread blocks per multiprocessor.
-
-    `num_blocks_per_partition` is sequences x KV heads x head chunks. Longer partitions mean less
-    merge work; shorter ones fill the GPU at small batch.
-    """
-    sm_count = _multiprocessor_count(
-        device.index if device.index is not None else torch.cuda.current_device()
-    )
-    for size in PARTITION_SIZES:
-        if num_blocks_per_partition * math.ceil(max(visible_len, 1) / size) >= 2 * sm_count:
-            return size
-    return PARTITION_SIZES[-1]
-
-
 def paged_decode_attention(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -190,7 +167,9 @@ def paged_decode_attention(
     (within `sliding_window` when given). `max_context_len` must bound `context_lens` (it sizes the
     split-K grid without a device sync). block_tables int32 `[S, max_blocks]`, context_lens int32 `[S]`,
     alibi_slopes float32 `[H]`. A sequence with context length 0 gets zeros. `out`, when given, must
-    be contiguous and shaped like the query.
+    be contiguous and shaped like the query. `partition_size` (a multiple of 16) fixes the split-K
+    partition length; by default the launcher picks it from the batch, the context and the kernel's
+    occupancy on this device.
     """
     if query.dim() != 3:
         raise ValueError(f"query must be [num_seqs, num_heads, head_dim], got {tuple(query.shape)}")
@@ -208,8 +187,7 @@ def paged_decode_attention(
             f"shared by query and cache and a power-of-two block size; got head_dim {query.shape[-1]}, "
             f"{query.dtype}/{key_cache.dtype}, block size {key_cache.shape[1]}"
         )
-    num_seqs, num_heads, _ = query.shape
-    num_kv_heads = key_cache.shape[2]
+    num_seqs = query.shape[0]
     if block_tables.dtype != torch.int32 or context_lens.dtype != torch.int32:
         raise ValueError("block_tables and context_lens must be int32")
     if block_tables.shape[0] != num_seqs or tuple(context_lens.shape) != (num_seqs,):
@@ -225,11 +203,6 @@ def paged_decode_attention(
         _check_cuda("alibi_slopes", alibi_slopes, device)
         alibi_slopes = alibi_slopes.float().contiguous()
     window = 0 if sliding_window is None else int(sliding_window)
-    if partition_size is None:
-        group_size = num_heads // num_kv_heads
-        chunks = math.ceil(group_size / min(8, 1 << (group_size - 1).bit_length()))
-        visible = min(max_context_len, window) if window > 0 else max_context_len
-        partition_size = choose_partition_size(num_seqs * num_kv_heads * chunks, visible, device)
     load_extension().paged_decode_attention(
         out,
         query,
@@ -241,7 +214,7 @@ def paged_decode_attention(
         float(scale),
         window,
         0.0 if logits_soft_cap is None else float(logits_soft_cap),
-        int(partition_size),
+        0 if partition_size is None else int(partition_size),
         int(max_context_len),
     )
     return out

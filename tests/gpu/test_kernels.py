@@ -7,6 +7,7 @@ computed in float32 from the same low-precision inputs. Skipped without a CUDA d
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -228,6 +229,57 @@ def test_decode_empty_sequence_gets_zeros():
         )
         assert torch.equal(out[0], torch.zeros_like(out[0]))
         assert not out[1].isnan().any()
+
+
+def test_decode_split_k_merge_replays_in_a_cuda_graph():
+    """The tensor-core kernel merges split-K partitions in its last block, counting arrivals in a
+    buffer that must be back at zero after every launch: replays with new lengths and new data must
+    each match the reference, and so must an eager call after them."""
+    from engine.kernels import cuda_ops
+
+    contexts = [4096, 700, 1, 2048]
+    query, key_cache, value_cache, metadata = make_step(
+        [1] * len(contexts), contexts, 32, 4, 128, torch.bfloat16, seed=3
+    )
+    context_lens = metadata.context_lens.clone()
+    out = torch.empty_like(query)
+
+    def run():
+        cuda_ops.paged_decode_attention(
+            query,
+            key_cache,
+            value_cache,
+            metadata.block_tables,
+            context_lens,
+            4096,
+            0.09,
+            out=out,
+            partition_size=256,
+        )
+
+    run()  # eager first, as the engine does before capturing
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    args = feature_args({}, 32)
+    for lengths in ([4096, 700, 1, 2048], [300, 4000, 17, 0], [16, 1, 4096, 1000]):
+        context_lens.copy_(torch.tensor(lengths, dtype=torch.int32))
+        query.normal_()
+        out.fill_(float("nan"))
+        graph.replay()
+        # Past its own blocks a sequence's padded table row points at block 0: fine for a kernel test.
+        step = InputMetadata.from_arrays(
+            np.ones(4), np.maximum(lengths, 1), metadata.block_tables.cpu().numpy(), 16, device="cuda"
+        )
+        expected = reference(query, key_cache, value_cache, step, 0.09, args)
+        for row, n in enumerate(lengths):
+            if n == 0:
+                assert torch.equal(out[row], torch.zeros_like(out[row]))
+            else:
+                assert_matches(out[row : row + 1], expected[row : row + 1], torch.bfloat16)
+    out.fill_(float("nan"))
+    run()
+    assert not out.isnan().any()
 
 
 # --- Triton prefill / mixed attention ------------------------------------------------------------
