@@ -19,11 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 from collections.abc import Callable
 
 import torch
 
+from benchmarks.graph_timing import graph_time_us
 from benchmarks.roofline import copy_bandwidth
 from engine.layers import RMSNorm, get_gated_activation
 from engine.layers.rotary import RotaryEmbedding
@@ -38,32 +38,9 @@ REPLAYS = 50
 
 
 def copy_bandwidth_gbs() -> float:
-    """Device-to-device copy bandwidth (bytes read + written), measured as the other benchmarks do.
-
-    Not timed inside a graph: a captured same-dtype `copy_` becomes a memcpy node run by the copy
-    engine, which is far slower than the copy kernels run eagerly (2.8 against 4.2 TB/s on an H200).
-    """
+    """Device-to-device copy bandwidth (bytes read + written), measured eagerly as the other
+    benchmarks do (see benchmarks/graph_timing.py for why not in a graph)."""
     return copy_bandwidth(torch.device("cuda")) / 1e9
-
-
-def graph_time_us(calls: list[Callable[[], object]]) -> float:
-    """Median µs per call of `calls` captured back to back in one CUDA graph."""
-    for call in calls:  # compile and warm up outside the capture
-        call()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(REPLAYS + 3):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times[3:]) * 1e3 / len(calls)
 
 
 def timed(make_call: Callable[[int], Callable[[], object]], bytes_per_call: int, reference: bool) -> float:
@@ -72,7 +49,7 @@ def timed(make_call: Callable[[int], Callable[[], object]], bytes_per_call: int,
     before = os.environ.get("PORTER_FORCE_REFERENCE")
     os.environ["PORTER_FORCE_REFERENCE"] = "1" if reference else "0"
     try:
-        return graph_time_us([make_call(i) for i in range(sets)])
+        return graph_time_us([make_call(i) for i in range(sets)], REPLAYS)
     finally:
         if before is None:
             del os.environ["PORTER_FORCE_REFERENCE"]
