@@ -91,7 +91,9 @@ __device__ bool plan_decode_block(const DecodeParams& p, DecodeBlock& b, int* bl
     return false;
   }
   if (b.partition * p.partition_size >= span) return false;
-  b.num_partitions = (span + p.partition_size - 1) / p.partition_size;
+  // Bounded by the grid, so a context longer than the caller's max_context_len truncates this call
+  // instead of leaving a merge counter that never completes (and poisons the next launch).
+  b.num_partitions = min((span + p.partition_size - 1) / p.partition_size, p.max_partitions);
   b.query_pos = context_len - 1;
   b.token_begin = window_start + b.partition * p.partition_size;
   b.num_tokens = min(p.partition_size, span - b.partition * p.partition_size);

@@ -282,6 +282,19 @@ def test_decode_split_k_merge_replays_in_a_cuda_graph():
     assert not out.isnan().any()
 
 
+def test_decode_understated_max_context_len_leaves_later_calls_correct():
+    """A `max_context_len` below a real context is a caller's bug: that call may be wrong, but the
+    in-kernel split-K merge must not be left waiting for partitions that were never launched."""
+    from engine.kernels import cuda_ops
+
+    query, key_cache, value_cache, metadata = make_step([1, 1], [3000, 50], 16, 4, 128, torch.bfloat16)
+    common = (query, key_cache, value_cache, metadata.block_tables, metadata.context_lens)
+    cuda_ops.paged_decode_attention(*common, 1000, 0.1, partition_size=256)
+    expected = reference(query, key_cache, value_cache, metadata, 0.1, feature_args({}, 16))
+    out = cuda_ops.paged_decode_attention(*common, 3000, 0.1, partition_size=256)
+    assert_matches(out, expected, torch.bfloat16)
+
+
 # --- Triton prefill / mixed attention ------------------------------------------------------------
 
 # (query_lens, context_lens): whole prompts, chunked prefill and prefix-cache hits (new tokens after
