@@ -143,6 +143,24 @@ __device__ inline void softmax_stats(float* scores, int partition_size, int num_
   }
 }
 
+// Stores element (head slot h, dim d) of a block's result: the output itself when the context is
+// one partition, else this partition's normalised output and, once per head, its max and sum of exp.
+template <typename T, int HEAD_DIM>
+__device__ __forceinline__ void store_block_result(const DecodeParams& p, const DecodeBlock& b, int h, int d,
+                                                   float value, float head_max, float head_sum) {
+  const int64_t row = (int64_t)b.seq * p.num_heads + b.first_head + h;
+  if (p.max_partitions == 1) {
+    static_cast<T*>(p.out)[row * HEAD_DIM + d] = from_float<T>(value);
+    return;
+  }
+  const int64_t part_row = row * p.max_partitions + b.partition;
+  p.partial_out[part_row * HEAD_DIM + d] = value;
+  if (d == 0) {
+    p.partial_max[part_row] = head_max;
+    p.partial_sum[part_row] = head_sum;
+  }
+}
+
 // Adds the per-warp partial outputs in `scratch` ([kNumWarps][HEADS][HEAD_DIM]) and writes either the
 // final output (one partition) or this partition's normalised output, max and sum for the merge kernel.
 template <typename T, int HEAD_DIM, int HEADS>
@@ -154,18 +172,7 @@ __device__ void write_block_output(const DecodeParams& p, const DecodeBlock& b, 
     float sum = 0.f;
 #pragma unroll
     for (int w = 0; w < kNumWarps; ++w) sum += scratch[(w * HEADS + h) * HEAD_DIM + d];
-    const float value = sum / head_sum[h];
-    const int64_t row = (int64_t)b.seq * p.num_heads + b.first_head + h;
-    if (p.max_partitions == 1) {
-      static_cast<T*>(p.out)[row * HEAD_DIM + d] = from_float<T>(value);
-    } else {
-      const int64_t part_row = row * p.max_partitions + b.partition;
-      p.partial_out[part_row * HEAD_DIM + d] = value;
-      if (d == 0) {
-        p.partial_max[part_row] = head_max[h];
-        p.partial_sum[part_row] = head_sum[h];
-      }
-    }
+    store_block_result<T, HEAD_DIM>(p, b, h, d, sum / head_sum[h], head_max[h], head_sum[h]);
   }
 }
 

@@ -382,18 +382,7 @@ __global__ void __launch_bounds__(kNumThreads) paged_decode_attention_mma_kernel
       numerator = fmaf(weight, warp_out[(w * kSlots + h) * HEAD_DIM + d], numerator);
       denominator = fmaf(weight, warp_sum[w * kSlots + h], denominator);
     }
-    const float value = numerator / denominator;
-    const int64_t row = (int64_t)b.seq * p.num_heads + b.first_head + h;
-    if (p.max_partitions == 1) {
-      static_cast<T*>(p.out)[row * HEAD_DIM + d] = from_float<T>(value);
-    } else {
-      const int64_t part_row = row * p.max_partitions + b.partition;
-      p.partial_out[part_row * HEAD_DIM + d] = value;
-      if (d == 0) {
-        p.partial_max[part_row] = m;
-        p.partial_sum[part_row] = denominator;
-      }
-    }
+    store_block_result<T, HEAD_DIM>(p, b, h, d, numerator / denominator, m, denominator);
   }
   if (p.max_partitions > 1) merge_if_last<T, HEAD_DIM>(p, b, reinterpret_cast<float*>(shared_raw));
 }
