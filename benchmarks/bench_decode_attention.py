@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -61,84 +62,133 @@ def cycle(make_call: Callable[[int], Callable[[], object]], copies: int) -> list
     return [make_call(i % copies) for i in range(max(copies, MIN_CALLS))]
 
 
-def run_shape(batch: int, context: int, head_dim: int, group: int) -> dict:
+@dataclass
+class PagedProblem:
+    """One decode-attention call's inputs, with distinct caches and outputs to cycle through."""
+
+    batch: int
+    context: int
+    head_dim: int
+    group: int
+    query: torch.Tensor
+    key_caches: list[torch.Tensor]
+    value_caches: list[torch.Tensor]
+    block_tables: torch.Tensor
+    context_lens: torch.Tensor
+    outs: list[torch.Tensor]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return NUM_HEADS // self.group
+
+    @property
+    def copies(self) -> int:
+        return len(self.outs)
+
+    @property
+    def bytes(self) -> int:
+        """K and V read once, plus the query read and the output written."""
+        element = self.query.element_size()
+        kv = 2 * self.batch * self.context * self.num_kv_heads * self.head_dim * element
+        return kv + 2 * self.query.numel() * element
+
+    def call(self, i: int, partition_size: int | None = None) -> Callable[[], object]:
+        """Decode attention on copy i; `partition_size` None lets the launcher choose."""
+        return lambda: cuda_ops.paged_decode_attention(
+            self.query,
+            self.key_caches[i],
+            self.value_caches[i],
+            self.block_tables,
+            self.context_lens,
+            self.context,
+            self.head_dim**-0.5,
+            out=self.outs[i],
+            partition_size=partition_size,
+        )
+
+
+def make_problem(batch: int, context: int, head_dim: int, group: int) -> PagedProblem:
     num_kv_heads = NUM_HEADS // group
     blocks_per_seq = math.ceil(context / BLOCK_SIZE)
     num_blocks = batch * blocks_per_seq
     shape = (num_blocks, BLOCK_SIZE, num_kv_heads, head_dim)
     element = torch.tensor([], dtype=DTYPE).element_size()
-    kv_bytes = 2 * batch * context * num_kv_heads * head_dim * element
-    io_bytes = 2 * batch * NUM_HEADS * head_dim * element
-    total = kv_bytes + io_bytes
-    copies = copies_for(kv_bytes)
-
-    key_caches = [torch.randn(shape, device="cuda", dtype=DTYPE) for _ in range(copies)]
-    value_caches = [torch.randn(shape, device="cuda", dtype=DTYPE) for _ in range(copies)]
-    # Scattered blocks, as a long-running cache ends up.
-    block_tables = torch.randperm(num_blocks, device="cuda", dtype=torch.int32).view(batch, blocks_per_seq)
-    context_lens = torch.full((batch,), context, device="cuda", dtype=torch.int32)
+    copies = copies_for(2 * batch * context * num_kv_heads * head_dim * element)
     query = torch.randn(batch, NUM_HEADS, head_dim, device="cuda", dtype=DTYPE)
-    outs = [torch.empty_like(query) for _ in range(copies)]
-    scale = head_dim**-0.5
+    return PagedProblem(
+        batch=batch,
+        context=context,
+        head_dim=head_dim,
+        group=group,
+        query=query,
+        key_caches=[torch.randn(shape, device="cuda", dtype=DTYPE) for _ in range(copies)],
+        value_caches=[torch.randn(shape, device="cuda", dtype=DTYPE) for _ in range(copies)],
+        # Scattered blocks, as a long-running cache ends up.
+        block_tables=torch.randperm(num_blocks, device="cuda", dtype=torch.int32).view(batch, blocks_per_seq),
+        context_lens=torch.full((batch,), context, device="cuda", dtype=torch.int32),
+        outs=[torch.empty_like(query) for _ in range(copies)],
+    )
 
-    def paged(i: int) -> Callable[[], object]:
-        return lambda: cuda_ops.paged_decode_attention(
-            query, key_caches[i], value_caches[i], block_tables, context_lens, context, scale, out=outs[i]
-        )
 
-    paged_us = graph_time_us(cycle(paged, copies))
-    paged(0)()
-    paged_out = outs[0].clone()
+def same_bytes_copy_us(nbytes: int, copies: int) -> float:
+    """An elementwise kernel reading nbytes / 2 and writing nbytes / 2, timed like the attention calls."""
+    # int32 elements: a byte-wise copy of several GB does not reach full bandwidth.
+    sources = [torch.empty(nbytes // 8, device="cuda", dtype=torch.int32) for _ in range(copies)]
+    targets = [torch.empty_like(source) for source in sources]
+    # An elementwise kernel, not `copy_`: captured in a graph, a copy_ runs on the copy engine
+    # (benchmarks/graph_timing.py), which put some rows of the session-3 table at 65% of copy speed.
+    return graph_time_us(cycle(lambda i: lambda: torch.mul(sources[i], 1, out=targets[i]), copies))
+
+
+def run_shape(batch: int, context: int, head_dim: int, group: int) -> dict:
+    problem = make_problem(batch, context, head_dim, group)
+    paged_us = graph_time_us(cycle(problem.call, problem.copies))
+    problem.call(0)()
+    paged_out = problem.outs[0].clone()
+    blocks_per_seq = problem.block_tables.shape[1]
 
     def contiguous(cache: torch.Tensor) -> torch.Tensor:  # [batch, kv_heads, context, head_dim]
-        rows = cache[block_tables.long()].view(batch, blocks_per_seq * BLOCK_SIZE, num_kv_heads, head_dim)
+        rows = cache[problem.block_tables.long()].view(batch, blocks_per_seq * BLOCK_SIZE, -1, head_dim)
         return rows[:, :context].transpose(1, 2).contiguous()
 
-    keys = [contiguous(cache) for cache in key_caches]
-    key_caches.clear()  # the paged copies are no longer needed: make room
-    values = [contiguous(cache) for cache in value_caches]
-    value_caches.clear()
-    sdpa_query = query.unsqueeze(2)  # [batch, heads, 1, head_dim]
+    keys = [contiguous(cache) for cache in problem.key_caches]
+    problem.key_caches.clear()  # the paged copies are no longer needed: make room
+    values = [contiguous(cache) for cache in problem.value_caches]
+    problem.value_caches.clear()
+    sdpa_query = problem.query.unsqueeze(2)  # [batch, heads, 1, head_dim]
 
     def sdpa(i: int) -> Callable[[], object]:
         def call():
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                 return F.scaled_dot_product_attention(
-                    sdpa_query, keys[i], values[i], scale=scale, enable_gqa=group > 1
+                    sdpa_query, keys[i], values[i], scale=head_dim**-0.5, enable_gqa=group > 1
                 )
 
         return call
 
     try:
         max_diff = (sdpa(0)().squeeze(2).float() - paged_out.float()).abs().max().item()
-        sdpa_us = graph_time_us(cycle(sdpa, copies))
+        sdpa_us = graph_time_us(cycle(sdpa, problem.copies))
     except RuntimeError as error:  # flash not available for this shape/build
         sdpa_us, max_diff = float("nan"), float("nan")
         print(f"  sdpa flash unavailable for {batch}x{context} d{head_dim} g{group}: {error}")
     keys.clear()
     values.clear()
-
-    # int32 elements: a byte-wise copy of several GB does not reach full bandwidth.
-    sources = [torch.empty(total // 8, device="cuda", dtype=torch.int32) for _ in range(copies)]
-    targets = [torch.empty_like(source) for source in sources]
-    # An elementwise kernel, not `copy_`: captured in a graph, a copy_ runs on the copy engine
-    # (benchmarks/graph_timing.py), which put some rows of the session-3 table at 65% of copy speed.
-    copy_us = graph_time_us(cycle(lambda i: lambda: torch.mul(sources[i], 1, out=targets[i]), copies))
-
+    total = problem.bytes
     return {
         "batch": batch,
         "context": context,
         "head_dim": head_dim,
         "group": group,
         "num_heads": NUM_HEADS,
-        "num_kv_heads": num_kv_heads,
+        "num_kv_heads": problem.num_kv_heads,
         "bytes": total,
-        "copies": copies,
+        "copies": problem.copies,
         "paged_us": paged_us,
         "paged_gbs": total / (paged_us * 1e-6) / 1e9,
         "sdpa_us": sdpa_us,
         "sdpa_gbs": total / (sdpa_us * 1e-6) / 1e9,
-        "same_bytes_copy_us": copy_us,
+        "same_bytes_copy_us": same_bytes_copy_us(total, problem.copies),
         "max_abs_diff_vs_sdpa": max_diff,
     }
 

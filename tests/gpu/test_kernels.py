@@ -7,6 +7,8 @@ computed in float32 from the same low-precision inputs. Skipped without a CUDA d
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -163,6 +165,8 @@ def test_decode_matches_reference(dtype, head_dim, group, feature):
         (torch.bfloat16, 128, 12, 4, 32),  # group of 3: a head chunk with an unused slot
         (torch.float16, 64, 48, 1, 8),  # MQA, 48 heads: six chunks of eight
         (torch.bfloat16, 128, 6, 6, 1),
+        (torch.bfloat16, 64, 12, 4, 16),  # group of 3 at head_dim 64: a warp's merge lanes span heads 2 and 3
+        (torch.float32, 64, 4, 4, 16),  # MHA in fp32: one head per CUDA-core block
     ],
 )
 def test_decode_other_shapes(dtype, head_dim, num_heads, num_kv_heads, block_size):
@@ -172,21 +176,24 @@ def test_decode_other_shapes(dtype, head_dim, num_heads, num_kv_heads, block_siz
     query, key_cache, value_cache, metadata = make_step(
         [1] * len(contexts), contexts, num_heads, num_kv_heads, head_dim, dtype, block_size
     )
-    args = feature_args(FEATURES["all"], num_heads)
-    expected = reference(query, key_cache, value_cache, metadata, 0.1, args)
-    out = torch.full_like(query, float("nan"))
-    cuda_ops.paged_decode_attention(
-        query,
-        key_cache,
-        value_cache,
-        metadata.block_tables,
-        metadata.context_lens,
-        2000,
-        0.1,
-        out=out,
-        **args,
-    )
-    assert_matches(out, expected, dtype)
+    # "all" has a 20-token window, so only "plain" reaches the split-K merge.
+    for feature, partition_size in itertools.product(("plain", "all"), (None, 64)):
+        args = feature_args(FEATURES[feature], num_heads)
+        expected = reference(query, key_cache, value_cache, metadata, 0.1, args)
+        out = torch.full_like(query, float("nan"))
+        cuda_ops.paged_decode_attention(
+            query,
+            key_cache,
+            value_cache,
+            metadata.block_tables,
+            metadata.context_lens,
+            2000,
+            0.1,
+            out=out,
+            partition_size=partition_size,
+            **args,
+        )
+        assert_matches(out, expected, dtype)
 
 
 def test_decode_single_partition_big_batch_and_strided_query():
