@@ -1,12 +1,12 @@
 """CUDA and Triton attention kernels against the PyTorch reference (`engine/kernels/reference.py`).
 
-Every case draws fresh random inputs, scatters each sequence over shuffled cache blocks, fills the
-output with NaN before the call (so an unwritten element fails), and compares with the reference
-computed in float32 from the same low-precision inputs. Skipped without a CUDA device.
+Inputs and checks come from tests/engine/kernels/attention_cases.py (random steps scattered over
+shuffled cache blocks, NaN-poisoned outputs, a float32 reference). Skipped without a CUDA device.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import numpy as np
@@ -14,71 +14,23 @@ import pytest
 import torch
 
 from engine.input_metadata import InputMetadata
-from engine.kernels.reference import paged_attention_reference, write_kv_cache_reference
+from engine.kernels.reference import write_kv_cache_reference
+from tests.engine.kernels import attention_cases
+from tests.engine.kernels.attention_cases import (
+    FEATURES,
+    MIXED_STEP,
+    assert_matches,
+    check_prefill,
+    reference,
+)
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
-TOLERANCE = {torch.float16: 3e-3, torch.bfloat16: 2e-2, torch.float32: 1e-4}
-FEATURES = {
-    "plain": {},
-    "alibi": {"alibi": True},
-    "window": {"sliding_window": 300},
-    "soft_cap": {"logits_soft_cap": 4.0},
-    "all": {"alibi": True, "sliding_window": 20, "logits_soft_cap": 2.5},
-}
-
-
-def make_step(
-    query_lens: list[int],
-    context_lens: list[int],
-    num_heads: int,
-    num_kv_heads: int,
-    head_dim: int,
-    dtype: torch.dtype,
-    block_size: int = 16,
-    seed: int = 0,
-):
-    """Random query, caches and metadata; each sequence's blocks are scattered over the cache."""
-    generator = torch.Generator(device="cuda").manual_seed(seed)
-    blocks_per_seq = [-(-c // block_size) for c in context_lens]
-    num_blocks = sum(blocks_per_seq) + 5  # spare blocks that no sequence owns
-    order = torch.randperm(num_blocks, generator=generator, device="cuda").tolist()
-    tables, used = [], 0
-    for count in blocks_per_seq:
-        tables.append(order[used : used + count] or [0])
-        used += count
-    metadata = InputMetadata.build(query_lens, context_lens, tables, block_size, device="cuda")
-    shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    key_cache = torch.randn(shape, generator=generator, device="cuda").to(dtype)
-    value_cache = torch.randn(shape, generator=generator, device="cuda").to(dtype)
-    query = torch.randn(sum(query_lens), num_heads, head_dim, generator=generator, device="cuda").to(dtype)
-    return query, key_cache, value_cache, metadata
-
-
-def feature_args(features: dict, num_heads: int) -> dict:
-    slopes = None
-    if features.get("alibi"):
-        slopes = torch.rand(num_heads, device="cuda") * 0.5
-    return {
-        "alibi_slopes": slopes,
-        "sliding_window": features.get("sliding_window"),
-        "logits_soft_cap": features.get("logits_soft_cap"),
-    }
-
-
-def reference(query, key_cache, value_cache, metadata, scale, args) -> torch.Tensor:
-    return paged_attention_reference(
-        query.float(), key_cache.float(), value_cache.float(), metadata, scale, **args
-    )
-
-
-def assert_matches(out: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
-    assert not out.isnan().any(), "output has unwritten (NaN) elements"
-    tolerance = TOLERANCE[dtype]
-    torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
+make_step = functools.partial(attention_cases.make_step, device="cuda")
+feature_args = functools.partial(attention_cases.feature_args, device="cuda")
 
 
 # --- KV cache write ------------------------------------------------------------------------------
@@ -304,50 +256,17 @@ def test_decode_understated_max_context_len_leaves_later_calls_correct():
 
 # --- Triton prefill / mixed attention ------------------------------------------------------------
 
-# (query_lens, context_lens): whole prompts, chunked prefill and prefix-cache hits (new tokens after
-# cached context), and decode tokens, all in one step.
-MIXED_STEP = ([70, 1, 33, 5, 1, 128], [70, 17, 100, 4096, 1000, 300])
-
-
-def run_prefill(query, key_cache, value_cache, metadata, scale, args):
-    from engine.kernels import triton_attention
-
-    out = torch.full_like(query, float("nan"))
-    triton_attention.paged_prefill_attention(
-        query,
-        key_cache,
-        value_cache,
-        metadata.block_tables,
-        metadata.context_lens,
-        metadata.query_start_loc,
-        metadata.max_query_len,
-        scale,
-        out=out,
-        **args,
-    )
-    return out
-
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("group", [1, 4, 8])
 def test_prefill_mixed_step_matches_reference(dtype, head_dim, group):
-    query, key_cache, value_cache, metadata = make_step(
-        *MIXED_STEP, 2 * group, 2, head_dim, dtype, seed=group
-    )
-    args = feature_args({}, 2 * group)
-    expected = reference(query, key_cache, value_cache, metadata, head_dim**-0.5, args)
-    assert_matches(
-        run_prefill(query, key_cache, value_cache, metadata, head_dim**-0.5, args), expected, dtype
-    )
+    check_prefill(*MIXED_STEP, 2 * group, 2, head_dim, dtype, "cuda", scale=head_dim**-0.5, seed=group)
 
 
 @pytest.mark.parametrize("feature", ["alibi", "window", "soft_cap", "all"])
 def test_prefill_features_match_reference(feature):
-    query, key_cache, value_cache, metadata = make_step(*MIXED_STEP, 8, 2, 128, torch.bfloat16)
-    args = feature_args(FEATURES[feature], 8)
-    expected = reference(query, key_cache, value_cache, metadata, 0.09, args)
-    assert_matches(run_prefill(query, key_cache, value_cache, metadata, 0.09, args), expected, torch.bfloat16)
+    check_prefill(*MIXED_STEP, 8, 2, 128, torch.bfloat16, "cuda", feature, scale=0.09)
 
 
 @pytest.mark.parametrize(
@@ -360,12 +279,7 @@ def test_prefill_features_match_reference(feature):
     ],
 )
 def test_prefill_other_shapes(dtype, head_dim, query_lens, context_lens, block_size):
-    query, key_cache, value_cache, metadata = make_step(
-        query_lens, context_lens, 4, 2, head_dim, dtype, block_size
-    )
-    args = feature_args(FEATURES["all"], 4)
-    expected = reference(query, key_cache, value_cache, metadata, 0.2, args)
-    assert_matches(run_prefill(query, key_cache, value_cache, metadata, 0.2, args), expected, dtype)
+    check_prefill(query_lens, context_lens, 4, 2, head_dim, dtype, "cuda", "all", block_size)
 
 
 # --- dispatch: the layer-facing entry points -----------------------------------------------------

@@ -1,9 +1,10 @@
-"""The fused Triton kernels' logic on the CPU: run by Triton's interpreter (TRITON_INTERPRET=1).
+"""The Triton kernels' logic on the CPU: run by Triton's interpreter (TRITON_INTERPRET=1).
 
 triton.jit decides at import time whether a kernel is compiled or interpreted, so each case runs
 in a fresh interpreter process with the variable set: this test process (and every other test in
 it that uses Triton normally) never imports a kernel module in interpreter mode. The cases are the
-checks of tests/engine/kernels/fused_cases.py on small shapes. Skipped where Triton is not installed.
+checks of tests/engine/kernels/fused_cases.py and attention_cases.py on small shapes. Skipped
+where Triton is not installed.
 """
 
 from __future__ import annotations
@@ -51,8 +52,29 @@ check_gated_activation("silu", (1, 2 * 64), torch.float16, "cpu")
 """
 
 
+# The prefill/mixed-step attention kernel in float32 and float16 (the interpreter's bfloat16 dot
+# product is not faithful; the GPU tests cover bfloat16): GQA groups 1/4/8, every score feature,
+# a head dim padded inside the kernel, a block size that is not a power of two, decode-only rows.
+PREFILL_CASES = """
+step = ([40, 1, 20, 5, 1], [40, 17, 70, 600, 300])  # prompt, decode, chunk after cached context
+for dtype in (torch.float32, torch.float16):
+    for group in (1, 4, 8):
+        check_prefill(*step, 2 * group, 2, 64, dtype, "cpu", scale=0.125, seed=group)
+    for feature in ("alibi", "window", "soft_cap", "all"):
+        check_prefill(*step, 4, 2, 64, dtype, "cpu", feature)
+check_prefill([17, 1], [50, 33], 4, 2, 80, torch.float16, "cpu", "all")
+check_prefill([200, 9], [200, 300], 4, 2, 64, torch.float32, "cpu", "all", block_size=12)
+check_prefill([1, 1, 1, 1], [1, 16, 17, 700], 4, 1, 128, torch.float32, "cpu", "plain")
+"""
+
+
 def run_interpreted(cases: str) -> None:
-    script = "import torch\nfrom tests.engine.kernels.fused_cases import *\n" + textwrap.dedent(cases)
+    script = (
+        "import torch\n"
+        "import tests.engine.kernels.interpreter_compat\n"
+        "from tests.engine.kernels.fused_cases import *\n"
+        "from tests.engine.kernels.attention_cases import *\n"
+    ) + textwrap.dedent(cases)
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO_ROOT))
     env.pop("PORTER_FORCE_REFERENCE", None)
     result = subprocess.run(
@@ -73,3 +95,7 @@ def test_rotary_kernel_under_interpreter():
 
 def test_gated_activation_kernel_under_interpreter():
     run_interpreted(ACTIVATION_CASES)
+
+
+def test_prefill_attention_kernel_under_interpreter():
+    run_interpreted(PREFILL_CASES)
