@@ -200,7 +200,8 @@ def verify(
             )
         )
     variant = "".join(f"+{key}={json.dumps(value)}" for key, value in sorted(overrides.items()))
-    _record_verify(architecture, tp, device, dtype + variant, report.max_rel, passed)
+    if _is_bundled_port(architecture, resolved.port_path):  # a copy elsewhere says nothing about it
+        _record_verify(architecture, tp, device, dtype + variant, report.max_rel, passed)
     if not passed:
         _fail(
             f"parity gap: max relative error {report.max_rel:.2e} (tolerance {tolerance:g}), "
@@ -223,6 +224,17 @@ def _causal_lm_class(path: Path) -> str:
         ):
             return statement.name.value
     raise PorterError(f"{path} defines no class with compute_logits")
+
+
+def _is_bundled_port(architecture: str, port_path: Path) -> bool:
+    """Whether `port_path` is the file the engine registry runs for `architecture`."""
+    from engine.models.registry import registered_architectures
+    from porter.port import ENGINE_MODELS
+
+    entry = registered_architectures().get(architecture)
+    if entry is None:
+        return False
+    return (ENGINE_MODELS / f"{entry[0].rsplit('.', 1)[-1]}.py").resolve() == port_path.resolve()
 
 
 def _record_verify(architecture: str, tp: int, device: str, dtype: str, max_rel: float, passed: bool) -> None:

@@ -139,8 +139,12 @@ class BloomAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor, kv_cache, input_metadata):
         fused_qkv = self.query_key_value(hidden_states)  # [batch_size, seq_length, 3 x hidden_size]
         # 3 x [batch_size, num_heads, seq_length, head_dim]
-        query_layer, key_layer, value_layer = fused_qkv.split(
-            [self.query_key_value.q_size, self.query_key_value.kv_size, self.query_key_value.kv_size], dim=-1
+        query_layer, key_layer, value_layer = (
+            part.unflatten(-1, (-1, self.head_dim))
+            for part in fused_qkv.split(
+                [self.query_key_value.q_size, self.query_key_value.kv_size, self.query_key_value.kv_size],
+                dim=-1,
+            )
         )
         context_layer = self.attn(query_layer, key_layer, value_layer, kv_cache, input_metadata).flatten(1)
         output_tensor = self.dense(context_layer)

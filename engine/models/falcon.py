@@ -136,8 +136,12 @@ class FalconAttention(nn.Module):
     ):
         fused_qkv = self.query_key_value(hidden_states)  # [batch_size, seq_length, 3 x hidden_size]
         # 3 x [batch_size, seq_length, num_heads, head_dim]
-        (query_layer, key_layer, value_layer) = fused_qkv.split(
-            [self.query_key_value.q_size, self.query_key_value.kv_size, self.query_key_value.kv_size], dim=-1
+        (query_layer, key_layer, value_layer) = (
+            part.unflatten(-1, (-1, self.head_dim))
+            for part in fused_qkv.split(
+                [self.query_key_value.q_size, self.query_key_value.kv_size, self.query_key_value.kv_size],
+                dim=-1,
+            )
         )
 
         if not self.config.alibi:

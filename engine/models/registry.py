@@ -16,18 +16,32 @@ from pathlib import Path
 from torch import nn
 
 _MODELS: dict[str, tuple[str, str]] = {
+    "ArceeForCausalLM": ("engine.models.arcee", "ArceeForCausalLM"),
+    "BioGptForCausalLM": ("engine.models.biogpt", "BioGptForCausalLM"),
     "BloomForCausalLM": ("engine.models.bloom", "BloomForCausalLM"),
+    "CohereForCausalLM": ("engine.models.cohere", "CohereForCausalLM"),
     "FalconForCausalLM": ("engine.models.falcon", "FalconForCausalLM"),
     "GPT2LMHeadModel": ("engine.models.gpt2", "GPT2LMHeadModel"),
     "GPTBigCodeForCausalLM": ("engine.models.gpt_bigcode", "GPTBigCodeForCausalLM"),
     "GPTNeoXForCausalLM": ("engine.models.gpt_neox", "GPTNeoXForCausalLM"),
     "Gemma2ForCausalLM": ("engine.models.gemma2", "Gemma2ForCausalLM"),
+    "GemmaForCausalLM": ("engine.models.gemma", "GemmaForCausalLM"),
+    "GlmForCausalLM": ("engine.models.glm", "GlmForCausalLM"),
+    "GraniteForCausalLM": ("engine.models.granite", "GraniteForCausalLM"),
+    "HeliumForCausalLM": ("engine.models.helium", "HeliumForCausalLM"),
     "LlamaForCausalLM": ("engine.models.llama", "LlamaForCausalLM"),
+    "MinistralForCausalLM": ("engine.models.ministral", "MinistralForCausalLM"),
     "MistralForCausalLM": ("engine.models.mistral", "MistralForCausalLM"),
+    "NemotronForCausalLM": ("engine.models.nemotron", "NemotronForCausalLM"),
     "OPTForCausalLM": ("engine.models.opt", "OPTForCausalLM"),
+    "OlmoForCausalLM": ("engine.models.olmo", "OlmoForCausalLM"),
+    "PersimmonForCausalLM": ("engine.models.persimmon", "PersimmonForCausalLM"),
     "PhiForCausalLM": ("engine.models.phi", "PhiForCausalLM"),
     "Qwen2ForCausalLM": ("engine.models.qwen2", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("engine.models.qwen3", "Qwen3ForCausalLM"),
+    "SmolLM3ForCausalLM": ("engine.models.smollm3", "SmolLM3ForCausalLM"),
+    "StableLmForCausalLM": ("engine.models.stablelm", "StableLmForCausalLM"),
+    "Starcoder2ForCausalLM": ("engine.models.starcoder2", "Starcoder2ForCausalLM"),
 }
 
 _CUSTOM: dict[str, str | type[nn.Module]] = {}

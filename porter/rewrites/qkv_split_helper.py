@@ -4,8 +4,9 @@ Some attention classes hand the fused projection's output to a helper (`q, k, v 
 self._split_heads(fused_qkv)`) that views it into heads and picks q, k and v out by index, in a
 layout that may depend on the configuration (one branch per layout). In the port the projection is
 a `QKVParallelLinear`, whose output on each rank is `[q | k | v]` of this rank's heads, so the call
-becomes `fused_qkv.split([q_size, kv_size, kv_size], dim=-1)`; the layout the helper's views show
-is the layout the layer loads the fused checkpoint tensor in:
+becomes `fused_qkv.split([q_size, kv_size, kv_size], dim=-1)`, each part viewed into heads as the
+helper's were (`[T, heads, head_dim]`: a per-head norm or a slice of the head dim may follow); the
+layout the helper's views show is the layout the layer loads the fused checkpoint tensor in:
 - a view ending `(..., 3, head_dim)` (q, k, v side by side per head) is "per_head";
 - a view ending `(..., n + 2, head_dim)` (per KV group: its queries, then one key and one value; a
   single group with no group axis is multi-query's `[q..., k, v]`) is "grouped".
@@ -28,7 +29,7 @@ class SplitByHelper(Rewrite):
     name = "qkv-split-helper"
 
     def apply(self, module: cst.Module, context: PortContext) -> cst.Module:
-        found: dict[str, tuple[str, str, str]] = {}  # class -> (projection, helper, layout)
+        found: dict[str, tuple[str, str, str, str]] = {}  # class -> (projection, helper, layout, head_dim)
         for name, info in context.plan.attention.items():
             if len({info.query, info.key, info.value}) != 1:
                 continue
@@ -44,7 +45,7 @@ class SplitByHelper(Rewrite):
                     "splits the fused q|k|v in a layout porter cannot read",
                 )
                 continue
-            found[name] = (info.query, helper, layout)
+            found[name] = (info.query, helper, layout, info.head_dim)
             context.plan.concatenated_qkv.add((name, info.query))
             context.plan.qkv_layouts[(name, info.query)] = [(layout, None)]
         if not found:
@@ -101,7 +102,7 @@ def _layout(helper: cst.FunctionDef, head_dim: str) -> str | None:
 
 
 class _Transformer(ClassScopedTransformer):
-    def __init__(self, context: PortContext, found: dict[str, tuple[str, str, str]]) -> None:
+    def __init__(self, context: PortContext, found: dict[str, tuple[str, str, str, str]]) -> None:
         super().__init__(context)
         self.found = found
 
@@ -109,11 +110,14 @@ class _Transformer(ClassScopedTransformer):
         entry = self.found.get(self.current_class or "")
         if entry is None or self.current_function != "forward":
             return updated
-        projection, helper, layout = entry
+        projection, helper, layout, head_dim = entry
         if self_attribute(updated.func) != helper:
             return updated
         sizes = f"[self.{projection}.q_size, self.{projection}.kv_size, self.{projection}.kv_size]"
-        new = cst.parse_expression(f"{code_of(updated.args[0].value)}.split({sizes}, dim=-1)")
+        fused = code_of(updated.args[0].value)
+        new = cst.parse_expression(
+            f"(part.unflatten(-1, (-1, {head_dim})) for part in {fused}.split({sizes}, dim=-1))"
+        )
         self.context.record(
             "qkv-split-helper",
             self.where,

@@ -6,6 +6,11 @@ row-parallel Linear (through elementwise ops, activations, attention) is column-
 other (a projection in or out of the residual stream) is replicated. The QKV projection and
 paged attention produce sharded tensors. `Conv1D(out, in)` stores its weight transposed; the
 layer is told so. `nn.Embedding(vocab_size, ...)` becomes `VocabParallelEmbedding`.
+
+A column-parallel Linear whose output forward cuts into n equal parts (`x.chunk(n, dim=-1)`: a
+gate|up or q|k|v projection fused in the checkpoint) becomes a `MergedColumnParallelLinear` of n
+parts: each part is sharded on its own, so a rank's output still chunks into its share of every
+part (a plain column split would give one rank all of the gate and the other all of the up).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import libcst as cst
 
 from porter.analysis.cst_utils import (
     call_name,
+    calls_in,
     code_of,
     dotted_name,
     init_attribute_values,
@@ -32,10 +38,14 @@ class TensorParallelLayers(Rewrite):
 
     def apply(self, module: cst.Module, context: PortContext) -> cst.Module:
         kinds: dict[tuple[str, str], str] = {}
+        chunked: dict[tuple[str, str], int] = {}
         for name in context.index.reachable:
             info = context.index.classes[name]
             forward = info.methods.get("forward")
             if forward is not None and info.linears():
+                chunked.update(
+                    {(name, a): n for a, n in _chunked_outputs(forward, set(info.linears())).items()}
+                )
                 sharded = {a for a, call in info.init_calls.items() if call_name(call) in SHARDED_LAYERS}
                 kinds.update(
                     {
@@ -50,7 +60,50 @@ class TensorParallelLayers(Rewrite):
                     }
                 )
         vocab_embeddings = _vocab_embedding_subclasses(context)
-        return module.visit(_Transformer(context, kinds, vocab_embeddings))
+        return module.visit(_Transformer(context, kinds, vocab_embeddings, chunked))
+
+
+def _chunked_outputs(forward: cst.FunctionDef, linears: set[str]) -> dict[str, int]:
+    """Linear attribute -> n, for each Linear whose output forward cuts with `.chunk(n, dim=-1)`
+    (on the call itself or on the variable that holds it at that point)."""
+    holders: dict[str, str] = {}  # variable -> the Linear whose output it holds now
+    found: dict[str, int] = {}
+
+    def scan(node: cst.CSTNode) -> None:
+        for call in calls_in(node):
+            func = call.func
+            if not (isinstance(func, cst.Attribute) and func.attr.value == "chunk" and call.args):
+                continue
+            receiver = func.value
+            if isinstance(receiver, cst.Call):
+                source = self_attribute(receiver.func)
+            else:
+                source = holders.get(receiver.value) if isinstance(receiver, cst.Name) else None
+            parts = call.args[0].value
+            dims = [a.value for a in call.args[1:] if a.keyword is None or a.keyword.value == "dim"]
+            last_dim = bool(dims) and code_of(dims[0]) in ("-1", "2")  # [batch, seq, features]: 2 is last
+            if source in linears and isinstance(parts, cst.Integer) and last_dim:
+                found[source] = int(parts.value)
+
+    def walk(statements) -> None:
+        for statement in statements:
+            if isinstance(statement, cst.SimpleStatementLine):
+                for small in statement.body:
+                    value = getattr(small, "value", None)
+                    if value is None:
+                        continue
+                    scan(value)  # before the targets rebind what it reads
+                    linear = self_attribute(value.func) if isinstance(value, cst.Call) else None
+                    for target in statement_targets(statement):
+                        if linear in linears:
+                            holders[target] = linear
+                        else:
+                            holders.pop(target, None)
+            elif hasattr(statement, "body") and hasattr(statement.body, "body"):
+                walk(statement.body.body)
+
+    walk(forward.body.body)
+    return found
 
 
 def _vocab_embedding_subclasses(context: PortContext) -> set[str]:
@@ -251,11 +304,16 @@ def elementwise_attributes(info) -> set[str]:
 
 class _Transformer(ClassScopedTransformer):
     def __init__(
-        self, context: PortContext, kinds: dict[tuple[str, str], str], vocab_embeddings: set[str]
+        self,
+        context: PortContext,
+        kinds: dict[tuple[str, str], str],
+        vocab_embeddings: set[str],
+        chunked: dict[tuple[str, str], int],
     ) -> None:
         super().__init__(context)
         self.kinds = kinds
         self.vocab_embeddings = vocab_embeddings
+        self.chunked = chunked
 
     def leave_ClassDef(self, original: cst.ClassDef, updated: cst.ClassDef):
         if updated.name.value in self.vocab_embeddings:
@@ -306,7 +364,28 @@ class _Transformer(ClassScopedTransformer):
                 *args[2:],
             ]
             args.append(cst.Arg(cst.Name("True"), keyword=cst.Name("checkpoint_transposed")))
+        parts = self.chunked.get((self.current_class, attr))
+        if kind == "column" and parts and len(args) >= 2 and args[1].keyword is None:
+            layer = "MergedColumnParallelLinear"
+            args[1] = args[1].with_changes(value=_equal_parts(args[1].value, parts))
+            why = f"column-parallel, its output cut into {parts} parts: each part sharded on its own"
+        else:
+            why = f"{kind} by the data flow of forward"
         new = call.with_changes(func=cst.Name(layer), args=args)
         self.context.need("engine.layers", layer)
-        self.context.record("tensor-parallel", self.where, call, new, f"{kind} by the data flow of forward")
+        self.context.record("tensor-parallel", self.where, call, new, why)
         return updated.with_changes(value=new)
+
+
+def _equal_parts(size: cst.BaseExpression, parts: int) -> cst.BaseExpression:
+    """`[part] * n` for an output size of n equal parts: `2 * x` -> `[x] * 2`, else `[size // n] * n`."""
+    if (
+        isinstance(size, cst.BinaryOperation)
+        and isinstance(size.operator, cst.Multiply)
+        and isinstance(size.left, cst.Integer)
+        and int(size.left.value) == parts
+    ):
+        part = code_of(size.right)
+    else:
+        part = f"({code_of(size)}) // {parts}"
+    return cst.parse_expression(f"[{part}] * {parts}")

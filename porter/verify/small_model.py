@@ -47,18 +47,23 @@ def small_config(model_type: str, architecture: str) -> PretrainedConfig:
         config.num_key_value_heads = KV_HEADS  # grouped-query: keep it grouped
     elif hasattr(default, "num_key_value_heads"):
         config.num_key_value_heads = HEADS
-    if getattr(config, "head_dim", None) and not isinstance(
-        getattr(type(config), "head_dim", None), property
-    ):
-        config.head_dim = HIDDEN // HEADS  # (a property computes it from the sizes set above)
+    if hasattr(config, "head_dim") and not isinstance(getattr(type(config), "head_dim", None), property):
+        # (a property computes it from the sizes set above). Set even where the default is None:
+        # some config classes leave it to the checkpoint, and their models cannot run without it.
+        config.head_dim = HIDDEN // HEADS
     for name in INTERMEDIATE_NAMES:
         if getattr(config, name, None):
             setattr(config, name, INTERMEDIATE)
-    layer_types = getattr(config, "layer_types", None)
-    if isinstance(layer_types, list) and len(layer_types) > LAYERS:
-        # Keep one of each kind of layer (sliding and full attention, for instance).
-        kinds = list(dict.fromkeys(layer_types))
-        config.layer_types = (kinds + layer_types)[:LAYERS] if len(kinds) <= LAYERS else kinds[:LAYERS]
+    default_layers = getattr(default, "num_hidden_layers", None)
+    for key, value in list(vars(config).items()):
+        # A list with one entry per layer (`layer_types`, GPT-Neo's `attention_layers`): keep one
+        # of each kind of layer (sliding and full attention, for instance).
+        if key == "layer_types" or (
+            isinstance(value, list) and default_layers and len(value) == default_layers
+        ):
+            if isinstance(value, list) and len(value) > LAYERS and all(isinstance(v, str) for v in value):
+                kinds = list(dict.fromkeys(value))
+                setattr(config, key, (kinds + value)[:LAYERS] if len(kinds) <= LAYERS else kinds[:LAYERS])
     if isinstance(getattr(config, "sliding_window", None), int):
         config.sliding_window = SLIDING_WINDOW  # shorter than the prompts, so the window really masks
     config.vocab_size = VOCAB

@@ -23,13 +23,17 @@ def test_head_counts_follow_the_branches_that_size_the_projection():
     )
 
 
-def test_the_helper_call_becomes_a_split_by_this_ranks_sizes_and_the_helper_goes():
+def test_the_helper_call_becomes_a_split_by_this_ranks_sizes_viewed_into_heads_and_the_helper_goes():
+    # The helper returned [.., heads, head_dim] views, so the parts keep a heads axis: a per-head
+    # norm or a slice of the head dim after it (Persimmon) sees what it saw in the source.
     after = run_through(VARIANT_MODEL, "prune")
     forward = method_code(after.code, "MiniAttention", "forward")
+    code = " ".join(normalize(forward).split())  # layout aside
     assert (
-        "query_layer, key_layer, value_layer = fused_qkv.split(\n"
-        "        [self.query_key_value.q_size, self.query_key_value.kv_size, self.query_key_value.kv_size], dim=-1"
-    ) in normalize(forward)
+        "query_layer, key_layer, value_layer = ( part.unflatten(-1, (-1, self.head_dim)) for part in "
+        "fused_qkv.split( [self.query_key_value.q_size, self.query_key_value.kv_size, "
+        "self.query_key_value.kv_size], dim=-1 ) )"
+    ) in code
     assert "_split_heads" not in after.code
 
 

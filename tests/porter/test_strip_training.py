@@ -154,3 +154,38 @@ def test_a_module_attribute_named_like_dropout_but_not_one_is_called_as_before()
     before = vary(before, "self.act_fn(self.gate_proj(x))", "self.drop(self.act_fn(self.gate_proj(x)))")
     after = run_rewrites(before, "strip-training")
     assert "self.drop(self.act_fn(self.gate_proj(x)))" in method_code(after.code, "MiniMLP", "forward")
+
+
+def test_a_constructor_rate_parameter_nothing_reads_goes_with_its_keyword_argument():
+    # BioGPT's attention: `dropout: float = 0.0`, stored as `self.dropout`, read only by dropout calls.
+    before = vary(
+        MINI_MODEL,
+        "    def __init__(self, config, layer_idx):\n        super().__init__()\n        self.config = config",
+        "    def __init__(self, config, layer_idx, dropout: float = 0.0):\n"
+        "        super().__init__()\n        self.dropout = dropout\n        self.config = config",
+    )
+    before = vary(
+        before,
+        "self.self_attn = MiniAttention(config, layer_idx)",
+        "self.self_attn = MiniAttention(config, layer_idx, dropout=config.attention_dropout)",
+    )
+    after = run_rewrites(before, "strip-training")
+    assert "def __init__(self, config, layer_idx):" in class_code(after.code, "MiniAttention")
+    assert "MiniAttention(config, layer_idx)" in class_code(after.code, "MiniDecoderLayer")
+
+
+def test_a_rate_parameter_passed_by_position_stays():
+    before = vary(
+        MINI_MODEL,
+        "    def __init__(self, config, layer_idx):\n        super().__init__()\n        self.config = config",
+        "    def __init__(self, config, layer_idx, dropout=0.0):\n"
+        "        super().__init__()\n        self.config = config",
+    )
+    before = vary(
+        before,
+        "self.self_attn = MiniAttention(config, layer_idx)",
+        "self.self_attn = MiniAttention(config, layer_idx, 0.1)",
+    )
+    after = run_rewrites(before, "strip-training")
+    assert "dropout=0.0" in class_code(after.code, "MiniAttention")
+    assert "MiniAttention(config, layer_idx, 0.1)" in class_code(after.code, "MiniDecoderLayer")

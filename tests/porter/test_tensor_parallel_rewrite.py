@@ -176,3 +176,52 @@ def test_a_linear_after_an_attention_submodule_named_attn_stays_replicated():
     )
     after = run_rewrites(before, "tensor-parallel")
     assert _kinds(after.code, "MiniDecoderLayer", "attn_out") == {"attn_out": "ReplicatedLinear"}
+
+
+def test_a_projection_whose_output_is_chunked_shards_each_part_on_its_own():
+    # GLM's gate_up_proj: one Linear, its output cut in two. A plain column split would hand one
+    # rank the whole gate and the other the whole up.
+    before = replace_class(
+        MINI_MODEL,
+        "MiniMLP",
+        """
+class MiniMLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x):
+        up_states = self.gate_up_proj(x)
+        gate, up_states = up_states.chunk(2, dim=-1)
+        return self.down_proj(up_states * self.act_fn(gate))
+""",
+    )
+    after = run_rewrites(before, "tensor-parallel")
+    assert init_value(after.code, "MiniMLP", "gate_up_proj") == (
+        "MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2, bias=False)"
+    )
+    assert init_value(after.code, "MiniMLP", "down_proj").startswith("RowParallelLinear(")
+
+
+def test_a_chunk_of_an_output_size_that_is_no_multiple_literal_divides_it():
+    before = replace_class(
+        MINI_MODEL,
+        "MiniMLP",
+        """
+class MiniMLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.in_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size // 2, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        a, b = self.in_proj(x).chunk(2, dim=-1)
+        return self.down_proj(a * b)
+""",
+    )
+    after = run_rewrites(before, "tensor-parallel")
+    assert init_value(after.code, "MiniMLP", "in_proj") == (
+        "MergedColumnParallelLinear(config.hidden_size, [(config.intermediate_size) // 2] * 2, bias=False)"
+    )

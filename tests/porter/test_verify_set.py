@@ -49,3 +49,18 @@ def test_the_cli_fails_in_one_line(setting, phrase):
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and phrase in lines[0], result.output
+
+
+def test_small_config_sets_a_head_dim_the_config_class_leaves_to_the_checkpoint():
+    # MinistralConfig's head_dim defaults to None and its attention cannot run without one.
+    config = small_config("ministral", "MinistralForCausalLM")
+    assert config.head_dim == config.hidden_size // config.num_attention_heads
+
+
+def test_small_config_shrinks_every_per_layer_list_to_the_small_layer_count():
+    # GPT-Neo's attention_layers (one entry per layer, checked against num_layers) and layer_types.
+    config = small_config("gpt_neo", "GPTNeoForCausalLM")
+    assert len(config.attention_layers) == config.num_layers
+    assert set(config.attention_layers) == {"global", "local"}
+    gemma2 = small_config("gemma2", "Gemma2ForCausalLM")
+    assert len(gemma2.layer_types) == gemma2.num_hidden_layers

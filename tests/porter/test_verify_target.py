@@ -38,3 +38,14 @@ def test_the_reference_wins_over_the_header(tmp_path):
 def test_a_reference_that_is_no_model_type_is_an_error(tmp_path):
     with pytest.raises(PorterError, match="not a model type"):
         resolve_target(str(_port(tmp_path, "modeling_x.py")), "not_a_model")
+
+
+def test_only_the_bundled_file_of_a_registered_architecture_counts_as_it(tmp_path):
+    from porter.cli import _is_bundled_port
+    from porter.port import ENGINE_MODELS
+
+    assert _is_bundled_port("LlamaForCausalLM", ENGINE_MODELS / "llama.py")
+    copy = tmp_path / "llama.py"
+    copy.write_text((ENGINE_MODELS / "llama.py").read_text())
+    assert not _is_bundled_port("LlamaForCausalLM", copy)  # a copy elsewhere is not what the engine runs
+    assert not _is_bundled_port("NoSuchForCausalLM", ENGINE_MODELS / "llama.py")
