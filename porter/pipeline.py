@@ -19,6 +19,7 @@ from porter.rewrites.flatten_batch import FlattenBatch
 from porter.rewrites.fuse_gate_up import FuseGateUp
 from porter.rewrites.fuse_qkv import FuseQKV
 from porter.rewrites.gated_activation import FuseGatedActivation
+from porter.rewrites.head_sharded_norm import ShardNormsByHead
 from porter.rewrites.hf_plumbing import StripHFPlumbing
 from porter.rewrites.imports import FixImports
 from porter.rewrites.layer_loops import UnzipLayerLoops
@@ -59,6 +60,7 @@ REWRITES: list[Rewrite] = [
     FuseGateUp(),  # gated MLP inputs -> MergedColumnParallelLinear
     SwapRMSNorm(),  # the file's RMSNorm -> the engine's, where running both proves them equal
     FuseResidualNorm(),  # residual add + norm -> one call
+    ShardNormsByHead(),  # a norm over all heads of q or k -> one split by heads across ranks
     TensorParallelLayers(),  # remaining Linears by data flow; vocab embedding
     FuseGatedActivation(),  # act(gate) * up -> one layer on [gate | up], once the data flow is read
     EmitLoadWeights(),  # load_weights from the plan (fused names, ties)

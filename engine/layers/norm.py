@@ -1,11 +1,15 @@
-"""RMSNorm, optionally fused with the residual add that precedes it in a pre-norm decoder layer."""
+"""RMSNorm, optionally fused with the residual add that precedes it in a pre-norm decoder layer; and
+its head-sharded form for a norm over all heads of q or k under tensor parallelism."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from engine import distributed
+from engine.distributed import tensor_parallel_all_reduce
 from engine.kernels import dispatch
+from engine.layers.linear import check_full_shape, copy_checked, kv_heads_for_rank
 
 
 class RMSNorm(nn.Module):
@@ -71,3 +75,59 @@ class RMSNorm(nn.Module):
         extra = f", weight_offset={self.weight_offset}" if self.weight_offset else ""
         extra += ", multiply_in_float32=True" if self.multiply_in_float32 else ""
         return f"{self.hidden_size}, eps={self.eps}{extra}"
+
+
+class HeadShardedRMSNorm(RMSNorm):
+    """RMSNorm over all heads of q (or k) at once, `num_heads * head_dim` wide (OLMo2's q/k norms),
+    where tensor parallelism gives each rank only some of the heads.
+
+    Each rank holds the weight of its heads and normalizes its heads' features by the root mean
+    square over every head: the sum of squares is all-reduced across the ranks (divided by how many
+    ranks hold a replicated KV head) before the mean. The heads a rank holds are the ones
+    `QKVParallelLinear` gives it: query heads evenly, KV heads evenly or, with more ranks than KV
+    heads, replicated (`kv=True`). At tp=1 it is exactly `RMSNorm(num_heads * head_dim)`.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int,
+        eps: float = 1e-6,
+        weight_offset: float = 0.0,
+        multiply_in_float32: bool = False,
+        kv: bool = False,
+    ) -> None:
+        tp_size, tp_rank = distributed.get_tp_size(), distributed.get_tp_rank()
+        if kv:
+            local_heads, first_head = kv_heads_for_rank(num_heads, tp_size, tp_rank)
+            self.replicas = max(1, tp_size // num_heads)
+        else:
+            local_heads = distributed.divide(num_heads, tp_size, "number of attention heads")
+            first_head, self.replicas = tp_rank * local_heads, 1
+        super().__init__(local_heads * head_dim, eps, weight_offset, multiply_in_float32)
+        self.full_size = num_heads * head_dim
+        self.first_feature = first_head * head_dim
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
+        check_full_shape(loaded_weight, (self.full_size,), type(self).__name__)
+        copy_checked(
+            param, loaded_weight.narrow(0, self.first_feature, self.hidden_size), type(self).__name__
+        )
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if residual is not None:
+            raise ValueError("HeadShardedRMSNorm takes no residual (it normalizes q or k, not the stream)")
+        if distributed.get_tp_size() == 1:
+            return super().forward(x)
+        input_dtype = x.dtype
+        hidden = x.float()
+        squares = tensor_parallel_all_reduce(hidden.pow(2).sum(-1, keepdim=True)) / self.replicas
+        hidden = hidden * torch.rsqrt(squares / self.full_size + self.eps)
+        if self.multiply_in_float32:
+            return (hidden * (self.weight_offset + self.weight.float())).to(input_dtype)
+        weight = self.weight + self.weight_offset if self.weight_offset else self.weight
+        return weight * hidden.to(input_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, of {self.full_size} across ranks"

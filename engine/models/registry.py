@@ -34,6 +34,7 @@ _MODELS: dict[str, tuple[str, str]] = {
     "MistralForCausalLM": ("engine.models.mistral", "MistralForCausalLM"),
     "NemotronForCausalLM": ("engine.models.nemotron", "NemotronForCausalLM"),
     "OPTForCausalLM": ("engine.models.opt", "OPTForCausalLM"),
+    "Olmo2ForCausalLM": ("engine.models.olmo2", "Olmo2ForCausalLM"),
     "OlmoForCausalLM": ("engine.models.olmo", "OlmoForCausalLM"),
     "PersimmonForCausalLM": ("engine.models.persimmon", "PersimmonForCausalLM"),
     "PhiForCausalLM": ("engine.models.phi", "PhiForCausalLM"),

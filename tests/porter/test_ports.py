@@ -47,6 +47,7 @@ PORTED = [
     "biogpt",
     "ministral",
     "persimmon",
+    "olmo2",  # q/k norms over all heads: HeadShardedRMSNorm
 ]
 
 
@@ -154,6 +155,8 @@ def test_port_has_no_training_or_batching_code(model_type):
         ("ministral", 2),
         ("persimmon", 1),
         ("persimmon", 2),
+        ("olmo2", 1),
+        ("olmo2", 2),
     ],
 )
 def test_verify_passes(model_type, tp, tmp_path):

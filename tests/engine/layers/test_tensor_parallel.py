@@ -17,6 +17,7 @@ from engine.input_metadata import InputMetadata
 from engine.kernels import dispatch
 from engine.layers import (
     ColumnParallelLinear,
+    HeadShardedRMSNorm,
     LogitsProcessor,
     MergedColumnParallelLinear,
     PagedAttention,
@@ -171,6 +172,25 @@ def check_vocab_and_logits() -> None:
     assert_near(logits, expected)
 
 
+def check_head_sharded_norms() -> None:
+    """A norm over all heads at once, each rank holding some: query heads split, and one KV head
+    replicated on both ranks (its sum of squares must not count twice)."""
+    rank = distributed.get_tp_rank()
+    torch.manual_seed(3)
+    for heads, kv in ((4, False), (2, True), (1, True)):
+        full = heads * HEAD_DIM
+        weight = torch.randn(full)
+        x = torch.randn(5, full)
+        expected = weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+        norm = HeadShardedRMSNorm(heads, HEAD_DIM, eps=1e-6, kv=kv)
+        load(norm, weight)
+        if heads >= TP:
+            held = slice(rank * full // TP, (rank + 1) * full // TP)
+        else:
+            held = slice(0, full)  # the one KV head, replicated
+        assert_near(norm(x[:, held]), expected[:, held], msg=f"heads={heads} kv={kv} rank {rank}")
+
+
 def check_paged_attention(tp1_outputs: dict) -> None:
     rank = distributed.get_tp_rank()
     for name, (heads, kv_heads, kwargs) in ATTENTION_CASES.items():
@@ -186,6 +206,7 @@ def tensor_parallel_checks(tp1_outputs: dict) -> None:
     check_column_row_pairs()
     check_qkv_layouts()
     check_vocab_and_logits()
+    check_head_sharded_norms()
     check_paged_attention(tp1_outputs)
 
 

@@ -1,0 +1,44 @@
+"""head-sharded-norm: an RMSNorm over all heads of q or k splits by heads under tensor parallelism."""
+
+from __future__ import annotations
+
+from tests.porter.rewrite_helpers import MINI_MODEL, init_value, run_through, vary
+from tests.porter.test_norm_and_activation import LLAMA_NORM
+
+
+def _with_norms(q_size: str, k_size: str) -> str:
+    before = vary(
+        MINI_MODEL,
+        "        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)\n",
+        "        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)\n"
+        f"        self.q_norm = MiniRMSNorm({q_size}, eps=config.rms_norm_eps)\n"
+        f"        self.k_norm = MiniRMSNorm({k_size}, eps=config.rms_norm_eps)\n",
+    )
+    before = vary(
+        before,
+        "        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)\n"
+        "        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)\n",
+        "        query_states = self.q_norm(self.q_proj(hidden_states)).view(hidden_shape).transpose(1, 2)\n"
+        "        key_states = self.k_norm(self.k_proj(hidden_states)).view(hidden_shape).transpose(1, 2)\n",
+    )
+    return before + LLAMA_NORM
+
+
+def test_norms_over_all_query_and_key_heads_split_by_heads():
+    before = _with_norms(
+        "config.num_attention_heads * self.head_dim", "config.num_key_value_heads * self.head_dim"
+    )
+    after = run_through(before, "head-sharded-norm")
+    assert init_value(after.code, "MiniAttention", "q_norm") == (
+        "HeadShardedRMSNorm(config.num_attention_heads, self.head_dim, eps=config.rms_norm_eps)"
+    )
+    assert init_value(after.code, "MiniAttention", "k_norm") == (
+        "HeadShardedRMSNorm(config.num_key_value_heads, self.head_dim, eps=config.rms_norm_eps, kv=True)"
+    )
+
+
+def test_a_per_head_norm_stays_a_plain_norm():
+    after = run_through(_with_norms("self.head_dim", "self.head_dim"), "head-sharded-norm")
+    assert (
+        init_value(after.code, "MiniAttention", "q_norm") == "RMSNorm(self.head_dim, eps=config.rms_norm_eps)"
+    )
