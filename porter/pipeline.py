@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import libcst as cst
 
+from porter.analysis.cst_utils import function_params, names_in
 from porter.analysis.model_index import build_index
 from porter.analysis.source import SourceFile
 from porter.analysis.unsupported import find_unsupported
@@ -112,4 +113,34 @@ def port_source(source: SourceFile, allow_review: bool = False) -> PortResult:
                 f"the {rewrite.name} rewrite failed on {source.display_name}: "
                 f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             ) from error
+    for where, name in unread_forward_inputs(module):
+        context.flag(
+            "engine-interface",
+            where,
+            f"`{name}` is passed in but no longer read: the port dropped what the source did with it "
+            "(an attention bias the engine's attention does not take?)",
+        )
     return PortResult(code=module.code, context=context)
+
+
+# Inputs every engine forward may take without reading (a layer without attention still threads them).
+ENGINE_INPUTS = {"positions", "kv_cache", "kv_caches", "input_metadata"}
+
+
+def unread_forward_inputs(module: cst.Module) -> list[tuple[str, str]]:
+    """(Class.forward, parameter) for each forward parameter of the port that its body never reads.
+
+    After the rewrites every input a forward keeps is one the source used; one left unread means a
+    rewrite removed its use (MPT's ALiBi `position_bias` once its attention became a PagedAttention
+    without slopes), so the port would run and be wrong."""
+    found = []
+    for statement in module.body:
+        if not isinstance(statement, cst.ClassDef):
+            continue
+        for item in statement.body.body:
+            if isinstance(item, cst.FunctionDef) and item.name.value == "forward":
+                read = names_in(item.body)
+                for name in function_params(item)[1:]:
+                    if name not in read and name not in ENGINE_INPUTS:
+                        found.append((f"{statement.name.value}.forward", name))
+    return found

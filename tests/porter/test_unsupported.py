@@ -34,3 +34,30 @@ def test_allow_review_writes_the_file_with_the_places_marked(tmp_path):
     text = out.read_text()
     assert "# REVIEW MambaMixer" in text
     assert "state-space" in text
+
+
+def test_an_input_the_port_stopped_reading_stops_the_port(tmp_path):
+    # MPT builds an ALiBi bias in the model and passes it to every attention, which adds it to the
+    # scores; once that core is a PagedAttention without slopes the bias is passed and ignored, and
+    # the port would run and be wrong.
+    out = tmp_path / "mpt.py"
+    result = CliRunner().invoke(app, ["port", "mpt", "--out", str(out), "--no-register"])
+    assert result.exit_code != 0
+    assert "MptAttention.forward: `position_bias` is passed in but no longer read" in result.output
+    assert not out.exists()
+
+
+def test_unread_forward_inputs_ignores_the_engine_inputs():
+    import libcst as cst
+
+    from porter.pipeline import unread_forward_inputs
+
+    module = cst.parse_module(
+        "class A:\n"
+        "    def forward(self, x, positions, kv_cache, input_metadata, bias):\n"
+        "        return x\n"
+        "class B:\n"
+        "    def forward(self, x, bias):\n"
+        "        return x + bias\n"
+    )
+    assert unread_forward_inputs(module) == [("A.forward", "bias")]
