@@ -41,11 +41,23 @@ class RotaryToEngine(Rewrite):
             for name, function in index.functions.items()
             if {"cos", "sin"} <= set(function_params(function))
         }
+        # `apply(x, sin, cos)`, one tensor per call (GPT-J, CodeGen): the engine's layer rotates q
+        # and k together, and pairing separate calls is not done yet, so say so instead of guessing.
+        one_tensor = {
+            name
+            for name, function in index.functions.items()
+            if name in apply_functions and _tensors_before_cos_sin(function) < 2
+        }
         if not apply_functions and not rotary_classes:
             return module
-        transformer = _Transformer(context, rotary_classes, apply_functions)
+        transformer = _Transformer(context, rotary_classes, apply_functions, one_tensor)
         module = module.visit(transformer)
         return module.visit(_DropRotaryOnlyAttributes(context, transformer.rotary_inputs))
+
+
+def _tensors_before_cos_sin(function: cst.FunctionDef) -> int:
+    params = function_params(function)
+    return min(params.index("cos"), params.index("sin"))
 
 
 def _is_neox_style(function: cst.FunctionDef, functions: dict[str, cst.FunctionDef]) -> bool:
@@ -57,10 +69,15 @@ def _is_neox_style(function: cst.FunctionDef, functions: dict[str, cst.FunctionD
 
 class _Transformer(ClassScopedTransformer):
     def __init__(
-        self, context: PortContext, rotary_classes: set[str], apply_functions: dict[str, bool]
+        self,
+        context: PortContext,
+        rotary_classes: set[str],
+        apply_functions: dict[str, bool],
+        one_tensor: set[str],
     ) -> None:
         super().__init__(context)
         self.rotary_classes, self.apply_functions = rotary_classes, apply_functions
+        self.one_tensor = one_tensor
         self.rotary_attrs = {
             (info.name, attr)
             for info in context.index.classes.values()
@@ -97,6 +114,13 @@ class _Transformer(ClassScopedTransformer):
                 and len(value.args) >= 2
                 and self.current_class in self.context.index.reachable  # others are pruned
             ):
+                if name in self.one_tensor:
+                    self.context.flag(
+                        "rotary",
+                        self.where,
+                        f"`{name}` rotates one tensor per call; porter ports `apply(q, k, cos, sin)` only",
+                    )
+                    return updated
                 targets = statement_targets(updated)
                 q, k = code_of(value.args[0].value), code_of(value.args[1].value)
                 new = cst.parse_statement(f"{', '.join(targets)} = self.rotary_emb(positions, {q}, {k})")

@@ -61,3 +61,14 @@ def test_unread_forward_inputs_ignores_the_engine_inputs():
         "        return x + bias\n"
     )
     assert unread_forward_inputs(module) == [("A.forward", "bias")]
+
+
+def test_rotary_applied_one_tensor_per_call_stops_the_port(tmp_path):
+    # GPT-J's `apply_rotary_pos_emb(tensor, sin, cos)` on a slice of q, then of k: the engine's
+    # layer rotates q and k in one call, and porter does not pair the calls yet. It used to port with
+    # no review item and fail verify.
+    out = tmp_path / "gptj.py"
+    result = CliRunner().invoke(app, ["port", "gptj", "--out", str(out), "--no-register"])
+    assert result.exit_code != 0
+    assert "`apply_rotary_pos_emb` rotates one tensor per call" in result.output
+    assert not out.exists()
