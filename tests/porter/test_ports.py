@@ -48,6 +48,12 @@ PORTED = [
     "ministral",
     "persimmon",
     "olmo2",  # q/k norms over all heads: HeadShardedRMSNorm
+    "cohere2",
+    "exaone4",
+    "seed_oss",
+    "ernie4_5",
+    "hunyuan_v1_dense",
+    "glm4",
 ]
 
 
@@ -157,6 +163,18 @@ def test_port_has_no_training_or_batching_code(model_type):
         ("persimmon", 2),
         ("olmo2", 1),
         ("olmo2", 2),
+        ("cohere2", 1),
+        ("cohere2", 2),
+        ("exaone4", 1),
+        ("exaone4", 2),
+        ("seed_oss", 1),
+        ("seed_oss", 2),
+        ("ernie4_5", 1),
+        ("ernie4_5", 2),
+        ("hunyuan_v1_dense", 1),
+        ("hunyuan_v1_dense", 2),
+        ("glm4", 1),
+        ("glm4", 2),
     ],
 )
 def test_verify_passes(model_type, tp, tmp_path):
