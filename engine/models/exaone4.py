@@ -170,7 +170,6 @@ class Exaone4Model(nn.Module):
         hidden_states = inputs_embeds
 
         for i, decoder_layer in enumerate(self.layers):
-            layer_type = self.config.layer_types[i]
             hidden_states = decoder_layer(hidden_states, positions, kv_caches[i], input_metadata)
 
         hidden_states = self.norm(hidden_states)

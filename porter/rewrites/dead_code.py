@@ -19,6 +19,7 @@ import libcst as cst
 from porter.analysis.constructor_flags import constructor_flags
 from porter.analysis.cst_utils import (
     function_params,
+    names_in,
     statement_targets,
 )
 from porter.analysis.optional_backends import optional_backend_flags
@@ -131,6 +132,42 @@ def drop_unread_assignments(function: cst.FunctionDef, context: PortContext, whe
                 continue
             context.record("dead-code", where, statement, "", "nothing reads it")
             function = function.with_changes(body=function.body.with_changes(body=rest))
+            break
+        else:
+            return _drop_unread_in_loops(function, context, where)
+
+
+def _drop_unread_in_loops(function: cst.FunctionDef, context: PortContext, where: str) -> cst.FunctionDef:
+    """The same inside a top-level `for` body (`layer_type = self.config.layer_types[i]` once the
+    per-layer-type mask it picked is gone): an assignment that calls no submodule and whose names
+    nothing else in the function reads goes, as long as the loop keeps a statement."""
+    while True:
+        body = list(function.body.body)
+        for position, loop in enumerate(body):
+            if not isinstance(loop, cst.For) or not isinstance(loop.body, cst.IndentedBlock):
+                continue
+            inner = list(loop.body.body)
+            for k, statement in enumerate(inner):
+                targets = statement_targets(statement)
+                if (
+                    len(inner) < 2
+                    or not targets
+                    or not isinstance(statement, cst.SimpleStatementLine)
+                    or calls_submodule(statement)
+                ):
+                    continue
+                others = [*body[:position], *body[position + 1 :], *inner[:k], *inner[k + 1 :]]
+                if any(set(targets) & names_read(other) for other in others) or set(targets) & (
+                    names_in(loop.target) | names_in(loop.iter)
+                ):
+                    continue
+                context.record("dead-code", where, statement, "", "nothing reads it")
+                new_loop = loop.with_changes(body=loop.body.with_changes(body=inner[:k] + inner[k + 1 :]))
+                body[position] = new_loop
+                function = function.with_changes(body=function.body.with_changes(body=body))
+                break
+            else:
+                continue
             break
         else:
             return function

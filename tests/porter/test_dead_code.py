@@ -205,3 +205,22 @@ def test_a_submodule_call_reading_removed_plumbing_is_never_dropped_silently():
     )
     assert "self.norm(hidden_states * attention_mask)" in after.code
     assert any("runs a submodule but reads removed attention_mask" in m for m in after.review_messages())
+
+
+def test_a_loop_variable_that_picked_a_per_layer_mask_goes_once_the_mask_is_gone():
+    from tests.porter.rewrite_helpers import run_through
+
+    forward = """
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        hidden_states = self.embed_tokens(input_ids)
+        masks = {"full_attention": attention_mask}
+        for i, decoder_layer in enumerate(self.layers):
+            layer_type = self.config.layer_types[i]
+            hidden_states = decoder_layer(hidden_states, attention_mask=masks[layer_type], **kwargs)
+        hidden_states = self.norm(hidden_states)
+        return hidden_states
+    """
+    after = run_through(replace_method(MINI_MODEL, "MiniModel", "forward", forward), "prune")
+    code = method_code(after.code, "MiniModel", "forward")
+    assert "layer_type" not in code and "masks" not in code
+    assert "for i, decoder_layer in enumerate(self.layers):" in code

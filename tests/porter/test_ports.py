@@ -86,6 +86,22 @@ def _identifiers(code: str) -> set[str]:
     return found
 
 
+def test_ports_leave_no_unused_name_behind():
+    """A local or import the port stopped using (pyflakes' F841, F401, F811) is code a rewrite
+    orphaned: `layer_type = self.config.layer_types[i]` once the mask it picked was gone."""
+    import subprocess
+
+    from ruff.__main__ import find_ruff_bin
+
+    files = [str(MODELS / f"{model_type}.py") for model_type in PORTED]
+    result = subprocess.run(
+        [find_ruff_bin(), "check", "--isolated", "--select", "F841,F401,F811", *files],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout
+
+
 @pytest.mark.parametrize("model_type", PORTED)
 def test_port_has_no_training_or_batching_code(model_type):
     code = (MODELS / f"{model_type}.py").read_text()
