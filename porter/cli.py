@@ -229,12 +229,10 @@ def _causal_lm_class(path: Path) -> str:
 def _is_bundled_port(architecture: str, port_path: Path) -> bool:
     """Whether `port_path` is the file the engine registry runs for `architecture`."""
     from engine.models.registry import registered_architectures
-    from porter.port import ENGINE_MODELS
+    from porter.port import bundled_file
 
     entry = registered_architectures().get(architecture)
-    if entry is None:
-        return False
-    return (ENGINE_MODELS / f"{entry[0].rsplit('.', 1)[-1]}.py").resolve() == port_path.resolve()
+    return entry is not None and bundled_file(entry[0]).resolve() == port_path.resolve()
 
 
 def _record_verify(architecture: str, tp: int, device: str, dtype: str, max_rel: float, passed: bool) -> None:
@@ -289,7 +287,7 @@ def review(
 def list_models() -> None:
     """The architectures registered in the engine and their last verify results."""
     from engine.models.registry import registered_architectures
-    from porter.port import ENGINE_MODELS
+    from porter.port import ENGINE_MODELS, bundled_file
 
     verified_path = ENGINE_MODELS / "verified.json"
     verified = json.loads(verified_path.read_text()) if verified_path.exists() else {}
@@ -297,7 +295,7 @@ def list_models() -> None:
     for column in ("architecture", "file", "source", "last verify"):
         table.add_column(column)
     for architecture, (module, _) in sorted(registered_architectures().items()):
-        path = ENGINE_MODELS / f"{module.rsplit('.', 1)[-1]}.py"
+        path = bundled_file(module)
         header = path.read_text().splitlines()[:3] if path.exists() else []
         source = " ".join(line.removeprefix("# ") for line in header[1:3])
         results = verified.get(architecture, {})

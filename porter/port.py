@@ -15,6 +15,11 @@ from porter.register import REGISTRY_PATH, register
 ENGINE_MODELS = Path(__file__).resolve().parent.parent / "engine" / "models"
 
 
+def bundled_file(module: str) -> Path:
+    """The file of a registry module path (`engine.models.opt` -> engine/models/opt.py)."""
+    return ENGINE_MODELS / f"{module.rsplit('.', 1)[-1]}.py"
+
+
 @dataclass(slots=True)
 class PortOutcome:
     source: SourceFile

@@ -61,15 +61,16 @@ class RMSNorm(nn.Module):
         if residual is not None:
             x = x + residual  # in the activations' dtype, as the HF decoder layer adds it
             residual = x
-        input_dtype = x.dtype
         hidden = x.float()
-        hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.multiply_in_float32:
-            normed = (hidden * (self.weight_offset + self.weight.float())).to(input_dtype)
-        else:
-            weight = self.weight + self.weight_offset if self.weight_offset else self.weight
-            normed = weight * hidden.to(input_dtype)
+        normed = self._scale(hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.eps), x.dtype)
         return normed if residual is None else (normed, residual)
+
+    def _scale(self, hidden: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The weight times the normalized float32 `hidden`, in the configured order, as `dtype`."""
+        if self.multiply_in_float32:
+            return (hidden * (self.weight_offset + self.weight.float())).to(dtype)
+        weight = self.weight + self.weight_offset if self.weight_offset else self.weight
+        return weight * hidden.to(dtype)
 
     def extra_repr(self) -> str:
         extra = f", weight_offset={self.weight_offset}" if self.weight_offset else ""
@@ -120,14 +121,9 @@ class HeadShardedRMSNorm(RMSNorm):
             raise ValueError("HeadShardedRMSNorm takes no residual (it normalizes q or k, not the stream)")
         if distributed.get_tp_size() == 1:
             return super().forward(x)
-        input_dtype = x.dtype
         hidden = x.float()
         squares = tensor_parallel_all_reduce(hidden.pow(2).sum(-1, keepdim=True)) / self.replicas
-        hidden = hidden * torch.rsqrt(squares / self.full_size + self.eps)
-        if self.multiply_in_float32:
-            return (hidden * (self.weight_offset + self.weight.float())).to(input_dtype)
-        weight = self.weight + self.weight_offset if self.weight_offset else self.weight
-        return weight * hidden.to(input_dtype)
+        return self._scale(hidden * torch.rsqrt(squares / self.full_size + self.eps), x.dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, of {self.full_size} across ranks"

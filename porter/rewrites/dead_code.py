@@ -19,7 +19,6 @@ import libcst as cst
 from porter.analysis.constructor_flags import constructor_flags
 from porter.analysis.cst_utils import (
     function_params,
-    names_in,
     statement_targets,
 )
 from porter.analysis.optional_backends import optional_backend_flags
@@ -110,64 +109,56 @@ class _Transformer(ClassScopedTransformer):
 def drop_unread_assignments(function: cst.FunctionDef, context: PortContext, where: str) -> cst.FunctionDef:
     """Removes top-level assignments whose names nothing reads any more (a mask function chosen for
     a mask that is gone; a size an earlier rewrite no longer needs), and `if` chains that only
-    assign such names. Statements that call a submodule stay: they compute the model."""
+    assign such names; likewise inside a top-level `for` body (`layer_type =
+    self.config.layer_types[i]` once the per-layer-type mask it picked is gone), as long as the loop
+    keeps a statement. Statements that call a submodule stay: they compute the model."""
     while True:
         body = list(function.body.body)
-        for position, statement in enumerate(body):
-            if isinstance(statement, cst.If):
-                assigned = assigned_anywhere(statement)
-                if not assigned or calls_anything(statement):
-                    continue
-                targets = sorted(assigned)
-            else:
-                targets = statement_targets(statement)
-                if (
-                    not targets
-                    or not isinstance(statement, cst.SimpleStatementLine)
-                    or calls_submodule(statement)
+        position = _first_unread(body, [], allow_if=True)
+        if position is not None:
+            context.record("dead-code", where, body[position], "", "nothing reads it")
+            del body[position]
+        else:
+            for index, loop in enumerate(body):
+                if not (
+                    isinstance(loop, cst.For)
+                    and isinstance(loop.body, cst.IndentedBlock)
+                    and len(loop.body.body) > 1
                 ):
                     continue
-            rest = body[:position] + body[position + 1 :]
-            if any(set(targets) & names_read(other) for other in rest):
-                continue
-            context.record("dead-code", where, statement, "", "nothing reads it")
-            function = function.with_changes(body=function.body.with_changes(body=rest))
-            break
-        else:
-            return _drop_unread_in_loops(function, context, where)
+                inner = list(loop.body.body)
+                position = _first_unread(inner, [*body[:index], *body[index + 1 :], loop.target, loop.iter])
+                if position is not None:
+                    context.record("dead-code", where, inner[position], "", "nothing reads it")
+                    del inner[position]
+                    body[index] = loop.with_changes(body=loop.body.with_changes(body=inner))
+                    break
+            else:
+                return function
+        function = function.with_changes(body=function.body.with_changes(body=body))
 
 
-def _drop_unread_in_loops(function: cst.FunctionDef, context: PortContext, where: str) -> cst.FunctionDef:
-    """The same inside a top-level `for` body (`layer_type = self.config.layer_types[i]` once the
-    per-layer-type mask it picked is gone): an assignment that calls no submodule and whose names
-    nothing else in the function reads goes, as long as the loop keeps a statement."""
-    while True:
-        body = list(function.body.body)
-        for position, loop in enumerate(body):
-            if not isinstance(loop, cst.For) or not isinstance(loop.body, cst.IndentedBlock):
+def _first_unread(
+    statements: list[cst.CSTNode], outside: list[cst.CSTNode], allow_if: bool = False
+) -> int | None:
+    """Index of the first statement that only assigns names nothing else reads (neither the other
+    `statements` nor `outside`) and calls no submodule; an `if` chain counts when `allow_if` and it
+    calls nothing at all."""
+    for position, statement in enumerate(statements):
+        if isinstance(statement, cst.If):
+            assigned = assigned_anywhere(statement)
+            if not allow_if or not assigned or calls_anything(statement):
                 continue
-            inner = list(loop.body.body)
-            for k, statement in enumerate(inner):
-                targets = statement_targets(statement)
-                if (
-                    len(inner) < 2
-                    or not targets
-                    or not isinstance(statement, cst.SimpleStatementLine)
-                    or calls_submodule(statement)
-                ):
-                    continue
-                others = [*body[:position], *body[position + 1 :], *inner[:k], *inner[k + 1 :]]
-                if any(set(targets) & names_read(other) for other in others) or set(targets) & (
-                    names_in(loop.target) | names_in(loop.iter)
-                ):
-                    continue
-                context.record("dead-code", where, statement, "", "nothing reads it")
-                new_loop = loop.with_changes(body=loop.body.with_changes(body=inner[:k] + inner[k + 1 :]))
-                body[position] = new_loop
-                function = function.with_changes(body=function.body.with_changes(body=body))
-                break
-            else:
-                continue
-            break
+            targets = assigned
         else:
-            return function
+            targets = set(statement_targets(statement))
+            if (
+                not targets
+                or not isinstance(statement, cst.SimpleStatementLine)
+                or calls_submodule(statement)
+            ):
+                continue
+        others = [*statements[:position], *statements[position + 1 :], *outside]
+        if not any(targets & names_read(other) for other in others):
+            return position
+    return None

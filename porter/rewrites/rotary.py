@@ -43,11 +43,7 @@ class RotaryToEngine(Rewrite):
         }
         # `apply(x, sin, cos)`, one tensor per call (GPT-J, CodeGen): the engine's layer rotates q
         # and k together, and pairing separate calls is not done yet, so say so instead of guessing.
-        one_tensor = {
-            name
-            for name, function in index.functions.items()
-            if name in apply_functions and _tensors_before_cos_sin(function) < 2
-        }
+        one_tensor = {name for name in apply_functions if _tensors_before_cos_sin(index.functions[name]) < 2}
         if not apply_functions and not rotary_classes:
             return module
         transformer = _Transformer(context, rotary_classes, apply_functions, one_tensor)

@@ -56,14 +56,13 @@ def small_config(model_type: str, architecture: str) -> PretrainedConfig:
             setattr(config, name, INTERMEDIATE)
     default_layers = getattr(default, "num_hidden_layers", None)
     for key, value in list(vars(config).items()):
-        # A list with one entry per layer (`layer_types`, GPT-Neo's `attention_layers`): keep one
+        # A list naming each layer's kind (`layer_types`, GPT-Neo's `attention_layers`): keep one
         # of each kind of layer (sliding and full attention, for instance).
-        if key == "layer_types" or (
-            isinstance(value, list) and default_layers and len(value) == default_layers
-        ):
-            if isinstance(value, list) and len(value) > LAYERS and all(isinstance(v, str) for v in value):
-                kinds = list(dict.fromkeys(value))
-                setattr(config, key, (kinds + value)[:LAYERS] if len(kinds) <= LAYERS else kinds[:LAYERS])
+        if not (isinstance(value, list) and len(value) > LAYERS and all(isinstance(v, str) for v in value)):
+            continue
+        if key == "layer_types" or len(value) == default_layers:
+            kinds = list(dict.fromkeys(value))
+            setattr(config, key, (kinds + value)[:LAYERS] if len(kinds) <= LAYERS else kinds[:LAYERS])
     if isinstance(getattr(config, "sliding_window", None), int):
         config.sliding_window = SLIDING_WINDOW  # shorter than the prompts, so the window really masks
     config.vocab_size = VOCAB

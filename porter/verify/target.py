@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from porter.errors import PorterError
+from porter.port import ENGINE_MODELS, bundled_file
 
 SOURCE_LINE = re.compile(r"^# source: (\S+)$", re.MULTILINE)
-ENGINE_MODELS = Path(__file__).resolve().parents[2] / "engine" / "models"
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +62,7 @@ def _resolve(target: str, reference: str | None) -> VerifyTarget:
     architectures = registered_architectures()
     if target in architectures:
         module = architectures[target][0]
-        port_path = ENGINE_MODELS / f"{module.rsplit('.', 1)[-1]}.py"
+        port_path = bundled_file(module)
         return VerifyTarget(model_type(port_path), port_path, module)
     port_path = ENGINE_MODELS / f"{target.replace('-', '_')}.py"
     if port_path.is_file():
