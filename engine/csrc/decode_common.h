@@ -65,6 +65,21 @@ struct DecodeBlock {
   int num_partitions;  // partitions of this sequence that have work
 };
 
+// Copies n block-table entries to shared memory, every load of a thread issued before its first store.
+__device__ __forceinline__ void copy_table_slice(int* block_numbers, const int* table, int n) {
+  constexpr int kBatch = 4;
+  const int stride = static_cast<int>(blockDim.x);
+  for (int base = threadIdx.x; base < n; base += kBatch * stride) {
+    int entry[kBatch];
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) entry[k] = base + k * stride < n ? table[base + k * stride] : 0;
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) {
+      if (base + k * stride < n) block_numbers[base + k * stride] = entry[k];
+    }
+  }
+}
+
 // Works out the block's share; false when it has nothing to do (past the context, or an empty sequence,
 // which gets zeros so a padded slot of a captured batch never reads garbage). Copies the partition's
 // block-table slice to `block_numbers`; the caller must __syncthreads() before reading it.
@@ -79,14 +94,23 @@ __device__ bool plan_decode_block(const DecodeParams& p, DecodeBlock& b, int* bl
   b.first_head = b.kv_head * group_size + first_in_group;
   b.active_heads = min(HEADS, group_size - first_in_group);
 
+  // Without a sliding window the partition's slice of the block table does not depend on the context
+  // length: fetch it while the length is still on its way, one round trip to memory instead of two.
   const int context_len = p.context_lens[b.seq];
+  const int* table_row = p.block_tables + (int64_t)b.seq * p.max_blocks_per_seq;
+  const bool prefetched = p.sliding_window == 0;
+  if (prefetched) {
+    const int first = (b.partition * p.partition_size) >> p.block_size_log2;
+    const int last = min(((b.partition + 1) * p.partition_size - 1) >> p.block_size_log2, p.max_blocks_per_seq - 1);
+    copy_table_slice(block_numbers, table_row + first, last - first + 1);
+  }
   int window_start, span;
   visible_range(p, context_len, &window_start, &span);
   if (span <= 0) {
     // Nobody merges an empty sequence's partitions in-kernel, so partition 0 writes the zeros then too.
     if (b.partition == 0 && (p.max_partitions == 1 || p.merge_counters != nullptr)) {
       T* out = static_cast<T*>(p.out) + ((int64_t)b.seq * p.num_heads + b.first_head) * HEAD_DIM;
-      for (int i = threadIdx.x; i < b.active_heads * HEAD_DIM; i += kNumThreads) out[i] = from_float<T>(0.f);
+      for (int i = threadIdx.x; i < b.active_heads * HEAD_DIM; i += blockDim.x) out[i] = from_float<T>(0.f);
     }
     return false;
   }
@@ -98,9 +122,10 @@ __device__ bool plan_decode_block(const DecodeParams& p, DecodeBlock& b, int* bl
   b.token_begin = window_start + b.partition * p.partition_size;
   b.num_tokens = min(p.partition_size, span - b.partition * p.partition_size);
   b.first_block = b.token_begin >> p.block_size_log2;
-  const int num_entries = ((b.token_begin + b.num_tokens - 1) >> p.block_size_log2) - b.first_block + 1;
-  const int* table = p.block_tables + (int64_t)b.seq * p.max_blocks_per_seq + b.first_block;
-  for (int i = threadIdx.x; i < num_entries; i += kNumThreads) block_numbers[i] = table[i];
+  if (!prefetched) {
+    const int num_entries = ((b.token_begin + b.num_tokens - 1) >> p.block_size_log2) - b.first_block + 1;
+    copy_table_slice(block_numbers, table_row + b.first_block, num_entries);
+  }
   return true;
 }
 
@@ -176,16 +201,15 @@ __device__ void write_block_output(const DecodeParams& p, const DecodeBlock& b, 
   }
 }
 
-// The tensor-core kernel (fp16/bf16, query heads per KV head >= 2), in paged_decode_attention_mma.cu.
-// It takes 8 query heads per block, needs `table_bytes` of shared memory for the partition's block
-// numbers on top of its own pipeline, and merges split-K partitions itself (p.merge_counters).
-void launch_paged_decode_mma(const DecodeParams& p, bool bfloat16, int head_dim, dim3 grid, size_t table_bytes,
-                             cudaStream_t stream);
-// Shared memory the split-K merge may use (its weights and per-warp sums): the pipeline's.
-size_t mma_merge_scratch_bytes(int head_dim);
+// The tensor-core kernel (fp16/bf16), in paged_decode_attention_mma.cu. It takes 8 query heads per
+// block, runs 4 or 8 warps per block (`warps`; 8 only at head_dim <= 128), needs `table_bytes` of
+// shared memory for the partition's block numbers on top of its own pipeline, and merges split-K
+// partitions itself (p.merge_counters).
+void launch_paged_decode_mma(const DecodeParams& p, bool bfloat16, int head_dim, int warps, dim3 grid,
+                             size_t table_bytes, cudaStream_t stream);
 // Shared memory left for the block-number table on the current device.
-size_t mma_max_table_bytes(int head_dim);
+size_t mma_max_table_bytes(int head_dim, int warps);
 // Resident blocks per multiprocessor on the current device.
-int mma_blocks_per_multiprocessor(int head_dim, size_t table_bytes);
+int mma_blocks_per_multiprocessor(int head_dim, int warps, size_t table_bytes);
 
 }  // namespace porter

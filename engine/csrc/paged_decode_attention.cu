@@ -10,9 +10,10 @@
 // the kernel's occupancy on the device.
 //
 // Two kernels do the per-block work:
-// - fp16/bf16 with >= 2 query heads per KV head: tensor cores (paged_decode_attention_mma.cu), since
-//   on CUDA cores the per-head dot products and shuffles, not memory, would bound the time;
-// - otherwise (MHA, and fp32) the CUDA-core kernel below. A group of kThreadsPerToken threads holds
+// - fp16/bf16 with >= 2 query heads per KV head, and fp16/bf16 MHA on a grid too small to fill the
+//   device without split-K: tensor cores (paged_decode_attention_mma.cu), since on CUDA cores the
+//   per-head dot products and shuffles, not memory, would bound the time;
+// - otherwise (MHA on large grids, and fp32) the CUDA-core kernel below. A group of kThreadsPerToken threads holds
 //   one token's head_dim row (16 bytes per thread per load), so a warp covers kTokensPerWarp tokens
 //   per load; kUnroll loads are issued before the first is used to keep enough bytes in flight.
 //     Phase 1: scores of every token of the partition for every head -> shared memory.
@@ -333,22 +334,26 @@ int64_t core_partition_size(int64_t blocks_per_partition, int64_t visible) {
 
 // Tensor-core kernel: a block costs a fixed start and finish (reading its block table, the first
 // round trip to memory, merging its warps; about as long as streaming kBlockOverheadTokens tokens)
-// plus its tokens, and blocks run in waves of (resident blocks per SM x SMs); the split-K merge,
-// done by one block per sequence and head chunk, costs about kMergeTokensPerPartition tokens per
-// partition. Pick the partition length that minimises the sum, preferring the longer on a tie, from
-// 64 tokens (one tile per warp) up to the whole context. Constants fitted to H200 sweeps
-// (docs/performance.md): about 4 us per block against 0.025 us per streamed token.
+// plus its tokens, and blocks run in waves; the split-K merge, done by one block per sequence and
+// head chunk, costs about kMergeTokensPerPartition tokens per partition. Pick the partition length
+// that minimises the sum, preferring the longer on a tie, from 64 tokens (one tile per warp) up to
+// the whole context. A wave is one block per resident slot for 4-warp blocks, but one block per
+// multiprocessor for 8-warp blocks: one of those already takes a multiprocessor's share of the
+// bandwidth, and on an H200 sweep a second resident block (head_dim 64) made every small problem
+// slower, not faster. Constants fitted to H200 sweeps (docs/performance.md).
 constexpr int64_t kBlockOverheadTokens = 192;
 constexpr int64_t kMergeTokensPerPartition = 8;
 
-int64_t mma_partition_size(int64_t blocks_per_partition, int64_t visible, int head_dim, int block_size_log2) {
+int64_t mma_partition_size(int64_t blocks_per_partition, int64_t visible, int head_dim, int warps,
+                           int block_size_log2) {
   const int64_t longest = std::max<int64_t>(visible, 1);
-  const int64_t max_table_entries = mma_max_table_bytes(head_dim) / sizeof(int) - 2;
+  const int64_t max_table_entries = mma_max_table_bytes(head_dim, warps) / sizeof(int) - 2;
   int64_t longest_table = 64;
   while (2 * longest_table < longest && (2 * longest_table >> block_size_log2) <= max_table_entries) longest_table *= 2;
-  const int64_t slots = std::max<int64_t>(
-      1, int64_t{mma_blocks_per_multiprocessor(head_dim, ((longest_table >> block_size_log2) + 2) * sizeof(int))} *
-             multiprocessor_count());
+  const int64_t resident =
+      warps == 8 ? 1
+                 : mma_blocks_per_multiprocessor(head_dim, warps, ((longest_table >> block_size_log2) + 2) * sizeof(int));
+  const int64_t slots = std::max<int64_t>(1, resident * multiprocessor_count());
   int64_t best = 64, best_cost = INT64_MAX;
   for (int64_t size = 64;; size *= 2) {
     const bool whole = size >= longest;
@@ -430,7 +435,16 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::
   const c10::cuda::OptionalCUDAGuard guard(query.device());
   const int64_t visible = sliding_window > 0 ? std::min(max_context_len, sliding_window) : max_context_len;
   const int group_size = num_heads / num_kv_heads;
-  const bool tensor_cores = dtype != at::kFloat && group_size >= 2;
+  // Which kernel. A small grid (fewer (sequence, head chunk) pairs than multiprocessors, so split-K
+  // must fill the device) goes to 8-warp tensor-core blocks, MHA included: there one block streams a
+  // long partition, and its fixed costs and the merge decide the time. A large grid keeps 4-warp
+  // blocks (more resident, and at short contexts 8 warps had too few tiles each: 38% slower at 256
+  // sequences x 128 tokens on an H200), and MHA the CUDA-core kernel (the tensor-core one wastes 7
+  // of its 8 head slots and was 2x slower at 256 sequences x 128 tokens).
+  const bool small_grid =
+      num_seqs * num_kv_heads * ((group_size + kMaxHeadsPerBlock - 1) / kMaxHeadsPerBlock) < multiprocessor_count();
+  const bool tensor_cores = dtype != at::kFloat && (group_size >= 2 || small_grid);
+  const int mma_warps = small_grid && head_dim <= 128 ? 8 : 4;
   const int heads = heads_per_block(group_size, tensor_cores);
   const int64_t chunks = (group_size + heads - 1) / heads;
   int block_size_log2 = 0;
@@ -439,7 +453,7 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::
   const int64_t blocks_per_partition = num_seqs * grid_x;
   if (partition_size == 0) {
     partition_size = tensor_cores ? mma_partition_size(blocks_per_partition, visible, static_cast<int>(head_dim),
-                                                       block_size_log2)
+                                                       mma_warps, block_size_log2)
                                   : core_partition_size(blocks_per_partition, visible);
   }
   const int64_t max_partitions = std::max<int64_t>(1, (visible + partition_size - 1) / partition_size);
@@ -450,14 +464,11 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::
   const size_t table_bytes = table_entries * sizeof(int);
   const int64_t scratch_floats = tensor_cores ? 0 : std::max(heads * partition_size, kNumWarps * heads * head_dim);
   const size_t shared_bytes = scratch_floats * sizeof(float) + table_bytes;
-  const size_t shared_limit = tensor_cores ? mma_max_table_bytes(static_cast<int>(head_dim)) : kMaxSharedBytes;
+  const size_t shared_limit =
+      tensor_cores ? mma_max_table_bytes(static_cast<int>(head_dim), mma_warps) : kMaxSharedBytes;
   TORCH_CHECK((tensor_cores ? table_bytes : shared_bytes) <= shared_limit, "partition_size ", partition_size,
               " needs more shared memory than the device has");
-  if (tensor_cores) {
-    const size_t merge_bytes = (max_partitions * kMaxHeadsPerBlock + kNumWarps * kMaxHeadsPerBlock * head_dim) * sizeof(float) + 16;
-    TORCH_CHECK(merge_bytes <= mma_merge_scratch_bytes(static_cast<int>(head_dim)),
-                "partition_size ", partition_size, " cuts a context of ", visible, " into too many partitions to merge");
-  } else {
+  if (!tensor_cores) {
     TORCH_CHECK((max_partitions + 8) * sizeof(float) <= kMaxSharedBytes, "context too long for the partition reduction");
   }
 
@@ -499,7 +510,7 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::
   const int dim = static_cast<int>(head_dim);
   const int n = static_cast<int>(num_seqs);
   if (tensor_cores) {
-    launch_paged_decode_mma(p, dtype == at::kBFloat16, dim, grid, table_bytes, stream);
+    launch_paged_decode_mma(p, dtype == at::kBFloat16, dim, mma_warps, grid, table_bytes, stream);
   } else if (dtype == at::kHalf) {
     launch_core<__half>(dim, heads, p, grid, shared_bytes, stream);
   } else if (dtype == at::kBFloat16) {

@@ -7,12 +7,11 @@
 // Why this shape: the kernel must keep enough bytes in flight to stream the cache at full bandwidth
 // while holding little in registers. Each warp therefore streams its own 16-token tiles of K and V
 // through a cp.async pipeline in shared memory (kStages - 1 tiles in flight while one is used, no
-// registers held for them)
-// and keeps an online softmax in registers, so the warps of a block never wait for one another until
+// registers held for them) and keeps an online softmax in registers, so the warps of a block never wait for one another until
 // the end, and a block can take a long partition of the context (fewer partitions to merge).
 //
 // A block takes (sequence, KV head, up to 8 query heads of its group, partition of the context);
-// warp w takes the partition's tiles w, w + 4, w + 8, ... Per tile, with g = lane / 4, j = lane % 4:
+// warp w of W takes the partition's tiles w, w + W, w + 2W, ... Per tile, with g = lane / 4, j = lane % 4:
 //   Scores S[head][token] = Q . K^T: A = Q (16 rows, of which the 8 head slots are rows 0..7 and
 //     rows 8..15 are zero), B = K^T per 8 tokens (ldmatrix of the K rows). Thread (g, j) gets head g,
 //     tokens 2j, 2j+1 and 8+2j, 9+2j: exactly the B fragment of P^T that the next product wants, so
@@ -21,7 +20,7 @@
 // Shared memory rows are swizzled (16-byte chunk c of token row r sits at chunk c ^ (r % 8)) so the
 // eight rows an ldmatrix reads fall in different banks. The probabilities enter the mma rounded to
 // the cache dtype, as in flash attention; maxima, sums and accumulators stay fp32.
-// At the end the four warps' (max, sum, output) are merged through shared memory, and the block
+// At the end the warps' (max, sum, output) are merged through shared memory, and the block
 // writes the output, or its partition's share, which the last partition block to finish merges.
 
 #include <ATen/core/Tensor.h>
@@ -42,7 +41,7 @@ constexpr int kSlots = 8;  // query heads per block: the mma's N in the output p
 constexpr int kTile = 16;  // tokens per pipeline stage
 constexpr int kMaxDevices = 64;
 
-template <int HEAD_DIM>
+template <int HEAD_DIM, int WARPS>
 struct MmaLayout {
   static constexpr int kChunksPerRow = HEAD_DIM / 8;  // 16-byte chunks in one cache row
   static constexpr int kRowsPerLoad = kChunksPerRow >= 32 ? 1 : 32 / kChunksPerRow;
@@ -54,11 +53,16 @@ struct MmaLayout {
   // contexts up to 30% by fitting fewer blocks per SM; two stages at head_dim 128 cost mid-sized
   // problems up to 16 points of copy bandwidth.
   static constexpr int kStages = HEAD_DIM >= 256 ? 2 : 3;
-  static constexpr int kPipelineBytes = kNumWarps * kStages * kStageBytes;
+  // Four or eight warps (the launcher's choice, see kernel_warps); at head_dim 256 the pipeline of
+  // eight does not fit.
+  static constexpr int kWarps = WARPS;
+  static_assert(WARPS == 4 || (WARPS == 8 && HEAD_DIM <= 128), "4 warps, or 8 at head_dim <= 128");
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kPipelineBytes = kWarps * kStages * kStageBytes;
   static constexpr int kSteps = HEAD_DIM / 16;  // mma k-steps over dims (scores), dim tiles (output)
   static_assert(HEAD_DIM % 64 == 0, "head_dim must be a multiple of 64");
   // The final cross-warp merge reuses the pipeline's shared memory.
-  static_assert(kNumWarps * kSlots * (HEAD_DIM + 2) * 4 <= kPipelineBytes, "merge scratch does not fit");
+  static_assert(kWarps * kSlots * (HEAD_DIM + 2) * 4 <= kPipelineBytes, "merge scratch does not fit");
 };
 
 __device__ __forceinline__ uint32_t swizzled(int row, int chunk, int row_bytes) {
@@ -116,11 +120,11 @@ __device__ __forceinline__ uint32_t pack_pair(float lo, float hi, __nv_bfloat16)
 // second kernel (and no wait for the whole grid to drain) is needed. Each block publishes its
 // partials, then counts itself in; the last to arrive merges out = sum_p w_p out_p / sum_p w_p with
 // w_p = sum_p * exp(max_p - max) and resets the counter for the next launch. `scratch` holds
-// kSlots * max_partitions weights and kNumWarps x kSlots x HEAD_DIM sums (checked by the launcher).
-template <typename T, int HEAD_DIM>
+// kWarps x kSlots x (HEAD_DIM + 2) floats.
+template <typename T, int HEAD_DIM, int WARPS>
 __device__ void merge_if_last(const DecodeParams& p, const DecodeBlock& b, float* scratch) {
+  using L = MmaLayout<HEAD_DIM, WARPS>;
   __shared__ bool last;
-  __shared__ float inv_total[kSlots];
   __threadfence();  // this thread's partials are visible device-wide before the block is counted
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -132,78 +136,116 @@ __device__ void merge_if_last(const DecodeParams& p, const DecodeBlock& b, float
   if (!last) return;
   __threadfence();  // see every other block's partials
 
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int parts = b.num_partitions;
-  float* weights = scratch;  // [kSlots][parts]
-  for (int h = warp; h < b.active_heads; h += kNumWarps) {
-    const int64_t part_row = ((int64_t)b.seq * p.num_heads + b.first_head + h) * p.max_partitions;
-    float m = -FLT_MAX;
-    for (int i = lane; i < parts; i += 32) m = fmaxf(m, __ldcg(p.partial_max + part_row + i));
-    m = warp_max(m);
-    float total = 0.f;
-    for (int i = lane; i < parts; i += 32) {
-      const float w = __ldcg(p.partial_sum + part_row + i) * __expf(__ldcg(p.partial_max + part_row + i) - m);
-      weights[h * parts + i] = w;
-      total += w;
-    }
-    total = warp_sum(total);
-    if (lane == 0) inv_total[h] = 1.f / total;
-  }
-  __syncthreads();
-
-  // The partials are in L2, so the merge is bound by how many loads are in flight: each warp takes
-  // every kNumWarps-th partition, each lane 16 bytes of kColumnsPerLane (head, 4 dims) columns, two
-  // partitions per step; the warps' sums then meet in shared memory.
+  // The partials are in L2, so the merge is bound by round trips, not bytes. Each warp folds every
+  // kWarps-th partition into a running (max, sum, output) per head, as the attention loop folds
+  // tiles, so no pass over the maxima must finish first and kUnroll partitions' loads are in flight
+  // at once. Lane l < kSlots fetches head l's max, lane kSlots + l its sum; a lane's 16-byte columns
+  // c * 32 + lane are (head, 4 dims) of the output. The warps then meet in shared memory.
   constexpr int kColumnsPerHead = HEAD_DIM / 4;
   constexpr int kColumnsPerLane = kSlots * kColumnsPerHead / 32;
-  float4 acc[kColumnsPerLane];
-#pragma unroll
-  for (int c = 0; c < kColumnsPerLane; ++c) acc[c] = make_float4(0.f, 0.f, 0.f, 0.f);
+  // At most 8 float4 loads in flight per lane: the merge's registers count for the whole kernel, and
+  // 16 (the first try) took the 4-warp head_dim-64 kernel from 79 to 149 registers, one resident
+  // block per multiprocessor fewer.
+  constexpr int kUnroll = kColumnsPerLane >= 8 ? 1 : 8 / kColumnsPerLane;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t first_row = (int64_t)b.seq * p.num_heads + b.first_head;
   const float4* partials = reinterpret_cast<const float4*>(p.partial_out) + first_row * p.max_partitions * kColumnsPerHead;
-#pragma unroll 2
-  for (int i = warp; i < parts; i += kNumWarps) {
+  const int stat_head = lane % kSlots;
+  const float* stats = (lane < kSlots ? p.partial_max : p.partial_sum) + (first_row + stat_head) * p.max_partitions;
+  const bool stat_lane = lane < 2 * kSlots && stat_head < b.active_heads;
+
+  float run_max[kColumnsPerLane], run_sum[kColumnsPerLane];
+  float4 acc[kColumnsPerLane];
 #pragma unroll
-    for (int c = 0; c < kColumnsPerLane; ++c) {
-      const int column = c * 32 + lane;
-      const int h = column / kColumnsPerHead;
-      if (h < b.active_heads) {
-        const float4 v = __ldcg(partials + ((int64_t)h * p.max_partitions + i) * kColumnsPerHead + column % kColumnsPerHead);
-        const float w = weights[h * parts + i];
-        acc[c].x = fmaf(w, v.x, acc[c].x);
-        acc[c].y = fmaf(w, v.y, acc[c].y);
-        acc[c].z = fmaf(w, v.z, acc[c].z);
-        acc[c].w = fmaf(w, v.w, acc[c].w);
+  for (int c = 0; c < kColumnsPerLane; ++c) {
+    run_max[c] = -FLT_MAX;
+    run_sum[c] = 0.f;
+    acc[c] = make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+  for (int i0 = warp; i0 < b.num_partitions; i0 += kUnroll * L::kWarps) {
+    float stat[kUnroll];
+    float4 v[kUnroll][kColumnsPerLane];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = i0 + u * L::kWarps;
+      stat[u] = stat_lane && i < b.num_partitions ? __ldcg(stats + i) : 0.f;
+#pragma unroll
+      for (int c = 0; c < kColumnsPerLane; ++c) {
+        const int column = c * 32 + lane;
+        const int h = column / kColumnsPerHead;
+        v[u][c] = h < b.active_heads && i < b.num_partitions
+                      ? __ldcg(partials + ((int64_t)h * p.max_partitions + i) * kColumnsPerHead + column % kColumnsPerHead)
+                      : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (i0 + u * L::kWarps >= b.num_partitions) break;
+#pragma unroll
+      for (int c = 0; c < kColumnsPerLane; ++c) {
+        const int h = (c * 32 + lane) / kColumnsPerHead;
+        // Every lane shuffles: at head_dim 64 a warp's lanes cover two heads, and a shuffle that
+        // only some lanes reach never completes (a hang, seen with one head per block).
+        const float shuffled_max = __shfl_sync(0xffffffffu, stat[u], h);
+        const float part_max = h < b.active_heads ? shuffled_max : -FLT_MAX;
+        const float part_sum = __shfl_sync(0xffffffffu, stat[u], kSlots + h);
+        const float new_max = fmaxf(run_max[c], part_max);
+        const float keep = __expf(run_max[c] - new_max);
+        const float w = part_sum * __expf(part_max - new_max);
+        run_max[c] = new_max;
+        run_sum[c] = fmaf(run_sum[c], keep, w);
+        acc[c].x = fmaf(acc[c].x, keep, w * v[u][c].x);
+        acc[c].y = fmaf(acc[c].y, keep, w * v[u][c].y);
+        acc[c].z = fmaf(acc[c].z, keep, w * v[u][c].z);
+        acc[c].w = fmaf(acc[c].w, keep, w * v[u][c].w);
       }
     }
   }
-  float4* warp_sums = reinterpret_cast<float4*>(weights + kSlots * parts);  // [kNumWarps][kSlots * kColumnsPerHead]
-  warp_sums = reinterpret_cast<float4*>((reinterpret_cast<uintptr_t>(warp_sums) + 15) & ~uintptr_t{15});
+
+  float4* warp_acc = reinterpret_cast<float4*>(scratch);  // [kWarps][kSlots * kColumnsPerHead]
+  float* warp_max = scratch + L::kWarps * kSlots * HEAD_DIM;  // [kWarps][kSlots]
+  float* warp_sum = warp_max + L::kWarps * kSlots;
+  __syncthreads();  // the block's own cross-warp merge is done with the scratch
 #pragma unroll
-  for (int c = 0; c < kColumnsPerLane; ++c) warp_sums[warp * kSlots * kColumnsPerHead + c * 32 + lane] = acc[c];
-  __syncthreads();
-  for (int column = threadIdx.x; column < b.active_heads * kColumnsPerHead; column += kNumThreads) {
+  for (int c = 0; c < kColumnsPerLane; ++c) {
+    const int column = c * 32 + lane;
     const int h = column / kColumnsPerHead;
-    float4 sum = warp_sums[column];
-#pragma unroll
-    for (int w = 1; w < kNumWarps; ++w) {
-      const float4 v = warp_sums[w * kSlots * kColumnsPerHead + column];
-      sum.x += v.x;
-      sum.y += v.y;
-      sum.z += v.z;
-      sum.w += v.w;
+    warp_acc[warp * kSlots * kColumnsPerHead + column] = acc[c];
+    if (column % kColumnsPerHead == 0) {
+      warp_max[warp * kSlots + h] = run_max[c];
+      warp_sum[warp * kSlots + h] = run_sum[c];
     }
+  }
+  __syncthreads();
+  for (int column = threadIdx.x; column < b.active_heads * kColumnsPerHead; column += L::kThreads) {
+    const int h = column / kColumnsPerHead;
+    float m = -FLT_MAX;
+#pragma unroll
+    for (int w = 0; w < L::kWarps; ++w) m = fmaxf(m, warp_max[w * kSlots + h]);
+    float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < L::kWarps; ++w) {
+      const float weight = __expf(warp_max[w * kSlots + h] - m);  // 0 for a warp that merged nothing
+      const float4 v = warp_acc[w * kSlots * kColumnsPerHead + column];
+      sum.x = fmaf(weight, v.x, sum.x);
+      sum.y = fmaf(weight, v.y, sum.y);
+      sum.z = fmaf(weight, v.z, sum.z);
+      sum.w = fmaf(weight, v.w, sum.w);
+      total = fmaf(weight, warp_sum[w * kSlots + h], total);
+    }
+    const float inv_total = 1.f / total;
     T* out = static_cast<T*>(p.out) + (first_row + h) * HEAD_DIM + (column % kColumnsPerHead) * 4;
-    out[0] = from_float<T>(sum.x * inv_total[h]);
-    out[1] = from_float<T>(sum.y * inv_total[h]);
-    out[2] = from_float<T>(sum.z * inv_total[h]);
-    out[3] = from_float<T>(sum.w * inv_total[h]);
+    out[0] = from_float<T>(sum.x * inv_total);
+    out[1] = from_float<T>(sum.y * inv_total);
+    out[2] = from_float<T>(sum.z * inv_total);
+    out[3] = from_float<T>(sum.w * inv_total);
   }
 }
 
-template <typename T, int HEAD_DIM>
-__global__ void __launch_bounds__(kNumThreads) paged_decode_attention_mma_kernel(const DecodeParams p) {
-  using L = MmaLayout<HEAD_DIM>;
+template <typename T, int HEAD_DIM, int WARPS>
+__global__ void __launch_bounds__(32 * WARPS) paged_decode_attention_mma_kernel(const DecodeParams p) {
+  using L = MmaLayout<HEAD_DIM, WARPS>;
   static_assert(sizeof(T) == 2, "fp16/bf16 only");
   constexpr int kRowBytes = HEAD_DIM * 2;
   extern __shared__ __align__(128) unsigned char shared_raw[];
@@ -243,13 +285,13 @@ __global__ void __launch_bounds__(kNumThreads) paged_decode_attention_mma_kernel
   const uint32_t pipeline =
       static_cast<uint32_t>(__cvta_generic_to_shared(shared_raw)) + warp * L::kStages * L::kStageBytes;
   const int num_tiles = (b.num_tokens + kTile - 1) / kTile;
-  const int my_tiles = num_tiles > warp ? (num_tiles - warp + kNumWarps - 1) / kNumWarps : 0;
+  const int my_tiles = num_tiles > warp ? (num_tiles - warp + L::kWarps - 1) / L::kWarps : 0;
 
   // Starts the copy of this warp's k-th tile (K and V) into stage k % kStages; always commits a group
   // so that "all but the newest kStages - 1 groups are done" means "tile k has landed".
   auto issue_tile = [&](int k) {
     if (k < my_tiles) {
-      const int first = (warp + k * kNumWarps) * kTile;
+      const int first = (warp + k * L::kWarps) * kTile;
       const int t = first + (lane & (kTile - 1));
       const int my_row = t < b.num_tokens ? static_cast<int>(cache_row(p, b, block_numbers, t)) : -1;
       const uint32_t stage = pipeline + (k % L::kStages) * L::kStageBytes;
@@ -300,7 +342,7 @@ __global__ void __launch_bounds__(kNumThreads) paged_decode_attention_mma_kernel
     }
 
     // Online softmax for head g over this tile's 16 tokens (4 per thread, the quad holds all 16).
-    const int first = (warp + k * kNumWarps) * kTile;
+    const int first = (warp + k * L::kWarps) * kTile;
     float tile_max = -FLT_MAX;
 #pragma unroll
     for (int n = 0; n < 2; ++n) {
@@ -350,8 +392,8 @@ __global__ void __launch_bounds__(kNumThreads) paged_decode_attention_mma_kernel
   // Merge the warps: the pipeline's shared memory now takes [warp][slot][dim] outputs, maxima, sums.
   __syncthreads();
   float* warp_out = reinterpret_cast<float*>(shared_raw);
-  float* warp_max = warp_out + kNumWarps * kSlots * HEAD_DIM;
-  float* warp_sum = warp_max + kNumWarps * kSlots;
+  float* warp_max = warp_out + L::kWarps * kSlots * HEAD_DIM;
+  float* warp_sum = warp_max + L::kWarps * kSlots;
   {
     float* even = warp_out + (warp * kSlots + 2 * j) * HEAD_DIM;
     float* odd = even + HEAD_DIM;
@@ -369,27 +411,27 @@ __global__ void __launch_bounds__(kNumThreads) paged_decode_attention_mma_kernel
     }
   }
   __syncthreads();
-  for (int idx = threadIdx.x; idx < b.active_heads * HEAD_DIM; idx += kNumThreads) {
+  for (int idx = threadIdx.x; idx < b.active_heads * HEAD_DIM; idx += L::kThreads) {
     const int h = idx / HEAD_DIM;
     const int d = idx % HEAD_DIM;
     float m = -FLT_MAX;
 #pragma unroll
-    for (int w = 0; w < kNumWarps; ++w) m = fmaxf(m, warp_max[w * kSlots + h]);
+    for (int w = 0; w < L::kWarps; ++w) m = fmaxf(m, warp_max[w * kSlots + h]);
     float numerator = 0.f, denominator = 0.f;
 #pragma unroll
-    for (int w = 0; w < kNumWarps; ++w) {
+    for (int w = 0; w < L::kWarps; ++w) {
       const float weight = __expf(warp_max[w * kSlots + h] - m);  // 0 for a warp that saw no tile
       numerator = fmaf(weight, warp_out[(w * kSlots + h) * HEAD_DIM + d], numerator);
       denominator = fmaf(weight, warp_sum[w * kSlots + h], denominator);
     }
     store_block_result<T, HEAD_DIM>(p, b, h, d, numerator / denominator, m, denominator);
   }
-  if (p.max_partitions > 1) merge_if_last<T, HEAD_DIM>(p, b, reinterpret_cast<float*>(shared_raw));
+  if (p.max_partitions > 1) merge_if_last<T, HEAD_DIM, WARPS>(p, b, reinterpret_cast<float*>(shared_raw));
 }
 
-template <typename T, int HEAD_DIM>
+template <typename T, int HEAD_DIM, int WARPS>
 size_t opt_in_shared_memory(size_t table_bytes) {
-  auto kernel = paged_decode_attention_mma_kernel<T, HEAD_DIM>;
+  auto kernel = paged_decode_attention_mma_kernel<T, HEAD_DIM, WARPS>;
   // Above 48 KB a kernel must opt in, once per device; allow the device's maximum so any table fits.
   static std::once_flag configured[kMaxDevices];
   int device = 0;
@@ -403,75 +445,73 @@ size_t opt_in_shared_memory(size_t table_bytes) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         limit - static_cast<int>(attributes.sharedSizeBytes)));
   });
-  return MmaLayout<HEAD_DIM>::kPipelineBytes + table_bytes;
+  return MmaLayout<HEAD_DIM, WARPS>::kPipelineBytes + table_bytes;
 }
 
-template <typename T, int HEAD_DIM>
+template <typename T, int HEAD_DIM, int WARPS>
 void launch_typed(const DecodeParams& p, dim3 grid, size_t table_bytes, cudaStream_t stream) {
-  const size_t shared_bytes = opt_in_shared_memory<T, HEAD_DIM>(table_bytes);
-  paged_decode_attention_mma_kernel<T, HEAD_DIM><<<grid, kNumThreads, shared_bytes, stream>>>(p);
+  const size_t shared_bytes = opt_in_shared_memory<T, HEAD_DIM, WARPS>(table_bytes);
+  paged_decode_attention_mma_kernel<T, HEAD_DIM, WARPS><<<grid, 32 * WARPS, shared_bytes, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
-void launch_for_dim(const DecodeParams& p, int head_dim, dim3 grid, size_t table_bytes, cudaStream_t stream) {
-  switch (head_dim) {
-    case 64: return launch_typed<T, 64>(p, grid, table_bytes, stream);
-    case 128: return launch_typed<T, 128>(p, grid, table_bytes, stream);
-    default: return launch_typed<T, 256>(p, grid, table_bytes, stream);
-  }
+void launch_for_shape(const DecodeParams& p, int head_dim, int warps, dim3 grid, size_t table_bytes,
+                      cudaStream_t stream) {
+  if (head_dim == 64 && warps == 8) return launch_typed<T, 64, 8>(p, grid, table_bytes, stream);
+  if (head_dim == 64) return launch_typed<T, 64, 4>(p, grid, table_bytes, stream);
+  if (head_dim == 128 && warps == 8) return launch_typed<T, 128, 8>(p, grid, table_bytes, stream);
+  if (head_dim == 128) return launch_typed<T, 128, 4>(p, grid, table_bytes, stream);
+  return launch_typed<T, 256, 4>(p, grid, table_bytes, stream);
 }
 
-template <int HEAD_DIM>
-int blocks_per_multiprocessor(size_t table_bytes) {
+template <int HEAD_DIM, int WARPS>
+int resident_blocks(size_t table_bytes) {
   // fp16 and bf16 instantiations use the same registers and shared memory.
-  const size_t shared_bytes = opt_in_shared_memory<__nv_bfloat16, HEAD_DIM>(table_bytes);
+  const size_t shared_bytes = opt_in_shared_memory<__nv_bfloat16, HEAD_DIM, WARPS>(table_bytes);
   int blocks = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-      &blocks, paged_decode_attention_mma_kernel<__nv_bfloat16, HEAD_DIM>, kNumThreads, shared_bytes));
+      &blocks, paged_decode_attention_mma_kernel<__nv_bfloat16, HEAD_DIM, WARPS>, 32 * WARPS, shared_bytes));
   return blocks;
 }
 
 }  // namespace
 
-size_t mma_merge_scratch_bytes(int head_dim) {
-  return head_dim == 64 ? MmaLayout<64>::kPipelineBytes
-         : head_dim == 128 ? MmaLayout<128>::kPipelineBytes
-                           : MmaLayout<256>::kPipelineBytes;
-}
-
-size_t mma_max_table_bytes(int head_dim) {
+size_t mma_max_table_bytes(int head_dim, int warps) {
   int device = 0, limit = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  // The kernel's own static shared memory (a few flags and per-head sums) is well under 1 KB.
-  const size_t taken = mma_merge_scratch_bytes(head_dim) + 1024;
+  const size_t pipeline = head_dim == 64    ? (warps == 8 ? MmaLayout<64, 8>::kPipelineBytes : MmaLayout<64, 4>::kPipelineBytes)
+                          : head_dim == 128 ? (warps == 8 ? MmaLayout<128, 8>::kPipelineBytes : MmaLayout<128, 4>::kPipelineBytes)
+                                            : MmaLayout<256, 4>::kPipelineBytes;
+  // The kernel's own static shared memory (a few flags) is well under 1 KB.
+  const size_t taken = pipeline + 1024;
   return static_cast<size_t>(limit) > taken ? limit - taken : 0;
 }
 
-int mma_blocks_per_multiprocessor(int head_dim, size_t table_bytes) {
+int mma_blocks_per_multiprocessor(int head_dim, int warps, size_t table_bytes) {
   // Asked on every launch that picks its own partition length: remember the answers.
   static std::mutex mutex;
-  static std::map<std::tuple<int, int, size_t>, int> known;
+  static std::map<std::tuple<int, int, int, size_t>, int> known;
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
-  const auto key = std::make_tuple(device, head_dim, table_bytes);
+  const auto key = std::make_tuple(device, head_dim, warps, table_bytes);
   const std::lock_guard<std::mutex> lock(mutex);
   auto found = known.find(key);
   if (found != known.end()) return found->second;
-  const int blocks = head_dim == 64    ? blocks_per_multiprocessor<64>(table_bytes)
-                     : head_dim == 128 ? blocks_per_multiprocessor<128>(table_bytes)
-                                       : blocks_per_multiprocessor<256>(table_bytes);
+  const int blocks = head_dim == 64    ? (warps == 8 ? resident_blocks<64, 8>(table_bytes) : resident_blocks<64, 4>(table_bytes))
+                     : head_dim == 128 ? (warps == 8 ? resident_blocks<128, 8>(table_bytes) : resident_blocks<128, 4>(table_bytes))
+                                       : resident_blocks<256, 4>(table_bytes);
   known.emplace(key, blocks);
   return blocks;
 }
 
-void launch_paged_decode_mma(const DecodeParams& p, bool bfloat16, int head_dim, dim3 grid, size_t table_bytes,
-                             cudaStream_t stream) {
+void launch_paged_decode_mma(const DecodeParams& p, bool bfloat16, int head_dim, int warps, dim3 grid,
+                             size_t table_bytes, cudaStream_t stream) {
   if (bfloat16) {
-    launch_for_dim<__nv_bfloat16>(p, head_dim, grid, table_bytes, stream);
+    launch_for_shape<__nv_bfloat16>(p, head_dim, warps, grid, table_bytes, stream);
   } else {
-    launch_for_dim<__half>(p, head_dim, grid, table_bytes, stream);
+    launch_for_shape<__half>(p, head_dim, warps, grid, table_bytes, stream);
   }
 }
 

@@ -148,6 +148,40 @@ def test_decode_other_shapes(dtype, head_dim, num_heads, num_kv_heads, block_siz
         assert_matches(out, expected, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("head_dim", "group"), [(64, 1), (64, 4), (128, 1), (128, 8), (256, 4)])
+def test_decode_large_grid(dtype, head_dim, group):
+    """More (sequence, KV head) pairs than any GPU has multiprocessors: the launcher takes 4-warp
+    tensor-core blocks (and the CUDA-core kernel for MHA) instead of the 8-warp ones the small tests
+    reach; split-K forced on them too."""
+    from engine.kernels import cuda_ops
+
+    generator = torch.Generator().manual_seed(head_dim + group)
+    contexts = [int(c) for c in torch.randint(1, 700, (120,), generator=generator)]
+    num_kv_heads = 3
+    num_heads = num_kv_heads * group
+    query, key_cache, value_cache, metadata = make_step(
+        [1] * len(contexts), contexts, num_heads, num_kv_heads, head_dim, dtype, seed=group
+    )
+    args = feature_args(FEATURES["plain"], num_heads)
+    expected = reference(query, key_cache, value_cache, metadata, 0.1, args)
+    for partition_size in (None, 64, 256):
+        out = torch.full_like(query, float("nan"))
+        cuda_ops.paged_decode_attention(
+            query,
+            key_cache,
+            value_cache,
+            metadata.block_tables,
+            metadata.context_lens,
+            metadata.max_context_len,
+            0.1,
+            out=out,
+            partition_size=partition_size,
+            **args,
+        )
+        assert_matches(out, expected, dtype)
+
+
 def test_decode_single_partition_big_batch_and_strided_query():
     from engine.kernels import cuda_ops
 
