@@ -62,7 +62,7 @@ struct MmaLayout {
   static constexpr int kSteps = HEAD_DIM / 16;  // mma k-steps over dims (scores), dim tiles (output)
   static_assert(HEAD_DIM % 64 == 0, "head_dim must be a multiple of 64");
   // The final cross-warp merge reuses the pipeline's shared memory.
-  static_assert(kWarps * kSlots * (HEAD_DIM + 2) * 4 <= kPipelineBytes, "merge scratch does not fit");
+  static_assert((kWarps * kSlots * (HEAD_DIM + 7) + 2 * kSlots) * 4 <= kPipelineBytes, "merge scratch does not fit");
 };
 
 __device__ __forceinline__ uint32_t swizzled(int row, int chunk, int row_bytes) {
@@ -390,13 +390,19 @@ __global__ void __launch_bounds__(32 * WARPS) paged_decode_attention_mma_kernel(
   row_sum += __shfl_xor_sync(0xffffffffu, row_sum, 2);
 
   // Merge the warps: the pipeline's shared memory now takes [warp][slot][dim] outputs, maxima, sums.
+  // Rows are padded by 4 floats so that the four lanes j of a store (heads 2j, 2j+1) fall in
+  // different banks (unpadded, the row stride is a multiple of 32 banks: 4-way conflicts).
+  constexpr int kOutStride = HEAD_DIM + 4;
   __syncthreads();
   float* warp_out = reinterpret_cast<float*>(shared_raw);
-  float* warp_max = warp_out + L::kWarps * kSlots * HEAD_DIM;
-  float* warp_sum = warp_max + L::kWarps * kSlots;
+  float* warp_max = warp_out + L::kWarps * kSlots * kOutStride;
+  float* warp_weight = warp_max + L::kWarps * kSlots;  // [warp][slot]: exp(warp max - head max)
+  float* warp_sum = warp_weight + L::kWarps * kSlots;
+  float* head_max = warp_sum + L::kWarps * kSlots;  // [slot]
+  float* head_sum = head_max + kSlots;              // [slot]
   {
-    float* even = warp_out + (warp * kSlots + 2 * j) * HEAD_DIM;
-    float* odd = even + HEAD_DIM;
+    float* even = warp_out + (warp * kSlots + 2 * j) * kOutStride;
+    float* odd = even + kOutStride;
 #pragma unroll
     for (int mt = 0; mt < L::kSteps; ++mt) {
       const int d = 16 * mt + g;
@@ -411,20 +417,33 @@ __global__ void __launch_bounds__(32 * WARPS) paged_decode_attention_mma_kernel(
     }
   }
   __syncthreads();
-  for (int idx = threadIdx.x; idx < b.active_heads * HEAD_DIM; idx += L::kThreads) {
-    const int h = idx / HEAD_DIM;
-    const int d = idx % HEAD_DIM;
+  // Each head's weights once (not once per output element: that was 8 exponentials per element,
+  // and at 8 heads of 128 dims the epilogue's issue slots showed in the time).
+  if (threadIdx.x < kSlots) {
+    const int h = threadIdx.x;
     float m = -FLT_MAX;
 #pragma unroll
     for (int w = 0; w < L::kWarps; ++w) m = fmaxf(m, warp_max[w * kSlots + h]);
-    float numerator = 0.f, denominator = 0.f;
+    float total = 0.f;
 #pragma unroll
     for (int w = 0; w < L::kWarps; ++w) {
       const float weight = __expf(warp_max[w * kSlots + h] - m);  // 0 for a warp that saw no tile
-      numerator = fmaf(weight, warp_out[(w * kSlots + h) * HEAD_DIM + d], numerator);
-      denominator = fmaf(weight, warp_sum[w * kSlots + h], denominator);
+      warp_weight[w * kSlots + h] = weight;
+      total = fmaf(weight, warp_sum[w * kSlots + h], total);
     }
-    store_block_result<T, HEAD_DIM>(p, b, h, d, numerator / denominator, m, denominator);
+    head_max[h] = m;
+    head_sum[h] = total;
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < b.active_heads * HEAD_DIM; idx += L::kThreads) {
+    const int h = idx / HEAD_DIM;
+    const int d = idx % HEAD_DIM;
+    float numerator = 0.f;
+#pragma unroll
+    for (int w = 0; w < L::kWarps; ++w) {
+      numerator = fmaf(warp_weight[w * kSlots + h], warp_out[(w * kSlots + h) * kOutStride + d], numerator);
+    }
+    store_block_result<T, HEAD_DIM>(p, b, h, d, numerator / head_sum[h], head_max[h], head_sum[h]);
   }
   if (p.max_partitions > 1) merge_if_last<T, HEAD_DIM, WARPS>(p, b, reinterpret_cast<float*>(shared_raw));
 }
