@@ -13,9 +13,10 @@
 // - fp16/bf16 with >= 2 query heads per KV head, and fp16/bf16 MHA on a grid too small to fill the
 //   device without split-K: tensor cores (paged_decode_attention_mma.cu), since on CUDA cores the
 //   per-head dot products and shuffles, not memory, would bound the time;
-// - otherwise (MHA on large grids, and fp32) the CUDA-core kernel below. A group of kThreadsPerToken threads holds
-//   one token's head_dim row (16 bytes per thread per load), so a warp covers kTokensPerWarp tokens
-//   per load; kUnroll loads are issued before the first is used to keep enough bytes in flight.
+// - otherwise (MHA on large grids, and fp32) the CUDA-core kernel below. A group of
+//   kThreadsPerToken threads holds one token's head_dim row (16 bytes per thread per load), so a warp
+//   covers kTokensPerWarp tokens per load; kUnroll loads are issued before the first is used to keep
+//   enough bytes in flight.
 //     Phase 1: scores of every token of the partition for every head -> shared memory.
 //     Phase 2: per-head max and sum of exp (one warp per head), in place.
 //     Phase 3: weighted sum of V rows, reduced across token groups and warps.
@@ -350,9 +351,8 @@ int64_t mma_partition_size(int64_t blocks_per_partition, int64_t visible, int he
   const int64_t max_table_entries = mma_max_table_bytes(head_dim, warps) / sizeof(int) - 2;
   int64_t longest_table = 64;
   while (2 * longest_table < longest && (2 * longest_table >> block_size_log2) <= max_table_entries) longest_table *= 2;
-  const int64_t resident =
-      warps == 8 ? 1
-                 : mma_blocks_per_multiprocessor(head_dim, warps, ((longest_table >> block_size_log2) + 2) * sizeof(int));
+  const size_t table_bytes = ((longest_table >> block_size_log2) + 2) * sizeof(int);
+  const int64_t resident = warps == 8 ? 1 : mma_blocks_per_multiprocessor(head_dim, warps, table_bytes);
   const int64_t slots = std::max<int64_t>(1, resident * multiprocessor_count());
   int64_t best = 64, best_cost = INT64_MAX;
   for (int64_t size = 64;; size *= 2) {

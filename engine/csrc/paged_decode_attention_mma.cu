@@ -1,4 +1,5 @@
-// Paged decode attention on tensor cores, for fp16/bf16 with 2 or more query heads per KV head.
+// Paged decode attention on tensor cores, for fp16/bf16: GQA/MQA, and MHA on grids too small to fill
+// the device (the launcher, paged_decode_attention.cu, decides).
 //
 // Why tensor cores: with G query heads per KV head, every cached K/V element feeds G multiply-adds.
 // On CUDA cores that arithmetic (and the shuffles that finish each dot product) costs more issue
@@ -7,11 +8,13 @@
 // Why this shape: the kernel must keep enough bytes in flight to stream the cache at full bandwidth
 // while holding little in registers. Each warp therefore streams its own 16-token tiles of K and V
 // through a cp.async pipeline in shared memory (kStages - 1 tiles in flight while one is used, no
-// registers held for them) and keeps an online softmax in registers, so the warps of a block never wait for one another until
-// the end, and a block can take a long partition of the context (fewer partitions to merge).
+// registers held for them) and keeps an online softmax in registers, so the warps of a block never
+// wait for one another until the end, and a block can take a long partition of the context (fewer
+// partitions to merge).
 //
 // A block takes (sequence, KV head, up to 8 query heads of its group, partition of the context);
-// warp w of W takes the partition's tiles w, w + W, w + 2W, ... Per tile, with g = lane / 4, j = lane % 4:
+// warp w of W (4 or 8) takes the partition's tiles w, w + W, w + 2W, ... Per tile, with g = lane / 4
+// and j = lane % 4:
 //   Scores S[head][token] = Q . K^T: A = Q (16 rows, of which the 8 head slots are rows 0..7 and
 //     rows 8..15 are zero), B = K^T per 8 tokens (ldmatrix of the K rows). Thread (g, j) gets head g,
 //     tokens 2j, 2j+1 and 8+2j, 9+2j: exactly the B fragment of P^T that the next product wants, so
@@ -48,21 +51,23 @@ struct MmaLayout {
   static constexpr int kLoadsPerTile = kTile / kRowsPerLoad;  // cp.async per lane per tile, of K and of V
   static constexpr int kTileBytes = kTile * HEAD_DIM * 2;     // K (or V) rows of one tile
   static constexpr int kStageBytes = 2 * kTileBytes;
-  // Three 16-token stages per warp: 48 KB of pipeline per block at head_dim 64, 96 KB at 128 (two at
-  // 256, 128 KB). On an H200 sweep, deeper pipelines streamed long contexts no faster and cost short
-  // contexts up to 30% by fitting fewer blocks per SM; two stages at head_dim 128 cost mid-sized
-  // problems up to 16 points of copy bandwidth.
+  // Three 16-token stages per warp: 12 KB per warp at head_dim 64, 24 KB at 128 (two at 256, 32 KB),
+  // so 48 / 96 / 128 KB per 4-warp block and 96 / 192 KB per 8-warp one. On an H200 sweep (4 warps),
+  // deeper pipelines streamed long contexts no faster and cost short contexts up to 30% by fitting
+  // fewer blocks per SM; two stages at head_dim 128 cost mid-sized problems up to 16 points of copy
+  // bandwidth.
   static constexpr int kStages = HEAD_DIM >= 256 ? 2 : 3;
-  // Four or eight warps (the launcher's choice, see kernel_warps); at head_dim 256 the pipeline of
-  // eight does not fit.
+  // Four or eight warps (the launcher's choice: 8 on grids smaller than the SM count); at head_dim
+  // 256 the pipeline of eight does not fit.
   static constexpr int kWarps = WARPS;
   static_assert(WARPS == 4 || (WARPS == 8 && HEAD_DIM <= 128), "4 warps, or 8 at head_dim <= 128");
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kPipelineBytes = kWarps * kStages * kStageBytes;
   static constexpr int kSteps = HEAD_DIM / 16;  // mma k-steps over dims (scores), dim tiles (output)
   static_assert(HEAD_DIM % 64 == 0, "head_dim must be a multiple of 64");
-  // The final cross-warp merge reuses the pipeline's shared memory.
-  static_assert((kWarps * kSlots * (HEAD_DIM + 7) + 2 * kSlots) * 4 <= kPipelineBytes, "merge scratch does not fit");
+  // The final cross-warp merges (the block's, then the split-K one) reuse the pipeline's shared memory.
+  static_assert((kWarps * kSlots * (HEAD_DIM + 7) + 2 * kSlots) * 4 <= kPipelineBytes,
+                "merge scratch does not fit");
 };
 
 __device__ __forceinline__ uint32_t swizzled(int row, int chunk, int row_bytes) {
@@ -149,7 +154,8 @@ __device__ void merge_if_last(const DecodeParams& p, const DecodeBlock& b, float
   constexpr int kUnroll = kColumnsPerLane >= 8 ? 1 : 8 / kColumnsPerLane;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t first_row = (int64_t)b.seq * p.num_heads + b.first_head;
-  const float4* partials = reinterpret_cast<const float4*>(p.partial_out) + first_row * p.max_partitions * kColumnsPerHead;
+  const float4* partials =
+      reinterpret_cast<const float4*>(p.partial_out) + first_row * p.max_partitions * kColumnsPerHead;
   const int stat_head = lane % kSlots;
   const float* stats = (lane < kSlots ? p.partial_max : p.partial_sum) + (first_row + stat_head) * p.max_partitions;
   const bool stat_lane = lane < 2 * kSlots && stat_head < b.active_heads;
@@ -173,9 +179,8 @@ __device__ void merge_if_last(const DecodeParams& p, const DecodeBlock& b, float
       for (int c = 0; c < kColumnsPerLane; ++c) {
         const int column = c * 32 + lane;
         const int h = column / kColumnsPerHead;
-        v[u][c] = h < b.active_heads && i < b.num_partitions
-                      ? __ldcg(partials + ((int64_t)h * p.max_partitions + i) * kColumnsPerHead + column % kColumnsPerHead)
-                      : make_float4(0.f, 0.f, 0.f, 0.f);
+        const int64_t at = ((int64_t)h * p.max_partitions + i) * kColumnsPerHead + column % kColumnsPerHead;
+        v[u][c] = h < b.active_heads && i < b.num_partitions ? __ldcg(partials + at) : make_float4(0.f, 0.f, 0.f, 0.f);
       }
     }
 #pragma unroll
@@ -500,9 +505,9 @@ size_t mma_max_table_bytes(int head_dim, int warps) {
   int device = 0, limit = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  const size_t pipeline = head_dim == 64    ? (warps == 8 ? MmaLayout<64, 8>::kPipelineBytes : MmaLayout<64, 4>::kPipelineBytes)
-                          : head_dim == 128 ? (warps == 8 ? MmaLayout<128, 8>::kPipelineBytes : MmaLayout<128, 4>::kPipelineBytes)
-                                            : MmaLayout<256, 4>::kPipelineBytes;
+  size_t pipeline = MmaLayout<256, 4>::kPipelineBytes;
+  if (head_dim == 64) pipeline = warps == 8 ? MmaLayout<64, 8>::kPipelineBytes : MmaLayout<64, 4>::kPipelineBytes;
+  if (head_dim == 128) pipeline = warps == 8 ? MmaLayout<128, 8>::kPipelineBytes : MmaLayout<128, 4>::kPipelineBytes;
   // The kernel's own static shared memory (a few flags) is well under 1 KB.
   const size_t taken = pipeline + 1024;
   return static_cast<size_t>(limit) > taken ? limit - taken : 0;
@@ -518,9 +523,14 @@ int mma_blocks_per_multiprocessor(int head_dim, int warps, size_t table_bytes) {
   const std::lock_guard<std::mutex> lock(mutex);
   auto found = known.find(key);
   if (found != known.end()) return found->second;
-  const int blocks = head_dim == 64    ? (warps == 8 ? resident_blocks<64, 8>(table_bytes) : resident_blocks<64, 4>(table_bytes))
-                     : head_dim == 128 ? (warps == 8 ? resident_blocks<128, 8>(table_bytes) : resident_blocks<128, 4>(table_bytes))
-                                       : resident_blocks<256, 4>(table_bytes);
+  int blocks = 0;
+  if (head_dim == 64) {
+    blocks = warps == 8 ? resident_blocks<64, 8>(table_bytes) : resident_blocks<64, 4>(table_bytes);
+  } else if (head_dim == 128) {
+    blocks = warps == 8 ? resident_blocks<128, 8>(table_bytes) : resident_blocks<128, 4>(table_bytes);
+  } else {
+    blocks = resident_blocks<256, 4>(table_bytes);
+  }
   known.emplace(key, blocks);
   return blocks;
 }
