@@ -42,6 +42,7 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Olmo2ForCausalLM": ("engine.models.olmo2", "Olmo2ForCausalLM"),
     "OlmoForCausalLM": ("engine.models.olmo", "OlmoForCausalLM"),
     "PersimmonForCausalLM": ("engine.models.persimmon", "PersimmonForCausalLM"),
+    "Phi3ForCausalLM": ("engine.models.phi3", "Phi3ForCausalLM"),
     "PhiForCausalLM": ("engine.models.phi", "PhiForCausalLM"),
     "Qwen2ForCausalLM": ("engine.models.qwen2", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("engine.models.qwen3", "Qwen3ForCausalLM"),

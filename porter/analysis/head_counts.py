@@ -31,7 +31,7 @@ def fused_heads(info: ClassInfo, projection: str, head_dim: str) -> tuple[str, s
     ... elif ...: ... else: ...`) gives counts that choose by the same tests."""
     for call in info.all_init_calls.get(projection) or [info.init_calls[projection]]:
         out = _out_expr(call)
-        counts = _three_part_heads(info, out, head_dim)
+        counts = _three_part_heads(info, _local_value(info, out), head_dim)
         if counts is not None:
             return counts
         branches = branch_values(info.methods.get("__init__"), out)
@@ -102,6 +102,23 @@ def _count(info: ClassInfo, size: cst.BaseExpression, head_dim: str) -> str:
         if isinstance(inner, cst.BinaryOperation) and isinstance(inner.operator, cst.Multiply):
             return _count(info, inner, head_dim)
     return f"({code_of(size)}) // {head_dim}"
+
+
+def _local_value(info: ClassInfo, size: cst.BaseExpression) -> cst.BaseExpression:
+    """What a local of `__init__` holds when `size` is one assigned exactly once at its top level
+    (`op_size = H * head_dim + 2 * (kv * head_dim)`), else `size` itself."""
+    init = info.methods.get("__init__")
+    if init is None or not isinstance(size, cst.Name):
+        return size
+    values = [
+        statement.body[0].value
+        for statement in init.body.body
+        if isinstance(statement, cst.SimpleStatementLine)
+        and isinstance(statement.body[0], cst.Assign)
+        and code_of(statement.body[0].targets[0].target) == size.value
+        and len(statement.body[0].targets) == 1
+    ]
+    return values[0] if len(values) == 1 else size
 
 
 def _out_expr(call: cst.Call) -> cst.BaseExpression:

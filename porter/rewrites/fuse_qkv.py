@@ -5,6 +5,12 @@ hidden, head_dim, num_heads, num_kv_heads, bias=...)`. In `forward` the fused pr
 before the first statement that used any of the three, and is split into this rank's q, k and v;
 each `self.q_proj(x)` (etc.) becomes the matching piece. `load_weights` learns the checkpoint
 names of the three and their shard ids.
+
+A projection that already makes q, k and v (GPT-2's `c_attn`, Phi-3's `qkv_proj`) becomes a
+`QKVParallelLinear` that loads the fused checkpoint tensor in its layout, and the split of its
+output (`.split(size, dim)`, or three slices of the last axis at global offsets) takes this rank's
+q, k and v sizes instead. Slices that do not cut it into q|k|v end to end are a review item:
+sharded as a plain column-parallel Linear, the projection would give wrong heads at tp > 1.
 """
 
 from __future__ import annotations
@@ -12,7 +18,14 @@ from __future__ import annotations
 import libcst as cst
 
 from porter.analysis.attention import AttentionInfo
-from porter.analysis.cst_utils import ReplaceProjectionCalls, call_name, code_of, names_in, self_attribute
+from porter.analysis.cst_utils import (
+    ReplaceProjectionCalls,
+    call_name,
+    code_of,
+    names_in,
+    self_attribute,
+    statement_targets,
+)
 from porter.analysis.model_index import LINEAR_CALLS
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
 
@@ -95,6 +108,62 @@ class _ConcatenatedQKV(ClassScopedTransformer):
         )
         return new
 
+    def leave_IndentedBlock(
+        self, original: cst.IndentedBlock, updated: cst.IndentedBlock
+    ) -> cst.IndentedBlock:
+        """`qkv = self.qkv_proj(x)` cut by three slices of the last axis (`qkv[..., :q]`,
+        `qkv[..., q : q + kv]`, `qkv[..., q + kv :]`) -> one split by this rank's sizes."""
+        found = self._fused_attr()
+        if found is None or self.current_function != "forward":
+            return updated
+        _, attr = found
+        statements = list(updated.body)
+        fused = {
+            statement_targets(s)[0]
+            for s in statements
+            if len(statement_targets(s)) == 1
+            and isinstance(value := getattr(s.body[0], "value", None), cst.Call)
+            and self_attribute(value.func) == attr
+        }
+        slices = [
+            (i, *cut) for i, s in enumerate(statements) if (cut := _last_axis_slice(s, fused)) is not None
+        ]
+        if not slices:
+            return updated
+        ordered = sorted(slices, key=lambda cut: (cut[3] is not None, cut[4] is None))
+        if len(slices) != 3 or len({cut[2] for cut in slices}) != 1 or not _tiles(ordered):
+            # Left as they are, the projection would shard as one column-parallel Linear and each
+            # rank would cut its output at the global offsets: wrong at tp > 1, with nothing to show it.
+            self.context.flag(
+                "fuse-qkv",
+                self.where,
+                f"{attr} makes q, k and v, cut by slices porter cannot map to this rank's heads",
+            )
+            return updated
+        (first, q, source, _, _), (_, k, _, _, _), (_, v, _, _, _) = ordered
+        split = cst.parse_statement(
+            f"{q}, {k}, {v} = {source}.split("
+            f"[self.{attr}.q_size, self.{attr}.kv_size, self.{attr}.kv_size], dim=-1)"
+        )
+        branch = tuple(self.branches[-1]) if self.branches else None
+        self.context.plan.concatenated_qkv.add((self.current_class, attr))
+        self.context.plan.qkv_layouts.setdefault((self.current_class, attr), []).append(
+            ("concatenated", branch)
+        )
+        self.context.record(
+            "fuse-qkv",
+            self.where,
+            "\n".join(code_of(statements[i]).strip() for i, *_ in slices),
+            split,
+            "this rank's q, k and v out of the fused projection (concatenated), not the global offsets",
+        )
+        dropped = {i for i, *_ in slices} - {first}
+        body = [split if i == first else s for i, s in enumerate(statements) if i not in dropped]
+        # The offsets' locals (`query_pos = H * head_dim`) go with the slices when nothing else reads them.
+        offsets = {name for i, *_ in slices for name in names_in(statements[i].body[0].value.slice[1])}
+        body = [s for s in body if not _unread_local(s, offsets, body)]
+        return updated.with_changes(body=body)
+
     def leave_ClassDef(self, original: cst.ClassDef, updated: cst.ClassDef):
         name = updated.name.value
         attrs = {a for c, a in self.context.plan.concatenated_qkv if c == name}
@@ -144,6 +213,49 @@ class _FusedInit(cst.CSTTransformer):
             f"{attr} is split in several layouts under conditions porter cannot pair",
         )
         return repr("concatenated")
+
+
+def _tiles(ordered: list[tuple]) -> bool:
+    """Three (index, target, source, lower, upper) slices cover the last axis end to end, in order."""
+    (_, _, _, lower_q, upper_q), (_, _, _, lower_k, upper_k), (_, _, _, lower_v, upper_v) = ordered
+    return lower_q is None and upper_v is None and upper_q == lower_k and upper_k == lower_v
+
+
+def _unread_local(statement: cst.BaseStatement, candidates: set[str], body: list) -> bool:
+    """`statement` assigns one of `candidates` that no other statement of `body` reads."""
+    targets = statement_targets(statement) if isinstance(statement, cst.SimpleStatementLine) else []
+    return (
+        len(targets) == 1
+        and targets[0] in candidates
+        and not any(targets[0] in names_in(other) for other in body if other is not statement)
+    )
+
+
+def _last_axis_slice(
+    statement: cst.BaseStatement, sources: set[str]
+) -> tuple[str, str, str | None, str | None] | None:
+    """(target, source, lower, upper) of `target = source[..., lower:upper]` with `source` in
+    `sources` (bounds as source text, None where left open)."""
+    if not isinstance(statement, cst.SimpleStatementLine) or len(statement_targets(statement)) != 1:
+        return None
+    value = getattr(statement.body[0], "value", None)
+    if not (
+        isinstance(value, cst.Subscript)
+        and isinstance(value.value, cst.Name)
+        and value.value.value in sources
+    ):
+        return None
+    elements = [e.slice for e in value.slice]
+    if (
+        len(elements) != 2
+        or not (isinstance(elements[0], cst.Index) and isinstance(elements[0].value, cst.Ellipsis))
+        or not isinstance(elements[1], cst.Slice)
+        or elements[1].step is not None
+    ):
+        return None
+    cut = elements[1]
+    bound = lambda node: None if node is None else code_of(node).replace(" ", "")  # noqa: E731
+    return statement_targets(statement)[0], value.value.value, bound(cut.lower), bound(cut.upper)
 
 
 def _three_parts(out: cst.BaseExpression) -> bool:

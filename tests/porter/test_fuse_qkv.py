@@ -156,3 +156,58 @@ class MiniAttention(nn.Module):
         in after.code
     )
     assert after.context.plan.fused == []  # one checkpoint tensor: nothing to map
+
+
+PHI3_STYLE_ATTENTION = """
+class MiniAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.config = config
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        op_size = config.num_attention_heads * self.head_dim + 2 * (config.num_key_value_heads * self.head_dim)
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)
+        self.qkv_proj = nn.Linear(config.hidden_size, op_size, bias=False)
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        qkv = self.qkv_proj(hidden_states)
+        query_pos = self.config.num_attention_heads * self.head_dim
+        query_states = qkv[..., :query_pos]
+        key_states = qkv[..., query_pos : query_pos + self.num_key_value_heads * self.head_dim]
+        value_states = qkv[..., query_pos + self.num_key_value_heads * self.head_dim :]
+        attn_output, attn_weights = attention_interface(self, query_states, key_states, value_states, attention_mask)
+        return self.o_proj(attn_output), attn_weights
+"""
+
+
+def test_slices_of_a_fused_projection_at_global_offsets_become_this_ranks_split():
+    # Phi-3: the fused size is a local of __init__, and forward cuts q, k and v by hand.
+    after = _fused(replace_class(MINI_MODEL, "MiniAttention", PHI3_STYLE_ATTENTION))
+    assert init_value(after.code, "MiniAttention", "qkv_proj") == (
+        "QKVParallelLinear(config.hidden_size, self.head_dim, config.num_attention_heads, "
+        "config.num_key_value_heads, bias=False, checkpoint_layout='concatenated')"
+    )
+    forward = method_code(after.code, "MiniAttention", "forward")
+    assert (
+        "query_states, key_states, value_states = qkv.split("
+        "[self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], dim=-1)"
+    ) in forward.replace("\n", "").replace("    ", "")
+    assert "query_pos" not in forward  # the offset's local went with the slices
+    assert after.review_messages() == []
+
+
+def test_slices_that_do_not_tile_the_fused_output_are_a_review_item():
+    # k starts one past where q ends: not a q|k|v layout porter can shard, so it must not pass silently.
+    before = replace_class(
+        MINI_MODEL,
+        "MiniAttention",
+        PHI3_STYLE_ATTENTION.replace(
+            "qkv[..., query_pos : query_pos +", "qkv[..., query_pos + 1 : query_pos +"
+        ),
+    )
+    after = _fused(before)
+    assert "qkv[..., :query_pos]" in after.code
+    assert after.review_messages() == [
+        "fuse-qkv @ MiniAttention.forward: qkv_proj makes q, k and v, cut by slices porter cannot map "
+        "to this rank's heads"
+    ]
