@@ -164,20 +164,15 @@ class GPT2Model(nn.Module):
         kv_caches,
         input_metadata,
     ):
-        input_shape = input_ids.size()
         inputs_embeds = self.wte(input_ids)
 
         position_embeds = self.wpe(positions)
         hidden_states = inputs_embeds + position_embeds.to(inputs_embeds.device)
 
-        output_shape = (-1,) + input_shape[1:] + (hidden_states.size(-1),)
-
         for i, block in enumerate(self.h):
             hidden_states = block(hidden_states, kv_caches[i], input_metadata)
 
         hidden_states = self.ln_f(hidden_states)
-
-        hidden_states = hidden_states.view(output_shape)
         return hidden_states
 
 

@@ -170,11 +170,6 @@ class GPTBigCodeModel(nn.Module):
         )
         self.ln_f = nn.LayerNorm(self.embed_dim, eps=config.layer_norm_epsilon)
 
-        max_positions = config.max_position_embeddings
-        self.bias = nn.Buffer(
-            torch.tril(torch.ones((max_positions, max_positions), dtype=torch.bool)), persistent=False
-        )
-
     def forward(
         self, input_ids: torch.Tensor | None, positions: torch.Tensor | None, kv_caches, input_metadata
     ):

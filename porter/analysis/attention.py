@@ -17,7 +17,7 @@ from porter.analysis.cst_utils import (
     statement_targets,
 )
 from porter.analysis.head_counts import fused_heads, init_attributes, projection_heads
-from porter.analysis.inline_attention import branch_cores, inline_core, only_reshapes, relayouts
+from porter.analysis.inline_attention import branch_cores, inline_core, only_reshapes, relayouts, scores_scale
 from porter.analysis.model_index import ClassInfo, ModelIndex
 
 HEAD_DIM_WORDS = ("head_dim", "head_size", "attention_head_size", "hidden_size_per_attention_head")
@@ -55,6 +55,10 @@ class AttentionInfo:
     kv_repeats: list[cst.SimpleStatementLine] = field(default_factory=list)
     # `out = self._merge_heads(out, ...)` right after a called core: the paged call's `.flatten(1)`
     head_merges: list[cst.SimpleStatementLine] = field(default_factory=list)
+    # the scale a called core of this file applies itself (GPT-Neo's `_attn`: none, "1.0")
+    callee_scale: str | None = None
+    # a local-attention window cut into a causal-mask buffer in __init__ (`tril(bias, -window)`)
+    band_window: str | None = None
 
 
 def analyse_attention(index: ModelIndex, name: str) -> AttentionInfo | None:
@@ -121,6 +125,9 @@ def analyse_attention(index: ModelIndex, name: str) -> AttentionInfo | None:
     result.kv_repeats = kv_repeats
     if inline is None:
         result.head_merges = _head_merges(statement_targets(core_statement)[:1], after, info)
+        if not any(a.keyword is not None and a.keyword.value == "scaling" for a in core.args):
+            result.callee_scale = _callee_scale(core, info, index)
+    result.band_window = _band_window(info)
     if inline is not None:
         result.inline_region = inline["region"]
         result.inline_output = inline["output"]
@@ -132,6 +139,53 @@ def analyse_attention(index: ModelIndex, name: str) -> AttentionInfo | None:
     if branches is not None:
         _with_branch_cores(result, branches, body, info)
     return result
+
+
+def _callee_scale(core: cst.Call, info: ClassInfo, index: ModelIndex) -> str | None:
+    """The scale a core that is a method or function of this file applies to its scores, in terms
+    the constructor can evaluate (its parameters replaced by the call's arguments); None when it
+    cannot be read or depends on the callee's own locals."""
+    method = self_attribute(core.func)
+    callee = info.methods.get(method) if method else index.functions.get(call_name(core) or "")
+    if callee is None or (found := scores_scale(list(callee.body.body))) is None:
+        return None
+    params = [p.name.value for p in callee.params.params]
+    arguments = {"self": "self"} if method else {}
+    positional = [a.value for a in core.args if a.keyword is None and not a.star]
+    arguments.update(zip(params[1:] if method else params, (code_of(v) for v in positional)))
+    arguments.update({a.keyword.value: code_of(a.value) for a in core.args if a.keyword is not None})
+    scale = cst.parse_expression(found)
+    if names_in(scale) & set(params) - set(arguments) or names_in(scale) - set(params) - {"math", "torch"}:
+        return None
+
+    class _Substitute(cst.CSTTransformer):
+        def leave_Name(self, original: cst.Name, updated: cst.Name) -> cst.BaseExpression:
+            if updated.value not in arguments or arguments[updated.value] == updated.value:
+                return updated
+            value = cst.parse_expression(arguments[updated.value])
+            atom = isinstance(
+                value, (cst.Name, cst.Attribute, cst.Subscript, cst.Call, cst.Integer, cst.Float)
+            )
+            return value if atom else cst.parse_expression(f"({arguments[updated.value]})")
+
+    return code_of(scale.visit(_Substitute()))
+
+
+def _band_window(info: ClassInfo) -> str | None:
+    """`window` (or `window if test else None`) where `__init__` cuts `torch.tril(mask, -window)` out
+    of a causal mask, at its top level or under one `if`: GPT-Neo's local attention layers."""
+    init = info.methods.get("__init__")
+    for statement in init.body.body if init is not None else []:
+        test, block = None, [statement]
+        if isinstance(statement, cst.If) and statement.orelse is None:
+            test, block = code_of(statement.test), list(statement.body.body)
+        for call in (c for inner in block for c in calls_in(inner)):
+            if call_name(call) == "torch.tril" and len(call.args) >= 2:
+                diagonal = call.args[1].value
+                if isinstance(diagonal, cst.UnaryOperation) and isinstance(diagonal.operator, cst.Minus):
+                    window = code_of(diagonal.expression)
+                    return window if test is None else f"{window} if {test} else None"
+    return None
 
 
 def _with_branch_cores(result: AttentionInfo, branches: tuple[int, list[tuple]], body: list, info) -> None:

@@ -25,21 +25,10 @@ def inline_core(body: list[cst.BaseStatement], info: ClassInfo) -> dict | None:
     """Finds `scores = q @ k^T (* scale, + alibi); probs = softmax(scores); out = probs @ v` among the
     top-level statements of forward, with the reshapes of q/k/v (and KV-head repetition) just
     before it and a head merge just after it: the span that one PagedAttention call replaces."""
-    codes = [code_of(s) for s in body]
-    soft = next((i for i, c in enumerate(codes) if "softmax(" in c), None)
-    if soft is None:
+    scores = _scores(body)
+    if scores is None:
         return None
-    score_at = next((i for i in range(soft, -1, -1) if _score_call(body[i])), None)
-    if score_at is None:
-        return None
-    q, k, scale = _score_operands(_score_call(body[score_at]), body[score_at])
-    if q is None or k is None:
-        return None
-    in_place, alibi, alibi_scale = _in_place_scale(
-        body[score_at + 1 : soft], set(statement_targets(body[score_at])), "alibi" in codes[score_at]
-    )
-    if in_place is not None:
-        scale = in_place if scale == "1.0" else f"{scale} * {in_place}"
+    soft, score_at, q, k, scale, alibi, alibi_scale = scores
     probs = set(statement_targets(body[soft]))
     out_at = v = output = None
     for j in range(soft + 1, len(body)):
@@ -82,6 +71,34 @@ def inline_core(body: list[cst.BaseStatement], info: ClassInfo) -> dict | None:
         "alibi_scale": alibi_scale,  # None: the bias is added unscaled
         "merged": merged,
     }
+
+
+def scores_scale(body: list[cst.BaseStatement]) -> str | None:
+    """The scale an eager core among `body`'s statements applies to `q @ k^T` before its softmax
+    ("1.0" when none), however it then returns its output; None without such a core."""
+    scores = _scores(body)
+    return scores[4] if scores is not None else None
+
+
+def _scores(body: list[cst.BaseStatement]) -> tuple | None:
+    """(softmax index, score index, q, k, scale, alibi, alibi scale) of the first softmax over a
+    `q @ k^T` product among `body`'s statements."""
+    codes = [code_of(s) for s in body]
+    soft = next((i for i, c in enumerate(codes) if "softmax(" in c), None)
+    if soft is None:
+        return None
+    score_at = next((i for i in range(soft, -1, -1) if _score_call(body[i])), None)
+    if score_at is None:
+        return None
+    q, k, scale = _score_operands(_score_call(body[score_at]), body[score_at])
+    if q is None or k is None:
+        return None
+    in_place, alibi, alibi_scale = _in_place_scale(
+        body[score_at + 1 : soft], set(statement_targets(body[score_at])), "alibi" in codes[score_at]
+    )
+    if in_place is not None:
+        scale = in_place if scale == "1.0" else f"{scale} * {in_place}"
+    return soft, score_at, q, k, scale, alibi, alibi_scale
 
 
 def _score_call(statement: cst.CSTNode) -> cst.Call | cst.BinaryOperation | None:
@@ -162,10 +179,25 @@ def _receiver_root(call: cst.BaseExpression) -> str | None:
     return call.value if isinstance(call, cst.Name) else None
 
 
+def _scaling_of(product: cst.CSTNode, statement: cst.CSTNode) -> cst.BinaryOperation | None:
+    """The `product / x` or `product * x` in `statement`, wherever it sits (the assigned value, or
+    inside the softmax's argument: `softmax(q @ k^T * scale, dim=-1)`)."""
+    found: list[cst.BinaryOperation] = []
+
+    class _Find(cst.CSTVisitor):
+        def visit_BinaryOperation(self, node: cst.BinaryOperation) -> None:
+            if node.left is product and isinstance(node.operator, (cst.Divide, cst.Multiply)):
+                found.append(node)
+
+    statement.visit(_Find())
+    return found[0] if found else None
+
+
 def _score_operands(
     call: cst.Call | cst.BinaryOperation, statement: cst.CSTNode
 ) -> tuple[str | None, str | None, str]:
     """q and k of the score product (k without its transpose), and the scale it applies."""
+    product = call
     if isinstance(call, cst.BinaryOperation):  # `q @ k.transpose(-1, -2)` reads as matmul(q, k^T)
         call = cst.Call(func=cst.Name("matmul"), args=[cst.Arg(call.left), cst.Arg(call.right)])
     keywords = {a.keyword.value: a.value for a in call.args if a.keyword is not None}
@@ -182,7 +214,7 @@ def _score_operands(
             return None, None, "1.0"
         first, second = positional[0], positional[1]
         scale = "1.0"
-        value = statement.body[0].value if isinstance(statement, cst.SimpleStatementLine) else None
+        value = _scaling_of(product, statement)
         if isinstance(value, cst.BinaryOperation) and isinstance(value.operator, cst.Divide):
             scale = f"1 / ({code_of(value.right)})"
         elif isinstance(value, cst.BinaryOperation) and isinstance(value.operator, cst.Multiply):

@@ -8,7 +8,13 @@
 - a head merge of the paged attention's output sized by the global width
   (`reshape(bsz, q_len, self.hidden_size)`) infers it (`reshape(q_len, -1)`): a rank holds its heads;
 - a token-id or position tensor reshaped to 2-D (`input_ids.view(-1, input_ids.shape[-1])`,
-  `position_ids.unsqueeze(0)`) stays 1-D.
+  `position_ids.unsqueeze(0)`) stays 1-D;
+- in an attention class, a head split sized `x.size()[:-1] + (num_heads, head_size)` infers the
+  head count (`+ (-1, head_size)`): a rank holds its heads;
+- a reshape back to a batch-shaped size the function built (`output_shape = (-1, seq_length,
+  hidden)`, then `hidden_states.view(output_shape)`) goes, with the sizes only it read: the
+  hidden states stay `[num_tokens, hidden]` (GPT-Neo's `seq_length = inputs_embeds.shape[1]` is the
+  hidden width once tokens are flattened, so its view failed).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from porter.analysis.cst_utils import (
     statement_targets,
 )
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
+from porter.rewrites.dead_code import drop_unread_assignments
 
 ONE_DIMENSIONAL = {"input_ids", "positions"}
 RESHAPES = {"view", "reshape"}
@@ -70,6 +77,33 @@ class _Transformer(ClassScopedTransformer):
         self.batch_names, self.attention_outputs = set(), set()
         return True
 
+    def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef):
+        if self.active and self.current_class not in self.context.plan.attention:
+            updated = self._drop_batch_reshapes(updated)
+        return super().leave_FunctionDef(original, updated)
+
+    def _drop_batch_reshapes(self, function: cst.FunctionDef) -> cst.FunctionDef:
+        body = list(function.body.body)
+        batch_shapes = {
+            statement_targets(s)[0]
+            for s in body
+            if len(statement_targets(s)) == 1 and _batch_shaped(getattr(s.body[0], "value", None))
+        }
+        kept = [s for s in body if not _reshapes_to(s, batch_shapes)]
+        if len(kept) == len(body):
+            return function
+        for statement in body:
+            if statement not in kept:
+                self.context.record(
+                    "flatten-batch",
+                    self.where,
+                    statement,
+                    "",
+                    "no batch dimension to restore: [T, hidden] stays",
+                )
+        function = function.with_changes(body=function.body.with_changes(body=kept))
+        return drop_unread_assignments(function, self.context, self.where)
+
     def leave_SimpleStatementLine(self, original, updated: cst.SimpleStatementLine):
         self._track_attention_output(original)
         if not self.active or len(updated.body) != 1 or not isinstance(updated.body[0], cst.Assign):
@@ -105,6 +139,30 @@ class _Transformer(ClassScopedTransformer):
             )
             return cst.RemovalSentinel.REMOVE
         return updated
+
+    def leave_BinaryOperation(
+        self, original: cst.BinaryOperation, updated: cst.BinaryOperation
+    ) -> cst.BaseExpression:
+        """`x.size()[:-1] + (num_heads, head_size)` in an attention class: the head split of a
+        helper (`new_shape = ...; x.view(new_shape)`). The count becomes -1: a rank holds its heads."""
+        if (
+            not self.active
+            or self.current_class not in self.context.plan.attention
+            or not isinstance(updated.operator, cst.Add)
+            or not _leading_shape(updated.left)
+            or not isinstance(updated.right, cst.Tuple)
+            or len(updated.right.elements) != 2
+            or code_of(updated.right.elements[0].value) == "-1"
+        ):
+            return updated
+        heads = updated.right.elements[0].with_changes(value=cst.parse_expression("-1"))
+        new = updated.with_changes(
+            right=updated.right.with_changes(elements=[heads, updated.right.elements[1]])
+        )
+        self.context.record(
+            "flatten-batch", self.where, original, new, "split heads; head count is this rank's"
+        )
+        return new
 
     def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.BaseExpression:
         if not self.active or not isinstance(updated.func, cst.Attribute):
@@ -178,6 +236,53 @@ class _Transformer(ClassScopedTransformer):
             self.attention_outputs |= set(targets)
         else:
             self.attention_outputs -= set(targets)
+
+
+def _leading_shape(node: cst.BaseExpression) -> bool:
+    """`x.size()[:-1]` or `x.shape[:-1]`: every dimension but the last."""
+    if not (isinstance(node, cst.Subscript) and len(node.slice) == 1):
+        return False
+    cut = node.slice[0].slice
+    base = node.value
+    is_shape = (isinstance(base, cst.Attribute) and base.attr.value == "shape") or (
+        isinstance(base, cst.Call)
+        and isinstance(base.func, cst.Attribute)
+        and base.func.attr.value == "size"
+        and not base.args
+    )
+    return (
+        is_shape
+        and isinstance(cut, cst.Slice)
+        and cut.lower is None
+        and cut.upper is not None
+        and code_of(cut.upper).replace(" ", "") == "-1"
+    )
+
+
+def _batch_shaped(value: cst.BaseExpression | None) -> bool:
+    """A size whose first entry is an inferred batch: `(-1, seq, hidden)` or `(-1,) + ...`."""
+    while isinstance(value, cst.BinaryOperation) and isinstance(value.operator, cst.Add):
+        value = value.left
+    return (
+        isinstance(value, cst.Tuple)
+        and bool(value.elements)
+        and code_of(value.elements[0].value).replace(" ", "") == "-1"
+    )
+
+
+def _reshapes_to(statement: cst.BaseStatement, sizes: set[str]) -> bool:
+    """`x = x.view(size)` (or `.reshape`) with `size` one of `sizes`."""
+    if not isinstance(statement, cst.SimpleStatementLine) or len(statement_targets(statement)) != 1:
+        return False
+    value = getattr(statement.body[0], "value", None)
+    return (
+        isinstance(value, cst.Call)
+        and isinstance(value.func, cst.Attribute)
+        and value.func.attr.value in RESHAPES
+        and code_of(value.func.value) == statement_targets(statement)[0]
+        and len(value.args) == 1
+        and code_of(value.args[0].value) in sizes
+    )
 
 
 def _size_source(value: cst.BaseExpression) -> str | None:

@@ -237,6 +237,8 @@ class _Transformer(ClassScopedTransformer):
                     slopes = f"{slopes} if {info.alibi_condition} else None"
                 keywords["alibi_slopes"] = slopes
                 self.context.need("engine.layers", "alibi_slopes")
+            if keywords.get("scale") is None and info.callee_scale is not None:
+                keywords["scale"] = info.callee_scale
             if keywords.get("scale") is None:
                 keywords["scale"] = f"{info.head_dim} ** -0.5"
             for value in keywords.values():
@@ -252,6 +254,9 @@ class _Transformer(ClassScopedTransformer):
                     self.context.flag(
                         "paged-attention", self.where, f"attention argument `{value}` is computed in forward"
                     )
+            if info.band_window is not None and "sliding_window" not in keywords:
+                # (after the check: the window may read the constructor's own parameters)
+                keywords["sliding_window"] = info.band_window
             if info.num_kv_heads != info.num_heads:
                 keywords["num_kv_heads"] = info.num_kv_heads
             call = ", ".join([*arguments, *(f"{k}={v}" for k, v in keywords.items())])

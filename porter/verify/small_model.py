@@ -20,6 +20,8 @@ from porter.errors import PorterError
 
 HIDDEN, HEADS, KV_HEADS, LAYERS, INTERMEDIATE, VOCAB, POSITIONS = 64, 4, 2, 2, 160, 997, 256
 SLIDING_WINDOW = 8
+# Config attributes that hold a local-attention window (GPT-Neo calls it `window_size`).
+WINDOW_ATTRIBUTES = ("sliding_window", "window_size")
 INTERMEDIATE_NAMES = ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size")
 
 
@@ -63,8 +65,9 @@ def small_config(model_type: str, architecture: str) -> PretrainedConfig:
         if key == "layer_types" or len(value) == default_layers:
             kinds = list(dict.fromkeys(value))
             setattr(config, key, (kinds + value)[:LAYERS] if len(kinds) <= LAYERS else kinds[:LAYERS])
-    if isinstance(getattr(config, "sliding_window", None), int):
-        config.sliding_window = SLIDING_WINDOW  # shorter than the prompts, so the window really masks
+    for window in WINDOW_ATTRIBUTES:  # shorter than the prompts, so the window really masks
+        if isinstance(getattr(config, window, None), int) and not isinstance(getattr(config, window), bool):
+            setattr(config, window, SLIDING_WINDOW)
     config.vocab_size = VOCAB
     if hasattr(config, "max_position_embeddings"):
         config.max_position_embeddings = POSITIONS

@@ -226,3 +226,41 @@ def test_a_transpose_outside_attention_is_left_alone():
     )
     after = run_rewrites(before, *PREREQUISITES, "flatten-batch")
     assert "hidden_states = self.mlp(hidden_states.transpose(1, 2)).transpose(1, 2)" in after.formatted
+
+
+def test_a_reshape_back_to_a_batch_shaped_output_goes_with_the_sizes_only_it_read():
+    # GPT-Neo's backbone: `seq_length = inputs_embeds.shape[1]` is the hidden width once tokens are
+    # flattened, so keeping `view(-1, seq_length, hidden)` failed (and would add a batch axis anyway).
+    before = vary(
+        MINI_MODEL,
+        "        hidden_states = self.norm(hidden_states)\n",
+        "        hidden_states = self.norm(hidden_states)\n        hidden_states = hidden_states.view(output_shape)\n",
+    )
+    before = vary(
+        before,
+        "        for decoder_layer in self.layers",
+        "        seq_length = inputs_embeds.shape[1]\n"
+        "        output_shape = (-1, seq_length, hidden_states.size(-1))\n"
+        "        for decoder_layer in self.layers",
+    )
+    after = run_rewrites(before, *PREREQUISITES, "flatten-batch")
+    backbone = method_code(after.code, "MiniModel", "forward")
+    assert "output_shape" not in backbone
+    assert "seq_length" not in backbone
+    assert "hidden_states = self.norm(hidden_states)" in backbone
+
+
+def test_a_head_split_sized_from_the_leading_dimensions_infers_the_head_count():
+    # GPT-Neo's `_split_heads`: the global head count is not this rank's.
+    forward = _attention_forward(
+        """
+    def forward(self, hidden_states, attention_mask=None, past_key_values=None, **kwargs):
+        query_states = self.q_proj(hidden_states)
+        query_states = query_states.view(query_states.size()[:-1] + (self.config.num_attention_heads, self.head_dim))
+        key_states = self.k_proj(hidden_states).view(hidden_states.shape[:-1] + (-1, self.head_dim))
+        value_states = self.v_proj(hidden_states).view(hidden_states.shape[:-1] + (-1, self.head_dim))
+        attn_output, attn_weights = attention_interface(self, query_states, key_states, value_states, attention_mask)
+        return self.o_proj(attn_output.reshape(hidden_states.shape[0], -1)), attn_weights
+"""
+    )
+    assert "query_states.size()[:-1] + (-1, self.head_dim)" in forward

@@ -210,3 +210,26 @@ def test_a_causal_mask_buffer_nothing_reads_goes_with_the_init_helper_that_built
     assert "_init_bias" not in after.code and "masked_bias" not in init
     # a persistent buffer is in the checkpoint: it stays whether or not the port reads it
     assert 'self.register_buffer("position_scale", torch.ones(1))' in init
+
+
+def test_an_nn_buffer_mask_nothing_reads_goes_with_the_locals_that_only_built_it():
+    # transformers 5 writes `self.bias = nn.Buffer(bias, persistent=False)` (GPT-Neo, GPT-BigCode):
+    # a [max_positions, max_positions] mask per layer that the paged port never reads.
+    before = vary(
+        MINI_MODEL,
+        "        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)\n",
+        "        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)\n"
+        "        max_positions = config.max_position_embeddings\n"
+        "        bias = torch.tril(torch.ones((max_positions, max_positions), dtype=bool))\n"
+        "        if layer_idx % 2:\n"
+        "            bias = torch.bitwise_xor(bias, torch.tril(bias, -4))\n"
+        "        self.bias = nn.Buffer(bias, persistent=False)\n"
+        "        self.kept_positions = config.max_position_embeddings\n"
+        "        self.scale_table = nn.Buffer(torch.ones(4))\n",
+    )
+    after = run_rewrites(before, "prune")
+    init = method_code(after.code, "MiniAttention", "__init__")
+    assert "bias" not in init.replace("bias=False", "")
+    assert "max_positions" not in init
+    assert "self.kept_positions = config.max_position_embeddings" in init
+    assert "self.scale_table = nn.Buffer(torch.ones(4))" in init  # persistent: in the checkpoint

@@ -147,10 +147,63 @@ def test_old_style_eager_core_method_is_replaced_and_heads_come_from_head_dim_de
             return self.out_proj(attn_output), attn_weights
         """,
     )
+    # the scale is the one the core method applies, read from its body
     assert (
-        "self.attn = PagedAttention(self.num_heads, self.head_dim, scale=self.head_dim**-0.5)"
+        "self.attn = PagedAttention(self.num_heads, self.head_dim, scale=1 / (math.sqrt(self.head_dim)))"
         in normalize(after.code)
     )
+
+
+def test_a_core_method_that_does_not_scale_its_scores_gets_scale_one():
+    # GPT-Neo's `_attn` multiplies q by k^T and takes the softmax as it is: the default
+    # head_dim ** -0.5 made its port wrong (relative error 1.06 in verify).
+    before = replace_class(
+        MINI_MODEL,
+        "MiniAttention",
+        OLD_STYLE_ATTENTION.replace(" / math.sqrt(self.head_dim)", ""),
+    )
+    after = run_rewrites(before, "paged-attention")
+    assert "self.attn = PagedAttention(self.num_heads, self.head_dim, scale=1.0)" in normalize(after.code)
+
+
+def test_a_scale_the_core_function_takes_as_an_argument_is_read_from_the_call():
+    before = replace_class(
+        MINI_MODEL,
+        "MiniAttention",
+        OLD_STYLE_ATTENTION.replace(
+            "def _attn(self, query, key, value, attention_mask=None):",
+            "def _attn(self, query, key, value, attention_mask=None, temperature=1.0):",
+        )
+        .replace("/ math.sqrt(self.head_dim)", "/ temperature")
+        .replace(
+            "self._attn(query, key, value, attention_mask)",
+            "self._attn(query, key, value, attention_mask, self.norm_factor)",
+        ),
+    )
+    after = run_rewrites(before, "paged-attention")
+    assert (
+        "self.attn = PagedAttention(self.num_heads, self.head_dim, scale=1 / self.norm_factor)"
+        in normalize(after.code)
+    )
+
+
+def test_a_local_window_cut_into_the_causal_mask_buffer_becomes_the_sliding_window():
+    # GPT-Neo: `bias ^ tril(bias, -window_size)` on local layers; ignoring it passed verify only
+    # because the prompts were shorter than the window.
+    before = replace_class(
+        MINI_MODEL,
+        "MiniAttention",
+        OLD_STYLE_ATTENTION.replace(
+            "    def __init__(self, config, layer_idx):\n        super().__init__()\n",
+            "    def __init__(self, config, layer_idx, attention_type):\n        super().__init__()\n"
+            "        bias = torch.tril(torch.ones((8, 8), dtype=bool))\n"
+            '        if attention_type == "local":\n'
+            "            bias = torch.bitwise_xor(bias, torch.tril(bias, -config.window_size))\n"
+            "        self.bias = nn.Buffer(bias, persistent=False)\n",
+        ),
+    )
+    after = run_rewrites(before, "paged-attention")
+    assert 'sliding_window=config.window_size if attention_type == "local" else None' in normalize(after.code)
 
 
 def test_attention_it_cannot_trace_is_a_review_item_and_left_alone():

@@ -55,6 +55,7 @@ PORTED = [
     "hunyuan_v1_dense",
     "glm4",
     "phi3",  # q, k and v cut from one fused projection by slices at global offsets
+    "gpt_neo",  # unscaled scores, local layers cut out of a causal-mask buffer
 ]
 
 
@@ -193,6 +194,8 @@ def test_port_has_no_training_or_batching_code(model_type):
         ("glm4", 2),
         ("phi3", 1),
         ("phi3", 2),
+        ("gpt_neo", 1),
+        ("gpt_neo", 2),
     ],
 )
 def test_verify_passes(model_type, tp, tmp_path):
