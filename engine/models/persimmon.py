@@ -126,11 +126,6 @@ class PersimmonAttention(nn.Module):
         if self.qk_layernorm:
             query_states = self.q_layernorm(query_states)
             key_states = self.k_layernorm(key_states)
-
-        # [batch_size, num_heads, seq_length, head_dim] -> [batch_size, seq_length, num_heads, head_dim]
-        query_states = query_states
-        value_states = value_states
-        key_states = key_states
         query_rot, query_pass = (
             query_states[..., : self.rotary_ndims],
             query_states[..., self.rotary_ndims :],

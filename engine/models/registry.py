@@ -26,6 +26,7 @@ _MODELS: dict[str, tuple[str, str]] = {
     "FalconForCausalLM": ("engine.models.falcon", "FalconForCausalLM"),
     "GPT2LMHeadModel": ("engine.models.gpt2", "GPT2LMHeadModel"),
     "GPTBigCodeForCausalLM": ("engine.models.gpt_bigcode", "GPTBigCodeForCausalLM"),
+    "GPTJForCausalLM": ("engine.models.gptj", "GPTJForCausalLM"),
     "GPTNeoForCausalLM": ("engine.models.gpt_neo", "GPTNeoForCausalLM"),
     "GPTNeoXForCausalLM": ("engine.models.gpt_neox", "GPTNeoXForCausalLM"),
     "Gemma2ForCausalLM": ("engine.models.gemma2", "Gemma2ForCausalLM"),

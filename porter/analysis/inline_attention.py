@@ -127,8 +127,8 @@ def _operands(product: cst.Call | cst.BinaryOperation) -> list[cst.BaseExpressio
 def _in_place_scale(
     statements: list[cst.BaseStatement], scores: set[str], alibi_added: bool
 ) -> tuple[str | None, bool, str | None]:
-    """What happens to the scores between the product and the softmax: the factor of `scores /= x`
-    or `scores *= x` (None if none), whether an ALiBi bias is added (`scores + alibi...`), and the
+    """What happens to the scores between the product and the softmax: the factor of `scores /= x`,
+    `scores *= x` or `scores = scores / x` (None if none), whether an ALiBi bias is added (`scores + alibi...`), and the
     factor applied after that addition (which scales the bias too)."""
     factors, alibi_factors = [], []
     scores = set(scores)
@@ -140,6 +140,18 @@ def _in_place_scale(
             elif isinstance(small.operator, cst.MultiplyAssign):
                 factors.append(code_of(small.value))
             if alibi_added and factors:
+                alibi_factors.append(factors[-1])
+        elif (
+            isinstance(small, cst.Assign)
+            and isinstance(small.value, cst.BinaryOperation)
+            and isinstance(small.value.operator, (cst.Divide, cst.Multiply))
+            and code_of(small.value.left) in scores
+            and not names_in(small.value.right) & scores
+        ):  # `scores = scores / x` (GPT-J's `/ self.scale_attn`)
+            divide = isinstance(small.value.operator, cst.Divide)
+            factors.append(f"1 / ({code_of(small.value.right)})" if divide else code_of(small.value.right))
+            scores |= set(statement_targets(statement))
+            if alibi_added:
                 alibi_factors.append(factors[-1])
         elif isinstance(small, cst.Assign) and names_in(small.value) & scores:
             scores |= set(statement_targets(statement))  # a view or upcast of the scores

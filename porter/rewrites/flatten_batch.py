@@ -11,6 +11,8 @@
   `position_ids.unsqueeze(0)`) stays 1-D;
 - in an attention class, a head split sized `x.size()[:-1] + (num_heads, head_size)` infers the
   head count (`+ (-1, head_size)`): a rank holds its heads;
+- in an attention class, an `if` chain on a tensor's rank (`len(t.shape) == 5` / `== 4`) keeps the
+  rank-4 branch, where per-token `[T, H, D]` rows stand for the batched `[B, S, H, D]`;
 - a reshape back to a batch-shaped size the function built (`output_shape = (-1, seq_length,
   hidden)`, then `hidden_states.view(output_shape)`) goes, with the sizes only it read: the
   hidden states stay `[num_tokens, hidden]` (GPT-Neo's `seq_length = inputs_embeds.shape[1]` is the
@@ -18,6 +20,8 @@
 """
 
 from __future__ import annotations
+
+import re
 
 import libcst as cst
 
@@ -109,6 +113,10 @@ class _Transformer(ClassScopedTransformer):
         if not self.active or len(updated.body) != 1 or not isinstance(updated.body[0], cst.Assign):
             return updated
         assign = updated.body[0]
+        if len(assign.targets) == 1 and code_of(assign.targets[0].target) == code_of(assign.value):
+            # `key = key`: what was left of `key = key.permute(0, 2, 1, 3)`
+            self.context.record("flatten-batch", self.where, original, "", "no head/sequence swap left to do")
+            return cst.RemovalSentinel.REMOVE
         target = assign.targets[0].target
         names = assigned_names(target)
         source = _size_source(assign.value)
@@ -139,6 +147,28 @@ class _Transformer(ClassScopedTransformer):
             )
             return cst.RemovalSentinel.REMOVE
         return updated
+
+    def leave_If(self, original: cst.If, updated: cst.If) -> cst.BaseStatement | cst.FlattenSentinel:
+        """An `if` chain on a tensor's rank in an attention class (`if len(t.shape) == 5: ... elif
+        len(t.shape) == 4: ... else: raise`, GPT-J's head split) keeps the rank-4 branch: per-token
+        rows `[T, H, D]` stand where the batched `[B, S, H, D]` stood (and would hit the `raise`)."""
+        if not self.active or self.current_class not in self.context.plan.attention:
+            return updated
+        branches: list[tuple[int, cst.BaseSuite]] = []
+        node: cst.If | cst.Else | None = updated
+        while isinstance(node, cst.If):
+            rank = _rank_test(node.test)
+            if rank is None:
+                return updated
+            branches.append((rank, node.body))
+            node = node.orelse
+        kept = next((body for rank, body in branches if rank == 4), None)
+        if kept is None or len(branches) < 2 or not isinstance(kept, cst.IndentedBlock):
+            return updated
+        self.context.record(
+            "flatten-batch", self.where, original, "", "per-token rows [T, H, D] take the rank-4 branch"
+        )
+        return cst.FlattenSentinel(kept.body)
 
     def leave_BinaryOperation(
         self, original: cst.BinaryOperation, updated: cst.BinaryOperation
@@ -236,6 +266,20 @@ class _Transformer(ClassScopedTransformer):
             self.attention_outputs |= set(targets)
         else:
             self.attention_outputs -= set(targets)
+
+
+def _rank_test(test: cst.BaseExpression) -> int | None:
+    """n of `len(x.shape) == n`, `x.dim() == n` or `x.ndim == n`."""
+    if not (
+        isinstance(test, cst.Comparison)
+        and len(test.comparisons) == 1
+        and isinstance(test.comparisons[0].operator, cst.Equal)
+        and isinstance(test.comparisons[0].comparator, cst.Integer)
+    ):
+        return None
+    left = code_of(test.left).replace(" ", "")
+    rank = re.fullmatch(r"len\(\w+\.(shape|size\(\))\)|\w+\.dim\(\)|\w+\.ndim", left)
+    return int(test.comparisons[0].comparator.value) if rank else None
 
 
 def _leading_shape(node: cst.BaseExpression) -> bool:

@@ -22,7 +22,8 @@ class PruneUnused(Rewrite):
     def apply(self, module: cst.Module, context: PortContext) -> cst.Module:
         module = module.with_changes(
             body=[
-                _prune_methods(drop_unread_buffers(s, context) if isinstance(s, cst.ClassDef) else s, context)
+                # methods first: a buffer only an uncalled method read goes too
+                drop_unread_buffers(_prune_methods(s, context), context) if isinstance(s, cst.ClassDef) else s
                 for s in module.body
             ]
         )

@@ -28,6 +28,7 @@ from porter.analysis.cst_utils import (
 )
 from porter.analysis.model_index import calls_method, init_helpers
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
+from porter.rewrites.statement_pruner import names_read
 
 
 class RotaryToEngine(Rewrite):
@@ -81,6 +82,7 @@ class _Transformer(ClassScopedTransformer):
             if sub in rotary_classes
         }
         self.applied_in: dict[str, bool] = {}  # attention class -> neox style
+        self.rotary_dims: dict[str, str] = {}  # attention class -> rotated width, where the source names it
         # (class, attribute) read by a rotary module's construction that was removed
         self.rotary_inputs: set[tuple[str, str]] = set()
 
@@ -111,12 +113,7 @@ class _Transformer(ClassScopedTransformer):
                 and self.current_class in self.context.index.reachable  # others are pruned
             ):
                 if name in self.one_tensor:
-                    self.context.flag(
-                        "rotary",
-                        self.where,
-                        f"`{name}` rotates one tensor per call; porter ports `apply(q, k, cos, sin)` only",
-                    )
-                    return updated
+                    return updated  # paired with its partner call by leave_FunctionDef
                 targets = statement_targets(updated)
                 q, k = code_of(value.args[0].value), code_of(value.args[1].value)
                 new = cst.parse_statement(f"{', '.join(targets)} = self.rotary_emb(positions, {q}, {k})")
@@ -126,6 +123,93 @@ class _Transformer(ClassScopedTransformer):
                 )
                 return new
         return updated
+
+    def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef):
+        if (
+            self.current_function == "forward"
+            and len(self.function_stack) == 1
+            and self.current_class in self.context.index.reachable
+        ):
+            updated = self._pair_one_tensor_applies(updated)
+        return super().leave_FunctionDef(original, updated)
+
+    def _pair_one_tensor_applies(self, forward: cst.FunctionDef) -> cst.FunctionDef:
+        """`apply(x, sin, cos)` called once for q and once for k (GPT-J, CodeGen), possibly on the
+        first `rotary_dim` features only (`q_rot = q[..., :rotary_dim]`, rotated, concatenated back),
+        in one run of top-level statements of forward that ends with q and k rotated: the run becomes
+        `q, k = self.rotary_emb(positions, q, k)`, with the rotated width passed to `get_rope`."""
+        body = list(forward.body.body)
+        hits = [i for i, s in enumerate(body) if any(call_name(c) in self.one_tensor for c in calls_in(s))]
+        if not hits:
+            return forward
+        info = self.context.plan.attention.get(self.current_class or "")
+        names = sorted(
+            {call_name(c) for i in hits for c in calls_in(body[i]) if call_name(c) in self.one_tensor}
+        )
+        region = body[hits[0] : hits[-1] + 1]
+        q, k = (info.core_args or [None, None])[:2] if info is not None else (None, None)
+        assigned = set().union(*(_assigned(s) for s in region))
+        if (
+            q is None
+            or len(names) != 1
+            or hits != list(range(hits[0], hits[-1] + 1))
+            or not {q, k} <= assigned
+        ):
+            self.context.flag(
+                "rotary",
+                self.where,
+                f"`{names[0]}` rotates one tensor per call, and porter could not pair its calls on q and k",
+            )
+            return forward
+        new = cst.parse_statement(f"{q}, {k} = self.rotary_emb(positions, {q}, {k})")
+        self.applied_in[self.current_class] = self.apply_functions[names[0]]
+        width = _rotated_width(region, {q, k})
+        if width is not None:
+            self.rotary_dims[self.current_class] = width
+        self.context.record(
+            "rotary",
+            self.where,
+            "\n".join(code_of(s).strip() for s in region),
+            new,
+            "q and k rotated together by position, per token"
+            + (f" (the first {width} features)" if width else ""),
+        )
+        feeders = self._cos_sin_feeders(body[: hits[0]], region, body[hits[-1] + 1 :], {q, k})
+        for position in feeders:
+            self.context.record(
+                "rotary",
+                self.where,
+                body[position],
+                "",
+                "it only fed cos/sin to the rotation the rotary layer does",
+            )
+        body[hits[0] : hits[-1] + 1] = [new]
+        body = [s for position, s in enumerate(body) if position not in feeders]
+        return forward.with_changes(body=forward.body.with_changes(body=body))
+
+    def _cos_sin_feeders(self, before: list, region: list, after: list, rotated: set[str]) -> set[int]:
+        """Positions in `before` of the statements that only compute what the rotation region reads
+        besides q and k (`embed_positions = self._get_embed_positions(position_ids)`, the gather, the
+        cos/sin split), as long as they run no submodule of the class."""
+        modules = set(self.context.index.classes[self.current_class].init_calls)
+        needed = set().union(*(names_read(s) for s in region)) - rotated
+        dropped: set[int] = set()
+        for position in reversed(range(len(before))):
+            statement = before[position]
+            targets = (
+                set(statement_targets(statement)) if isinstance(statement, cst.SimpleStatementLine) else set()
+            )
+            readers = [s for p, s in enumerate(before) if p != position and p not in dropped] + after
+            if (
+                not targets
+                or not targets & needed
+                or any(targets & names_read(s) for s in readers)
+                or any((self_attribute(c.func) or "") in modules for c in calls_in(statement))
+            ):
+                continue
+            dropped.add(position)
+            needed |= names_read(statement)
+        return dropped
 
     def _note_inputs(self, construction: cst.CSTNode) -> None:
         self.rotary_inputs |= {(self.current_class, a) for a in self_attributes_read(construction)}
@@ -188,14 +272,48 @@ class _Transformer(ClassScopedTransformer):
             )
             return init
         neox = self.applied_in[class_name]
+        width = f", rotary_dim={self.rotary_dims[class_name]}" if class_name in self.rotary_dims else ""
         statement = cst.parse_statement(
-            f"self.rotary_emb = get_rope({config}, {info.head_dim}, is_neox_style={neox})"
+            f"self.rotary_emb = get_rope({config}, {info.head_dim}{width}, is_neox_style={neox})"
         )
         self.context.need("engine.layers", "get_rope")
         self.context.record(
             "rotary", class_name, "", statement, "the engine's rotary layer, configured from the config"
         )
         return init.with_changes(body=init.body.with_changes(body=[*init.body.body, statement]))
+
+
+def _assigned(statement: cst.BaseStatement) -> set[str]:
+    """Names `statement` binds, in any branch of it."""
+    found: set[str] = set()
+
+    class _Targets(cst.CSTVisitor):
+        def visit_SimpleStatementLine(self, line: cst.SimpleStatementLine) -> None:
+            found.update(statement_targets(line))
+
+    statement.visit(_Targets())
+    return found
+
+
+def _rotated_width(region: list[cst.BaseStatement], tensors: set[str]) -> str | None:
+    """`w` of a `t[..., :w]` slice of q or k in `region`: the features the rotation covers."""
+    widths: list[str] = []
+
+    class _Slices(cst.CSTVisitor):
+        def visit_Subscript(self, node: cst.Subscript) -> None:
+            last = node.slice[-1].slice
+            if (
+                isinstance(node.value, cst.Name)
+                and node.value.value in tensors
+                and isinstance(last, cst.Slice)
+                and last.lower is None
+                and last.upper is not None
+            ):
+                widths.append(code_of(last.upper))
+
+    for statement in region:
+        statement.visit(_Slices())
+    return widths[0] if widths and len(set(widths)) == 1 else None
 
 
 class _DropRotaryOnlyAttributes(ClassScopedTransformer):

@@ -56,6 +56,9 @@ def small_config(model_type: str, architecture: str) -> PretrainedConfig:
     for name in INTERMEDIATE_NAMES:
         if getattr(config, name, None):
             setattr(config, name, INTERMEDIATE)
+    rotary = getattr(config, "rotary_dim", None)  # a rotated width named directly (GPT-J, CodeGen)
+    if isinstance(rotary, int) and not isinstance(rotary, bool) and rotary > HIDDEN // HEADS // 2:
+        config.rotary_dim = HIDDEN // HEADS // 2  # half the head: the partial rotation really shows
     default_layers = getattr(default, "num_hidden_layers", None)
     for key, value in list(vars(config).items()):
         # A list naming each layer's kind (`layer_types`, GPT-Neo's `attention_layers`): keep one

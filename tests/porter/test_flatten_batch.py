@@ -264,3 +264,26 @@ def test_a_head_split_sized_from_the_leading_dimensions_infers_the_head_count():
 """
     )
     assert "query_states.size()[:-1] + (-1, self.head_dim)" in forward
+
+
+def test_a_branch_on_the_tensor_rank_keeps_the_rank_four_case_and_no_ops_go():
+    # GPT-J's head split dispatches on `len(tensor.shape)` (5: blocked, 4: batched, else raise);
+    # per-token [T, H, D] rows stand where [B, S, H, D] stood, so the rank-4 branch is the one.
+    forward = _attention_forward(
+        """
+    def forward(self, hidden_states, attention_mask=None, past_key_values=None, **kwargs):
+        query_states = self.q_proj(hidden_states).view(hidden_states.shape[:-1] + (-1, self.head_dim))
+        if len(query_states.shape) == 5:
+            query_states = query_states.permute(0, 1, 3, 2, 4)
+        elif len(query_states.shape) == 4:
+            query_states = query_states.permute(0, 2, 1, 3)
+        else:
+            raise ValueError("rank")
+        key_states = self.k_proj(hidden_states).view(hidden_states.shape[:-1] + (-1, self.head_dim))
+        value_states = self.v_proj(hidden_states).view(hidden_states.shape[:-1] + (-1, self.head_dim))
+        attn_output, attn_weights = attention_interface(self, query_states, key_states, value_states, attention_mask)
+        return self.o_proj(attn_output.reshape(hidden_states.shape[0], -1)), attn_weights
+"""
+    )
+    assert "len(query_states.shape)" not in forward and "raise" not in forward
+    assert "query_states = query_states" not in forward  # what the permute left was a no-op

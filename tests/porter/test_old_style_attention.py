@@ -7,6 +7,7 @@ from tests.porter.rewrite_helpers import (
     MINI_MODEL,
     assert_code,
     method_code,
+    normalize,
     replace_class,
     replace_method,
     run_rewrites,
@@ -240,3 +241,99 @@ def test_an_optional_library_import_and_the_flag_asking_for_it_go_once_nothing_r
     assert "if is_flash_attn_2_available():" not in after.code
     assert "from flash_attn import" not in after.code
     assert "_use_flash_attention_2" not in after.code
+
+
+# GPT-J's rotation: sin/cos gathered from a sinusoid table, then `apply(x, sin, cos)` once for q and
+# once for k, on their first `rotary_dim` features when the config names a width.
+ONE_TENSOR_APPLY = """
+def rotate_every_two(x):
+    x1 = x[:, :, :, ::2]
+    x2 = x[:, :, :, 1::2]
+    return torch.stack((-x2, x1), dim=-1).flatten(-2)
+
+
+def apply_rotary_pos_emb(tensor, sin, cos):
+    sin = torch.repeat_interleave(sin[:, :, None, :], 2, 3)
+    cos = torch.repeat_interleave(cos[:, :, None, :], 2, 3)
+    return (tensor * cos) + (rotate_every_two(tensor) * sin)
+
+
+"""
+ONE_TENSOR_ROTARY = """
+class MiniAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // self.num_heads
+        self.rotary_dim = config.rotary_dim
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+    def _get_embed_positions(self, position_ids):
+        return self.embed_positions.repeat(position_ids.shape[0], 1, 1)
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, **kwargs):
+        query = self.q_proj(hidden_states).view(hidden_states.shape[:-1] + (-1, self.head_dim))
+        key = self.k_proj(hidden_states).view(hidden_states.shape[:-1] + (-1, self.head_dim))
+        value = self.v_proj(hidden_states).view(hidden_states.shape[:-1] + (-1, self.head_dim))
+        embed_positions = self._get_embed_positions(position_ids)
+        sincos = torch.gather(embed_positions, 1, position_ids.unsqueeze(-1))
+        sin, cos = torch.split(sincos, sincos.shape[-1] // 2, dim=-1)
+        if self.rotary_dim is not None:
+            k_rot = key[:, :, :, : self.rotary_dim]
+            k_pass = key[:, :, :, self.rotary_dim :]
+            q_rot = query[:, :, :, : self.rotary_dim]
+            q_pass = query[:, :, :, self.rotary_dim :]
+            k_rot = apply_rotary_pos_emb(k_rot, sin, cos)
+            q_rot = apply_rotary_pos_emb(q_rot, sin, cos)
+            key = torch.cat([k_rot, k_pass], dim=-1)
+            query = torch.cat([q_rot, q_pass], dim=-1)
+        else:
+            key = apply_rotary_pos_emb(key, sin, cos)
+            query = apply_rotary_pos_emb(query, sin, cos)
+        attn_output, attn_weights = attention_interface(self, query, key, value, attention_mask)
+        return self.o_proj(attn_output.flatten(-2)), attn_weights
+"""
+
+
+def _with_one_tensor_apply(source: str) -> str:
+    return vary(
+        source, "class MiniAttention(nn.Module):", ONE_TENSOR_APPLY + "class MiniAttention(nn.Module):"
+    )
+
+
+def test_rotation_one_tensor_per_call_becomes_one_rotary_call_on_q_and_k():
+    before = _with_one_tensor_apply(replace_class(MINI_MODEL, "MiniAttention", ONE_TENSOR_ROTARY))
+    after = run_rewrites(before, "paged-attention", "rotary")
+    forward = method_code(after.code, "MiniAttention", "forward")
+    assert "query, key = self.rotary_emb(positions, query, key)" in forward
+    # what only fed cos/sin goes with the calls (the table lookup is a method, not a submodule)
+    for gone in ("apply_rotary_pos_emb", "k_rot", "sincos", "_get_embed_positions"):
+        assert gone not in forward
+    assert (
+        "self.rotary_emb = get_rope(config, self.head_dim, rotary_dim=self.rotary_dim, is_neox_style=False)"
+        in normalize(after.code)
+    )
+    assert after.review_messages() == []
+
+
+def test_rotation_one_tensor_per_call_on_something_else_than_q_and_k_is_a_review_item():
+    before = replace_class(
+        _with_one_tensor_apply(MINI_MODEL),
+        "MiniAttention",
+        ONE_TENSOR_ROTARY.replace(
+            "            query = apply_rotary_pos_emb(query, sin, cos)\n",
+            "            value = apply_rotary_pos_emb(value, sin, cos)\n",
+        ).replace(
+            "            query = torch.cat([q_rot, q_pass], dim=-1)\n",
+            "            value = torch.cat([q_rot, q_pass], dim=-1)\n",
+        ),
+    )
+    after = run_rewrites(before, "paged-attention", "rotary")
+    assert after.review_messages() == [
+        "rotary @ MiniAttention.forward: `apply_rotary_pos_emb` rotates one tensor per call, and porter "
+        "could not pair its calls on q and k"
+    ]

@@ -166,6 +166,21 @@ def test_a_core_method_that_does_not_scale_its_scores_gets_scale_one():
     assert "self.attn = PagedAttention(self.num_heads, self.head_dim, scale=1.0)" in normalize(after.code)
 
 
+def test_a_scale_applied_in_its_own_statement_is_read_too():
+    # GPT-J: `attn_weights = attn_weights / self.scale_attn` after the product
+    before = replace_class(
+        MINI_MODEL,
+        "MiniAttention",
+        OLD_STYLE_ATTENTION.replace(
+            "        weights = torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(self.head_dim)\n",
+            "        weights = torch.matmul(query, key.transpose(-1, -2))\n"
+            "        weights = weights / self.scale_attn\n",
+        ),
+    )
+    after = run_rewrites(before, "paged-attention")
+    assert "scale=1 / (self.scale_attn))" in normalize(after.code)
+
+
 def test_a_scale_the_core_function_takes_as_an_argument_is_read_from_the_call():
     before = replace_class(
         MINI_MODEL,

@@ -56,6 +56,7 @@ PORTED = [
     "glm4",
     "phi3",  # q, k and v cut from one fused projection by slices at global offsets
     "gpt_neo",  # unscaled scores, local layers cut out of a causal-mask buffer
+    "gptj",  # q and k rotated one call each, on their first rotary_dim features
 ]
 
 
@@ -196,6 +197,8 @@ def test_port_has_no_training_or_batching_code(model_type):
         ("phi3", 2),
         ("gpt_neo", 1),
         ("gpt_neo", 2),
+        ("gptj", 1),
+        ("gptj", 2),
     ],
 )
 def test_verify_passes(model_type, tp, tmp_path):

@@ -63,12 +63,12 @@ def test_unread_forward_inputs_ignores_the_engine_inputs():
     assert unread_forward_inputs(module) == [("A.forward", "bias")]
 
 
-def test_rotary_applied_one_tensor_per_call_stops_the_port(tmp_path):
-    # GPT-J's `apply_rotary_pos_emb(tensor, sin, cos)` on a slice of q, then of k: the engine's
-    # layer rotates q and k in one call, and porter does not pair the calls yet. It used to port with
-    # no review item and fail verify.
-    out = tmp_path / "gptj.py"
-    result = CliRunner().invoke(app, ["port", "gptj", "--out", str(out), "--no-register"])
+def test_rotary_applied_one_tensor_per_call_that_cannot_be_paired_stops_the_port(tmp_path):
+    # CodeGen rotates q and k one call each like GPT-J, but its fused qkv_proj interleaves four
+    # model-parallel shards in q, v, k order, which porter does not trace to q and k: it must stop,
+    # not port the rotation half-done.
+    out = tmp_path / "codegen.py"
+    result = CliRunner().invoke(app, ["port", "codegen", "--out", str(out), "--no-register"])
     assert result.exit_code != 0
-    assert "`apply_rotary_pos_emb` rotates one tensor per call" in result.output
+    assert "`apply_rotary_pos_emb` rotates one tensor per call, and porter could not pair" in result.output
     assert not out.exists()

@@ -64,3 +64,13 @@ def test_small_config_shrinks_every_per_layer_list_to_the_small_layer_count():
     assert set(config.attention_layers) == {"global", "local"}
     gemma2 = small_config("gemma2", "Gemma2ForCausalLM")
     assert len(gemma2.layer_types) == gemma2.num_hidden_layers
+
+
+def test_small_config_shrinks_windows_and_rotated_widths_to_where_they_show():
+    # A window longer than the prompts masks nothing, and GPT-J's default rotary_dim (64) is wider
+    # than the small model's heads (HF's own model then fails).
+    neo = small_config("gpt_neo", "GPTNeoForCausalLM")
+    assert neo.window_size == 8
+    gptj = small_config("gptj", "GPTJForCausalLM")
+    head = gptj.hidden_size // gptj.num_attention_heads
+    assert gptj.rotary_dim == head // 2
