@@ -155,7 +155,8 @@ def _callee_scale(core: cst.Call, info: ClassInfo, index: ModelIndex) -> str | N
     arguments.update(zip(params[1:] if method else params, (code_of(v) for v in positional)))
     arguments.update({a.keyword.value: code_of(a.value) for a in core.args if a.keyword is not None})
     scale = cst.parse_expression(found)
-    if names_in(scale) & set(params) - set(arguments) or names_in(scale) - set(params) - {"math", "torch"}:
+    unbound = names_in(scale) & (set(params) - set(arguments))  # a parameter the call leaves at its default
+    if unbound or names_in(scale) - set(params) - {"math", "torch"}:  # or a local of the callee
         return None
 
     class _Substitute(cst.CSTTransformer):

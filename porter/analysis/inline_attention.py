@@ -128,8 +128,8 @@ def _in_place_scale(
     statements: list[cst.BaseStatement], scores: set[str], alibi_added: bool
 ) -> tuple[str | None, bool, str | None]:
     """What happens to the scores between the product and the softmax: the factor of `scores /= x`,
-    `scores *= x` or `scores = scores / x` (None if none), whether an ALiBi bias is added (`scores + alibi...`), and the
-    factor applied after that addition (which scales the bias too)."""
+    `scores *= x` or `scores = scores / x` (None if none), whether an ALiBi bias is added (`scores +
+    alibi...`), and the factor applied after that addition (which scales the bias too)."""
     factors, alibi_factors = [], []
     scores = set(scores)
     for statement in statements:
