@@ -149,11 +149,13 @@ class _Transformer(ClassScopedTransformer):
         region = body[hits[0] : hits[-1] + 1]
         q, k = (info.core_args or [None, None])[:2] if info is not None else (None, None)
         assigned = set().union(*(_assigned(s) for s in region))
+        widths = _rotated_widths(region, {q, k})
         if (
             q is None
             or len(names) != 1
             or hits != list(range(hits[0], hits[-1] + 1))
             or not {q, k} <= assigned
+            or len(widths) > 1  # q and k rotated on different widths: not one rotary layer
         ):
             self.context.flag(
                 "rotary",
@@ -163,7 +165,7 @@ class _Transformer(ClassScopedTransformer):
             return forward
         new = cst.parse_statement(f"{q}, {k} = self.rotary_emb(positions, {q}, {k})")
         self.applied_in[self.current_class] = self.apply_functions[names[0]]
-        width = _rotated_width(region, {q, k})
+        width = next(iter(widths), None)
         if width is not None:
             self.rotary_dims[self.current_class] = width
         self.context.record(
@@ -295,9 +297,9 @@ def _assigned(statement: cst.BaseStatement) -> set[str]:
     return found
 
 
-def _rotated_width(region: list[cst.BaseStatement], tensors: set[str]) -> str | None:
-    """`w` of a `t[..., :w]` slice of q or k in `region`: the features the rotation covers."""
-    widths: list[str] = []
+def _rotated_widths(region: list[cst.BaseStatement], tensors: set[str]) -> set[str]:
+    """Each `w` of a `t[..., :w]` slice of q or k in `region`: the features the rotation covers."""
+    widths: set[str] = set()
 
     class _Slices(cst.CSTVisitor):
         def visit_Subscript(self, node: cst.Subscript) -> None:
@@ -309,11 +311,11 @@ def _rotated_width(region: list[cst.BaseStatement], tensors: set[str]) -> str | 
                 and last.lower is None
                 and last.upper is not None
             ):
-                widths.append(code_of(last.upper))
+                widths.add(code_of(last.upper))
 
     for statement in region:
         statement.visit(_Slices())
-    return widths[0] if widths and len(set(widths)) == 1 else None
+    return widths
 
 
 class _DropRotaryOnlyAttributes(ClassScopedTransformer):
