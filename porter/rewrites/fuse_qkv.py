@@ -118,16 +118,18 @@ class _ConcatenatedQKV(ClassScopedTransformer):
             return updated
         _, attr = found
         statements = list(updated.body)
-        fused = {
-            statement_targets(s)[0]
-            for s in statements
-            if len(statement_targets(s)) == 1
-            and isinstance(value := getattr(s.body[0], "value", None), cst.Call)
-            and self_attribute(value.func) == attr
-        }
-        slices = [
-            (i, *cut) for i, s in enumerate(statements) if (cut := _last_axis_slice(s, fused)) is not None
-        ]
+        # Slices of the projection's flat output only: once the variable is reassigned (GPT-NeoX's
+        # `qkv = qkv.view(..., heads, 3 * head_size)`), its slices cut heads, not q|k|v.
+        slices, flat = [], set()
+        for i, statement in enumerate(statements):
+            cut = _last_axis_slice(statement, flat)
+            if cut is not None:
+                slices.append((i, *cut))
+            targets = statement_targets(statement) if isinstance(statement, cst.SimpleStatementLine) else []
+            value = getattr(statement.body[0], "value", None) if targets else None
+            flat -= set(targets)
+            if len(targets) == 1 and isinstance(value, cst.Call) and self_attribute(value.func) == attr:
+                flat.add(targets[0])
         if not slices:
             return updated
         ordered = sorted(slices, key=lambda cut: (cut[3] is not None, cut[4] is None))

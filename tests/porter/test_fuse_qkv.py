@@ -211,3 +211,20 @@ def test_slices_that_do_not_tile_the_fused_output_are_a_review_item():
         "fuse-qkv @ MiniAttention.forward: qkv_proj makes q, k and v, cut by slices porter cannot map "
         "to this rank's heads"
     ]
+
+
+def test_slices_after_a_per_head_view_are_heads_and_stay():
+    # GPT-NeoX (4.3x style): `qkv = qkv.view(..., heads, 3 * head_dim)` then `qkv[..., :head_dim]`
+    # cuts each head's q|k|v, which a plain column split already shards correctly.
+    before = replace_class(
+        MINI_MODEL,
+        "MiniAttention",
+        PHI3_STYLE_ATTENTION.replace(
+            "        query_pos = self.config.num_attention_heads * self.head_dim\n",
+            "        qkv = qkv.view(qkv.shape[:-1] + (-1, 3 * self.head_dim))\n"
+            "        query_pos = self.head_dim\n",
+        ),
+    )
+    after = _fused(before)
+    assert "qkv[..., :query_pos]" in after.code
+    assert "q_size" not in after.code
