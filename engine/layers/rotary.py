@@ -13,6 +13,7 @@ capturable in a CUDA graph); the PyTorch code here is the reference it matches.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -157,14 +158,21 @@ class LengthDependentRotaryEmbedding(RotaryEmbedding):
 
 
 def get_rope(
-    config: Any, head_dim: int, rotary_dim: int | None = None, is_neox_style: bool = True
+    config: Any,
+    head_dim: int,
+    rotary_dim: int | None = None,
+    is_neox_style: bool = True,
+    layer_type: str | None = None,
 ) -> RotaryEmbedding:
     """The rotary embedding `config` describes, for heads of `head_dim`.
 
     rotary_dim defaults to `int(head_dim * partial_rotary_factor)`, like HF; pass it explicitly for
     configs that name it directly (GPT-J's `rotary_dim`). Non-default rope types take their inverse
     frequencies and attention scaling from `transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS`.
+    A config with one rope per layer type (`rope_parameters = {"sliding_attention": {...},
+    "full_attention": {...}}`, OLMo3) takes the layer's `layer_type`.
     """
+    config = _layer_type_config(config, layer_type)
     rope_parameters = dict(getattr(config, "rope_parameters", None) or {})
     if rope_parameters and "rope_type" not in rope_parameters and "type" not in rope_parameters:
         if all(isinstance(v, dict) for v in rope_parameters.values()):
@@ -194,3 +202,15 @@ def get_rope(
     if rope_type in ("dynamic", "longrope"):
         return LengthDependentRotaryEmbedding(config, rope_type, head_dim, hf_rotary_dim, is_neox_style)
     return RotaryEmbedding(head_dim, hf_rotary_dim, max_position, inv_freq, attention_scaling, is_neox_style)
+
+
+def _layer_type_config(config: Any, layer_type: str | None) -> Any:
+    """`config` as one layer type sees it: a shallow copy whose `rope_parameters` are that type's
+    (transformers' rope-init functions then read them as a single rope's); `config` itself when it
+    holds one rope for every layer."""
+    per_type = getattr(config, "rope_parameters", None) or {}
+    if layer_type is None or not isinstance(per_type.get(layer_type), dict):
+        return config
+    view = copy.copy(config)
+    view.rope_parameters = dict(per_type[layer_type])
+    return view

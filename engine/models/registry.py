@@ -42,6 +42,7 @@ _MODELS: dict[str, tuple[str, str]] = {
     "NemotronForCausalLM": ("engine.models.nemotron", "NemotronForCausalLM"),
     "OPTForCausalLM": ("engine.models.opt", "OPTForCausalLM"),
     "Olmo2ForCausalLM": ("engine.models.olmo2", "Olmo2ForCausalLM"),
+    "Olmo3ForCausalLM": ("engine.models.olmo3", "Olmo3ForCausalLM"),
     "OlmoForCausalLM": ("engine.models.olmo", "OlmoForCausalLM"),
     "PersimmonForCausalLM": ("engine.models.persimmon", "PersimmonForCausalLM"),
     "Phi3ForCausalLM": ("engine.models.phi3", "Phi3ForCausalLM"),

@@ -48,6 +48,13 @@ class RotaryToEngine(Rewrite):
         if not apply_functions and not rotary_classes:
             return module
         transformer = _Transformer(context, rotary_classes, apply_functions, one_tensor)
+        # A rotary module computing one rope per layer type (`forward(x, position_ids, layer_type)`,
+        # OLMo3): each attention passes its own layer's type to get_rope.
+        transformer.per_layer_type = any(
+            "layer_type" in function_params(method)
+            for name in rotary_classes
+            for method in index.classes[name].methods.values()
+        )
         module = module.visit(transformer)
         return module.visit(_DropRotaryOnlyAttributes(context, transformer.rotary_inputs))
 
@@ -81,6 +88,7 @@ class _Transformer(ClassScopedTransformer):
             for attr, sub in info.submodules.items()
             if sub in rotary_classes
         }
+        self.per_layer_type = False  # the rotary module holds one rope per layer type
         self.applied_in: dict[str, bool] = {}  # attention class -> neox style
         self.rotary_dims: dict[str, str] = {}  # attention class -> rotated width, where the source names it
         # (class, attribute) read by a rotary module's construction that was removed
@@ -275,8 +283,22 @@ class _Transformer(ClassScopedTransformer):
             return init
         neox = self.applied_in[class_name]
         width = f", rotary_dim={self.rotary_dims[class_name]}" if class_name in self.rotary_dims else ""
+        layer_type = ""
+        if self.per_layer_type:
+            # the attribute this layer keeps its type in: `self.attention_type = config.layer_types[i]`
+            holder = next(
+                (a for a, v in init_attribute_values(init).items() if "layer_types[" in code_of(v)), None
+            )
+            if holder is None:
+                self.context.flag(
+                    "rotary",
+                    class_name,
+                    "the rope differs per layer type, and this class keeps no layer type",
+                )
+                return init
+            layer_type = f", layer_type=self.{holder}"
         statement = cst.parse_statement(
-            f"self.rotary_emb = get_rope({config}, {info.head_dim}{width}, is_neox_style={neox})"
+            f"self.rotary_emb = get_rope({config}, {info.head_dim}{width}, is_neox_style={neox}{layer_type})"
         )
         self.context.need("engine.layers", "get_rope")
         self.context.record(

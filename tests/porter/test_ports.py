@@ -57,6 +57,7 @@ PORTED = [
     "phi3",  # q, k and v cut from one fused projection by slices at global offsets
     "gpt_neo",  # unscaled scores, local layers cut out of a causal-mask buffer
     "gptj",  # q and k rotated one call each, on their first rotary_dim features
+    "olmo3",  # one rope per layer type
 ]
 
 
@@ -199,6 +200,8 @@ def test_port_has_no_training_or_batching_code(model_type):
         ("gpt_neo", 2),
         ("gptj", 1),
         ("gptj", 2),
+        ("olmo3", 1),
+        ("olmo3", 2),
     ],
 )
 def test_verify_passes(model_type, tp, tmp_path):
@@ -279,3 +282,27 @@ def test_verify_of_a_port_that_crashes_is_one_line_naming_the_line(tmp_path):
     assert len(lines) == 1 and "Traceback" not in result.output, result.output
     assert lines[0].startswith("error: verification could not run: TypeError:")
     assert f"(at {broken}:" in lines[0]
+
+
+@pytest.mark.slow
+def test_a_rope_per_layer_type_reaches_each_layer(tmp_path):
+    # OLMo3's default config gives both layer types the same rope, so only differing ones show
+    # whether each attention gets its own layer type's.
+    ropes = (
+        '{"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}, '
+        '"full_attention": {"rope_type": "linear", "rope_theta": 500000.0, "factor": 2.0}}'
+    )
+    result = CliRunner().invoke(
+        app,
+        [
+            "verify",
+            "olmo3",
+            "--tp",
+            "2",
+            "--set",
+            f"rope_parameters={ropes}",
+            "--json",
+            str(tmp_path / "r.json"),
+        ],
+    )
+    assert result.exit_code == 0, result.output

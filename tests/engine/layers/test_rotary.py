@@ -194,3 +194,41 @@ def test_forward_matches_cos_sin_applied_by_hand():
         [first * cos[:, None] - second * sin[:, None], second * cos[:, None] + first * sin[:, None]], -1
     )
     torch.testing.assert_close(rope(positions, query, key)[0], expected.view(4, -1), rtol=0, atol=0)
+
+
+def test_one_rope_per_layer_type_matches_hf_for_each_type():
+    # OLMo3: `rope_parameters` keyed by layer type; HF's rotary module computes each type's cos/sin.
+    from transformers import Olmo3Config
+    from transformers.models.olmo3 import modeling_olmo3 as olmo3
+
+    config = Olmo3Config(
+        hidden_size=HEADS * HEAD_DIM,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        num_hidden_layers=2,
+        layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=512,
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "rope_theta": 500000.0, "factor": 4.0},
+        },
+    )
+    hf_module = olmo3.Olmo3RotaryEmbedding(config)
+    positions = torch.tensor([0, 3, 17, 200])
+    query, key = random_qk(len(positions))
+    results = {}
+    for layer_type in ("sliding_attention", "full_attention"):
+        q = query.reshape(len(positions), -1, HEAD_DIM).transpose(0, 1)[None]
+        k = key.reshape(len(positions), -1, HEAD_DIM).transpose(0, 1)[None]
+        cos, sin = hf_module(q, positions[None], layer_type)
+        hf_q, hf_k = olmo3.apply_rotary_pos_emb(q, k, cos, sin)
+        ours_q, ours_k = get_rope(config, HEAD_DIM, layer_type=layer_type)(
+            positions, query.clone(), key.clone()
+        )
+        torch.testing.assert_close(ours_q, hf_q[0].transpose(0, 1).reshape(query.shape))
+        torch.testing.assert_close(ours_k, hf_k[0].transpose(0, 1).reshape(key.shape))
+        results[layer_type] = ours_q
+    assert not torch.allclose(results["sliding_attention"], results["full_attention"])  # the types differ
+    assert set(config.rope_parameters) == {"sliding_attention", "full_attention"}  # config left as it was
+    with pytest.raises(ValueError, match="one rope per layer type"):
+        get_rope(config, HEAD_DIM)
