@@ -10,7 +10,7 @@ from engine.layers.linear import (
     RowParallelLinear,
     kv_heads_for_rank,
 )
-from engine.layers.norm import HeadShardedRMSNorm, RMSNorm
+from engine.layers.norm import FeatureShardedRMSNorm, HeadShardedRMSNorm, RMSNorm
 from engine.layers.rotary import LengthDependentRotaryEmbedding, RotaryEmbedding, get_rope
 from engine.layers.vocab_embedding import (
     LogitsProcessor,
@@ -23,6 +23,7 @@ __all__ = [
     "ColumnParallelLinear",
     "GatedActivation",
     "GeluAndMul",
+    "FeatureShardedRMSNorm",
     "HeadShardedRMSNorm",
     "LengthDependentRotaryEmbedding",
     "LogitsProcessor",

@@ -127,3 +127,20 @@ class HeadShardedRMSNorm(RMSNorm):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, of {self.full_size} across ranks"
+
+
+class FeatureShardedRMSNorm(HeadShardedRMSNorm):
+    """RMSNorm over a tensor tensor parallelism splits by features: the activation between a
+    column-parallel and a row-parallel Linear (BitNet's sub-norm before its down projection). Each
+    rank holds its contiguous slice of the `hidden_size` features and their weight, and all-reduces
+    the sum of squares; at tp=1 it is exactly `RMSNorm(hidden_size)`."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        eps: float = 1e-6,
+        weight_offset: float = 0.0,
+        multiply_in_float32: bool = False,
+    ) -> None:
+        # one-feature "heads": a rank holds hidden_size / tp of them, in rank order
+        super().__init__(hidden_size, 1, eps, weight_offset, multiply_in_float32)

@@ -178,8 +178,6 @@ class Olmo3Model(nn.Module):
         inputs_embeds: torch.Tensor = self.embed_tokens(input_ids)
 
         hidden_states = inputs_embeds
-        for layer_type in set(self.config.layer_types):
-            pass
 
         for i, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
             hidden_states = decoder_layer(hidden_states, positions, kv_caches[i], input_metadata)

@@ -18,6 +18,7 @@ from torch import nn
 _MODELS: dict[str, tuple[str, str]] = {
     "ArceeForCausalLM": ("engine.models.arcee", "ArceeForCausalLM"),
     "BioGptForCausalLM": ("engine.models.biogpt", "BioGptForCausalLM"),
+    "BitNetForCausalLM": ("engine.models.bitnet", "BitNetForCausalLM"),
     "BloomForCausalLM": ("engine.models.bloom", "BloomForCausalLM"),
     "Cohere2ForCausalLM": ("engine.models.cohere2", "Cohere2ForCausalLM"),
     "CohereForCausalLM": ("engine.models.cohere", "CohereForCausalLM"),

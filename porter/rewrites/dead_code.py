@@ -111,10 +111,13 @@ def drop_unread_assignments(function: cst.FunctionDef, context: PortContext, whe
     a mask that is gone; a size an earlier rewrite no longer needs), and `if` chains that only
     assign such names; likewise inside a top-level `for` body (`layer_type =
     self.config.layer_types[i]` once the per-layer-type mask it picked is gone), as long as the loop
-    keeps a statement. Statements that call a submodule stay: they compute the model."""
+    keeps a statement; and loops left with nothing but `pass`. Statements that call a submodule
+    stay: they compute the model."""
     while True:
         body = list(function.body.body)
         position = _first_unread(body, [], allow_if=True)
+        if position is None:
+            position = next((i for i, s in enumerate(body) if _empty_loop(s)), None)
         if position is not None:
             context.record("dead-code", where, body[position], "", "nothing reads it")
             del body[position]
@@ -136,6 +139,21 @@ def drop_unread_assignments(function: cst.FunctionDef, context: PortContext, whe
             else:
                 return function
         function = function.with_changes(body=function.body.with_changes(body=body))
+
+
+def _empty_loop(statement: cst.BaseStatement) -> bool:
+    """A `for` whose body is only `pass` (what is left once its statements went) over an iterable
+    that runs no submodule: OLMo3's loop over layer types that built per-type masks."""
+    return (
+        isinstance(statement, cst.For)
+        and statement.orelse is None
+        and isinstance(statement.body, cst.IndentedBlock)
+        and all(
+            isinstance(s, cst.SimpleStatementLine) and all(isinstance(x, cst.Pass) for x in s.body)
+            for s in statement.body.body
+        )
+        and not calls_submodule(statement.iter)
+    )
 
 
 def _first_unread(

@@ -7,26 +7,93 @@ mean. Such a norm, built as the engine's RMSNorm with the attention's own head c
 head size, becomes `HeadShardedRMSNorm(heads, head_dim, ...)`: each rank keeps its heads' weight
 and all-reduces the sum of squares (`kv=True` for the key heads, which may be replicated).
 A norm of one head's width (Qwen3's per-head q/k norms) is left as it is.
+
+Likewise a norm that forward applies to a tensor tensor parallelism splits (BitNet's sub-norms):
+the paged attention's output, sharded by query heads, becomes `HeadShardedRMSNorm(heads,
+head_dim, ...)`; an activation computed from a fused column-parallel projection (`act(gate_up)`),
+sharded by features, becomes `FeatureShardedRMSNorm(size, ...)`. The tensor-parallel rewrite then
+sees their outputs as sharded, so the Linear after them is row-parallel.
 """
 
 from __future__ import annotations
 
 import libcst as cst
 
-from porter.analysis.cst_utils import call_name, code_of, self_attribute
+from porter.analysis.cst_utils import call_name, code_of, self_attribute, statement_targets
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
 from porter.rewrites.rms_norm import ENGINE_NORM
+from porter.rewrites.tensor_parallel import elementwise_attributes
 
 SHARDED_NORM = "HeadShardedRMSNorm"
+FEATURE_SHARDED_NORM = "FeatureShardedRMSNorm"
+# Engine layers whose output each rank holds only its share of: by features (a fused gate|up
+# projection) or by query heads (the paged attention). q and k, split by heads out of the fused
+# q|k|v projection, are the constructor-size rule's business (below).
+SPLIT_BY_FEATURES = {"MergedColumnParallelLinear"}
+SPLIT_BY_HEADS = {"PagedAttention"}
+RESHAPES = {"view", "reshape", "contiguous", "flatten", "float", "to", "chunk", "split"}
 
 
 class ShardNormsByHead(Rewrite):
     name = "head-sharded-norm"
 
     def apply(self, module: cst.Module, context: PortContext) -> cst.Module:
-        if not context.plan.attention:
+        on_split = {}  # (class, norm attribute) -> "heads" | "features"
+        for name in context.index.reachable:
+            info = context.index.classes[name]
+            if "forward" in info.methods:
+                on_split.update({(name, a): k for a, k in _norms_on_split_tensors(info).items()})
+        if not context.plan.attention and not on_split:
             return module
-        return module.visit(_Transformer(context))
+        return module.visit(_Transformer(context, on_split))
+
+
+def _norms_on_split_tensors(info) -> dict[str, str]:
+    """Norm attribute -> how its input is split ("heads" | "features"), for each engine RMSNorm that
+    forward applies to a tensor derived, through activations, elementwise arithmetic and reshapes,
+    from the paged attention's output or a fused column-parallel projection's."""
+    layers = {a: call_name(c) for a, c in info.init_calls.items()}
+    norms = {a for a, layer in layers.items() if layer == ENGINE_NORM}
+    activations = elementwise_attributes(info)
+    split: dict[str, str] = {}  # variable -> "heads" | "features"
+    found: dict[str, str] = {}
+
+    def kind(node: cst.CSTNode) -> str | None:
+        if isinstance(node, cst.Name):
+            return split.get(node.value)
+        if isinstance(node, cst.Call):
+            attr = self_attribute(node.func)
+            if layers.get(attr) in SPLIT_BY_HEADS:
+                return "heads"
+            if layers.get(attr) in SPLIT_BY_FEATURES:
+                return "features"
+            inner = next((k for k in (kind(a.value) for a in node.args) if k), None)
+            if attr in norms and inner:
+                found.setdefault(attr, inner)
+                return inner
+            if attr in activations:
+                return inner
+            if isinstance(node.func, cst.Attribute) and attr is None and node.func.attr.value in RESHAPES:
+                return kind(node.func.value)
+            return None
+        if isinstance(node, cst.BinaryOperation):
+            return kind(node.left) or kind(node.right)
+        return None
+
+    for statement in info.methods["forward"].body.body:
+        if not isinstance(statement, cst.SimpleStatementLine):
+            continue
+        for small in statement.body:
+            value = getattr(small, "value", None)
+            if value is None:
+                continue
+            result = kind(value)
+            for target in statement_targets(statement):
+                if result:
+                    split[target] = result
+                else:
+                    split.pop(target, None)
+    return found
 
 
 def _spaced(code: str) -> str:
@@ -34,7 +101,15 @@ def _spaced(code: str) -> str:
 
 
 class _Transformer(ClassScopedTransformer):
+    def __init__(self, context: PortContext, on_split: dict[tuple[str, str], str]) -> None:
+        super().__init__(context)
+        self.on_split = on_split
+
     def leave_Assign(self, original: cst.Assign, updated: cst.Assign) -> cst.Assign:
+        attr = self_attribute(updated.targets[0].target)
+        split = self.on_split.get((self.current_class or "", attr or ""))
+        if split is not None and self.current_function == "__init__" and isinstance(updated.value, cst.Call):
+            return self._on_split_tensor(updated, split)
         info = self.context.plan.attention.get(self.current_class or "")
         value = updated.value
         if (
@@ -66,5 +141,33 @@ class _Transformer(ClassScopedTransformer):
             value,
             new,
             "normalizes all heads at once: each rank keeps its heads and all-reduces the sum of squares",
+        )
+        return updated.with_changes(value=new)
+
+    def _on_split_tensor(self, updated: cst.Assign, split: str) -> cst.Assign:
+        value = updated.value
+        rest = [code_of(a.with_changes(comma=cst.MaybeSentinel.DEFAULT)) for a in value.args[1:]]
+        info = self.context.plan.attention.get(self.current_class or "")
+        if (
+            info is not None
+            and value.args
+            and _spaced(code_of(value.args[0].value)) == _spaced(info.head_dim)
+        ):
+            return updated  # one head's width: a per-head norm, which every rank runs whole
+        if split == "heads" and info is not None:
+            new = cst.parse_expression(f"{SHARDED_NORM}({', '.join([info.num_heads, info.head_dim, *rest])})")
+            reason = "normalizes the attention output, which each rank holds only its heads of"
+        elif split == "features":
+            size = code_of(value.args[0].value)
+            new = cst.parse_expression(f"{FEATURE_SHARDED_NORM}({', '.join([size, *rest])})")
+            reason = "normalizes an activation each rank holds only its features of"
+        else:
+            self.context.flag(
+                "head-sharded-norm", self.where, "a norm on a tensor split by heads outside attention"
+            )
+            return updated
+        self.context.need("engine.layers", new.func.value)
+        self.context.record(
+            "head-sharded-norm", self.where, value, new, reason + ": it all-reduces the sum of squares"
         )
         return updated.with_changes(value=new)

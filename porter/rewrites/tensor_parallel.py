@@ -30,7 +30,13 @@ from porter.analysis.model_index import EMBEDDING_CALLS, LINEAR_CALLS
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
 
 # Engine layers whose outputs are sharded by head or feature on each rank.
-SHARDED_LAYERS = {"QKVParallelLinear", "MergedColumnParallelLinear", "PagedAttention"}
+SHARDED_LAYERS = {
+    "QKVParallelLinear",
+    "MergedColumnParallelLinear",
+    "PagedAttention",
+    "HeadShardedRMSNorm",  # norms over a split tensor keep it split
+    "FeatureShardedRMSNorm",
+}
 
 
 class TensorParallelLayers(Rewrite):

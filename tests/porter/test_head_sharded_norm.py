@@ -42,3 +42,44 @@ def test_a_per_head_norm_stays_a_plain_norm():
     assert (
         init_value(after.code, "MiniAttention", "q_norm") == "RMSNorm(self.head_dim, eps=config.rms_norm_eps)"
     )
+
+
+def _with_sub_norms() -> str:
+    """BitNet's sub-norms: one on the attention output before o_proj, one on the MLP activation
+    before down_proj; tensor parallelism splits both tensors."""
+    before = vary(
+        MINI_MODEL,
+        "        self.act_fn = ACT2FN[config.hidden_act]\n",
+        "        self.act_fn = ACT2FN[config.hidden_act]\n"
+        "        self.ffn_sub_norm = MiniRMSNorm(config.intermediate_size, eps=config.rms_norm_eps)\n",
+    )
+    before = vary(
+        before,
+        "        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))\n",
+        "        return self.down_proj(self.ffn_sub_norm(self.act_fn(self.gate_proj(x)) * self.up_proj(x)))\n",
+    )
+    before = vary(
+        before,
+        "        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)\n",
+        "        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)\n"
+        "        self.attn_sub_norm = MiniRMSNorm(config.hidden_size, eps=config.rms_norm_eps)\n",
+    )
+    before = vary(
+        before,
+        "        attn_output = self.o_proj(attn_output)\n",
+        "        attn_output = self.o_proj(self.attn_sub_norm(attn_output))\n",
+    )
+    return before + LLAMA_NORM
+
+
+def test_norms_on_tensors_tensor_parallelism_splits_become_sharded_norms_and_the_next_linear_row_parallel():
+    after = run_through(_with_sub_norms(), "tensor-parallel")
+    assert init_value(after.code, "MiniAttention", "attn_sub_norm") == (
+        "HeadShardedRMSNorm(config.num_attention_heads, self.head_dim, eps=config.rms_norm_eps)"
+    )
+    assert init_value(after.code, "MiniMLP", "ffn_sub_norm") == (
+        "FeatureShardedRMSNorm(config.intermediate_size, eps=config.rms_norm_eps)"
+    )
+    # the projections after them read split tensors: row-parallel, not replicated
+    assert init_value(after.code, "MiniAttention", "o_proj").startswith("RowParallelLinear(")
+    assert init_value(after.code, "MiniMLP", "down_proj").startswith("RowParallelLinear(")

@@ -58,6 +58,7 @@ PORTED = [
     "gpt_neo",  # unscaled scores, local layers cut out of a causal-mask buffer
     "gptj",  # q and k rotated one call each, on their first rotary_dim features
     "olmo3",  # one rope per layer type
+    "bitnet",  # norms on the split attention output and MLP activation
 ]
 
 
@@ -202,6 +203,8 @@ def test_port_has_no_training_or_batching_code(model_type):
         ("gptj", 2),
         ("olmo3", 1),
         ("olmo3", 2),
+        ("bitnet", 1),
+        ("bitnet", 2),
     ],
 )
 def test_verify_passes(model_type, tp, tmp_path):

@@ -17,6 +17,7 @@ from engine.input_metadata import InputMetadata
 from engine.kernels import dispatch
 from engine.layers import (
     ColumnParallelLinear,
+    FeatureShardedRMSNorm,
     HeadShardedRMSNorm,
     LogitsProcessor,
     MergedColumnParallelLinear,
@@ -189,6 +190,14 @@ def check_head_sharded_norms() -> None:
         else:
             held = slice(0, full)  # the one KV head, replicated
         assert_near(norm(x[:, held]), expected[:, held], msg=f"heads={heads} kv={kv} rank {rank}")
+    # a column-parallel activation (BitNet's sub-norm before its down projection): features split
+    width = 6 * TP
+    weight, x = torch.randn(width), torch.randn(5, width)
+    expected = weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    norm = FeatureShardedRMSNorm(width, eps=1e-6)
+    load(norm, weight)
+    held = slice(rank * width // TP, (rank + 1) * width // TP)
+    assert_near(norm(x[:, held]), expected[:, held], msg=f"feature-sharded, rank {rank}")
 
 
 def check_paged_attention(tp1_outputs: dict) -> None:
