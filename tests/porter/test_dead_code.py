@@ -224,3 +224,24 @@ def test_a_loop_variable_that_picked_a_per_layer_mask_goes_once_the_mask_is_gone
     code = method_code(after.code, "MiniModel", "forward")
     assert "layer_type" not in code and "masks" not in code
     assert "for i, decoder_layer in enumerate(self.layers):" in code
+
+
+def test_a_loop_left_with_nothing_to_do_goes():
+    # OLMo3's backbone built one rotary table per layer type in a loop; once the rotary plumbing
+    # went, only `pass` was left in it.
+    from tests.porter.rewrite_helpers import run_through
+
+    forward = """
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        hidden_states = self.embed_tokens(input_ids)
+        masks = {}
+        for layer_type in set(self.config.layer_types):
+            masks[layer_type] = attention_mask
+        for i, decoder_layer in enumerate(self.layers):
+            hidden_states = decoder_layer(hidden_states, attention_mask=masks[self.config.layer_types[i]], **kwargs)
+        return self.norm(hidden_states)
+    """
+    after = run_through(replace_method(MINI_MODEL, "MiniModel", "forward", forward), "prune")
+    code = method_code(after.code, "MiniModel", "forward")
+    assert "set(self.config.layer_types)" not in code and "pass" not in code
+    assert "for i, decoder_layer in enumerate(self.layers):" in code
