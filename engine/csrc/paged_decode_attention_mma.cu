@@ -33,6 +33,7 @@
 #include <map>
 #include <mutex>
 #include <tuple>
+#include <type_traits>
 
 #include "decode_common.h"
 #include "vector_io.h"
@@ -479,14 +480,24 @@ void launch_typed(const DecodeParams& p, dim3 grid, size_t table_bytes, cudaStre
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The one place the instantiated (head_dim, warps) pairs are listed: calls f(HEAD_DIM, WARPS) with
+// both as std::integral_constant, so f can use them as template arguments.
+template <typename F>
+decltype(auto) with_shape(int head_dim, int warps, F&& f) {
+  using std::integral_constant;
+  if (head_dim == 64 && warps == 8) return f(integral_constant<int, 64>{}, integral_constant<int, 8>{});
+  if (head_dim == 64) return f(integral_constant<int, 64>{}, integral_constant<int, 4>{});
+  if (head_dim == 128 && warps == 8) return f(integral_constant<int, 128>{}, integral_constant<int, 8>{});
+  if (head_dim == 128) return f(integral_constant<int, 128>{}, integral_constant<int, 4>{});
+  return f(integral_constant<int, 256>{}, integral_constant<int, 4>{});
+}
+
 template <typename T>
 void launch_for_shape(const DecodeParams& p, int head_dim, int warps, dim3 grid, size_t table_bytes,
                       cudaStream_t stream) {
-  if (head_dim == 64 && warps == 8) return launch_typed<T, 64, 8>(p, grid, table_bytes, stream);
-  if (head_dim == 64) return launch_typed<T, 64, 4>(p, grid, table_bytes, stream);
-  if (head_dim == 128 && warps == 8) return launch_typed<T, 128, 8>(p, grid, table_bytes, stream);
-  if (head_dim == 128) return launch_typed<T, 128, 4>(p, grid, table_bytes, stream);
-  return launch_typed<T, 256, 4>(p, grid, table_bytes, stream);
+  with_shape(head_dim, warps, [&](auto dim, auto w) {
+    launch_typed<T, decltype(dim)::value, decltype(w)::value>(p, grid, table_bytes, stream);
+  });
 }
 
 template <int HEAD_DIM, int WARPS>
@@ -505,9 +516,9 @@ size_t mma_max_table_bytes(int head_dim, int warps) {
   int device = 0, limit = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  size_t pipeline = MmaLayout<256, 4>::kPipelineBytes;
-  if (head_dim == 64) pipeline = warps == 8 ? MmaLayout<64, 8>::kPipelineBytes : MmaLayout<64, 4>::kPipelineBytes;
-  if (head_dim == 128) pipeline = warps == 8 ? MmaLayout<128, 8>::kPipelineBytes : MmaLayout<128, 4>::kPipelineBytes;
+  const size_t pipeline = with_shape(head_dim, warps, [](auto dim, auto w) -> size_t {
+    return MmaLayout<decltype(dim)::value, decltype(w)::value>::kPipelineBytes;
+  });
   // The kernel's own static shared memory (a few flags) is well under 1 KB.
   const size_t taken = pipeline + 1024;
   return static_cast<size_t>(limit) > taken ? limit - taken : 0;
@@ -523,14 +534,9 @@ int mma_blocks_per_multiprocessor(int head_dim, int warps, size_t table_bytes) {
   const std::lock_guard<std::mutex> lock(mutex);
   auto found = known.find(key);
   if (found != known.end()) return found->second;
-  int blocks = 0;
-  if (head_dim == 64) {
-    blocks = warps == 8 ? resident_blocks<64, 8>(table_bytes) : resident_blocks<64, 4>(table_bytes);
-  } else if (head_dim == 128) {
-    blocks = warps == 8 ? resident_blocks<128, 8>(table_bytes) : resident_blocks<128, 4>(table_bytes);
-  } else {
-    blocks = resident_blocks<256, 4>(table_bytes);
-  }
+  const int blocks = with_shape(head_dim, warps, [&](auto dim, auto w) {
+    return resident_blocks<decltype(dim)::value, decltype(w)::value>(table_bytes);
+  });
   known.emplace(key, blocks);
   return blocks;
 }

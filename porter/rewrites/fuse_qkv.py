@@ -28,6 +28,7 @@ from porter.analysis.cst_utils import (
 )
 from porter.analysis.model_index import LINEAR_CALLS
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
+from porter.rewrites.dead_code import drop_unread_assignments
 
 FUSED = "qkv_proj"
 RESHAPE_METHODS = {"view", "reshape", "unsqueeze", "transpose", "contiguous"}
@@ -59,6 +60,7 @@ class _ConcatenatedQKV(ClassScopedTransformer):
     def __init__(self, context: PortContext) -> None:
         super().__init__(context)
         self.branches: list[list[str]] = []  # [test, "body" | "orelse"] of the enclosing ifs
+        self.sliced_forward = False  # this forward's fused output was cut by slices (now one split)
 
     def visit_If(self, node: cst.If) -> bool:
         self.branches.append([code_of(node.test), "body"])
@@ -160,11 +162,16 @@ class _ConcatenatedQKV(ClassScopedTransformer):
             "this rank's q, k and v out of the fused projection (concatenated), not the global offsets",
         )
         dropped = {i for i, *_ in slices} - {first}
-        body = [split if i == first else s for i, s in enumerate(statements) if i not in dropped]
-        # The offsets' locals (`query_pos = H * head_dim`) go with the slices when nothing else reads them.
-        offsets = {name for i, *_ in slices for name in names_in(statements[i].body[0].value.slice[1])}
-        body = [s for s in body if not _unread_local(s, offsets, body)]
-        return updated.with_changes(body=body)
+        self.sliced_forward = True  # the offsets' locals (`query_pos = H * head_dim`) may go unread
+        return updated.with_changes(
+            body=[split if i == first else s for i, s in enumerate(statements) if i not in dropped]
+        )
+
+    def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef):
+        if self.sliced_forward and self.current_function == "forward":
+            self.sliced_forward = False
+            updated = drop_unread_assignments(updated, self.context, self.where)
+        return super().leave_FunctionDef(original, updated)
 
     def leave_ClassDef(self, original: cst.ClassDef, updated: cst.ClassDef):
         name = updated.name.value
@@ -221,16 +228,6 @@ def _tiles(ordered: list[tuple]) -> bool:
     """Three (index, target, source, lower, upper) slices cover the last axis end to end, in order."""
     (_, _, _, lower_q, upper_q), (_, _, _, lower_k, upper_k), (_, _, _, lower_v, upper_v) = ordered
     return lower_q is None and upper_v is None and upper_q == lower_k and upper_k == lower_v
-
-
-def _unread_local(statement: cst.BaseStatement, candidates: set[str], body: list) -> bool:
-    """`statement` assigns one of `candidates` that no other statement of `body` reads."""
-    targets = statement_targets(statement) if isinstance(statement, cst.SimpleStatementLine) else []
-    return (
-        len(targets) == 1
-        and targets[0] in candidates
-        and not any(targets[0] in names_in(other) for other in body if other is not statement)
-    )
 
 
 def _last_axis_slice(

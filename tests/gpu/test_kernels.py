@@ -33,6 +33,28 @@ make_step = functools.partial(attention_cases.make_step, device="cuda")
 feature_args = functools.partial(attention_cases.feature_args, device="cuda")
 
 
+def decode_over_poison(query, key_cache, value_cache, metadata, scale, **kwargs):
+    """The CUDA decode kernel's output, written over NaNs (a row it skips stays NaN). `kwargs`:
+    `max_context_len` and `context_lens` (the metadata's by default), `partition_size`, features."""
+    from engine.kernels import cuda_ops
+
+    context_lens = kwargs.pop("context_lens", metadata.context_lens)
+    max_context_len = kwargs.pop("max_context_len", metadata.max_context_len)
+    out = torch.full_like(query, float("nan"))
+    cuda_ops.paged_decode_attention(
+        query,
+        key_cache,
+        value_cache,
+        metadata.block_tables,
+        context_lens,
+        max_context_len,
+        scale,
+        out=out,
+        **kwargs,
+    )
+    return out
+
+
 # --- KV cache write ------------------------------------------------------------------------------
 
 
@@ -80,8 +102,6 @@ DECODE_CONTEXTS = [1, 16, 17, 32, 1000, 4096]
 @pytest.mark.parametrize("group", [1, 4, 8])
 @pytest.mark.parametrize("feature", list(FEATURES))
 def test_decode_matches_reference(dtype, head_dim, group, feature):
-    from engine.kernels import cuda_ops
-
     num_kv_heads = 2
     num_heads = num_kv_heads * group
     query, key_cache, value_cache, metadata = make_step(
@@ -91,18 +111,8 @@ def test_decode_matches_reference(dtype, head_dim, group, feature):
     scale = head_dim**-0.5
     expected = reference(query, key_cache, value_cache, metadata, scale, args)
     for partition_size in (None, 128, 512):  # heuristic, many partitions, few (and single) partitions
-        out = torch.full_like(query, float("nan"))
-        cuda_ops.paged_decode_attention(
-            query,
-            key_cache,
-            value_cache,
-            metadata.block_tables,
-            metadata.context_lens,
-            metadata.max_context_len,
-            scale,
-            out=out,
-            partition_size=partition_size,
-            **args,
+        out = decode_over_poison(
+            query, key_cache, value_cache, metadata, scale, partition_size=partition_size, **args
         )
         assert_matches(out, expected, dtype)
 
@@ -122,8 +132,6 @@ def test_decode_matches_reference(dtype, head_dim, group, feature):
     ],
 )
 def test_decode_other_shapes(dtype, head_dim, num_heads, num_kv_heads, block_size):
-    from engine.kernels import cuda_ops
-
     contexts = [3, 64, 513, 2000]
     query, key_cache, value_cache, metadata = make_step(
         [1] * len(contexts), contexts, num_heads, num_kv_heads, head_dim, dtype, block_size
@@ -132,16 +140,13 @@ def test_decode_other_shapes(dtype, head_dim, num_heads, num_kv_heads, block_siz
     for feature, partition_size in itertools.product(("plain", "all"), (None, 64)):
         args = feature_args(FEATURES[feature], num_heads)
         expected = reference(query, key_cache, value_cache, metadata, 0.1, args)
-        out = torch.full_like(query, float("nan"))
-        cuda_ops.paged_decode_attention(
+        out = decode_over_poison(
             query,
             key_cache,
             value_cache,
-            metadata.block_tables,
-            metadata.context_lens,
-            2000,
+            metadata,
             0.1,
-            out=out,
+            max_context_len=2000,
             partition_size=partition_size,
             **args,
         )
@@ -154,8 +159,6 @@ def test_decode_large_grid(dtype, head_dim, group):
     """More (sequence, KV head) pairs than any GPU has multiprocessors: the launcher takes 4-warp
     tensor-core blocks (and the CUDA-core kernel for MHA) instead of the 8-warp ones the small tests
     reach; split-K forced on them too."""
-    from engine.kernels import cuda_ops
-
     generator = torch.Generator().manual_seed(head_dim + group)
     contexts = [int(c) for c in torch.randint(1, 700, (120,), generator=generator)]
     num_kv_heads = 3
@@ -166,18 +169,8 @@ def test_decode_large_grid(dtype, head_dim, group):
     args = feature_args(FEATURES["plain"], num_heads)
     expected = reference(query, key_cache, value_cache, metadata, 0.1, args)
     for partition_size in (None, 64, 256):
-        out = torch.full_like(query, float("nan"))
-        cuda_ops.paged_decode_attention(
-            query,
-            key_cache,
-            value_cache,
-            metadata.block_tables,
-            metadata.context_lens,
-            metadata.max_context_len,
-            0.1,
-            out=out,
-            partition_size=partition_size,
-            **args,
+        out = decode_over_poison(
+            query, key_cache, value_cache, metadata, 0.1, partition_size=partition_size, **args
         )
         assert_matches(out, expected, dtype)
 
@@ -202,22 +195,18 @@ def test_decode_single_partition_big_batch_and_strided_query():
 
 
 def test_decode_empty_sequence_gets_zeros():
-    from engine.kernels import cuda_ops
-
     query, key_cache, value_cache, metadata = make_step([1, 1], [40, 700], 4, 2, 64, torch.float16)
     context_lens = metadata.context_lens.clone()
     context_lens[0] = 0  # a padded slot of a captured batch
     for partition_size in (512, 128):
-        out = torch.full_like(query, float("nan"))
-        cuda_ops.paged_decode_attention(
+        out = decode_over_poison(
             query,
             key_cache,
             value_cache,
-            metadata.block_tables,
-            context_lens,
-            700,
+            metadata,
             0.1,
-            out=out,
+            context_lens=context_lens,
+            max_context_len=700,
             partition_size=partition_size,
         )
         assert torch.equal(out[0], torch.zeros_like(out[0]))
