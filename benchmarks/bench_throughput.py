@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.hf_baselines import run_generate, run_generate_batch  # noqa: E402
 from benchmarks.roofline import ModelCost, copy_bandwidth, matmul_rate, workload_roofline  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
-from engine.config import attention_shape  # noqa: E402
+from engine.config import DEFAULT_MAX_NUM_BATCHED_TOKENS, attention_shape  # noqa: E402
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=512)
 MODELS: dict[str, PretrainedConfig] = {
@@ -200,7 +200,7 @@ def main() -> None:
     )
     parser.add_argument("--hf-batch", type=int, default=128, help="static batch of HF generate")
     parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=DEFAULT_MAX_NUM_BATCHED_TOKENS)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--skip", nargs="*", default=[], choices=["generate_batch", "generate", "eager"])

@@ -22,6 +22,15 @@ from engine.models.registry import resolve_model_class
 # default block size) keeps a CPU test run small and still fits several long prompts at once.
 DEFAULT_CPU_NUM_KV_BLOCKS = 512
 
+# Tokens one step may hold (prefill chunks plus decode tokens). Steps with prefill rows run eagerly,
+# and on a GPU their time is mostly the host launching each layer's kernels, once per step whatever
+# the step holds, so a larger budget admits prompts in fewer steps: on an H200, llama-1b's
+# 512 x (256 in, 256 out) workload ran at 48,028 output tok/s with 2,048, 54,188 with 4,096 and
+# 54,220 with 8,192 (benchmarks/bench_throughput.py, docs/performance.md). The cost is the length of
+# a step that carries prefill, which an offline engine does not mind, and its activations, which the
+# memory profile at start-up measures before sizing the cache.
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
+
 _DTYPE_NAMES = {
     "float32": torch.float32,
     "float": torch.float32,
@@ -53,7 +62,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None
     gpu_memory_utilization: float = 0.9
     max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
+    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
     max_model_len: int | None = None
     seed: int = 0
     enforce_eager: bool = False

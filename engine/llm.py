@@ -18,7 +18,7 @@ from typing import Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from engine import distributed
-from engine.config import EngineConfig
+from engine.config import DEFAULT_MAX_NUM_BATCHED_TOKENS, EngineConfig
 from engine.llm_engine import CompletionOutput, LLMEngine, RequestOutput, prepare_config
 from engine.model_loader import load_hf_config
 from engine.sampling_params import SamplingParams
@@ -51,7 +51,7 @@ class LLM:
         block_size: int = 16,
         num_kv_blocks: int | None = None,
         max_num_seqs: int = 256,
-        max_num_batched_tokens: int = 2048,
+        max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
         seed: int = 0,
         model_class: Any = None,
         **kwargs: Any,
