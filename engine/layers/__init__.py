@@ -2,6 +2,7 @@
 
 from engine.layers.activation import GatedActivation, GeluAndMul, SiluAndMul, get_gated_activation
 from engine.layers.attention import PagedAttention, alibi_slopes
+from engine.layers.head_sharding import local_heads, shard_heads
 from engine.layers.linear import (
     ColumnParallelLinear,
     MergedColumnParallelLinear,
@@ -38,6 +39,8 @@ __all__ = [
     "SiluAndMul",
     "VocabParallelEmbedding",
     "alibi_slopes",
+    "local_heads",
+    "shard_heads",
     "get_gated_activation",
     "get_rope",
     "kv_heads_for_rank",

@@ -44,6 +44,8 @@ from engine.layers import (
     VocabParallelEmbedding,
     get_gated_activation,
     get_rope,
+    local_heads,
+    shard_heads,
 )
 from engine.weights import load_named_weights
 
@@ -107,11 +109,20 @@ class CohereAttention(nn.Module):
         self.use_qk_norm = config.use_qk_norm
         if self.use_qk_norm:
             # When sharding the model using Tensor Parallelism, need to be careful to use n_local_heads
-            self.q_norm = CohereLayerNorm(
-                hidden_size=(config.num_attention_heads, self.head_dim), eps=config.layer_norm_eps
+            self.q_norm = shard_heads(
+                CohereLayerNorm(
+                    hidden_size=(local_heads(config.num_attention_heads), self.head_dim),
+                    eps=config.layer_norm_eps,
+                ),
+                config.num_attention_heads,
             )
-            self.k_norm = CohereLayerNorm(
-                hidden_size=(config.num_key_value_heads, self.head_dim), eps=config.layer_norm_eps
+            self.k_norm = shard_heads(
+                CohereLayerNorm(
+                    hidden_size=(local_heads(config.num_key_value_heads, kv=True), self.head_dim),
+                    eps=config.layer_norm_eps,
+                ),
+                config.num_key_value_heads,
+                kv=True,
             )
         self.attn = PagedAttention(
             config.num_attention_heads,

@@ -13,18 +13,26 @@ the paged attention's output, sharded by query heads, becomes `HeadShardedRMSNor
 head_dim, ...)`; an activation computed from a fused column-parallel projection (`act(gate_up)`),
 sharded by features, becomes `FeatureShardedRMSNorm(size, ...)`. The tensor-parallel rewrite then
 sees their outputs as sharded, so the Linear after them is row-parallel.
+
+A module an attention class builds with a weight per head, sized by a `(num_heads, head_dim)` tuple
+(Cohere's q/k LayerNorm), is built for this rank's heads instead, `(local_heads(num_heads),
+head_dim)`, and wrapped in `shard_heads(..., num_heads)`, which makes its per-head parameters load
+this rank's rows of the checkpoint (`kv=True` for the key heads).
 """
 
 from __future__ import annotations
 
 import libcst as cst
 
+from porter.analysis.attention import AttentionInfo
 from porter.analysis.cst_utils import call_name, code_of, self_attribute, statement_targets
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
 from porter.rewrites.rms_norm import ENGINE_NORM
 from porter.rewrites.tensor_parallel import elementwise_attributes
 
 SHARDED_NORM = "HeadShardedRMSNorm"
+PER_HEAD_WRAPPER = "shard_heads"
+LOCAL_HEADS = "local_heads"
 FEATURE_SHARDED_NORM = "FeatureShardedRMSNorm"
 # Engine layers whose output each rank holds only its share of: by features (a fused gate|up
 # projection) or by query heads (the paged attention). q and k, split by heads out of the fused
@@ -107,20 +115,17 @@ class _Transformer(ClassScopedTransformer):
 
     def leave_Assign(self, original: cst.Assign, updated: cst.Assign) -> cst.Assign:
         attr = self_attribute(updated.targets[0].target)
+        per_head = self._per_head_weights(updated)
+        if per_head is not None:
+            return per_head
         split = self.on_split.get((self.current_class or "", attr or ""))
         if split is not None and self.current_function == "__init__" and isinstance(updated.value, cst.Call):
             return self._on_split_tensor(updated, split)
-        info = self.context.plan.attention.get(self.current_class or "")
-        value = updated.value
-        if (
-            info is None
-            or self.current_function != "__init__"
-            or not isinstance(value, cst.Call)
-            or call_name(value) != ENGINE_NORM
-            or self_attribute(updated.targets[0].target) is None
-            or not value.args
-            or value.args[0].keyword is not None
-        ):
+        member = self._attention_member(updated)
+        if member is None:
+            return updated
+        info, value = member
+        if call_name(value) != ENGINE_NORM or not value.args or value.args[0].keyword is not None:
             return updated
         size = value.args[0].value
         if not (isinstance(size, cst.BinaryOperation) and isinstance(size.operator, cst.Multiply)):
@@ -143,6 +148,56 @@ class _Transformer(ClassScopedTransformer):
             "normalizes all heads at once: each rank keeps its heads and all-reduces the sum of squares",
         )
         return updated.with_changes(value=new)
+
+    def _attention_member(self, updated: cst.Assign) -> tuple[AttentionInfo, cst.Call] | None:
+        """(the class's attention facts, the call) for `self.x = Call(...)` in an attention class's
+        __init__; None for any other assignment."""
+        info = self.context.plan.attention.get(self.current_class or "")
+        value = updated.value
+        if (
+            info is None
+            or self.current_function != "__init__"
+            or not isinstance(value, cst.Call)
+            or self_attribute(updated.targets[0].target) is None
+        ):
+            return None
+        return info, value
+
+    def _per_head_weights(self, updated: cst.Assign) -> cst.Assign | None:
+        """`self.x = Module(..., (num_heads, head_dim), ...)` in an attention class's __init__ ->
+        `self.x = shard_heads(Module(..., (local_heads(num_heads), head_dim), ...), num_heads)`."""
+        member = self._attention_member(updated)
+        if member is None or call_name(member[1]) == PER_HEAD_WRAPPER:
+            return None
+        info, value = member
+        head_counts = {_spaced(info.num_heads): False, _spaced(info.num_kv_heads): True}
+        for index, arg in enumerate(value.args):
+            size = arg.value
+            if not (isinstance(size, cst.Tuple) and len(size.elements) == 2):
+                continue
+            heads, width = size.elements
+            kv = head_counts.get(_spaced(code_of(heads.value)))
+            if kv is None or _spaced(code_of(width.value)) != _spaced(info.head_dim):
+                continue
+            count = code_of(heads.value)
+            kv_arg = ", kv=True" if kv else ""
+            local = heads.with_changes(value=cst.parse_expression(f"{LOCAL_HEADS}({count}{kv_arg})"))
+            args = list(value.args)
+            args[index] = arg.with_changes(value=size.with_changes(elements=[local, width]))
+            built = value.with_changes(args=args)
+            new = cst.parse_expression(f"{PER_HEAD_WRAPPER}(__built__, {count}{kv_arg})")
+            new = new.with_changes(args=[new.args[0].with_changes(value=built), *new.args[1:]])
+            self.context.need("engine.layers", PER_HEAD_WRAPPER)
+            self.context.need("engine.layers", LOCAL_HEADS)
+            self.context.record(
+                "head-sharded-norm",
+                self.where,
+                value,
+                new,
+                "holds a weight per head: built for this rank's heads, each loading its rows of the checkpoint",
+            )
+            return updated.with_changes(value=new)
+        return None
 
     def _on_split_tensor(self, updated: cst.Assign, split: str) -> cst.Assign:
         value = updated.value

@@ -7,6 +7,12 @@ other (a projection in or out of the residual stream) is replicated. The QKV pro
 paged attention produce sharded tensors. `Conv1D(out, in)` stores its weight transposed; the
 layer is told so. `nn.Embedding(vocab_size, ...)` becomes `VocabParallelEmbedding`.
 
+A tensor that an engine layer splits by itself (the paged attention's output, by query heads; a
+fused projection's, by heads or features) cannot be made whole by keeping a Linear replicated: where
+one reaches a module that needs the whole hidden dim (a norm or submodule porter does not know to
+work per head, a replicated Linear) or is added to a whole tensor, the port gets a review item,
+since at tp > 1 that module would see only its rank's share.
+
 A column-parallel Linear whose output forward cuts into n equal parts (`x.chunk(n, dim=-1)`: a
 gate|up or q|k|v projection fused in the checkpoint) becomes a `MergedColumnParallelLinear` of n
 parts: each part is sharded on its own, so a rank's output still chunks into its share of every
@@ -36,6 +42,7 @@ SHARDED_LAYERS = {
     "PagedAttention",
     "HeadShardedRMSNorm",  # norms over a split tensor keep it split
     "FeatureShardedRMSNorm",
+    "shard_heads",  # a module with a weight per head, built for this rank's heads
 }
 
 
@@ -48,23 +55,20 @@ class TensorParallelLayers(Rewrite):
         for name in context.index.reachable:
             info = context.index.classes[name]
             forward = info.methods.get("forward")
-            if forward is not None and info.linears():
-                chunked.update(
-                    {(name, a): n for a, n in _chunked_outputs(forward, set(info.linears())).items()}
-                )
-                sharded = {a for a, call in info.init_calls.items() if call_name(call) in SHARDED_LAYERS}
-                kinds.update(
-                    {
-                        (name, a): k
-                        for a, k in _shard_kinds(
-                            forward,
-                            set(info.linears()),
-                            elementwise_attributes(info),
-                            sharded,
-                            reshape_methods(info),
-                        ).items()
-                    }
-                )
+            sharded = {a for a, call in info.init_calls.items() if call_name(call) in SHARDED_LAYERS}
+            if forward is None or not (info.linears() or sharded):
+                continue
+            chunked.update({(name, a): n for a, n in _chunked_outputs(forward, set(info.linears())).items()})
+            class_kinds, misuses = _shard_kinds(
+                forward,
+                set(info.linears()),
+                elementwise_attributes(info) | per_head_modules(info, context.plan.attention.get(name)),
+                sharded,
+                reshape_methods(info),
+            )
+            kinds.update({(name, a): k for a, k in class_kinds.items()})
+            for misuse in misuses:
+                context.flag(self.name, f"{name}.forward", misuse)
         vocab_embeddings = _vocab_embedding_subclasses(context)
         return module.visit(_Transformer(context, kinds, vocab_embeddings, chunked))
 
@@ -130,67 +134,113 @@ def _shard_kinds(
     elementwise: set[str],
     sharded_sources: set[str],
     reshape_methods: frozenset[str] = frozenset(),
-) -> dict[str, str]:
-    """Linear attribute -> "column" | "row" | "replicated", by a fixed point over the data flow."""
+) -> tuple[dict[str, str], list[str]]:
+    """Linear attribute -> "column" | "row" | "replicated", by a fixed point over the data flow; and
+    a review message for each place a tensor an engine layer splits reaches what needs it whole."""
     forced: set[str] = set()
     while True:
-        kinds, poisoned = _propagate(forward, linears, elementwise, forced, sharded_sources, reshape_methods)
-        if not poisoned - forced:
-            return {a: ("replicated" if k == "candidate" or a in forced else k) for a, k in kinds.items()}
-        forced |= poisoned
+        flow = _propagate(forward, linears, elementwise, forced, sharded_sources, reshape_methods)
+        if not flow.poisoned - forced:
+            kinds = {
+                a: ("replicated" if k == "candidate" or a in forced else k) for a, k in flow.kinds.items()
+            }
+            return kinds, flow.misuses
+        forced |= flow.poisoned
 
 
-def _propagate(
-    forward, linears, elementwise, forced, sharded_sources, reshape_methods=frozenset()
-) -> tuple[dict[str, str], set[str]]:
-    sharded: dict[str, set[str]] = {}  # variable -> column candidates it came through
-    kinds: dict[str, str] = {}
-    poisoned: set[str] = set()
+class _Flow:
+    """What one pass over forward found (see `_propagate`)."""
 
-    def evaluate(node: cst.CSTNode) -> tuple[bool, set[str]]:
+    def __init__(self) -> None:
+        self.kinds: dict[str, str] = {}
+        self.poisoned: set[str] = set()  # column candidates whose output must stay whole
+        self.misuses: list[str] = []  # review messages, in source order
+
+
+class _Value:
+    """A value's sharding: whether it is split across ranks, the column candidates it came through
+    (which can be kept replicated to make it whole) and the engine layers that split it by
+    themselves (which cannot)."""
+
+    __slots__ = ("sharded", "origins", "split_by")
+
+    def __init__(
+        self, sharded: bool = False, origins: frozenset = frozenset(), split_by: frozenset = frozenset()
+    ):
+        self.sharded = sharded
+        self.origins = origins
+        self.split_by = split_by
+
+    @staticmethod
+    def join(values: list[_Value]) -> _Value:
+        return _Value(
+            any(v.sharded for v in values),
+            frozenset().union(*(v.origins for v in values)),
+            frozenset().union(*(v.split_by for v in values)),
+        )
+
+
+_WHOLE = _Value()
+
+
+def _propagate(forward, linears, elementwise, forced, sharded_sources, reshape_methods=frozenset()) -> _Flow:
+    variables: dict[str, _Value] = {}  # variable -> its sharding, where it is sharded
+    flow = _Flow()
+
+    def needs_whole(value: _Value, consumer: cst.CSTNode, what: str) -> None:
+        flow.poisoned.update(value.origins)
+        if value.split_by:
+            layers = ", ".join(f"self.{a}" for a in sorted(value.split_by))
+            flow.misuses.append(
+                f"`{code_of(consumer).strip()}`: {what}, but its input is split across ranks by "
+                f"{layers} (each rank holds its share of the heads or features), so at tp > 1 it "
+                "would see only that share. Check that it works per head (or port it as a sharded "
+                "layer); tp=1 is unaffected"
+            )
+
+    def evaluate(node: cst.CSTNode) -> _Value:
         if isinstance(node, cst.Call):
             attr = self_attribute(node.func)
             inner = [evaluate(a.value) for a in node.args]
-            receiver = (
-                evaluate(node.func.value)
-                if isinstance(node.func, cst.Attribute) and attr is None
-                else (False, set())
-            )
-            inner.append(receiver)
-            is_sharded = any(s for s, _ in inner)
-            origins = set().union(*(o for _, o in inner))
+            if isinstance(node.func, cst.Attribute) and attr is None:
+                inner.append(evaluate(node.func.value))
+            value = _Value.join(inner)
             if attr in linears and attr not in forced:
-                if is_sharded:
-                    kinds[attr] = "row"
-                    for origin in origins:
-                        kinds[origin] = "column"
-                    return False, set()
-                kinds.setdefault(attr, "candidate")
-                return True, {attr}
+                if value.sharded:
+                    flow.kinds[attr] = "row"
+                    for origin in value.origins:
+                        flow.kinds[origin] = "column"
+                    return _WHOLE
+                flow.kinds.setdefault(attr, "candidate")
+                return _Value(True, frozenset({attr}))
             if attr in linears:
-                poisoned.update(origins)  # a replicated Linear needs the whole tensor
-                return False, set()
+                needs_whole(value, node, f"self.{attr} is kept whole (replicated)")
+                return _WHOLE
             if attr in sharded_sources:
-                return True, origins  # attention keeps its inputs' head sharding
+                # The engine layer splits its output by heads (or features) whatever its input.
+                return _Value(True, value.origins, value.split_by | {attr})
             if (
                 attr in elementwise
                 or attr == "rotary_emb"
                 or attr in reshape_methods
                 or _is_elementwise_call(node)
             ):
-                return is_sharded, origins
-            poisoned.update(origins)  # a norm, a submodule, anything that mixes the hidden dim
-            return False, set()
+                return value
+            if attr is not None:
+                needs_whole(value, node, f"self.{attr} is not known to work on a split tensor")
+            else:
+                flow.poisoned.update(value.origins)  # a function or method that may mix the hidden dim
+            return _WHOLE
         if isinstance(node, cst.Name):
-            return (node.value in sharded), set(sharded.get(node.value, set()))
+            return variables.get(node.value, _WHOLE)
         if isinstance(node, cst.BinaryOperation):
-            (left, left_o), (right, right_o) = evaluate(node.left), evaluate(node.right)
-            if left != right and _is_tensor(node.right if left else node.left):
-                poisoned.update(left_o | right_o)  # sharded + whole tensor (a residual add)
-                return False, set()
-            return left or right, left_o | right_o
+            left, right = evaluate(node.left), evaluate(node.right)
+            if left.sharded != right.sharded and _is_tensor(node.right if left.sharded else node.left):
+                needs_whole(left if left.sharded else right, node, "a split tensor meets a whole one")
+                return _WHOLE  # sharded + whole tensor (a residual add)
+            return _Value.join([left, right])
         children = [evaluate(child) for child in node.children if isinstance(child, cst.BaseExpression)]
-        return any(s for s, _ in children), set().union(*(o for _, o in children)) if children else set()
+        return _Value.join(children) if children else _WHOLE
 
     def walk(statements) -> None:
         for statement in statements:
@@ -199,14 +249,14 @@ def _propagate(
                     value = getattr(small, "value", None)
                     if value is None:
                         continue
-                    is_sharded, origins = evaluate(value)
+                    result = evaluate(value)
                     if isinstance(small, cst.Return):
-                        poisoned.update(origins)  # a module returns whole tensors
+                        flow.poisoned.update(result.origins)  # a module returns whole tensors
                     for target in statement_targets(statement):
-                        if is_sharded:
-                            sharded[target] = origins
+                        if result.sharded:
+                            variables[target] = result
                         else:
-                            sharded.pop(target, None)
+                            variables.pop(target, None)
             elif hasattr(statement, "body") and hasattr(statement.body, "body"):
                 walk(statement.body.body)
                 orelse = getattr(statement, "orelse", None)
@@ -214,7 +264,7 @@ def _propagate(
                     walk(orelse.body.body if hasattr(orelse.body, "body") else [orelse])
 
     walk(forward.body.body)
-    return kinds, poisoned
+    return flow
 
 
 ELEMENTWISE_FUNCTIONS = {
@@ -292,6 +342,29 @@ def reshape_methods(info) -> frozenset[str]:
         if not calls_module and "softmax" not in code_of(method):
             found.add(name)
     return frozenset(found)
+
+
+def per_head_modules(info, attention) -> set[str]:
+    """Attributes of an attention class built one head wide (Qwen3's q/k norms, `RMSNorm(head_dim)`):
+    they run on each head by itself, so a tensor split by heads stays split through them."""
+    if attention is None:
+        return set()
+    widths = {" ".join(attention.head_dim.split())}
+    alias = self_attribute(cst.parse_expression(attention.head_dim))
+    init = info.methods.get("__init__")
+    if alias is not None and init is not None:  # `self.head_dim`: also what __init__ set it to
+        value = init_attribute_values(init).get(alias)
+        if isinstance(value, cst.Call) and call_name(value) == "getattr" and len(value.args) == 3:
+            value = value.args[2].value  # getattr(config, "head_dim", <default>): the default
+        if value is not None:
+            widths.add(" ".join(code_of(value).split()))
+    return {
+        attr
+        for attr, call in info.init_calls.items()
+        if call.args
+        and call.args[0].keyword is None
+        and " ".join(code_of(call.args[0].value).split()) in widths
+    }
 
 
 def elementwise_attributes(info) -> set[str]:

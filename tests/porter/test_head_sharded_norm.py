@@ -83,3 +83,55 @@ def test_norms_on_tensors_tensor_parallelism_splits_become_sharded_norms_and_the
     # the projections after them read split tensors: row-parallel, not replicated
     assert init_value(after.code, "MiniAttention", "o_proj").startswith("RowParallelLinear(")
     assert init_value(after.code, "MiniMLP", "down_proj").startswith("RowParallelLinear(")
+
+
+def _with_per_head_weights(norm_class: str) -> str:
+    """Cohere's q/k LayerNorms: a weight per head, sized by a (heads, head_dim) tuple."""
+    before = vary(
+        MINI_MODEL,
+        "        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)\n",
+        "        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)\n"
+        f"        self.q_norm = {norm_class}(hidden_size=(config.num_attention_heads, self.head_dim), eps=1e-5)\n"
+        f"        self.k_norm = {norm_class}(hidden_size=(config.num_key_value_heads, self.head_dim), eps=1e-5)\n",
+    )
+    before = vary(
+        before,
+        "        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)\n"
+        "        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)\n",
+        "        query_states = self.q_norm(self.q_proj(hidden_states).view(hidden_shape)).transpose(1, 2)\n"
+        "        key_states = self.k_norm(self.k_proj(hidden_states).view(hidden_shape)).transpose(1, 2)\n",
+    )
+    return (
+        before
+        + f"""
+
+class {norm_class}(nn.Module):
+    def __init__(self, hidden_size=None, eps=1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states):
+        mean = hidden_states.mean(-1, keepdim=True)
+        variance = (hidden_states - mean).pow(2).mean(-1, keepdim=True)
+        return self.weight * (hidden_states - mean) * torch.rsqrt(variance + self.variance_epsilon)
+"""
+    )
+
+
+def test_a_module_with_a_weight_per_head_is_built_for_this_ranks_heads():
+    after = run_through(_with_per_head_weights("MiniHeadNorm"), "tensor-parallel")
+    assert init_value(after.code, "MiniAttention", "q_norm") == (
+        "shard_heads(MiniHeadNorm(hidden_size=(local_heads(config.num_attention_heads), self.head_dim), "
+        "eps=1e-5), config.num_attention_heads)"
+    )
+    assert init_value(after.code, "MiniAttention", "k_norm") == (
+        "shard_heads(MiniHeadNorm(hidden_size=(local_heads(config.num_key_value_heads, kv=True), "
+        "self.head_dim), eps=1e-5), config.num_key_value_heads, kv=True)"
+    )
+    assert {
+        ("engine.layers", "shard_heads"),
+        ("engine.layers", "local_heads"),
+    } <= after.context.plan.engine_imports
+    # the tensor-parallel data flow sees them keep the heads split: nothing to review
+    assert not after.context.review

@@ -235,6 +235,9 @@ CONFIG_VARIANTS = {
             "_attn_implementation=sdpa",
         ],
     ),
+    # A weight per head in the q/k LayerNorms: at tp=2 each rank must build and load its heads' rows
+    # (the port before `shard_heads` stopped with a shape error there).
+    "cohere q/k norms with a weight per head": ("cohere", ["use_qk_norm=true"]),
 }
 
 

@@ -225,3 +225,59 @@ class MiniMLP(nn.Module):
     assert init_value(after.code, "MiniMLP", "in_proj") == (
         "MergedColumnParallelLinear(config.hidden_size, [(config.intermediate_size) // 2] * 2, bias=False)"
     )
+
+
+def _attention_output_through(statement: str, extra_init: str = "") -> str:
+    """MINI_MODEL with `statement` between the attention core's output and o_proj."""
+    before = vary(
+        MINI_MODEL,
+        "        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)\n",
+        "        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)\n"
+        + extra_init,
+    )
+    return vary(
+        before,
+        "        attn_output = self.o_proj(attn_output)\n",
+        f"        {statement}\n        attn_output = self.o_proj(attn_output)\n",
+    )
+
+
+def _review(source: str) -> list[str]:
+    after = run_rewrites(source, "paged-attention", "fuse-qkv", "tensor-parallel")
+    return [f"{item.rule} {item.where}: {item.message}" for item in after.context.review]
+
+
+def test_a_split_attention_output_into_a_module_that_needs_it_whole_is_flagged():
+    # A LayerNorm over the full width on the attention output: each rank holds only its heads of
+    # it, so at tp > 1 the norm would get a tensor of the wrong width. Nothing can keep it whole.
+    items = _review(
+        _attention_output_through(
+            "attn_output = self.out_norm(attn_output)",
+            "        self.out_norm = nn.LayerNorm(config.hidden_size)\n",
+        )
+    )
+    assert len(items) == 1
+    assert items[0].startswith("tensor-parallel MiniAttention.forward: `self.out_norm(attn_output)`")
+    assert "split across ranks by self.attn" in items[0]
+
+
+def test_a_split_attention_output_added_to_a_whole_tensor_is_flagged():
+    items = _review(_attention_output_through("attn_output = attn_output + hidden_states"))
+    assert len(items) == 1
+    assert "`attn_output + hidden_states`: a split tensor meets a whole one" in items[0]
+
+
+def test_the_plain_attention_block_and_a_one_head_wide_norm_are_not_flagged():
+    assert _review(MINI_MODEL) == []
+    per_head = vary(
+        MINI_MODEL,
+        "        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)\n",
+        "        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)\n"
+        "        self.q_norm = nn.LayerNorm(config.hidden_size // config.num_attention_heads)\n",
+    )
+    per_head = vary(
+        per_head,
+        "        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)\n",
+        "        query_states = self.q_norm(self.q_proj(hidden_states).view(hidden_shape)).transpose(1, 2)\n",
+    )
+    assert _review(per_head) == []  # `hidden_size // heads` is what __init__ set head_dim to
