@@ -67,11 +67,15 @@ def load_named_weights(
     fused: checkpoint module names that feed a shard of a packed parameter.
     tied: parameter name -> the name it shares storage with (a checkpoint copy of it is redundant).
     ignored: regular expressions for checkpoint tensors the engine recomputes (rotary caches, masks).
-    Raises ValueError naming every checkpoint tensor that matches no parameter, and every parameter
-    (or shard of a packed one) that no tensor loaded.
+    A checkpoint tensor named like a persistent buffer (one a module keeps in its state dict, such
+    as the constants of a learned activation) loads into it; buffers keep their own values when the
+    checkpoint has none.
+    Raises ValueError naming every checkpoint tensor that matches no parameter or persistent
+    buffer, and every parameter (or shard of a packed one) that no tensor loaded.
     """
     tied = tied or {}
     params = dict(model.named_parameters())
+    buffers = _persistent_buffers(model)
     ignored_patterns = [re.compile(pattern) for pattern in ignored]
     expected_shards: dict[str, set[str | int]] = {}
     for packed, _, shard_id in fused:
@@ -94,6 +98,10 @@ def load_named_weights(
             loaded_names.add(checkpoint_name)  # the parameter it is tied to carries it
             continue
         target, shard_id = _packed_target(name, fused, params)
+        if target is None and name not in params and name in buffers:
+            default_weight_loader(buffers[name], tensor)
+            loaded_names.add(checkpoint_name)
+            continue
         if target is None:
             if name not in params:
                 unknown.append(checkpoint_name)
@@ -125,12 +133,22 @@ def load_named_weights(
     ]
     problems = []
     if unknown:
-        problems.append(f"checkpoint tensors with no parameter: {', '.join(sorted(unknown))}")
+        problems.append(f"checkpoint tensors with no parameter or buffer: {', '.join(sorted(unknown))}")
     if missing:
         problems.append(f"parameters left unloaded: {', '.join(sorted(missing))}")
     if problems:
         raise ValueError("; ".join(problems))
     return loaded_names
+
+
+def _persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Fully qualified name -> buffer, for the buffers `model.state_dict()` would save."""
+    found = {}
+    for prefix, module in model.named_modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None and name not in module._non_persistent_buffers_set:
+                found[f"{prefix}.{name}" if prefix else name] = buffer
+    return found
 
 
 def _packed_target(

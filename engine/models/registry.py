@@ -16,6 +16,7 @@ from pathlib import Path
 from torch import nn
 
 _MODELS: dict[str, tuple[str, str]] = {
+    "ApertusForCausalLM": ("engine.models.apertus", "ApertusForCausalLM"),
     "ArceeForCausalLM": ("engine.models.arcee", "ArceeForCausalLM"),
     "BioGptForCausalLM": ("engine.models.biogpt", "BioGptForCausalLM"),
     "BitNetForCausalLM": ("engine.models.bitnet", "BitNetForCausalLM"),

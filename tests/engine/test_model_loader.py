@@ -149,3 +149,29 @@ def test_a_class_registered_from_a_file_reaches_other_processes_as_its_path(tiny
     assert reference == f"{source}:MyPort"
     model, _ = load_model(tiny_model_dir, torch.float32, "cpu", model_class=reference)
     assert type(model).__name__ == "MyPort"
+
+
+class _WithBuffers(torch.nn.Module):
+    """A learned activation's layout: parameters, a persistent constant, a non-persistent cache."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.alpha = torch.nn.Parameter(torch.zeros(1))
+        self.register_buffer("beta", torch.tensor([0.5]))
+        self.register_buffer("cache", torch.zeros(3), persistent=False)
+
+
+def test_persistent_buffers_load_from_the_checkpoint_and_others_are_unknown():
+    from engine.weights import load_named_weights
+
+    model = torch.nn.Sequential(_WithBuffers())
+    loaded = load_named_weights(model, [("0.alpha", torch.tensor([2.0])), ("0.beta", torch.tensor([0.25]))])
+    assert loaded == {"0.alpha", "0.beta"}
+    assert model[0].beta.item() == 0.25
+    # a buffer the checkpoint lacks keeps its value; one the state dict never holds is not a target
+    load_named_weights(model, [("0.alpha", torch.tensor([1.0]))])
+    assert model[0].beta.item() == 0.25
+    with pytest.raises(ValueError, match=r"no parameter or buffer: 0\.cache"):
+        load_named_weights(model, [("0.alpha", torch.tensor([1.0])), ("0.cache", torch.ones(3))])
+    with pytest.raises(ValueError, match="shape mismatch"):
+        load_named_weights(model, [("0.alpha", torch.tensor([1.0])), ("0.beta", torch.ones(2))])

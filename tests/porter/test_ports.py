@@ -59,6 +59,7 @@ PORTED = [
     "gptj",  # q and k rotated one call each, on their first rotary_dim features
     "olmo3",  # one rope per layer type
     "bitnet",  # norms on the split attention output and MLP activation
+    "apertus",  # a learned activation (xIELU) with constants kept as persistent buffers
 ]
 
 
@@ -205,6 +206,8 @@ def test_port_has_no_training_or_batching_code(model_type):
         ("olmo3", 2),
         ("bitnet", 1),
         ("bitnet", 2),
+        ("apertus", 1),
+        ("apertus", 2),
     ],
 )
 def test_verify_passes(model_type, tp, tmp_path):
