@@ -170,7 +170,8 @@ class _Transformer(ClassScopedTransformer):
         if member is None or call_name(member[1]) == PER_HEAD_WRAPPER:
             return None
         info, value = member
-        head_counts = {_spaced(info.num_heads): False, _spaced(info.num_kv_heads): True}
+        # query heads last: where the two counts are one expression (MHA), the heads split as queries
+        head_counts = {_spaced(info.num_kv_heads): True, _spaced(info.num_heads): False}
         for index, arg in enumerate(value.args):
             size = arg.value
             if not (isinstance(size, cst.Tuple) and len(size.elements) == 2):
