@@ -135,3 +135,15 @@ def test_a_module_with_a_weight_per_head_is_built_for_this_ranks_heads():
     } <= after.context.plan.engine_imports
     # the tensor-parallel data flow sees them keep the heads split: nothing to review
     assert not after.context.review
+
+
+def test_with_as_many_kv_heads_as_query_heads_a_per_head_module_splits_as_queries():
+    # MHA written with one expression for both counts: the module splits like the query heads.
+    before = _with_per_head_weights("MiniHeadNorm").replace(
+        "config.num_key_value_heads", "config.num_attention_heads"
+    )
+    after = run_through(before, "tensor-parallel")
+    assert init_value(after.code, "MiniAttention", "k_norm") == (
+        "shard_heads(MiniHeadNorm(hidden_size=(local_heads(config.num_attention_heads), self.head_dim), "
+        "eps=1e-5), config.num_attention_heads)"
+    )
