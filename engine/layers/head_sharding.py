@@ -1,7 +1,7 @@
 """Modules that keep one set of weights per attention head, split by heads like the projections.
 
-Some attention classes normalize q and k head by head with a weight per head: Cohere's q/k
-LayerNorm holds a `[num_heads, head_dim]` weight. Under tensor parallelism a rank holds only some
+Some attention classes normalize q and k head by head with a weight per head: a q/k LayerNorm
+holding a `[num_heads, head_dim]` weight. Under tensor parallelism a rank holds only some
 of the heads (the ones `QKVParallelLinear` gives it), so such a module is built for
 `local_heads(num_heads)` heads and `shard_heads` makes each of its per-head parameters load this
 rank's rows of the checkpoint's full tensor. porter writes both calls; at tp=1 they change nothing.
@@ -16,7 +16,7 @@ from engine import distributed
 from engine.layers.linear import check_full_shape, copy_checked, kv_heads_for_rank
 
 
-def _rank_heads(num_heads: int, kv: bool) -> tuple[int, int]:
+def rank_heads(num_heads: int, kv: bool = False) -> tuple[int, int]:
     """(heads this rank holds, index of its first), as `QKVParallelLinear` splits q (or k/v) heads."""
     tp_size, tp_rank = distributed.get_tp_size(), distributed.get_tp_rank()
     if kv:
@@ -27,7 +27,7 @@ def _rank_heads(num_heads: int, kv: bool) -> tuple[int, int]:
 
 def local_heads(num_heads: int, kv: bool = False) -> int:
     """How many of `num_heads` query heads (KV heads with `kv=True`) this rank holds."""
-    return _rank_heads(num_heads, kv)[0]
+    return rank_heads(num_heads, kv)[0]
 
 
 def shard_heads(module: nn.Module, num_heads: int, kv: bool = False) -> nn.Module:
@@ -37,7 +37,7 @@ def shard_heads(module: nn.Module, num_heads: int, kv: bool = False) -> nn.Modul
     Build the module for `local_heads(num_heads, kv)` heads first. A parameter without the head dim
     first (a scalar, a bias over head_dim) keeps loading whole.
     """
-    count, first = _rank_heads(num_heads, kv)
+    count, first = rank_heads(num_heads, kv)
     owner = type(module).__name__
     for name, param in module.named_parameters(recurse=False):
         if param.dim() == 0 or param.shape[0] != count:

@@ -9,7 +9,8 @@ from torch import nn
 from engine import distributed
 from engine.distributed import tensor_parallel_all_reduce
 from engine.kernels import dispatch
-from engine.layers.linear import check_full_shape, copy_checked, kv_heads_for_rank
+from engine.layers.head_sharding import rank_heads
+from engine.layers.linear import check_full_shape, copy_checked
 
 
 class RMSNorm(nn.Module):
@@ -98,13 +99,8 @@ class HeadShardedRMSNorm(RMSNorm):
         multiply_in_float32: bool = False,
         kv: bool = False,
     ) -> None:
-        tp_size, tp_rank = distributed.get_tp_size(), distributed.get_tp_rank()
-        if kv:
-            local_heads, first_head = kv_heads_for_rank(num_heads, tp_size, tp_rank)
-            self.replicas = max(1, tp_size // num_heads)
-        else:
-            local_heads = distributed.divide(num_heads, tp_size, "number of attention heads")
-            first_head, self.replicas = tp_rank * local_heads, 1
+        local_heads, first_head = rank_heads(num_heads, kv)
+        self.replicas = max(1, distributed.get_tp_size() // num_heads) if kv else 1
         super().__init__(local_heads * head_dim, eps, weight_offset, multiply_in_float32)
         self.full_size = num_heads * head_dim
         self.first_feature = first_head * head_dim

@@ -116,6 +116,11 @@ def code_of(node: cst.CSTNode) -> str:
     return cst.Module(body=[]).code_for_node(node)
 
 
+def spaced(code: str) -> str:
+    """`code` with every run of whitespace made one space: expressions compared by their text."""
+    return " ".join(code.split())
+
+
 class ReplaceProjectionCalls(cst.CSTTransformer):
     """Replaces `self.<attr>(x)` by a name per attribute, remembering the argument `x` it was given
     (how the fusion rewrites swap separate projections for pieces of one fused projection)."""

@@ -15,7 +15,7 @@ sharded by features, becomes `FeatureShardedRMSNorm(size, ...)`. The tensor-para
 sees their outputs as sharded, so the Linear after them is row-parallel.
 
 A module an attention class builds with a weight per head, sized by a `(num_heads, head_dim)` tuple
-(Cohere's q/k LayerNorm), is built for this rank's heads instead, `(local_heads(num_heads),
+(a q/k LayerNorm normalizing each head with its own weight), is built for this rank's heads instead, `(local_heads(num_heads),
 head_dim)`, and wrapped in `shard_heads(..., num_heads)`, which makes its per-head parameters load
 this rank's rows of the checkpoint (`kv=True` for the key heads).
 """
@@ -25,7 +25,7 @@ from __future__ import annotations
 import libcst as cst
 
 from porter.analysis.attention import AttentionInfo
-from porter.analysis.cst_utils import call_name, code_of, self_attribute, statement_targets
+from porter.analysis.cst_utils import call_name, code_of, self_attribute, spaced, statement_targets
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
 from porter.rewrites.rms_norm import ENGINE_NORM
 from porter.rewrites.tensor_parallel import elementwise_attributes
@@ -104,10 +104,6 @@ def _norms_on_split_tensors(info) -> dict[str, str]:
     return found
 
 
-def _spaced(code: str) -> str:
-    return " ".join(code.split())
-
-
 class _Transformer(ClassScopedTransformer):
     def __init__(self, context: PortContext, on_split: dict[tuple[str, str], str]) -> None:
         super().__init__(context)
@@ -130,12 +126,12 @@ class _Transformer(ClassScopedTransformer):
         size = value.args[0].value
         if not (isinstance(size, cst.BinaryOperation) and isinstance(size.operator, cst.Multiply)):
             return updated
-        left, right = _spaced(code_of(size.left)), _spaced(code_of(size.right))
-        head_dim = _spaced(info.head_dim)
+        left, right = spaced(code_of(size.left)), spaced(code_of(size.right))
+        head_dim = spaced(info.head_dim)
         heads = left if right == head_dim else right if left == head_dim else None
-        if heads not in (_spaced(info.num_heads), _spaced(info.num_kv_heads)):
+        if heads not in (spaced(info.num_heads), spaced(info.num_kv_heads)):
             return updated
-        kv = heads != _spaced(info.num_heads)
+        kv = heads != spaced(info.num_heads)
         rest = [code_of(a.with_changes(comma=cst.MaybeSentinel.DEFAULT)) for a in value.args[1:]]
         arguments = ", ".join([heads, info.head_dim, *rest, *(["kv=True"] if kv else [])])
         new = cst.parse_expression(f"{SHARDED_NORM}({arguments})")
@@ -171,14 +167,14 @@ class _Transformer(ClassScopedTransformer):
             return None
         info, value = member
         # query heads last: where the two counts are one expression (MHA), the heads split as queries
-        head_counts = {_spaced(info.num_kv_heads): True, _spaced(info.num_heads): False}
+        head_counts = {spaced(info.num_kv_heads): True, spaced(info.num_heads): False}
         for index, arg in enumerate(value.args):
             size = arg.value
             if not (isinstance(size, cst.Tuple) and len(size.elements) == 2):
                 continue
             heads, width = size.elements
-            kv = head_counts.get(_spaced(code_of(heads.value)))
-            if kv is None or _spaced(code_of(width.value)) != _spaced(info.head_dim):
+            kv = head_counts.get(spaced(code_of(heads.value)))
+            if kv is None or spaced(code_of(width.value)) != spaced(info.head_dim):
                 continue
             count = code_of(heads.value)
             kv_arg = ", kv=True" if kv else ""
@@ -204,11 +200,7 @@ class _Transformer(ClassScopedTransformer):
         value = updated.value
         rest = [code_of(a.with_changes(comma=cst.MaybeSentinel.DEFAULT)) for a in value.args[1:]]
         info = self.context.plan.attention.get(self.current_class or "")
-        if (
-            info is not None
-            and value.args
-            and _spaced(code_of(value.args[0].value)) == _spaced(info.head_dim)
-        ):
+        if info is not None and value.args and spaced(code_of(value.args[0].value)) == spaced(info.head_dim):
             return updated  # one head's width: a per-head norm, which every rank runs whole
         if split == "heads" and info is not None:
             new = cst.parse_expression(f"{SHARDED_NORM}({', '.join([info.num_heads, info.head_dim, *rest])})")

@@ -21,6 +21,8 @@ part (a plain column split would give one rank all of the gate and the other all
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import libcst as cst
 
 from porter.analysis.cst_utils import (
@@ -30,6 +32,7 @@ from porter.analysis.cst_utils import (
     dotted_name,
     init_attribute_values,
     self_attribute,
+    spaced,
     statement_targets,
 )
 from porter.analysis.model_index import EMBEDDING_CALLS, LINEAR_CALLS
@@ -148,28 +151,24 @@ def _shard_kinds(
         forced |= flow.poisoned
 
 
+@dataclass(slots=True)
 class _Flow:
     """What one pass over forward found (see `_propagate`)."""
 
-    def __init__(self) -> None:
-        self.kinds: dict[str, str] = {}
-        self.poisoned: set[str] = set()  # column candidates whose output must stay whole
-        self.misuses: list[str] = []  # review messages, in source order
+    kinds: dict[str, str] = field(default_factory=dict)
+    poisoned: set[str] = field(default_factory=set)  # column candidates whose output must stay whole
+    misuses: list[str] = field(default_factory=list)  # review messages, in source order
 
 
+@dataclass(frozen=True, slots=True)
 class _Value:
     """A value's sharding: whether it is split across ranks, the column candidates it came through
     (which can be kept replicated to make it whole) and the engine layers that split it by
     themselves (which cannot)."""
 
-    __slots__ = ("sharded", "origins", "split_by")
-
-    def __init__(
-        self, sharded: bool = False, origins: frozenset = frozenset(), split_by: frozenset = frozenset()
-    ):
-        self.sharded = sharded
-        self.origins = origins
-        self.split_by = split_by
+    sharded: bool = False
+    origins: frozenset[str] = frozenset()
+    split_by: frozenset[str] = frozenset()
 
     @staticmethod
     def join(values: list[_Value]) -> _Value:
@@ -345,11 +344,11 @@ def reshape_methods(info) -> frozenset[str]:
 
 
 def per_head_modules(info, attention) -> set[str]:
-    """Attributes of an attention class built one head wide (Qwen3's q/k norms, `RMSNorm(head_dim)`):
+    """Attributes of an attention class built one head wide (per-head q/k norms, `RMSNorm(head_dim)`):
     they run on each head by itself, so a tensor split by heads stays split through them."""
     if attention is None:
         return set()
-    widths = {" ".join(attention.head_dim.split())}
+    widths = {spaced(attention.head_dim)}
     alias = self_attribute(cst.parse_expression(attention.head_dim))
     init = info.methods.get("__init__")
     if alias is not None and init is not None:  # `self.head_dim`: also what __init__ set it to
@@ -357,13 +356,11 @@ def per_head_modules(info, attention) -> set[str]:
         if isinstance(value, cst.Call) and call_name(value) == "getattr" and len(value.args) == 3:
             value = value.args[2].value  # getattr(config, "head_dim", <default>): the default
         if value is not None:
-            widths.add(" ".join(code_of(value).split()))
+            widths.add(spaced(code_of(value)))
     return {
         attr
         for attr, call in info.init_calls.items()
-        if call.args
-        and call.args[0].keyword is None
-        and " ".join(code_of(call.args[0].value).split()) in widths
+        if call.args and call.args[0].keyword is None and spaced(code_of(call.args[0].value)) in widths
     }
 
 
