@@ -8,6 +8,7 @@ device in the target dtype, and each checkpoint tensor is read once and copied o
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -67,6 +68,11 @@ def load_model(
     elif isinstance(model_class, str):
         model_class = load_target(model_class)
     device = torch.device(device)
+    # The config names the dtype the model runs in, as transformers' `from_pretrained(dtype=...)`
+    # leaves it: a module that builds its tensors in `config.dtype` (Apertus' xIELU activation)
+    # would otherwise make them in the checkpoint's dtype and feed float32 into bf16 layers.
+    hf_config = copy.deepcopy(hf_config)
+    hf_config.dtype = dtype
     # Building under the device and dtype allocates each parameter once, where it will live; a later
     # .to() would hold two copies of the model at its peak.
     with torch.device(device), default_dtype(dtype):

@@ -175,3 +175,26 @@ def test_persistent_buffers_load_from_the_checkpoint_and_others_are_unknown():
         load_named_weights(model, [("0.alpha", torch.tensor([1.0])), ("0.cache", torch.ones(3))])
     with pytest.raises(ValueError, match="shape mismatch"):
         load_named_weights(model, [("0.alpha", torch.tensor([1.0])), ("0.beta", torch.ones(2))])
+
+
+class _BuildsInConfigDtype(TinyTestForCausalLM):
+    """Builds one tensor in `config.dtype`, as Apertus' xIELU activation does."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.register_buffer("config_dtype_tensor", torch.ones(2, dtype=config.dtype), persistent=False)
+
+
+def test_the_config_says_the_dtype_the_model_runs_in(tiny_model_dir):
+    """A checkpoint saved in float32 loaded in bfloat16: what the model builds in `config.dtype` is
+    bfloat16 too (it was float32 and fed float32 into the bf16 projections), and the caller's config
+    is left as it was."""
+    from engine.model_loader import load_hf_config
+
+    hf_config = load_hf_config(tiny_model_dir)
+    saved = hf_config.dtype
+    model, used = load_model(
+        tiny_model_dir, torch.bfloat16, "cpu", model_class=_BuildsInConfigDtype, hf_config=hf_config
+    )
+    assert model.config_dtype_tensor.dtype == torch.bfloat16
+    assert used.dtype == torch.bfloat16 and hf_config.dtype == saved
