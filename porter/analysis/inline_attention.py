@@ -29,7 +29,9 @@ def inline_core(body: list[cst.BaseStatement], info: ClassInfo) -> dict | None:
     if scores is None:
         return None
     soft, score_at, q, k, scale, alibi, alibi_scale = scores
-    probs = set(statement_targets(body[soft]))
+    probs = _softmax_targets(body[soft])
+    if not probs:
+        return None
     out_at = v = output = None
     for j in range(soft + 1, len(body)):
         call = _score_call(body[j])
@@ -99,6 +101,35 @@ def _scores(body: list[cst.BaseStatement]) -> tuple | None:
     if in_place is not None:
         scale = in_place if scale == "1.0" else f"{scale} * {in_place}"
     return soft, score_at, q, k, scale, alibi, alibi_scale
+
+
+def _softmax_targets(statement: cst.BaseStatement) -> set[str]:
+    """What the softmax statement assigns. Written as an `if`/`else` whose every branch assigns the
+    same names (a float16 upcast path beside the plain one: `if w.dtype == torch.float16: w =
+    softmax(w, dtype=torch.float32).to(w.dtype) else: w = softmax(w)`), it is all one softmax to the
+    engine, whose attention always accumulates in float32."""
+    if isinstance(statement, cst.SimpleStatementLine):
+        return set(statement_targets(statement))
+    if not isinstance(statement, cst.If):
+        return set()
+    assigned: list[set[str] | None] = []
+    node: cst.If | cst.Else | None = statement
+    while isinstance(node, cst.If):
+        assigned.append(_softmax_block(node.body))
+        node = node.orelse
+    if node is None:
+        return set()  # without an else the softmax may not run at all
+    assigned.append(_softmax_block(node.body))
+    first = assigned[0]
+    return first if first and all(a == first for a in assigned) else set()
+
+
+def _softmax_block(block: cst.BaseSuite) -> set[str] | None:
+    """The names a branch made only of softmax assignments binds (None for any other branch)."""
+    statements = list(block.body)
+    if not all(isinstance(s, cst.SimpleStatementLine) and "softmax(" in code_of(s) for s in statements):
+        return None
+    return {t for s in statements for t in statement_targets(s)}
 
 
 def _score_call(statement: cst.CSTNode) -> cst.Call | cst.BinaryOperation | None:

@@ -38,11 +38,23 @@ class FuseQKV(Rewrite):
     name = "fuse-qkv"
 
     def apply(self, module: cst.Module, context: PortContext) -> cst.Module:
-        for info in context.plan.attention.values():
+        separate_inputs: set[str] = set()
+        for name, info in context.plan.attention.items():
             if len({info.query, info.key, info.value}) == 3:
+                inputs = _projection_inputs(context.index.classes[name].methods.get("forward"), info)
+                if len(inputs) > 1:
+                    # One GEMM for the three is only right when they read one tensor.
+                    context.flag(
+                        "fuse-qkv",
+                        name,
+                        f"q, k and v projections read different inputs ({', '.join(sorted(inputs))}); "
+                        "porter fuses them only when they read one tensor",
+                    )
+                    separate_inputs.add(name)
+                    continue
                 for attr, shard in ((info.query, "q"), (info.key, "k"), (info.value, "v")):
                     context.plan.fused.append((FUSED, attr, shard))
-        module = module.visit(_Transformer(context))
+        module = module.visit(_Transformer(context, separate_inputs))
         return module.visit(_ConcatenatedQKV(context))
 
 
@@ -224,6 +236,34 @@ class _FusedInit(cst.CSTTransformer):
         return repr("concatenated")
 
 
+def _projection_inputs(forward: cst.FunctionDef | None, info: AttentionInfo) -> set[str]:
+    """The tensors forward passes the q, k and v projections, each followed back through plain
+    aliases (`current_states = hidden_states`, what a decoder-only port leaves of a cross-attention
+    choice)."""
+    if forward is None:
+        return set()
+    aliases: dict[str, str] = {}
+    inputs: set[str] = set()
+
+    class _Find(cst.CSTVisitor):
+        def visit_Assign(self, node: cst.Assign) -> None:
+            if len(node.targets) == 1 and isinstance(node.targets[0].target, cst.Name):
+                if isinstance(node.value, cst.Name):
+                    aliases[node.targets[0].target.value] = node.value.value
+
+        def visit_Call(self, node: cst.Call) -> None:
+            if self_attribute(node.func) in (info.query, info.key, info.value) and node.args:
+                argument = code_of(node.args[0].value)
+                seen = set()
+                while argument in aliases and argument not in seen:
+                    seen.add(argument)
+                    argument = aliases[argument]
+                inputs.add(argument)
+
+    forward.visit(_Find())
+    return inputs
+
+
 def _tiles(ordered: list[tuple]) -> bool:
     """Three (index, target, source, lower, upper) slices cover the last axis end to end, in order."""
     (_, _, _, lower_q, upper_q), (_, _, _, lower_k, upper_k), (_, _, _, lower_v, upper_v) = ordered
@@ -264,15 +304,46 @@ def _three_parts(out: cst.BaseExpression) -> bool:
 
 
 class _Transformer(ClassScopedTransformer):
-    def __init__(self, context: PortContext) -> None:
+    def __init__(self, context: PortContext, separate_inputs: set[str]) -> None:
         super().__init__(context)
+        self.separate_inputs = separate_inputs  # attention classes left unfused
         self.inserted = False
         self.pieces: dict[str, str] = {}
 
     @property
     def info(self) -> AttentionInfo | None:
+        if self.current_class in self.separate_inputs:
+            return None
         info = self.context.plan.attention.get(self.current_class or "")
         return info if info is not None and len({info.query, info.key, info.value}) == 3 else None
+
+    def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef):
+        if self.info is not None and self.current_function == "forward" and self.inserted:
+            updated = self._drop_unread_aliases(updated)
+        return super().leave_FunctionDef(original, updated)
+
+    def _drop_unread_aliases(self, forward: cst.FunctionDef) -> cst.FunctionDef:
+        """`current_states = hidden_states` that only k and v's projections read: the fused
+        projection reads the original, so nothing reads the alias any more."""
+        body = list(forward.body.body)
+        kept = []
+        for position, statement in enumerate(body):
+            small = statement.body[0] if isinstance(statement, cst.SimpleStatementLine) else None
+            if (
+                isinstance(small, cst.Assign)
+                and len(statement.body) == 1
+                and len(small.targets) == 1
+                and isinstance(small.targets[0].target, cst.Name)
+                and isinstance(small.value, cst.Name)
+                and small.targets[0].target.value
+                not in {n for s in body[position + 1 :] for n in names_in(s)}
+            ):
+                self.context.record(
+                    "fuse-qkv", self.where, statement, "", "an alias only the projections read"
+                )
+                continue
+            kept.append(statement)
+        return forward.with_changes(body=forward.body.with_changes(body=kept))
 
     def visit_FunctionDef(self, node: cst.FunctionDef) -> bool:
         super().visit_FunctionDef(node)

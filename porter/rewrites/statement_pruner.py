@@ -33,6 +33,19 @@ def calls_anything(node: cst.CSTNode) -> bool:
     return bool(calls_in(node))
 
 
+# Calls that only read a tensor's or container's size: a test made of them has no side effect.
+QUERY_CALLS = {"size", "dim", "numel", "len", "isinstance", "hasattr", "getattr"}
+
+
+def only_queries(node: cst.CSTNode) -> bool:
+    """Every call in `node` only asks about sizes or types, so dropping it changes nothing."""
+    for call in calls_in(node):
+        name = call.func.attr.value if isinstance(call.func, cst.Attribute) else dotted_name(call.func)
+        if name not in QUERY_CALLS:
+            return False
+    return True
+
+
 def _backend_choice(node: cst.Comparison) -> bool | None:
     """`<config>._attn_implementation ==/!= "name"` decided as if the backend were "eager"."""
     left, comparison = node.left, node.comparisons[0]
@@ -197,23 +210,29 @@ class Pruner:
             if isinstance(statement.orelse, cst.If):
                 return self._if(statement.orelse)
             return self.block(list(statement.orelse.body.body))
-        if names_in(statement.test) & self.dead and self.cascade:
+        undecidable = bool(names_in(statement.test) & self.dead) and self.cascade
+        if undecidable:
             targets = assigned_anywhere(statement)
             if targets is not None and not targets & self.live:
                 # Undecidable, but it only builds fresh names from plumbing (mask mappings): all of it goes.
                 self.dead |= targets
                 self._drop(statement, "builds only removed plumbing")
                 return []
+        body = self.block(list(statement.body.body)) or [cst.SimpleStatementLine([cst.Pass()])]
+        orelse = statement.orelse
+        if self.cascade and orelse is None and _same_code(body, []) and only_queries(statement.test):
+            # `if self.use_alibi: pass`; or, where the test reads removed plumbing, a guard whose
+            # statements all read it too: a table grown past the length it was built for (`if
+            # max_pos > self.weights.size(0): self.make_weights(max_pos, ...)`), which the engine
+            # never needs, since max_model_len is capped at the model's maximum positions.
+            self._drop(statement, "everything it guarded is gone")
+            return []
+        if undecidable:
             self.context.flag(
                 "dead-code",
                 self.where,
                 f"cannot decide `if {_code(statement.test)}`, which reads removed plumbing",
             )
-        body = self.block(list(statement.body.body)) or [cst.SimpleStatementLine([cst.Pass()])]
-        orelse = statement.orelse
-        if self.cascade and orelse is None and _same_code(body, []) and not calls_anything(statement.test):
-            self._drop(statement, "everything it guarded is gone")  # `if self.use_alibi: pass`
-            return []
         if isinstance(orelse, cst.Else):
             else_body = self.block(list(orelse.body.body)) or [cst.SimpleStatementLine([cst.Pass()])]
             orelse = orelse.with_changes(body=orelse.body.with_changes(body=else_body))

@@ -245,3 +245,40 @@ def test_a_loop_left_with_nothing_to_do_goes():
     code = method_code(after.code, "MiniModel", "forward")
     assert "set(self.config.layer_types)" not in code and "pass" not in code
     assert "for i, decoder_layer in enumerate(self.layers):" in code
+
+
+def test_a_table_grown_for_longer_sequences_goes_once_the_length_it_reads_is_gone():
+    """`if max_pos > self.weights.size(0): self.make_weights(max_pos)` with `max_pos` built from the
+    cache length: the engine never runs past max_model_len (capped at the model's maximum positions),
+    so the guard and all it guarded go, and no review item is left for it."""
+    after = _backbone(
+        """
+        def forward(self, input_ids=None, attention_mask=None, past_key_values=None):
+            past_length = past_key_values.get_seq_length()
+            max_pos = input_ids.shape[1] + past_length
+            if max_pos > self.table.size(0):
+                self.make_table(max_pos)
+            return self.embed_tokens(input_ids)
+        """
+    )
+    assert not any("MiniModel.forward" in m for m in after.review_messages()), after.review_messages()
+    assert_code(
+        method_code(after.code, "MiniModel", "forward"),
+        SIGNATURE + "    return self.embed_tokens(input_ids)\n",
+    )
+
+
+def test_a_guard_on_removed_plumbing_whose_test_does_more_than_ask_sizes_stays_a_review_item():
+    after = _backbone(
+        """
+        def forward(self, input_ids=None, attention_mask=None, past_key_values=None):
+            past_length = past_key_values.get_seq_length()
+            if self.grow(past_length):
+                self.make_table(past_length)
+            return self.embed_tokens(input_ids)
+        """
+    )
+    assert (
+        "dead-code @ MiniModel.forward: cannot decide `if self.grow(past_length)`, which reads removed plumbing"
+        in after.review_messages()
+    )

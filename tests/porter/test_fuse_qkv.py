@@ -228,3 +228,33 @@ def test_slices_after_a_per_head_view_are_heads_and_stay():
     after = _fused(before)
     assert "qkv[..., :query_pos]" in after.code
     assert "q_size" not in after.code
+
+
+def test_projections_reading_different_inputs_are_a_review_item_and_stay_separate():
+    source = vary(
+        MINI_MODEL,
+        "        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)\n",
+        "        key_states = self.k_proj(hidden_states * 2).view(hidden_shape).transpose(1, 2)\n",
+    )
+    after = _fused(source)
+    assert (
+        "fuse-qkv @ MiniAttention: q, k and v projections read different inputs (hidden_states, "
+        "hidden_states * 2); porter fuses them only when they read one tensor" in after.review_messages()
+    )
+    assert "QKVParallelLinear" not in after.code
+    assert "self.k_proj(hidden_states * 2)" in after.code
+
+
+def test_an_alias_of_the_input_is_the_same_input_and_goes_once_fused():
+    source = vary(
+        MINI_MODEL,
+        "        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)\n"
+        "        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)\n",
+        "        current_states = hidden_states\n"
+        "        key_states = self.k_proj(current_states).view(hidden_shape).transpose(1, 2)\n"
+        "        value_states = self.v_proj(current_states).view(hidden_shape).transpose(1, 2)\n",
+    )
+    after = _fused(source)
+    assert after.review_messages() == []
+    forward = method_code(after.code, "MiniAttention", "forward")
+    assert "self.qkv_proj(hidden_states)" in forward and "current_states" not in forward

@@ -337,3 +337,69 @@ def test_rotation_one_tensor_per_call_on_something_else_than_q_and_k_is_a_review
         "rotary @ MiniAttention.forward: `apply_rotary_pos_emb` rotates one tensor per call, and porter "
         "could not pair its calls on q and k"
     ]
+
+
+# A BART-family self-attention (XGLM's, the 4.3x style): q pre-scaled, heads folded into the batch
+# for `torch.bmm`, and the softmax written twice, once upcast for float16, once plain.
+BMM_ATTENTION = """
+def forward(self, hidden_states, attention_mask=None, **kwargs):
+    bsz, tgt_len, _ = hidden_states.size()
+    query_states = self.q_proj(hidden_states) * self.scaling
+    key_states = self.k_proj(hidden_states).view(bsz, tgt_len, -1, self.head_dim).transpose(1, 2)
+    value_states = self.v_proj(hidden_states).view(bsz, tgt_len, -1, self.head_dim).transpose(1, 2)
+    proj_shape = (bsz * self.num_heads, -1, self.head_dim)
+    query_states = query_states.view(bsz, tgt_len, self.num_heads, self.head_dim).transpose(1, 2)
+    query_states = query_states.reshape(*proj_shape)
+    key_states = key_states.reshape(*proj_shape)
+    value_states = value_states.reshape(*proj_shape)
+    attn_weights = torch.bmm(query_states, key_states.transpose(1, 2))
+    if attn_weights.dtype == torch.float16:
+        attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(torch.float16)
+    else:
+        attn_weights = nn.functional.softmax(attn_weights, dim=-1)
+    attn_output = torch.bmm(attn_weights, value_states)
+    attn_output = attn_output.view(bsz, self.num_heads, tgt_len, self.head_dim).transpose(1, 2)
+    attn_output = attn_output.reshape(bsz, tgt_len, -1)
+    return self.o_proj(attn_output), attn_weights
+"""
+
+
+def _bmm_attention() -> str:
+    source = replace_method(MINI_MODEL, "MiniAttention", "forward", BMM_ATTENTION)
+    return vary(
+        source,
+        "        self.scaling = self.head_dim**-0.5\n",
+        "        self.scaling = self.head_dim**-0.5\n        self.num_heads = config.num_attention_heads\n",
+    )
+
+
+def test_a_softmax_with_a_float16_upcast_branch_is_one_core_for_the_paged_call():
+    after = run_through(_bmm_attention(), "flatten-batch")
+    assert after.review_messages() == []
+    assert_code(
+        method_code(after.code, "MiniAttention", "forward"),
+        """
+        def forward(self, hidden_states, kv_cache, input_metadata):
+            tgt_len = hidden_states.shape[0]
+            query_states = self.q_proj(hidden_states) * self.scaling
+            key_states = self.k_proj(hidden_states).unflatten(-1, (-1, self.head_dim))
+            value_states = self.v_proj(hidden_states).unflatten(-1, (-1, self.head_dim))
+            attn_output = self.attn(query_states, key_states, value_states, kv_cache, input_metadata).flatten(1)
+            return self.o_proj(attn_output)
+        """,
+    )
+    # q was scaled before the core, so the scores are not scaled again
+    assert "self.head_dim, scale=1.0," in method_code(after.code, "MiniAttention", "__init__")
+
+
+def test_a_softmax_that_only_one_branch_computes_is_not_taken_for_the_core():
+    source = vary(
+        _bmm_attention(),
+        "        else:\n            attn_weights = nn.functional.softmax(attn_weights, dim=-1)\n",
+        "",
+    )
+    after = run_rewrites(source, "paged-attention")
+    assert (
+        "paged-attention @ MiniAttention: could not trace q/k/v projections and head size into the attention core"
+        in (after.review_messages())
+    )
