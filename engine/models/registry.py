@@ -55,6 +55,7 @@ _MODELS: dict[str, tuple[str, str]] = {
     "SmolLM3ForCausalLM": ("engine.models.smollm3", "SmolLM3ForCausalLM"),
     "StableLmForCausalLM": ("engine.models.stablelm", "StableLmForCausalLM"),
     "Starcoder2ForCausalLM": ("engine.models.starcoder2", "Starcoder2ForCausalLM"),
+    "XGLMForCausalLM": ("engine.models.xglm", "XGLMForCausalLM"),
 }
 
 _CUSTOM: dict[str, str | type[nn.Module]] = {}

@@ -60,6 +60,7 @@ PORTED = [
     "olmo3",  # one rope per layer type
     "bitnet",  # norms on the split attention output and MLP activation
     "apertus",  # a learned activation (xIELU) with constants kept as persistent buffers
+    "xglm",  # BART-style bmm attention with a float16 softmax branch, sinusoidal positions
 ]
 
 
@@ -208,6 +209,8 @@ def test_port_has_no_training_or_batching_code(model_type):
         ("bitnet", 2),
         ("apertus", 1),
         ("apertus", 2),
+        ("xglm", 1),
+        ("xglm", 2),
     ],
 )
 def test_verify_passes(model_type, tp, tmp_path):
