@@ -221,6 +221,17 @@ def test_verify_passes(model_type, tp, tmp_path):
     assert "passed" in result.output
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", PORTED)
+def test_verify_passes_in_bfloat16(model_type, tmp_path):
+    """The dtype the GPU runs in, checked where CI runs: a port that builds a tensor in the
+    checkpoint's dtype instead of the engine's (Apertus' xIELU read `config.dtype`) fails here."""
+    arguments = ["verify", model_type, "--dtype", "bfloat16", "--json", str(tmp_path / "r.json")]
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 0, result.output
+    assert "passed" in result.output
+
+
 # One port, variants chosen by the config at run time (`--set` changes the small verify config).
 # HF's eager ALiBi path adds the bias twice (once itself, once through the mask the backbone merged it
 # into); its SDPA path, transformers' default for this model, adds it once, so the ALiBi variant is
