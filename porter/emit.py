@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import tempfile
@@ -44,6 +45,22 @@ def format_code(code: str) -> str:
             raise PorterError(f"the generated code does not format: {result.stderr.strip().splitlines()[-1]}")
         code = result.stdout
     return code
+
+
+def undefined_names(code: str) -> list[tuple[int, str]]:
+    """(line, name) of each name `code` reads that nothing defines (ruff's F821)."""
+    from ruff.__main__ import find_ruff_bin
+
+    args = [str(find_ruff_bin()), "check", "--isolated", "--select", "F821", "--output-format", "json"]
+    result = subprocess.run(
+        [*args, "--exit-zero", "--stdin-filename", "generated.py", "-"],
+        input=code,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    found = json.loads(result.stdout or "[]")
+    return [(item["location"]["row"], item["message"].split("`")[1]) for item in found]
 
 
 def is_generated(path: Path) -> bool:

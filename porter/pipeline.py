@@ -5,13 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import libcst as cst
+import libcst.metadata
 
 from porter.analysis.cst_utils import function_params, names_in
 from porter.analysis.model_index import build_index
 from porter.analysis.source import SourceFile
 from porter.analysis.unsupported import find_unsupported
+from porter.emit import undefined_names
 from porter.errors import PorterError
 from porter.rewrites.base import Change, PortContext, ReviewItem, Rewrite
+from porter.rewrites.blocked_qkv import SplitBlockedQKV
 from porter.rewrites.class_table import BuildTableClass
 from porter.rewrites.conditional_inputs import ConditionalInputs
 from porter.rewrites.dead_code import DecideConditions, RemoveDeadCode
@@ -37,6 +40,7 @@ from porter.rewrites.shape_checks import DropShapeChecks
 from porter.rewrites.sliced_linears import KeepModuleCalls
 from porter.rewrites.strip_training import StripTraining
 from porter.rewrites.tensor_parallel import TensorParallelLayers
+from porter.rewrites.unused_modules import DropUnusedModules
 
 # The order matters: each rewrite sees the output of the ones before it.
 REWRITES: list[Rewrite] = [
@@ -51,6 +55,7 @@ REWRITES: list[Rewrite] = [
     UnzipLayerLoops(),  # layer loops zipped with per-layer HF caches
     SwapPagedAttention(),  # the attention core becomes one PagedAttention call
     SplitByHelper(),  # a fused q|k|v split into heads by a helper -> split by this rank's sizes
+    SplitBlockedQKV(),  # a fused q|k|v in model-parallel blocks -> split by this rank's sizes
     RotaryToEngine(),  # HF cos/sin plumbing -> the engine's rotary layer inside attention
     EngineInterface(),  # forward signatures, call threading, single-tensor returns
     RemoveDeadCode(),  # masks, caches, output flags and what reads them
@@ -64,6 +69,7 @@ REWRITES: list[Rewrite] = [
     ShardNormsByHead(),  # a norm over all heads of q or k -> one split by heads across ranks
     TensorParallelLayers(),  # remaining Linears by data flow; vocab embedding
     FuseGatedActivation(),  # act(gate) * up -> one layer on [gate | up], once the data flow is read
+    DropUnusedModules(),  # modules nothing runs (a decoder's cross-attention); their weights skipped
     EmitLoadWeights(),  # load_weights from the plan (fused names, ties)
     PruneUnused(),  # task heads, eager attention helpers
     FixImports(),  # absolute imports, engine imports, unused ones gone
@@ -113,6 +119,12 @@ def port_source(source: SourceFile, allow_review: bool = False) -> PortResult:
                 f"the {rewrite.name} rewrite failed on {source.display_name}: "
                 f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             ) from error
+    undefined = undefined_names(module.code)
+    places = _functions_by_line(module) if undefined else {}
+    for line, name in undefined:
+        # What defined it went with some rewrite, in a branch verify may never run: stop here.
+        where = next((w for (first, last), w in places.items() if first <= line <= last), "module")
+        context.flag("dead-code", where, f"`{name}` is read but nothing defines it any more")
     for where, name in unread_forward_inputs(module):
         context.flag(
             "engine-interface",
@@ -143,4 +155,18 @@ def unread_forward_inputs(module: cst.Module) -> list[tuple[str, str]]:
                 for name in function_params(item)[1:]:
                     if name not in read and name not in ENGINE_INPUTS:
                         found.append((f"{statement.name.value}.forward", name))
+    return found
+
+
+def _functions_by_line(module: cst.Module) -> dict[tuple[int, int], str]:
+    """(first line, last line) -> `Class.method` of every method in `module`."""
+    wrapper = cst.metadata.MetadataWrapper(module, unsafe_skip_copy=True)
+    positions = wrapper.resolve(cst.metadata.PositionProvider)
+    found = {}
+    for statement in wrapper.module.body:
+        if isinstance(statement, cst.ClassDef):
+            for item in statement.body.body:
+                if isinstance(item, cst.FunctionDef):
+                    span = positions[item]
+                    found[(span.start.line, span.end.line)] = f"{statement.name.value}.{item.name.value}"
     return found

@@ -217,6 +217,9 @@ class QKVParallelLinear(LinearBase):
     (replicated when tp exceeds the KV head count). `checkpoint_layout` says how a fused checkpoint
     tensor (shard_id None) is laid out along its output dim:
     "concatenated" `[q | k | v]`, "per_head" `[H, 3, D]`, "grouped" `[KV, H/KV + 2, D]`.
+    A concatenated tensor may also come in `checkpoint_blocks` equal blocks, each `[q | k | v]` of
+    its share of the heads in `checkpoint_order` (CodeGen's four model-parallel shards, each
+    `[q | v | k]`: blocks 4, order "qvk"); heads are numbered block by block.
     """
 
     def __init__(
@@ -228,6 +231,8 @@ class QKVParallelLinear(LinearBase):
         bias: bool = True,
         checkpoint_layout: str = "concatenated",
         checkpoint_transposed: bool = False,
+        checkpoint_blocks: int = 1,
+        checkpoint_order: str = "qkv",
     ) -> None:
         tp_size, tp_rank = distributed.get_tp_size(), distributed.get_tp_rank()
         total_num_kv_heads = total_num_heads if total_num_kv_heads is None else total_num_kv_heads
@@ -239,6 +244,15 @@ class QKVParallelLinear(LinearBase):
             raise ValueError(
                 f"number of attention heads ({total_num_heads}) is not a multiple of the number of "
                 f"key/value heads ({total_num_kv_heads})"
+            )
+        if sorted(checkpoint_order) != ["k", "q", "v"]:
+            raise ValueError(f"checkpoint_order must name q, k and v once each, got {checkpoint_order!r}")
+        if (checkpoint_blocks != 1 or checkpoint_order != "qkv") and checkpoint_layout != "concatenated":
+            raise ValueError("checkpoint_blocks and checkpoint_order describe a 'concatenated' checkpoint")
+        if total_num_heads % checkpoint_blocks or total_num_kv_heads % checkpoint_blocks:
+            raise ValueError(
+                f"{checkpoint_blocks} checkpoint blocks do not divide {total_num_heads} query and "
+                f"{total_num_kv_heads} key/value heads"
             )
         if checkpoint_layout == "per_head" and total_num_kv_heads != total_num_heads:
             raise ValueError(
@@ -255,6 +269,8 @@ class QKVParallelLinear(LinearBase):
         self.total_num_heads = total_num_heads
         self.total_num_kv_heads = total_num_kv_heads
         self.checkpoint_layout = checkpoint_layout
+        self.checkpoint_blocks = checkpoint_blocks
+        self.checkpoint_order = checkpoint_order
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
         loaded = self.orient(param, loaded_weight)
@@ -274,7 +290,12 @@ class QKVParallelLinear(LinearBase):
             loaded, ((heads + 2 * kv_heads) * dim, *rest), f"fused QKV ({self.checkpoint_layout})"
         )
         if self.checkpoint_layout == "concatenated":
-            return tuple(torch.split(loaded, [heads * dim, kv_heads * dim, kv_heads * dim], dim=0))
+            blocks = self.checkpoint_blocks
+            sizes = {"q": heads * dim // blocks, "k": kv_heads * dim // blocks, "v": kv_heads * dim // blocks}
+            order = self.checkpoint_order
+            parts = loaded.reshape(blocks, -1, *rest).split([sizes[name] for name in order], dim=1)
+            by_name = dict(zip(order, parts))
+            return tuple(by_name[name].reshape(-1, *rest) for name in "qkv")
         if self.checkpoint_layout == "per_head":
             per_head = loaded.reshape(heads, 3, dim, *rest)
             return tuple(per_head[:, i].reshape(heads * dim, *rest) for i in range(3))

@@ -7,17 +7,26 @@ from dataclasses import dataclass, field
 
 import libcst as cst
 
+from porter.analysis.alibi import bias_inputs
 from porter.analysis.config_branches import choice
 from porter.analysis.cst_utils import (
     call_name,
     calls_in,
+    calls_softmax,
     code_of,
     names_in,
     self_attribute,
     statement_targets,
 )
 from porter.analysis.head_counts import fused_heads, init_attributes, projection_heads
-from porter.analysis.inline_attention import branch_cores, inline_core, only_reshapes, relayouts, scores_scale
+from porter.analysis.inline_attention import (
+    ALIBI,
+    branch_cores,
+    inline_core,
+    only_reshapes,
+    relayouts,
+    scores_scale,
+)
 from porter.analysis.model_index import ClassInfo, ModelIndex
 
 HEAD_DIM_WORDS = ("head_dim", "head_size", "attention_head_size", "hidden_size_per_attention_head")
@@ -87,9 +96,10 @@ def analyse_attention(index: ModelIndex, name: str) -> AttentionInfo | None:
         kv_repeats = _kv_repetitions(before, set(names[1:]) - {names[0]}, index)
     else:
         body = list(forward.body.body)
-        inline, branches = inline_core(body, info), None
+        bias = ALIBI | bias_inputs(index).get(name, set())
+        inline, branches = inline_core(body, info, bias), None
         if inline is None:
-            branches = branch_cores(body, info)
+            branches = branch_cores(body, info, bias)
             if branches is None:
                 return None
             _, block, inline = branches[1][0]
@@ -267,10 +277,10 @@ def _core_call(statement: cst.CSTNode, info: ClassInfo, index: ModelIndex) -> cs
             name = call_name(node) or ""
             method = self_attribute(node.func)
             if name == "attention_interface" or (
-                name in index.functions and "softmax" in code_of(index.functions[name])
+                name in index.functions and calls_softmax(code_of(index.functions[name]))
             ):
                 found.append(node)
-            elif method in info.methods and "softmax" in code_of(info.methods[method]):
+            elif method in info.methods and calls_softmax(code_of(info.methods[method])):
                 found.append(node)
 
     statement.visit(_Find())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import libcst as cst
 
 
@@ -168,3 +170,11 @@ def self_attributes_read(node: cst.CSTNode) -> set[str]:
 
     node.visit(_Reads())
     return found
+
+
+_SOFTMAX = re.compile(r"softmax\s*\(", re.IGNORECASE)
+
+
+def calls_softmax(code: str) -> bool:
+    """A softmax in `code`: `F.softmax(x, ...)`, `x.softmax(-1)` or `nn.Softmax(dim=-1)(x)`."""
+    return _SOFTMAX.search(code) is not None

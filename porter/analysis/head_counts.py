@@ -1,7 +1,7 @@
 """How many query and KV heads a projection's output size holds, read from the constructor.
 
 A separate projection sized `heads * head_dim` names its heads directly; a fused q|k|v projection
-is sized `3 * E`, `E + 2 * kv` or `(H + 2 * kv) * head_dim`, possibly through a local set per
+is sized `3 * E` (or `E * 3`), `E + 2 * kv` or `(H + 2 * kv) * head_dim`, possibly through a local set per
 configuration (`if config.a: size = ... elif ...`), which gives counts that choose by the same
 tests. Counts come back as source text valid in `__init__`.
 """
@@ -48,8 +48,8 @@ def fused_heads(info: ClassInfo, projection: str, head_dim: str) -> tuple[str, s
 def _three_part_heads(info: ClassInfo, out: cst.BaseExpression, head_dim: str) -> tuple[str, str] | None:
     if not isinstance(out, cst.BinaryOperation):
         return None
-    if isinstance(out.operator, cst.Multiply) and code_of(out.left) == "3":
-        heads = _count(info, out.right, head_dim)
+    if isinstance(out.operator, cst.Multiply) and "3" in (code_of(out.left), code_of(out.right)):
+        heads = _count(info, out.right if code_of(out.left) == "3" else out.left, head_dim)
         return heads, heads
     if isinstance(out.operator, cst.Add):
         doubled = _doubled(out.right) or _doubled(out.left)

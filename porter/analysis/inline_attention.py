@@ -10,6 +10,7 @@ import libcst as cst
 from porter.analysis.cst_utils import (
     call_name,
     calls_in,
+    calls_softmax,
     code_of,
     names_in,
     self_attribute,
@@ -19,13 +20,16 @@ from porter.analysis.model_index import ClassInfo
 
 SCORE_CALLS = ("matmul", "bmm", "baddbmm", "einsum")
 RESHAPE_CALLS = ("view", "reshape", "transpose", "permute", "contiguous", "flatten", "unflatten")
+# Names an ALiBi bias goes by in an attention forward; `porter.analysis.alibi` adds the others
+# (`position_bias`) by following the bias from where the backbone builds it.
+ALIBI = frozenset({"alibi"})
 
 
-def inline_core(body: list[cst.BaseStatement], info: ClassInfo) -> dict | None:
+def inline_core(body: list[cst.BaseStatement], info: ClassInfo, bias: frozenset[str] = ALIBI) -> dict | None:
     """Finds `scores = q @ k^T (* scale, + alibi); probs = softmax(scores); out = probs @ v` among the
     top-level statements of forward, with the reshapes of q/k/v (and KV-head repetition) just
     before it and a head merge just after it: the span that one PagedAttention call replaces."""
-    scores = _scores(body)
+    scores = _scores(body, bias)
     if scores is None:
         return None
     soft, score_at, q, k, scale, alibi, alibi_scale = scores
@@ -82,11 +86,11 @@ def scores_scale(body: list[cst.BaseStatement]) -> str | None:
     return scores[4] if scores is not None else None
 
 
-def _scores(body: list[cst.BaseStatement]) -> tuple | None:
+def _scores(body: list[cst.BaseStatement], bias: frozenset[str] = ALIBI) -> tuple | None:
     """(softmax index, score index, q, k, scale, alibi, alibi scale) of the first softmax over a
     `q @ k^T` product among `body`'s statements."""
     codes = [code_of(s) for s in body]
-    soft = next((i for i, c in enumerate(codes) if "softmax(" in c), None)
+    soft = next((i for i, c in enumerate(codes) if calls_softmax(c)), None)
     if soft is None:
         return None
     score_at = next((i for i in range(soft, -1, -1) if _score_call(body[i])), None)
@@ -95,8 +99,9 @@ def _scores(body: list[cst.BaseStatement]) -> tuple | None:
     q, k, scale = _score_operands(_score_call(body[score_at]), body[score_at])
     if q is None or k is None:
         return None
+    added = "alibi" in codes[score_at] or bool(names_in(body[score_at]) & bias)
     in_place, alibi, alibi_scale = _in_place_scale(
-        body[score_at + 1 : soft], set(statement_targets(body[score_at])), "alibi" in codes[score_at]
+        body[score_at + 1 : soft], set(statement_targets(body[score_at])), added, bias
     )
     if in_place is not None:
         scale = in_place if scale == "1.0" else f"{scale} * {in_place}"
@@ -127,7 +132,7 @@ def _softmax_targets(statement: cst.BaseStatement) -> set[str]:
 def _softmax_block(block: cst.BaseSuite) -> set[str] | None:
     """The names a branch made only of softmax assignments binds (None for any other branch)."""
     statements = list(block.body)
-    if not all(isinstance(s, cst.SimpleStatementLine) and "softmax(" in code_of(s) for s in statements):
+    if not all(isinstance(s, cst.SimpleStatementLine) and calls_softmax(code_of(s)) for s in statements):
         return None
     return {t for s in statements for t in statement_targets(s)}
 
@@ -156,14 +161,28 @@ def _operands(product: cst.Call | cst.BinaryOperation) -> list[cst.BaseExpressio
 
 
 def _in_place_scale(
-    statements: list[cst.BaseStatement], scores: set[str], alibi_added: bool
+    statements: list[cst.BaseStatement], scores: set[str], alibi_added: bool, bias: frozenset[str] = ALIBI
 ) -> tuple[str | None, bool, str | None]:
     """What happens to the scores between the product and the softmax: the factor of `scores /= x`,
     `scores *= x` or `scores = scores / x` (None if none), whether an ALiBi bias is added (`scores +
-    alibi...`), and the factor applied after that addition (which scales the bias too)."""
+    alibi...`, also inside `if <bias> is not None:`), and the factor applied after that addition
+    (which scales the bias too)."""
     factors, alibi_factors = [], []
     scores = set(scores)
     for statement in statements:
+        if isinstance(statement, cst.If) and statement.orelse is None and names_in(statement.test) & bias:
+            for (
+                inner
+            ) in statement.body.body:  # `if position_bias is not None: scores = scores + position_bias`
+                value = (
+                    getattr(inner.body[0], "value", None)
+                    if isinstance(inner, cst.SimpleStatementLine)
+                    else None
+                )
+                if value is not None and names_in(value) & scores and names_in(value) & bias:
+                    scores |= set(statement_targets(inner))
+                    alibi_added = True
+            continue
         small = statement.body[0] if isinstance(statement, cst.SimpleStatementLine) else None
         if isinstance(small, cst.AugAssign) and code_of(small.target) in scores:
             if isinstance(small.operator, cst.DivideAssign):
@@ -186,7 +205,7 @@ def _in_place_scale(
                 alibi_factors.append(factors[-1])
         elif isinstance(small, cst.Assign) and names_in(small.value) & scores:
             scores |= set(statement_targets(statement))  # a view or upcast of the scores
-            alibi_added = alibi_added or "alibi" in names_in(small.value)
+            alibi_added = alibi_added or bool(names_in(small.value) & bias)
     return (
         " * ".join(factors) if factors else None,
         alibi_added,
@@ -298,7 +317,9 @@ def only_reshapes(statement: cst.CSTNode, info: ClassInfo) -> bool:
     return True
 
 
-def branch_cores(body: list[cst.BaseStatement], info: ClassInfo) -> tuple[int, list[tuple]] | None:
+def branch_cores(
+    body: list[cst.BaseStatement], info: ClassInfo, bias: frozenset[str] = ALIBI
+) -> tuple[int, list[tuple]] | None:
     """An `if` at the top level of forward whose branches hold inline cores (an attention path per
     configuration, e.g. one with rotary and one with an ALiBi bias) -> (its position, [(the
     condition that branch runs under, the branch's statements, the core found in them)])."""
@@ -308,7 +329,7 @@ def branch_cores(body: list[cst.BaseStatement], info: ClassInfo) -> tuple[int, l
         found = []
         for condition, block in _branches(statement):
             statements = list(block.body)
-            core = inline_core(statements, info)
+            core = inline_core(statements, info, bias)
             if core is not None:
                 found.append((condition, statements, core))
         if found:

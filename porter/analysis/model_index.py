@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import libcst as cst
 
-from porter.analysis.cst_utils import call_name, dotted_name, self_attribute
+from porter.analysis.cst_utils import call_name, calls_softmax, dotted_name, self_attribute
 from porter.errors import PorterError
 
 LINEAR_CALLS = {"nn.Linear", "torch.nn.Linear", "Linear", "Conv1D"}
@@ -256,7 +256,7 @@ def _calls_attention_core(
     forward.visit(finder)
     # An eager core written inline: scores, a softmax and a product with the values in forward itself.
     code = cst.Module(body=[]).code_for_node(forward)
-    inline = "softmax(" in code and (
+    inline = calls_softmax(code) and (
         any(f"{op}(" in code for op in ("matmul", "bmm", "baddbmm")) or _has_matrix_product(forward)
     )
     return finder.found or inline
@@ -275,7 +275,7 @@ def _has_matrix_product(node: cst.CSTNode) -> bool:
 
 
 def _has_softmax(node: cst.CSTNode) -> bool:
-    return "softmax" in cst.Module(body=[]).code_for_node(node)
+    return calls_softmax(cst.Module(body=[]).code_for_node(node))
 
 
 class _AttentionCoreFinder(cst.CSTVisitor):

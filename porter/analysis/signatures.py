@@ -3,14 +3,17 @@
 The causal LM and its backbone take `(input_ids, positions, kv_caches, input_metadata)`; a class
 below takes its own data inputs plus whichever of `positions`, `kv_cache` (one layer's cache) or
 `kv_caches`, and `input_metadata` its children need. HF plumbing parameters (masks, caches, output
-flags, labels, `**kwargs`), alternative inputs (`inputs_embeds`) and optional inputs no call in the
-file passes (`porter.analysis.optional_inputs`) are dropped; `position_ids` becomes `positions`. Read-only: the engine-interface and dead-code rewrites act on it.
+flags, labels, `**kwargs`), an ALiBi bias under any name (`porter.analysis.alibi`), alternative
+inputs (`inputs_embeds`) and optional inputs no call in the file passes
+(`porter.analysis.optional_inputs`) are dropped; `position_ids` becomes `positions`. Read-only: the
+engine-interface and dead-code rewrites act on it.
 """
 
 from __future__ import annotations
 
 import libcst as cst
 
+from porter.analysis.alibi import bias_inputs
 from porter.analysis.cst_utils import function_params, names_in
 from porter.analysis.model_index import ModelIndex
 from porter.analysis.optional_inputs import never_passed
@@ -58,8 +61,11 @@ OUTPUT_DROPPED_FIELDS = {
 }
 
 
-def compute_signatures(index: ModelIndex) -> dict[str, list[str]]:
-    """New forward parameters (after self) of every class whose forward changes."""
+def compute_signatures(
+    index: ModelIndex, decided_unread: dict[str, set[str]] | None = None
+) -> dict[str, list[str]]:
+    """New forward parameters (after self) of every class whose forward changes. `decided_unread`:
+    per class, the inputs its forward read only in branches the engine decided away."""
     needs: dict[str, set[str]] = {}
 
     def need(name: str, trail: tuple[str, ...] = ()) -> set[str]:
@@ -86,6 +92,7 @@ def compute_signatures(index: ModelIndex) -> dict[str, list[str]]:
         return result
 
     unpassed = never_passed(index)
+    alibi = bias_inputs(index)  # an ALiBi bias under another name (`position_bias`) goes like `alibi`
     signatures: dict[str, list[str]] = {}
     for name in index.reachable:
         forward = index.classes[name].methods.get("forward")
@@ -96,12 +103,17 @@ def compute_signatures(index: ModelIndex) -> dict[str, list[str]]:
         # `input_ids` is the engine's input where the backbone (or a class above it) needs it; in a
         # module below the backbone it is plain data (a word embedding's input).
         engine_names = set(ENGINE_PARAMS) if "input_ids" in engine else set(ENGINE_PARAMS) - {"input_ids"}
+        # A data input that only a branch decided away read goes (a learned position embedding that
+        # took `input_ids` only for the batch's shape when no positions were given).
+        decided_away = (decided_unread or {}).get(name, set())
         kept = [
             p
             for p in original
             if p not in PLUMBING | ABSENT_INPUTS | POSITION_PARAMS
             and p not in engine_names
             and p not in unpassed.get(name, ())
+            and p not in alibi.get(name, ())
+            and (p not in decided_away or name in (index.causal_lm, index.backbone))
         ]
         starred = forward.params.star_kwarg is not None or isinstance(forward.params.star_arg, cst.Param)
         if engine or kept != original or starred:

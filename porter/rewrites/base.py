@@ -40,6 +40,11 @@ class Plan:
     signatures: dict[str, list[str]] = field(default_factory=dict)
     # class -> parameters its forward lost (they read as None in the code that is left)
     dropped_params: dict[str, set[str]] = field(default_factory=dict)
+    alibi_inputs: dict[str, set[str]] = field(default_factory=dict)  # class -> inputs carrying ALiBi
+    decided_unread: dict[str, set[str]] = field(
+        default_factory=dict
+    )  # inputs only a decided-away branch read
+    alibi_builders: set[str] = field(default_factory=set)  # what builds the bias (`self.build_alibi`)
     # packed parameter module -> [(checkpoint module, shard id)] for load_weights
     fused: list[tuple[str, str, str | int]] = field(default_factory=list)
     # parameter name -> the parameter it is tied to
@@ -57,6 +62,8 @@ class Plan:
     concatenated_qkv: set[tuple[str, str]] = field(default_factory=set)
     # (class, attribute) -> [(layout, (if test, branch) or None)] of each split of that projection
     qkv_layouts: dict[tuple[str, str], list] = field(default_factory=dict)
+    # (class, fused attr) -> (blocks, order) of a checkpoint laid out in model-parallel blocks
+    qkv_blocks: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

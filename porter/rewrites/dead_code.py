@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import libcst as cst
 
+from porter.analysis.alibi import bias_inputs, find_builders
 from porter.analysis.constructor_flags import constructor_flags
 from porter.analysis.cst_utils import (
+    dotted_name,
     function_params,
+    names_in,
     statement_targets,
 )
 from porter.analysis.optional_backends import optional_backend_flags
@@ -50,6 +53,9 @@ class DecideConditions(Rewrite):
     def apply(self, module: cst.Module, context: PortContext) -> cst.Module:
         signatures = compute_signatures(context.index)
         context.plan.dropped_params = dropped_params(context.index, signatures)
+        context.plan.alibi_inputs = bias_inputs(context.index)
+        context.plan.alibi_builders = {dotted_name(b.call.func) or "" for b in find_builders(context.index)}
+        read_before = _inputs_read(context.index)
         module = module.visit(_Transformer(context, cascade=False))
         # Deciding those branches can leave a submodule uncalled (a cross-attention block), which
         # fixes flags its siblings were built with; decide again with those.
@@ -58,7 +64,23 @@ class DecideConditions(Rewrite):
             **optional_backend_flags(context.index),
             **constructor_flags(context.index),
         }
-        return module.visit(_Transformer(context, cascade=False))
+        module = module.visit(_Transformer(context, cascade=False))
+        context.reindex(module)
+        read_after = _inputs_read(context.index)
+        context.plan.decided_unread = {
+            name: inputs - read_after.get(name, set()) for name, inputs in read_before.items()
+        }
+        return module
+
+
+def _inputs_read(index) -> dict[str, set[str]]:
+    """Per reachable class, the forward inputs its body reads."""
+    found = {}
+    for name in index.reachable:
+        forward = index.classes[name].methods.get("forward")
+        if forward is not None:
+            found[name] = set(function_params(forward)[1:]) & names_in(forward.body)
+    return found
 
 
 class RemoveDeadCode(Rewrite):
@@ -81,14 +103,19 @@ class _Transformer(ClassScopedTransformer):
             and self.current_class is not None
         ):
             current = set(function_params(updated)) - dropped
+            # An ALiBi bias leaves the signature but not the model: the paged attention applies it,
+            # so `if position_bias is not None:` keeps the branch that adds it, for that rewrite to
+            # read. (A bias only some configurations build was made a test of the flag already.)
+            alibi = self.context.plan.alibi_inputs.get(self.current_class, set()) & dropped
             pruner = Pruner(
                 self.context,
                 self.where,
-                dead=(dropped | {DROPPED_OUTPUT}) - ABSENT_INPUTS,
-                absent=set(dropped),
+                dead=(dropped | {DROPPED_OUTPUT}) - ABSENT_INPUTS - (set() if self.cascade else alibi),
+                absent=dropped - alibi,
                 present=(current & set(ENGINE_PARAMS))
                 | ({"positions", "input_ids"} - dropped)
-                | (POSITION_PARAMS & current),
+                | (POSITION_PARAMS & current)
+                | alibi,
                 live=current,
                 cascade=self.cascade,
                 attributes={
@@ -115,7 +142,7 @@ def drop_unread_assignments(function: cst.FunctionDef, context: PortContext, whe
     stay: they compute the model."""
     while True:
         body = list(function.body.body)
-        position = _first_unread(body, [], allow_if=True)
+        position = _first_unread(body, [], allow_if=True, pure=context.plan.alibi_builders)
         if position is None:
             position = next((i for i, s in enumerate(body) if _empty_loop(s)), None)
         if position is not None:
@@ -157,11 +184,15 @@ def _empty_loop(statement: cst.BaseStatement) -> bool:
 
 
 def _first_unread(
-    statements: list[cst.CSTNode], outside: list[cst.CSTNode], allow_if: bool = False
+    statements: list[cst.CSTNode],
+    outside: list[cst.CSTNode],
+    allow_if: bool = False,
+    pure: set[str] | frozenset[str] = frozenset(),
 ) -> int | None:
     """Index of the first statement that only assigns names nothing else reads (neither the other
     `statements` nor `outside`) and calls no submodule; an `if` chain counts when `allow_if` and it
-    calls nothing at all."""
+    calls nothing at all. Calls named in `pure` (an ALiBi builder: the engine applies the bias from
+    slopes, so nothing reads what it built) compute nothing the model needs."""
     for position, statement in enumerate(statements):
         if isinstance(statement, cst.If):
             assigned = assigned_anywhere(statement)
@@ -173,7 +204,7 @@ def _first_unread(
             if (
                 not targets
                 or not isinstance(statement, cst.SimpleStatementLine)
-                or calls_submodule(statement)
+                or calls_submodule(statement, pure)
             ):
                 continue
         others = [*statements[:position], *statements[position + 1 :], *outside]

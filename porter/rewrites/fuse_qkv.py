@@ -16,6 +16,7 @@ sharded as a plain column-parallel Linear, the projection would give wrong heads
 from __future__ import annotations
 
 import libcst as cst
+import libcst.matchers as m
 
 from porter.analysis.attention import AttentionInfo
 from porter.analysis.cst_utils import (
@@ -73,6 +74,14 @@ class _ConcatenatedQKV(ClassScopedTransformer):
         super().__init__(context)
         self.branches: list[list[str]] = []  # [test, "body" | "orelse"] of the enclosing ifs
         self.sliced_forward = False  # this forward's fused output was cut by slices (now one split)
+        self.flat_outputs: set[str] = set()  # names holding the fused projection's output as it came
+
+    def visit_FunctionDef(self, node: cst.FunctionDef) -> bool:
+        super().visit_FunctionDef(node)
+        found = self._fused_attr()
+        if found is not None and node.name.value == "forward":
+            self.flat_outputs = flat_outputs(node, found[1])
+        return True
 
     def visit_If(self, node: cst.If) -> bool:
         self.branches.append([code_of(node.test), "body"])
@@ -93,8 +102,12 @@ class _ConcatenatedQKV(ClassScopedTransformer):
             return updated
         _, attr = found
         func = updated.func
-        if not (isinstance(func, cst.Attribute) and func.attr.value == "split"):
+        if not (isinstance(func, cst.Attribute) and func.attr.value in ("split", "chunk")):
             return updated
+        if func.attr.value == "chunk" and not (updated.args and code_of(updated.args[0].value) == "3"):
+            return updated
+        if updated.args and f"self.{attr}.q_size" in code_of(updated.args[0].value):
+            return updated  # already this rank's sizes (the split-helper rewrite wrote it)
         # Walk the batch-era reshapes between the projection and its split: `.unsqueeze(1)` (a fake
         # head axis) means q|k|v side by side; a `.view(..., heads, 3 * head_dim)` means per head.
         node, layout = func.value, "concatenated"
@@ -106,7 +119,8 @@ class _ConcatenatedQKV(ClassScopedTransformer):
             if node.func.attr.value in ("view", "reshape"):
                 layout = "per_head"
             node = node.func.value
-        if not (isinstance(node, cst.Call) and self_attribute(node.func) == attr):
+        projected = isinstance(node, cst.Call) and self_attribute(node.func) == attr
+        if not projected and not (isinstance(node, cst.Name) and node.value in self.flat_outputs):
             return updated
         sizes = f"[self.{attr}.q_size, self.{attr}.kv_size, self.{attr}.kv_size]"
         new = cst.parse_expression(f"{code_of(node)}.split({sizes}, dim=-1)")
@@ -209,10 +223,13 @@ class _FusedInit(cst.CSTTransformer):
             return updated  # another configuration of the same attribute (a cross-attention k/v-only variant)
         info = self.info
         layout = self._layout(attr)
+        blocks = self.context.plan.qkv_blocks.get((info.name, attr))
         new = cst.parse_expression(
             f"QKVParallelLinear({code_of(hidden)}, {info.head_dim}, {info.num_heads}, {info.num_kv_heads}, "
             f"bias={code_of(linear_bias(call)) if not transposed else 'True'}, checkpoint_layout={layout}"
-            + (", checkpoint_transposed=True)" if transposed else ")")
+            + (", checkpoint_transposed=True" if transposed else "")
+            + (f", checkpoint_blocks={blocks[0]}, checkpoint_order={blocks[1]!r}" if blocks else "")
+            + ")"
         )
         self.context.need("engine.layers", "QKVParallelLinear")
         self.context.record("fuse-qkv", info.name, call, new, "fused q|k|v projection, sharded by head")
@@ -234,6 +251,38 @@ class _FusedInit(cst.CSTTransformer):
             f"{attr} is split in several layouts under conditions porter cannot pair",
         )
         return repr("concatenated")
+
+
+# Elementwise methods: the fused output stays q|k|v side by side through them (`qkv.clamp(...)`).
+ELEMENTWISE_METHODS = {"clamp", "clamp_", "clip", "to", "float", "half", "bfloat16", "contiguous"}
+
+
+def flat_outputs(forward: cst.FunctionDef, attr: str) -> set[str]:
+    """Names that hold `self.<attr>(x)` as it came out (q|k|v side by side): assigned from the call,
+    and only ever reassigned elementwise from themselves (`qkv = qkv.clamp(min=-c, max=c)`)."""
+    flat, other = set(), set()
+    for line in m.findall(forward, m.SimpleStatementLine()):
+        small = line.body[0]
+        if not isinstance(small, cst.Assign):
+            continue
+        for target in statement_targets(line):
+            value = small.value
+            receiver = (
+                value.func.value
+                if isinstance(value, cst.Call) and isinstance(value.func, cst.Attribute)
+                else None
+            )
+            if isinstance(value, cst.Call) and self_attribute(value.func) == attr:
+                flat.add(target)
+            elif (
+                isinstance(receiver, cst.Name)
+                and receiver.value == target
+                and value.func.attr.value in ELEMENTWISE_METHODS
+            ):
+                continue
+            else:
+                other.add(target)
+    return flat - other
 
 
 def _projection_inputs(forward: cst.FunctionDef | None, info: AttentionInfo) -> set[str]:
@@ -298,9 +347,9 @@ def _last_axis_slice(
 
 
 def _three_parts(out: cst.BaseExpression) -> bool:
-    """`3 * E` (MHA) or `E + 2 * kv` (MQA/GQA): one projection producing q, k and v."""
+    """`3 * E` or `E * 3` (MHA), or `E + 2 * kv` (MQA/GQA): one projection producing q, k and v."""
     code = code_of(out).replace(" ", "")
-    return code.startswith("3*") or "+2*" in code
+    return code.startswith("3*") or code.endswith("*3") or "+2*" in code
 
 
 class _Transformer(ClassScopedTransformer):

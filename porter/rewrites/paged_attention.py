@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import libcst as cst
 
+from porter.analysis.alibi import Slopes, derive_slopes
 from porter.analysis.attention import AttentionInfo, analyse_attention
 from porter.analysis.cst_utils import code_of, names_in, statement_targets
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
@@ -33,10 +34,42 @@ class SwapPagedAttention(Rewrite):
                 )
                 continue
             context.plan.attention[name] = info
-        return module.visit(_Transformer(context))
+        slopes = None
+        if any(info.alibi for info in context.plan.attention.values()):
+            slopes = derive_slopes(context.index)
+            if not isinstance(slopes, Slopes):
+                # Never a formula of porter's own: slopes in another order than the builder's would run
+                # and quietly differ from HF.
+                reason = slopes or "no function of the file builds the ALiBi bias the attention adds"
+                for name, info in context.plan.attention.items():
+                    if info.alibi:
+                        context.flag("paged-attention", name, f"ALiBi slopes unknown: {reason}")
+                slopes = None
+            else:
+                module = _with_function_after(module, slopes.code, slopes.after)
+                context.record(
+                    "paged-attention",
+                    "module",
+                    "",
+                    slopes.code,
+                    "the builder's head slopes, for PagedAttention",
+                )
+        return module.visit(_Transformer(context, slopes))
+
+
+def _with_function_after(module: cst.Module, code: str, after: str) -> cst.Module:
+    """`module` with the function `code` inserted after the top-level function named `after`."""
+    body = list(module.body)
+    position = next(i for i, s in enumerate(body) if isinstance(s, cst.FunctionDef) and s.name.value == after)
+    new = cst.parse_statement(code).with_changes(leading_lines=[cst.EmptyLine(), cst.EmptyLine()])
+    return module.with_changes(body=[*body[: position + 1], new, *body[position + 1 :]])
 
 
 class _Transformer(ClassScopedTransformer):
+    def __init__(self, context: PortContext, slopes: Slopes | None) -> None:
+        super().__init__(context)
+        self.slopes = slopes  # the function giving the ALiBi head slopes, written into the port
+
     @property
     def info(self) -> AttentionInfo | None:
         return self.context.plan.attention.get(self.current_class or "")
@@ -229,14 +262,13 @@ class _Transformer(ClassScopedTransformer):
             }
             if info.inline_scale is not None:
                 keywords["scale"] = info.inline_scale
-            if info.alibi:
-                slopes = f"alibi_slopes({info.num_heads})"
+            if info.alibi and self.slopes is not None:
+                slopes = self.slopes.call(info.num_heads)
                 if info.alibi_scale is not None:  # the scores' scale applied to the bias too
                     slopes = f"{slopes} * {info.alibi_scale}"
                 if info.alibi_condition is not None:  # a bias only some configurations add
                     slopes = f"{slopes} if {info.alibi_condition} else None"
                 keywords["alibi_slopes"] = slopes
-                self.context.need("engine.layers", "alibi_slopes")
             if keywords.get("scale") is None and info.callee_scale is not None:
                 keywords["scale"] = info.callee_scale
             if keywords.get("scale") is None:
@@ -249,7 +281,7 @@ class _Transformer(ClassScopedTransformer):
                     "torch",
                     "getattr",
                     "None",
-                    "alibi_slopes",
+                    *([self.slopes.name] if self.slopes is not None else []),
                 }:
                     self.context.flag(
                         "paged-attention", self.where, f"attention argument `{value}` is computed in forward"

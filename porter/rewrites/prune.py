@@ -11,7 +11,7 @@ from __future__ import annotations
 import libcst as cst
 
 from porter.analysis.cst_utils import names_in
-from porter.rewrites.base import PortContext, Rewrite
+from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
 from porter.rewrites.dead_code import drop_unread_assignments
 from porter.rewrites.unused_buffers import drop_unread_buffers
 
@@ -20,6 +20,9 @@ class PruneUnused(Rewrite):
     name = "prune"
 
     def apply(self, module: cst.Module, context: PortContext) -> cst.Module:
+        # Rewrites after dead-code can leave a local unread (`input = input_ids` once flatten-batch
+        # removed the reshape that read it): one more sweep over every forward.
+        module = module.visit(_UnreadLocals(context))
         module = module.with_changes(
             body=[
                 # methods first: a buffer only an uncalled method read goes too
@@ -113,3 +116,10 @@ def _attributes_read(node: cst.CSTNode) -> set[str]:
 
     node.visit(_Find())
     return found
+
+
+class _UnreadLocals(ClassScopedTransformer):
+    def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef):
+        if updated.name.value == "forward" and len(self.function_stack) == 1:
+            updated = drop_unread_assignments(updated, self.context, self.where)
+        return super().leave_FunctionDef(original, updated)

@@ -15,6 +15,7 @@ interleaved pairs (`x[..., ::2]`, GPT-J style).
 from __future__ import annotations
 
 import libcst as cst
+import libcst.matchers as m
 
 from porter.analysis.cst_utils import (
     call_name,
@@ -158,11 +159,13 @@ class _Transformer(ClassScopedTransformer):
         q, k = (info.core_args or [None, None])[:2] if info is not None else (None, None)
         assigned = set().union(*(_assigned(s) for s in region))
         widths = _rotated_widths(region, {q, k})
+        parts = _parts_of(region, {q, k})  # `q_rot = q[..., :w]`, `q_pass = q[..., w:]`
         if (
             q is None
             or len(names) != 1
             or hits != list(range(hits[0], hits[-1] + 1))
             or not {q, k} <= assigned
+            or not assigned <= {q, k} | parts  # it changes something else too (every branch counts)
             or len(widths) > 1  # q and k rotated on different widths: not one rotary layer
         ):
             self.context.flag(
@@ -316,6 +319,26 @@ def _assigned(statement: cst.BaseStatement) -> set[str]:
             found.update(statement_targets(line))
 
     statement.visit(_Targets())
+    return found
+
+
+def _parts_of(region: list[cst.BaseStatement], tensors: set[str]) -> set[str]:
+    """Names `region` assigns from a slice of one of `tensors` (`k_rot = key[:, :, :, :rotary_dim]`)."""
+    found: set[str] = set()
+    for statement in region:
+        for line in (
+            m.findall(statement, m.SimpleStatementLine())
+            if not isinstance(statement, cst.SimpleStatementLine)
+            else [statement]
+        ):
+            small = line.body[0]
+            if (
+                isinstance(small, cst.Assign)
+                and isinstance(small.value, cst.Subscript)
+                and isinstance(small.value.value, cst.Name)
+                and small.value.value.value in tensors
+            ):
+                found.update(statement_targets(line))
     return found
 
 

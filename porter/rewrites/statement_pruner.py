@@ -63,6 +63,21 @@ def _backend_choice(node: cst.Comparison) -> bool | None:
     return None
 
 
+def _same_device(node: cst.Comparison) -> bool | None:
+    """`a.device == b.device` (or `!=`): the engine keeps the model and its inputs on one device, so a
+    buffer moved to its input's device (`if table.device != ids.device: table = table.to(...)`) is
+    already there."""
+    comparison = node.comparisons[0]
+    both = (node.left, comparison.comparator)
+    if not all(isinstance(side, cst.Attribute) and side.attr.value == "device" for side in both):
+        return None
+    if isinstance(comparison.operator, cst.Equal):
+        return True
+    if isinstance(comparison.operator, cst.NotEqual):
+        return False
+    return None
+
+
 class Pruner:
     def __init__(
         self,
@@ -256,6 +271,9 @@ class Pruner:
             backend = _backend_choice(node)
             if backend is not None:
                 return backend
+            same = _same_device(node)
+            if same is not None:
+                return same
             if (
                 isinstance(node.comparisons[0].comparator, cst.Name)
                 and node.comparisons[0].comparator.value == "None"
@@ -324,12 +342,14 @@ def names_read(statement: cst.CSTNode) -> set[str]:
     return names_in(statement)
 
 
-def calls_submodule(statement: cst.CSTNode) -> bool:
+def calls_submodule(statement: cst.CSTNode, pure: set[str] | frozenset[str] = frozenset()) -> bool:
+    """Calls `self.<anything>` (a submodule, or a method that may run one), other than `pure` ones."""
     found = []
 
     class _Find(cst.CSTVisitor):
         def visit_Call(self, node: cst.Call) -> None:
-            if (dotted_name(node.func) or "").startswith("self."):
+            name = dotted_name(node.func) or ""
+            if name.startswith("self.") and name not in pure:
                 found.append(node)
 
     statement.visit(_Find())

@@ -126,6 +126,11 @@ class _UnusedRates(ClassScopedTransformer):
         if attr is None or (self.current_class, attr) in self.reads:
             return updated
         value = code_of(updated.body[0].value)
+        if (
+            isinstance(updated.body[0].value, cst.Call)
+            and (call_name(updated.body[0].value) or "") in self.context.index.classes
+        ):
+            return updated  # a submodule built with a dropout rate is no rate (unused-modules decides)
         if any(word in attr.lower() or word in value.lower() for word in TRAINING_ONLY_WORDS):
             self.context.record(
                 "strip-training", self.where, updated, "", "training-only rate, nothing reads it now"

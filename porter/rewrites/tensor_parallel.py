@@ -28,6 +28,7 @@ import libcst as cst
 from porter.analysis.cst_utils import (
     call_name,
     calls_in,
+    calls_softmax,
     code_of,
     dotted_name,
     init_attribute_values,
@@ -338,7 +339,7 @@ def reshape_methods(info) -> frozenset[str]:
         if name in ("__init__", "forward"):
             continue
         calls_module = any(f"self.{attr}(" in code_of(method) for attr in info.init_calls)
-        if not calls_module and "softmax" not in code_of(method):
+        if not calls_module and not calls_softmax(code_of(method)):
             found.add(name)
     return frozenset(found)
 
@@ -354,14 +355,28 @@ def per_head_modules(info, attention) -> set[str]:
     if alias is not None and init is not None:  # `self.head_dim`: also what __init__ set it to
         value = init_attribute_values(init).get(alias)
         if isinstance(value, cst.Call) and call_name(value) == "getattr" and len(value.args) == 3:
-            value = value.args[2].value  # getattr(config, "head_dim", <default>): the default
+            # getattr(config, "head_dim", <default>): the attribute it reads, and the default
+            name = value.args[1].value
+            if isinstance(name, cst.SimpleString):
+                widths.add(spaced(f"{code_of(value.args[0].value)}.{name.evaluated_value}"))
+            value = value.args[2].value
         if value is not None:
             widths.add(spaced(code_of(value)))
-    return {
-        attr
-        for attr, call in info.init_calls.items()
-        if call.args and call.args[0].keyword is None and spaced(code_of(call.args[0].value)) in widths
-    }
+    return {attr for attr, call in info.init_calls.items() if _width_argument(call) in widths}
+
+
+# Keywords a norm takes its width by (`RMSNorm(dim=head_dim)`, `LayerNorm(normalized_shape=...)`).
+WIDTH_KEYWORDS = ("dim", "hidden_size", "normalized_shape", "num_features")
+
+
+def _width_argument(call: cst.Call) -> str | None:
+    """The module's width as the call passes it: its first positional argument or a width keyword."""
+    if call.args and call.args[0].keyword is None:
+        return spaced(code_of(call.args[0].value))
+    for argument in call.args:
+        if argument.keyword is not None and argument.keyword.value in WIDTH_KEYWORDS:
+            return spaced(code_of(argument.value))
+    return None
 
 
 def elementwise_attributes(info) -> set[str]:

@@ -26,8 +26,7 @@ INTERMEDIATE_NAMES = ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_siz
 
 
 def small_config(model_type: str, architecture: str) -> PretrainedConfig:
-    default = AutoConfig.for_model(model_type)
-    config = AutoConfig.for_model(model_type)
+    default, config = _config_of(model_type, architecture), _config_of(model_type, architecture)
     default_hidden = getattr(default, "hidden_size", None)
     default_intermediate = next(
         (getattr(default, n) for n in INTERMEDIATE_NAMES if getattr(default, n, None)), None
@@ -39,6 +38,17 @@ def small_config(model_type: str, architecture: str) -> PretrainedConfig:
             setattr(config, key, HIDDEN)
         elif default_intermediate and value == default_intermediate:
             setattr(config, key, INTERMEDIATE)
+    for key, value in list(vars(default).items()):
+        # Encoder-decoder configs size their stacks apart (`decoder_layers`, `decoder_attention_heads`,
+        # `decoder_vocab_size`); the standard names map to one of them only.
+        if not isinstance(value, int) or isinstance(value, bool):
+            continue
+        if key.endswith("_layers") and value > LAYERS:
+            setattr(config, key, LAYERS)
+        elif key.endswith("attention_heads"):
+            setattr(config, key, HEADS)
+        elif key.endswith("vocab_size"):
+            setattr(config, key, VOCAB)
     config.hidden_size = HIDDEN
     config.num_attention_heads = HEADS
     config.num_hidden_layers = LAYERS
@@ -80,6 +90,18 @@ def small_config(model_type: str, architecture: str) -> PretrainedConfig:
             setattr(config, name, VOCAB - 1 - ("pad bos eos".split().index(name.split("_")[0])))
     config.architectures = [architecture]
     return config
+
+
+def _config_of(model_type: str, architecture: str) -> PretrainedConfig:
+    """A default config of the class the causal-LM class itself takes (Gemma3ForCausalLM takes the
+    text config, `gemma3_text`, not the multimodal `gemma3` its model type names), else the model
+    type's."""
+    import transformers
+
+    config_class = getattr(getattr(transformers, architecture, None), "config_class", None)
+    if isinstance(config_class, type) and issubclass(config_class, PretrainedConfig):
+        return config_class()
+    return AutoConfig.for_model(model_type)
 
 
 def parse_overrides(items: list[str]) -> dict[str, object]:

@@ -152,7 +152,17 @@ def _variant_model() -> str:
     source = vary(
         source, "import torch\n", "import math\n\nimport torch\nfrom torch.nn import functional as F\n"
     )
-    return source + "\n\ndef build_alibi(attention_mask, num_heads):\n    return attention_mask\n"
+    return source + BUILD_ALIBI
+
+
+# An ALiBi builder with slopes of its own (not BLOOM's): the port must carry these.
+BUILD_ALIBI = """
+
+def build_alibi(attention_mask, num_heads):
+    slopes = 0.5 ** torch.arange(1, num_heads + 1, device=attention_mask.device)
+    positions = attention_mask.cumsum(-1) - 1
+    return slopes[None, :, None] * positions[:, None, :]
+"""
 
 
 VARIANT_MODEL = _variant_model()

@@ -15,7 +15,10 @@ def test_a_presence_test_of_a_flag_built_input_becomes_a_test_of_the_flag():
     assert "    if not self.config.alibi:\n" in method_code(after.code, "MiniAttention", "forward")
 
 
-def test_without_the_flag_the_dropped_input_is_none_and_only_its_absent_path_stays():
+def test_a_bias_the_backbone_always_builds_is_present_and_only_its_path_stays():
+    """The engine drops the bias input but applies ALiBi itself, so `alibi is None` is false where
+    the backbone always builds it (before session 7 porter took every dropped input for None and
+    kept the path without the bias, which HF never runs here)."""
     always = vary(
         VARIANT_MODEL,
         "        if self.use_alibi:\n            alibi = build_alibi(",
@@ -24,7 +27,8 @@ def test_without_the_flag_the_dropped_input_is_none_and_only_its_absent_path_sta
     after = run_rewrites(always, "class-table", "plain-linear", "conditional-inputs", "decide-conditions")
     assert after.changes("conditional-inputs") == []
     forward = method_code(after.code, "MiniAttention", "forward")
-    assert "alibi" not in forward.split("def forward(")[1].split("):", 1)[1]  # the bias path is gone
+    assert "logits = scores + alibi" in forward
+    assert "scaled_dot_product_attention" not in forward and "alibi is None" not in forward
 
 
 def test_paged_attention_gets_the_scale_per_path_and_alibi_slopes_under_the_flag():
@@ -35,7 +39,7 @@ def test_paged_attention_gets_the_scale_per_path_and_alibi_slopes_under_the_flag
             (config.num_attention_heads if config.grouped else self.num_heads),
             self.head_dim,
             scale=(1 / (math.sqrt(self.head_dim)) if not self.config.alibi else self.inv_norm_factor),
-            alibi_slopes=alibi_slopes((config.num_attention_heads if config.grouped else self.num_heads))
+            alibi_slopes=build_alibi_slopes((config.num_attention_heads if config.grouped else self.num_heads))
             * self.inv_norm_factor
             if self.config.alibi
             else None,

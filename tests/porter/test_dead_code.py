@@ -282,3 +282,25 @@ def test_a_guard_on_removed_plumbing_whose_test_does_more_than_ask_sizes_stays_a
         "dead-code @ MiniModel.forward: cannot decide `if self.grow(past_length)`, which reads removed plumbing"
         in after.review_messages()
     )
+
+
+def test_a_buffer_moved_to_its_inputs_device_is_already_there_in_the_engine():
+    """`if table.device != ids.device: table = table.to(ids.device)`: the engine keeps the model and
+    its inputs on one device, so the branch never runs (CodeGen's sinusoid table)."""
+    after = _backbone(
+        """
+        def forward(self, input_ids=None, attention_mask=None):
+            table = self.table
+            if table.device != input_ids.device:
+                table = table.to(input_ids.device)
+                self.table = table
+            return self.embed_tokens(input_ids) + table[0]
+        """
+    )
+    assert after.changes("dead-code", "MiniModel.forward")[0].startswith(
+        "table.device != input_ids.device -> "
+    )
+    assert_code(
+        method_code(after.code, "MiniModel", "forward"),
+        SIGNATURE + "    table = self.table\n    return self.embed_tokens(input_ids) + table[0]\n",
+    )

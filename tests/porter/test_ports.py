@@ -61,6 +61,25 @@ PORTED = [
     "bitnet",  # norms on the split attention output and MLP activation
     "apertus",  # a learned activation (xIELU) with constants kept as persistent buffers
     "xglm",  # BART-style bmm attention with a float16 softmax branch, sinusoidal positions
+    "mpt",  # ALiBi passed down as `position_bias`, slopes from its own builder; q|k|v chunked
+    "codegen",  # a fused q|k|v in four model-parallel blocks, each q|v|k; GPT-J-style rotation
+    "gemma3",  # per-head q/k norms sized `dim=config.head_dim`; verified with the text config
+    # BART-family decoders used alone: cross-attention built but never run (its weights skipped), a
+    # learned position embedding that read `input_ids` only for the batch's shape (session 7).
+    "bart",
+    "mbart",
+    "plbart",
+    "marian",
+    "pegasus",
+    "blenderbot",
+    "blenderbot_small",
+    "bigbird_pegasus",
+    # Llama-like and other dense models that port with no rule of their own (session 7).
+    "vaultgemma",
+    "hyperclovax",
+    "jais2",
+    "cwm",
+    "emu3",
 ]
 
 
@@ -211,6 +230,38 @@ def test_port_has_no_training_or_batching_code(model_type):
         ("apertus", 2),
         ("xglm", 1),
         ("xglm", 2),
+        ("mpt", 1),
+        ("mpt", 2),
+        ("codegen", 1),
+        ("codegen", 2),
+        ("gemma3", 1),
+        ("gemma3", 2),
+        ("bart", 1),
+        ("bart", 2),
+        ("mbart", 1),
+        ("mbart", 2),
+        ("plbart", 1),
+        ("plbart", 2),
+        ("marian", 1),
+        ("marian", 2),
+        ("pegasus", 1),
+        ("pegasus", 2),
+        ("blenderbot", 1),
+        ("blenderbot", 2),
+        ("blenderbot_small", 1),
+        ("blenderbot_small", 2),
+        ("bigbird_pegasus", 1),
+        ("bigbird_pegasus", 2),
+        ("vaultgemma", 1),
+        ("vaultgemma", 2),
+        ("hyperclovax", 1),
+        ("hyperclovax", 2),
+        ("jais2", 1),
+        ("jais2", 2),
+        ("cwm", 1),
+        ("cwm", 2),
+        ("emu3", 1),
+        ("emu3", 2),
     ],
 )
 def test_verify_passes(model_type, tp, tmp_path):
@@ -255,6 +306,10 @@ CONFIG_VARIANTS = {
     # A weight per head in the q/k LayerNorms: at tp=2 each rank must build and load its heads' rows
     # (the port before `shard_heads` stopped with a shape error there).
     "cohere q/k norms with a weight per head": ("cohere", ["use_qk_norm=true"]),
+    # Six heads, not a power of two: the builder's slopes take its interleaving branch.
+    "mpt six heads": ("mpt", ["d_model=96", "n_heads=6"]),
+    # Two heads per block: a load that numbered heads other than block by block shows here.
+    "codegen two heads per block": ("codegen", ["n_head=8", "rotary_dim=4"]),
 }
 
 

@@ -281,3 +281,26 @@ def test_the_plain_attention_block_and_a_one_head_wide_norm_are_not_flagged():
         "        query_states = self.q_norm(self.q_proj(hidden_states).view(hidden_shape)).transpose(1, 2)\n",
     )
     assert _review(per_head) == []  # `hidden_size // heads` is what __init__ set head_dim to
+
+
+def test_a_norm_given_the_head_dim_the_config_names_by_keyword_is_one_head_wide():
+    """Gemma3: `self.head_dim = getattr(config, "head_dim", ...)` and `RMSNorm(dim=config.head_dim)`."""
+    source = vary(
+        MINI_MODEL,
+        "        self.head_dim = config.hidden_size // config.num_attention_heads\n",
+        '        self.head_dim = getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)\n',
+    )
+    source = vary(
+        source,
+        "        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)\n",
+        "        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)\n"
+        "        self.q_norm = nn.RMSNorm(normalized_shape=config.head_dim)\n",
+    )
+    source = vary(
+        source,
+        "        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)\n",
+        "        query_states = self.q_norm(self.q_proj(hidden_states).view(hidden_shape)).transpose(1, 2)\n",
+    )
+    assert _review(source) == []
+    wide = source.replace("normalized_shape=config.head_dim", "normalized_shape=config.hidden_size")
+    assert any("self.q_norm" in item for item in _review(wide))

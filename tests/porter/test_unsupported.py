@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 from typer.testing import CliRunner
 
+from porter.analysis.source import locate
 from porter.cli import app
 
 
@@ -36,12 +40,27 @@ def test_allow_review_writes_the_file_with_the_places_marked(tmp_path):
     assert "state-space" in text
 
 
+def _variant_file(tmp_path, model_type: str, old: str, new: str) -> Path:
+    """The installed modeling file of `model_type` with `old` replaced by `new`, its relative imports
+    made absolute so it ports from outside transformers."""
+    text = locate(model_type).text
+    assert old in text
+    text = text.replace(old, new)
+    text = re.sub(r"^from \.\.\. import ", "from transformers import ", text, flags=re.MULTILINE)
+    text = re.sub(r"^from \.\.\.", "from transformers.", text, flags=re.MULTILINE)
+    text = re.sub(r"^from \.", f"from transformers.models.{model_type}.", text, flags=re.MULTILINE)
+    path = tmp_path / f"modeling_{model_type}.py"
+    path.write_text(text)
+    return path
+
+
 def test_an_input_the_port_stopped_reading_stops_the_port(tmp_path):
-    # MPT builds an ALiBi bias in the model and passes it to every attention, which adds it to the
-    # scores; once that core is a PagedAttention without slopes the bias is passed and ignored, and
-    # the port would run and be wrong.
+    # MPT's bias, built by a function whose name no longer says ALiBi: porter cannot tell it is one,
+    # so once the core is a PagedAttention the bias would be passed and ignored, and the port would
+    # run and be wrong.
+    source = _variant_file(tmp_path, "mpt", "build_mpt_alibi_tensor", "build_mpt_position_bias")
     out = tmp_path / "mpt.py"
-    result = CliRunner().invoke(app, ["port", "mpt", "--out", str(out), "--no-register"])
+    result = CliRunner().invoke(app, ["port", str(source), "--out", str(out), "--no-register"])
     assert result.exit_code != 0
     assert "MptAttention.forward: `position_bias` is passed in but no longer read" in result.output
     assert not out.exists()
@@ -64,11 +83,16 @@ def test_unread_forward_inputs_ignores_the_engine_inputs():
 
 
 def test_rotary_applied_one_tensor_per_call_that_cannot_be_paired_stops_the_port(tmp_path):
-    # CodeGen rotates q and k one call each like GPT-J, but its fused qkv_proj interleaves four
-    # model-parallel shards in q, v, k order, which porter does not trace to q and k: it must stop,
-    # not port the rotation half-done.
+    # CodeGen rotates q and k one call each like GPT-J; rotating v instead of q leaves a call porter
+    # cannot pair with q and k: it must stop, not port the rotation half-done.
+    source = _variant_file(
+        tmp_path,
+        "codegen",
+        "            query = apply_rotary_pos_emb(query, sin, cos)",
+        "            value = apply_rotary_pos_emb(value, sin, cos)",
+    )
     out = tmp_path / "codegen.py"
-    result = CliRunner().invoke(app, ["port", "codegen", "--out", str(out), "--no-register"])
+    result = CliRunner().invoke(app, ["port", str(source), "--out", str(out), "--no-register"])
     assert result.exit_code != 0
     assert "`apply_rotary_pos_emb` rotates one tensor per call, and porter could not pair" in result.output
     assert not out.exists()

@@ -74,3 +74,17 @@ def test_small_config_shrinks_windows_and_rotated_widths_to_where_they_show():
     gptj = small_config("gptj", "GPTJForCausalLM")
     head = gptj.hidden_size // gptj.num_attention_heads
     assert gptj.rotary_dim == head // 2
+
+
+def test_the_small_config_is_of_the_class_the_causal_lm_takes():
+    """Gemma3ForCausalLM takes the text config (`gemma3_text`); the model type `gemma3` names the
+    multimodal one, which its causal LM cannot be built from."""
+    from transformers import Gemma3TextConfig
+
+    config = small_config("gemma3", "Gemma3ForCausalLM")
+    assert type(config) is Gemma3TextConfig
+    assert (config.hidden_size, config.num_attention_heads, config.architectures) == (
+        64,
+        4,
+        ["Gemma3ForCausalLM"],
+    )

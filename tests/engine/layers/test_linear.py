@@ -154,6 +154,48 @@ def test_qkv_head_counts_tp_does_not_divide_raise_naming_both(heads, kv_heads, t
     assert all(n in str(error.value) for n in numbers)
 
 
+@pytest.mark.parametrize("heads,kv_heads,tp", [(8, 8, 1), (8, 8, 2), (8, 8, 4), (8, 4, 2)])
+def test_qkv_blocked_checkpoint_loads_heads_block_by_block(heads, kv_heads, tp):
+    """CodeGen's layout: 4 model-parallel blocks, each [q | v | k] of its share of the heads, head h of
+    the model being head h % (heads / 4) of block h // (heads / 4)."""
+    blocks, dim, hidden = 4, 4, 16
+    q, k, v = (
+        torch.randn(heads * dim, hidden),
+        torch.randn(kv_heads * dim, hidden),
+        torch.randn(kv_heads * dim, hidden),
+    )
+    per_block = [
+        torch.cat([t.chunk(blocks)[b] for t in (q, v, k)]) for b in range(blocks)
+    ]  # block b: its q heads, then its v heads, then its k heads
+    weight = torch.cat(per_block)
+    x = torch.randn(3, hidden)
+    for rank in range(tp):
+        with simulated_rank(rank, tp):
+            layer = QKVParallelLinear(
+                hidden, dim, heads, kv_heads, bias=False, checkpoint_blocks=blocks, checkpoint_order="qvk"
+            )
+        load(layer, weight)
+        local, local_kv = heads // tp, kv_heads // tp
+        expected = torch.cat(
+            [
+                F.linear(x, q)[:, rank * local * dim : (rank + 1) * local * dim],
+                F.linear(x, k)[:, rank * local_kv * dim : (rank + 1) * local_kv * dim],
+                F.linear(x, v)[:, rank * local_kv * dim : (rank + 1) * local_kv * dim],
+            ],
+            dim=-1,
+        )
+        torch.testing.assert_close(layer(x), expected)
+
+
+def test_qkv_blocked_checkpoint_settings_are_checked():
+    with pytest.raises(ValueError, match="checkpoint_order"):
+        QKVParallelLinear(16, 4, 4, 4, checkpoint_order="qqk")
+    with pytest.raises(ValueError, match="'concatenated'"):
+        QKVParallelLinear(16, 4, 4, 4, checkpoint_layout="per_head", checkpoint_blocks=2)
+    with pytest.raises(ValueError, match="3 checkpoint blocks"):
+        QKVParallelLinear(16, 4, 4, 4, checkpoint_blocks=3)
+
+
 def test_qkv_rejects_per_head_layout_with_gqa_and_unknown_shard():
     with pytest.raises(ValueError, match="per_head"):
         QKVParallelLinear(16, 4, 4, 2, checkpoint_layout="per_head")

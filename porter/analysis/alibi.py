@@ -1,0 +1,278 @@
+"""ALiBi, read from the source: which forward inputs carry a bias an ALiBi builder made, and the
+builder's own head slopes.
+
+A backbone builds the bias once (`alibi = build_alibi_tensor(mask, heads, dtype)`, or through a
+method that returns such a call) and passes it down its layers to each attention, under whatever
+name each forward gives it (`alibi`, `position_bias`). The engine's paged attention applies ALiBi
+from per-head slopes, so those inputs are dropped like HF plumbing. The slopes come from the builder
+itself: the statements that compute its `slopes` local (a backward slice), made a function of the
+head count, so a model whose slopes follow another order than BLOOM's keeps its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import libcst as cst
+import libcst.matchers as m
+
+from porter.analysis.cst_utils import (
+    call_name,
+    code_of,
+    function_params,
+    is_docstring,
+    names_in,
+    self_attribute,
+    statement_targets,
+)
+from porter.analysis.model_index import ModelIndex
+
+BUILDER_WORD = "alibi"  # a builder is a function or method whose name says it makes an ALiBi bias
+SLOPES_WORD = "slope"  # the builder's local holding the per-head slopes
+
+
+@dataclass(slots=True)
+class Builder:
+    """Where the backbone builds the bias: the class, its local, the call, and the function."""
+
+    owner: str
+    local: str
+    call: cst.Call
+    function: cst.FunctionDef | None  # the module function that computes it (through a method wrapper)
+    arguments: dict[str, str]  # the function's parameters -> what the call chain passes them
+
+
+@dataclass(slots=True)
+class Slopes:
+    """The slopes function porter writes into the port, and the call that gives `heads` slopes."""
+
+    name: str
+    code: str
+    after: str  # the module-level function it is written after
+    extra_arguments: str  # `, alibi_bias_max=4` where the call chain passes a non-default value
+
+    def call(self, heads: str) -> str:
+        return f"{self.name}({heads}{self.extra_arguments})"
+
+
+def _builds_alibi(call: cst.Call) -> bool:
+    name = (call_name(call) or self_attribute(call.func) or "").rsplit(".", 1)[-1]
+    return BUILDER_WORD in name.lower()
+
+
+def find_builders(index: ModelIndex) -> list[Builder]:
+    """Every `x = <ALiBi builder>(...)` in a reachable class's forward."""
+    found = []
+    for name in index.reachable:
+        info = index.classes[name]
+        forward = info.methods.get("forward")
+        if forward is None:
+            continue
+        for statement in m.findall(forward, m.SimpleStatementLine()):
+            small = statement.body[0]
+            targets = statement_targets(statement)
+            if isinstance(small, cst.Assign) and isinstance(small.value, cst.Call) and len(targets) == 1:
+                if _builds_alibi(small.value):
+                    function, arguments = _resolve(index, info.methods, small.value)
+                    found.append(Builder(name, targets[0], small.value, function, arguments))
+    return found
+
+
+def bias_inputs(index: ModelIndex) -> dict[str, set[str]]:
+    """Class -> the forward parameters that receive a builder's bias, followed from the backbone's
+    local down every submodule call (direct, or through a loop over a ModuleList) that passes it."""
+    carrying: dict[str, set[str]] = {}
+    pending = [(b.owner, b.local) for b in find_builders(index)]
+    seen: set[tuple[str, str]] = set()
+    while pending:
+        owner, name = pending.pop()
+        if (owner, name) in seen:
+            continue
+        seen.add((owner, name))
+        info = index.classes[owner]
+        forward = info.methods.get("forward")
+        if forward is None:
+            continue
+        loop_modules = _loop_modules(forward, info.submodules)
+        for call in m.findall(forward, m.Call()):
+            attr = self_attribute(call.func)
+            child = info.submodules.get(attr) if attr else loop_modules.get(code_of(call.func))
+            child_forward = index.classes[child].methods.get("forward") if child in index.classes else None
+            if child_forward is None:
+                continue
+            params = function_params(child_forward)[1:]
+            positional = [a for a in call.args if a.keyword is None and not a.star]
+            for position, argument in enumerate(positional):
+                if code_of(argument.value) == name and position < len(params):
+                    carrying.setdefault(child, set()).add(params[position])
+                    pending.append((child, params[position]))
+            for argument in call.args:
+                if argument.keyword is not None and code_of(argument.value) == name:
+                    carrying.setdefault(child, set()).add(argument.keyword.value)
+                    pending.append((child, argument.keyword.value))
+    return carrying
+
+
+def _loop_modules(forward: cst.FunctionDef, submodules: dict[str, str]) -> dict[str, str]:
+    """Loop variable -> class, for `for block in self.blocks` and `for i, block in enumerate(...)`."""
+    found = {}
+    for loop in m.findall(forward, m.For()):
+        iterable, target = loop.iter, loop.target
+        if isinstance(iterable, cst.Call) and call_name(iterable) == "enumerate" and iterable.args:
+            iterable = iterable.args[0].value
+            target = (
+                target.elements[1].value
+                if isinstance(target, cst.Tuple) and len(target.elements) == 2
+                else None
+            )
+        if isinstance(iterable, cst.Subscript):  # `self.layers[: n]`
+            iterable = iterable.value
+        attr = self_attribute(iterable)
+        if attr in submodules and isinstance(target, cst.Name):
+            found[target.value] = submodules[attr]
+    return found
+
+
+def _resolve(
+    index: ModelIndex, methods: dict[str, cst.FunctionDef], call: cst.Call
+) -> tuple[cst.FunctionDef | None, dict[str, str]]:
+    """The module function a builder call reaches (through a method that only returns a call of it)
+    and what the chain passes each of its parameters."""
+    passed = _arguments(call)
+    method = methods.get(self_attribute(call.func) or "")
+    if method is not None:
+        body = [s for s in method.body.body if not is_docstring(s)]
+        only = body[0].body[0] if len(body) == 1 and isinstance(body[0], cst.SimpleStatementLine) else None
+        returned = only.value if isinstance(only, cst.Return) else None
+        if not isinstance(returned, cst.Call):
+            return None, {}
+        in_method = _bind(method, passed, skip_self=True)
+        inner = {param: in_method.get(value, value) for param, value in _arguments(returned).items()}
+        call, passed = returned, inner
+    function = index.functions.get(call_name(call) or "")
+    if function is None:
+        return None, {}
+    return function, _bind(function, passed)
+
+
+def _arguments(call: cst.Call) -> dict[str | int, str]:
+    """Position or keyword -> the argument's code."""
+    result: dict[str | int, str] = {}
+    position = 0
+    for argument in call.args:
+        if argument.star:
+            continue
+        if argument.keyword is None:
+            result[position] = code_of(argument.value)
+            position += 1
+        else:
+            result[argument.keyword.value] = code_of(argument.value)
+    return result
+
+
+def _bind(function: cst.FunctionDef, passed: dict[str | int, str], skip_self: bool = False) -> dict[str, str]:
+    """The function's parameters -> the argument given, or the default's code where none is."""
+    params = list(function.params.params)[1 if skip_self else 0 :] + list(function.params.kwonly_params)
+    bound = {}
+    for position, param in enumerate(params):
+        name = param.name.value
+        if position in passed and param not in function.params.kwonly_params:
+            bound[name] = passed[position]
+        elif name in passed:
+            bound[name] = passed[name]
+        elif param.default is not None:
+            bound[name] = code_of(param.default)
+    return bound
+
+
+def _is_literal(code: str) -> bool:
+    try:
+        node = cst.parse_expression(code)
+    except cst.ParserSyntaxError:
+        return False
+    if isinstance(node, cst.UnaryOperation):
+        node = node.expression
+    return isinstance(node, (cst.Integer, cst.Float))
+
+
+def derive_slopes(index: ModelIndex) -> Slopes | str | None:
+    """The builder's slopes as a function of the head count (None where no builder is found; a
+    message saying why where one is found but its slopes cannot be read off)."""
+    builders = find_builders(index)
+    if not builders:
+        return None
+    builder = builders[0]
+    if builder.function is None or len({id(b.function) for b in builders}) > 1:
+        return f"the ALiBi bias built by `{code_of(builder.call)}` is not one module function porter can read"
+    function = builder.function
+    body = [s for s in function.body.body if not is_docstring(s)]
+    defining = [i for i, s in enumerate(body) if _slope_local(_assigned(s))]
+    if not defining:
+        return f"`{function.name.value}` has no `{SLOPES_WORD}s` local to read the head slopes from"
+    last = defining[-1]
+    slopes = _slope_local(_assigned(body[last]))
+    statements = [s.visit(_DropDeviceArguments()) for s in _backward_slice(body[: last + 1], {slopes})]
+    params = {p.name.value: p for p in function.params.params}
+    read = set().union(*(names_in(s) for s in statements)) & set(params)
+    required = sorted(name for name in read if params[name].default is None)
+    if len(required) != 1:
+        return (
+            f"the head slopes in `{function.name.value}` read {', '.join(required) or 'no parameter'}; "
+            "porter derives them from one head count"
+        )
+    (heads,) = required
+    defaults = [name for name in function_params(function) if name in read and name != heads]
+    extra = ""
+    for name in defaults:
+        default = code_of(params[name].default)
+        given = builder.arguments.get(name, default)
+        if given != default:
+            if not _is_literal(given):
+                return f"`{function.name.value}` is called with {name}={given}; porter reads slopes at literal values only"
+            extra += f", {name}={given}"
+    signature = ", ".join([heads, *(f"{n}={code_of(params[n].default)}" for n in defaults)])
+    name = f"{function.name.value}_slopes"
+    lines = cst.Module(body=statements).code.rstrip("\n").split("\n")
+    code = (
+        f"def {name}({signature}):\n"
+        f'    """The head slopes `{function.name.value}` computes, [{heads}]."""\n'
+        + "".join(f"    {line}\n" if line.strip() else "\n" for line in lines)
+        + f"    return {slopes}.flatten()\n"
+    )
+    return Slopes(name, code, function.name.value, extra)
+
+
+def _slope_local(names: set[str]) -> str | None:
+    return next((n for n in sorted(names) if SLOPES_WORD in n.lower()), None)
+
+
+def _assigned(statement: cst.BaseStatement) -> set[str]:
+    """Names a statement binds, in any block inside it."""
+    names = set(statement_targets(statement))
+    for line in m.findall(statement, m.SimpleStatementLine()):
+        names.update(statement_targets(line))
+    return names
+
+
+def _backward_slice(statements: list[cst.BaseStatement], wanted: set[str]) -> list[cst.BaseStatement]:
+    """The statements (whole `if` blocks included) that compute `wanted`, in their order."""
+    needed, kept = set(wanted), []
+    for statement in reversed(statements):
+        assigned = _assigned(statement)
+        if not assigned & needed:
+            continue
+        kept.append(statement)
+        if isinstance(statement, cst.SimpleStatementLine):  # an unconditional definition
+            needed -= assigned
+        needed |= names_in(statement) - {"self"}
+    return list(reversed(kept))
+
+
+class _DropDeviceArguments(cst.CSTTransformer):
+    """`device=<anything>` goes: the port builds the slopes under the engine's device."""
+
+    def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.Call:
+        args = [a for a in updated.args if not (a.keyword is not None and a.keyword.value == "device")]
+        if args and len(args) < len(updated.args):
+            args[-1] = args[-1].with_changes(comma=cst.MaybeSentinel.DEFAULT)
+        return updated.with_changes(args=args)
