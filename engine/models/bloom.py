@@ -33,11 +33,27 @@ from engine.layers import (
     ReplicatedLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
-    alibi_slopes,
 )
 from engine.weights import load_named_weights
 
 logger = logging.get_logger(__name__)
+
+
+def build_alibi_tensor_slopes(num_heads):
+    """The head slopes `build_alibi_tensor` computes, [num_heads]."""
+    closest_power_of_2 = 2 ** math.floor(math.log2(num_heads))
+    base = torch.full((), 2 ** (-(2 ** -(math.log2(closest_power_of_2) - 3))), dtype=torch.float32)
+    powers = torch.arange(1, 1 + closest_power_of_2, dtype=torch.int32)
+    slopes = torch.pow(base, powers)
+
+    if closest_power_of_2 != num_heads:
+        extra_base = torch.full(
+            (), 2 ** (-(2 ** -(math.log2(2 * closest_power_of_2) - 3))), dtype=torch.float32
+        )
+        num_remaining_heads = min(closest_power_of_2, num_heads - closest_power_of_2)
+        extra_powers = torch.arange(1, 1 + 2 * num_remaining_heads, 2, dtype=torch.int32)
+        slopes = torch.cat([slopes, torch.pow(extra_base, extra_powers)], dim=0)
+    return slopes.flatten()
 
 
 def dropout_add(x: torch.Tensor, residual: torch.Tensor, prob: float, training: bool) -> torch.Tensor:
@@ -133,7 +149,7 @@ class BloomAttention(nn.Module):
             self.num_heads,
             self.head_dim,
             scale=self.inv_norm_factor,
-            alibi_slopes=alibi_slopes(self.num_heads),
+            alibi_slopes=build_alibi_tensor_slopes(self.num_heads),
         )
 
     def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor, kv_cache, input_metadata):

@@ -34,12 +34,28 @@ from engine.layers import (
     QKVParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
-    alibi_slopes,
     get_rope,
 )
 from engine.weights import load_named_weights
 
 logger = logging.get_logger(__name__)
+
+
+def build_alibi_tensor_slopes(num_heads):
+    """The head slopes `build_alibi_tensor` computes, [num_heads]."""
+    closest_power_of_2 = 2 ** math.floor(math.log2(num_heads))
+    base = torch.full((), 2 ** (-(2 ** -(math.log2(closest_power_of_2) - 3))), dtype=torch.float32)
+    powers = torch.arange(1, 1 + closest_power_of_2, dtype=torch.int32)
+    slopes = torch.pow(base, powers)
+
+    if closest_power_of_2 != num_heads:
+        extra_base = torch.full(
+            (), 2 ** (-(2 ** -(math.log2(2 * closest_power_of_2) - 3))), dtype=torch.float32
+        )
+        num_remaining_heads = min(closest_power_of_2, num_heads - closest_power_of_2)
+        extra_powers = torch.arange(1, 1 + 2 * num_remaining_heads, 2, dtype=torch.int32)
+        slopes = torch.cat([slopes, torch.pow(extra_base, extra_powers)], dim=0)
+    return slopes.flatten()
 
 
 # Copied from transformers.models.bloom.modeling_bloom.dropout_add
@@ -115,7 +131,7 @@ class FalconAttention(nn.Module):
             (config.num_attention_heads if config.new_decoder_architecture else self.num_heads),
             self.head_dim,
             scale=(1 / (math.sqrt(self.head_dim)) if not self.config.alibi else self.inv_norm_factor),
-            alibi_slopes=alibi_slopes(
+            alibi_slopes=build_alibi_tensor_slopes(
                 config.num_attention_heads if config.new_decoder_architecture else self.num_heads
             )
             * self.inv_norm_factor

@@ -28,7 +28,6 @@ from engine.layers import (
     PagedAttention,
     ParallelLMHead,
     QKVParallelLinear,
-    ReplicatedLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
 )
@@ -64,7 +63,6 @@ class GPT2Attention(nn.Module):
 
         if self.is_cross_attention:
             self.c_attn = ColumnParallelLinear(self.embed_dim, 2 * self.embed_dim, checkpoint_transposed=True)
-            self.q_attn = ReplicatedLinear(self.embed_dim, self.embed_dim, checkpoint_transposed=True)
         else:
             self.c_attn = QKVParallelLinear(
                 self.embed_dim,
@@ -121,10 +119,6 @@ class GPT2Block(nn.Module):
         self.ln_1 = nn.LayerNorm(hidden_size, eps=config.layer_norm_epsilon)
         self.attn = GPT2Attention(config=config, layer_idx=layer_idx)
         self.ln_2 = nn.LayerNorm(hidden_size, eps=config.layer_norm_epsilon)
-
-        if config.add_cross_attention:
-            self.crossattention = GPT2Attention(config=config, is_cross_attention=True, layer_idx=layer_idx)
-            self.ln_cross_attn = nn.LayerNorm(hidden_size, eps=config.layer_norm_epsilon)
 
         self.mlp = GPT2MLP(inner_dim, config)
 
@@ -206,5 +200,9 @@ class GPT2LMHeadModel(nn.Module):
         tied = {
             "lm_head.weight": "transformer.wte.weight",
         }
-        ignored = []
+        ignored = [
+            "(^|\\.)crossattention\\.",
+            "(^|\\.)ln_cross_attn\\.",
+            "(^|\\.)q_attn\\.",
+        ]
         return load_named_weights(self, weights, fused=fused, tied=tied, ignored=ignored)

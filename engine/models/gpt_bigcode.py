@@ -26,7 +26,6 @@ from engine.layers import (
     PagedAttention,
     ParallelLMHead,
     QKVParallelLinear,
-    ReplicatedLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
 )
@@ -71,7 +70,6 @@ class GPTBigCodeAttention(nn.Module):
                 raise NotImplementedError("Multi-Query Attention not supported for cross_attention")
 
             self.c_attn = ColumnParallelLinear(self.embed_dim, 2 * self.embed_dim)
-            self.q_attn = ReplicatedLinear(self.embed_dim, self.embed_dim)
         else:
             self.c_attn = QKVParallelLinear(
                 self.embed_dim,
@@ -136,10 +134,6 @@ class GPTBigCodeBlock(nn.Module):
         if config.add_cross_attention:
             if config.multi_query:
                 raise NotImplementedError("Cross-attention not implemented for MQA")
-
-            self.crossattention = GPTBigCodeAttention(config, is_cross_attention=True, layer_idx=layer_idx)
-
-            self.ln_cross_attn = nn.LayerNorm(hidden_size, eps=config.layer_norm_epsilon)
 
         self.mlp = GPTBigCodeMLP(self.inner_dim, config)
 
@@ -216,5 +210,9 @@ class GPTBigCodeForCausalLM(nn.Module):
         tied = {
             "lm_head.weight": "transformer.wte.weight",
         }
-        ignored = []
+        ignored = [
+            "(^|\\.)crossattention\\.",
+            "(^|\\.)ln_cross_attn\\.",
+            "(^|\\.)q_attn\\.",
+        ]
         return load_named_weights(self, weights, fused=fused, tied=tied, ignored=ignored)

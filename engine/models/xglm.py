@@ -154,9 +154,6 @@ class XGLMDecoderLayer(nn.Module):
         )
         self.activation_fn = ACT2FN[config.activation_function]
 
-        if config.add_cross_attention:
-            self.encoder_attn_layer_norm = nn.LayerNorm(self.embed_dim)
-
         self.self_attn_layer_norm = nn.LayerNorm(self.embed_dim)
         self.fc1 = ColumnParallelLinear(self.embed_dim, config.ffn_dim)
         self.fc2 = RowParallelLinear(config.ffn_dim, self.embed_dim)
@@ -248,5 +245,8 @@ class XGLMForCausalLM(nn.Module):
         tied = {
             "lm_head.weight": "model.embed_tokens.weight",
         }
-        ignored = []
+        ignored = [
+            "(^|\\.)encoder_attn\\.",
+            "(^|\\.)encoder_attn_layer_norm\\.",
+        ]
         return load_named_weights(self, weights, fused=fused, tied=tied, ignored=ignored)
