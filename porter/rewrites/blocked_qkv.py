@@ -32,9 +32,8 @@ class SplitBlockedQKV(Rewrite):
         for name, info in context.plan.attention.items():
             if len({info.query, info.key, info.value}) != 1:
                 continue
-            class_info = context.index.classes[name]
-            forward = class_info.methods.get("forward")
-            blocks = _find_blocks(forward, info, class_info) if forward is not None else None
+            forward = context.index.classes[name].methods.get("forward")
+            blocks = _find_blocks(forward, info) if forward is not None else None
             if blocks is None:
                 continue
             if isinstance(blocks, str):
@@ -59,9 +58,7 @@ class _Blocks:
     source: str  # the variable holding the projection's output
 
 
-def _find_blocks(
-    forward: cst.FunctionDef, info: AttentionInfo, class_info: ClassInfo
-) -> _Blocks | str | None:
+def _find_blocks(forward: cst.FunctionDef, info: AttentionInfo) -> _Blocks | str | None:
     body = list(forward.body.body)
     flat = flat_outputs(forward, info.query)
     literals = _int_locals(body)
