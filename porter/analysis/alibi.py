@@ -6,7 +6,7 @@ method that returns such a call) and passes it down its layers to each attention
 name each forward gives it (`alibi`, `position_bias`). The engine's paged attention applies ALiBi
 from per-head slopes, so those inputs are dropped like HF plumbing. The slopes come from the builder
 itself: the statements that compute its `slopes` local (a backward slice), made a function of the
-head count, so a model whose slopes follow another order than BLOOM's keeps its own.
+head count, so a model whose slopes follow another order than the engine's formula keeps its own.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from porter.analysis.cst_utils import (
     code_of,
     function_params,
     is_docstring,
+    names_bound,
     names_in,
     self_attribute,
     statement_targets,
@@ -206,11 +207,11 @@ def derive_slopes(index: ModelIndex) -> Slopes | str | None:
         return f"the ALiBi bias built by `{code_of(builder.call)}` is not one module function porter can read"
     function = builder.function
     body = [s for s in function.body.body if not is_docstring(s)]
-    defining = [i for i, s in enumerate(body) if _slope_local(_assigned(s))]
+    defining = [i for i, s in enumerate(body) if _slope_local(names_bound(s))]
     if not defining:
         return f"`{function.name.value}` has no `{SLOPES_WORD}s` local to read the head slopes from"
     last = defining[-1]
-    slopes = _slope_local(_assigned(body[last]))
+    slopes = _slope_local(names_bound(body[last]))
     statements = [s.visit(_DropDeviceArguments()) for s in _backward_slice(body[: last + 1], {slopes})]
     params = {p.name.value: p for p in function.params.params}
     read = set().union(*(names_in(s) for s in statements)) & set(params)
@@ -246,19 +247,11 @@ def _slope_local(names: set[str]) -> str | None:
     return next((n for n in sorted(names) if SLOPES_WORD in n.lower()), None)
 
 
-def _assigned(statement: cst.BaseStatement) -> set[str]:
-    """Names a statement binds, in any block inside it."""
-    names = set(statement_targets(statement))
-    for line in m.findall(statement, m.SimpleStatementLine()):
-        names.update(statement_targets(line))
-    return names
-
-
 def _backward_slice(statements: list[cst.BaseStatement], wanted: set[str]) -> list[cst.BaseStatement]:
     """The statements (whole `if` blocks included) that compute `wanted`, in their order."""
     needed, kept = set(wanted), []
     for statement in reversed(statements):
-        assigned = _assigned(statement)
+        assigned = names_bound(statement)
         if not assigned & needed:
             continue
         kept.append(statement)

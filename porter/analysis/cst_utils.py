@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import libcst as cst
+import libcst.matchers as m
 
 
 def dotted_name(node: cst.BaseExpression | None) -> str | None:
@@ -80,6 +81,13 @@ def statement_targets(statement: cst.BaseStatement) -> list[str]:
         elif isinstance(small, (cst.AnnAssign, cst.AugAssign)):
             names.extend(assigned_names(small.target))
     return names
+
+
+def names_bound(statement: cst.CSTNode) -> set[str]:
+    """Names a statement binds by simple assignment, in any block inside it (every branch of an `if`)."""
+    return {
+        name for line in m.findall(statement, m.SimpleStatementLine()) for name in statement_targets(line)
+    }
 
 
 def calls_in(node: cst.CSTNode) -> list[cst.Call]:

@@ -2,7 +2,7 @@
 
 Some checkpoints were trained sharded over n model-parallel devices and keep that layout: the fused
 output is n equal blocks, each holding its share of the heads of all three projections side by
-side, in some order (CodeGen: `qkv.reshape(qkv.shape[:-1] + (4, -1))`, then `query, value, key =
+side, in some order (`qkv.reshape(qkv.shape[:-1] + (4, -1))`, then `query, value, key =
 torch.split(blocks, local_dim, dim=-1)`, then a helper merging the blocks' heads into one heads
 axis). In the port the projection is a `QKVParallelLinear` that loads the checkpoint tensor as n
 blocks in that order (`checkpoint_blocks`, `checkpoint_order`), numbering heads block by block as

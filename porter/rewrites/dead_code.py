@@ -55,7 +55,7 @@ class DecideConditions(Rewrite):
         context.plan.dropped_params = dropped_params(context.index, signatures)
         context.plan.alibi_inputs = bias_inputs(context.index)
         context.plan.alibi_builders = {dotted_name(b.call.func) or "" for b in find_builders(context.index)}
-        read_before = _inputs_read(context.index)
+        read_before = _inputs_read(module, set(context.index.reachable))
         module = module.visit(_Transformer(context, cascade=False))
         # Deciding those branches can leave a submodule uncalled (a cross-attention block), which
         # fixes flags its siblings were built with; decide again with those.
@@ -65,21 +65,21 @@ class DecideConditions(Rewrite):
             **constructor_flags(context.index),
         }
         module = module.visit(_Transformer(context, cascade=False))
-        context.reindex(module)
-        read_after = _inputs_read(context.index)
+        read_after = _inputs_read(module, set(read_before))
         context.plan.decided_unread = {
             name: inputs - read_after.get(name, set()) for name, inputs in read_before.items()
         }
         return module
 
 
-def _inputs_read(index) -> dict[str, set[str]]:
-    """Per reachable class, the forward inputs its body reads."""
+def _inputs_read(module: cst.Module, classes: set[str]) -> dict[str, set[str]]:
+    """Per class named, the forward inputs its body reads."""
     found = {}
-    for name in index.reachable:
-        forward = index.classes[name].methods.get("forward")
-        if forward is not None:
-            found[name] = set(function_params(forward)[1:]) & names_in(forward.body)
+    for statement in module.body:
+        if isinstance(statement, cst.ClassDef) and statement.name.value in classes:
+            for item in statement.body.body:
+                if isinstance(item, cst.FunctionDef) and item.name.value == "forward":
+                    found[statement.name.value] = set(function_params(item)[1:]) & names_in(item.body)
     return found
 
 

@@ -23,6 +23,7 @@ from porter.analysis.cst_utils import (
     code_of,
     function_params,
     init_attribute_values,
+    names_bound,
     self_attribute,
     self_attributes_read,
     statement_targets,
@@ -157,7 +158,7 @@ class _Transformer(ClassScopedTransformer):
         )
         region = body[hits[0] : hits[-1] + 1]
         q, k = (info.core_args or [None, None])[:2] if info is not None else (None, None)
-        assigned = set().union(*(_assigned(s) for s in region))
+        assigned = set().union(*(names_bound(s) for s in region))
         widths = _rotated_widths(region, {q, k})
         parts = _parts_of(region, {q, k})  # `q_rot = q[..., :w]`, `q_pass = q[..., w:]`
         if (
@@ -310,27 +311,11 @@ class _Transformer(ClassScopedTransformer):
         return init.with_changes(body=init.body.with_changes(body=[*init.body.body, statement]))
 
 
-def _assigned(statement: cst.BaseStatement) -> set[str]:
-    """Names `statement` binds, in any branch of it."""
-    found: set[str] = set()
-
-    class _Targets(cst.CSTVisitor):
-        def visit_SimpleStatementLine(self, line: cst.SimpleStatementLine) -> None:
-            found.update(statement_targets(line))
-
-    statement.visit(_Targets())
-    return found
-
-
 def _parts_of(region: list[cst.BaseStatement], tensors: set[str]) -> set[str]:
     """Names `region` assigns from a slice of one of `tensors` (`k_rot = key[:, :, :, :rotary_dim]`)."""
     found: set[str] = set()
     for statement in region:
-        for line in (
-            m.findall(statement, m.SimpleStatementLine())
-            if not isinstance(statement, cst.SimpleStatementLine)
-            else [statement]
-        ):
+        for line in m.findall(statement, m.SimpleStatementLine()):
             small = line.body[0]
             if (
                 isinstance(small, cst.Assign)

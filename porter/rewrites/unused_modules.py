@@ -2,8 +2,8 @@
 
 Deciding the engine's branches can leave a module built in `__init__` that nothing calls any
 more: a decoder layer's cross-attention (`self.encoder_attn`, its norm), which a decoder-only
-model never runs, but whose weights its checkpoint still holds (BART's decoder builds it always;
-XGLM only under `config.add_cross_attention`). Building it would cost memory for nothing, and
+model never runs, but whose weights its checkpoint still holds (built always, or only under a
+flag like `config.add_cross_attention`). Building it would cost memory for nothing, and
 dropping it without a word would make the loader stop on its tensors as unknown, so the assignment
 goes and `load_weights` is told to skip the tensors under that attribute.
 """
@@ -33,11 +33,12 @@ class DropUnusedModules(Rewrite):
             init = info.methods.get("__init__")
             if init is None:
                 continue
+            built = {id(target.target) for assign in m.findall(init, m.Assign()) for target in assign.targets}
             read = {
                 self_attribute(node)
-                for method_name, method in info.methods.items()
+                for method in info.methods.values()
                 for node in m.findall(method, m.Attribute(value=m.Name("self")))
-                if not (method_name == "__init__" and _assigned_here(init, node))
+                if id(node) not in built
             }
             for statement in m.findall(init, m.Assign()):
                 attr = self_attribute(statement.targets[0].target) if len(statement.targets) == 1 else None
@@ -56,11 +57,6 @@ class DropUnusedModules(Rewrite):
             for attr in sorted(attrs - kept_elsewhere):
                 context.plan.ignored.append(rf"(^|\.){re.escape(attr)}\.")
         return module.visit(_Transformer(context, unused))
-
-
-def _assigned_here(init: cst.FunctionDef, node: cst.Attribute) -> bool:
-    """`node` is the target of an assignment in `__init__` (building it is not reading it)."""
-    return any(target.target is node for assign in m.findall(init, m.Assign()) for target in assign.targets)
 
 
 def _builds_module(value: cst.BaseExpression, context: PortContext) -> bool:

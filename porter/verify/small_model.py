@@ -93,9 +93,8 @@ def small_config(model_type: str, architecture: str) -> PretrainedConfig:
 
 
 def _config_of(model_type: str, architecture: str) -> PretrainedConfig:
-    """A default config of the class the causal-LM class itself takes (Gemma3ForCausalLM takes the
-    text config, `gemma3_text`, not the multimodal `gemma3` its model type names), else the model
-    type's."""
+    """A default config of the class the causal-LM class itself takes (a text-only config where the
+    model type names a multimodal one), else the model type's."""
     import transformers
 
     config_class = getattr(getattr(transformers, architecture, None), "config_class", None)
