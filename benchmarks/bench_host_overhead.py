@@ -4,7 +4,8 @@ A real `LLMEngine` (scheduler, block manager with prefix caching, stop/finish bo
 by a fake driver and sampler: `execute` only builds the step's tensors the way `ModelRunner` does
 (`prepare_inputs`: input ids, positions, `InputMetadata`) and returns dummy logits; `sample` returns
 fixed random tokens. So every microsecond measured is host work that a GPU step cannot hide while the
-loop is synchronous. Sequences are admitted and prefilled first; then `--steps` decode steps of
+loop runs synchronously (`async_scheduling=False`; the asynchronous loop does the same work, but
+while the device runs the previous step). Sequences are admitted and prefilled first; then `--steps` decode steps of
 `--num-seqs` running sequences are timed, their contexts growing from `--context` tokens.
 
     PYTHONPATH=. python3 benchmarks/bench_host_overhead.py              # 256 seqs, 512-token contexts
@@ -15,8 +16,8 @@ Phases (microseconds per step, median over the timed steps):
   inputs          the engine turning the SchedulerOutput into StepInputs (before execute)
   prepare         ModelRunner.prepare_inputs: host->"device" tensors and InputMetadata (device = cpu)
   sample glue     picking the sampled rows and reading the tokens back, fake sampler excluded
-  postprocess     Scheduler.postprocess()
-  finish          stop strings and finished-request collection after postprocess
+  postprocess     Scheduler.record_launch() + record_tokens()
+  finish          stop strings and finished-request collection after record_tokens
   step total      LLMEngine.step() end to end, fake sampler excluded
 """
 
@@ -36,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine.block_manager import BlockManager  # noqa: E402
 from engine.layers.sampler import SamplerOutput  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
-from engine.model_runner import ModelRunner  # noqa: E402
+from engine.model_runner import ModelRunner, TokenReadback  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 from engine.scheduler import Scheduler  # noqa: E402
 
@@ -66,7 +67,7 @@ def build_engine(args: argparse.Namespace, clock: PhaseClock) -> LLMEngine:
     tokens = torch.randint(10, vocab, (max_logit_rows,), generator=generator)
 
     schedule = scheduler.schedule
-    postprocess = scheduler.postprocess
+    record_launch, record_tokens = scheduler.record_launch, scheduler.record_tokens
 
     def timed_schedule():
         clock.mark("schedule_begin")
@@ -74,15 +75,20 @@ def build_engine(args: argparse.Namespace, clock: PhaseClock) -> LLMEngine:
         clock.mark("schedule_end")
         return output
 
-    def timed_postprocess(*a, **k):
-        clock.mark("postprocess_begin")
-        finished = postprocess(*a, **k)
-        clock.mark("postprocess_end")
+    def timed_record_launch(output):
+        clock.mark("launch_begin")
+        record_launch(output)
+        clock.mark("launch_end")
+
+    def timed_record_tokens(*a, **k):
+        clock.mark("tokens_begin")
+        finished = record_tokens(*a, **k)
+        clock.mark("tokens_end")
         return finished
 
     def execute(step):
         clock.mark("execute_begin")
-        _, _, metadata = ModelRunner.prepare_inputs(runner_view, step)
+        _, _, metadata, _ = ModelRunner.prepare_inputs(runner_view, step)
         clock.mark("execute_end")
         return logits[: metadata.num_seqs]
 
@@ -92,12 +98,14 @@ def build_engine(args: argparse.Namespace, clock: PhaseClock) -> LLMEngine:
         clock.mark("sample_end")
         return result
 
-    scheduler.schedule, scheduler.postprocess = timed_schedule, timed_postprocess
+    scheduler.schedule = timed_schedule
+    scheduler.record_launch, scheduler.record_tokens = timed_record_launch, timed_record_tokens
     engine = LLMEngine.__new__(LLMEngine)
-    engine.config = SimpleNamespace(max_model_len=10**9, model="bench")
+    engine.config = SimpleNamespace(max_model_len=10**9, model="bench", async_scheduling=False)
     engine.tokenizer = None
     engine.driver = SimpleNamespace(execute=execute)
-    engine.runner = SimpleNamespace(sample=sample, release=lambda seq_id: None)
+    engine.runner = SimpleNamespace(sample=sample, read_back=TokenReadback, release=lambda seq_id: None)
+    engine._in_flight, engine._penalized = None, set()
     engine.num_kv_blocks = manager.num_blocks
     engine.scheduler = scheduler
     engine.num_preemptions = 0
@@ -117,9 +125,11 @@ def phase_times(clock: PhaseClock, step_begin: float, step_end: float) -> dict[s
         "schedule": m["schedule_end"] - m["schedule_begin"],
         "inputs": m["execute_begin"] - m["schedule_end"],
         "prepare": m["execute_end"] - m["execute_begin"],
-        "sample glue": (m["postprocess_begin"] - m["execute_end"]) - sampler,
-        "postprocess": m["postprocess_end"] - m["postprocess_begin"],
-        "finish": step_end - m["postprocess_end"],
+        "sample glue": (m["launch_begin"] - m["execute_end"])
+        - sampler
+        + (m["tokens_begin"] - m["launch_end"]),
+        "postprocess": (m["launch_end"] - m["launch_begin"]) + (m["tokens_end"] - m["tokens_begin"]),
+        "finish": step_end - m["tokens_end"],
         "step total": (step_end - step_begin) - sampler,
     }
 

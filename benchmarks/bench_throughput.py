@@ -78,7 +78,11 @@ def model_cost(model: torch.nn.Module, config: PretrainedConfig, dtype: torch.dt
 
 
 def run_engine(
-    directory: Path, prompts: list[list[int]], args: argparse.Namespace, enforce_eager: bool
+    directory: Path,
+    prompts: list[list[int]],
+    args: argparse.Namespace,
+    enforce_eager: bool,
+    async_scheduling: bool = True,
 ) -> dict:
     """Start-up, then a short warm-up (kernel compiles), then the timed `LLM.generate` over all prompts."""
     start = time.perf_counter()
@@ -90,6 +94,7 @@ def run_engine(
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         enforce_eager=enforce_eager,
+        async_scheduling=async_scheduling,
     )
     startup = time.perf_counter() - start
     try:
@@ -203,11 +208,13 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=DEFAULT_MAX_NUM_BATCHED_TOKENS)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["generate_batch", "generate", "eager"])
+    parser.add_argument(
+        "--skip", nargs="*", default=[], choices=["generate_batch", "generate", "sync", "eager"]
+    )
     parser.add_argument(
         "--engine-only",
         action="store_true",
-        help="the engine with CUDA graphs only: same as --skip generate_batch generate eager",
+        help="the engine with CUDA graphs only: same as --skip generate_batch generate sync eager",
     )
     parser.add_argument("--smoke", action="store_true", help="tiny config, 8 prompts of 32/16, CPU, float32")
     parser.add_argument("--json", type=Path, default=None)
@@ -216,7 +223,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.engine_only:
-        args.skip = sorted({*args.skip, "generate_batch", "generate", "eager"})
+        args.skip = sorted({*args.skip, "generate_batch", "generate", "sync", "eager"})
     if args.smoke:
         args.model = SMOKE_MODEL.get(args.model, args.model)
         args.num_prompts, args.input_len, args.output_len = 8, 32, 16
@@ -264,11 +271,16 @@ def main() -> None:
         )
         systems["roofline"] = {"prompts": args.num_prompts, **roof.as_dict()}
         # The HF model stays on the device: the engine sizes its KV cache from the memory left.
-        for name, eager in (("engine (LLM.generate)", False), ("engine, enforce_eager", True)):
-            if eager and "eager" in args.skip:
+        variants = (
+            ("engine (LLM.generate)", "engine", False, True),
+            ("engine, synchronous loop", "sync", False, False),
+            ("engine, enforce_eager", "eager", True, True),
+        )
+        for name, key, eager, overlap in variants:
+            if key in args.skip:
                 continue
             try:
-                run = run_engine(Path(tmp), prompts, args, enforce_eager=eager)
+                run = run_engine(Path(tmp), prompts, args, enforce_eager=eager, async_scheduling=overlap)
             except Exception as error:  # reported in the table; the baselines still run
                 systems[name] = {"error": repr(error)}
                 continue

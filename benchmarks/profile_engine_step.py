@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.bench_throughput import MODELS, build_checkpoint  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
+from engine.model_runner import TokenReadback  # noqa: E402
 
 
 def _timed(table: dict, name: str, fn):
@@ -81,6 +82,9 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=20, help="decode steps in the profiled window")
     parser.add_argument("--profile-from", type=int, default=200, help="first step of the profiled window")
     parser.add_argument("--trace", type=Path, default=None, help="write a Chrome trace of the window")
+    parser.add_argument(
+        "--synchronous", action="store_true", help="async_scheduling=False: read each step before the next"
+    )
     args = parser.parse_args()
 
     config = MODELS[args.model]
@@ -90,14 +94,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="porter-profile-") as tmp:
         build_checkpoint(config, torch.bfloat16, torch.device("cuda"), Path(tmp))
         torch.cuda.empty_cache()
-        llm = LLM(tmp, dtype="bfloat16", device="cuda", max_model_len=args.input_len + args.output_len)
+        llm = LLM(
+            tmp,
+            dtype="bfloat16",
+            device="cuda",
+            max_model_len=args.input_len + args.output_len,
+            async_scheduling=not args.synchronous,
+        )
         engine = llm.engine
         llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
         phases: dict[str, float] = defaultdict(float)
         per_kind: dict[str, list[float]] = defaultdict(list)
         scheduler, driver, runner = engine.scheduler, engine.driver, engine.runner
         scheduler.schedule = _timed(phases, "schedule", scheduler.schedule)
-        scheduler.postprocess = _timed(phases, "postprocess", scheduler.postprocess)
+        scheduler.record_launch = _timed(phases, "record_launch", scheduler.record_launch)
+        scheduler.record_tokens = _timed(phases, "record_tokens", scheduler.record_tokens)
+        TokenReadback.wait = _timed(phases, "wait for sampled tokens", TokenReadback.wait)
         runner.prepare_inputs = _timed(phases, "prepare_inputs", runner.prepare_inputs)
         driver.execute = _timed(phases, "execute (incl. prepare, launch)", driver.execute)
         runner.sample = _timed(phases, "sample (launch)", runner.sample)

@@ -213,9 +213,23 @@ class BlockManager:
         seq.num_computed_tokens = after
         if not self.enable_prefix_caching:
             return
-        first_new_full, num_full = before // self.block_size, after // self.block_size
-        if first_new_full == num_full:  # no block filled up (most decode steps): nothing to register
-            return
+        # A block whose tokens are not all known yet (one is still being sampled) is registered by
+        # `register_block_of` when its last token arrives.
+        first_new_full = before // self.block_size
+        num_full = min(after, len(seq.token_ids) - seq.num_pending_tokens) // self.block_size
+        if first_new_full < num_full:  # else no block filled up (most decode steps): nothing to register
+            self._register_blocks(seq, first_new_full, num_full)
+
+    def register_block_of(self, seq: Sequence, index: int) -> None:
+        """Token `index` of `seq` has just become known: register its block if it is full and computed."""
+        block = index // self.block_size
+        if self.enable_prefix_caching and (block + 1) * self.block_size <= min(
+            seq.num_computed_tokens, seq.num_known_tokens
+        ):
+            self._register_blocks(seq, block, block + 1)
+
+    def _register_blocks(self, seq: Sequence, first_new_full: int, num_full: int) -> None:
+        """Enters `seq`'s full, computed blocks `first_new_full .. num_full - 1` in the prefix cache."""
         hashes = self._block_hashes(seq, num_full)
         for index in range(first_new_full, num_full):
             block = self.blocks[seq.block_table[index]]

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engine.host_copy import to_device
+
 
 @dataclass(slots=True)
 class InputMetadata:
@@ -130,12 +132,12 @@ class InputMetadata:
         packed, offsets = pack_aligned(
             [starts.astype(np.int32), context.astype(np.int32), tables.reshape(-1)]
         )
-        on_device = torch.from_numpy(packed).to(device)
+        on_device = to_device(torch.from_numpy(packed), device)
         return cls(
             query_start_loc=on_device[offsets[0] : offsets[0] + num_seqs + 1],
             context_lens=on_device[offsets[1] : offsets[1] + num_seqs],
             block_tables=on_device[offsets[2] : offsets[2] + tables.size].view(tables.shape),
-            slot_mapping=torch.from_numpy(slots).to(device),
+            slot_mapping=to_device(torch.from_numpy(slots), device),
             max_query_len=int(query.max()) if num_seqs else 0,
             max_context_len=int(context.max()) if num_seqs else 0,
             block_size=block_size,

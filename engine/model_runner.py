@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from engine.config import (
     resolve_max_model_len,
 )
 from engine.cuda_graphs import DecodeGraphs, capture_sizes, graph_unsafe_reason
+from engine.host_copy import values_to_device
 from engine.input_metadata import InputMetadata
 from engine.kv_cache import allocate_kv_caches, kv_cache_bytes_per_block
 from engine.layers.sampler import Sampler, SamplerOutput, make_generator
@@ -48,6 +49,12 @@ class StepInputs:
     context_lens: list[int]
     block_tables: list[list[int]]
     block_table_array: np.ndarray | None = None
+    # Asynchronous scheduling: tokens the previous step sampled on the device and the host has not
+    # read. Row `pending_rows[k]` of `input_ids` (a placeholder there) takes sampled token
+    # `pending_sources[k]` of that step, which sampled `num_previous_samples` tokens on rank 0.
+    pending_rows: list[int] = field(default_factory=list)
+    pending_sources: list[int] = field(default_factory=list)
+    num_previous_samples: int = 0
 
 
 class ModelRunner:
@@ -85,6 +92,8 @@ class ModelRunner:
         # Only rank 0 samples; a seeded sequence keeps one generator for its whole life.
         self.sampler = Sampler() if rank == 0 else None
         self._generators: dict[int, torch.Generator] = {}
+        # The latest step's sampled tokens, on the device: the next step's pending inputs (rank 0).
+        self._last_sampled: torch.Tensor | None = None
 
     # ----------------------------------------------------------------------------------- KV cache
 
@@ -212,8 +221,11 @@ class ModelRunner:
 
     # ------------------------------------------------------------------------------------ forward
 
-    def prepare_inputs(self, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor, InputMetadata]:
-        """Device tensors for one step: input ids, positions and the attention metadata."""
+    def prepare_inputs(
+        self, step: StepInputs
+    ) -> tuple[torch.Tensor, torch.Tensor, InputMetadata, torch.Tensor | None]:
+        """Device tensors for one step: input ids, positions, the attention metadata, and the pending
+        rows and their sources (`[2, n]`, None when no input is pending)."""
         return prepare_step_tensors(step, self.block_size, self.device)
 
     @torch.inference_mode()
@@ -221,9 +233,29 @@ class ModelRunner:
         """Runs one step on this rank; returns float32 logits `[num_seqs, vocab]` (the same on every rank)."""
         if not self.kv_caches:
             raise RuntimeError("the KV cache is not allocated: call initialize_kv_cache() first")
-        input_ids, positions, metadata = self.prepare_inputs(step)
+        input_ids, positions, metadata, pending = self.prepare_inputs(step)
+        if pending is not None:
+            self._fill_pending_inputs(input_ids, pending, step.num_previous_samples)
         hidden_states = self.run_forward(input_ids, positions, metadata)
         return self.model.compute_logits(hidden_states, metadata)
+
+    def _fill_pending_inputs(self, input_ids: torch.Tensor, pending: torch.Tensor, num_samples: int) -> None:
+        """Writes the previous step's sampled tokens into the rows that wait for them, on the device:
+        the host never reads them first. Rank 0 holds them; under tensor parallelism it broadcasts
+        them (a device collective on NCCL, so still no host sync)."""
+        rows, sources = pending
+        if self.rank == 0:
+            tokens = self._last_sampled
+            if tokens is None or tokens.numel() != num_samples:
+                raise RuntimeError(
+                    f"the step expects {num_samples} tokens from the previous step, rank 0 sampled "
+                    f"{0 if tokens is None else tokens.numel()}"
+                )
+        else:
+            tokens = torch.empty(num_samples, dtype=torch.long, device=self.device)
+        if self.tp_size > 1:
+            dist.broadcast(tokens, src=0)
+        input_ids[rows] = tokens[sources]
 
     def run_forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: InputMetadata
@@ -253,13 +285,21 @@ class ModelRunner:
         params = [seq.sampling_params for seq in seqs]
         generators = [self._generator(seq) for seq in seqs]
         with_penalties = any(p.has_penalties for p in params)
-        return self.sampler(
+        if with_penalties and any(seq.num_pending_tokens for seq in seqs):
+            raise RuntimeError("penalties need every earlier token read back before the next step samples")
+        output = self.sampler(
             logits,
             params,
             prompt_token_ids=[seq.prompt_token_ids for seq in seqs] if with_penalties else None,
             output_token_ids=[seq.output_token_ids for seq in seqs] if with_penalties else None,
             generators=generators,
         )
+        self._last_sampled = output.token_ids
+        return output
+
+    def read_back(self, token_ids: torch.Tensor) -> TokenReadback:
+        """Starts copying sampled tokens to the host without waiting for them (see TokenReadback)."""
+        return TokenReadback(token_ids)
 
     def release(self, seq_id: int) -> None:
         """Forgets a finished sequence's generator."""
@@ -274,16 +314,50 @@ class ModelRunner:
         return self._generators[seq.seq_id]
 
 
+class TokenReadback:
+    """Sampled tokens on their way to the host: the copy is queued behind the step, `wait` ends it.
+
+    On a GPU the copy goes to pinned memory without blocking, so the host can prepare and launch the
+    next step first; torch's pinned-memory cache keeps the buffer until the copy has run.
+    """
+
+    def __init__(self, token_ids: torch.Tensor) -> None:
+        self._event: torch.cuda.Event | None = None
+        if token_ids.is_cuda:
+            self._host = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
+            self._host.copy_(token_ids, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = token_ids
+
+    def wait(self) -> list[int]:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.tolist()
+
+
 def prepare_step_tensors(
     step: StepInputs, block_size: int, device: torch.device | str
 ) -> tuple[torch.Tensor, torch.Tensor, InputMetadata]:
     """Input ids, positions and attention metadata of `step` on `device`, in three host-to-device copies."""
     num_tokens = len(step.input_ids)
-    # One copy for both int64 inputs; the two halves are contiguous views of it, the positions
-    # starting 16-byte aligned whatever the token count (see `pack_aligned`).
+    # One copy for the int64 inputs; each is a contiguous view of it, the positions starting 16-byte
+    # aligned whatever the token count (see `pack_aligned`), the pending rows and sources last.
     padding = [0] * (num_tokens % 2)
-    ids_and_positions = torch.tensor(step.input_ids + padding + step.positions, dtype=torch.long).to(device)
+    ids_and_positions = values_to_device(
+        step.input_ids + padding + step.positions + step.pending_rows + step.pending_sources,
+        torch.long,
+        device,
+    )
     positions_start = num_tokens + len(padding)
+    pending_start = positions_start + num_tokens
+    num_pending = len(step.pending_rows)
+    pending = (
+        ids_and_positions[pending_start : pending_start + 2 * num_pending].view(2, num_pending)
+        if num_pending
+        else None
+    )
     if step.block_table_array is not None:
         metadata = InputMetadata.from_arrays(
             np.asarray(step.query_lens, dtype=np.int64),
@@ -296,14 +370,19 @@ def prepare_step_tensors(
         metadata = InputMetadata.build(
             step.query_lens, step.context_lens, step.block_tables, block_size, device=device
         )
-    return ids_and_positions[:num_tokens], ids_and_positions[positions_start:], metadata
+    return (
+        ids_and_positions[:num_tokens],
+        ids_and_positions[positions_start:pending_start],
+        metadata,
+        pending,
+    )
 
 
 def select_rows(logits: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
     """The logits of the sequences that sample this step (a prefill chunk short of its end does not)."""
     if len(rows) == logits.shape[0]:
         return logits
-    return logits[torch.tensor(list(rows), dtype=torch.long, device=logits.device)]
+    return logits[values_to_device(list(rows), torch.long, logits.device)]
 
 
 def _split_evenly(total: int, parts: int) -> list[int]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.block_manager import BlockManager
-from engine.sequence import FinishReason, SampleLogprobs, Sequence, SequenceStatus
+from engine.sequence import PENDING_TOKEN, FinishReason, SampleLogprobs, Sequence, SequenceStatus
 
 
 @dataclass(slots=True)
@@ -92,9 +92,22 @@ class SchedulerOutput:
         return [item.block_table for item in self.scheduled]
 
     def input_token_ids(self) -> list[int]:
+        """Every row's new tokens, end to end; a token still being sampled reads as PENDING_TOKEN (see
+        `pending_input_rows`)."""
         # Decode rows (one token, at index `start`) skip the slice and its list.
         decodes = [item.seq.token_ids[item.start] for item in self.scheduled[: self.num_decodes]]
         return decodes + [token for item in self.scheduled[self.num_decodes :] for token in item.token_ids]
+
+    def pending_input_rows(self) -> list[int]:
+        """Decode rows whose one input token a step still in flight is sampling. Only decode rows can
+        be such: a prefill chunk's tokens are all known (a preempted sequence is admitted again only
+        once its last step's token was read)."""
+        return [
+            row
+            for row, item in enumerate(self.scheduled[: self.num_decodes])
+            if item.seq.num_pending_tokens
+            and item.start >= len(item.seq.token_ids) - item.seq.num_pending_tokens
+        ]
 
     def positions(self) -> list[int]:
         decodes = [item.start for item in self.scheduled[: self.num_decodes]]
@@ -113,6 +126,14 @@ class Scheduler:
     The engine loop: `add(seq)` per request; then each step `output = schedule()`, run the model on
     `output`, sample, `finished = postprocess(output, token_ids, logprobs)`; `finish`/`abort` at any
     time between steps (a stop string found by the LLM layer finishes with reason "stop").
+
+    Asynchronously (the host schedules step n+1 while step n runs): `record_launch(output)` once a
+    step is sent to the device, then `record_tokens(output, token_ids, logprobs)` once its sampled
+    tokens are read back, which may be after the next step's `schedule()` and `record_launch`. In
+    between, each sampling row's token is pending (`Sequence.num_pending_tokens`): it counts in the
+    sequence's length, so the next step runs it as a decode row whose input the device supplies.
+    A sequence that a token ends (EOS, a stop) may thus run one step too many; that step's result
+    for it is dropped.
     """
 
     def __init__(
@@ -180,11 +201,17 @@ class Scheduler:
         prefills: list[ScheduledSequence] = []
         budget = self.max_num_batched_tokens
         # Budget held back for decode tokens of sequences not reached yet, so a chunk never starves them.
-        pending_decodes = sum(1 for seq in self.running if len(seq.token_ids) - seq.num_computed_tokens == 1)
+        pending_decodes = sum(
+            1
+            for seq in self.running
+            if len(seq.token_ids) - seq.num_computed_tokens == 1 and not _awaits_last_token(seq)
+        )
         block_size = self.block_manager.block_size
         running = SequenceStatus.RUNNING
         for seq in list(self.running):  # oldest first: it gets blocks first, and is preempted last
             if seq.status is not running:  # preempted for an older one in this loop
+                continue
+            if _awaits_last_token(seq):
                 continue
             computed = seq.num_computed_tokens
             is_decode = len(seq.token_ids) - computed == 1
@@ -214,6 +241,8 @@ class Scheduler:
         # Admitting while preempting would only hand the freed blocks straight back.
         while not output.preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.num_pending_tokens:  # preempted with a token still being sampled: admit it once read
+                break
             cached = self.block_manager.num_cached_prefix_tokens(seq)
             wanted = min(seq.num_tokens - cached, budget)
             if not self.block_manager.can_allocate(seq, wanted):
@@ -242,7 +271,36 @@ class Scheduler:
 
         `token_ids` (and `logprobs`, if given) hold one entry per `output.scheduled` row; entries of rows
         that do not sample (see `sample_indices`) are ignored. Returns the sequences that finished.
+        The same as `record_launch(output)` then `record_tokens(output, token_ids, logprobs)`.
         """
+        self.record_launch(output)
+        return self.record_tokens(output, token_ids, logprobs)
+
+    def record_launch(self, output: SchedulerOutput) -> None:
+        """Records a step sent to the device: its K/V count as written, and each row that samples gets a
+        pending token, so the next `schedule()` can run before the sampled values are read back."""
+        mark_computed = self.block_manager.mark_computed
+        running = SequenceStatus.RUNNING
+        for item in output.scheduled:
+            seq = item.seq
+            if seq.status is not running:  # aborted since it was scheduled
+                continue
+            if seq.num_computed_tokens != item.start:
+                raise RuntimeError(f"sequence {seq.seq_id} changed between schedule() and the step's launch")
+            mark_computed(seq, item.num_new_tokens)
+            if item.samples_token:  # = seq.append_pending_token(), minus a call: this runs per row
+                seq.token_ids.append(PENDING_TOKEN)
+                seq.num_pending_tokens += 1
+
+    def record_tokens(
+        self,
+        output: SchedulerOutput,
+        token_ids: SequenceOf[int],
+        logprobs: SequenceOf[SampleLogprobs | None] | None = None,
+    ) -> list[Sequence]:
+        """Gives a launched step's pending tokens their sampled values, oldest step first, and finishes
+        the sequences they end. Rows of sequences that ended meanwhile (a stop found in an earlier
+        step's token, an abort) are ignored. Returns the sequences that finished."""
         if len(token_ids) != len(output.scheduled):
             raise ValueError(
                 f"got {len(token_ids)} token ids for {len(output.scheduled)} scheduled sequences"
@@ -250,26 +308,33 @@ class Scheduler:
         if logprobs is not None and len(logprobs) != len(output.scheduled):
             raise ValueError(f"got {len(logprobs)} logprobs for {len(output.scheduled)} scheduled sequences")
         finished: list[Sequence] = []
-        mark_computed = self.block_manager.mark_computed
-        running = SequenceStatus.RUNNING
+        block_size = self.block_manager.block_size
+        finished_status = SequenceStatus.FINISHED
+        eos_token_ids = self.eos_token_ids
         for index, item in enumerate(output.scheduled):
             seq = item.seq
-            if seq.status is not running:  # aborted while the step ran
-                continue
-            if seq.num_computed_tokens != item.start:
-                raise RuntimeError(f"sequence {seq.seq_id} changed between schedule() and postprocess()")
-            mark_computed(seq, item.num_new_tokens)
-            if not item.samples_token:
+            # A preempted sequence (waiting again) still gets its token: it is part of its output.
+            if not item.samples_token or seq.status is finished_status:
                 continue
             token_id = int(token_ids[index])
-            if logprobs is None:
-                seq.token_ids.append(token_id)  # = append_token without logprobs, minus a call
+            if logprobs is None and seq.num_pending_tokens:  # = fill_pending_token, minus a call
+                position = len(seq.token_ids) - seq.num_pending_tokens
+                seq.token_ids[position] = token_id
+                seq.num_pending_tokens -= 1
             else:
-                seq.append_token(token_id, logprobs[index])
-            reason = self._finish_reason(seq, token_id)
-            if reason is not None:
-                self._finish(seq, reason)
-                finished.append(seq)
+                position = seq.fill_pending_token(token_id, None if logprobs is None else logprobs[index])
+            if (position + 1) % block_size == 0:  # it completed a block the step may have computed
+                self.block_manager.register_block_of(seq, position)
+            params = seq.sampling_params
+            if (
+                (token_id in eos_token_ids and not params.ignore_eos)
+                or params.stop_token_ids
+                or position + 1 - seq.num_prompt_tokens >= params.max_tokens
+            ):
+                reason = self._finish_reason(seq, token_id)
+                if reason is not None:
+                    self._finish(seq, reason)
+                    finished.append(seq)
         return finished
 
     def finish(self, seq_id: int, reason: FinishReason) -> Sequence | None:
@@ -287,11 +352,12 @@ class Scheduler:
         params = seq.sampling_params
         if (not params.ignore_eos and token_id in self.eos_token_ids) or token_id in params.stop_token_ids:
             return "stop"
-        if len(seq.token_ids) - seq.num_prompt_tokens >= params.max_tokens:  # num_output_tokens
+        if seq.num_known_tokens - seq.num_prompt_tokens >= params.max_tokens:
             return "length"
         return None
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        seq.drop_pending_tokens()  # sampled by a step still in flight, after the end: not output
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
             self.block_manager.free(seq)
@@ -340,3 +406,11 @@ class Scheduler:
             block_table=list(seq.block_table),
             samples_token=start + num_new_tokens == seq.num_tokens,
         )
+
+
+def _awaits_last_token(seq: Sequence) -> bool:
+    """Whether a step in flight is sampling the sequence's last allowed token: nothing left to run."""
+    return (
+        seq.num_pending_tokens > 0
+        and len(seq.token_ids) - seq.num_prompt_tokens >= seq.sampling_params.max_tokens
+    )

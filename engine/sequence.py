@@ -15,6 +15,10 @@ from engine.sampling_params import SamplingParams
 
 FinishReason = Literal["stop", "length", "abort"]
 
+# Stands in `token_ids` for a token that a step still on the device has sampled but the host has not
+# read yet (asynchronous scheduling, see `engine.llm_engine`). Never a real vocabulary id.
+PENDING_TOKEN = -1
+
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"  # queued, holds no blocks (new, or preempted)
@@ -57,6 +61,7 @@ class Sequence:
         "num_cached_tokens",
         "num_preemptions",
         "logprobs",
+        "num_pending_tokens",
     )
 
     def __init__(self, seq_id: int, prompt_token_ids: SequenceOf[int], sampling_params: SamplingParams):
@@ -78,6 +83,8 @@ class Sequence:
         self.num_cached_tokens = 0  # the prefix-cache hit at the latest admission
         self.num_preemptions = 0
         self.logprobs: list[SampleLogprobs] = []  # one per output token when sampling_params.logprobs is set
+        # Trailing entries of `token_ids` that are PENDING_TOKEN: sampled on the device, not yet read.
+        self.num_pending_tokens = 0
 
     @property
     def num_tokens(self) -> int:
@@ -100,6 +107,11 @@ class Sequence:
         return self.token_ids[-1]
 
     @property
+    def num_known_tokens(self) -> int:
+        """Tokens whose values the host has: all but the trailing pending ones."""
+        return len(self.token_ids) - self.num_pending_tokens
+
+    @property
     def num_uncomputed_tokens(self) -> int:
         """Tokens whose K/V are not in the cache yet: what is left to run before the next sample."""
         return len(self.token_ids) - self.num_computed_tokens
@@ -113,6 +125,28 @@ class Sequence:
         self.token_ids.append(token_id)
         if logprobs is not None:
             self.logprobs.append(logprobs)
+
+    def append_pending_token(self) -> None:
+        """Adds a token a step is sampling on the device: it counts in the length, its value comes later."""
+        self.token_ids.append(PENDING_TOKEN)
+        self.num_pending_tokens += 1
+
+    def fill_pending_token(self, token_id: int, logprobs: SampleLogprobs | None = None) -> int:
+        """Gives the oldest pending token its value; returns its index in `token_ids`."""
+        if self.num_pending_tokens == 0:
+            raise RuntimeError(f"sequence {self.seq_id} has no pending token to fill")
+        index = len(self.token_ids) - self.num_pending_tokens
+        self.token_ids[index] = token_id
+        self.num_pending_tokens -= 1
+        if logprobs is not None:
+            self.logprobs.append(logprobs)
+        return index
+
+    def drop_pending_tokens(self) -> None:
+        """Forgets tokens still being sampled (the sequence ended before they were read)."""
+        if self.num_pending_tokens:
+            del self.token_ids[-self.num_pending_tokens :]
+            self.num_pending_tokens = 0
 
     def fork(self, seq_id: int, sample_index: int) -> Sequence:
         """A fresh, waiting copy of this request's prompt: completion number `sample_index` of `n`.

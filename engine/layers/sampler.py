@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from engine.host_copy import values_to_device
 from engine.sampling_params import SamplingParams
 from engine.sequence import SampleLogprobs
 
@@ -61,7 +62,7 @@ class Sampler(nn.Module):
         greedy = [p.is_greedy for p in params]
         if not all(greedy):
             temperatures = [1.0 if p.is_greedy else p.temperature for p in params]
-            logits = logits / torch.tensor(temperatures, device=logits.device).unsqueeze(1)
+            logits = logits / values_to_device(temperatures, torch.float32, logits.device).unsqueeze(1)
 
         if all(greedy):
             token_ids = logits.argmax(dim=-1)
@@ -70,7 +71,7 @@ class Sampler(nn.Module):
             truncated = apply_min_p(truncated, params)
             token_ids = _exponential_race(truncated.softmax(dim=-1), params, generators)
             if any(greedy):
-                greedy_rows = torch.tensor(greedy, device=logits.device)
+                greedy_rows = values_to_device(greedy, torch.bool, logits.device)
                 token_ids = torch.where(greedy_rows, logits.argmax(dim=-1), token_ids)
 
         logprobs = None
@@ -119,7 +120,7 @@ def apply_top_k_top_p(logits: torch.Tensor, params: SequenceOf[SamplingParams]) 
     ascending, order = logits.sort(dim=-1)
     if use_top_k:
         top_k = [vocab if p.top_k == -1 else min(p.top_k, vocab) for p in params]
-        kth_index = vocab - torch.tensor(top_k, device=logits.device).unsqueeze(1)
+        kth_index = vocab - values_to_device(top_k, torch.long, logits.device).unsqueeze(1)
         kth_largest = ascending.gather(1, kth_index)
         ascending = ascending.masked_fill(ascending < kth_largest, float("-inf"))
     if use_top_p:
@@ -193,4 +194,4 @@ def _token_counts(token_ids: SequenceOf[SequenceOf[int]], vocab: int, device: to
 
 
 def _row_values(values: list[float], like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32, device=like.device).unsqueeze(1)
+    return values_to_device(values, torch.float32, like.device).unsqueeze(1)

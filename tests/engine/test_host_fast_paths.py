@@ -182,7 +182,8 @@ def test_step_tensors_start_16_byte_aligned_whatever_the_batch(num_seqs: int) ->
         block_tables=tables,
         block_table_array=pad_block_tables(tables),
     )
-    input_ids, positions, metadata = prepare_step_tensors(step, 4, "cpu")
+    input_ids, positions, metadata, pending = prepare_step_tensors(step, 4, "cpu")
+    assert pending is None
     assert input_ids.tolist() == step.input_ids and positions.tolist() == step.positions
     fields = [positions, metadata.query_start_loc, metadata.context_lens, metadata.block_tables]
     for field in fields:

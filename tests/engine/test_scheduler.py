@@ -19,7 +19,7 @@ from engine.block_manager import BlockManager
 from engine.input_metadata import InputMetadata
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
-from engine.sequence import Sequence, SequenceStatus
+from engine.sequence import PENDING_TOKEN, Sequence, SequenceStatus
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 50
@@ -42,19 +42,30 @@ class FakeModel:
     def _slot(self, block_table: list[int], position: int) -> int:
         return block_table[position // self.block_size] * self.block_size + position % self.block_size
 
-    def step(self, output: SchedulerOutput) -> list[int]:
+    def step(self, output: SchedulerOutput, previous: dict[int, int] | None = None) -> list[int]:
+        """Runs a step; `previous` maps sequence id -> the token the step before sampled for it, which
+        a pending input row takes (as the engine does on the device)."""
         metadata = InputMetadata.build(
             output.query_lens(), output.context_lens(), output.block_tables(), self.block_size
         )
+        pending_rows = set(output.pending_input_rows())
         expected_slots = []
         sampled = []
-        for item in output.scheduled:
-            for position, token in zip(item.positions, item.token_ids):
+        for row, item in enumerate(output.scheduled):
+            tokens = item.token_ids
+            if row in pending_rows:
+                assert tokens == [PENDING_TOKEN]
+                tokens = [previous[item.seq.seq_id]]
+            assert PENDING_TOKEN not in tokens
+            for position, token in zip(item.positions, tokens):
                 slot = self._slot(item.block_table, position)
                 expected_slots.append(slot)
                 self.cache[slot] = (token, position)
             context = [self.cache[self._slot(item.block_table, p)] for p in range(item.context_len)]
-            assert context == [(t, p) for p, t in enumerate(item.seq.token_ids[: item.context_len])]
+            known = item.seq.token_ids[: item.context_len]
+            if row in pending_rows:
+                known = known[:-1] + tokens
+            assert context == [(t, p) for p, t in enumerate(known)]
             sampled.append(next_token([token for token, _ in context]) if item.samples_token else -1)
         assert metadata.slot_mapping.tolist() == expected_slots
         assert metadata.num_tokens == len(output.positions()) == len(output.input_token_ids())
@@ -70,14 +81,19 @@ def run_to_completion(
     requests: list[Sequence],
     arrivals: dict[int, int] | None = None,
     model: FakeModel | None = None,
+    overlap: bool = False,
 ) -> int:
-    """Drives schedule -> fake model -> postprocess until every request finishes; checks each step."""
+    """Drives schedule -> fake model -> postprocess until every request finishes; checks each step.
+
+    `overlap`: as the engine's asynchronous scheduling does, each step is scheduled and run before
+    the previous step's tokens are recorded (`record_launch` now, `record_tokens` one step later)."""
     manager = scheduler.block_manager
     model = model or FakeModel(manager.num_blocks, manager.block_size)
     arrivals = arrivals or {}
     pending = sorted(requests, key=lambda seq: arrivals.get(seq.seq_id, 0))
+    in_flight: tuple[SchedulerOutput, list[int]] | None = None
     step = 0
-    while pending or scheduler.has_unfinished():
+    while pending or scheduler.has_unfinished() or in_flight is not None:
         while pending and arrivals.get(pending[0].seq_id, 0) <= step:
             scheduler.add(pending.pop(0))
         output = scheduler.schedule()
@@ -85,11 +101,27 @@ def run_to_completion(
         assert len(output.scheduled) <= scheduler.max_num_seqs
         assert scheduler.num_running <= scheduler.max_num_seqs
         assert len({id(item.seq) for item in output.scheduled}) == len(output.scheduled)
-        if scheduler.has_unfinished():
-            assert not output.is_empty or pending, "no progress"
-        scheduler.postprocess(output, model.step(output))
+        if output.is_empty and in_flight is None and scheduler.has_unfinished():
+            assert pending, "no progress"
+        if output.is_empty and in_flight is not None:
+            scheduler.record_tokens(*in_flight)
+            in_flight = None
+        elif overlap:
+            previous = (
+                {}
+                if in_flight is None
+                else {item.seq.seq_id: token for item, token in zip(in_flight[0].scheduled, in_flight[1])}
+            )
+            sampled = model.step(output, previous)
+            scheduler.record_launch(output)
+            if in_flight is not None:
+                scheduler.record_tokens(*in_flight)
+            in_flight = (output, sampled)
+        else:
+            scheduler.postprocess(output, model.step(output))
         step += 1
         assert step < 10_000
+    assert in_flight is None
     return step
 
 
@@ -203,8 +235,9 @@ def test_the_newest_sequence_is_preempted_and_resumes_with_its_output_kept():
         assert seq.token_ids == expected
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_generation_under_block_pressure_matches_generation_with_plenty(seed):
+def test_generation_under_block_pressure_matches_generation_with_plenty(seed, overlap):
     rng = random.Random(seed)
     requests = random_requests(rng, 24)
     arrivals = {seq.seq_id: rng.randrange(0, 30) for seq in requests}
@@ -215,7 +248,7 @@ def test_generation_under_block_pressure_matches_generation_with_plenty(seed):
 
     fresh = [Sequence(s.seq_id, s.prompt_token_ids, s.sampling_params) for s in requests]
     scarce = make_scheduler(num_blocks=20, block_size=4, max_num_seqs=16, budget=48)
-    run_to_completion(scarce, fresh, arrivals)
+    run_to_completion(scarce, fresh, arrivals, overlap=overlap)
     assert {seq.seq_id: (seq.token_ids, seq.finish_reason) for seq in fresh} == expected
     assert sum(seq.num_preemptions for seq in fresh) > 0
     assert any(seq.num_cached_tokens > 0 for seq in fresh)
@@ -301,10 +334,12 @@ def test_fork_makes_independent_children_with_distinct_seeds():
         Sequence(2, [], SamplingParams())
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
 @pytest.mark.parametrize("seed", range(40))
-def test_random_configurations_finish_with_the_same_tokens_as_an_unconstrained_run(seed):
+def test_random_configurations_finish_with_the_same_tokens_as_an_unconstrained_run(seed, overlap):
     """Tiny budgets (below max_num_seqs too), block sizes from 1 to 16, just enough blocks for the
-    longest request, prefix caching on or off: every request still ends exactly as with plenty."""
+    longest request, prefix caching on or off: every request still ends exactly as with plenty,
+    also when each step is scheduled before the previous one's tokens are recorded."""
     rng = random.Random(1000 + seed)
     requests = random_requests(rng, rng.randrange(1, 20))
     arrivals = {seq.seq_id: rng.randrange(0, 20) for seq in requests}
@@ -317,8 +352,83 @@ def test_random_configurations_finish_with_the_same_tokens_as_an_unconstrained_r
     num_blocks = -(-longest // block_size) + rng.randrange(0, 6)
     manager = BlockManager(num_blocks, block_size, enable_prefix_caching=rng.random() < 0.7)
     scheduler = Scheduler(manager, rng.randrange(1, 10), rng.randrange(1, 40), eos_token_id=EOS)
-    run_to_completion(scheduler, fresh, arrivals)
+    run_to_completion(scheduler, fresh, arrivals, overlap=overlap)
     assert [(s.token_ids, s.finish_reason) for s in fresh] == [
         (s.token_ids, s.finish_reason) for s in requests
     ]
     assert manager.num_free_blocks == num_blocks
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_a_block_completed_by_a_token_still_being_sampled_is_cached_under_its_real_tokens(overlap):
+    # Block 0 holds the 3 prompt tokens and the first output token. With overlap, the step that
+    # computes that token's K/V launches before its value is read: the block must be registered
+    # once the value arrives, under the hash of the real tokens.
+    scheduler = make_scheduler(num_blocks=32, block_size=4, budget=64)
+    first = Sequence(0, [5, 6, 7], SamplingParams(max_tokens=6, ignore_eos=True))
+    run_to_completion(scheduler, [first], overlap=overlap)
+    second = Sequence(1, first.token_ids[:6], SamplingParams(max_tokens=1, ignore_eos=True))
+    scheduler.add(second)
+    scheduler.schedule()
+    assert second.num_cached_tokens == 4
+
+
+def test_overlapped_steps_hold_pending_tokens_until_read():
+    scheduler = make_scheduler(num_blocks=32, block_size=4, budget=64)
+    ends_early = Sequence(0, [1, 2, 3], SamplingParams(max_tokens=5))
+    two_tokens = Sequence(1, [4, 5], SamplingParams(max_tokens=2, ignore_eos=True))
+    scheduler.add(ends_early)
+    scheduler.add(two_tokens)
+    prefill = scheduler.schedule()
+    scheduler.record_launch(prefill)
+    assert ends_early.token_ids == [1, 2, 3, PENDING_TOKEN] and ends_early.num_known_tokens == 3
+
+    # Both run a decode row whose input is the token still being sampled.
+    decode = scheduler.schedule()
+    assert decode.sequences == [ends_early, two_tokens]
+    assert decode.pending_input_rows() == [0, 1]
+    scheduler.record_launch(decode)
+    assert ends_early.num_pending_tokens == two_tokens.num_pending_tokens == 2
+
+    # two_tokens now awaits its last token: nothing of it is scheduled. ends_early runs again.
+    third = scheduler.schedule()
+    assert third.sequences == [ends_early]
+    # Reading the prefill's tokens: EOS ends ends_early, whose later pending tokens are dropped.
+    finished = scheduler.record_tokens(prefill, [EOS, 9])
+    assert finished == [ends_early]
+    assert ends_early.token_ids == [1, 2, 3, EOS] and ends_early.finish_reason == "stop"
+    assert two_tokens.token_ids == [4, 5, 9, PENDING_TOKEN]
+    # The rows of the steps in flight for the finished sequence are ignored when they are read.
+    assert scheduler.record_tokens(decode, [11, 12]) == [two_tokens]
+    assert two_tokens.token_ids == [4, 5, 9, 12] and two_tokens.finish_reason == "length"
+    scheduler.record_launch(third)  # a finished sequence is skipped at launch too
+    assert scheduler.record_tokens(third, [13]) == []
+    assert ends_early.token_ids == [1, 2, 3, EOS]
+    assert scheduler.block_manager.num_free_blocks == 32 and not scheduler.has_unfinished()
+
+
+def test_a_sequence_preempted_with_a_pending_token_keeps_it_and_waits_for_it():
+    scheduler = make_scheduler(num_blocks=2, block_size=4, budget=64)
+    old = Sequence(0, [1, 2, 3], SamplingParams(max_tokens=5, ignore_eos=True))
+    new = Sequence(1, [4, 5, 6], SamplingParams(max_tokens=4, ignore_eos=True))
+    scheduler.add(old)
+    scheduler.add(new)
+    prefill = scheduler.schedule()
+    scheduler.record_launch(prefill)
+    decode = scheduler.schedule()  # old's and new's decode rows fill the two blocks
+    scheduler.record_launch(decode)
+    scheduler.record_tokens(prefill, [7, 8])
+    # old needs a new block: new, the newest, is preempted while its second token is pending.
+    step = scheduler.schedule()
+    assert step.preempted == [new] and new.num_pending_tokens == 1
+    assert step.sequences == [old]
+    scheduler.record_launch(step)
+    scheduler.abort(old.seq_id)  # frees every block
+    # new could be admitted now, but its recompute needs the token still being sampled.
+    assert scheduler.schedule().is_empty
+    scheduler.record_tokens(decode, [9, 10])
+    assert new.token_ids == [4, 5, 6, 8, 10] and new.status is SequenceStatus.WAITING
+    readmitted = scheduler.schedule()
+    assert readmitted.sequences == [new]
+    assert readmitted.input_token_ids() == [4, 5, 6, 8, 10]
+    assert readmitted.pending_input_rows() == []
