@@ -200,18 +200,25 @@ class Scheduler:
         decodes: list[ScheduledSequence] = []
         prefills: list[ScheduledSequence] = []
         budget = self.max_num_batched_tokens
-        # Budget held back for decode tokens of sequences not reached yet, so a chunk never starves them.
-        pending_decodes = sum(
-            1
-            for seq in self.running
-            if len(seq.token_ids) - seq.num_computed_tokens == 1 and not _awaits_last_token(seq)
-        )
+        # Sequences with something to run (not those whose last allowed token a step in flight is
+        # sampling), oldest first: it gets blocks first, and is preempted last. And the budget held
+        # back for decode tokens of sequences not reached yet, so a chunk never starves them.
+        candidates: list[Sequence] = []
+        pending_decodes = 0
+        for seq in self.running:
+            num_tokens = len(seq.token_ids)
+            if (
+                seq.num_pending_tokens
+                and num_tokens - seq.num_prompt_tokens >= seq.sampling_params.max_tokens
+            ):
+                continue
+            candidates.append(seq)
+            if num_tokens - seq.num_computed_tokens == 1:
+                pending_decodes += 1
         block_size = self.block_manager.block_size
         running = SequenceStatus.RUNNING
-        for seq in list(self.running):  # oldest first: it gets blocks first, and is preempted last
+        for seq in candidates:
             if seq.status is not running:  # preempted for an older one in this loop
-                continue
-            if _awaits_last_token(seq):
                 continue
             computed = seq.num_computed_tokens
             is_decode = len(seq.token_ids) - computed == 1
@@ -406,11 +413,3 @@ class Scheduler:
             block_table=list(seq.block_table),
             samples_token=start + num_new_tokens == seq.num_tokens,
         )
-
-
-def _awaits_last_token(seq: Sequence) -> bool:
-    """Whether a step in flight is sampling the sequence's last allowed token: nothing left to run."""
-    return (
-        seq.num_pending_tokens > 0
-        and len(seq.token_ids) - seq.num_prompt_tokens >= seq.sampling_params.max_tokens
-    )

@@ -54,8 +54,11 @@ class Sampler(nn.Module):
         """
         if logits.dim() != 2 or logits.shape[0] != len(params):
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(params)} sampling params")
-        logits = logits.to(torch.float32, copy=True)  # penalties write in place; the caller keeps its own
-        if any(p.has_penalties for p in params):
+        with_penalties = any(p.has_penalties for p in params)
+        # Penalties write in place, so they get a copy (the caller keeps its own); nothing else
+        # writes, and at a decode batch the copy is a pass over [batch, vocab] floats per step.
+        logits = logits.to(torch.float32, copy=with_penalties)
+        if with_penalties:
             if prompt_token_ids is None or output_token_ids is None:
                 raise ValueError("penalties need prompt_token_ids and output_token_ids")
             apply_penalties(logits, params, prompt_token_ids, output_token_ids)

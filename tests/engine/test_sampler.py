@@ -61,6 +61,15 @@ def test_sampler_does_not_modify_the_callers_logits():
     params = [SamplingParams(repetition_penalty=1.5, top_p=0.5, temperature=0.5)] * 3
     sampler(logits, params, [[1, 2]] * 3, [[3]] * 3)
     assert torch.equal(logits, before)
+    # Without penalties the sampler works on the caller's tensor itself (no copy): still read-only.
+    unpenalized = [
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=0.7, top_k=3, top_p=0.8, min_p=0.1, seed=1, logprobs=2),
+        SamplingParams(temperature=1.3),
+    ]
+    generators = [None, make_generator(1, "cpu"), None]
+    sampler(logits, unpenalized, generators=generators)
+    assert torch.equal(logits, before)
 
 
 def test_top_k_top_p_masks_match_the_textbook_definition():
