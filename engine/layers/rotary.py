@@ -30,7 +30,9 @@ class RotaryEmbedding(nn.Module):
     """Rotates the first `rotary_dim` features of every head of q and k by position; the rest pass through.
 
     neox style rotates the two halves against each other (HF `rotate_half`); gptj style rotates
-    interleaved pairs `(x[2i], x[2i+1])` (GPT-J `rotate_every_two`).
+    interleaved pairs `(x[2i], x[2i+1])` (GPT-J `rotate_every_two`). `reverse` turns every pair the
+    other way, by minus its angle: a `rotate_half` returning `(x2, -x1)` instead of HF's `(-x2, x1)`
+    (NanoChat). It is done by negating the inverse frequencies (cos stays, sin changes sign).
     """
 
     def __init__(
@@ -41,6 +43,7 @@ class RotaryEmbedding(nn.Module):
         inv_freq: torch.Tensor,
         attention_scaling: float = 1.0,
         is_neox_style: bool = True,
+        reverse: bool = False,
     ) -> None:
         super().__init__()
         if rotary_dim > head_dim or rotary_dim % 2 != 0:
@@ -55,15 +58,21 @@ class RotaryEmbedding(nn.Module):
         self.max_position = max_position
         self.attention_scaling = attention_scaling
         self.is_neox_style = is_neox_style
+        self.reverse = reverse
         self.register_buffer("inv_freq", inv_freq.detach().float().clone(), persistent=False)
 
     def frequencies(self, positions: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Inverse frequencies and cos/sin scaling for this step; length-dependent ropes override it."""
         return self.inv_freq, self.attention_scaling
 
+    def signed_frequencies(self, positions: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """`frequencies`, negated for a reversed rotation."""
+        inv_freq, scaling = self.frequencies(positions)
+        return (-inv_freq if self.reverse else inv_freq), scaling
+
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 `[T, rotary_dim / 2]` cos and sin of each position's angles, times the scaling."""
-        inv_freq, scaling = self.frequencies(positions)
+        inv_freq, scaling = self.signed_frequencies(positions)
         return self._cos_sin(positions, inv_freq, scaling)
 
     @staticmethod
@@ -82,7 +91,7 @@ class RotaryEmbedding(nn.Module):
         themselves; elsewhere they are new tensors. Either way use the returned pair, and do not
         rely on the inputs keeping their unrotated values.
         """
-        inv_freq, scaling = self.frequencies(positions)
+        inv_freq, scaling = self.signed_frequencies(positions)
         query_heads, key_heads = self._heads(query), self._heads(key)
         # With a contiguous last dim the [T, heads, D] forms are views, so rotating them rotates q/k.
         in_place = query.stride(-1) == 1 and key.stride(-1) == 1
@@ -119,7 +128,8 @@ class RotaryEmbedding(nn.Module):
         return torch.cat([rotated, passed], dim=-1).reshape(shape)
 
     def extra_repr(self) -> str:
-        return f"head_dim={self.head_dim}, rotary_dim={self.rotary_dim}, neox={self.is_neox_style}"
+        reverse = ", reverse=True" if self.reverse else ""
+        return f"head_dim={self.head_dim}, rotary_dim={self.rotary_dim}, neox={self.is_neox_style}{reverse}"
 
 
 class LengthDependentRotaryEmbedding(RotaryEmbedding):
@@ -132,10 +142,18 @@ class LengthDependentRotaryEmbedding(RotaryEmbedding):
     for a padded batch. Reading the max position costs a device sync.
     """
 
-    def __init__(self, config: Any, rope_type: str, head_dim: int, rotary_dim: int, is_neox_style: bool):
+    def __init__(
+        self,
+        config: Any,
+        rope_type: str,
+        head_dim: int,
+        rotary_dim: int,
+        is_neox_style: bool,
+        reverse: bool = False,
+    ):
         inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None)
         max_position = getattr(config, "max_position_embeddings", DEFAULT_MAX_POSITION)
-        super().__init__(head_dim, rotary_dim, max_position, inv_freq, scaling, is_neox_style)
+        super().__init__(head_dim, rotary_dim, max_position, inv_freq, scaling, is_neox_style, reverse)
         self.config = config
         self.rope_type = rope_type
         if rope_type == "longrope":
@@ -163,6 +181,7 @@ def get_rope(
     rotary_dim: int | None = None,
     is_neox_style: bool = True,
     layer_type: str | None = None,
+    reverse: bool = False,
 ) -> RotaryEmbedding:
     """The rotary embedding `config` describes, for heads of `head_dim`.
 
@@ -170,7 +189,8 @@ def get_rope(
     configs that name it directly (GPT-J's `rotary_dim`). Non-default rope types take their inverse
     frequencies and attention scaling from `transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS`.
     A config with one rope per layer type (`rope_parameters = {"sliding_attention": {...},
-    "full_attention": {...}}`, OLMo3) takes the layer's `layer_type`.
+    "full_attention": {...}}`, OLMo3) takes the layer's `layer_type`. `reverse` rotates by minus
+    the angle (see RotaryEmbedding).
     """
     config = _layer_type_config(config, layer_type)
     rope_parameters = dict(getattr(config, "rope_parameters", None) or {})
@@ -188,7 +208,7 @@ def get_rope(
         if rotary_dim is None:
             rotary_dim = int(head_dim * partial)
         inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim))
-        return RotaryEmbedding(head_dim, rotary_dim, max_position, inv_freq, 1.0, is_neox_style)
+        return RotaryEmbedding(head_dim, rotary_dim, max_position, inv_freq, 1.0, is_neox_style, reverse)
     if rope_type not in ROPE_INIT_FUNCTIONS:
         raise ValueError(f"unknown rope_type {rope_type!r}; transformers knows {sorted(ROPE_INIT_FUNCTIONS)}")
     inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None)
@@ -200,8 +220,12 @@ def get_rope(
             f"computes for rope_type {rope_type!r} from this config"
         )
     if rope_type in ("dynamic", "longrope"):
-        return LengthDependentRotaryEmbedding(config, rope_type, head_dim, hf_rotary_dim, is_neox_style)
-    return RotaryEmbedding(head_dim, hf_rotary_dim, max_position, inv_freq, attention_scaling, is_neox_style)
+        return LengthDependentRotaryEmbedding(
+            config, rope_type, head_dim, hf_rotary_dim, is_neox_style, reverse
+        )
+    return RotaryEmbedding(
+        head_dim, hf_rotary_dim, max_position, inv_freq, attention_scaling, is_neox_style, reverse
+    )
 
 
 def _layer_type_config(config: Any, layer_type: str | None) -> Any:

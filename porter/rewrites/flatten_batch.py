@@ -16,7 +16,11 @@
 - a reshape back to a batch-shaped size the function built (`output_shape = (-1, seq_length,
   hidden)`, then `hidden_states.view(output_shape)`) goes, with the sizes only it read: the
   hidden states stay `[num_tokens, hidden]` (GPT-Neo's `seq_length = inputs_embeds.shape[1]` is the
-  hidden width once tokens are flattened, so its view failed).
+  hidden width once tokens are flattened, so its view failed);
+- a module-level helper that an attention class calls with the positions and that returns a
+  per-position factor shaped for batched queries (`scale[:, None, :, None]`: `[B, S]` positions to
+  `[B, 1, S, 1]` against `[B, H, S, D]`) returns it for per-token rows instead
+  (`scale[:, None, None]`: `[T]` to `[T, 1, 1]` against `[T, H, D]`).
 """
 
 from __future__ import annotations
@@ -44,7 +48,74 @@ class FlattenBatch(Rewrite):
     name = "flatten-batch"
 
     def apply(self, module: cst.Module, context: PortContext) -> cst.Module:
-        return module.visit(_Transformer(context))
+        module = module.visit(_Transformer(context))
+        helpers = _position_helpers(module, context)
+        return module.visit(_PositionFactors(context, helpers)) if helpers else module
+
+
+def _position_helpers(module: cst.Module, context: PortContext) -> set[str]:
+    """Module-level functions that an attention class's methods call with the positions."""
+    functions = {s.name.value for s in module.body if isinstance(s, cst.FunctionDef)}
+    called: set[str] = set()
+    for statement in module.body:
+        if not (isinstance(statement, cst.ClassDef) and statement.name.value in context.plan.attention):
+            continue
+        for call in calls_in(statement):
+            name = dotted_name(call.func)
+            if name in functions and any(code_of(a.value) == "positions" for a in call.args):
+                called.add(name)
+    return called
+
+
+# `[:, None, :, None]`: batch and sequence kept, unit axes for the heads and the head dim.
+_BATCHED_FACTOR = ["slice", "None", "slice", "None"]
+
+
+class _PositionFactors(cst.CSTTransformer):
+    """In the helpers found above, `return x[:, None, :, None]` -> `return x[:, None, None]`."""
+
+    def __init__(self, context: PortContext, helpers: set[str]) -> None:
+        self.context = context
+        self.helpers = helpers
+        self.function: str | None = None
+
+    def visit_FunctionDef(self, node: cst.FunctionDef) -> bool:
+        if self.function is None and node.name.value in self.helpers:
+            self.function = node.name.value
+            return True
+        return self.function is not None
+
+    def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef) -> cst.FunctionDef:
+        if original.name.value == self.function:
+            self.function = None
+        return updated
+
+    def visit_ClassDef(self, node: cst.ClassDef) -> bool:
+        return False
+
+    def leave_Return(self, original: cst.Return, updated: cst.Return) -> cst.Return:
+        value = updated.value
+        if self.function is None or not isinstance(value, cst.Subscript):
+            return updated
+        kinds = [
+            "slice"
+            if isinstance(e.slice, cst.Slice) and e.slice.lower is e.slice.upper is e.slice.step is None
+            else code_of(e.slice).strip()
+            for e in value.slice
+        ]
+        if kinds != _BATCHED_FACTOR:
+            return updated
+        new = updated.with_changes(
+            value=value.with_changes(slice=[value.slice[0], value.slice[1], value.slice[3]])
+        )
+        self.context.record(
+            "flatten-batch",
+            self.function,
+            original,
+            new,
+            "per-position factor for per-token rows: [T, 1, 1] against [T, H, D], not [B, 1, S, 1]",
+        )
+        return new
 
 
 class _Transformer(ClassScopedTransformer):

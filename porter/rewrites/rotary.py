@@ -9,7 +9,9 @@ the config with transformers' own init functions. The rotary module, its call an
 and so do a helper `__init__` calls only to build it (`self._init_rope()`) and the attributes
 only its construction read (`self.rope_theta`: a 5.x config may not even have the field).
 The rotation style is read from the apply function: half-split (`rotate_half`, GPT-NeoX style) or
-interleaved pairs (`x[..., ::2]`, GPT-J style).
+interleaved pairs (`x[..., ::2]`, GPT-J style); and its direction from the pair it builds: HF's
+`cat((-x2, x1))` turns each pair by its angle, `cat((x2, -x1))` (NanoChat) by minus its angle, which
+is `get_rope(..., reverse=True)`.
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ class RotaryToEngine(Rewrite):
         if not apply_functions and not rotary_classes:
             return module
         transformer = _Transformer(context, rotary_classes, apply_functions, one_tensor)
+        transformer.reverse_functions = {
+            name for name in apply_functions if _rotates_backwards(index.functions[name], index.functions)
+        }
         # A rotary module computing one rope per layer type (`forward(x, position_ids, layer_type)`,
         # OLMo3): each attention passes its own layer's type to get_rope.
         transformer.per_layer_type = any(
@@ -73,6 +78,27 @@ def _is_neox_style(function: cst.FunctionDef, functions: dict[str, cst.FunctionD
     return "::2" not in code and "every_two" not in code
 
 
+def _rotates_backwards(function: cst.FunctionDef, functions: dict[str, cst.FunctionDef]) -> bool:
+    """Whether the rotation the apply function (with the helpers it calls) builds turns each pair
+    by minus its angle: the pair is `cat((x2, -x1))` or `stack((x2, -x1))` where HF's rotate_half
+    and rotate_every_two build `(-x2, x1)`."""
+    called = [f for n, f in functions.items() if f is not function and f"{n}(" in code_of(function)]
+    for part in (function, *called):
+        for call in calls_in(part):
+            if call_name(call) not in ("torch.cat", "torch.stack") or not call.args:
+                continue
+            pair = call.args[0].value
+            if not isinstance(pair, (cst.Tuple, cst.List)) or len(pair.elements) != 2:
+                continue
+            negated = [
+                isinstance(e.value, cst.UnaryOperation) and isinstance(e.value.operator, cst.Minus)
+                for e in pair.elements
+            ]
+            if negated == [False, True]:
+                return True
+    return False
+
+
 class _Transformer(ClassScopedTransformer):
     def __init__(
         self,
@@ -92,6 +118,8 @@ class _Transformer(ClassScopedTransformer):
         }
         self.per_layer_type = False  # the rotary module holds one rope per layer type
         self.applied_in: dict[str, bool] = {}  # attention class -> neox style
+        self.reverse_functions: set[str] = set()  # apply functions that rotate by minus the angle
+        self.reversed_in: set[str] = set()  # attention classes that apply one of those
         self.rotary_dims: dict[str, str] = {}  # attention class -> rotated width, where the source names it
         # (class, attribute) read by a rotary module's construction that was removed
         self.rotary_inputs: set[tuple[str, str]] = set()
@@ -128,6 +156,8 @@ class _Transformer(ClassScopedTransformer):
                 q, k = code_of(value.args[0].value), code_of(value.args[1].value)
                 new = cst.parse_statement(f"{', '.join(targets)} = self.rotary_emb(positions, {q}, {k})")
                 self.applied_in[self.current_class] = self.apply_functions[name]
+                if name in self.reverse_functions:
+                    self.reversed_in.add(self.current_class)
                 self.context.record(
                     "rotary", self.where, updated, new, "rotary embedding applied by position, per token"
                 )
@@ -177,6 +207,8 @@ class _Transformer(ClassScopedTransformer):
             return forward
         new = cst.parse_statement(f"{q}, {k} = self.rotary_emb(positions, {q}, {k})")
         self.applied_in[self.current_class] = self.apply_functions[names[0]]
+        if names[0] in self.reverse_functions:
+            self.reversed_in.add(self.current_class)
         width = next(iter(widths), None)
         if width is not None:
             self.rotary_dims[self.current_class] = width
@@ -301,8 +333,10 @@ class _Transformer(ClassScopedTransformer):
                 )
                 return init
             layer_type = f", layer_type=self.{holder}"
+        reverse = ", reverse=True" if class_name in self.reversed_in else ""
         statement = cst.parse_statement(
-            f"self.rotary_emb = get_rope({config}, {info.head_dim}{width}, is_neox_style={neox}{layer_type})"
+            f"self.rotary_emb = get_rope({config}, {info.head_dim}{width}, is_neox_style={neox}"
+            f"{layer_type}{reverse})"
         )
         self.context.need("engine.layers", "get_rope")
         self.context.record(

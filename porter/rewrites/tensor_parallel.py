@@ -63,12 +63,15 @@ class TensorParallelLayers(Rewrite):
             if forward is None or not (info.linears() or sharded):
                 continue
             chunked.update({(name, a): n for a, n in _chunked_outputs(forward, set(info.linears())).items()})
+            attention = context.plan.attention.get(name)
             class_kinds, misuses = _shard_kinds(
                 forward,
                 set(info.linears()),
-                elementwise_attributes(info) | per_head_modules(info, context.plan.attention.get(name)),
+                elementwise_attributes(info) | per_head_modules(info, attention),
                 sharded,
                 reshape_methods(info),
+                last_dim_modules(info, context.index.classes) if attention is not None else set(),
+                head_dim=attention.head_dim if attention is not None else None,
             )
             kinds.update({(name, a): k for a, k in class_kinds.items()})
             for misuse in misuses:
@@ -138,12 +141,17 @@ def _shard_kinds(
     elementwise: set[str],
     sharded_sources: set[str],
     reshape_methods: frozenset[str] = frozenset(),
+    last_dim: set[str] = frozenset(),
+    head_dim: str | None = None,
 ) -> tuple[dict[str, str], list[str]]:
     """Linear attribute -> "column" | "row" | "replicated", by a fixed point over the data flow; and
-    a review message for each place a tensor an engine layer splits reaches what needs it whole."""
+    a review message for each place a tensor an engine layer splits reaches what needs it whole.
+    `last_dim`: modules that work on the last dimension alone, per head on a `[..., head_dim]` view."""
     forced: set[str] = set()
     while True:
-        flow = _propagate(forward, linears, elementwise, forced, sharded_sources, reshape_methods)
+        flow = _propagate(
+            forward, linears, elementwise, forced, sharded_sources, reshape_methods, last_dim, head_dim
+        )
         if not flow.poisoned - forced:
             kinds = {
                 a: ("replicated" if k == "candidate" or a in forced else k) for a, k in flow.kinds.items()
@@ -170,22 +178,47 @@ class _Value:
     sharded: bool = False
     origins: frozenset[str] = frozenset()
     split_by: frozenset[str] = frozenset()
+    # Viewed per head (`[..., heads, head_dim]`): its last dimension is one head's, whole on a rank.
+    per_head: bool = False
 
     @staticmethod
     def join(values: list[_Value]) -> _Value:
+        split = [v for v in values if v.sharded]
         return _Value(
-            any(v.sharded for v in values),
+            bool(split),
             frozenset().union(*(v.origins for v in values)),
             frozenset().union(*(v.split_by for v in values)),
+            bool(split) and all(v.per_head for v in split),
         )
 
 
 _WHOLE = _Value()
 
 
-def _propagate(forward, linears, elementwise, forced, sharded_sources, reshape_methods=frozenset()) -> _Flow:
+def _propagate(
+    forward,
+    linears,
+    elementwise,
+    forced,
+    sharded_sources,
+    reshape_methods=frozenset(),
+    last_dim=frozenset(),
+    head_dim=None,
+) -> _Flow:
     variables: dict[str, _Value] = {}  # variable -> its sharding, where it is sharded
+    sizes: dict[str, str] = {}  # local -> the expression it was last given (a view's size)
     flow = _Flow()
+
+    def per_head_view(node: cst.Call) -> bool:
+        """`x.view(..., head_dim)`, `.reshape(...)` or `.unflatten(-1, (..., head_dim))`, the size
+        possibly a local (`hidden_shape = (*input_shape, -1, self.head_dim)`)."""
+        if head_dim is None or not isinstance(node.func, cst.Attribute) or not node.args:
+            return False
+        if node.func.attr.value not in ("view", "reshape", "unflatten"):
+            return False
+        size = code_of(node.args[-1].value).strip()
+        size = sizes.get(size, size).replace(" ", "")
+        return size.rstrip(",)]").endswith(head_dim.replace(" ", ""))
 
     def needs_whole(value: _Value, consumer: cst.CSTNode, what: str) -> None:
         flow.poisoned.update(value.origins)
@@ -205,6 +238,13 @@ def _propagate(forward, linears, elementwise, forced, sharded_sources, reshape_m
             if isinstance(node.func, cst.Attribute) and attr is None:
                 inner.append(evaluate(node.func.value))
             value = _Value.join(inner)
+            if value.sharded and isinstance(node.func, cst.Attribute) and attr is None:
+                # a view that puts one head in the last dimension makes it per-head; any other
+                # reshape may not keep it so
+                if per_head_view(node):
+                    return _Value(True, value.origins, value.split_by, True)
+                if node.func.attr.value in ("view", "reshape", "flatten", "unflatten"):
+                    value = _Value(True, value.origins, value.split_by)
             if attr in linears and attr not in forced:
                 if value.sharded:
                     flow.kinds[attr] = "row"
@@ -219,6 +259,8 @@ def _propagate(forward, linears, elementwise, forced, sharded_sources, reshape_m
             if attr in sharded_sources:
                 # The engine layer splits its output by heads (or features) whatever its input.
                 return _Value(True, value.origins, value.split_by | {attr})
+            if attr in last_dim and value.per_head:
+                return value  # one head at a time: a rank holds whole heads
             if (
                 attr in elementwise
                 or attr == "rotary_emb"
@@ -253,6 +295,7 @@ def _propagate(forward, linears, elementwise, forced, sharded_sources, reshape_m
                     if isinstance(small, cst.Return):
                         flow.poisoned.update(result.origins)  # a module returns whole tensors
                     for target in statement_targets(statement):
+                        sizes[target] = code_of(value).strip()
                         if result.sharded:
                             variables[target] = result
                         else:
@@ -342,6 +385,34 @@ def reshape_methods(info) -> frozenset[str]:
         if not calls_module and not calls_softmax(code_of(method)):
             found.add(name)
     return frozenset(found)
+
+
+# Reductions a module may make over the last dimension alone and still work one head at a time.
+_REDUCTIONS = ("mean", "sum", "norm", "var", "amax", "amin", "logsumexp", "softmax", "std")
+
+
+def last_dim_modules(info, classes) -> set[str]:
+    """Attributes of a class built from a class of this file that holds no parameters or modules and
+    reduces over the last dimension only (a weightless RMSNorm, NanoChat's q/k norms): on a per-head
+    view each head is normalized by itself, so a tensor split by heads stays split through them."""
+    found = set()
+    for attr, call in info.init_calls.items():
+        built = classes.get(call_name(call) or "")
+        if built is None or built.init_calls or "Parameter(" in code_of(built.node):
+            continue
+        reductions = [
+            c
+            for c in calls_in(built.node)
+            if isinstance(c.func, cst.Attribute) and c.func.attr.value in _REDUCTIONS
+        ]
+        if reductions and all(_over_last_dim(c) for c in reductions):
+            found.add(attr)
+    return found
+
+
+def _over_last_dim(call: cst.Call) -> bool:
+    dims = [a.value for a in call.args if a.keyword is None or a.keyword.value == "dim"]
+    return bool(dims) and code_of(dims[0]).replace(" ", "") in ("-1", "(-1,)")
 
 
 def per_head_modules(info, attention) -> set[str]:

@@ -112,8 +112,9 @@ def _llama_config(rope_parameters: dict, max_position: int = 4096) -> LlamaConfi
     ids=["default", "yarn", "dynamic"],
 )
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_rotary_layer_rotates_qkv_views_in_place(rope_parameters, dtype):
-    rope = get_rope(_llama_config(dict(rope_parameters), max_position=1024), 128).cuda()
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_rotary_layer_rotates_qkv_views_in_place(rope_parameters, dtype, reverse):
+    rope = get_rope(_llama_config(dict(rope_parameters), max_position=1024), 128, reverse=reverse).cuda()
     num_tokens, q_size, kv_size = 19, 4 * 128, 2 * 128
     qkv = torch.randn(num_tokens, q_size + 2 * kv_size, device="cuda").to(dtype)
     positions = torch.randperm(3000, device="cuda")[:num_tokens]  # unsorted; past 1024 for "dynamic"

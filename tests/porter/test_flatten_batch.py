@@ -287,3 +287,37 @@ def test_a_branch_on_the_tensor_rank_keeps_the_rank_four_case_and_no_ops_go():
     )
     assert "len(query_states.shape)" not in forward and "raise" not in forward
     assert "query_states = query_states" not in forward  # what the permute left was a no-op
+
+
+def test_a_per_position_factor_from_a_module_helper_is_shaped_for_per_token_rows():
+    # Ministral3's Llama-4 query scale: `[B, S]` positions -> `[B, 1, S, 1]` against `[B, H, S, D]`.
+    helper = """
+def position_scale(positions_ids, beta):
+    scaling = 1 + beta * torch.log(1 + positions_ids)
+    return scaling[:, None, :, None]
+
+
+def unrelated(x):
+    return x[:, None, :, None]
+"""
+    source = MINI_MODEL.replace("class MiniAttention", helper + "\n\nclass MiniAttention", 1)
+    before = replace_method(
+        source,
+        "MiniAttention",
+        "forward",
+        """
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, position_ids=None, **kwargs):
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        query_states = query_states * position_scale(position_ids, 0.5).to(query_states.dtype)
+        attn_output, attn_weights = attention_interface(self, query_states, key_states, value_states, attention_mask)
+        return self.o_proj(attn_output.reshape(*input_shape, -1).contiguous()), attn_weights
+""",
+    )
+    after = run_rewrites(before, *PREREQUISITES, "flatten-batch").code
+    assert "position_scale(positions, 0.5)" in after
+    assert "return scaling[:, None, None]" in after
+    assert "return x[:, None, :, None]" in after  # not called with the positions: left alone

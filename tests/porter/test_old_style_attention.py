@@ -403,3 +403,14 @@ def test_a_softmax_that_only_one_branch_computes_is_not_taken_for_the_core():
         "paged-attention @ MiniAttention: could not trace q/k/v projections and head size into the attention core"
         in (after.review_messages())
     )
+
+
+def test_a_rotate_half_that_turns_pairs_the_other_way_asks_for_a_reversed_rope():
+    # NanoChat: `cat((x2, -x1))` where HF's rotate_half has `cat((-x2, x1))`.
+    flipped = vary(
+        LEGACY, "    return torch.cat((-x2, x1), dim=-1)\n", "    return torch.cat((x2, -x1), dim=-1)\n"
+    )
+    init = method_code(run_through(flipped, "rotary").code, "MiniAttention", "__init__")
+    assert "self.rotary_emb = get_rope(config, self.head_dim, is_neox_style=True, reverse=True)" in init
+    init = method_code(run_through(LEGACY, "rotary").code, "MiniAttention", "__init__")
+    assert "reverse" not in init

@@ -80,6 +80,10 @@ PORTED = [
     "jais2",
     "cwm",
     "emu3",
+    # A per-position query scale (Llama 4's) from a module-level helper shaped for batched queries.
+    "ministral3",
+    # rotate_half turning pairs the other way (reverse rope); weightless q/k norms on per-head views.
+    "nanochat",
 ]
 
 
@@ -262,6 +266,10 @@ def test_port_has_no_training_or_batching_code(model_type):
         ("cwm", 2),
         ("emu3", 1),
         ("emu3", 2),
+        ("ministral3", 1),
+        ("ministral3", 2),
+        ("nanochat", 1),
+        ("nanochat", 2),
     ],
 )
 def test_verify_passes(model_type, tp, tmp_path):
@@ -310,6 +318,16 @@ CONFIG_VARIANTS = {
     "mpt six heads": ("mpt", ["d_model=96", "n_heads=6"]),
     # Two heads per block: a load that numbered heads other than block by block shows here.
     "codegen two heads per block": ("codegen", ["n_head=8", "rotary_dim=4"]),
+    # The default config scales queries by 1 + beta * log(1 + floor(position / 16384)), which is 1 at
+    # every position verify reaches; a window of 4 makes the scale differ from token to token.
+    "ministral3 position-dependent query scale": (
+        "ministral3",
+        [
+            'rope_parameters={"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 16.0, '
+            '"original_max_position_embeddings": 4, "beta_fast": 32.0, "beta_slow": 1.0, '
+            '"mscale_all_dim": 1.0, "mscale": 1.0, "llama_4_scaling_beta": 0.5}'
+        ],
+    ),
 }
 
 

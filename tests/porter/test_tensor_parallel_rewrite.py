@@ -304,3 +304,46 @@ def test_a_norm_given_the_head_dim_the_config_names_by_keyword_is_one_head_wide(
     assert _review(source) == []
     wide = source.replace("normalized_shape=config.head_dim", "normalized_shape=config.hidden_size")
     assert any("self.q_norm" in item for item in _review(wide))
+
+
+_WEIGHTLESS_NORM = """
+class WeightlessNorm(nn.Module):
+    def __init__(self, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+
+class MiniAttention"""
+
+
+def test_a_weightless_last_dim_norm_works_per_head_on_a_per_head_view_only():
+    """NanoChat: `self.q_norm = RMSNorm(eps=...)` with no weight, on q viewed `[..., heads, head_dim]`:
+    each head is normalized by itself, whatever heads a rank holds. On the flat q it would
+    normalize the rank's share of the features instead of the whole width."""
+    source = MINI_MODEL.replace("class MiniAttention", _WEIGHTLESS_NORM, 1)
+    source = vary(
+        source,
+        "        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)\n",
+        "        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)\n"
+        "        self.q_norm = WeightlessNorm(eps=config.rms_norm_eps)\n",
+    )
+    per_head = vary(
+        source,
+        "        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)\n",
+        "        query_states = self.q_norm(self.q_proj(hidden_states).view(hidden_shape)).transpose(1, 2)\n",
+    )
+    assert _review(per_head) == []
+    flat = vary(
+        source,
+        "        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)\n",
+        "        query_states = self.q_norm(self.q_proj(hidden_states)).view(hidden_shape).transpose(1, 2)\n",
+    )
+    assert any(
+        "`self.q_norm(" in item and "not known to work on a split tensor" in item for item in _review(flat)
+    )
+    # A norm over every dimension but the first is not one head's, even on a per-head view.
+    whole = per_head.replace("x.pow(2).mean(-1, keepdim=True)", "x.pow(2).mean((-2, -1), keepdim=True)")
+    assert any("self.q_norm" in item for item in _review(whole))

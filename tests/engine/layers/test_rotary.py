@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GPTNeoXConfig, LlamaConfig, Phi3Config
+from transformers import GPTNeoXConfig, LlamaConfig, NanoChatConfig, Phi3Config
 from transformers.models.gpt_neox import modeling_gpt_neox as neox
 from transformers.models.gptj import modeling_gptj as gptj
 from transformers.models.llama import modeling_llama as llama
+from transformers.models.nanochat import modeling_nanochat as nanochat
 from transformers.models.phi3 import modeling_phi3 as phi3
 
 from engine.layers import LengthDependentRotaryEmbedding, RotaryEmbedding, get_rope
@@ -232,3 +233,20 @@ def test_one_rope_per_layer_type_matches_hf_for_each_type():
     assert set(config.rope_parameters) == {"sliding_attention", "full_attention"}  # config left as it was
     with pytest.raises(ValueError, match="one rope per layer type"):
         get_rope(config, HEAD_DIM)
+
+
+def test_reverse_rotation_matches_a_rotate_half_that_returns_x2_then_minus_x1():
+    # NanoChat's rotate_half is `cat((x2, -x1))`: each pair turns by minus its angle.
+    config = NanoChatConfig(
+        hidden_size=HEADS * HEAD_DIM, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS
+    )
+    positions = torch.tensor([0, 5, 2, 130, 17])
+    query, key = random_qk(5)
+    theirs = hf_rotate(
+        nanochat.NanoChatRotaryEmbedding(config), nanochat.apply_rotary_pos_emb, positions, query, key
+    )
+    reverse = get_rope(config, HEAD_DIM, reverse=True)
+    torch.testing.assert_close(reverse(positions, query, key), theirs)
+    assert "reverse=True" in repr(reverse)
+    forward = get_rope(config, HEAD_DIM)(positions, query, key)
+    assert not torch.allclose(forward[0], theirs[0])
