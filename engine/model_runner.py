@@ -339,8 +339,9 @@ class TokenReadback:
 
 def prepare_step_tensors(
     step: StepInputs, block_size: int, device: torch.device | str
-) -> tuple[torch.Tensor, torch.Tensor, InputMetadata]:
-    """Input ids, positions and attention metadata of `step` on `device`, in three host-to-device copies."""
+) -> tuple[torch.Tensor, torch.Tensor, InputMetadata, torch.Tensor | None]:
+    """Input ids, positions, attention metadata and the pending rows with their sources (`[2, n]`,
+    None when none) of `step` on `device`, in three host-to-device copies."""
     num_tokens = len(step.input_ids)
     # One copy for the int64 inputs; each is a contiguous view of it, the positions starting 16-byte
     # aligned whatever the token count (see `pack_aligned`), the pending rows and sources last.

@@ -295,7 +295,7 @@ class Scheduler:
             if seq.num_computed_tokens != item.start:
                 raise RuntimeError(f"sequence {seq.seq_id} changed between schedule() and the step's launch")
             mark_computed(seq, item.num_new_tokens)
-            if item.samples_token:  # = seq.append_pending_token(), minus a call: this runs per row
+            if item.samples_token:  # its next token counts from now; the value comes with record_tokens
                 seq.token_ids.append(PENDING_TOKEN)
                 seq.num_pending_tokens += 1
 

@@ -126,11 +126,6 @@ class Sequence:
         if logprobs is not None:
             self.logprobs.append(logprobs)
 
-    def append_pending_token(self) -> None:
-        """Adds a token a step is sampling on the device: it counts in the length, its value comes later."""
-        self.token_ids.append(PENDING_TOKEN)
-        self.num_pending_tokens += 1
-
     def fill_pending_token(self, token_id: int, logprobs: SampleLogprobs | None = None) -> int:
         """Gives the oldest pending token its value; returns its index in `token_ids`."""
         if self.num_pending_tokens == 0:

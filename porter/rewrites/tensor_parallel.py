@@ -389,6 +389,18 @@ def reshape_methods(info) -> frozenset[str]:
 
 # Reductions a module may make over the last dimension alone and still work one head at a time.
 _REDUCTIONS = ("mean", "sum", "norm", "var", "amax", "amin", "logsumexp", "softmax", "std")
+# What would move another dimension into the last place, or bring state of its own: not one head's.
+_NOT_LAST_DIM = (
+    "transpose",
+    "permute",
+    "view",
+    "reshape",
+    "flatten",
+    "movedim",
+    "swapaxes",
+    "Parameter(",
+    "register_buffer",
+)
 
 
 def last_dim_modules(info, classes) -> set[str]:
@@ -398,7 +410,7 @@ def last_dim_modules(info, classes) -> set[str]:
     found = set()
     for attr, call in info.init_calls.items():
         built = classes.get(call_name(call) or "")
-        if built is None or built.init_calls or "Parameter(" in code_of(built.node):
+        if built is None or built.init_calls or any(word in code_of(built.node) for word in _NOT_LAST_DIM):
             continue
         reductions = [
             c

@@ -347,3 +347,6 @@ def test_a_weightless_last_dim_norm_works_per_head_on_a_per_head_view_only():
     # A norm over every dimension but the first is not one head's, even on a per-head view.
     whole = per_head.replace("x.pow(2).mean(-1, keepdim=True)", "x.pow(2).mean((-2, -1), keepdim=True)")
     assert any("self.q_norm" in item for item in _review(whole))
+    # Nor one that moves another dimension last first.
+    moved = per_head.replace("x.pow(2).mean(-1", "x.transpose(-1, -2).pow(2).mean(-1")
+    assert any("self.q_norm" in item for item in _review(moved))
