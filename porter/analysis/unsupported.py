@@ -5,19 +5,24 @@ Each check reads what the code does, never a model's name:
 - multi-latent attention: attention through low-rank compressed KV projections (`kv_lora_rank`);
 - cross-attention the model always runs: a forward whose encoder states are a required input;
 - recurrent / state-space layers: a convolution or scan state carried between steps (`conv_state`,
-  `ssm_state`, `A_log`, a recurrent state).
+  `ssm_state`, `A_log`, a recurrent state);
+- an attention core with learned state of its own: a function computing a softmax that reads a
+  parameter of the module it is given (`module.sinks`, attention sinks that rescale each head's
+  output), which the engine's paged attention would silently leave out.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import libcst as cst
 from libcst.metadata import MetadataWrapper, PositionProvider
 
-from porter.analysis.cst_utils import code_of
+from porter.analysis.cst_utils import calls_softmax, code_of
 
 STATE_WORDS = ("conv_state", "conv1d_state", "ssm_state", "recurrent_state", "A_log", "selective_scan")
+_PARAMETER = re.compile(r"self\.(\w+)\s*(?::[^=]+)?=\s*(?:torch\.)?(?:nn\.)?Parameter\(")
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +34,13 @@ class UnsupportedConstruct:
 
 def find_unsupported(module: cst.Module, reachable: set[str]) -> list[UnsupportedConstruct]:
     wrapper = MetadataWrapper(module, unsafe_skip_copy=True)
-    finder = _Finder(reachable)
+    parameters = {
+        name
+        for statement in module.body
+        if isinstance(statement, cst.ClassDef) and statement.name.value in reachable
+        for name in _PARAMETER.findall(code_of(statement))
+    }
+    finder = _Finder(reachable, parameters)
     wrapper.visit(finder)
     return finder.found
 
@@ -37,8 +48,9 @@ def find_unsupported(module: cst.Module, reachable: set[str]) -> list[Unsupporte
 class _Finder(cst.CSTVisitor):
     METADATA_DEPENDENCIES = (PositionProvider,)
 
-    def __init__(self, reachable: set[str]) -> None:
+    def __init__(self, reachable: set[str], parameters: set[str] = frozenset()) -> None:
         self.reachable = reachable
+        self.parameters = parameters  # attributes the model's classes hold as nn.Parameter
         self.found: list[UnsupportedConstruct] = []
         self.classes: list[str] = []
         self.seen: set[tuple[str, str]] = set()
@@ -50,7 +62,10 @@ class _Finder(cst.CSTVisitor):
         self.classes.pop()
 
     def visit_FunctionDef(self, node: cst.FunctionDef) -> None:
-        if not self.classes or self.classes[-1] not in self.reachable:
+        if not self.classes:
+            self._check_core_function(node)
+            return
+        if self.classes[-1] not in self.reachable:
             return
         where = f"{self.classes[-1]}.{node.name.value}"
         code = code_of(node)
@@ -64,6 +79,19 @@ class _Finder(cst.CSTVisitor):
             self._add("multi-latent attention (compressed KV projections)", where, node)
         if any(word in code for word in STATE_WORDS):
             self._add("a recurrent or state-space layer (state carried across steps)", where, node)
+
+    def _check_core_function(self, node: cst.FunctionDef) -> None:
+        """A module-level attention core (`eager_attention_forward(module, query, ...)`) that reads a
+        learned parameter of `module` besides computing the softmax."""
+        params = node.params.params
+        code = code_of(node)
+        if not params or not calls_softmax(code):
+            return
+        owner = params[0].name.value
+        read = sorted(set(re.findall(rf"\b{owner}\.(\w+)", code)) & self.parameters)
+        if read:
+            learned = ", ".join(f"`{owner}.{name}`" for name in read)
+            self._add(f"an attention core with learned state of its own ({learned})", node.name.value, node)
 
     def _add(self, construct: str, where: str, node: cst.CSTNode) -> None:
         key = (construct, where.split(".")[0])

@@ -19,6 +19,9 @@ from porter.cli import app
         ("mixtral", "mixture-of-experts routing"),
         ("mamba", "a recurrent or state-space layer"),
         ("deepseek_v3", "mixture-of-experts routing"),
+        # Attention sinks: the eager core rescales each head's output by sigmoid(lse - module.sinks);
+        # before this check the port dropped them silently (verify: relative error 1.2).
+        ("granite_swa", "an attention core with learned state of its own (`module.sinks`)"),
     ],
 )
 def test_unsupported_construct_stops_the_port(model_type, construct, tmp_path):
