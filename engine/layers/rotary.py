@@ -236,5 +236,7 @@ def _layer_type_config(config: Any, layer_type: str | None) -> Any:
     if layer_type is None or not isinstance(per_type.get(layer_type), dict):
         return config
     view = copy.copy(config)
-    view.rope_parameters = dict(per_type[layer_type])
+    # Set past the config class's own __setattr__: transformers' strict config dataclasses
+    # (ModernBERT-decoder's) validate the field as the per-type dict it holds and refuse one rope.
+    object.__setattr__(view, "rope_parameters", dict(per_type[layer_type]))
     return view

@@ -54,6 +54,7 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Ministral3ForCausalLM": ("engine.models.ministral3", "Ministral3ForCausalLM"),
     "MinistralForCausalLM": ("engine.models.ministral", "MinistralForCausalLM"),
     "MistralForCausalLM": ("engine.models.mistral", "MistralForCausalLM"),
+    "ModernBertDecoderForCausalLM": ("engine.models.modernbert_decoder", "ModernBertDecoderForCausalLM"),
     "MptForCausalLM": ("engine.models.mpt", "MptForCausalLM"),
     "NanoChatForCausalLM": ("engine.models.nanochat", "NanoChatForCausalLM"),
     "NemotronForCausalLM": ("engine.models.nemotron", "NemotronForCausalLM"),

@@ -160,6 +160,11 @@ class _Transformer(ClassScopedTransformer):
 
 
 class _ReplaceHeadCall(cst.CSTTransformer):
+    """`self.head(hidden[:, slice_indices, :])` -> `self.logits_processor(self.head, hidden,
+    input_metadata)`. A prediction head between the hidden states and the vocabulary projection
+    (`self.decoder(self.lm_head(hidden[...]))`, BERT-style) runs on each sequence's last token only:
+    `self.logits_processor(self.decoder, self.lm_head(hidden[input_metadata.logits_indices]), None)`."""
+
     def __init__(self, head: str) -> None:
         self.head, self.hidden = head, None
 
@@ -167,9 +172,21 @@ class _ReplaceHeadCall(cst.CSTTransformer):
         if self_attribute(updated.func) != self.head or not updated.args:
             return updated
         argument = updated.args[0].value
+        inner = None
+        if (
+            isinstance(argument, cst.Call)
+            and self_attribute(argument.func) is not None
+            and len(argument.args) == 1
+        ):
+            inner, argument = code_of(argument.func), argument.args[0].value
         if isinstance(argument, cst.Subscript):
             argument = argument.value  # HF's logits_to_keep slice
         self.hidden = code_of(argument)
+        if inner is not None:
+            return cst.parse_expression(
+                f"self.logits_processor(self.{self.head}, "
+                f"{inner}({self.hidden}[input_metadata.logits_indices]), None)"
+            )
         return cst.parse_expression(f"self.logits_processor(self.{self.head}, {self.hidden}, input_metadata)")
 
 

@@ -66,6 +66,33 @@ class RotaryToEngine(Rewrite):
         return module.visit(_DropRotaryOnlyAttributes(context, transformer.rotary_inputs))
 
 
+def _layer_type_expression(init: cst.FunctionDef) -> str | None:
+    """This layer's type as `__init__` can read it: the attribute that keeps it
+    (`self.attention_type = config.layer_types[i]`), else the lookup itself where `__init__` only
+    compares it (`self.is_sliding = config.layer_types[i] == "sliding_attention"`)."""
+    lookups: list[str] = []
+    for attr, value in init_attribute_values(init).items():
+        # the lookup itself, or it when the config has the field (`... if hasattr(...) else None`)
+        held = value.body if isinstance(value, cst.IfExp) else value
+        if isinstance(held, cst.Subscript) and code_of(held.value).endswith("layer_types"):
+            return f"self.{attr}"
+        lookups += [
+            code_of(node) for node in _subscripts(value) if code_of(node.value).endswith("layer_types")
+        ]
+    return lookups[0] if lookups else None
+
+
+def _subscripts(node: cst.CSTNode) -> list[cst.Subscript]:
+    found: list[cst.Subscript] = []
+
+    class _Find(cst.CSTVisitor):
+        def visit_Subscript(self, subscript: cst.Subscript) -> None:
+            found.append(subscript)
+
+    node.visit(_Find())
+    return found
+
+
 def _tensors_before_cos_sin(function: cst.FunctionDef) -> int:
     params = function_params(function)
     return min(params.index("cos"), params.index("sin"))
@@ -321,18 +348,15 @@ class _Transformer(ClassScopedTransformer):
         width = f", rotary_dim={self.rotary_dims[class_name]}" if class_name in self.rotary_dims else ""
         layer_type = ""
         if self.per_layer_type:
-            # the attribute this layer keeps its type in: `self.attention_type = config.layer_types[i]`
-            holder = next(
-                (a for a, v in init_attribute_values(init).items() if "layer_types[" in code_of(v)), None
-            )
-            if holder is None:
+            type_of_layer = _layer_type_expression(init)
+            if type_of_layer is None:
                 self.context.flag(
                     "rotary",
                     class_name,
                     "the rope differs per layer type, and this class keeps no layer type",
                 )
                 return init
-            layer_type = f", layer_type=self.{holder}"
+            layer_type = f", layer_type={type_of_layer}"
         reverse = ", reverse=True" if class_name in self.reversed_in else ""
         statement = cst.parse_statement(
             f"self.rotary_emb = get_rope({config}, {info.head_dim}{width}, is_neox_style={neox}"

@@ -185,3 +185,31 @@ def test_head_applied_to_an_attribute_expression():
     compute_logits = method_code(after.code, "MiniForCausalLM", "compute_logits")
     assert "self.logits_processor(self.lm_head," in compute_logits
     assert "self.lm_head" not in method_code(after.code, "MiniForCausalLM", "forward")
+
+
+def test_a_prediction_head_before_the_vocab_projection_runs_on_the_last_tokens_only():
+    # ModernBERT-decoder: `logits = self.decoder(self.lm_head(hidden_states[:, slice_indices, :]))`,
+    # where lm_head is a dense + norm head and decoder projects to the vocabulary.
+    before = vary(
+        MINI_MODEL,
+        "        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)\n",
+        "        self.transform = nn.Sequential(nn.Linear(config.hidden_size, config.hidden_size), nn.GELU())\n"
+        "        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)\n",
+    )
+    before = vary(
+        before,
+        "        logits = self.lm_head(hidden_states)\n",
+        "        logits = self.lm_head(self.transform(hidden_states[:, -1:, :]))\n",
+    )
+    after = run_rewrites(before, "lm-head")
+    assert_code(
+        method_code(after.code, "MiniForCausalLM", "compute_logits"),
+        """
+        def compute_logits(self, hidden_states, input_metadata):
+            logits = self.logits_processor(
+                self.lm_head, self.transform(hidden_states[input_metadata.logits_indices]), None
+            )
+            return logits
+        """,
+    )
+    assert "return hidden_states" in method_code(after.code, "MiniForCausalLM", "forward")

@@ -3,6 +3,9 @@ them make of it (tests/fixtures/ holds whole files in these styles; these pin on
 
 from __future__ import annotations
 
+import libcst as cst
+
+from porter.rewrites.rotary import _layer_type_expression
 from tests.porter.rewrite_helpers import (
     MINI_MODEL,
     assert_code,
@@ -414,3 +417,23 @@ def test_a_rotate_half_that_turns_pairs_the_other_way_asks_for_a_reversed_rope()
     assert "self.rotary_emb = get_rope(config, self.head_dim, is_neox_style=True, reverse=True)" in init
     init = method_code(run_through(LEGACY, "rotary").code, "MiniAttention", "__init__")
     assert "reverse" not in init
+
+
+def test_the_layer_type_a_per_type_rope_takes_is_the_lookup_not_a_comparison_of_it():
+    def init(body: str) -> cst.FunctionDef:
+        return cst.parse_module(f"def __init__(self, config, layer_idx):\n{body}").body[0]
+
+    kept = init(
+        "    self.is_sliding = config.layer_types[layer_idx] == 'sliding_attention'\n"
+        "    self.attention_type = config.layer_types[layer_idx]\n"
+    )
+    assert _layer_type_expression(kept) == "self.attention_type"
+    guarded = init(
+        "    self.layer_type = config.layer_types[layer_idx] if hasattr(config, 'layer_types') else None\n"
+        "    self.is_sliding = self.layer_type == 'sliding_attention'\n"
+    )
+    assert _layer_type_expression(guarded) == "self.layer_type"  # Gemma3
+    # ModernBERT-decoder keeps only the comparison: the lookup itself is the layer's type.
+    compared = init("    self.is_sliding = config.layer_types[layer_idx] == 'sliding_attention'\n")
+    assert _layer_type_expression(compared) == "config.layer_types[layer_idx]"
+    assert _layer_type_expression(init("    self.x = 1\n")) is None

@@ -84,6 +84,8 @@ PORTED = [
     "ministral3",
     # rotate_half turning pairs the other way (reverse rope); weightless q/k norms on per-head views.
     "nanochat",
+    # A prediction head before the vocab projection; a rope per layer type named only in a comparison.
+    "modernbert_decoder",
 ]
 
 
@@ -270,6 +272,8 @@ def test_port_has_no_training_or_batching_code(model_type):
         ("ministral3", 2),
         ("nanochat", 1),
         ("nanochat", 2),
+        ("modernbert_decoder", 1),
+        ("modernbert_decoder", 2),
     ],
 )
 def test_verify_passes(model_type, tp, tmp_path):
