@@ -77,20 +77,11 @@ def _layer_type_expression(init: cst.FunctionDef) -> str | None:
         if isinstance(held, cst.Subscript) and code_of(held.value).endswith("layer_types"):
             return f"self.{attr}"
         lookups += [
-            code_of(node) for node in _subscripts(value) if code_of(node.value).endswith("layer_types")
+            code_of(node)
+            for node in m.findall(value, m.Subscript())
+            if code_of(node.value).endswith("layer_types")
         ]
     return lookups[0] if lookups else None
-
-
-def _subscripts(node: cst.CSTNode) -> list[cst.Subscript]:
-    found: list[cst.Subscript] = []
-
-    class _Find(cst.CSTVisitor):
-        def visit_Subscript(self, subscript: cst.Subscript) -> None:
-            found.append(subscript)
-
-    node.visit(_Find())
-    return found
 
 
 def _tensors_before_cos_sin(function: cst.FunctionDef) -> int:
