@@ -129,6 +129,8 @@ class LLMEngine:
             eos_token_id=eos_token_ids(config.model, hf_config, self.tokenizer),
         )
         self.num_preemptions = 0  # sequences sent back to recompute, over the engine's life
+        self.num_generated_tokens = 0  # output tokens recorded, over the engine's life
+        self.vocab_size = _vocab_size(hf_config)
         self._requests: dict[str, _Request] = {}
         self._request_of_seq: dict[int, _Request] = {}
         self._detokenizers: dict[int, IncrementalDetokenizer] = {}
@@ -148,6 +150,12 @@ class LLMEngine:
             text, token_ids = prompt, list(self.tokenizer.encode(prompt))
         else:
             text, token_ids = None, [int(t) for t in prompt]
+        if self.vocab_size is not None:
+            outside = [t for t in token_ids if not 0 <= t < self.vocab_size]
+            if outside:
+                raise ValueError(
+                    f"prompt token ids {outside[:5]} are outside the vocabulary [0, {self.vocab_size})"
+                )
         max_len = self.config.max_model_len
         if len(token_ids) >= max_len:
             raise ValueError(
@@ -172,6 +180,12 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
+
+    def sequences(self, request_id: str) -> list[Sequence]:
+        """The completions of an unfinished request, as the scheduler holds them (read-only: their
+        `output_token_ids` grow as steps are read; trailing PENDING_TOKEN entries are not known yet)."""
+        request = self._requests.get(request_id)
+        return [] if request is None else request.seqs
 
     def step(self) -> list[RequestOutput]:
         """Runs one batch on every rank; returns the requests that finished.
@@ -269,6 +283,9 @@ class LLMEngine:
                 logprobs = [None] * num_rows
                 for row, entry in zip(rows, step.logprobs):
                     logprobs[row] = entry
+        self.num_generated_tokens += sum(
+            1 for row in rows if not scheduled.scheduled[row].seq.is_finished
+        )
         self.scheduler.record_tokens(scheduled, token_ids, logprobs)
         if self._detokenizers:
             for row in rows:
@@ -353,3 +370,10 @@ class LLMEngine:
         self._request_of_seq.pop(seq_id, None)
         self._detokenizers.pop(seq_id, None)
         self.runner.release(seq_id)
+
+
+def _vocab_size(hf_config: Any) -> int | None:
+    """The vocabulary size the config declares (the text model's, for a composite config)."""
+    config = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    size = getattr(config, "vocab_size", None)
+    return size if isinstance(size, int) and size > 0 else None
