@@ -1,0 +1,255 @@
+"""Triton grouped GEMM for mixture-of-experts: tokens sorted by expert, one expert's weights per tile.
+
+Each (token, chosen expert) pair is a row. `align_rows_by_expert` sorts the rows by expert and pads
+each expert's run to a multiple of BLOCK_M, so every BLOCK_M tile of the sorted order belongs to one
+expert and the tile's program multiplies by that expert's weights only. Two launches:
+1. `_gate_up_kernel`: `act(x @ gate[e]^T) * (x @ up[e]^T)` for the tile's rows: both projections
+   accumulate in the same program, so the SiLU-and-mul is fused into the epilogue and the `[rows, 2I]`
+   projection never reaches memory; writes `[T*k, I]`.
+2. `_down_kernel`: `h @ down[e]^T` times the row's routing weight; writes `[T*k, H]`, summed over k.
+The sizes the grid needs come from host-known totals (an upper bound on the padded rows), so the
+launch needs no device sync.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+
+def align_rows_by_expert(
+    topk_ids: torch.Tensor, num_experts: int, block_m: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row of each sorted slot `[R]`, expert of each BLOCK_M tile `[R / block_m]`).
+
+    Rows are `token * k + slot` of the flattened `topk_ids [T, k]`; a padding slot holds `T * k`
+    and a tile past the last expert's holds expert -1. Ids outside `[0, num_experts)` (experts of
+    other ranks) are left out. R is the bound `cdiv(T*k, block_m) * block_m + num_experts * block_m`.
+    """
+    flat = topk_ids.reshape(-1).to(torch.int64)
+    num_rows = flat.numel()
+    local = (flat >= 0) & (flat < num_experts)
+    bucket = torch.where(local, flat, num_experts)  # other ranks' experts: a bucket never computed
+    counts = torch.bincount(bucket, minlength=num_experts + 1)[:num_experts]
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_start = torch.cumsum(padded, 0) - padded
+    order = torch.sort(bucket, stable=True).indices
+    sorted_bucket = bucket[order]
+    start = torch.cumsum(counts, 0) - counts
+    keep = sorted_bucket < num_experts
+    rank_in_expert = torch.arange(num_rows, device=flat.device) - start.index_select(
+        0, sorted_bucket.clamp(max=num_experts - 1)
+    )
+    destination = padded_start.index_select(0, sorted_bucket.clamp(max=num_experts - 1)) + rank_in_expert
+    capacity = triton.cdiv(num_rows, block_m) * block_m + num_experts * block_m
+    sorted_rows = torch.full((capacity,), num_rows, dtype=torch.int32, device=flat.device)
+    sorted_rows[destination[keep]] = order[keep].to(torch.int32)
+    tiles = torch.repeat_interleave(
+        torch.arange(num_experts, device=flat.device, dtype=torch.int32), padded // block_m
+    )
+    tile_expert = torch.full((capacity // block_m,), -1, dtype=torch.int32, device=flat.device)
+    tile_expert[: tiles.numel()] = tiles
+    return sorted_rows, tile_expert
+
+
+@triton.jit
+def _gate_up_kernel(
+    out_ptr,
+    x_ptr,
+    w_ptr,
+    sorted_rows_ptr,
+    tile_expert_ptr,
+    num_rows,
+    top_k,
+    hidden,
+    intermediate,
+    stride_x,
+    stride_w_expert,
+    stride_w_row,
+    stride_out,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    expert = tl.load(tile_expert_ptr + tile)
+    if expert < 0:
+        return
+    rows = tl.load(sorted_rows_ptr + tile * BLOCK_M + tl.arange(0, BLOCK_M))
+    row_valid = rows < num_rows
+    tokens = (rows // top_k).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < intermediate
+    w_expert = w_ptr + expert.to(tl.int64) * stride_w_expert
+    acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < hidden
+        x = tl.load(
+            x_ptr + tokens[:, None] * stride_x + offs_k[None, :],
+            mask=row_valid[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        w_mask = mask_k[:, None] & mask_n[None, :]
+        gate_w = tl.load(w_expert + offs_n[None, :] * stride_w_row + offs_k[:, None], mask=w_mask, other=0.0)
+        up_w = tl.load(
+            w_expert + (offs_n[None, :] + intermediate) * stride_w_row + offs_k[:, None],
+            mask=w_mask,
+            other=0.0,
+        )
+        acc_gate = tl.dot(x, gate_w, acc_gate, input_precision=DOT_PRECISION)
+        acc_up = tl.dot(x, up_w, acc_up, input_precision=DOT_PRECISION)
+    activated = acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up  # silu(gate) * up
+    tl.store(
+        out_ptr + rows.to(tl.int64)[:, None] * stride_out + offs_n[None, :],
+        activated.to(out_ptr.dtype.element_ty),
+        mask=row_valid[:, None] & mask_n[None, :],
+    )
+
+
+@triton.jit
+def _down_kernel(
+    out_ptr,
+    h_ptr,
+    w_ptr,
+    weights_ptr,
+    sorted_rows_ptr,
+    tile_expert_ptr,
+    num_rows,
+    hidden,
+    intermediate,
+    stride_h,
+    stride_w_expert,
+    stride_w_row,
+    stride_out,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    expert = tl.load(tile_expert_ptr + tile)
+    if expert < 0:
+        return
+    rows = tl.load(sorted_rows_ptr + tile * BLOCK_M + tl.arange(0, BLOCK_M))
+    row_valid = rows < num_rows
+    rows64 = rows.to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < hidden
+    w_expert = w_ptr + expert.to(tl.int64) * stride_w_expert
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, intermediate, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < intermediate
+        h = tl.load(
+            h_ptr + rows64[:, None] * stride_h + offs_k[None, :],
+            mask=row_valid[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        w = tl.load(
+            w_expert + offs_n[None, :] * stride_w_row + offs_k[:, None],
+            mask=mask_k[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
+    routing_weight = tl.load(weights_ptr + rows64, mask=row_valid, other=0.0).to(tl.float32)
+    acc = acc * routing_weight[:, None]
+    tl.store(
+        out_ptr + rows64[:, None] * stride_out + offs_n[None, :],
+        acc.to(out_ptr.dtype.element_ty),
+        mask=row_valid[:, None] & mask_n[None, :],
+    )
+
+
+def _tiles(num_rows: int, dtype: torch.dtype) -> dict[str, int]:
+    # Decode batches route a few rows to each expert: a small BLOCK_M wastes less on padding.
+    block_m = 16 if num_rows <= 256 else 64
+    wide = dtype == torch.float32
+    return {"BLOCK_M": block_m, "BLOCK_N": 32 if wide else 64, "BLOCK_K": 32 if wide else 64}
+
+
+def fused_experts(
+    hidden_states: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+) -> torch.Tensor:
+    """SiLU-gated experts: `[T, H]` tokens, `gate_up [E, 2I, H]`, `down [E, H, I]`, top-k `[T, k]` -> `[T, H]`.
+
+    Ids outside `[0, E)` contribute nothing (experts of other ranks).
+    """
+    if hidden_states.dim() != 2 or gate_up.dim() != 3 or down.dim() != 3:
+        raise ValueError(
+            f"need hidden [T, H], gate_up [E, 2I, H], down [E, H, I]; got {tuple(hidden_states.shape)}, "
+            f"{tuple(gate_up.shape)}, {tuple(down.shape)}"
+        )
+    num_tokens, hidden = hidden_states.shape
+    num_experts, double_intermediate, _ = gate_up.shape
+    intermediate = double_intermediate // 2
+    if gate_up.shape[2] != hidden or tuple(down.shape) != (num_experts, hidden, intermediate):
+        raise ValueError(
+            f"gate_up {tuple(gate_up.shape)} and down {tuple(down.shape)} do not fit hidden {hidden}"
+        )
+    if topk_ids.shape != topk_weights.shape or topk_ids.dim() != 2 or topk_ids.shape[0] != num_tokens:
+        raise ValueError(
+            f"top-k ids {tuple(topk_ids.shape)} and weights {tuple(topk_weights.shape)} must be [T, k]"
+        )
+    if hidden_states.stride(-1) != 1 or gate_up.stride(-1) != 1 or down.stride(-1) != 1:
+        raise ValueError("hidden states and expert weights need a contiguous last dim")
+    top_k = topk_ids.shape[1]
+    num_rows = num_tokens * top_k
+    output = torch.zeros((num_tokens, top_k, hidden), dtype=hidden_states.dtype, device=hidden_states.device)
+    if num_rows == 0:
+        return output.sum(dim=1)
+    config = _tiles(num_rows, hidden_states.dtype)
+    sorted_rows, tile_expert = align_rows_by_expert(topk_ids, num_experts, config["BLOCK_M"])
+    activated = torch.empty((num_rows, intermediate), dtype=hidden_states.dtype, device=hidden_states.device)
+    weights = topk_weights.reshape(-1).to(torch.float32).contiguous()
+    precision = "ieee" if hidden_states.dtype == torch.float32 else "tf32"
+    num_tiles = tile_expert.numel()
+    device_context = (
+        torch.cuda.device(hidden_states.device) if hidden_states.is_cuda else contextlib.nullcontext()
+    )
+    with device_context:
+        _gate_up_kernel[(num_tiles, triton.cdiv(intermediate, config["BLOCK_N"]))](
+            activated,
+            hidden_states,
+            gate_up,
+            sorted_rows,
+            tile_expert,
+            num_rows,
+            top_k,
+            hidden,
+            intermediate,
+            hidden_states.stride(0),
+            gate_up.stride(0),
+            gate_up.stride(1),
+            activated.stride(0),
+            DOT_PRECISION=precision,
+            **config,
+        )
+        rows_out = output.view(num_rows, hidden)
+        _down_kernel[(num_tiles, triton.cdiv(hidden, config["BLOCK_N"]))](
+            rows_out,
+            activated,
+            down,
+            weights,
+            sorted_rows,
+            tile_expert,
+            num_rows,
+            hidden,
+            intermediate,
+            activated.stride(0),
+            down.stride(0),
+            down.stride(1),
+            rows_out.stride(0),
+            DOT_PRECISION=precision,
+            **config,
+        )
+    return output.sum(dim=1)

@@ -1,0 +1,63 @@
+"""Checks of the Triton grouped-GEMM experts against the PyTorch reference, on any device.
+
+Shared by tests/gpu/test_moe_kernels.py (compiled on CUDA) and
+tests/engine/kernels/test_triton_moe_interpret.py (Triton's interpreter on the CPU). Random inputs,
+uneven routing (some experts get no token, one gets most), expert ids of other ranks, and a
+NaN-poisoned intermediate buffer so a row the kernel never writes shows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine.kernels.moe_reference import fused_experts_reference
+
+MOE_TOLERANCE = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-2, 2e-2), torch.bfloat16: (5e-2, 5e-2)}
+
+
+def check_fused_experts(
+    num_tokens: int,
+    num_experts: int,
+    top_k: int,
+    hidden: int,
+    intermediate: int,
+    dtype: torch.dtype,
+    device: str,
+    foreign_ids: bool = False,
+    seed: int = 0,
+) -> None:
+    from engine.kernels import triton_moe
+
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_tokens, hidden, generator=generator).to(device, dtype)
+    gate_up = (torch.randn(num_experts, 2 * intermediate, hidden, generator=generator) * 0.1).to(
+        device, dtype
+    )
+    down = (torch.randn(num_experts, hidden, intermediate, generator=generator) * 0.1).to(device, dtype)
+    logits = torch.randn(num_tokens, num_experts, generator=generator)
+    logits[:, 0] += 2.0  # expert 0 takes most tokens; the last expert none
+    logits[:, -1] = -1e4
+    weights, ids = torch.topk(torch.softmax(logits, -1), top_k, dim=-1)
+    if foreign_ids:
+        ids = ids - 1  # expert 0 belongs to another rank now (-1), and the kernel holds E - 1 experts
+        gate_up, down = gate_up[1:].contiguous(), down[1:].contiguous()
+    ids, weights = ids.to(device), weights.to(device)
+    got = triton_moe.fused_experts(x, gate_up, down, weights, ids)
+    want = fused_experts_reference(x.float(), gate_up.float(), down.float(), weights, ids, F.silu)
+    rtol, atol = MOE_TOLERANCE[dtype]
+    assert got.dtype == dtype and got.shape == x.shape
+    torch.testing.assert_close(got.float(), want, rtol=rtol, atol=atol)
+
+
+def check_alignment(num_tokens: int, num_experts: int, top_k: int, block_m: int, device: str) -> None:
+    """Every (token, slot) row appears once, in a tile of its own expert; tiles hold one expert each."""
+    from engine.kernels.triton_moe import align_rows_by_expert
+
+    ids = torch.randint(0, num_experts, (num_tokens, top_k), device=device)
+    rows, tile_expert = align_rows_by_expert(ids, num_experts, block_m)
+    flat = ids.reshape(-1)
+    real = rows < flat.numel()
+    assert sorted(rows[real].tolist()) == list(range(flat.numel()))
+    tile_of_slot = torch.arange(rows.numel(), device=device) // block_m
+    assert torch.equal(flat[rows[real].long()], tile_expert[tile_of_slot[real]].long())
