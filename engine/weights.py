@@ -20,6 +20,8 @@ from torch import nn
 
 # (packed parameter's module name, checkpoint module name, shard id), e.g. ("qkv_proj", "q_proj", "q").
 FusedName = tuple[str, str, "str | int"]
+# (stacked experts parameter, per-expert checkpoint module, part), e.g. ("gate_up_proj", "w1", 0).
+ExpertName = tuple[str, str, "int | None"]
 
 
 def checkpoint_files(model_dir: str | Path) -> list[Path]:
@@ -59,6 +61,7 @@ def load_named_weights(
     tied: dict[str, str] | None = None,
     ignored: Sequence[str] = (),
     renamed: Sequence[tuple[str, str]] = (),
+    experts: Sequence[ExpertName] = (),
 ) -> set[str]:
     """Loads checkpoint tensors by their HF names; returns the names loaded.
 
@@ -67,6 +70,9 @@ def load_named_weights(
     fused: checkpoint module names that feed a shard of a packed parameter.
     tied: parameter name -> the name it shares storage with (a checkpoint copy of it is redundant).
     ignored: regular expressions for checkpoint tensors the engine recomputes (rotary caches, masks).
+    experts: (stacked parameter, checkpoint module, part) for experts saved one by one:
+    `X.{e}.{checkpoint module}.weight` loads as part `part` of expert e of `X.{stacked parameter}`
+    (a `FusedMoE`'s `gate_up_proj`/`down_proj`), through its loader with shard id `(e, part)`.
     A checkpoint tensor named like a persistent buffer (one a module keeps in its state dict, such
     as the constants of a learned activation) loads into it; buffers keep their own values when the
     checkpoint has none.
@@ -98,6 +104,15 @@ def load_named_weights(
             loaded_names.add(checkpoint_name)  # the parameter it is tied to carries it
             continue
         target, shard_id = _packed_target(name, fused, params)
+        if target is None and experts:
+            target, shard_id = _expert_target(name, experts, params)
+            if target is not None:
+                params[target].weight_loader(params[target], tensor, shard_id)
+                expected_shards.setdefault(target, _expert_shards(params[target], experts, target))
+                loaded_shards.setdefault(target, set()).add(shard_id)
+                loaded_params.add(target)
+                loaded_names.add(checkpoint_name)
+                continue
         if target is None and name not in params and name in buffers:
             default_weight_loader(buffers[name], tensor)
             loaded_names.add(checkpoint_name)
@@ -162,3 +177,26 @@ def _packed_target(
             if candidate in params:
                 return candidate, shard_id
     return None, None
+
+
+_EXPERT_NAME = re.compile(r"^(?P<owner>.+)\.(?P<expert>\d+)\.(?P<module>[^.]+)\.weight$")
+
+
+def _expert_target(
+    name: str, experts: Sequence[ExpertName], params: dict[str, torch.Tensor]
+) -> tuple[str | None, tuple[int, int | None] | None]:
+    """The stacked parameter a per-expert checkpoint name loads into, and its (expert, part)."""
+    match = _EXPERT_NAME.match(name)
+    if match is None:
+        return None, None
+    for stacked, checkpoint_module, part in experts:
+        candidate = f"{match['owner']}.{stacked}"
+        if checkpoint_module == match["module"] and candidate in params:
+            return candidate, (int(match["expert"]), part)
+    return None, None
+
+
+def _expert_shards(param: torch.Tensor, experts: Sequence[ExpertName], target: str) -> set:
+    """Every (expert, part) a stacked parameter needs from a per-expert checkpoint."""
+    parts = {part for stacked, _, part in experts if target.endswith(f".{stacked}")}
+    return {(expert, part) for expert in range(param.expert_count) for part in parts}

@@ -72,8 +72,9 @@ class FusedMoE(nn.Module):
         experts, local = self.num_local_experts, self.local_intermediate
         self.gate_up_proj = nn.Parameter(torch.empty(experts, 2 * local, hidden_size), requires_grad=False)
         self.down_proj = nn.Parameter(torch.empty(experts, hidden_size, local), requires_grad=False)
-        self.gate_up_proj.weight_loader = self.weight_loader
-        self.down_proj.weight_loader = self.weight_loader
+        for param in (self.gate_up_proj, self.down_proj):
+            param.weight_loader = self.weight_loader
+            param.expert_count = num_experts  # what a per-expert checkpoint must cover (engine.weights)
 
     # --- loading ------------------------------------------------------------------------------------
 

@@ -164,3 +164,30 @@ def test_shared_experts_gate_scales_each_token():
     gated.load_state_dict({**plain.state_dict(), "expert_gate.weight": torch.randn(1, H)})
     x = torch.randn(5, H)
     torch.testing.assert_close(gated(x), torch.sigmoid(x @ gated.expert_gate.weight.t()) * plain(x))
+
+
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.experts = FusedMoE(E, K, H, INTER)
+
+
+def test_load_named_weights_maps_per_expert_names_and_names_a_missing_expert():
+    from engine.weights import load_named_weights
+
+    _, gate_up, down, _ = random_experts(3)
+    names = {0: "w1", 1: "w3", None: "w2"}
+    checkpoint = [
+        (f"mlp.experts.{e}.{names[part]}.weight", tensor)
+        for (e, part), tensor in per_expert_checkpoint(gate_up, down)
+    ]
+    experts = [("gate_up_proj", "w1", 0), ("gate_up_proj", "w3", 1), ("down_proj", "w2", None)]
+    model = torch.nn.Module()
+    model.mlp = _Block()
+    loaded = load_named_weights(model, checkpoint, experts=experts)
+    assert len(loaded) == 3 * E
+    torch.testing.assert_close(model.mlp.experts.gate_up_proj.data, gate_up)
+    torch.testing.assert_close(model.mlp.experts.down_proj.data, down)
+    without_last_up = [item for item in checkpoint if item[0] != f"mlp.experts.{E - 1}.w3.weight"]
+    with pytest.raises(ValueError, match=r"mlp.experts.gate_up_proj \(shards \['\(5, 1\)'\]\)"):
+        load_named_weights(model, without_last_up, experts=experts)
