@@ -10,7 +10,6 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.syntax import Syntax
 from rich.table import Table
 
 from porter.errors import PorterError
@@ -111,7 +110,14 @@ def verify(
     reference: str = typer.Option(
         None,
         "--reference",
-        help="The transformers model type to compare with (default: from the port's header).",
+        help="What to compare with: a transformers model type, a modeling file, or a model directory "
+        "with remote code (config.json's auto_map) (default: the model type in the port's header).",
+    ),
+    reference_python: str = typer.Option(
+        None,
+        "--reference-python",
+        help="Run the reference side in this Python (e.g. a virtualenv with the transformers the "
+        "remote code was written for); checkpoint and logits are exchanged through files.",
     ),
     settings: list[str] = typer.Option(
         None,
@@ -141,7 +147,9 @@ def verify(
         model_class = (
             f"{resolved.module}:{architecture}" if resolved.module else f"{resolved.port_path}:{architecture}"
         )
-        hf_architecture = reference_architecture(resolved.model_type, architecture)
+        hf_architecture = (
+            architecture if resolved.remote else reference_architecture(resolved.model_type, architecture)
+        )
         with tempfile.TemporaryDirectory(prefix="porter-verify-") as work:
             report = verify_model(
                 resolved.model_type,
@@ -155,6 +163,7 @@ def verify(
                 seed,
                 near_tie=0.0 if dtype == "float32" else tolerance,
                 overrides=overrides,
+                reference_python=reference_python,
             )
     except PorterError as error:
         _fail(str(error))
@@ -254,33 +263,48 @@ def _record_verify(architecture: str, tp: int, device: str, dtype: str, max_rel:
 
 @app.command()
 def review(
-    source: str = typer.Argument(
-        ..., help="A modeling_*.py file, or a model type of the installed transformers."
+    target: str = typer.Argument(
+        ...,
+        metavar="SOURCE|PORT",
+        help="A modeling_*.py file, a model type of the installed transformers, or a checked-in port "
+        "(engine/models/x.py: its header names the source).",
     ),
     rule: str = typer.Option(None, "--rule", help="Only changes of this rewrite (e.g. tensor-parallel)."),
     where: str = typer.Option(None, "--where", help="Only changes in this class (or Class.method)."),
     diff: bool = typer.Option(False, "--diff", help="Also print the unified diff of source and port."),
+    side_by_side: bool = typer.Option(
+        False, "--side-by-side", help="Each change as the source's lines next to the port's (wide terminals)."
+    ),
+    html_path: Path = typer.Option(
+        None, "--html", help="Write a self-contained side-by-side review page (open it in a browser)."
+    ),
+    output_format: str = typer.Option(
+        "terminal", "--format", help="terminal, json (porter/review/review.schema.json) or sarif (2.1.0)."
+    ),
+    output: Path = typer.Option(None, "--output", "-o", help="Write the json or sarif here, not to stdout."),
+    source_path: str = typer.Option(
+        None, "--source", help="The source of a checked-in port whose header names a file, not a module."
+    ),
 ) -> None:
-    """Explain every change a port of SOURCE makes: rule, place, before, after and why."""
-    from porter.analysis.source import locate
-    from porter.port import generate
-    from porter.review import render_review, unified_diff
+    """Explain every change a port makes: rule, place in the source and the port, before, after, why."""
+    from porter.review.command import run_review
 
     try:
-        located = locate(source)
-        text, result = generate(located, allow_review=True)
+        run_review(
+            console,
+            errors,
+            target,
+            rule=rule,
+            where=where,
+            diff=diff,
+            side_by_side=side_by_side,
+            html_path=html_path,
+            output_format=output_format,
+            output=output,
+            source=source_path,
+        )
     except PorterError as error:
         _fail(str(error))
-    shown = render_review(result, console, rule, where)
-    if diff:
-        console.print(
-            Syntax(
-                unified_diff(located.text, text, located.display_name, "port"),
-                "diff",
-                background_color="default",
-            )
-        )
-    console.print(f"{shown} changes shown of {len(result.changes)}; review items: {len(result.review)}")
 
 
 @app.command("list")

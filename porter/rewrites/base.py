@@ -21,6 +21,9 @@ class Change:
     before: str
     after: str
     reason: str
+    # Index of the rewrite that made it in the pipeline: `before` is code of the module that rewrite
+    # received (PortContext.stages[stage]), `after` of the one it returned (stages[stage + 1]).
+    stage: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,13 +76,18 @@ class PortContext:
     plan: Plan = field(default_factory=Plan)
     changes: list[Change] = field(default_factory=list)
     review: list[ReviewItem] = field(default_factory=list)
+    # The module as each rewrite received it, then the result: the review places every change in
+    # the source and in the port by following the lines through these (trees are immutable, so
+    # keeping them costs references, not copies).
+    stages: list[cst.Module] = field(default_factory=list)
 
     def record(
         self, rule: str, where: str, before: cst.CSTNode | str, after: cst.CSTNode | str, reason: str
     ) -> None:
         before_code = before if isinstance(before, str) else code_of(before).strip()
         after_code = after if isinstance(after, str) else code_of(after).strip()
-        self.changes.append(Change(rule, where, before_code, after_code, reason))
+        stage = max(len(self.stages) - 1, 0)
+        self.changes.append(Change(rule, where, before_code, after_code, reason, stage))
 
     def flag(self, rule: str, where: str, message: str) -> None:
         self.review.append(ReviewItem(rule, where, message))
@@ -89,6 +97,10 @@ class PortContext:
         self.plan.engine_imports.add((module, name))
 
     def reindex(self, module: cst.Module) -> None:
+        """Indexes `module` again after a rewrite; a rewrite that returned its input unchanged
+        (the same tree object) keeps the index it had."""
+        if module is self.index.module:
+            return
         self.index = build_index(module, causal_lm=self.index.causal_lm)
 
 
