@@ -97,10 +97,6 @@ class PortContext:
         self.plan.engine_imports.add((module, name))
 
     def reindex(self, module: cst.Module) -> None:
-        """Indexes `module` again after a rewrite; a rewrite that returned its input unchanged
-        (the same tree object) keeps the index it had."""
-        if module is self.index.module:
-            return
         self.index = build_index(module, causal_lm=self.index.causal_lm)
 
 
