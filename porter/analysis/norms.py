@@ -12,6 +12,7 @@ unchanged) and is built as `Class(size, eps)` is swapped; anything else is left 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from dataclasses import dataclass
@@ -65,7 +66,10 @@ def find_rms_norms(module: cst.Module) -> dict[str, RMSNormMatch]:
     return found
 
 
+@functools.cache
 def _match(name: str, code: str) -> RMSNormMatch | None:
+    """How the engine's RMSNorm replaces class `name` defined by `code`, or None. Cached by the
+    class's source: many files share one RMSNorm text, and running it costs more than parsing it."""
     cls = _load_class(name, code)
     if cls is None:
         return None

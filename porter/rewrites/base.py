@@ -43,6 +43,8 @@ class Plan:
     signatures: dict[str, list[str]] = field(default_factory=dict)
     # class -> parameters its forward lost (they read as None in the code that is left)
     dropped_params: dict[str, set[str]] = field(default_factory=dict)
+    # class -> forward parameters carrying HF's KV cache, by role (porter.analysis.cache_inputs)
+    cache_inputs: dict[str, set[str]] = field(default_factory=dict)
     alibi_inputs: dict[str, set[str]] = field(default_factory=dict)  # class -> inputs carrying ALiBi
     decided_unread: dict[str, set[str]] = field(
         default_factory=dict
@@ -97,6 +99,10 @@ class PortContext:
         self.plan.engine_imports.add((module, name))
 
     def reindex(self, module: cst.Module) -> None:
+        """Indexes `module` again after a rewrite; a rewrite that returned its input unchanged
+        (the same tree object) keeps the index it had."""
+        if module is self.index.module:
+            return
         self.index = build_index(module, causal_lm=self.index.causal_lm)
 
 
