@@ -16,6 +16,7 @@ Messages (tuples, first item is the kind): ("step", StepInputs), ("shutdown",) a
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing.connection
 import os
 import pickle
@@ -25,7 +26,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -95,6 +96,35 @@ def _worker_main(
     distributed.destroy_distributed()
 
 
+def _defined_in_main(model_class: Any) -> bool:
+    """Whether the model class lives in the parent's `__main__` (a class defined in the user's script)."""
+    return getattr(model_class, "__module__", None) == "__main__"
+
+
+@contextlib.contextmanager
+def _main_script_hidden_from_spawn() -> Iterator[None]:
+    """Starts spawned children without re-running the parent's `__main__`.
+
+    multiprocessing's spawn runs the parent's script again in every child (as `__mp_main__`) so that
+    what the script defines can be unpickled there; a script without an `if __name__ == "__main__":`
+    guard would build a second LLM inside each worker, which fails. The workers need nothing from the
+    script unless the model class is defined in it, so spawn is not told where the script is.
+    """
+    main = sys.modules.get("__main__")
+    if main is None:
+        yield
+        return
+    saved = {name: vars(main)[name] for name in ("__spec__", "__file__") if name in vars(main)}
+    main.__spec__ = None  # spawn re-imports a module run with -m by its name, a script by its path
+    vars(main).pop("__file__", None)
+    try:
+        yield
+    finally:
+        vars(main).update(saved)
+        if "__spec__" not in saved:
+            del main.__spec__
+
+
 def _backend(config: EngineConfig) -> str:
     return "nccl" if config.device == "cuda" else "gloo"
 
@@ -108,6 +138,14 @@ class WorkerGroup:
         config_bytes = pickle.dumps(config)
         self.processes: list[Any] = []
         self.connections: list[multiprocessing.connection.Connection] = []
+        needs_main = _defined_in_main(config.model_class)
+        # A worker that dies before it can report is, when it must run the script, almost always a
+        # script that builds its LLM at import time.
+        self._exit_hint = (
+            '; if your script builds the LLM at import time, put that under `if __name__ == "__main__":`'
+            if needs_main
+            else ""
+        )
         for rank in range(1, config.tensor_parallel_size):
             driver_end, worker_end = context.Pipe()
             process = context.Process(
@@ -116,7 +154,8 @@ class WorkerGroup:
                 name=f"porter-tp-worker-{rank}",
                 daemon=True,
             )
-            process.start()
+            with contextlib.nullcontext() if needs_main else _main_script_hidden_from_spawn():
+                process.start()
             worker_end.close()  # the child holds its own copy; closing ours lets recv see EOF when it dies
             self.processes.append(process)
             self.connections.append(driver_end)
@@ -164,7 +203,7 @@ class WorkerGroup:
                     self._drain(index)
                     raise WorkerError(
                         f"tensor-parallel worker rank {index + 1} exited with code {process.exitcode} "
-                        f"without reporting an error (see its stderr)"
+                        f"without reporting an error (see its stderr){self._exit_hint}"
                     )
             if time.monotonic() >= deadline:
                 return

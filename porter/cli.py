@@ -323,6 +323,65 @@ def list_models() -> None:
     console.print(table)
 
 
+@app.command()
+def serve(
+    model_dir: Path = typer.Argument(
+        ..., help="A local HF model directory (config.json, safetensors, tokenizer) of a ported architecture."
+    ),
+    tp: int = typer.Option(1, "--tp", min=1, help="Tensor-parallel size."),
+    host: str = typer.Option("127.0.0.1", "--host", help="The address to listen on."),
+    port_number: int = typer.Option(8000, "--port", min=1, max=65535, help="The TCP port to listen on."),
+    max_model_len: int = typer.Option(None, "--max-model-len", min=1, help="Longest prompt + completion."),
+    served_model_name: str = typer.Option(
+        None, "--served-model-name", help="The name clients pass as `model` (default: MODEL_DIR as given)."
+    ),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (the checkpoint's), float32, float16, bfloat16."),
+    num_kv_blocks: int = typer.Option(None, "--num-kv-blocks", min=1, help="A fixed KV cache size, in blocks."),
+) -> None:
+    """Serve MODEL_DIR over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."""
+    from porter.engine_commands import serve_model
+
+    try:
+        serve_model(
+            model_dir,
+            host,
+            port_number,
+            served_model_name,
+            tensor_parallel_size=tp,
+            max_model_len=max_model_len,
+            device=device,
+            dtype=dtype,
+            num_kv_blocks=num_kv_blocks,
+        )
+    except PorterError as error:
+        _fail(str(error))
+
+
+@app.command()
+def generate(
+    model_dir: Path = typer.Argument(..., help="A local HF model directory of a ported architecture."),
+    prompt: str = typer.Argument(..., help="The text to continue."),
+    max_tokens: int = typer.Option(64, "--max-tokens", help="The most tokens to generate."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 is greedy."),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    top_k: int = typer.Option(-1, "--top-k", help="-1 is off."),
+    seed: int = typer.Option(None, "--seed"),
+    tp: int = typer.Option(1, "--tp", min=1, help="Tensor-parallel size."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    dtype: str = typer.Option("auto", "--dtype"),
+) -> None:
+    """Print the completion of PROMPT by the model in MODEL_DIR."""
+    from porter.engine_commands import generate_text
+
+    sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    try:
+        text = generate_text(model_dir, prompt, sampling, tensor_parallel_size=tp, device=device, dtype=dtype)
+    except PorterError as error:
+        _fail(str(error))
+    print(text)
+
+
 def main() -> None:
     try:
         app()
