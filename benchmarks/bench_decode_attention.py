@@ -136,7 +136,7 @@ def same_bytes_copy_us(nbytes: int, copies: int) -> float:
     sources = [torch.empty(nbytes // 8, device="cuda", dtype=torch.int32) for _ in range(copies)]
     targets = [torch.empty_like(source) for source in sources]
     # An elementwise kernel, not `copy_`: captured in a graph, a copy_ runs on the copy engine
-    # (benchmarks/graph_timing.py), which put some rows of the session-3 table at 65% of copy speed.
+    # (benchmarks/graph_timing.py), which holds some rows to 65% of copy speed.
     return graph_time_us(cycle(lambda i: lambda: torch.mul(sources[i], 1, out=targets[i]), copies))
 
 

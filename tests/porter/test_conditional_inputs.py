@@ -17,8 +17,8 @@ def test_a_presence_test_of_a_flag_built_input_becomes_a_test_of_the_flag():
 
 def test_a_bias_the_backbone_always_builds_is_present_and_only_its_path_stays():
     """The engine drops the bias input but applies ALiBi itself, so `alibi is None` is false where
-    the backbone always builds it (before session 7 porter took every dropped input for None and
-    kept the path without the bias, which HF never runs here)."""
+    the backbone always builds it (taking every dropped input for None would keep the path without
+    the bias, which HF never runs here)."""
     always = vary(
         VARIANT_MODEL,
         "        if self.use_alibi:\n            alibi = build_alibi(",
