@@ -52,6 +52,8 @@ class EngineConfig:
     max_model_len: the longest prompt + completion; `None` takes the model's max_position_embeddings.
     enforce_eager: run every step eagerly (the seam where decode CUDA graphs will plug in).
     model_class: an engine model class (or "pkg.module:Class") overriding the registry lookup.
+    trust_remote_code: let transformers run the configuration (and tokenizer) code a model directory
+    ships (`auto_map` in its config.json); the model itself is always the engine's port.
     async_scheduling: schedule and launch step n+1 before reading step n's sampled tokens, so the
     host's per-step work overlaps the device's (the next step takes those tokens on the device).
     Requests with penalties run synchronously either way: their sampler reads every earlier token.
@@ -72,6 +74,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     model_class: type[nn.Module] | str | None = None
     async_scheduling: bool = True
+    trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:

@@ -37,7 +37,8 @@ class LLM:
 
     device: "auto" (CUDA when available), "cpu" or "cuda". dtype: "auto" (the checkpoint's, else
     float32 on CPU / bfloat16 on CUDA), a name, or a torch.dtype. Further keyword arguments are
-    EngineConfig fields (max_model_len, gpu_memory_utilization, enable_prefix_caching, enforce_eager).
+    EngineConfig fields (max_model_len, gpu_memory_utilization, enable_prefix_caching, enforce_eager,
+    trust_remote_code for a directory whose config.json names its own configuration code).
     Use as a context manager, or call `shutdown()`, to stop worker processes promptly; they are also
     stopped at exit.
     """
@@ -81,7 +82,7 @@ class LLM:
         self._follower = None
         self._request_ids = itertools.count()
         if launched is not None and launched[0] != 0:
-            self.config = prepare_config(config, load_hf_config(config.model))
+            self.config = prepare_config(config, load_hf_config(config.model, config.trust_remote_code))
             self._follower = start_follower(self.config)
         else:
             self.engine = LLMEngine(config)

@@ -113,9 +113,9 @@ class LLMEngine:
     """Owns the tokenizer, scheduler and ranks; `add_request` then `step()` until nothing is unfinished."""
 
     def __init__(self, config: EngineConfig) -> None:
-        hf_config = load_hf_config(config.model)
+        hf_config = load_hf_config(config.model, config.trust_remote_code)
         self.config = prepare_config(config, hf_config)
-        self.tokenizer = load_tokenizer(config.model)
+        self.tokenizer = load_tokenizer(config.model, config.trust_remote_code)
         self.driver: Driver = start_driver(self.config)
         self.runner = self.driver.runner
         self.num_kv_blocks = self.runner.num_kv_blocks

@@ -31,9 +31,12 @@ _TOKENIZER_FILES = (
 )
 
 
-def load_hf_config(model_dir: str | Path) -> PretrainedConfig:
-    """The model's config.json through AutoConfig, never touching the network."""
-    return AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+def load_hf_config(model_dir: str | Path, trust_remote_code: bool = False) -> PretrainedConfig:
+    """The model's config.json through AutoConfig, never touching the network. `trust_remote_code`
+    lets a directory whose config.json names its own configuration class (`auto_map`) load it."""
+    return AutoConfig.from_pretrained(
+        str(model_dir), local_files_only=True, trust_remote_code=trust_remote_code
+    )
 
 
 @contextlib.contextmanager
@@ -53,16 +56,17 @@ def load_model(
     device: torch.device | str,
     model_class: type[nn.Module] | str | None = None,
     hf_config: PretrainedConfig | None = None,
+    trust_remote_code: bool = False,
 ) -> tuple[nn.Module, PretrainedConfig]:
     """Builds the engine model for `model_dir` on `device` in `dtype` and loads its checkpoint.
 
     The class is `model_class` (a class or "pkg.module:Class") when given, else the registry's entry
     for the config's `architectures`. Tensor-parallel rank and size come from engine.distributed, so
     call init_distributed first. Raises ValueError naming any checkpoint tensor the model does not know
-    and any parameter the checkpoint leaves unloaded.
+    and any parameter the checkpoint leaves unloaded. `trust_remote_code` is load_hf_config's.
     """
     if hf_config is None:
-        hf_config = load_hf_config(model_dir)
+        hf_config = load_hf_config(model_dir, trust_remote_code)
     if model_class is None:
         model_class = resolve_model_class(getattr(hf_config, "architectures", None))
     elif isinstance(model_class, str):
@@ -99,11 +103,13 @@ def has_tokenizer(model_dir: str | Path) -> bool:
     return any((Path(model_dir) / name).exists() for name in _TOKENIZER_FILES)
 
 
-def load_tokenizer(model_dir: str | Path) -> Any | None:
+def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False) -> Any | None:
     """The directory's tokenizer through AutoTokenizer (local files only), or None when it has none."""
     if not has_tokenizer(model_dir):
         return None
-    return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    return AutoTokenizer.from_pretrained(
+        str(model_dir), local_files_only=True, trust_remote_code=trust_remote_code
+    )
 
 
 def eos_token_ids(model_dir: str, hf_config: Any, tokenizer: Any | None) -> set[int]:

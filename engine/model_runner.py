@@ -79,7 +79,7 @@ class ModelRunner:
             # a rank that waits for CPU time stalls every collective.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.tp_size))
         torch.manual_seed(config.seed)
-        hf_config = load_hf_config(config.model)
+        hf_config = load_hf_config(config.model, config.trust_remote_code)
         self.dtype = resolve_dtype(config.dtype, hf_config, self.device.type)
         self.model, self.hf_config = load_model(
             config.model, self.dtype, self.device, config.model_class, hf_config=hf_config

@@ -110,7 +110,14 @@ def verify(
     reference: str = typer.Option(
         None,
         "--reference",
-        help="The transformers model type to compare with (default: from the port's header).",
+        help="What to compare with: a transformers model type, a modeling file, or a model directory "
+        "with remote code (config.json's auto_map) (default: the model type in the port's header).",
+    ),
+    reference_python: str = typer.Option(
+        None,
+        "--reference-python",
+        help="Run the reference side in this Python (e.g. a virtualenv with the transformers the "
+        "remote code was written for); checkpoint and logits are exchanged through files.",
     ),
     settings: list[str] = typer.Option(
         None,
@@ -140,7 +147,9 @@ def verify(
         model_class = (
             f"{resolved.module}:{architecture}" if resolved.module else f"{resolved.port_path}:{architecture}"
         )
-        hf_architecture = reference_architecture(resolved.model_type, architecture)
+        hf_architecture = (
+            architecture if resolved.remote else reference_architecture(resolved.model_type, architecture)
+        )
         with tempfile.TemporaryDirectory(prefix="porter-verify-") as work:
             report = verify_model(
                 resolved.model_type,
@@ -154,6 +163,7 @@ def verify(
                 seed,
                 near_tie=0.0 if dtype == "float32" else tolerance,
                 overrides=overrides,
+                reference_python=reference_python,
             )
     except PorterError as error:
         _fail(str(error))

@@ -9,6 +9,7 @@ needs no change here.
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import importlib.util
 import sys
 from pathlib import Path
@@ -114,7 +115,14 @@ def load_target(target: str | type[nn.Module]) -> type[nn.Module]:
         raise ValueError(f"model target {target!r} must look like 'package.module:Class' or 'file.py:Class'")
     if location.endswith(".py"):
         path = Path(location).resolve()
-        module_name = f"_porter_custom_{path.stem}_{abs(hash(str(path)))}"
+        # The file is loaded as a module of a package that is its folder, so its relative imports
+        # (a remote-code port's `from .x_code.configuration_x import ...`) resolve beside it.
+        package = f"_porter_custom_{abs(hash(str(path.parent)))}"
+        module_name = f"{package}.{path.stem}"
+        if package not in sys.modules:
+            package_spec = importlib.machinery.ModuleSpec(package, None, is_package=True)
+            package_spec.submodule_search_locations = [str(path.parent)]
+            sys.modules[package] = importlib.util.module_from_spec(package_spec)
         if module_name not in sys.modules:
             spec = importlib.util.spec_from_file_location(module_name, path)
             if spec is None or spec.loader is None:

@@ -31,7 +31,13 @@ class _Transformer(ClassScopedTransformer):
         if updated.name.value != self.context.index.causal_lm:
             return super().leave_ClassDef(original, updated)
         plan = self.context.plan
-        renames, unsupported = checkpoint_renames(updated.name.value, self.context.source.model_type)
+        # Remote code saves its checkpoint under its own module names: transformers' load-time
+        # renames belong to transformers' classes, whatever name the remote classes share with them.
+        renames, unsupported = (
+            ([], [])
+            if self.context.source.remote_code
+            else checkpoint_renames(updated.name.value, self.context.source.model_type)
+        )
         # A rename is for modules named as in current transformers; a source that still uses the
         # checkpoint's name (an older file) needs none.
         attributes = {a for info in self.context.index.classes.values() for a in info.init_calls}

@@ -99,14 +99,21 @@ def hf_reference(model: torch.nn.Module, prompts: list[list[int]], steps: list[S
 
 
 def engine_logits(
-    model_dir: str, model_class: str, inputs_per_step, dtype: torch.dtype, device: str
+    model_dir: str,
+    model_class: str,
+    inputs_per_step,
+    dtype: torch.dtype,
+    device: str,
+    trust_remote_code: bool = False,
 ) -> list[dict[int, torch.Tensor]]:
     """Runs the schedule through the engine at the current tensor-parallel rank."""
     from engine.input_metadata import InputMetadata
     from engine.kv_cache import allocate_kv_caches, cache_shape_of
     from engine.model_loader import load_model
 
-    model, _ = load_model(model_dir, dtype, device, model_class=model_class)
+    model, _ = load_model(
+        model_dir, dtype, device, model_class=model_class, trust_remote_code=trust_remote_code
+    )
     num_layers, kv_per_rank, head_dim = cache_shape_of(model)
     num_blocks = 64
     caches = allocate_kv_caches(num_layers, num_blocks, BLOCK_SIZE, kv_per_rank, head_dim, dtype, device)
@@ -166,16 +173,35 @@ def compare(
     return report
 
 
-def run_engine(model_dir: str, model_class: str, inputs_per_step, tp: int, dtype: torch.dtype, device: str):
+def run_engine(
+    model_dir: str,
+    model_class: str,
+    inputs_per_step,
+    tp: int,
+    dtype: torch.dtype,
+    device: str,
+    trust_remote_code: bool = False,
+):
     if tp == 1:
-        return engine_logits(model_dir, model_class, inputs_per_step, dtype, device)
+        return engine_logits(model_dir, model_class, inputs_per_step, dtype, device, trust_remote_code)
     context = mp.get_context("spawn")
     queue = context.Queue()
     port = _free_port()
     processes = [
         context.Process(
             target=_rank_main,
-            args=(rank, tp, port, model_dir, model_class, inputs_per_step, dtype, device, queue),
+            args=(
+                rank,
+                tp,
+                port,
+                model_dir,
+                model_class,
+                inputs_per_step,
+                dtype,
+                device,
+                trust_remote_code,
+                queue,
+            ),
         )
         for rank in range(tp)
     ]
@@ -197,7 +223,9 @@ def run_engine(model_dir: str, model_class: str, inputs_per_step, tp: int, dtype
     return [{seq: torch.from_numpy(logits) for seq, logits in step.items()} for step in outcome]
 
 
-def _rank_main(rank, tp, port, model_dir, model_class, inputs_per_step, dtype, device, queue) -> None:
+def _rank_main(
+    rank, tp, port, model_dir, model_class, inputs_per_step, dtype, device, trust_remote_code, queue
+) -> None:
     from engine.distributed import destroy_distributed, init_distributed
 
     try:
@@ -207,7 +235,7 @@ def _rank_main(rank, tp, port, model_dir, model_class, inputs_per_step, dtype, d
         else:
             os.environ["PORTER_DEVICE"] = "cpu"
         init_distributed(rank, tp, f"tcp://127.0.0.1:{port}", "nccl" if device.startswith("cuda") else "gloo")
-        results = engine_logits(model_dir, model_class, inputs_per_step, dtype, device)
+        results = engine_logits(model_dir, model_class, inputs_per_step, dtype, device, trust_remote_code)
         if rank == 0:
             # numpy pickles by value; a tensor would travel as shared memory that dies with this process.
             queue.put([{seq: logits.numpy() for seq, logits in step.items()} for step in results])
@@ -224,7 +252,7 @@ def _free_port() -> int:
 
 
 def verify_model(
-    model_type: str,
+    reference: str,
     architecture: str,
     model_class: str,
     work_dir: Path,
@@ -235,16 +263,18 @@ def verify_model(
     seed: int = 0,
     near_tie: float = 0.0,
     overrides: dict[str, object] | None = None,
+    reference_python: str | None = None,
 ) -> ParityReport:
     """Writes a small random checkpoint of `architecture` (its small config changed by `overrides`,
-    a variant of the architecture), runs it through HF and the port, compares."""
-    from porter.verify.small_model import apply_overrides, small_config, write_checkpoint
+    a variant of the architecture), runs it through HF and the port, compares. `reference` is a
+    transformers model type, a remote-code model directory or a modeling file; `reference_python`
+    runs that side in another interpreter (porter.verify.reference)."""
+    from porter.verify.reference import ReferenceSpec, run_reference
 
-    config = small_config(model_type, architecture)
-    apply_overrides(config, overrides or {})
-    hf_model = write_checkpoint(config, work_dir, seed)
+    spec = ReferenceSpec(reference, architecture, seed, decode_steps, dict(overrides or {}))
+    hf = run_reference(spec, work_dir, reference_python)
     steps = schedule(decode_steps)
-    prompts = make_prompts(config.vocab_size, seed)
-    reference, inputs_per_step = hf_reference(hf_model, prompts, steps)
-    engine = run_engine(str(work_dir), model_class, inputs_per_step, tp, dtype, device)
-    return compare(reference, engine, steps, tp, str(dtype).removeprefix("torch."), device, near_tie)
+    engine = run_engine(
+        str(work_dir), model_class, hf.inputs_per_step, tp, dtype, device, hf.trust_remote_code
+    )
+    return compare(hf.logits_per_step, engine, steps, tp, str(dtype).removeprefix("torch."), device, near_tie)

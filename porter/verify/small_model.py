@@ -9,6 +9,7 @@ is deliberately not a multiple of 64 so vocab padding is exercised.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import transformers
 from transformers import AutoConfig, PretrainedConfig
 
 from porter.errors import PorterError
+from porter.verify.small_experts import check_routing_varies, shrink_experts
 
 HIDDEN, HEADS, KV_HEADS, LAYERS, INTERMEDIATE, VOCAB, POSITIONS = 64, 4, 2, 2, 160, 997, 256
 SLIDING_WINDOW = 8
@@ -25,8 +27,64 @@ WINDOW_ATTRIBUTES = ("sliding_window", "window_size")
 INTERMEDIATE_NAMES = ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size")
 
 
+# Remote code names its sizes as its authors chose; these are the names in use for each size (read
+# only for remote code, so a transformers config shrinks exactly as it always has).
+REMOTE_HEAD_NAMES = ("n_head", "n_heads", "num_heads")
+REMOTE_KV_HEAD_NAMES = (
+    "num_key_value_heads",
+    "n_head_kv",
+    "num_kv_heads",
+    "n_kv_heads",
+    "multi_query_group_num",
+    "num_query_groups",
+)
+REMOTE_LAYER_NAMES = ("n_layer", "n_layers", "num_layers")
+REMOTE_POSITION_NAMES = ("n_positions", "seq_length", "max_sequence_length", "max_seq_len")
+REMOTE_HEAD_SIZE_NAMES = ("kv_channels", "head_size", "head_dim")
+REMOTE_VOCAB_NAMES = ("padded_vocab_size",)
+
+
 def small_config(model_type: str, architecture: str) -> PretrainedConfig:
-    default, config = _config_of(model_type, architecture), _config_of(model_type, architecture)
+    """The default config of a transformers model type's causal-LM class, shrunk."""
+    config = shrink(_config_of(model_type, architecture), _config_of(model_type, architecture))
+    config.architectures = [architecture]
+    return config
+
+
+def shrink_remote(config: PretrainedConfig, architecture: str) -> PretrainedConfig:
+    """A remote-code config (its class's defaults, or a checkpoint's config.json) shrunk, reading
+    the size names remote code uses besides transformers' standard ones."""
+    default = copy.deepcopy(config)
+    shrink(config, default)
+    _shrink_remote_names(config, default)
+    config.architectures = [architecture]
+    return config
+
+
+def _shrink_remote_names(config: PretrainedConfig, default: PretrainedConfig) -> None:
+    values = {key: value for key, value in vars(default).items() if _is_int(value)}
+    heads = next((values[n] for n in ("num_attention_heads", *REMOTE_HEAD_NAMES) if n in values), None)
+    for key in values:
+        if key in REMOTE_HEAD_NAMES:
+            setattr(config, key, HEADS)
+        elif key in REMOTE_KV_HEAD_NAMES:
+            setattr(config, key, HEADS if values[key] == heads else min(KV_HEADS, values[key]))
+        elif key in REMOTE_LAYER_NAMES and values[key] > LAYERS:
+            setattr(config, key, LAYERS)
+        elif key in REMOTE_POSITION_NAMES:
+            setattr(config, key, POSITIONS)
+        elif key in REMOTE_HEAD_SIZE_NAMES:
+            setattr(config, key, HIDDEN // HEADS)
+        elif key in REMOTE_VOCAB_NAMES:
+            setattr(config, key, VOCAB)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def shrink(config: PretrainedConfig, default: PretrainedConfig) -> PretrainedConfig:
+    """Shrinks `config` in place, reading the sizes to replace from `default` (an untouched copy)."""
     default_hidden = getattr(default, "hidden_size", None)
     default_intermediate = next(
         (getattr(default, n) for n in INTERMEDIATE_NAMES if getattr(default, n, None)), None
@@ -88,7 +146,7 @@ def small_config(model_type: str, architecture: str) -> PretrainedConfig:
         value = getattr(config, name, None)
         if isinstance(value, int) and value >= VOCAB:
             setattr(config, name, VOCAB - 1 - ("pad bos eos".split().index(name.split("_")[0])))
-    config.architectures = [architecture]
+    shrink_experts(config)
     return config
 
 
@@ -129,14 +187,17 @@ def apply_overrides(config: PretrainedConfig, overrides: dict[str, object]) -> N
         setattr(config, key, value)
 
 
-def write_checkpoint(config: PretrainedConfig, directory: Path, seed: int) -> torch.nn.Module:
-    """Builds the HF model with seeded random weights, saves it, and returns it (float32, eval).
+def write_checkpoint(
+    config: PretrainedConfig, directory: Path, seed: int, model_class: type | None = None
+) -> torch.nn.Module:
+    """Builds the HF model (`model_class`, else transformers' class of the config's architecture) with
+    seeded random weights, saves it, and returns it (float32, eval).
 
     The reference runs HF's eager attention unless the config already names an implementation
     (`--set _attn_implementation=sdpa`)."""
     torch.manual_seed(seed)
-    model_class = getattr(transformers, config.architectures[0])
-    if config._attn_implementation is None:
+    model_class = model_class or getattr(transformers, config.architectures[0])
+    if getattr(config, "_attn_implementation", None) is None:
         config._attn_implementation = "eager"
     model = model_class(config).float().eval()
     generator = torch.Generator().manual_seed(seed)
@@ -148,4 +209,5 @@ def write_checkpoint(config: PretrainedConfig, directory: Path, seed: int) -> to
                 param.copy_(0.08 * torch.randn(param.shape, generator=generator))
     transformers.utils.logging.disable_progress_bar()
     model.save_pretrained(directory, safe_serialization=True)
+    check_routing_varies(model, config.vocab_size, seed)
     return model

@@ -14,18 +14,36 @@ SOURCE_LINE = re.compile(r"^# source: (\S+)$", re.MULTILINE)
 
 @dataclass(frozen=True, slots=True)
 class VerifyTarget:
-    model_type: str  # the transformers model type whose config class and HF model are the reference
+    # The reference: a transformers model type (its config class and HF model), or the path of a
+    # remote-code model directory or modeling file.
+    model_type: str
     port_path: Path  # the ported file
     module: str | None  # its import path when it lives in engine/models
 
+    @property
+    def remote(self) -> bool:
+        """Whether the reference is remote code (a path) rather than a transformers model type."""
+        return Path(self.model_type).exists()
+
 
 def resolve_target(target: str, reference: str | None = None) -> VerifyTarget:
-    """The port to check and the transformers model type it is compared with (`reference` wins)."""
+    """The port to check and what it is compared with (`reference` wins): a transformers model type,
+    or a remote-code model directory or modeling file."""
     if reference is not None:
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
-        if reference not in CONFIG_MAPPING_NAMES:
-            raise PorterError(f"--reference {reference!r} is not a model type of the installed transformers")
+        path = Path(reference)
+        if path.exists():
+            if path.is_dir() and not (path / "config.json").is_file():
+                raise PorterError(f"--reference {reference}: a model directory needs a config.json")
+            if path.is_file() and path.suffix != ".py":
+                raise PorterError(f"--reference {reference}: not a modeling file (.py) or a model directory")
+            reference = str(path.resolve())
+        elif reference not in CONFIG_MAPPING_NAMES:
+            raise PorterError(
+                f"--reference {reference!r} is not a model type of the installed transformers, "
+                "nor a model directory or modeling file"
+            )
     return _resolve(target, reference)
 
 
