@@ -7,6 +7,7 @@ is the identity, so models run unchanged without torch.distributed.
 from __future__ import annotations
 
 import os
+import socket
 
 import torch
 import torch.distributed as dist
@@ -19,6 +20,14 @@ def init_distributed(rank: int, world_size: int, init_method: str, backend: str 
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() and os.environ.get("PORTER_DEVICE") != "cpu" else "gloo"
     dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=world_size)
+
+
+def find_free_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on right now (bound to port 0, read back), for a
+    `tcp://127.0.0.1:<port>` rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def destroy_distributed() -> None:

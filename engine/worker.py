@@ -20,7 +20,6 @@ import contextlib
 import multiprocessing.connection
 import os
 import pickle
-import socket
 import sys
 import threading
 import time
@@ -265,13 +264,6 @@ class BroadcastChannel:
         return holder[0]
 
 
-def find_free_port() -> int:
-    """A TCP port on 127.0.0.1 nothing listens on right now, for the group's rendezvous."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def torchrun_environment() -> tuple[int, int, int] | None:
     """(rank, world_size, local_rank) when launched by torchrun with several ranks, else None."""
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -393,7 +385,7 @@ def start_driver(config: EngineConfig) -> Driver:
         return Driver(runner)
 
     previous_num_threads = torch.get_num_threads()  # ModelRunner lowers it for CPU ranks
-    workers = WorkerGroup(config, f"tcp://127.0.0.1:{find_free_port()}")
+    workers = WorkerGroup(config, f"tcp://127.0.0.1:{distributed.find_free_port()}")
     try:
         _join_group_watching(workers, config)
         runner = ModelRunner(config, 0)

@@ -245,20 +245,10 @@ def _is_bundled_port(architecture: str, port_path: Path) -> bool:
 
 
 def _record_verify(architecture: str, tp: int, device: str, dtype: str, max_rel: float, passed: bool) -> None:
-    """Keeps the last result per architecture for `porter list` (best effort, never fails a verify)."""
-    from porter.emit import write_atomically
-    from porter.port import ENGINE_MODELS
+    """Keeps the last result per architecture for `porter list` (porter.verify.results)."""
+    from porter.verify.results import record_result, run_name
 
-    path = ENGINE_MODELS / "verified.json"
-    try:
-        results = json.loads(path.read_text()) if path.exists() else {}
-        results.setdefault(architecture, {})[f"tp{tp}-{device}-{dtype}"] = {
-            "passed": passed,
-            "max_rel": float(f"{max_rel:.3g}"),
-        }
-        write_atomically(path, json.dumps(results, indent=2, sort_keys=True) + "\n")
-    except OSError:
-        pass
+    record_result(architecture, run_name(tp, device, dtype), max_rel, passed)
 
 
 @app.command()
@@ -312,9 +302,9 @@ def list_models() -> None:
     """The architectures registered in the engine and their last verify results."""
     from engine.models.registry import registered_architectures
     from porter.port import ENGINE_MODELS, bundled_file
+    from porter.verify.results import load_results
 
-    verified_path = ENGINE_MODELS / "verified.json"
-    verified = json.loads(verified_path.read_text()) if verified_path.exists() else {}
+    verified = load_results()
     table = Table(title="registered architectures")
     for column in ("architecture", "file", "source", "last verify"):
         table.add_column(column)

@@ -1,8 +1,9 @@
-"""Shared fixtures: a free TCP port for process groups, and the tiny test model written to disk."""
+"""Shared fixtures: a free TCP port for process groups, verify results kept out of the user's cache,
+and the tiny test model written to disk."""
 
 from __future__ import annotations
 
-import socket
+import os
 import sys
 from pathlib import Path
 
@@ -15,11 +16,15 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 
-def find_free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now (bind to port 0, read it back)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from engine.distributed import find_free_port  # noqa: E402  (after the path is set)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def porter_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`porter verify` records results in a cache directory: this run's own, not the user's."""
+    path = tmp_path_factory.mktemp("porter_cache")
+    os.environ["PORTER_CACHE_DIR"] = str(path)
+    return path
 
 
 @pytest.fixture

@@ -229,7 +229,7 @@ def _port(fixture: Fixture, directory: Path) -> PortRun:
 @pytest.mark.slow
 @pytest.mark.parametrize(("fixture", "tp"), PORT_CASES)
 def test_fixture_ports_and_verifies(fixture: Fixture, tp: int, tmp_path_factory, monkeypatch):
-    # verify records results for `porter list` in engine/models/verified.json; a fixture is no engine model
+    # verify records results for `porter list`; a fixture is no engine model
     monkeypatch.setattr(porter.cli, "_record_verify", lambda *args: None)
     ported = _port(fixture, tmp_path_factory.mktemp("ports"))
     assert ported.exit_code == 0, ported.output

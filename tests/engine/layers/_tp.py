@@ -7,7 +7,6 @@ process, with the collectives made the identity so each rank's partial result ca
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from unittest import mock
@@ -34,13 +33,6 @@ def simulated_rank(rank: int, world_size: int) -> Iterator[None]:
         yield
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _rank_entry(rank: int, world_size: int, port: int, function: Callable, args: tuple) -> None:
     distributed.init_distributed(rank, world_size, f"tcp://127.0.0.1:{port}", backend="gloo")
     try:
@@ -54,7 +46,12 @@ def run_on_ranks(function: Callable, world_size: int, *args) -> None:
 
     `function` must be importable by name (module level) since the ranks are spawned processes.
     """
-    mp.spawn(_rank_entry, args=(world_size, free_port(), function, args), nprocs=world_size, join=True)
+    mp.spawn(
+        _rank_entry,
+        args=(world_size, distributed.find_free_port(), function, args),
+        nprocs=world_size,
+        join=True,
+    )
 
 
 def fused_qkv(
