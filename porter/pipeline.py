@@ -21,6 +21,7 @@ from porter.rewrites.dead_code import DecideConditions, RemoveDeadCode
 from porter.rewrites.engine_interface import EngineInterface
 from porter.rewrites.flatten_batch import FlattenBatch
 from porter.rewrites.fuse_gate_up import FuseGateUp
+from porter.rewrites.fused_moe import FuseExperts
 from porter.rewrites.fuse_qkv import FuseQKV
 from porter.rewrites.gated_activation import FuseGatedActivation
 from porter.rewrites.head_sharded_norm import ShardNormsByHead
@@ -47,6 +48,7 @@ REWRITES: list[Rewrite] = [
     BuildTableClass(),  # a submodule picked from a table of backend classes -> the common class
     PlainLinear(),  # Linear subclasses that only compute x W^T + b -> the Linear itself
     StripHFPlumbing(),  # framework bases, decorators, init helpers
+    FuseExperts(),  # batched experts modules -> FusedMoE
     KeepModuleCalls(),  # layers computed again from weight slices (pretraining-tp branches)
     DropShapeChecks(),  # asserts of the batched eager layout
     SplitLMHead(),  # forward returns hidden states; compute_logits; parallel, tied head

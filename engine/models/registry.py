@@ -55,6 +55,7 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Ministral3ForCausalLM": ("engine.models.ministral3", "Ministral3ForCausalLM"),
     "MinistralForCausalLM": ("engine.models.ministral", "MinistralForCausalLM"),
     "MistralForCausalLM": ("engine.models.mistral", "MistralForCausalLM"),
+    "MixtralForCausalLM": ("engine.models.mixtral", "MixtralForCausalLM"),
     "ModernBertDecoderForCausalLM": ("engine.models.modernbert_decoder", "ModernBertDecoderForCausalLM"),
     "MptForCausalLM": ("engine.models.mpt", "MptForCausalLM"),
     "NanoChatForCausalLM": ("engine.models.nanochat", "NanoChatForCausalLM"),

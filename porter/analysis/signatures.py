@@ -25,6 +25,7 @@ PLUMBING = {
     "layer_past",
     "use_cache",
     "output_attentions",
+    "output_router_logits",
     "output_hidden_states",
     "return_dict",
     "labels",

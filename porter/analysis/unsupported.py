@@ -1,7 +1,8 @@
 """Constructs the engine cannot run yet, found before any rewrite so the port stops with the place.
 
 Each check reads what the code does, never a model's name:
-- mixture-of-experts routing: a forward that picks experts with a top-k over router scores;
+- mixture-of-experts routing: a forward that picks experts with a top-k over router scores, unless
+  the experts are batched modules (`porter.analysis.experts`), which the fused-MoE rewrite ports;
 - multi-latent attention: attention through low-rank compressed KV projections (`kv_lora_rank`);
 - cross-attention the model always runs: a forward whose encoder states are a required input;
 - recurrent / state-space layers: a convolution or scan state carried between steps (`conv_state`,
@@ -20,6 +21,8 @@ import libcst as cst
 from libcst.metadata import MetadataWrapper, PositionProvider
 
 from porter.analysis.cst_utils import calls_softmax, code_of
+from porter.analysis.experts import holds_stacked_weights as _holds_stacked_weights
+from porter.analysis.experts import loops_with_index_add
 
 STATE_WORDS = ("conv_state", "conv1d_state", "ssm_state", "recurrent_state", "A_log", "selective_scan")
 _PARAMETER = re.compile(r"self\.(\w+)\s*(?::[^=]+)?=\s*(?:torch\.)?(?:nn\.)?Parameter\(")
@@ -41,6 +44,16 @@ def find_unsupported(module: cst.Module, reachable: set[str]) -> list[Unsupporte
         for name in _PARAMETER.findall(code_of(statement))
     }
     finder = _Finder(reachable, parameters)
+    # Routing beside batched experts modules is what the fused-MoE rewrite ports (or stops on).
+    finder.batched_experts = any(
+        loops_with_index_add(method)
+        for statement in module.body
+        if isinstance(statement, cst.ClassDef) and statement.name.value in reachable
+        for method in statement.body.body
+        if isinstance(method, cst.FunctionDef)
+        and method.name.value == "forward"
+        and _holds_stacked_weights(statement)
+    )
     wrapper.visit(finder)
     return finder.found
 
@@ -52,6 +65,7 @@ class _Finder(cst.CSTVisitor):
         self.reachable = reachable
         self.parameters = parameters  # attributes the model's classes hold as nn.Parameter
         self.found: list[UnsupportedConstruct] = []
+        self.batched_experts = False
         self.classes: list[str] = []
         self.seen: set[tuple[str, str]] = set()
 
@@ -70,7 +84,7 @@ class _Finder(cst.CSTVisitor):
         where = f"{self.classes[-1]}.{node.name.value}"
         code = code_of(node)
         if node.name.value == "forward":
-            if "topk(" in code and ("router" in code or "expert" in code):
+            if "topk(" in code and ("router" in code or "expert" in code) and not self.batched_experts:
                 self._add("mixture-of-experts routing", where, node)
             for param in node.params.params:
                 if param.name.value == "encoder_hidden_states" and param.default is None:

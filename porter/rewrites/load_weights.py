@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import libcst as cst
 
-from porter.analysis.checkpoint_names import checkpoint_renames
+from porter.analysis.checkpoint_names import checkpoint_expert_names, checkpoint_renames
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
 
 
@@ -48,6 +48,7 @@ class _Transformer(ClassScopedTransformer):
                 "load-weights", self.where, f"checkpoint conversion beyond a rename: {transform}"
             )
         renamed = "".join(f"\n        ({p!r}, {r!r})," for p, r in renames)
+        experts = _expert_names(self.context)
         fused = "".join(
             f"\n        ({packed!r}, {name!r}, {shard!r}),"
             for packed, name, shard in sorted(plan.fused, key=str)
@@ -60,8 +61,11 @@ class _Transformer(ClassScopedTransformer):
             f"    tied = {{{tied}\n    }}\n"
             f"    ignored = [{ignored}\n    ]\n"
             + (f"    renamed = [{renamed}\n    ]\n" if renames else "")
+            + (f"    experts = [{experts}\n    ]\n" if experts else "")
             + "    return load_named_weights(self, weights, fused=fused, tied=tied, ignored=ignored"
-            + (", renamed=renamed)\n" if renames else ")\n")
+            + (", renamed=renamed" if renames else "")
+            + (", experts=experts" if experts else "")
+            + ")\n"
         )
         self.context.need("engine.weights", "load_named_weights")
         self.context.record(
@@ -71,3 +75,12 @@ class _Transformer(ClassScopedTransformer):
         return super().leave_ClassDef(
             original, updated.with_changes(body=updated.body.with_changes(body=body))
         )
+
+
+def _expert_names(context: PortContext) -> str:
+    """The per-expert checkpoint names transformers stacks, as `load_weights` lines, when the port
+    holds stacked experts (a `FusedMoE`) for them to load into."""
+    if ("engine.layers.moe", "FusedMoE") not in context.plan.engine_imports:
+        return ""
+    names = checkpoint_expert_names(context.index.causal_lm, context.source.model_type)
+    return "".join(f"\n        ({stacked!r}, {name!r}, {part!r})," for stacked, name, part in names)

@@ -83,7 +83,8 @@ class FusedMoE(nn.Module):
 
         shard_id None: the stacked tensor of all experts (`[E, 2I, H]` / `[E, H, I]`, or with the
         last two dims swapped when `checkpoint_transposed`). shard_id `(expert, part)`: one expert's
-        projection, part 0 its gate `[I, H]`, part 1 its up `[I, H]`, part None its down `[H, I]`.
+        projection, part 0 its gate `[I, H]`, part 1 its up `[I, H]`, part None the whole of it
+        (gate and up `[2I, H]`, or down `[H, I]`).
         """
         is_down = param is self.down_proj
         if shard_id is None:
@@ -103,12 +104,21 @@ class FusedMoE(nn.Module):
         expert, part = shard_id
         if not 0 <= expert < self.num_experts:
             raise ValueError(f"FusedMoE has experts 0..{self.num_experts - 1}, got expert {expert}")
-        if (part is None) != is_down:
-            raise ValueError(
-                f"FusedMoE {self._name(param)} takes parts {'None' if is_down else '0 and 1'}, got {part!r}"
-            )
+        if part not in ((None,) if is_down else (None, 0, 1)):
+            raise ValueError(f"FusedMoE {self._name(param)} has no part {part!r}")
         local_expert = expert - self.first_expert
-        if 0 <= local_expert < self.num_local_experts:  # another rank holds it under expert parallelism
+        if not 0 <= local_expert < self.num_local_experts:
+            return  # another rank holds it under expert parallelism
+        if part is None and not is_down:  # one expert's gate and up rows saved together
+            check_full_shape(
+                loaded_weight,
+                (2 * self.intermediate_size, self.hidden_size),
+                f"FusedMoE gate_up_proj expert {expert}",
+            )
+            gate, up = loaded_weight.split(self.intermediate_size, dim=0)
+            self._load_expert(param, local_expert, gate, 0)
+            self._load_expert(param, local_expert, up, 1)
+        else:
             self._load_expert(param, local_expert, loaded_weight, part)
 
     def _load_expert(self, param: nn.Parameter, expert: int, loaded: torch.Tensor, part: int | None) -> None:
