@@ -38,20 +38,3 @@ def kv_cache_bytes_per_block(
     """Bytes one block costs across all layers, K and V: what sizing the cache divides by."""
     element = torch.empty((), dtype=dtype).element_size()
     return 2 * num_layers * block_size * num_kv_heads * head_dim * element
-
-
-def cache_shape_of(model: torch.nn.Module) -> tuple[int, int, int]:
-    """(attention layers, KV heads on this rank, head size), read from the model's PagedAttention
-    modules: the authority, whatever names the HF config uses (or lacks) for them."""
-    from engine.layers.attention import PagedAttention
-
-    layers = [m for m in model.modules() if isinstance(m, PagedAttention)]
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no PagedAttention layers")
-    shapes = {(m.num_kv_heads, m.head_dim) for m in layers}
-    if len(shapes) != 1:
-        raise ValueError(
-            f"attention layers differ in KV heads/head size {sorted(shapes)}; one cache shape is needed"
-        )
-    kv_heads, head_dim = shapes.pop()
-    return len(layers), kv_heads, head_dim

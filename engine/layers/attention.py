@@ -126,3 +126,18 @@ class PagedAttention(nn.Module):
             f"scale={self.scale}, sliding_window={self.sliding_window}, "
             f"logits_soft_cap={self.logits_soft_cap}, alibi={self.alibi_slopes is not None}"
         )
+
+
+def cache_shape_of(model: torch.nn.Module) -> tuple[int, int, int]:
+    """(attention layers, KV heads on this rank, head size), read from the model's PagedAttention
+    modules: the authority, whatever names the HF config uses (or lacks) for them."""
+    layers = [m for m in model.modules() if isinstance(m, PagedAttention)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no PagedAttention layers")
+    shapes = {(m.num_kv_heads, m.head_dim) for m in layers}
+    if len(shapes) != 1:
+        raise ValueError(
+            f"attention layers differ in KV heads/head size {sorted(shapes)}; one cache shape is needed"
+        )
+    kv_heads, head_dim = shapes.pop()
+    return len(layers), kv_heads, head_dim

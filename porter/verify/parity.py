@@ -108,7 +108,8 @@ def engine_logits(
 ) -> list[dict[int, torch.Tensor]]:
     """Runs the schedule through the engine at the current tensor-parallel rank."""
     from engine.input_metadata import InputMetadata
-    from engine.kv_cache import allocate_kv_caches, cache_shape_of
+    from engine.kv_cache import allocate_kv_caches
+    from engine.layers.attention import cache_shape_of
     from engine.model_loader import load_model
 
     model, _ = load_model(
