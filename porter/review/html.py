@@ -47,12 +47,17 @@ def review_html(review: Review) -> str:
         grid.append(_cell("p", port_index, port_lines, port_marks, row))
 
     def anchor_row(source: Span | None, port: Span | None) -> int:
-        candidates = []
-        if source is not None:
-            candidates.append(row_of_source.get(min(source.start, len(source_lines)) - 1, 0))
-        if port is not None:
-            candidates.append(row_of_port.get(min(port.start, len(port_lines)) - 1, 0))
-        return min(candidates) if candidates else 0
+        """The row a note sits on: where its lines start; a side where code only went or came
+        (an empty span) counts only if neither side has lines."""
+        places = [
+            (span.empty, rows_of.get(min(span.start, count) - 1, 0))
+            for span, rows_of, count in (
+                (source, row_of_source, len(source_lines)),
+                (port, row_of_port, len(port_lines)),
+            )
+            if span is not None
+        ]
+        return min(places)[1] if places else 0
 
     counts = (len(source_lines), len(port_lines))
     notes = [

@@ -42,7 +42,7 @@
     let shown = 0;
     for (const slot of slots) {
       const note = slot.firstElementChild;
-      const keep = note.classList.contains("review-item") || matches(note);
+      const keep = matches(note);
       slot.classList.toggle("filtered", !keep);
       if (keep && note.classList.contains("hunk")) shown += 1;
       if (note.classList.contains("hunk")) {
