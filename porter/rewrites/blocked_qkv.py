@@ -20,8 +20,8 @@ from porter.analysis.attention import AttentionInfo
 from porter.analysis.cst_utils import call_name, calls_in, code_of, self_attribute, statement_targets
 from porter.analysis.inline_attention import only_reshapes
 from porter.analysis.model_index import ClassInfo
+from porter.analysis.projections import flat_outputs
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
-from porter.rewrites.fuse_qkv import flat_outputs
 
 
 class SplitBlockedQKV(Rewrite):

@@ -11,9 +11,8 @@ from __future__ import annotations
 import libcst as cst
 
 from porter.analysis.cst_utils import ReplaceProjectionCalls, code_of, names_in, self_attribute
+from porter.analysis.engine_names import FUSED_GATE_UP
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
-
-FUSED = "gate_up_proj"
 
 
 class FuseGateUp(Rewrite):
@@ -29,7 +28,7 @@ class FuseGateUp(Rewrite):
             pair = _gated_pair(info.linears(), forward)
             if pair is not None:
                 pairs[name] = pair
-                context.plan.fused += [(FUSED, pair[0], 0), (FUSED, pair[1], 1)]
+                context.plan.fused += [(FUSED_GATE_UP, pair[0], 0), (FUSED_GATE_UP, pair[1], 1)]
         return module.visit(_Transformer(context, pairs)) if pairs else module
 
 
@@ -99,7 +98,7 @@ class _Transformer(ClassScopedTransformer):
                 size_in, size_out = code_of(call.args[0].value), code_of(call.args[1].value)
                 rest = "".join(f", {code_of(a)}" for a in call.args[2:])
                 new = cst.parse_statement(
-                    f"self.{FUSED} = MergedColumnParallelLinear({size_in}, [{size_out}, {size_out}]{rest})"
+                    f"self.{FUSED_GATE_UP} = MergedColumnParallelLinear({size_in}, [{size_out}, {size_out}]{rest})"
                 )
                 self.context.need("engine.layers", "MergedColumnParallelLinear")
                 self.context.record(
@@ -119,7 +118,7 @@ class _Transformer(ClassScopedTransformer):
             return new
         self.inserted = True
         split = cst.parse_statement(
-            f"{self.names[0]}, {self.names[1]} = self.{FUSED}({replacer.argument}).chunk(2, dim=-1)"
+            f"{self.names[0]}, {self.names[1]} = self.{FUSED_GATE_UP}({replacer.argument}).chunk(2, dim=-1)"
         )
         self.context.record(
             "fuse-gate-up", self.where, "", split, "run the fused projection once, split its halves"

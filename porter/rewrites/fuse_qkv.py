@@ -16,7 +16,6 @@ sharded as a plain column-parallel Linear, the projection would give wrong heads
 from __future__ import annotations
 
 import libcst as cst
-import libcst.matchers as m
 
 from porter.analysis.attention import AttentionInfo
 from porter.analysis.cst_utils import (
@@ -27,11 +26,12 @@ from porter.analysis.cst_utils import (
     self_attribute,
     statement_targets,
 )
+from porter.analysis.engine_names import FUSED_QKV
 from porter.analysis.model_index import LINEAR_CALLS
+from porter.analysis.projections import flat_outputs, linear_bias
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
 from porter.rewrites.dead_code import drop_unread_assignments
 
-FUSED = "qkv_proj"
 RESHAPE_METHODS = {"view", "reshape", "unsqueeze", "transpose", "contiguous"}
 
 
@@ -54,7 +54,7 @@ class FuseQKV(Rewrite):
                     separate_inputs.add(name)
                     continue
                 for attr, shard in ((info.query, "q"), (info.key, "k"), (info.value, "v")):
-                    context.plan.fused.append((FUSED, attr, shard))
+                    context.plan.fused.append((FUSED_QKV, attr, shard))
         module = module.visit(_Transformer(context, separate_inputs))
         return module.visit(_ConcatenatedQKV(context))
 
@@ -253,38 +253,6 @@ class _FusedInit(cst.CSTTransformer):
         return repr("concatenated")
 
 
-# Elementwise methods: the fused output stays q|k|v side by side through them (`qkv.clamp(...)`).
-ELEMENTWISE_METHODS = {"clamp", "clamp_", "clip", "to", "float", "half", "bfloat16", "contiguous"}
-
-
-def flat_outputs(forward: cst.FunctionDef, attr: str) -> set[str]:
-    """Names that hold `self.<attr>(x)` as it came out (q|k|v side by side): assigned from the call,
-    and only ever reassigned elementwise from themselves (`qkv = qkv.clamp(min=-c, max=c)`)."""
-    flat, other = set(), set()
-    for line in m.findall(forward, m.SimpleStatementLine()):
-        small = line.body[0]
-        if not isinstance(small, cst.Assign):
-            continue
-        for target in statement_targets(line):
-            value = small.value
-            receiver = (
-                value.func.value
-                if isinstance(value, cst.Call) and isinstance(value.func, cst.Attribute)
-                else None
-            )
-            if isinstance(value, cst.Call) and self_attribute(value.func) == attr:
-                flat.add(target)
-            elif (
-                isinstance(receiver, cst.Name)
-                and receiver.value == target
-                and value.func.attr.value in ELEMENTWISE_METHODS
-            ):
-                continue
-            else:
-                other.add(target)
-    return flat - other
-
-
 def _projection_inputs(forward: cst.FunctionDef | None, info: AttentionInfo) -> set[str]:
     """The tensors forward passes the q, k and v projections, each followed back through plain
     aliases (`current_states = hidden_states`, what a decoder-only port leaves of a cross-attention
@@ -422,8 +390,8 @@ class _Transformer(ClassScopedTransformer):
         self.inserted = True
         q, k, v = (self.pieces[a] for a in (info.query, info.key, info.value))
         split = cst.parse_statement(
-            f"{q}, {k}, {v} = self.{FUSED}({replacer.argument}).split("
-            f"[self.{FUSED}.q_size, self.{FUSED}.kv_size, self.{FUSED}.kv_size], dim=-1)"
+            f"{q}, {k}, {v} = self.{FUSED_QKV}({replacer.argument}).split("
+            f"[self.{FUSED_QKV}.q_size, self.{FUSED_QKV}.kv_size, self.{FUSED_QKV}.kv_size], dim=-1)"
         )
         self.context.record(
             "fuse-qkv", self.where, "", split, "one GEMM for q, k and v, split into this rank's heads"
@@ -448,7 +416,7 @@ class _Transformer(ClassScopedTransformer):
         query = calls[info.query]
         hidden = code_of(query.args[0].value)
         new = cst.parse_statement(
-            f"self.{FUSED} = QKVParallelLinear({hidden}, {info.head_dim}, {info.num_heads}, {info.num_kv_heads}, "
+            f"self.{FUSED_QKV} = QKVParallelLinear({hidden}, {info.head_dim}, {info.num_heads}, {info.num_kv_heads}, "
             f"bias={code_of(linear_bias(query))})"
         )
         self.context.need("engine.layers", "QKVParallelLinear")
@@ -456,13 +424,3 @@ class _Transformer(ClassScopedTransformer):
             "fuse-qkv", self.where, ", ".join(calls), new, "q, k and v fused, column-parallel by head"
         )
         return new
-
-
-def linear_bias(call: cst.Call) -> cst.BaseExpression:
-    """The bias argument of `nn.Linear(in, out, bias)`, by keyword or position (default True)."""
-    for arg in call.args:
-        if arg.keyword is not None and arg.keyword.value == "bias":
-            return arg.value
-    if len(call.args) >= 3 and call.args[2].keyword is None:
-        return call.args[2].value
-    return cst.Name("True")

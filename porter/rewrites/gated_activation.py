@@ -21,8 +21,8 @@ import libcst as cst
 import libcst.matchers as m
 
 from porter.analysis.cst_utils import code_of, names_in, self_attribute
+from porter.analysis.engine_names import FUSED_GATE_UP
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
-from porter.rewrites.fuse_gate_up import FUSED
 
 ENGINE_FACTORY = "get_gated_activation"
 _ACTIVATION_TABLES = {"ACT2FN", "ACT2CLS"}
@@ -35,7 +35,7 @@ class FuseGatedActivation(Rewrite):
         plans: dict[str, tuple[str, str, str, str]] = {}
         for name, info in context.index.classes.items():
             forward, init = info.methods.get("forward"), info.methods.get("__init__")
-            if forward is None or init is None or FUSED not in info.init_calls:
+            if forward is None or init is None or FUSED_GATE_UP not in info.init_calls:
                 continue
             plan = _plan(forward, init)
             if plan is not None:
@@ -70,7 +70,7 @@ def _plan(forward: cst.FunctionDef, init: cst.FunctionDef) -> tuple[str, str, st
             isinstance(target, cst.Tuple)
             and len(target.elements) == 2
             and all(isinstance(e.value, cst.Name) for e in target.elements)
-            and f"self.{FUSED}(" in code_of(value).replace(" ", "")
+            and f"self.{FUSED_GATE_UP}(" in code_of(value).replace(" ", "")
             and code_of(value).replace(" ", "").endswith(".chunk(2,dim=-1)")
         ):
             split = (target.elements[0].value.value, target.elements[1].value.value)

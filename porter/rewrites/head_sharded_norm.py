@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import libcst as cst
 
+from porter.analysis.activations import elementwise_attributes
 from porter.analysis.attention import AttentionInfo
 from porter.analysis.cst_utils import call_name, code_of, self_attribute, spaced, statement_targets
+from porter.analysis.engine_names import ENGINE_NORM
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
-from porter.rewrites.rms_norm import ENGINE_NORM
-from porter.rewrites.tensor_parallel import elementwise_attributes
 
 SHARDED_NORM = "HeadShardedRMSNorm"
 PER_HEAD_WRAPPER = "shard_heads"

@@ -15,9 +15,9 @@ import libcst as cst
 
 from porter.analysis.cst_utils import call_name, code_of, names_in, self_attribute, statement_targets
 from porter.analysis.model_index import LINEAR_CALLS, ModelIndex, projects_to_vocab
+from porter.analysis.projections import linear_bias
 from porter.analysis.signatures import PLUMBING
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
-from porter.rewrites.fuse_qkv import linear_bias
 
 LAYERS = "engine.layers"
 

@@ -19,10 +19,9 @@ import inspect
 import libcst as cst
 
 from porter.analysis.cst_utils import call_name, code_of, self_attribute
+from porter.analysis.engine_names import ENGINE_NORM
 from porter.analysis.norms import RMSNormMatch, find_rms_norms
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
-
-ENGINE_NORM = "RMSNorm"
 
 
 class SwapRMSNorm(Rewrite):

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import libcst as cst
 
+from porter.analysis.activations import elementwise_attributes
 from porter.analysis.cst_utils import (
     call_name,
     calls_in,
@@ -343,15 +344,6 @@ ELEMENTWISE_METHODS = {
     "reshape",
     "flatten",
 }
-ACTIVATION_FACTORIES = {
-    "ACT2FN",
-    "get_activation",
-    "nn.GELU",
-    "nn.SiLU",
-    "nn.ReLU",
-    "nn.Tanh",
-    "NewGELUActivation",
-}
 
 
 def _is_elementwise_call(node: cst.Call) -> bool:
@@ -460,20 +452,6 @@ def _width_argument(call: cst.Call) -> str | None:
         if argument.keyword is not None and argument.keyword.value in WIDTH_KEYWORDS:
             return spaced(code_of(argument.value))
     return None
-
-
-def elementwise_attributes(info) -> set[str]:
-    """Attributes of a class that hold an activation function."""
-    found = set()
-    for attr, value in init_attribute_values(info.methods.get("__init__")).items():
-        root = (
-            value.value
-            if isinstance(value, cst.Subscript)
-            else (value.func if isinstance(value, cst.Call) else value)
-        )
-        if code_of(root) in ACTIVATION_FACTORIES or code_of(root).split(".")[-1] in ACTIVATION_FACTORIES:
-            found.add(attr)
-    return found
 
 
 class _Transformer(ClassScopedTransformer):
