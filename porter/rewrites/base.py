@@ -56,8 +56,6 @@ class Plan:
     tied: dict[str, str] = field(default_factory=dict)
     # checkpoint tensors the engine recomputes (regular expressions)
     ignored: list[str] = field(default_factory=list)
-    # checkpoint-name renames (regex, replacement), from transformers' conversion mapping
-    renamed: list[tuple[str, str]] = field(default_factory=list)
     engine_imports: set[tuple[str, str]] = field(default_factory=set)
     # attention class -> what analysis found in it (read before its core is replaced)
     attention: dict[str, AttentionInfo] = field(default_factory=dict)

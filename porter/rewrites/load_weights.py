@@ -42,7 +42,6 @@ class _Transformer(ClassScopedTransformer):
         # checkpoint's name (an older file) needs none.
         attributes = {a for info in self.context.index.classes.values() for a in info.init_calls}
         renames = [(p, r) for p, r in renames if _source_name(p) not in attributes]
-        plan.renamed = renames
         for transform in unsupported:
             self.context.flag(
                 "load-weights", self.where, f"checkpoint conversion beyond a rename: {transform}"
