@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -91,6 +92,7 @@ class EngineConfig:
                 f"({self.max_num_batched_tokens}) must be >= 1"
             )
         self.device = resolve_device_type(self.device)
+        check_model_directory(self.model)
 
     def device_for_rank(self, rank: int) -> torch.device:
         """Rank r runs on cuda:r (one process per GPU); every rank shares the CPU."""
@@ -101,9 +103,17 @@ def resolve_device_type(device: str) -> str:
     """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; 'cuda:0' -> 'cuda' (ranks pick their own index)."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    device_type = torch.device(device).type
+    try:
+        device_type = torch.device(device).type
+    except (RuntimeError, TypeError):
+        device_type = None
     if device_type not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise ValueError(
+            f"device 'cuda' asked for, but torch ({build}) sees no CUDA device; use 'cpu' or 'auto'"
+        )
     return device_type
 
 
@@ -154,6 +164,7 @@ def prepare_config(config: EngineConfig, hf_config: Any) -> EngineConfig:
     Also checks that the tensor-parallel size divides the head counts, so a bad size fails here,
     before any process is spawned or weight is read.
     """
+    refuse_quantized(hf_config, config.model)
     check_tensor_parallel_size(hf_config, config.tensor_parallel_size)
     model_class = config.model_class
     if model_class is None:
@@ -163,6 +174,37 @@ def prepare_config(config: EngineConfig, hf_config: Any) -> EngineConfig:
         max_model_len=resolve_max_model_len(config.max_model_len, hf_config),
         model_class=model_class,
     )
+
+
+def refuse_quantized(hf_config: Any, model: str) -> None:
+    """ValueError naming the method when the checkpoint is quantized: the engine's layers hold
+    unquantized weights, and loading packed integers into them would run a different model."""
+    quantization = getattr(hf_config, "quantization_config", None)
+    if quantization is None:
+        return
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+    method = method or getattr(quantization, "quant_method", None) or "an unnamed method"
+    method = getattr(method, "value", method)  # transformers keeps it as an enum
+    raise ValueError(
+        f"{model} is a quantized checkpoint ({method}); the engine runs unquantized checkpoints only"
+    )
+
+
+def check_model_directory(model: str) -> None:
+    """FileNotFoundError (or NotADirectoryError) unless `model` is a local directory with a config.json.
+
+    The engine reads local files only; without this, a missing path reaches the hub client, which
+    answers about repository ids and network access instead.
+    """
+    path = Path(model)
+    if not path.exists():
+        raise FileNotFoundError(f"model directory {model} does not exist")
+    if not path.is_dir():
+        raise NotADirectoryError(
+            f"{model} is not a directory: pass the model's directory (config.json, *.safetensors)"
+        )
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{model} has no config.json: it is not a Hugging Face model directory")
 
 
 def check_tensor_parallel_size(hf_config: Any, tp_size: int) -> None:

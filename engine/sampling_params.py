@@ -6,10 +6,19 @@ layer matches `stop` strings on the detokenized text with `find_stop_string`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 # OpenAI's documented range for presence and frequency penalties.
 _MAX_ABS_OPENAI_PENALTY = 2.0
+_NUMBER_FIELDS = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+)
 
 
 @dataclass(slots=True)
@@ -50,11 +59,21 @@ class SamplingParams:
         # A lone string is the common mistake for `stop`; taking it as one stop string is what it means.
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if not isinstance(self.stop, list | tuple):
+            raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
+        if not isinstance(self.stop_token_ids, list | tuple):
+            raise ValueError(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
         self.stop_token_ids = list(self.stop_token_ids)
         self.stop = list(self.stop)
         self._validate()
 
     def _validate(self) -> None:
+        for name in _NUMBER_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or not _is_finite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
         if not self.temperature >= 0.0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not _is_int(self.top_k) or not (self.top_k == -1 or self.top_k >= 1):
@@ -107,6 +126,13 @@ class SamplingParams:
             if index != -1 and (earliest is None or index < earliest):
                 earliest = index
         return earliest
+
+
+def _is_finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
 def _is_int(value: object) -> bool:

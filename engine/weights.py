@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 # (packed parameter's module name, checkpoint module name, shard id), e.g. ("qkv_proj", "q_proj", "q").
@@ -40,9 +40,12 @@ def checkpoint_files(model_dir: str | Path) -> list[Path]:
 def iterate_checkpoint(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Yields (name, tensor) for every tensor of the checkpoint, reading one at a time."""
     for path in checkpoint_files(model_dir):
-        with safe_open(str(path), framework="pt") as handle:
-            for name in handle.keys():
-                yield name, handle.get_tensor(name)
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for name in handle.keys():
+                    yield name, handle.get_tensor(name)
+        except (SafetensorError, OSError) as error:  # truncated, corrupt, or unreadable
+            raise ValueError(f"cannot read checkpoint file {path}: {error}") from None
 
 
 def default_weight_loader(param: torch.Tensor, loaded_weight: torch.Tensor) -> None:
@@ -124,15 +127,18 @@ def load_named_weights(
             target = name
         param = params[target]
         loader = getattr(param, "weight_loader", None)
-        if shard_id is not None:
-            if loader is None:
-                raise ValueError(f"{target} is packed but has no weight_loader for shard {shard_id!r}")
-            loader(param, tensor, shard_id)
-            loaded_shards[target].add(shard_id)
-        elif loader is not None:
-            loader(param, tensor)
-        else:
-            default_weight_loader(param, tensor)
+        try:
+            if shard_id is not None:
+                if loader is None:
+                    raise ValueError(f"{target} is packed but has no weight_loader for shard {shard_id!r}")
+                loader(param, tensor, shard_id)
+                loaded_shards[target].add(shard_id)
+            elif loader is not None:
+                loader(param, tensor)
+            else:
+                default_weight_loader(param, tensor)
+        except ValueError as error:  # a shape mismatch: say which checkpoint tensor it was
+            raise ValueError(f"checkpoint tensor {checkpoint_name}: {error}") from None
         if target in expected_shards and shard_id is None:
             loaded_shards[target] |= expected_shards[target]  # one fused checkpoint tensor fills every shard
         loaded_params.add(target)

@@ -365,9 +365,16 @@ class Driver:
 def start_driver(config: EngineConfig) -> Driver:
     """Brings up every rank for `config` with this process as rank 0, loads the model, sizes the cache.
 
-    Spawned workers import this process's `__main__`, so a script that builds an LLM with
-    tensor_parallel_size > 1 must do so under `if __name__ == "__main__":`.
+    Spawned workers run this process's `__main__` script only when the model class is defined in
+    it; a script that does so and builds an LLM with tensor_parallel_size > 1 must build it under
+    `if __name__ == "__main__":`.
     """
+    if config.tensor_parallel_size > 1 and getattr(mp.current_process(), "_inheriting", False):
+        # This is a worker re-running the user's script while it starts (multiprocessing's spawn).
+        raise RuntimeError(
+            "a tensor-parallel worker, running your script to find the model class defined in it, "
+            'reached the LLM(...) call: put that call under `if __name__ == "__main__":`'
+        )
     launched = torchrun_environment()
     _check_no_other_group(config.tensor_parallel_size, allow_same_size=launched is not None)
     if launched is not None:
