@@ -141,7 +141,8 @@ def remote_config(source: Path, architecture: str, work_dir: Path):
     auto_map = dict(raw.get("auto_map") or {})
     modeling = source.stem if source.is_file() else _module_of(auto_map.get(CAUSAL_LM_KEY), model_dir)
     auto_map[CAUSAL_LM_KEY] = f"{modeling}.{architecture}"
-    auto_map.setdefault("AutoConfig", _config_class_of(model_dir / f"{modeling}.py"))
+    if "AutoConfig" not in auto_map:
+        auto_map["AutoConfig"] = _config_class_of(model_dir / f"{modeling}.py")
     (work_dir / "config.json").write_text(json.dumps({**raw, "auto_map": auto_map}, indent=2))
     config = AutoConfig.from_pretrained(str(work_dir), trust_remote_code=True, local_files_only=True)
     model_class = get_class_from_dynamic_module(auto_map[CAUSAL_LM_KEY], str(work_dir))

@@ -123,3 +123,42 @@ def test_the_engine_reads_remote_configuration_code_only_when_trusted(tmp_path):
         load_hf_config(tmp_path)
     config = load_hf_config(tmp_path, trust_remote_code=True)
     assert type(config).__name__ == "InternLMConfig" and config.hidden_size == 5120
+
+
+@pytest.mark.slow
+def test_a_remote_code_directory_ports_and_verifies_against_itself_in_another_interpreter(tmp_path):
+    """The whole path: port the directory, then verify the port against the directory's own code,
+    that side run by another interpreter (this one, started anew) through files."""
+    import sys
+
+    import torch
+
+    from porter.port import port
+    from porter.verify.parity import verify_model
+
+    model_dir = tmp_path / "ember"
+    model_dir.mkdir()
+    shutil.copy(CORPUS.parent / "modeling_remote_code_style.py", model_dir / "modeling_ember.py")
+    auto_map = {
+        "AutoConfig": "modeling_ember.EmberConfig",
+        "AutoModelForCausalLM": "modeling_ember.EmberForCausalLM",
+    }
+    (model_dir / "config.json").write_text(json.dumps({"model_type": "ember", "auto_map": auto_map}))
+    outcome = port(str(model_dir), tmp_path / "ember_port.py", register_model=False)
+    assert outcome.architecture == "EmberForCausalLM" and not outcome.result.review
+    work = tmp_path / "work"
+    work.mkdir()
+    report = verify_model(
+        str(model_dir),
+        "EmberForCausalLM",
+        f"{outcome.path}:EmberForCausalLM",
+        work,
+        1,
+        "cpu",
+        torch.float32,
+        2,
+        reference_python=sys.executable,
+    )
+    assert report.max_rel < 1e-4 and report.all_tokens_agree
+    saved = json.loads((work / "config.json").read_text())
+    assert saved["auto_map"] == auto_map and saved["hidden_size"] == 64  # the shrunk remote config
