@@ -130,9 +130,9 @@ def _staleness(port_path: Path, checked_in: str, fresh: str) -> str:
         )
     differing = sum(1 for a, b in zip(old_lines, new_lines) if a != b) + abs(len(old_lines) - len(new_lines))
     return (
-        f"{port_path} is stale: porting its source now gives a different file (lines differing: {differing}; "
-        "the source, porter or transformers changed since it was generated); this review shows the "
-        f"fresh port; `porter port` rewrites {port_path}"
+        f"{port_path} is stale: porting its source now gives a different file (lines differing: "
+        f"{differing}): the source, porter or transformers changed since it was generated, or the file "
+        "was edited; this review shows the fresh port, and `porter port` rewrites the file"
     )
 
 

@@ -163,7 +163,7 @@ def test_checked_in_port_is_reviewed_against_the_source_its_header_names(monkeyp
 
     port.write_text(review.port_text.replace("nn.Module", "torch.nn.Module", 1))
     stale = review_port(port).stale
-    assert "is stale" in stale and "lines differing: 1;" in stale
+    assert "is stale" in stale and "lines differing: 1)" in stale
 
 
 def test_port_naming_a_file_source_needs_source_option(tmp_path):
