@@ -63,10 +63,14 @@ OUTPUT_DROPPED_FIELDS = {
 
 
 def compute_signatures(
-    index: ModelIndex, decided_unread: dict[str, set[str]] | None = None
+    index: ModelIndex,
+    decided_unread: dict[str, set[str]] | None = None,
+    cache_inputs: dict[str, set[str]] | None = None,
 ) -> dict[str, list[str]]:
     """New forward parameters (after self) of every class whose forward changes. `decided_unread`:
-    per class, the inputs its forward read only in branches the engine decided away."""
+    per class, the inputs its forward read only in branches the engine decided away;
+    `cache_inputs`: per class, the parameters carrying HF's KV cache under any name
+    (`porter.analysis.cache_inputs`), dropped like the plumbing known by name."""
     needs: dict[str, set[str]] = {}
 
     def need(name: str, trail: tuple[str, ...] = ()) -> set[str]:
@@ -111,6 +115,7 @@ def compute_signatures(
             p
             for p in original
             if p not in PLUMBING | ABSENT_INPUTS | POSITION_PARAMS
+            and p not in (cache_inputs or {}).get(name, ())
             and p not in engine_names
             and p not in unpassed.get(name, ())
             and p not in alibi.get(name, ())

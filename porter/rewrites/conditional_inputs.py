@@ -21,7 +21,9 @@ class ConditionalInputs(Rewrite):
     name = "conditional-inputs"
 
     def apply(self, module: cst.Module, context: PortContext) -> cst.Module:
-        dropped = set().union(*dropped_params(context.index, compute_signatures(context.index)).values())
+        dropped = set().union(*dropped_params(
+            context.index, compute_signatures(context.index, cache_inputs=context.plan.cache_inputs)
+        ).values())
         flags = conditional_inputs(context.index, dropped)
         if not flags:
             return module

@@ -51,7 +51,7 @@ class DecideConditions(Rewrite):
     name = "decide-conditions"
 
     def apply(self, module: cst.Module, context: PortContext) -> cst.Module:
-        signatures = compute_signatures(context.index)
+        signatures = compute_signatures(context.index, cache_inputs=context.plan.cache_inputs)
         context.plan.dropped_params = dropped_params(context.index, signatures)
         context.plan.alibi_inputs = bias_inputs(context.index)
         context.plan.alibi_builders = {dotted_name(b.call.func) or "" for b in find_builders(context.index)}

@@ -42,7 +42,9 @@ class EngineInterface(Rewrite):
     name = "engine-interface"
 
     def apply(self, module: cst.Module, context: PortContext) -> cst.Module:
-        context.plan.signatures = compute_signatures(context.index, context.plan.decided_unread)
+        context.plan.signatures = compute_signatures(
+            context.index, context.plan.decided_unread, context.plan.cache_inputs
+        )
         context.plan.dropped_params = dropped_params(context.index, context.plan.signatures)
         return module.visit(_Transformer(context))
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import libcst as cst
 
+from porter.analysis.cache_inputs import cache_inputs
 from porter.analysis.cst_utils import call_name, code_of, dotted_name, self_attribute
+from porter.analysis.signatures import PLUMBING
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
 
 FRAMEWORK_BASES = {"PreTrainedModel", "GradientCheckpointingLayer", "GenerationMixin", "PretrainedModel"}
@@ -59,6 +61,8 @@ class StripHFPlumbing(Rewrite):
         causal_lm = context.index.classes[context.index.causal_lm]
         for statement in causal_lm.node.body.body:
             _read_tied_keys(statement, context)
+        # Read while the decorators that rename cache parameters are still there.
+        context.plan.cache_inputs = cache_inputs(context.index, PLUMBING)
         return module.visit(_Transformer(context, framework_classes(context)))
 
 

@@ -1,0 +1,154 @@
+"""Which forward parameters carry HF's KV cache, recognised by what they are and what is done with them.
+
+The spelling changes from release to release (`layer_past`, `past_key_value`, `past_key_values`,
+`cache`), the role does not. A parameter carries the cache when
+- its annotation names a cache class of the framework (resolved through the file's imports and
+  aliases by libcst's QualifiedNameProvider: `from ...cache_utils import Cache as C` counts);
+- the forward calls the cache API on it: `p.update(key, value, layer_idx, ...)`, `p.get_seq_length()`;
+- a deprecation decorator declares it the new name of a plumbing parameter
+  (`@deprecate_kwarg("past_key_values", ..., new_name="cache")`);
+- or it is handed to a submodule's forward as that forward's cache parameter, or receives a cache
+  parameter of its caller (the decoder layer threads the model's cache to its attention).
+Read-only; the signatures analysis drops these parameters like the plumbing it knows by name.
+"""
+
+from __future__ import annotations
+
+import libcst as cst
+import libcst.matchers as m
+from libcst.metadata import MetadataWrapper, QualifiedName, QualifiedNameProvider
+
+from porter.analysis.cst_utils import call_name, function_params, self_attribute_path
+from porter.analysis.model_index import ModelIndex
+
+# The framework module holding the cache classes, as a qualified name ends (`transformers.cache_utils`,
+# or `...cache_utils` through a relative import); its classes named `*Cache` are caches.
+CACHE_MODULE = "cache_utils"
+# Methods only a cache has: `update(key_states, value_states, layer_idx, ...)` appends this step's
+# keys and values; `get_seq_length()` counts the cached tokens.
+CACHE_METHODS = {"update": 3, "get_seq_length": 0}
+
+
+def cache_inputs(index: ModelIndex, plumbing: set[str]) -> dict[str, set[str]]:
+    """Per class of the file, the forward parameters that carry the KV cache. `plumbing`: the
+    parameter names known as HF plumbing, which a deprecation decorator may rename."""
+    annotated = _annotated_caches(index.module)
+    found: dict[str, set[str]] = {}
+    for name, info in index.classes.items():
+        forward = info.methods.get("forward")
+        if forward is None:
+            continue
+        params = set(function_params(forward)[1:])
+        roles = {p for p in params if annotated.get(id(forward), {}).get(p)}
+        roles |= {p for p in params if _cache_api_called_on(forward.body, p)}
+        roles |= params & _renamed_plumbing(forward, plumbing)
+        if roles:
+            found[name] = roles
+    _propagate(index, found)
+    return found
+
+
+def _annotated_caches(module: cst.Module) -> dict[int, dict[str, bool]]:
+    """id(forward) -> {parameter: annotated with a framework cache class} for every method."""
+    names = MetadataWrapper(module, unsafe_skip_copy=True).resolve(QualifiedNameProvider)
+    found: dict[int, dict[str, bool]] = {}
+    for function in m.findall(module, m.FunctionDef(name=m.Name("forward"))):
+        params = function.params
+        for param in (*params.posonly_params, *params.params, *params.kwonly_params):
+            if param.annotation is not None:
+                found.setdefault(id(function), {})[param.name.value] = any(
+                    _is_cache_class(qualified.name)
+                    for node in m.findall(param.annotation, m.Name() | m.Attribute())
+                    for qualified in _resolved(names.get(node))
+                )
+    return found
+
+
+def _resolved(value) -> set[QualifiedName]:
+    """A QualifiedNameProvider entry: libcst computes them lazily (a callable) in recent releases."""
+    value = value() if callable(value) else value
+    return value or set()
+
+
+def _is_cache_class(qualified: str) -> bool:
+    module, _, name = qualified.lstrip(".").rpartition(".")
+    return module.rpartition(".")[2] == CACHE_MODULE and name.endswith("Cache")
+
+
+def _cache_api_called_on(body: cst.CSTNode, param: str) -> bool:
+    for call in m.findall(body, m.Call(func=m.Attribute(value=m.Name(param)))):
+        method = call.func.attr.value
+        if method in CACHE_METHODS and len(call.args) >= CACHE_METHODS[method]:
+            return True
+    return False
+
+
+def _renamed_plumbing(forward: cst.FunctionDef, plumbing: set[str]) -> set[str]:
+    """New names a decorator gives plumbing parameters: `@deprecate_kwarg("old", ..., new_name="new")`."""
+    renamed = set()
+    for decorator in forward.decorators:
+        call = decorator.decorator
+        if not isinstance(call, cst.Call) or not call.args or not isinstance(call.args[0].value, cst.SimpleString):
+            continue
+        new = next((a.value for a in call.args if a.keyword is not None and a.keyword.value == "new_name"), None)
+        if isinstance(new, cst.SimpleString) and call.args[0].value.evaluated_value in plumbing:
+            renamed.add(new.evaluated_value)
+    return renamed
+
+
+def _propagate(index: ModelIndex, found: dict[str, set[str]]) -> None:
+    """A parameter passed as a submodule forward's cache parameter is a cache, and so is the
+    submodule parameter that receives a cache; repeated until nothing changes."""
+    links = [link for name in index.classes for link in _keyword_links(index, name)]
+    changed = True
+    while changed:
+        changed = False
+        for caller, passed, callee, keyword in links:
+            if passed in found.get(caller, ()) and keyword not in found.get(callee, ()):
+                found.setdefault(callee, set()).add(keyword)
+                changed = True
+            if keyword in found.get(callee, ()) and passed not in found.get(caller, ()):
+                found.setdefault(caller, set()).add(passed)
+                changed = True
+
+
+def _keyword_links(index: ModelIndex, owner: str) -> list[tuple[str, str, str, str]]:
+    """(owner, its forward parameter, callee class, callee parameter) for every `keyword=param`
+    argument of a submodule call in `owner.forward`."""
+    forward = index.classes[owner].methods.get("forward")
+    if forward is None:
+        return []
+    params = set(function_params(forward)[1:])
+    loops = _layer_loop_vars(index, owner, forward)
+    links = []
+    for call in m.findall(forward.body, m.Call()):
+        func = call.func.value if isinstance(call.func, cst.Subscript) else call.func
+        path = self_attribute_path(func)
+        callee = index.class_of_path(owner, path) if path else loops.get(call_name(call) or "")
+        callee_forward = index.classes[callee].methods.get("forward") if callee in index.classes else None
+        if callee_forward is None:
+            continue
+        callee_params = set(function_params(callee_forward)[1:])
+        for arg in call.args:
+            if arg.keyword is not None and isinstance(arg.value, cst.Name) and arg.value.value in params:
+                if arg.keyword.value in callee_params:
+                    links.append((owner, arg.value.value, callee, arg.keyword.value))
+    return links
+
+
+def _layer_loop_vars(index: ModelIndex, owner: str, forward: cst.FunctionDef) -> dict[str, str]:
+    """Loop variable -> the submodule class it runs: `for layer in self.layers[:n]:`, with or
+    without `enumerate`."""
+    found = {}
+    for loop in m.findall(forward.body, m.For()):
+        iterable, target = loop.iter, loop.target
+        if call_name(iterable) == "enumerate" and isinstance(target, cst.Tuple) and len(target.elements) == 2:
+            iterable, target = iterable.args[0].value, target.elements[1].value
+        if isinstance(iterable, cst.Subscript):
+            iterable = iterable.value
+        path = self_attribute_path(iterable)
+        child = index.class_of_path(owner, path) if path else None
+        if child is not None and isinstance(target, cst.Name):
+            found[target.value] = child
+    return found
+
