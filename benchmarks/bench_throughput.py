@@ -1,6 +1,6 @@
 """Offline throughput: porter's engine against HF `generate_batch` and `generate`, and the roofline.
 
-The protocol is `../shared/BENCHMARKS.md`: a random-weight model of a real shape, built from its
+The protocol: a random-weight model of a real shape, built from its
 transformers config class and saved as safetensors to a temp dir; random prompts, 256 tokens in and
 256 out, EOS ignored; output and total tokens/s of each system, on the same model and prompts, in one
 run, next to the floor set by the copy bandwidth and matmul rate measured in the same run.
