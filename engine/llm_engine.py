@@ -6,7 +6,7 @@ rank 0 samples, the scheduler records the tokens, and new text is checked for st
 Asynchronous scheduling (the default): a step is launched before the previous one's tokens are read
 back. The scheduler counts each token being sampled as pending, the device feeds it to the next
 step itself, and the host reads it while that next step runs; so scheduling, input preparation and
-bookkeeping (about a millisecond per step at batch 256) no longer leave the GPU idle. The price is
+bookkeeping (about a millisecond per step at batch 256) do not leave the GPU idle. The price is
 one wasted row for a sequence that a token ends by EOS or a stop: it ran in the next step already.
 """
 
