@@ -19,7 +19,7 @@ from pygments.lexers import PythonLexer
 from pygments.token import STANDARD_TYPES, _TokenType
 
 from porter.review.model import REVIEW_NOTE, Review, ReviewedChange, ReviewedItem
-from porter.review.spans import Span
+from porter.review.spans import Span, lines_of
 
 ASSETS = Path(__file__).with_name("assets")
 PYGMENTS_STYLE = "default"
@@ -35,7 +35,7 @@ def review_html(review: Review) -> str:
     rows = aligned_rows(review.aligned, len(source_lines), len(port_lines))
     source_marks = _marks(review, "source")
     port_marks = _marks(review, "port")
-    for index, line in enumerate(review.port_text.splitlines()):
+    for index, line in enumerate(lines_of(review.port_text)):
         if line.startswith(REVIEW_NOTE):
             port_marks[index + 1].add("rev")
     row_of_source = {s: r for r, (s, _) in enumerate(rows) if s is not None}
@@ -191,7 +191,7 @@ def _cell(prefix: str, index: int | None, lines: list[str], marks: dict[int, set
     classes = " ".join(["ln", *sorted(marks.get(number, ()))])
     return (
         f'<div class="{classes}" id="{prefix}{number}" data-row="{row}">'
-        f'<span class="no">{number}</span><span class="code">{lines[index]}</span></div>'
+        f'<span class="no">{number}</span><span class="code">{lines[index] if index < len(lines) else ""}</span></div>'
     )
 
 

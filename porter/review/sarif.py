@@ -17,7 +17,7 @@ import transformers
 import porter
 from porter.review.model import Review
 from porter.review.rules import known_rules
-from porter.review.spans import Span
+from porter.review.spans import Span, lines_of
 
 SARIF_SCHEMA = "https://docs.oasis-open.org/sarif/sarif/v2.1.0/errata01/os/schemas/sarif-schema-2.1.0.json"
 # Base ids for relative artifact locations: the working directory (where the port lives) and the
@@ -34,7 +34,7 @@ def review_sarif(review: Review) -> dict[str, Any]:
             order.append(name)
     port_location = {"uri": Path(review.port_name).as_posix(), "uriBaseId": SOURCE_ROOT}
     source_location = _artifact(review.source_path)
-    lines = {"port": review.port_text.splitlines(), "source": review.source_text.splitlines()}
+    lines = {"port": lines_of(review.port_text), "source": lines_of(review.source_text)}
     results = []
     for item in review.items:
         results.append(

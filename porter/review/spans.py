@@ -15,6 +15,13 @@ from dataclasses import dataclass
 from difflib import SequenceMatcher
 
 
+def lines_of(text: str) -> list[str]:
+    """The lines of `text` as editors, Python and SARIF number them: split at newlines only (not at
+    the form feeds and other separators `str.splitlines` also breaks at)."""
+    lines = text.replace("\r\n", "\n").split("\n")
+    return lines[:-1] if lines and lines[-1] == "" else lines
+
+
 @dataclass(frozen=True, slots=True)
 class Span:
     """Lines `start`..`end` (1-based, inclusive). An empty span (`end == start - 1`) is the place
@@ -171,7 +178,7 @@ class StageLines:
     """The code of every stage of a port, the line maps between neighbours, and each stage's scopes."""
 
     def __init__(self, texts: Sequence[str]) -> None:
-        self.lines = [text.splitlines() for text in texts]
+        self.lines = [lines_of(text) for text in texts]
         self.maps = [LineMap(a, b) for a, b in zip(self.lines, self.lines[1:])]
         self._texts = texts
         self._scopes: dict[int, dict[str, _Half]] = {}

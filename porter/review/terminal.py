@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from porter.review.model import Review, ReviewedChange
-from porter.review.spans import Span
+from porter.review.spans import Span, lines_of
 
 # Lines of context shown around a change in the side-by-side view.
 CONTEXT = 1
@@ -43,8 +43,8 @@ def render_review(
                 border_style="yellow",
             )
         )
-    source_lines = review.source_text.splitlines()
-    port_lines = review.port_text.splitlines()
+    source_lines = lines_of(review.source_text)
+    port_lines = lines_of(review.port_text)
     current = None
     for change in changes:
         if change.where != current:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from porter.review.html import aligned_rows
-from porter.review.spans import LineMap, Span, StageLines, find_fragment, scope_span, scopes
+from porter.review.html import aligned_rows, highlight
+from porter.review.spans import LineMap, Span, StageLines, find_fragment, lines_of, scope_span, scopes
 
 SOURCE = ["a = 1", "b = 2", "c = 3", "d = 4"]
 
@@ -54,3 +54,11 @@ def test_lines_followed_through_every_stage():
 def test_rows_pair_kept_lines_and_pad_the_shorter_side():
     rows = aligned_rows([(0, 1), (3, 2)], source_count=4, port_count=3)
     assert rows == [(None, 0), (0, 1), (1, None), (2, None), (3, 2)]
+
+
+def test_lines_are_numbered_as_editors_number_them():
+    """A form feed (HF files have them between sections) is no line break for an editor, for
+    Python's line numbers or for SARIF, though `str.splitlines` breaks there."""
+    text = "x = 1\n\x0c\ny = 2\r\nz = 3\n"
+    assert lines_of(text) == ["x = 1", "\x0c", "y = 2", "z = 3"]
+    assert len(highlight(text)) == 4
