@@ -19,6 +19,9 @@ app = typer.Typer(
 )
 console = Console()
 errors = Console(stderr=True)
+if not console.is_terminal:
+    # Piped or redirected there is no screen to fit: never cut lines at rich's default 80 columns.
+    console.soft_wrap = True
 
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}
 
@@ -33,6 +36,20 @@ def _describe_failure(error: BaseException) -> str:
             where = f" (at {frame.filename}:{frame.lineno})"
             break
     return f"{type(error).__name__}: {message}{where}"
+
+
+def _print_table(table: Table) -> None:
+    """A table at the terminal's width, or, piped, at its natural width (no cell cut short)."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    natural = console.measure(table, options=console.options.update(max_width=1_000_000)).maximum
+    previous = console.width
+    console.width = max(natural, previous)
+    try:
+        console.print(table)
+    finally:
+        console.width = previous
 
 
 def _fail(message: str) -> None:
@@ -129,6 +146,7 @@ def verify(
     """Compare the port's logits with the HF original (random weights) through prefill and decode."""
     import torch
 
+    from porter.output_guard import check_output_file
     from porter.verify.parity import verify_model
     from porter.verify.small_model import parse_overrides
     from porter.verify.target import reference_architecture, resolve_target
@@ -140,6 +158,11 @@ def verify(
         _fail(f"--device must be cpu or cuda, not {device}")
     if device == "cuda" and torch.cuda.device_count() < tp:
         _fail(f"--tp {tp} needs {tp} CUDA devices; found {torch.cuda.device_count()}")
+    if json_path is not None:
+        try:  # before the run, which takes a while: its result must not be lost at the end
+            check_output_file(json_path, "--json")
+        except PorterError as error:
+            _fail(str(error))
     try:
         overrides = parse_overrides(settings or [])
         resolved = resolve_target(target, reference)
@@ -320,7 +343,7 @@ def list_models() -> None:
         table.add_row(
             architecture, str(path.relative_to(ENGINE_MODELS.parent.parent)), source, summary or "never"
         )
-    console.print(table)
+    _print_table(table)
 
 
 @app.command()
@@ -337,7 +360,7 @@ def serve(
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (the checkpoint's), float32, float16, bfloat16."),
-    num_kv_blocks: int = typer.Option(None, "--num-kv-blocks", min=1, help="A fixed KV cache size, in blocks."),
+    num_kv_blocks: int = typer.Option(None, "--num-kv-blocks", min=1, help="Fixed KV cache size (blocks)."),
 ) -> None:
     """Serve MODEL_DIR over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."""
     from porter.engine_commands import serve_model

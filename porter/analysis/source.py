@@ -48,12 +48,24 @@ def locate(source: str) -> SourceFile:
             raise PorterError(f"no such modeling file: {source}")
         module = _transformers_module_of(path.resolve())
         if module:
-            return SourceFile(path, path.read_text(), module, module, path.parent.name)
-        text = path.read_text()
+            return SourceFile(path, read_source(path), module, module, path.parent.name)
+        text = read_source(path)
         return SourceFile(
             path, text, None, path.name, _model_type_from_name(path), sibling_imports(path, text)
         )
     return _from_model_type(source)
+
+
+def read_source(path: Path) -> str:
+    """The text of a Python source file; PorterError (one line) for a file that is not UTF-8 text."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise PorterError(
+            f"{path} is not a text file (not UTF-8 at byte {error.start}); porter reads Python source"
+        ) from None
+    except OSError as error:
+        raise PorterError(f"cannot read {path}: {error.strerror}") from None
 
 
 def _from_model_directory(directory: Path) -> SourceFile:
@@ -74,7 +86,7 @@ def _from_model_directory(directory: Path) -> SourceFile:
     path = directory / f"{module}.py"
     if not path.is_file():
         raise PorterError(f"{config_path} names {module}.py in auto_map, which is not in {directory}")
-    text = path.read_text()
+    text = read_source(path)
     model_type = config.get("model_type") if isinstance(config.get("model_type"), str) else None
     return SourceFile(
         path, text, None, path.name, model_type or _model_type_from_name(path), sibling_imports(path, text)
