@@ -34,9 +34,22 @@ _TOKENIZER_FILES = (
 def load_hf_config(model_dir: str | Path, trust_remote_code: bool = False) -> PretrainedConfig:
     """The model's config.json through AutoConfig, never touching the network. `trust_remote_code`
     lets a directory whose config.json names its own configuration class (`auto_map`) load it."""
-    return AutoConfig.from_pretrained(
+    config = AutoConfig.from_pretrained(
         str(model_dir), local_files_only=True, trust_remote_code=trust_remote_code
     )
+    _keep_written_settings(config, Path(model_dir) / "config.json")
+    return config
+
+
+def _keep_written_settings(config: PretrainedConfig, path: Path) -> None:
+    """Keeps every setting config.json writes readable under its own name. A checkpoint of an older
+    transformers names settings that the installed config class has since moved (`rotary_pct` into
+    `rope_parameters`), and a port of a modeling file of that release reads them by those names."""
+    if not path.is_file():
+        return
+    for key, value in json.loads(path.read_text()).items():
+        if not hasattr(config, key):
+            setattr(config, key, value)
 
 
 @contextlib.contextmanager

@@ -1,8 +1,10 @@
 """Makes the imports right for the new file: absolute, used, and including the engine's layers.
 
 Relative imports (`from ...activations import ACT2FN`) are resolved against the source's module
-path inside transformers; imports nothing reads any more go; the engine names other rewrites
-asked for are added as `from engine.layers import ...` lines, sorted.
+path inside transformers; an import of a module next to a remote-code file names that module in the
+package the port's siblings are copied into (`from .x_code.configuration_x import XConfig`);
+imports nothing reads any more go; the engine names other rewrites asked for are added as
+`from engine.layers import ...` lines, sorted.
 """
 
 from __future__ import annotations
@@ -10,6 +12,12 @@ from __future__ import annotations
 import libcst as cst
 
 from porter.analysis.cst_utils import code_of, dotted_name, is_docstring, names_in
+from porter.analysis.transformers_modules import (
+    absolute_module,
+    installed_has,
+    presumed_module,
+    reaches_outside_folder,
+)
 from porter.rewrites.base import PortContext, Rewrite
 
 
@@ -21,13 +29,13 @@ class FixImports(Rewrite):
         for statement in module.body:
             if not _is_import(statement):
                 used |= names_in(statement)
+        transformers_style = context.source.module is None and reaches_outside_folder(context.source)
         body: list[cst.BaseStatement] = []
         for statement in module.body:
             if not _is_import(statement):
                 body.append(statement)
                 continue
-            kept = _rewrite_import(statement.body[0], used, context)
-            if kept is not None:
+            for kept in _rewrite_import(statement.body[0], used, context, transformers_style):
                 body.append(statement.with_changes(body=[kept]))
         engine_lines = _engine_imports(context, used)
         first_code = next(i for i, s in enumerate(body) if not _is_import(s) and not is_docstring(s))
@@ -40,27 +48,65 @@ def _is_import(statement: cst.CSTNode) -> bool:
     )
 
 
-def _rewrite_import(node: cst.Import | cst.ImportFrom, used: set[str], context: PortContext):
+def _rewrite_import(
+    node: cst.Import | cst.ImportFrom, used: set[str], context: PortContext, transformers_style: bool
+) -> list[cst.Import | cst.ImportFrom]:
+    """The import statements `node` becomes: only the names still used, and nothing relative that
+    the port's place cannot resolve."""
     if isinstance(node, cst.Import):
         names = [a for a in node.names if (a.evaluated_alias or a.evaluated_name).split(".")[0] in used]
-        return node.with_changes(names=_commas(names)) if names else None
+        return [node.with_changes(names=_commas(names))] if names else []
     if isinstance(node.names, cst.ImportStar):
-        return node
+        return [node]
     names = [a for a in node.names if (a.evaluated_alias or a.evaluated_name) in used]
     if not names:
-        return None
+        return []
     module_name = dotted_name(node.module) if node.module is not None else ""
+    if node.relative and transformers_style:
+        # A file of transformers' own tree, copied out of it or from another release: what the
+        # installed transformers still has comes from there, the rest from what sits beside it.
+        absolute = absolute_module(presumed_module(context.source), len(node.relative), module_name)
+        present = [a for a in names if installed_has(absolute, a.evaluated_name)]
+        missing = [a for a in names if a not in present]
+        imports = [_absolute(node, absolute, present)] if present else []
+        if missing:
+            imports += _rewrite_outside_transformers(
+                node.with_changes(names=_commas(missing)), context, absolute
+            )
+        return imports
+    return _rewrite_outside_transformers(node.with_changes(names=_commas(names)), context)
+
+
+def _rewrite_outside_transformers(
+    node: cst.ImportFrom, context: PortContext, installed_module: str | None = None
+) -> list[cst.ImportFrom]:
+    module_name = dotted_name(node.module) if node.module is not None else ""
+    if len(node.relative) <= 1 and module_name.split(".")[0] in context.source.siblings:
+        # Remote code's own module (its configuration, a helper): it travels with the port, in a
+        # package next to it.
+        package = context.source.sibling_package
+        return [
+            node.with_changes(relative=[cst.Dot()], module=cst.parse_expression(f"{package}.{module_name}"))
+        ]
     if node.relative:
         base = context.source.module
         if base is None:
+            names = ", ".join(a.evaluated_name for a in node.names)
             context.flag(
-                "imports", "module", f"relative import `{code_of(node)}` in a file outside transformers"
+                "imports",
+                "module",
+                f"relative import `{code_of(node)}` in a file outside transformers"
+                if installed_module is None
+                else f"`{names}` from `{installed_module}`, which the installed transformers does not define",
             )
-            return node.with_changes(names=_commas(names))
+            return [node]
         parts = base.split(".")[: -len(node.relative)]
-        absolute = ".".join([*parts, module_name] if module_name else parts)
-        return node.with_changes(relative=[], module=cst.parse_expression(absolute), names=_commas(names))
-    return node.with_changes(names=_commas(names))
+        return [_absolute(node, ".".join([*parts, module_name] if module_name else parts), node.names)]
+    return [node]
+
+
+def _absolute(node: cst.ImportFrom, module: str, names) -> cst.ImportFrom:
+    return node.with_changes(relative=[], module=cst.parse_expression(module), names=_commas(names))
 
 
 def _commas(names):

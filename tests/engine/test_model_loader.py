@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -198,3 +199,21 @@ def test_the_config_says_the_dtype_the_model_runs_in(tiny_model_dir):
     )
     assert model.config_dtype_tensor.dtype == torch.bfloat16
     assert used.dtype == torch.bfloat16 and hf_config.dtype == saved
+
+
+def test_a_setting_the_installed_config_class_moved_stays_readable_by_its_written_name(tmp_path):
+    # transformers 4.36's GPT-NeoX config.json names `rotary_pct`; the installed class moves it
+    # into `rope_parameters`, and a port of the 4.36 modeling file reads `config.rotary_pct`.
+    from transformers import GPTNeoXConfig
+
+    from engine.model_loader import load_hf_config
+
+    GPTNeoXConfig().save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    written.update(rotary_pct=0.25, rotary_emb_base=500)
+    (tmp_path / "config.json").write_text(json.dumps(written))
+
+    config = load_hf_config(tmp_path)
+
+    assert (config.rotary_pct, config.rotary_emb_base) == (0.25, 500)
+    assert config.rope_parameters["partial_rotary_factor"] == 0.25  # the installed name holds it too

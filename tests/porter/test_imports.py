@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import ast
+from dataclasses import replace
+from pathlib import Path
 
 import engine.layers
+from porter.rewrites.imports import FixImports
 from tests.porter.rewrite_helpers import (
     MINI_MODEL,
     REWRITE_NAMES,
     assert_code,
     import_block,
+    make_context,
     run_rewrites,
     run_through,
     vary,
@@ -109,13 +113,65 @@ def test_module_docstring_stays_first():
     assert after.code.startswith('"""The mini model."""\n')
 
 
-def test_relative_import_in_a_file_outside_transformers_is_a_review_item():
-    after = run_rewrites(MINI_MODEL, "imports", module=None)
-    assert after.review_messages()[0] == (
-        "imports @ module: relative import `from ...activations import ACT2FN` in a file outside transformers"
+# transformers 4.36.2, models/opt/modeling_opt.py (lines 15-37), as a user copies it out of the wheel.
+OPT_4_36_IMPORTS = """\
+from ...activations import ACT2FN
+from ...modeling_attn_mask_utils import _prepare_4d_causal_attention_mask
+from ...modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from ...modeling_utils import PreTrainedModel
+from ...utils import is_flash_attn_2_available, logging
+from .configuration_opt import OPTConfig
+"""
+
+
+def _copied_out_of_transformers(imports: str, reads: str) -> str:
+    """The mini model with `imports` in place of its own and a module-level line reading `reads`."""
+    return vary(MINI_MODEL, SOURCE_IMPORTS, imports) + f"\n\nREAD = ({reads},)\n"
+
+
+def test_a_copied_transformers_file_imports_what_the_installed_transformers_still_defines():
+    before = _copied_out_of_transformers(OPT_4_36_IMPORTS, "ACT2FN, logging, OPTConfig")
+    tree, context = make_context(before, module=None)
+    # A copy of transformers/models/opt/modeling_opt.py: its name says which folder it came from.
+    context.source = replace(context.source, path=Path("modeling_opt.py"), display_name="modeling_opt.py")
+    after = FixImports().apply(tree, context)
+    assert context.review == []
+    assert_code(
+        import_block(after.code),
+        """
+        import torch
+        from torch import nn
+        from transformers.activations import ACT2FN
+        from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+        from transformers.modeling_utils import PreTrainedModel
+        from transformers.models.opt.configuration_opt import OPTConfig
+        from transformers.utils import logging
+        """,
     )
-    assert len(after.review_messages()) == len(SOURCE_IMPORTS.splitlines())
-    assert "from ...activations import ACT2FN\n" in import_block(after.code)
+
+
+def test_a_name_the_installed_transformers_no_longer_defines_is_a_review_item():
+    # transformers 4.36.2, models/gpt2/modeling_gpt2.py line 31; gone from transformers 5.
+    imports = "from ...activations import ACT2FN\nfrom ...pytorch_utils import Conv1D, find_pruneable_heads_and_indices\n"
+    before = _copied_out_of_transformers(imports, "ACT2FN, Conv1D, find_pruneable_heads_and_indices")
+    after = run_rewrites(before, "imports", module=None)
+    assert after.review_messages() == [
+        "imports @ module: `find_pruneable_heads_and_indices` from `transformers.pytorch_utils`, "
+        "which the installed transformers does not define"
+    ]
+    block = import_block(after.code)
+    assert "from transformers.pytorch_utils import Conv1D\n" in block
+    assert "from transformers.activations import ACT2FN\n" in block
+
+
+def test_relative_import_of_a_file_that_is_no_transformers_file_is_a_review_item():
+    # Only a sibling import (`from .layers import X`), no import reaching above the folder: remote
+    # code, whose neighbours are not beside it here.
+    before = vary(MINI_MODEL, SOURCE_IMPORTS, "from .layers import ACT2FN\n")
+    after = run_rewrites(before, "imports", module=None)
+    assert after.review_messages() == [
+        "imports @ module: relative import `from .layers import ACT2FN` in a file outside transformers"
+    ]
 
 
 def _imported_and_read(code: str) -> tuple[set[str], set[str]]:
