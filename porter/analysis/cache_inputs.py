@@ -88,9 +88,15 @@ def _renamed_plumbing(forward: cst.FunctionDef, plumbing: set[str]) -> set[str]:
     renamed = set()
     for decorator in forward.decorators:
         call = decorator.decorator
-        if not isinstance(call, cst.Call) or not call.args or not isinstance(call.args[0].value, cst.SimpleString):
+        if (
+            not isinstance(call, cst.Call)
+            or not call.args
+            or not isinstance(call.args[0].value, cst.SimpleString)
+        ):
             continue
-        new = next((a.value for a in call.args if a.keyword is not None and a.keyword.value == "new_name"), None)
+        new = next(
+            (a.value for a in call.args if a.keyword is not None and a.keyword.value == "new_name"), None
+        )
         if isinstance(new, cst.SimpleString) and call.args[0].value.evaluated_value in plumbing:
             renamed.add(new.evaluated_value)
     return renamed
@@ -151,4 +157,3 @@ def _layer_loop_vars(index: ModelIndex, owner: str, forward: cst.FunctionDef) ->
         if child is not None and isinstance(target, cst.Name):
             found[target.value] = child
     return found
-

@@ -21,9 +21,11 @@ class ConditionalInputs(Rewrite):
     name = "conditional-inputs"
 
     def apply(self, module: cst.Module, context: PortContext) -> cst.Module:
-        dropped = set().union(*dropped_params(
-            context.index, compute_signatures(context.index, cache_inputs=context.plan.cache_inputs)
-        ).values())
+        dropped = set().union(
+            *dropped_params(
+                context.index, compute_signatures(context.index, cache_inputs=context.plan.cache_inputs)
+            ).values()
+        )
         flags = conditional_inputs(context.index, dropped)
         if not flags:
             return module
