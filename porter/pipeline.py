@@ -37,6 +37,7 @@ from porter.rewrites.prune import PruneUnused
 from porter.rewrites.qkv_split_helper import SplitByHelper
 from porter.rewrites.rms_norm import FuseResidualNorm, SwapRMSNorm
 from porter.rewrites.rotary import RotaryToEngine
+from porter.rewrites.routing import FoldRouting
 from porter.rewrites.shape_checks import DropShapeChecks
 from porter.rewrites.sliced_linears import KeepModuleCalls
 from porter.rewrites.strip_training import StripTraining
@@ -49,6 +50,7 @@ REWRITES: list[Rewrite] = [
     PlainLinear(),  # Linear subclasses that only compute x W^T + b -> the Linear itself
     StripHFPlumbing(),  # framework bases, decorators, init helpers
     FuseExperts(),  # batched experts modules -> FusedMoE
+    FoldRouting(),  # a router's softmax / top-k / renormalise statements -> one routing function
     KeepModuleCalls(),  # layers computed again from weight slices (pretraining-tp branches)
     DropShapeChecks(),  # asserts of the batched eager layout
     SplitLMHead(),  # forward returns hidden states; compute_logits; parallel, tied head

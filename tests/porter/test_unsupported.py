@@ -16,9 +16,8 @@ from porter.cli import app
 @pytest.mark.parametrize(
     ("model_type", "construct"),
     [
-        ("mixtral", "mixture-of-experts routing"),
         ("mamba", "a recurrent or state-space layer"),
-        ("deepseek_v3", "mixture-of-experts routing"),
+        ("deepseek_v3", "multi-latent attention"),
         # Attention sinks: the eager core rescales each head's output by sigmoid(lse - module.sinks);
         # before this check the port dropped them silently (verify: relative error 1.2).
         ("granite_swa", "an attention core with learned state of its own (`module.sinks`)"),
