@@ -21,8 +21,8 @@ from porter.rewrites.dead_code import DecideConditions, RemoveDeadCode
 from porter.rewrites.engine_interface import EngineInterface
 from porter.rewrites.flatten_batch import FlattenBatch
 from porter.rewrites.fuse_gate_up import FuseGateUp
-from porter.rewrites.fused_moe import FuseExperts
 from porter.rewrites.fuse_qkv import FuseQKV
+from porter.rewrites.fused_moe import FuseExperts
 from porter.rewrites.gated_activation import FuseGatedActivation
 from porter.rewrites.head_sharded_norm import ShardNormsByHead
 from porter.rewrites.hf_plumbing import StripHFPlumbing
