@@ -35,6 +35,7 @@ def review_html(review: Review) -> str:
     rows = aligned_rows(review.aligned, len(source_lines), len(port_lines))
     source_marks = _marks(review, "source")
     port_marks = _marks(review, "port")
+    _mark_unexplained_edits(review, source_marks, port_marks)
     for index, line in enumerate(lines_of(review.port_text)):
         if line.startswith(REVIEW_NOTE):
             port_marks[index + 1].add("rev")
@@ -102,6 +103,8 @@ def review_html(review: Review) -> str:
 <label>class {_select("class-filter", review.class_counts())}</label>
 </div>
 <p class="keys"><kbd>n</kbd> next change, <kbd>p</kbd> previous</p>
+<p class="legend"><span class="swatch chg-source"></span>source of a change <span class="swatch chg-port"></span>its
+port <span class="swatch rev"></span>review item <span class="swatch edit"></span>edited, no rule recorded</p>
 <div class="tabs"><button type="button" data-group="by-rule" class="active">by rule</button><button
  type="button" data-group="by-class">by class</button></div>
 {_items_list(review.items)}
@@ -182,6 +185,22 @@ def _marks(review: Review, side: str) -> defaultdict[int, set[str]]:
         if span is not None:
             marks[span.start] |= {"rev", f"r{index}"}
     return marks
+
+
+def _mark_unexplained_edits(review: Review, source_marks, port_marks) -> None:
+    """Marks `edit` the lines the port changed (removed, added or rewritten) that no change's span
+    covers: edits made without a record (an import rewritten, the formatter's line breaks) are shown,
+    not hidden."""
+    source_lines, port_lines = lines_of(review.source_text), lines_of(review.port_text)
+    kept = [(s, p) for s, p in review.aligned if source_lines[s].strip() == port_lines[p].strip()]
+    kept_source, kept_port = {s for s, _ in kept}, {p for _, p in kept}
+    for marks, lines, kept_lines in (
+        (source_marks, source_lines, kept_source),
+        (port_marks, port_lines, kept_port),
+    ):
+        for index, line in enumerate(lines):
+            if index not in kept_lines and line.strip() and not marks.get(index + 1, set()) & {"chg", "rev"}:
+                marks[index + 1].add("edit")
 
 
 def _cell(prefix: str, index: int | None, lines: list[str], marks: dict[int, set[str]], row: int) -> str:
