@@ -1,0 +1,93 @@
+"""The reference side of `porter verify` for remote code: its config shrunk by the size names remote
+code uses, and the files that carry the reference to the engine side."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import PretrainedConfig
+
+from porter.errors import PorterError
+from porter.verify.reference import INPUTS_FILE, LOGITS_FILE, read_reference, remote_config
+from porter.verify.small_model import HEADS, HIDDEN, KV_HEADS, LAYERS, POSITIONS, VOCAB, shrink_remote
+
+CORPUS = Path(__file__).resolve().parent.parent / "fixtures" / "remote_code"
+
+
+def test_a_remote_config_is_shrunk_by_the_size_names_remote_code_uses():
+    config = PretrainedConfig(
+        hidden_size=4096,
+        n_head=32,
+        multi_query_group_num=2,
+        num_layers=28,
+        seq_length=32768,
+        kv_channels=128,
+        padded_vocab_size=65024,
+        vocab_size=65024,
+        ffn_hidden_size=13696,
+    )
+    small = shrink_remote(config, "XForCausalLM")
+    assert (small.hidden_size, small.n_head, small.multi_query_group_num, small.num_layers) == (
+        HIDDEN,
+        HEADS,
+        KV_HEADS,
+        LAYERS,
+    )
+    assert (small.seq_length, small.kv_channels, small.padded_vocab_size) == (
+        POSITIONS,
+        HIDDEN // HEADS,
+        VOCAB,
+    )
+    assert small.architectures == ["XForCausalLM"]
+
+
+def test_key_value_heads_equal_to_the_heads_stay_equal():
+    small = shrink_remote(PretrainedConfig(hidden_size=1024, n_head=16, n_head_kv=16), "X")
+    assert small.n_head_kv == small.n_head == HEADS
+
+
+def test_a_directory_reference_reads_config_json_over_its_class_defaults(tmp_path):
+    config, model_class = remote_config(CORPUS / "internlm", "InternLMForCausalLM", tmp_path)
+    assert type(config).__name__ == "InternLMConfig" and model_class.__name__ == "InternLMForCausalLM"
+    assert config.hidden_size == HIDDEN and config.num_hidden_layers == LAYERS
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["auto_map"]["AutoModelForCausalLM"] == "modeling_internlm.InternLMForCausalLM"
+    assert (tmp_path / "configuration_internlm.py").is_file()
+
+
+def test_a_modeling_file_reference_finds_the_configuration_it_imports(tmp_path):
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("modeling_internlm.py", "configuration_internlm.py"):
+        (source / name).write_text((CORPUS / "internlm" / name).read_text())
+    work = tmp_path / "work"
+    work.mkdir()
+    config, _ = remote_config(source / "modeling_internlm.py", "InternLMForCausalLM", work)
+    auto_map = json.loads((work / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoConfig"] == "configuration_internlm.InternLMConfig"
+    assert type(config).__name__ == "InternLMConfig"
+
+
+def test_a_modeling_file_without_a_configuration_module_is_refused(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "modeling_x.py").write_text("import torch\n")
+    (tmp_path / "work").mkdir()
+    with pytest.raises(PorterError, match="imports no configuration module"):
+        remote_config(tmp_path / "src" / "modeling_x.py", "XForCausalLM", tmp_path / "work")
+
+
+def test_the_reference_logits_and_inputs_read_back_per_step_and_sequence(tmp_path):
+    from safetensors.torch import save_file
+
+    (tmp_path / "reference").mkdir()
+    logits = {"0.0": torch.randn(7), "0.1": torch.randn(7), "1.1": torch.randn(7)}
+    save_file(logits, str(tmp_path / LOGITS_FILE))
+    (tmp_path / INPUTS_FILE).write_text(
+        json.dumps({"inputs": [[[0, [1, 2]], [1, [3]]], [[1, [4]]]], "trust_remote_code": True})
+    )
+    run = read_reference(tmp_path)
+    assert run.inputs_per_step == [{0: [1, 2], 1: [3]}, {1: [4]}] and run.trust_remote_code
+    assert torch.equal(run.logits_per_step[1][1], logits["1.1"]) and list(run.logits_per_step[0]) == [0, 1]
