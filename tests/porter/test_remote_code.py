@@ -126,9 +126,10 @@ def test_the_engine_reads_remote_configuration_code_only_when_trusted(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_remote_code_directory_ports_and_verifies_against_itself_in_another_interpreter(tmp_path):
-    """The whole path: port the directory, then verify the port against the directory's own code,
-    that side run by another interpreter (this one, started anew) through files."""
+def test_a_remote_code_directory_ports_verifies_against_itself_and_serves(tmp_path, monkeypatch):
+    """The whole path: port the directory, verify the port against the directory's own code (that
+    side run by another interpreter, this one started anew, through files), then serve the checkpoint
+    directory with the registered port."""
     import sys
 
     import torch
@@ -162,3 +163,12 @@ def test_a_remote_code_directory_ports_and_verifies_against_itself_in_another_in
     assert report.max_rel < 1e-4 and report.all_tokens_agree
     saved = json.loads((work / "config.json").read_text())
     assert saved["auto_map"] == auto_map and saved["hidden_size"] == 64  # the shrunk remote config
+
+    # The registered port serves the model directory through LLM(trust_remote_code=True).
+    from engine.llm import LLM, SamplingParams
+    from engine.models import registry
+
+    monkeypatch.setitem(registry._CUSTOM, "EmberForCausalLM", f"{outcome.path}:EmberForCausalLM")
+    with LLM(str(work), device="cpu", trust_remote_code=True) as llm:
+        [output] = llm.generate([[5, 6, 7, 8]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    assert len(output.outputs[0].token_ids) == 3
