@@ -111,7 +111,10 @@ def _header_source(port_path: Path, text: str) -> SourceFile:
     named = lines[1].removeprefix("# source: ").strip() if len(lines) > 1 else ""
     if not lines[1:2] or not lines[1].startswith("# source: ") or not named:
         raise PorterError(f"{port_path} has no '# source:' line in its header; pass --source")
-    spec = importlib.util.find_spec(named) if named.startswith("transformers.") else None
+    try:  # finding a submodule imports its packages: one missing means the module is gone
+        spec = importlib.util.find_spec(named) if named.startswith("transformers.") else None
+    except (ImportError, ValueError):
+        spec = None
     if spec is None or spec.origin is None:
         raise PorterError(
             f"{port_path} was ported from {named}, which is not a module of the installed "
@@ -123,7 +126,7 @@ def _header_source(port_path: Path, text: str) -> SourceFile:
 def _staleness(port_path: Path, checked_in: str, fresh: str) -> str:
     old_lines, new_lines = checked_in.splitlines(), fresh.splitlines()
     versions_line = 2  # "# transformers X, porter Y"
-    if old_lines[versions_line + 1 :] == new_lines[versions_line + 1 :]:
+    if len(old_lines) > versions_line and old_lines[versions_line + 1 :] == new_lines[versions_line + 1 :]:
         return (
             f"{port_path} names other versions ({old_lines[versions_line].removeprefix('# ')}) than "
             f"installed ({new_lines[versions_line].removeprefix('# ')}); its code is what porting gives now"
