@@ -163,6 +163,7 @@ def aligned_rows(
 
 
 def _css_class(token_type: _TokenType) -> str:
+    """Pygments' short class for a token type (`k`, `nf`, ...), from its nearest standard ancestor."""
     while token_type not in STANDARD_TYPES:
         token_type = token_type.parent
     return STANDARD_TYPES[token_type]
