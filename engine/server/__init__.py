@@ -2,6 +2,7 @@
 engine loop, request and response shapes, metrics."""
 
 from engine.server.app import build_app
-from engine.server.async_engine import AsyncEngine, EngineDeadError, RequestHandle
+from engine.server.async_engine import AsyncEngine
+from engine.server.requests import EngineDeadError, RequestHandle
 
 __all__ = ["AsyncEngine", "EngineDeadError", "RequestHandle", "build_app"]

@@ -22,21 +22,17 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from engine.llm_engine import RequestOutput
 from engine.sampling_params import SamplingParams
-from engine.server.async_engine import AsyncEngine, EngineDeadError, RequestHandle, RequestUpdate
+from engine.server.async_engine import AsyncEngine
 from engine.server.errors import APIError, bad_request, engine_failed, install_error_handlers
 from engine.server.metrics import CONTENT_TYPE, TokenRate, render_metrics
 from engine.server.protocol import ChatCompletionRequest, CompletionRequest
+from engine.server.requests import EngineDeadError, RequestHandle
 from engine.server.responses import (
     ResponseMeta,
-    chat_chunk,
-    chat_logprobs,
     chat_response,
-    completion_chunk,
-    completion_logprobs,
     completion_response,
-    server_sent_event,
-    usage_of,
 )
+from engine.server.streaming import stream_chat, stream_completions
 
 
 def build_app(engine: AsyncEngine, served_model_name: str) -> FastAPI:
@@ -104,7 +100,7 @@ def build_app(engine: AsyncEngine, served_model_name: str) -> FastAPI:
         response = meta("cmpl")
         handles = await _add_all(engine, response.response_id, prompts, params, body.stream)
         if body.stream:
-            events = _stream_completions(response, handles, params.n, body.include_usage)
+            events = stream_completions(response, handles, params.n, body.include_usage)
             return StreamingResponse(events, media_type="text/event-stream")
         outputs = await _results_unless_disconnected(request, handles)
         return completion_response(response, outputs, params.n)
@@ -117,7 +113,7 @@ def build_app(engine: AsyncEngine, served_model_name: str) -> FastAPI:
         response = meta("chatcmpl")
         handles = await _add_all(engine, response.response_id, [prompt], params, body.stream)
         if body.stream:
-            events = _stream_chat(response, handles[0], params.n, body.include_usage)
+            events = stream_chat(response, handles[0], params.n, body.include_usage)
             return StreamingResponse(events, media_type="text/event-stream")
         outputs = await _results_unless_disconnected(request, handles)
         return chat_response(response, outputs[0])
@@ -202,111 +198,3 @@ async def _results_unless_disconnected(request: Request, handles: list[RequestHa
 async def _wait_for_disconnect(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-async def _updates(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, RequestUpdate]]:
-    """(prompt index, update) from every handle, as they come; aborts them all when left early."""
-    try:
-        if len(handles) == 1:
-            async for update in handles[0]:
-                yield 0, update
-            return
-        queue: asyncio.Queue[tuple[int, RequestUpdate | BaseException | None]] = asyncio.Queue()
-
-        async def pump(index: int, handle: RequestHandle) -> None:
-            try:
-                async for update in handle:
-                    queue.put_nowait((index, update))
-                queue.put_nowait((index, None))
-            except BaseException as error:  # noqa: B036 -- handed to the consumer, which re-raises it
-                queue.put_nowait((index, error))
-
-        pumps = [asyncio.ensure_future(pump(index, handle)) for index, handle in enumerate(handles)]
-        try:
-            remaining = len(handles)
-            while remaining:
-                index, item = await queue.get()
-                if item is None:
-                    remaining -= 1
-                elif isinstance(item, BaseException):
-                    raise item
-                else:
-                    yield index, item
-        finally:
-            for task in pumps:
-                task.cancel()
-    finally:
-        for handle in handles:
-            handle.abort()
-
-
-async def _stream_completions(
-    meta: ResponseMeta, handles: list[RequestHandle], n: int, include_usage: bool
-) -> AsyncIterator[str]:
-    outputs: list[RequestOutput] = []
-    text_offsets: dict[int, int] = {}
-    try:
-        async for prompt_index, update in _updates(handles):
-            choices = []
-            for delta in update.deltas:
-                if not delta.text and delta.logprobs is None and delta.finish_reason is None:
-                    continue
-                index = prompt_index * n + delta.index
-                offset = text_offsets.get(index, 0)
-                text_offsets[index] = offset + len(delta.text)
-                choices.append(
-                    {
-                        "index": index,
-                        "text": delta.text,
-                        "logprobs": completion_logprobs(meta, delta.logprobs, offset),
-                        "finish_reason": delta.finish_reason,
-                    }
-                )
-            if choices:
-                yield server_sent_event(completion_chunk(meta, choices))
-            if update.output is not None:
-                outputs.append(update.output)
-        if include_usage:
-            yield server_sent_event({**completion_chunk(meta, []), "usage": usage_of(outputs)})
-    except EngineDeadError as error:
-        yield server_sent_event(engine_failed(error).body())
-    yield server_sent_event("[DONE]")
-
-
-async def _stream_chat(
-    meta: ResponseMeta, handle: RequestHandle, n: int, include_usage: bool
-) -> AsyncIterator[str]:
-    roles = [
-        {
-            "index": index,
-            "delta": {"role": "assistant", "content": ""},
-            "logprobs": None,
-            "finish_reason": None,
-        }
-        for index in range(n)
-    ]
-    yield server_sent_event(chat_chunk(meta, roles))
-    output: RequestOutput | None = None
-    try:
-        async for _, update in _updates([handle]):
-            choices = []
-            for delta in update.deltas:
-                if not delta.text and delta.logprobs is None and delta.finish_reason is None:
-                    continue
-                content = {"content": delta.text} if delta.text else {}
-                choices.append(
-                    {
-                        "index": delta.index,
-                        "delta": content,
-                        "logprobs": chat_logprobs(meta, delta.logprobs),
-                        "finish_reason": delta.finish_reason,
-                    }
-                )
-            if choices:
-                yield server_sent_event(chat_chunk(meta, choices))
-            output = update.output or output
-        if include_usage and output is not None:
-            yield server_sent_event({**chat_chunk(meta, []), "usage": usage_of([output])})
-    except EngineDeadError as error:
-        yield server_sent_event(engine_failed(error).body())
-    yield server_sent_event("[DONE]")

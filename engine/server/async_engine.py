@@ -17,125 +17,9 @@ from collections.abc import Sequence as SequenceOf
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from engine.llm_engine import IncrementalDetokenizer, LLMEngine, RequestOutput
+from engine.llm_engine import LLMEngine, RequestOutput
 from engine.sampling_params import SamplingParams
-from engine.sequence import SampleLogprobs, Sequence
-
-
-class EngineDeadError(RuntimeError):
-    """The engine failed and cannot run requests any more; the message says why."""
-
-
-@dataclass(slots=True)
-class CompletionDelta:
-    """What one completion gained since the last update: tokens, their text and logprobs, and its
-    finish reason once the request is done."""
-
-    index: int
-    token_ids: list[int]
-    text: str
-    logprobs: list[SampleLogprobs] | None
-    finish_reason: str | None = None
-
-
-@dataclass(slots=True)
-class RequestUpdate:
-    """One update of a request; the last has `output` (the whole finished request) set."""
-
-    deltas: list[CompletionDelta]
-    output: RequestOutput | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.output is not None
-
-
-class _StreamedCompletion:
-    """How much of one completion a streaming client has been sent.
-
-    With stop strings, the last `holdback` characters of the text are held back: they may be the
-    start of a stop string that the next token completes, and a stop string is never sent.
-    """
-
-    def __init__(self, tokenizer: object | None, holdback: int) -> None:
-        self.detokenizer = IncrementalDetokenizer(tokenizer) if tokenizer is not None else None
-        self.holdback = holdback
-        self.num_tokens = 0
-        self.text = ""
-
-    def advance(self, index: int, seq: Sequence, with_logprobs: bool) -> CompletionDelta | None:
-        known = seq.token_ids[seq.num_prompt_tokens : seq.num_known_tokens]
-        if len(known) == self.num_tokens:
-            return None
-        new_tokens = known[self.num_tokens :]
-        logprobs = seq.logprobs[self.num_tokens : len(known)] if with_logprobs else None
-        self.num_tokens = len(known)
-        if self.detokenizer is None:
-            return CompletionDelta(index, new_tokens, "", logprobs)
-        for token_id in new_tokens:
-            self.detokenizer.add(token_id)
-        ready = self.detokenizer.text[: max(0, len(self.detokenizer.text) - self.holdback)]
-        new_text = ready[len(self.text) :]
-        self.text = ready if len(ready) > len(self.text) else self.text
-        return CompletionDelta(index, new_tokens, new_text, logprobs)
-
-    def finish(self, completion) -> CompletionDelta:
-        text = completion.text or ""
-        new_text = text[len(self.text) :] if text.startswith(self.text) else ""
-        logprobs = completion.logprobs[self.num_tokens :] if completion.logprobs is not None else None
-        delta = CompletionDelta(
-            completion.index,
-            completion.token_ids[self.num_tokens :],
-            new_text,
-            logprobs,
-            completion.finish_reason,
-        )
-        self.num_tokens, self.text = len(completion.token_ids), text
-        return delta
-
-
-class RequestHandle:
-    """A request inside the engine: iterate it for updates (streaming) or await `result()`.
-
-    Call `abort()` when the client is gone: an unfinished request is dropped and its blocks freed.
-    """
-
-    def __init__(self, engine: AsyncEngine, request_id: str, stream: bool) -> None:
-        self.request_id = request_id
-        self.stream = stream
-        self.finished = False
-        self._engine = engine
-        self._queue: asyncio.Queue[RequestUpdate | BaseException | None] = asyncio.Queue()
-        self._completions: list[_StreamedCompletion] = []
-
-    async def result(self) -> RequestOutput:
-        """Waits for the request to finish; returns its output."""
-        async for update in self:
-            if update.output is not None:
-                return update.output
-        raise EngineDeadError(f"request {self.request_id} ended without an output")
-
-    def __aiter__(self) -> RequestHandle:
-        return self
-
-    async def __anext__(self) -> RequestUpdate:
-        if self.finished:
-            raise StopAsyncIteration
-        item = await self._queue.get()
-        if isinstance(item, BaseException):
-            self.finished = True
-            raise item
-        if item is None or item.finished:
-            self.finished = True
-        if item is None:
-            raise StopAsyncIteration
-        return item
-
-    def abort(self) -> None:
-        """Drops the request if it has not finished (a no-op once it has)."""
-        if not self.finished:
-            self.finished = True
-            self._engine.abort(self.request_id)
+from engine.server.requests import EngineDeadError, RequestHandle
 
 
 @dataclass(slots=True)
@@ -204,7 +88,7 @@ class AsyncEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         if self._wakeup is None:
             raise RuntimeError("AsyncEngine.start() was not called")
-        handle = RequestHandle(self, request_id, stream)
+        handle = RequestHandle(request_id, stream, self.abort)
         accepted = asyncio.get_running_loop().create_future()
         self._handles[request_id] = handle
         prompt = prompt if isinstance(prompt, str) else list(prompt)
@@ -270,7 +154,7 @@ class AsyncEngine:
                 admission.accepted.set_exception(error)
         self._admissions.clear()
         for handle in self._handles.values():
-            handle._queue.put_nowait(error)
+            handle.fail(error)
         self._handles.clear()
         self._streaming.clear()
 
@@ -299,11 +183,7 @@ class AsyncEngine:
                     admission.accepted.set_exception(error)
                 continue
             if handle.stream:
-                holdback = max((len(stop) for stop in admission.params.stop), default=1) - 1
-                tokenizer = self.engine.tokenizer
-                handle._completions = [
-                    _StreamedCompletion(tokenizer, holdback) for _ in range(admission.params.n)
-                ]
+                handle.start_streaming(admission.params, self.engine.tokenizer)
                 self._streaming[handle.request_id] = handle
             if not admission.accepted.done():
                 admission.accepted.set_result(None)
@@ -312,22 +192,8 @@ class AsyncEngine:
         for output in finished:
             handle = self._handles.pop(output.request_id, None)
             self._streaming.pop(output.request_id, None)
-            if handle is None:
-                continue
-            self.num_finished_requests += 1
-            deltas = []
-            if handle.stream:
-                deltas = [
-                    streamed.finish(completion)
-                    for streamed, completion in zip(handle._completions, output.outputs)
-                ]
-            handle._queue.put_nowait(RequestUpdate(deltas, output))
+            if handle is not None:
+                self.num_finished_requests += 1
+                handle.complete(output)
         for request_id, handle in self._streaming.items():
-            seqs = self.engine.sequences(request_id)
-            deltas = []
-            for index, (streamed, seq) in enumerate(zip(handle._completions, seqs)):
-                delta = streamed.advance(index, seq, seq.sampling_params.logprobs is not None)
-                if delta is not None:
-                    deltas.append(delta)
-            if deltas:
-                handle._queue.put_nowait(RequestUpdate(deltas))
+            handle.progress(self.engine.sequences(request_id))

@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.server.async_engine import EngineDeadError
+from engine.server.requests import EngineDeadError
 
 
 class APIError(Exception):
