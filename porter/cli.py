@@ -279,8 +279,8 @@ def review(
     target: str = typer.Argument(
         ...,
         metavar="SOURCE|PORT",
-        help="A modeling_*.py file, a model type of the installed transformers, or a checked-in port "
-        "(engine/models/x.py: its header names the source).",
+        help="A modeling_*.py file, a model directory with remote code, a model type of the installed "
+        "transformers, or a checked-in port (engine/models/x.py: its header names the source).",
     ),
     rule: str = typer.Option(None, "--rule", help="Only changes of this rewrite (e.g. tensor-parallel)."),
     where: str = typer.Option(None, "--where", help="Only changes in this class (or Class.method)."),
