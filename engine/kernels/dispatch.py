@@ -3,7 +3,7 @@
 On CUDA tensors (and unless `reference_forced()`):
 - the KV cache write runs the CUDA kernel (`engine/kernels/cuda_ops.py`);
 - a decode-only step (one new token per sequence) runs the CUDA paged decode kernel when it supports
-  the head dim, dtype and block size;
+  the head dim, dtype and block size, and the heads have no attention sinks;
 - every other step (prefill, chunked prefill, prefix-cache hits, mixed) runs the Triton kernel
   (`engine/kernels/triton_attention.py`), as does decode outside the CUDA kernel's shapes.
 Everything else (CPU tensors, a query whose dtype differs from the cache's) runs the PyTorch
@@ -78,8 +78,11 @@ def paged_attention(
     alibi_slopes: torch.Tensor | None = None,
     sliding_window: int | None = None,
     logits_soft_cap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal attention of the new tokens `[T, H, D]` over the paged cache -> `[T, H, D]` (query dtype)."""
+    """Causal attention of the new tokens `[T, H, D]` over the paged cache -> `[T, H, D]` (query dtype).
+
+    `sinks` `[H]`: a per-head logit added to each softmax's denominator (attention sinks)."""
     _check_cache(key_cache, value_cache)
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = key_cache.shape[2]
@@ -95,6 +98,8 @@ def paged_attention(
         )
     if alibi_slopes is not None and tuple(alibi_slopes.shape) != (num_heads,):
         raise ValueError(f"alibi_slopes must be [{num_heads}], got {tuple(alibi_slopes.shape)}")
+    if sinks is not None and tuple(sinks.shape) != (num_heads,):
+        raise ValueError(f"sinks must be [{num_heads}], got {tuple(sinks.shape)}")
     if query.is_cuda and not reference_forced() and query.dtype == key_cache.dtype:
         return _paged_attention_cuda(
             query,
@@ -105,9 +110,18 @@ def paged_attention(
             alibi_slopes,
             sliding_window,
             logits_soft_cap,
+            sinks,
         )
     return paged_attention_reference(
-        query, key_cache, value_cache, input_metadata, scale, alibi_slopes, sliding_window, logits_soft_cap
+        query,
+        key_cache,
+        value_cache,
+        input_metadata,
+        scale,
+        alibi_slopes,
+        sliding_window,
+        logits_soft_cap,
+        sinks,
     )
 
 
@@ -120,10 +134,12 @@ def _paged_attention_cuda(
     alibi_slopes: torch.Tensor | None,
     sliding_window: int | None,
     logits_soft_cap: float | None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     from engine.kernels import cuda_ops
 
-    if input_metadata.is_decode_only and cuda_ops.supports_decode(query, key_cache):
+    # The CUDA decode kernels have no sink term: a step of heads with sinks runs the Triton kernel.
+    if input_metadata.is_decode_only and sinks is None and cuda_ops.supports_decode(query, key_cache):
         return cuda_ops.paged_decode_attention(
             query,
             key_cache,
@@ -150,6 +166,7 @@ def _paged_attention_cuda(
         alibi_slopes,
         sliding_window,
         logits_soft_cap,
+        sinks=sinks,
     )
 
 

@@ -47,12 +47,14 @@ def paged_attention_reference(
     alibi_slopes: torch.Tensor | None = None,
     sliding_window: int | None = None,
     logits_soft_cap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens `[T, H, D]` over its cached context -> `[T, H, D]`.
 
     Scores are `scale * q.k`, plus `slope_h * (k_idx - q_idx)` with ALiBi, then soft-capped
     (`cap * tanh(s / cap)`), then masked: causal, and within `sliding_window` (`q_idx - k_idx < window`).
-    Query head h reads KV head `h // (H / KV)` (GQA/MQA).
+    Query head h reads KV head `h // (H / KV)` (GQA/MQA). With `sinks` `[H]`, head h's softmax
+    denominator also holds `exp(sinks[h])`: a logit with no value, which lets a head attend to nothing.
     """
     num_heads = query.shape[1]
     num_kv_heads = key_cache.shape[2]
@@ -81,7 +83,11 @@ def paged_attention_reference(
         if sliding_window is not None:
             visible &= distance < sliding_window
         scores = scores.masked_fill(~visible, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
+        if sinks is not None:
+            sink_column = sinks.float()[:, None, None].expand(-1, query_len, 1)
+            probs = torch.softmax(torch.cat([scores, sink_column], dim=-1), dim=-1)[..., :-1]
+        else:
+            probs = torch.softmax(scores, dim=-1)
         output[start : start + query_len] = torch.einsum("hqk,khd->qhd", probs, values).to(query.dtype)
         start += query_len
     return output

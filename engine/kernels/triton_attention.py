@@ -40,6 +40,7 @@ def _paged_prefill_kernel(
     context_lens_ptr,
     query_start_loc_ptr,
     alibi_slopes_ptr,
+    sinks_ptr,
     num_seqs,
     scale,
     soft_cap,
@@ -61,6 +62,7 @@ def _paged_prefill_kernel(
     USE_ALIBI: tl.constexpr,
     USE_SOFT_CAP: tl.constexpr,
     USE_WINDOW: tl.constexpr,
+    USE_SINKS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -151,6 +153,13 @@ def _paged_prefill_kernel(
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
 
+    if USE_SINKS:
+        # The sink joins the denominator only: rescale to a max that includes it, then add its exp.
+        sink = tl.load(sinks_ptr + head).to(tl.float32) * 1.4426950408889634
+        m_final = tl.maximum(m_i, sink)
+        alpha = tl.exp2(m_i - m_final)
+        acc = acc * alpha[:, None]
+        l_i = l_i * alpha + tl.exp2(sink - m_final)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(
         out_ptr + q_rows[:, None] * stride_o_token + head * stride_o_head + offs_d[None, :],
@@ -184,6 +193,7 @@ def paged_prefill_attention(
     sliding_window: int | None = None,
     logits_soft_cap: float | None = None,
     out: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens, query `[T, H, D]`, over the paged cache -> `[T, H, D]`.
 
@@ -192,7 +202,7 @@ def paged_prefill_attention(
     caches `[blocks, block_size, KV, D]` with a contiguous last dim, alibi_slopes `[H]`.
     `max_query_len` (host int) only picks tile sizes. Scores are `scale*q.k`, minus
     `slope*(q_idx - k_idx)` with ALiBi, then `cap*tanh(s/cap)`, then masked causally and to
-    `q_idx - k_idx < sliding_window`.
+    `q_idx - k_idx < sliding_window`. `sinks` `[H]`: a per-head logit in each softmax's denominator.
     """
     if query.dim() != 3 or key_cache.dim() != 4 or key_cache.shape != value_cache.shape:
         raise ValueError(
@@ -226,6 +236,8 @@ def paged_prefill_attention(
         )
     if alibi_slopes is not None and tuple(alibi_slopes.shape) != (num_heads,):
         raise ValueError(f"alibi_slopes must be [{num_heads}], got {tuple(alibi_slopes.shape)}")
+    if sinks is not None and tuple(sinks.shape) != (num_heads,):
+        raise ValueError(f"sinks must be [{num_heads}], got {tuple(sinks.shape)}")
     if out is None:
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     elif out.shape != query.shape or out.stride(-1) != 1 or out.dtype != query.dtype:
@@ -236,6 +248,8 @@ def paged_prefill_attention(
         block_tables = block_tables.contiguous()
     if alibi_slopes is not None:
         alibi_slopes = alibi_slopes.to(device=query.device, dtype=torch.float32).contiguous()
+    if sinks is not None:
+        sinks = sinks.to(device=query.device, dtype=torch.float32).contiguous()
 
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
     config = _launch_config(head_dim_pad, query.dtype, max_query_len)
@@ -252,6 +266,7 @@ def paged_prefill_attention(
             context_lens.contiguous(),
             query_start_loc.contiguous(),
             alibi_slopes if alibi_slopes is not None else context_lens,  # never read without ALiBi
+            sinks if sinks is not None else context_lens,  # never read without sinks
             num_seqs,
             float(scale),
             float(logits_soft_cap) if logits_soft_cap else 1.0,
@@ -271,6 +286,7 @@ def paged_prefill_attention(
             USE_ALIBI=alibi_slopes is not None,
             USE_SOFT_CAP=bool(logits_soft_cap),
             USE_WINDOW=window > 0,
+            USE_SINKS=sinks is not None,
             DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
             **config,
         )

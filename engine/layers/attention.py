@@ -48,7 +48,11 @@ class PagedAttention(nn.Module):
         alibi_slopes: torch.Tensor | None = None,
         sliding_window: int | None = None,
         logits_soft_cap: float | None = None,
+        sinks: torch.Tensor | None = None,
     ) -> None:
+        """`sinks`: one learned logit per head of all ranks (`[num_heads]`), joining each softmax's
+        denominator. Usually the attention module's own parameter, shared here so the checkpoint
+        loads it under the module's name; each rank reads its heads' share at forward time."""
         super().__init__()
         tp_size, tp_rank = distributed.get_tp_size(), distributed.get_tp_rank()
         total_num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -75,6 +79,14 @@ class PagedAttention(nn.Module):
             first = tp_rank * self.num_heads
             alibi_slopes = alibi_slopes[first : first + self.num_heads].detach().clone().float()
         self.register_buffer("alibi_slopes", alibi_slopes, persistent=False)
+        if sinks is not None and tuple(sinks.shape) != (num_heads,):
+            raise ValueError(
+                f"sinks must hold one logit per head of all ranks ({num_heads}), got shape {tuple(sinks.shape)}"
+            )
+        if isinstance(sinks, nn.Parameter):
+            self.sinks = sinks
+        else:
+            self.register_buffer("sinks", sinks, persistent=False)
 
     def forward(
         self,
@@ -115,6 +127,7 @@ class PagedAttention(nn.Module):
             self.alibi_slopes,
             self.sliding_window,
             self.logits_soft_cap,
+            None if self.sinks is None else self.sinks[self.first_head : self.first_head + self.num_heads],
         )
         if per_head:
             return output.reshape(num_tokens, self.num_heads, self.head_dim)
@@ -124,7 +137,8 @@ class PagedAttention(nn.Module):
         return (
             f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
             f"scale={self.scale}, sliding_window={self.sliding_window}, "
-            f"logits_soft_cap={self.logits_soft_cap}, alibi={self.alibi_slopes is not None}"
+            f"logits_soft_cap={self.logits_soft_cap}, alibi={self.alibi_slopes is not None}, "
+            f"sinks={self.sinks is not None}"
         )
 
 

@@ -23,6 +23,8 @@ FEATURES = {
     "window": {"sliding_window": 300},
     "soft_cap": {"logits_soft_cap": 4.0},
     "all": {"alibi": True, "sliding_window": 20, "logits_soft_cap": 2.5},
+    "sinks": {"sinks": True},
+    "sinks_window": {"sinks": True, "sliding_window": 20},
 }
 # (query_lens, context_lens): whole prompts, chunked prefill and prefix-cache hits (new tokens after
 # cached context), and decode tokens, all in one step.
@@ -62,11 +64,14 @@ def feature_args(features: dict, num_heads: int, *, device: str) -> dict:
     slopes = None
     if features.get("alibi"):
         slopes = torch.rand(num_heads, device=device) * 0.5
-    return {
+    args = {
         "alibi_slopes": slopes,
         "sliding_window": features.get("sliding_window"),
         "logits_soft_cap": features.get("logits_soft_cap"),
     }
+    if features.get("sinks"):  # large enough that some heads give the sink most of their weight
+        args["sinks"] = torch.randn(num_heads, device=device) * 3.0
+    return args
 
 
 def reference(query, key_cache, value_cache, metadata, scale, args) -> torch.Tensor:
