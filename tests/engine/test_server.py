@@ -9,6 +9,8 @@ import httpx
 import openai
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.engine.server_harness import MODEL_NAME, add_chat_template, running_server
 from tests.tiny_model import reference_greedy, write_tiny_model
@@ -226,3 +228,29 @@ def test_a_model_without_a_chat_template_refuses_chat(tiny_model_dir):
         json.loads(response.text)["error"]["message"]
         == "this model has no chat template: use /v1/completions"
     )
+
+
+_ANY_JSON = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**20), 10**20),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=6),
+    st.lists(st.one_of(st.integers(-3, 400), st.text(max_size=4)), max_size=4),
+    st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+)
+_COMPLETION_FIELDS = [
+    "prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "logprobs",
+    "stream", "presence_penalty", "min_p", "stop_token_ids", "ignore_eos", "echo", "logit_bias",
+]  # fmt: skip
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.dictionaries(st.sampled_from(_COMPLETION_FIELDS), _ANY_JSON, max_size=5))
+def test_any_request_body_is_answered_or_refused_never_a_server_error(server, body):
+    body = {"model": MODEL_NAME, "prompt": [5, 6], "max_tokens": 2, **body}
+    response = httpx.post(server.api_url + "/completions", json=body, timeout=60)
+    assert response.status_code in (200, 400), response.text
+    if response.status_code == 400:
+        error = response.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["message"]
