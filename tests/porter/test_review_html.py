@@ -63,6 +63,11 @@ def _script(browser, code: str):
     return browser.execute_script(code)
 
 
+def _reload(browser, html_path) -> None:
+    """A fresh page: no change selected, no filter (tests may run in any order, or on other workers)."""
+    browser.get(html_path.as_uri())
+
+
 def _press(browser, key: str) -> None:
     browser.find_element("tag name", "body").send_keys(key)
 
@@ -122,7 +127,8 @@ def test_each_hunk_links_to_both_line_numbers(page):
 
 
 def test_n_and_p_walk_the_changes_in_order(page):
-    data, browser, _ = page
+    data, browser, html_path = page
+    _reload(browser, html_path)
     order = _script(browser, "return Array.from(document.querySelectorAll('#notes .note')).map(n => n.id)")
     _press(browser, "n")
     assert _script(browser, "return document.body.dataset.current") == order[0]
@@ -146,7 +152,8 @@ def test_n_and_p_walk_the_changes_in_order(page):
 
 
 def test_rule_filter_hides_the_other_rules(page, tmp_path):
-    data, browser, _ = page
+    data, browser, html_path = page
+    _reload(browser, html_path)
     rule = "dead-code"
     expected = sum(change["rule"] == rule for change in data["changes"])
     assert 0 < expected < len(data["changes"])
