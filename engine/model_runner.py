@@ -19,7 +19,6 @@ from engine import distributed
 from engine.config import (
     DEFAULT_CPU_NUM_KV_BLOCKS,
     EngineConfig,
-    attention_shape,
     resolve_dtype,
     resolve_max_model_len,
 )
@@ -27,6 +26,7 @@ from engine.cuda_graphs import DecodeGraphs, capture_sizes, graph_unsafe_reason
 from engine.host_copy import values_to_device
 from engine.input_metadata import InputMetadata
 from engine.kv_cache import allocate_kv_caches, kv_cache_bytes_per_block
+from engine.layers.attention import cache_shape_of
 from engine.layers.sampler import Sampler, SamplerOutput, make_generator
 from engine.model_loader import load_hf_config, load_model
 from engine.sequence import Sequence as EngineSequence
@@ -84,7 +84,8 @@ class ModelRunner:
         self.model, self.hf_config = load_model(
             config.model, self.dtype, self.device, config.model_class, hf_config=hf_config
         )
-        self.shape = attention_shape(self.hf_config)
+        # The cache is shaped by the model's own attention layers, whatever names its config uses.
+        self.num_cache_layers, self.kv_heads_per_rank, self.head_dim = cache_shape_of(self.model)
         self.block_size = config.block_size
         self.num_kv_blocks = 0
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -111,11 +112,11 @@ class ModelRunner:
             )
         self.num_kv_blocks = num_blocks
         self.kv_caches = allocate_kv_caches(
-            self.shape.num_layers,
+            self.num_cache_layers,
             num_blocks,
             self.block_size,
-            self.shape.num_kv_heads_per_rank(self.tp_size),
-            self.shape.head_dim,
+            self.kv_heads_per_rank,
+            self.head_dim,
             self.dtype,
             self.device,
         )
@@ -148,10 +149,10 @@ class ModelRunner:
 
     def bytes_per_block(self) -> int:
         return kv_cache_bytes_per_block(
-            self.shape.num_layers,
+            self.num_cache_layers,
             self.block_size,
-            self.shape.num_kv_heads_per_rank(self.tp_size),
-            self.shape.head_dim,
+            self.kv_heads_per_rank,
+            self.head_dim,
             self.dtype,
         )
 
@@ -188,11 +189,11 @@ class ModelRunner:
         """One prefill step of sequences of `lengths` tokens into a throwaway cache, then sampling-sized work."""
         blocks_per_seq = -(-max(lengths) // self.block_size)
         self.kv_caches = allocate_kv_caches(
-            self.shape.num_layers,
+            self.num_cache_layers,
             blocks_per_seq * len(lengths),
             self.block_size,
-            self.shape.num_kv_heads_per_rank(self.tp_size),
-            self.shape.head_dim,
+            self.kv_heads_per_rank,
+            self.head_dim,
             self.dtype,
             self.device,
         )

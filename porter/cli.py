@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import tempfile
 import traceback
@@ -28,14 +29,31 @@ TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}
 
 def _describe_failure(error: BaseException) -> str:
     """`Type: message (at file:line)`, the line being the innermost frame outside torch and
-    transformers: usually the generated port's own code."""
-    message = " ".join(str(error).split()) or "(no message)"
+    transformers: usually the generated port's own code. A tensor-parallel worker's failure arrives
+    as its traceback's text, read the same way."""
+    text = str(error)
+    if "Traceback (most recent call last):" in text:
+        who, _, worker_traceback = text.partition("\n")
+        lines = [line for line in worker_traceback.splitlines() if line.strip()]
+        frames = re.findall(r'File "([^"]+)", line (\d+)', worker_traceback)
+        own = [f"{file}:{line}" for file, line in frames if not _library_frame(file)]
+        where = f" (at {own[-1]})" if own else ""
+        return f"{who.rstrip(':')}: {lines[-1].strip() if lines else '(no message)'}{where}"
+    message = " ".join(text.split()) or "(no message)"
     where = ""
     for frame in reversed(traceback.extract_tb(error.__traceback__)):
-        if "site-packages" not in frame.filename and "/porter/" not in frame.filename:
+        if not _library_frame(frame.filename):
             where = f" (at {frame.filename}:{frame.lineno})"
             break
     return f"{type(error).__name__}: {message}{where}"
+
+
+def _library_frame(filename: str) -> bool:
+    """A frame of an installed library or of porter or the engine's own machinery, not of a port."""
+    return any(
+        part in filename
+        for part in ("site-packages", "/porter/", "/engine/worker.py", "/engine/model_runner.py")
+    )
 
 
 def _print_table(table: Table) -> None:

@@ -10,18 +10,15 @@ block tables and slot mapping are all under test.
 
 from __future__ import annotations
 
-import os
 import random
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from queue import Empty
 
 import torch
-import torch.multiprocessing as mp
 
 PROMPT_LENGTHS = (5, 11, 16, 23)
 BLOCK_SIZE = 16
+NUM_BLOCKS = 64
 
 
 @dataclass(slots=True)
@@ -98,54 +95,6 @@ def hf_reference(model: torch.nn.Module, prompts: list[list[int]], steps: list[S
     return logits_per_step, inputs_per_step
 
 
-def engine_logits(
-    model_dir: str,
-    model_class: str,
-    inputs_per_step,
-    dtype: torch.dtype,
-    device: str,
-    trust_remote_code: bool = False,
-) -> list[dict[int, torch.Tensor]]:
-    """Runs the schedule through the engine at the current tensor-parallel rank."""
-    from engine.input_metadata import InputMetadata
-    from engine.kv_cache import allocate_kv_caches
-    from engine.layers.attention import cache_shape_of
-    from engine.model_loader import load_model
-
-    model, _ = load_model(
-        model_dir, dtype, device, model_class=model_class, trust_remote_code=trust_remote_code
-    )
-    num_layers, kv_per_rank, head_dim = cache_shape_of(model)
-    num_blocks = 64
-    caches = allocate_kv_caches(num_layers, num_blocks, BLOCK_SIZE, kv_per_rank, head_dim, dtype, device)
-    pool = list(range(num_blocks))
-    random.Random(1234).shuffle(pool)  # block tables far from the identity
-    tables: dict[int, list[int]] = {}
-    context: dict[int, int] = {}
-    results = []
-    with torch.inference_mode():
-        for inputs in inputs_per_step:
-            ids, positions, query_lens, context_lens, block_tables = [], [], [], [], []
-            for seq, tokens in inputs.items():
-                start = context.get(seq, 0)
-                context[seq] = start + len(tokens)
-                table = tables.setdefault(seq, [])
-                while len(table) * BLOCK_SIZE < context[seq]:
-                    table.append(pool.pop())
-                ids += tokens
-                positions += list(range(start, context[seq]))
-                query_lens.append(len(tokens))
-                context_lens.append(context[seq])
-                block_tables.append(table)
-            metadata = InputMetadata.build(query_lens, context_lens, block_tables, BLOCK_SIZE, device)
-            hidden = model(
-                torch.tensor(ids, device=device), torch.tensor(positions, device=device), caches, metadata
-            )
-            logits = model.compute_logits(hidden, metadata).float().cpu()
-            results.append({seq: logits[i] for i, seq in enumerate(inputs)})
-    return results
-
-
 def compare(
     reference, engine, steps: list[Step], tp: int, dtype: str, device: str, near_tie: float = 0.0
 ) -> ParityReport:
@@ -182,74 +131,50 @@ def run_engine(
     dtype: torch.dtype,
     device: str,
     trust_remote_code: bool = False,
-):
-    if tp == 1:
-        return engine_logits(model_dir, model_class, inputs_per_step, dtype, device, trust_remote_code)
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    port = _free_port()
-    processes = [
-        context.Process(
-            target=_rank_main,
-            args=(
-                rank,
-                tp,
-                port,
-                model_dir,
-                model_class,
-                inputs_per_step,
-                dtype,
-                device,
-                trust_remote_code,
-                queue,
-            ),
-        )
-        for rank in range(tp)
-    ]
-    for process in processes:
-        process.start()
-    outcome = None
-    while outcome is None:
-        try:
-            outcome = queue.get(timeout=2)
-        except Empty:
-            if not any(p.is_alive() for p in processes):  # every rank ended without an answer
-                outcome = "tensor-parallel ranks exited without a result: " + ", ".join(
-                    f"rank {r} exit code {p.exitcode}" for r, p in enumerate(processes)
-                )
-    for process in processes:
-        process.join(timeout=120)
-    if isinstance(outcome, str):
-        raise RuntimeError(outcome)
-    return [{seq: torch.from_numpy(logits) for seq, logits in step.items()} for step in outcome]
+) -> list[dict[int, torch.Tensor]]:
+    """Runs the schedule through the engine as `LLM` runs a model: its own rank start-up (this
+    process is rank 0, the others spawned workers; gloo on CPU, NCCL on GPUs), its model runner,
+    a cache of NUM_BLOCKS blocks handed out in a shuffled order. Per step: {sequence: logits}."""
+    from engine.config import EngineConfig
+    from engine.model_runner import StepInputs
+    from engine.worker import start_driver
 
-
-def _rank_main(
-    rank, tp, port, model_dir, model_class, inputs_per_step, dtype, device, trust_remote_code, queue
-) -> None:
-    from engine.distributed import destroy_distributed, init_distributed
-
+    config = EngineConfig(
+        model=model_dir,
+        tensor_parallel_size=tp,
+        dtype=dtype,
+        device=device,
+        block_size=BLOCK_SIZE,
+        num_kv_blocks=NUM_BLOCKS,
+        enforce_eager=True,
+        model_class=model_class,
+        trust_remote_code=trust_remote_code,
+    )
+    pool = list(range(NUM_BLOCKS))
+    random.Random(1234).shuffle(pool)  # block tables far from the identity
+    tables: dict[int, list[int]] = {}
+    context: dict[int, int] = {}
+    results = []
+    driver = start_driver(config)
     try:
-        if device.startswith("cuda"):
-            device = f"cuda:{rank}"
-            torch.cuda.set_device(rank)
-        else:
-            os.environ["PORTER_DEVICE"] = "cpu"
-        init_distributed(rank, tp, f"tcp://127.0.0.1:{port}", "nccl" if device.startswith("cuda") else "gloo")
-        results = engine_logits(model_dir, model_class, inputs_per_step, dtype, device, trust_remote_code)
-        if rank == 0:
-            # numpy pickles by value; a tensor would travel as shared memory that dies with this process.
-            queue.put([{seq: logits.numpy() for seq, logits in step.items()} for step in results])
-    except Exception as error:  # surfaced in the parent as one message
-        queue.put(f"rank {rank}: {type(error).__name__}: {error}")
+        for inputs in inputs_per_step:
+            step = StepInputs([], [], [], [], [])
+            for seq, tokens in inputs.items():
+                start = context.get(seq, 0)
+                context[seq] = start + len(tokens)
+                table = tables.setdefault(seq, [])
+                while len(table) * BLOCK_SIZE < context[seq]:
+                    table.append(pool.pop())
+                step.input_ids += tokens
+                step.positions += list(range(start, context[seq]))
+                step.query_lens.append(len(tokens))
+                step.context_lens.append(context[seq])
+                step.block_tables.append(list(table))
+            logits = driver.execute(step).float().cpu()
+            results.append({seq: logits[i] for i, seq in enumerate(inputs)})
     finally:
-        destroy_distributed()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        driver.shutdown()
+    return results
 
 
 def verify_model(

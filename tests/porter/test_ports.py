@@ -340,3 +340,16 @@ def test_a_rope_per_layer_type_reaches_each_layer(tmp_path):
         ],
     )
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.slow
+def test_verify_of_a_port_that_crashes_at_tp2_is_one_line_naming_the_line(tmp_path):
+    """At tp=2 the failure may arrive from a worker as its traceback's text: still one line."""
+    broken = tmp_path / "opt_crashes.py"
+    code = (MODELS / "opt.py").read_text()
+    broken.write_text(code.replace("hidden_states = self.fc2(hidden_states)", "hidden_states = self.fc2()"))
+    result = CliRunner().invoke(app, ["verify", str(broken), "--tp", "2"])
+    assert result.exit_code != 0
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    assert "TypeError:" in lines[0] and f"(at {broken}:" in lines[0], lines[0]
