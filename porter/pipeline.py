@@ -10,6 +10,7 @@ import libcst.metadata
 from porter.analysis.cst_utils import function_params, names_in
 from porter.analysis.model_index import build_index
 from porter.analysis.source import SourceFile
+from porter.analysis.unassigned_attributes import unassigned_attribute_reads
 from porter.analysis.unsupported import find_unsupported
 from porter.emit import undefined_names
 from porter.errors import PorterError
@@ -137,6 +138,13 @@ def port_source(source: SourceFile, allow_review: bool = False) -> PortResult:
             where,
             f"`{name}` is passed in but no longer read: the port dropped what the source did with it "
             "(an attention bias the engine's attention does not take?)",
+        )
+    for read in unassigned_attribute_reads(module, context.stages[0]):
+        # A module a rewrite replaced, still called somewhere: the port would fail when it runs.
+        context.flag(
+            "dead-code",
+            f"{read.class_name}.{read.method}",
+            f"`self.{read.attribute}` is read but nothing assigns it any more",
         )
     return PortResult(code=module.code, context=context)
 
