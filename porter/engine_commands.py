@@ -45,18 +45,14 @@ def serve_model(
     model_dir: Path, host: str, port: int, served_model_name: str | None, **engine_options: Any
 ) -> None:
     """Loads the model on every rank and serves it until interrupted."""
-    import uvicorn
-
-    from engine.server import build_app
-    from engine.server.run import build_engine
+    from engine.server.run import build_engine, run_server
 
     check_can_listen(host, port)
     try:
         engine = build_engine(str(model_dir), **engine_options)
     except (ValueError, OSError, RuntimeError, KeyError) as error:
         raise _engine_error(model_dir, error) from None
-    app = build_app(engine, served_model_name or str(model_dir))
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    run_server(engine, served_model_name or str(model_dir), host, port)
 
 
 def generate_text(model_dir: Path, prompt: str, sampling: dict[str, Any], **engine_options: Any) -> str:

@@ -1,4 +1,4 @@
-"""Starting the server: load the model, build the app, run uvicorn until interrupted."""
+"""Starting the server: load the model on every rank, then serve the app with uvicorn until interrupted."""
 
 from __future__ import annotations
 
@@ -16,17 +16,15 @@ def build_engine(model: str, **engine_options: Any) -> AsyncEngine:
     return AsyncEngine(LLMEngine(EngineConfig(model=model, **engine_options)))
 
 
-def serve(
-    model: str,
+def run_server(
+    engine: AsyncEngine,
+    served_model_name: str,
     host: str = "127.0.0.1",
     port: int = 8000,
-    served_model_name: str | None = None,
     log_level: str = "info",
-    **engine_options: Any,
 ) -> None:
-    """Serves `model` over the OpenAI API at http://host:port until interrupted."""
+    """Serves `engine` over the OpenAI API at http://host:port until interrupted; the engine (and its
+    worker processes) shut down on the way out."""
     import uvicorn
 
-    engine = build_engine(model, **engine_options)
-    app = build_app(engine, served_model_name or model)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    uvicorn.run(build_app(engine, served_model_name), host=host, port=port, log_level=log_level)
