@@ -47,10 +47,11 @@ def registry_conflicts(
 
     entries: the registry, architecture -> (module, class); module_file: module -> its file.
     """
+    # An entry for this module that names the class the port defines (an alias) stays valid.
     displaced = sorted(
         other
-        for other, (entry_module, _) in entries.items()
-        if entry_module == module and other != architecture
+        for other, (entry_module, class_name) in entries.items()
+        if entry_module == module and other != architecture and class_name != architecture
     )
     if force:
         return displaced
