@@ -192,6 +192,11 @@ def test_out_that_would_move_a_registry_entry_is_refused(engine_models: Path, mi
         app, ["port", str(mini_source), "--out", str(engine_models / "mini.py"), "--allow-review"]
     )
     assert first.exit_code == 0, first.output
+    # The control: porting the same source onto its own port again needs no --force.
+    again = CliRunner().invoke(
+        app, ["port", str(mini_source), "--out", str(engine_models / "mini.py"), "--allow-review"]
+    )
+    assert again.exit_code == 0, again.output
     before = _files(engine_models)
     copy = engine_models / "mini_copy.py"
     result = CliRunner().invoke(app, ["port", str(mini_source), "--out", str(copy), "--allow-review"])
