@@ -8,6 +8,9 @@ axis). In the port the projection is a `QKVParallelLinear` that loads the checkp
 blocks in that order (`checkpoint_blocks`, `checkpoint_order`), numbering heads block by block as
 the helper did, so each rank's output is `[q | k | v]` of its heads: the reshape and split become
 one `.split([q_size, kv_size, kv_size], dim=-1)`, and each helper call a view into heads.
+The blocks may also be cut from the projection's call directly by their width
+(`qkv = self.qkv_proj(x).view(*shape, -1, 3 * local_dim)` with `local_dim = dim // self.mp_num`,
+transformers 5.25's CodeGen): the view goes and the statement keeps the projection.
 """
 
 from __future__ import annotations
@@ -17,7 +20,14 @@ from dataclasses import dataclass
 import libcst as cst
 
 from porter.analysis.attention import AttentionInfo
-from porter.analysis.cst_utils import call_name, calls_in, code_of, self_attribute, statement_targets
+from porter.analysis.cst_utils import (
+    call_name,
+    calls_in,
+    code_of,
+    init_attribute_values,
+    self_attribute,
+    statement_targets,
+)
 from porter.analysis.inline_attention import only_reshapes
 from porter.analysis.model_index import ClassInfo
 from porter.analysis.projections import flat_outputs
@@ -32,8 +42,10 @@ class SplitBlockedQKV(Rewrite):
         for name, info in context.plan.attention.items():
             if len({info.query, info.key, info.value}) != 1:
                 continue
-            forward = context.index.classes[name].methods.get("forward")
-            blocks = _find_blocks(forward, info) if forward is not None else None
+            owner = context.index.classes[name]
+            forward = owner.methods.get("forward")
+            attributes = init_attribute_values(owner.methods.get("__init__"))
+            blocks = _find_blocks(forward, info, attributes) if forward is not None else None
             if blocks is None:
                 continue
             if isinstance(blocks, str):
@@ -56,14 +68,22 @@ class _Blocks:
     split: int  # the one cutting the blocks into three
     names: dict[str, str]  # role ("q", "k", "v") -> the variable forward gives it
     source: str  # the variable holding the projection's output
+    # what the reshape statement becomes when it also ran the projection (`qkv = self.qkv_proj(x)`)
+    kept: cst.BaseStatement | None = None
 
 
-def _find_blocks(forward: cst.FunctionDef, info: AttentionInfo) -> _Blocks | str | None:
+def _find_blocks(
+    forward: cst.FunctionDef, info: AttentionInfo, attributes: dict[str, cst.BaseExpression]
+) -> _Blocks | str | None:
     body = list(forward.body.body)
     flat = flat_outputs(forward, info.query)
     literals = _int_locals(body)
     for position, statement in enumerate(body):
         count, source = _block_reshape(statement, flat, literals)
+        kept = None
+        if count is None:
+            count, kept = _block_view(statement, info.query, body, attributes)
+            source = statement_targets(statement)[0] if kept is not None else None
         if count is None:
             continue
         (view,) = statement_targets(statement)
@@ -78,7 +98,70 @@ def _find_blocks(forward: cst.FunctionDef, info: AttentionInfo) -> _Blocks | str
                     )
                 order = "".join(roles[t] for t in targets)
                 names = {roles[t]: t for t in targets}
-                return _Blocks(count, order, position, later, names, source)
+                return _Blocks(count, order, position, later, names, source, kept)
+    return None
+
+
+def _block_view(
+    statement: cst.BaseStatement,
+    attr: str,
+    body: list[cst.BaseStatement],
+    attributes: dict[str, cst.BaseExpression],
+) -> tuple[str | None, cst.BaseStatement | None]:
+    """(n, `y = self.<attr>(x)`) for `y = self.<attr>(x).view(*shape, -1, 3 * local)` where forward
+    computes `local = width // n` (n an integer, or `self.n` set to one in `__init__`): blocks of
+    q, k and v `local` wide each, n of them across the fused output."""
+    small = statement.body[0] if isinstance(statement, cst.SimpleStatementLine) else None
+    value = small.value if isinstance(small, cst.Assign) and len(statement_targets(statement)) == 1 else None
+    if not (
+        isinstance(value, cst.Call)
+        and isinstance(value.func, cst.Attribute)
+        and value.func.attr.value in ("reshape", "view")
+        and isinstance(value.func.value, cst.Call)
+        and self_attribute(value.func.value.func) == attr
+        and len(value.args) >= 2
+        and _is_minus_one(value.args[-2].value)
+    ):
+        return None, None
+    width = value.args[-1].value
+    if not (
+        isinstance(width, cst.BinaryOperation)
+        and isinstance(width.operator, cst.Multiply)
+        and isinstance(width.left, cst.Integer)
+        and width.left.value == "3"
+        and isinstance(width.right, cst.Name)
+    ):
+        return None, None
+    count = _divisor_of(width.right.value, body, attributes)
+    if count is None:
+        return None, None
+    return count, statement.with_changes(body=[small.with_changes(value=value.func.value)])
+
+
+def _is_minus_one(node: cst.BaseExpression) -> bool:
+    return (
+        isinstance(node, cst.UnaryOperation)
+        and isinstance(node.operator, cst.Minus)
+        and isinstance(node.expression, cst.Integer)
+        and node.expression.value == "1"
+    )
+
+
+def _divisor_of(
+    name: str, body: list[cst.BaseStatement], attributes: dict[str, cst.BaseExpression]
+) -> str | None:
+    """n for `name = width // n` in `body`: an integer, or `self.n` that `__init__` sets to one."""
+    for statement in body:
+        small = statement.body[0] if isinstance(statement, cst.SimpleStatementLine) else None
+        if not (isinstance(small, cst.Assign) and statement_targets(statement) == [name]):
+            continue
+        value = small.value
+        if not (isinstance(value, cst.BinaryOperation) and isinstance(value.operator, cst.FloorDivide)):
+            return None
+        divisor = value.right
+        held = attributes.get(self_attribute(divisor) or "")
+        divisor = held if held is not None else divisor
+        return divisor.value if isinstance(divisor, cst.Integer) else None
     return None
 
 
@@ -167,7 +250,10 @@ class _Transformer(ClassScopedTransformer):
             f"the layer loads the {blocks.count} blocks ({blocks.order}) into this rank's [q | k | v]",
         )
         body[blocks.split] = split.with_changes(leading_lines=body[blocks.split].leading_lines)
-        del body[blocks.reshape]
+        if blocks.kept is not None:
+            body[blocks.reshape] = blocks.kept
+        else:
+            del body[blocks.reshape]
         class_info = self.context.index.classes[self.current_class]
         merges = _HeadMerges(self.context, self.where, set(blocks.names.values()), info.head_dim, class_info)
         body = [statement.visit(merges) for statement in body]

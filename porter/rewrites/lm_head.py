@@ -136,6 +136,8 @@ class _Transformer(ClassScopedTransformer):
         head_statement = (
             head_statement.visit(_Rename(returned, hidden)) if hidden != returned else head_statement
         )
+        before = self._unslice(body[:position], returned)
+        body, position = [*before, *body[position:]], len(before)
         logits_names = set(statement_targets(body[position]))
         kept_after = [
             s
@@ -157,6 +159,35 @@ class _Transformer(ClassScopedTransformer):
             "logits of each sequence's last token, computed apart from forward",
         )
         return new_forward, compute
+
+    def _unslice(self, before: list[cst.BaseStatement], hidden: str) -> list[cst.BaseStatement]:
+        """HF's `logits_to_keep` slicing done by a helper (`hidden = slice_logits_to_keep(x,
+        logits_to_keep)`, transformers 5.25): the last statement assigning the head's input from a
+        call of the hidden states and HF plumbing inputs becomes `hidden = x` (or goes, where x is
+        `hidden` itself): the engine picks each sequence's last token itself."""
+        for position in reversed(range(len(before))):
+            statement = before[position]
+            if hidden not in statement_targets(statement):
+                continue
+            small = statement.body[0]
+            value = small.value if isinstance(small, cst.Assign) and len(statement.body) == 1 else None
+            if not (isinstance(value, cst.Call) and len(value.args) >= 2 and value.args[0].keyword is None):
+                return before
+            data, rest = value.args[0].value, value.args[1:]
+            if names_in(data) & PLUMBING or not all(names_in(a.value) <= PLUMBING for a in rest):
+                return before
+            kept = [s for p, s in enumerate(before) if p != position]
+            if code_of(data) != hidden:  # printed text: is the data the head's input itself?
+                kept.insert(position, statement.with_changes(body=[small.with_changes(value=data)]))
+            self.context.record(
+                "lm-head",
+                self.where,
+                statement,
+                kept[position] if len(kept) == len(before) else "",
+                "logits_to_keep slicing: the engine picks each sequence's last token itself",
+            )
+            return kept
+        return before
 
 
 class _ReplaceHeadCall(cst.CSTTransformer):

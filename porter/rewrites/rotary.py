@@ -30,7 +30,7 @@ from porter.analysis.cst_utils import (
     self_attributes_read,
     statement_targets,
 )
-from porter.analysis.model_index import calls_method, init_helpers
+from porter.analysis.model_index import ClassInfo, calls_method, init_helpers
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
 from porter.rewrites.statement_pruner import names_read
 
@@ -40,7 +40,9 @@ class RotaryToEngine(Rewrite):
 
     def apply(self, module: cst.Module, context: PortContext) -> cst.Module:
         index = context.index
-        rotary_classes = {name for name, info in index.classes.items() if "inv_freq" in code_of(info.node)}
+        rotary_classes = {
+            name for name, info in index.classes.items() if _is_rotary_module(info, index.functions)
+        }
         apply_functions = {
             name: _is_neox_style(function, index.functions)
             for name, function in index.functions.items()
@@ -64,6 +66,37 @@ class RotaryToEngine(Rewrite):
         )
         module = module.visit(transformer)
         return module.visit(_DropRotaryOnlyAttributes(context, transformer.rotary_inputs))
+
+
+def _is_rotary_module(info: ClassInfo, functions: dict[str, cst.FunctionDef]) -> bool:
+    """A module that computes rotary cos/sin: it keeps inverse frequencies under HF's name for them
+    (`inv_freq`, a buffer every HF rotary module registers; the text is searched because it is
+    registered by string as often as by attribute), or it holds no layer and its forward returns a
+    pair computed with sin and cos, in the class or in a function of the file it calls (a sinusoidal
+    table split into sin and cos: GPT-J's and CodeGen's rotary modules)."""
+    if "inv_freq" in code_of(info.node):
+        return True
+    forward = info.methods.get("forward")
+    if forward is None or info.linears() or info.embeddings() or info.submodules:
+        return False
+    returns = m.findall(forward, m.Return(value=m.Tuple(elements=[m.DoNotCare(), m.DoNotCare()])))
+    if not returns:
+        return False
+    called = [functions[n] for c in calls_in(info.node) if (n := call_name(c)) in functions]
+    computed = {_function_of(c) for part in (info.node, *called) for c in calls_in(part)}
+    return {"sin", "cos"} <= computed
+
+
+def _function_of(call: cst.Call) -> str | None:
+    """`sin` for `torch.sin(x)`, `x.sin()` or `sin(x)`: the last name of what is called."""
+    func = call.func
+    return (
+        func.attr.value
+        if isinstance(func, cst.Attribute)
+        else func.value
+        if isinstance(func, cst.Name)
+        else None
+    )
 
 
 def _layer_type_expression(init: cst.FunctionDef) -> str | None:

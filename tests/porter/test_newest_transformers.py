@@ -1,0 +1,96 @@
+"""Rules for the plumbing as the newest transformers spells it, on that release's own files
+(tests/fixtures/transformers_5_25, copied from the transformers 5.25.0 wheel; see SOURCES.md there).
+
+The pinned transformers stays installed: only the source text comes from the newer release.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+from tests.porter.rewrite_helpers import (
+    assert_code,
+    class_code,
+    init_value,
+    method_code,
+    normalize,
+    run_through,
+    signature,
+)
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "transformers_5_25"
+CODEGEN = (FIXTURES / "codegen" / "modeling_codegen.py").read_text()
+CODEGEN_MODULE = "transformers.models.codegen.modeling_codegen"
+LLAMA = (FIXTURES / "llama" / "modeling_llama.py").read_text()
+LLAMA_MODULE = "transformers.models.llama.modeling_llama"
+
+
+def test_a_cache_renamed_by_a_deprecation_decorator_leaves_every_signature():
+    after = run_through(LLAMA, "engine-interface", module=LLAMA_MODULE)
+    assert_code(
+        signature(after.code, "LlamaAttention", "forward"),
+        """
+        def forward(
+            self, hidden_states: torch.Tensor, positions, kv_cache, input_metadata
+        ): ...
+        """,
+    )
+    assert_code(
+        signature(after.code, "LlamaDecoderLayer", "forward"),
+        "def forward(self, hidden_states: torch.Tensor, positions: torch.LongTensor | None, kv_cache, input_metadata): ...",
+    )
+    assert after.context.plan.cache_inputs == {
+        name: {"cache"} for name in ("LlamaAttention", "LlamaDecoderLayer", "LlamaModel", "LlamaForCausalLM")
+    }
+
+
+def test_slicing_by_a_helper_before_the_head_goes_when_it_slices_the_head_input_itself():
+    # LlamaForCausalLM.forward: `hidden_states = slice_logits_to_keep(hidden_states, logits_to_keep)`
+    after = run_through(LLAMA, "lm-head", module=LLAMA_MODULE)
+    forward = method_code(after.code, "LlamaForCausalLM", "forward")
+    assert "slice_logits_to_keep" not in forward
+    assert (
+        normalize(forward)
+        .rstrip()
+        .endswith("hidden_states = outputs.last_hidden_state\n    return hidden_states")
+    )
+    assert after.changes("lm-head", "LlamaForCausalLM.forward")
+
+
+def test_slicing_by_a_helper_of_another_tensor_hands_the_head_that_tensor():
+    # CodeGenForCausalLM.forward: `hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)`
+    after = run_through(CODEGEN, "lm-head", module=CODEGEN_MODULE)
+    forward = normalize(method_code(after.code, "CodeGenForCausalLM", "forward"))
+    assert forward.rstrip().endswith("hidden_states = outputs.last_hidden_state\n    return hidden_states"), (
+        forward
+    )
+
+
+def test_a_rotary_module_reading_a_sinusoidal_table_is_replaced_by_the_engines_rope():
+    after = run_through(CODEGEN, "rotary", module=CODEGEN_MODULE)
+    forward = method_code(after.code, "CodeGenAttention", "forward")
+    assert "query, key = self.rotary_emb(positions, query, key)" in forward, forward
+    assert "sin, cos = position_embeddings" not in forward  # it only fed the rotation
+    assert "rotary_emb" not in class_code(after.code, "CodeGenModel")
+    assert_code(
+        init_value(after.code, "CodeGenAttention", "rotary_emb"),
+        "get_rope(config, self.head_dim, rotary_dim=self.rotary_dim, is_neox_style=False)",
+    )
+
+
+def test_blocks_cut_from_the_projection_call_by_their_width_become_one_split():
+    after = run_through(CODEGEN, "blocked-qkv", module=CODEGEN_MODULE)
+    forward = normalize(method_code(after.code, "CodeGenAttention", "forward"))
+    body = forward[forward.index("    local_dim = ") : forward.index("    sin, cos = ")]
+    assert normalize(textwrap.dedent(body)) == normalize(
+        """
+        local_dim = self.embed_dim // self.mp_num
+        qkv = self.qkv_proj(hidden_states)
+        query, key, value = qkv.split([self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], dim=-1)
+        query = query.reshape(hidden_shape)
+        key = key.reshape(hidden_shape)
+        value = value.reshape(hidden_shape).transpose(1, 2)
+        """
+    ), body
+    assert after.context.plan.qkv_blocks == {("CodeGenAttention", "qkv_proj"): ("4", "qvk")}
