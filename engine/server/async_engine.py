@@ -138,9 +138,7 @@ class AsyncEngine:
                     self._stepping = False
                 self._publish(finished)
                 await asyncio.sleep(0)  # let handlers run between steps even under constant load
-        except asyncio.CancelledError:
-            raise
-        except BaseException as error:
+        except Exception as error:  # the step failed: no request can run on this engine any more
             self._die(error)
 
     def _die(self, error: BaseException) -> None:

@@ -96,3 +96,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EngineDeadError)
     async def _dead(_: Request, error: EngineDeadError) -> JSONResponse:
         return engine_failed(error).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, error: Exception) -> JSONResponse:
+        # Still OpenAI's JSON, so a client reports the cause instead of failing to parse the body.
+        message = f"internal error: {type(error).__name__}: {error}"
+        return APIError(500, message, "server_error").response()
