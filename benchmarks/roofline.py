@@ -1,5 +1,5 @@
 """The throughput ceiling of an offline decode workload, from the copy bandwidth and matmul rate measured
-on the machine itself (`../shared/BENCHMARKS.md`).
+on the machine itself.
 
 One decode step moves at least the weights plus the KV cache it reads, and does `2 * params * batch`
 FLOPs; it takes at least the larger of the two times. Prefill does `2 * params * tokens` FLOPs.
