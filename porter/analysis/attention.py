@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import libcst as cst
+import libcst.matchers as m
 
 from porter.analysis.alibi import bias_inputs
 from porter.analysis.config_branches import choice
@@ -14,6 +15,7 @@ from porter.analysis.cst_utils import (
     calls_in,
     calls_softmax,
     code_of,
+    function_params,
     names_in,
     self_attribute,
     statement_targets,
@@ -137,7 +139,7 @@ def analyse_attention(index: ModelIndex, name: str) -> AttentionInfo | None:
         result.head_merges = _head_merges(statement_targets(core_statement)[:1], after, info)
         if not any(a.keyword is not None and a.keyword.value == "scaling" for a in core.args):
             result.callee_scale = _callee_scale(core, info, index)
-    result.band_window = _band_window(info)
+    result.band_window = _band_window(info) or backbone_mask_window(index, info)
     if inline is not None:
         result.inline_region = inline["region"]
         result.inline_output = inline["output"]
@@ -196,6 +198,28 @@ def _band_window(info: ClassInfo) -> str | None:
                 if isinstance(diagonal, cst.UnaryOperation) and isinstance(diagonal.operator, cst.Minus):
                     window = code_of(diagonal.expression)
                     return window if test is None else f"{window} if {test} else None"
+    return None
+
+
+def backbone_mask_window(index: ModelIndex, attention: ClassInfo) -> str | None:
+    """The window the backbone builds its attention mask with, in the terms of the attention's
+    constructor: 4.3x files cut the window into the 4-D mask every layer receives
+    (`_prepare_4d_causal_attention_mask(..., sliding_window=self.config.sliding_window)`) instead of
+    giving it to the attention. `self.config` of the backbone becomes the `config` the attention's
+    constructor takes; anything else the backbone computes cannot be read there."""
+    backbone = index.classes.get(index.backbone or "")
+    forward = backbone.methods.get("forward") if backbone is not None else None
+    init = attention.methods.get("__init__")
+    if forward is None or init is None or "config" not in function_params(init):
+        return None
+    window_argument = m.Arg(keyword=m.Name("sliding_window"))
+    for call in m.findall(forward, m.Call(args=[m.ZeroOrMore(), window_argument, m.ZeroOrMore()])):
+        value = next(a.value for a in call.args if m.matches(a, window_argument))
+        own_config = m.Attribute(value=m.Name("self"), attr=m.Name("config"))
+        reads = m.findall(value, m.Name("self"))
+        if len(reads) != len(m.findall(value, own_config)) or not reads:
+            return None
+        return code_of(m.replace(value, own_config, cst.Name("config")))
     return None
 
 

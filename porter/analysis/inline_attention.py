@@ -52,8 +52,10 @@ def inline_core(body: list[cst.BaseStatement], info: ClassInfo, bias: frozenset[
     while start > 0:  # q/k/v reshapes and KV-head repetition for the eager matmuls
         previous = body[start - 1]
         targets = set(statement_targets(previous))
+        # One tensor at a time: a statement producing q and k together rotates them
+        # (`q, k = apply_rotary_pos_emb(q, k, cos, sin)`), which the rotary rewrite keeps.
         reshapes_itself = (
-            targets
+            len(targets) == 1
             and targets <= {q, k, v}
             and targets <= names_in(previous) - targets | targets
             and all(t in names_in(_value_of(previous)) for t in targets)

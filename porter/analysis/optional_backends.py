@@ -3,6 +3,8 @@
 `self._use_flash_attention_2 = is_flash_attn_2_available() and config._attn_implementation == ...`
 picks a kernel library the engine never uses: the port runs its own paged attention in place of
 either backend, and takes the path that needs no optional package, so such an attribute is False.
+Likewise an attribute that records the backend choice (`self._use_sdpa = config._attn_implementation
+== "sdpa"`) holds what it holds for the eager backend, whose attention math porter can read.
 """
 
 from __future__ import annotations
@@ -14,14 +16,39 @@ from porter.analysis.model_index import ModelIndex
 
 
 def optional_backend_flags(index: ModelIndex) -> dict[tuple[str, str], bool]:
-    """(class, attribute) -> False for each attribute that requires an optional library."""
+    """(class, attribute) -> the value each attribute that asks for an optional library (False) or
+    records the attention-backend choice holds in the port."""
     flags: dict[tuple[str, str], bool] = {}
     for name in index.reachable:
         init = index.classes[name].methods.get("__init__")
         for attr, value in init_attribute_values(init).items():
             if any(asks_availability(operand) for operand in _conjuncts(value)):
                 flags[(name, attr)] = False
+            elif (choice := eager_backend_choice(value)) is not None:
+                flags[(name, attr)] = choice
     return flags
+
+
+BACKEND_ATTRIBUTE = "_attn_implementation"
+
+
+def eager_backend_choice(node: cst.BaseExpression) -> bool | None:
+    """`<config>._attn_implementation ==/!= "name"` decided as if the backend were "eager"."""
+    if not (isinstance(node, cst.Comparison) and len(node.comparisons) == 1):
+        return None
+    left, comparison = node.left, node.comparisons[0]
+    if not (
+        isinstance(left, cst.Attribute)
+        and left.attr.value == BACKEND_ATTRIBUTE
+        and isinstance(comparison.comparator, cst.SimpleString)
+    ):
+        return None
+    is_eager = comparison.comparator.evaluated_value == "eager"
+    if isinstance(comparison.operator, cst.Equal):
+        return is_eager
+    if isinstance(comparison.operator, cst.NotEqual):
+        return not is_eager
+    return None
 
 
 def _conjuncts(node: cst.BaseExpression) -> list[cst.BaseExpression]:

@@ -123,6 +123,7 @@ class _Transformer(ClassScopedTransformer):
                     for (c, a), v in self.context.plan.constant_attributes.items()
                     if c == self.current_class
                 },
+                keywords=_extra_keywords(original) & dropped,
             )
             info = self.context.index.classes.get(self.current_class)
             pruner.modules = set(info.init_calls) if info else set()
@@ -131,6 +132,12 @@ class _Transformer(ClassScopedTransformer):
             if self.cascade:
                 updated = drop_unread_assignments(updated, self.context, self.where)
         return super().leave_FunctionDef(original, updated)
+
+
+def _extra_keywords(function: cst.FunctionDef) -> set[str]:
+    """The name of `function`'s `**` parameter, if it has one."""
+    star = function.params.star_kwarg
+    return {star.name.value} if star is not None else set()
 
 
 def drop_unread_assignments(function: cst.FunctionDef, context: PortContext, where: str) -> cst.FunctionDef:

@@ -6,6 +6,8 @@
 - decorators imported from transformers' utilities (docstrings, output capture, kernel hub,
   deprecation) are dropped: they wrap the HF calling convention the port replaces;
 - `self.post_init()` (weight init) and `self.gradient_checkpointing = ...` are dropped;
+- a module-level registration of a class in a registry imported from transformers
+  (`ALL_LAYERNORM_LAYERS.append(LlamaRMSNorm)`) is dropped;
 - HF API helpers (`get_input_embeddings`, `set_input_embeddings`, `get_output_embeddings`,
   `set_output_embeddings`, `_init_weights`, `tie_weights`) are dropped.
 The `_tied_weights_keys` of the causal LM is read into the plan before its class attribute goes.
@@ -14,6 +16,7 @@ The `_tied_weights_keys` of the causal LM is read into the plan before its class
 from __future__ import annotations
 
 import libcst as cst
+import libcst.matchers as m
 
 from porter.analysis.cache_inputs import cache_inputs
 from porter.analysis.cst_utils import call_name, code_of, dotted_name, self_attribute
@@ -63,7 +66,28 @@ class StripHFPlumbing(Rewrite):
             _read_tied_keys(statement, context)
         # Read while the decorators that rename cache parameters are still there.
         context.plan.cache_inputs = cache_inputs(context.index, PLUMBING)
-        return module.visit(_Transformer(context, framework_classes(context)))
+        return module.visit(_Transformer(context, framework_classes(context), _framework_imports(module)))
+
+
+def _framework_imports(module: cst.Module) -> set[str]:
+    """Names the file imports from transformers (absolutely, or relatively as a file of its tree)."""
+    found = set()
+    for statement in module.body:
+        if not (
+            isinstance(statement, cst.SimpleStatementLine) and isinstance(statement.body[0], cst.ImportFrom)
+        ):
+            continue
+        node = statement.body[0]
+        origin = dotted_name(node.module) if node.module is not None else ""
+        if (node.relative or (origin or "").split(".")[0] == "transformers") and not isinstance(
+            node.names, cst.ImportStar
+        ):
+            found |= {(a.evaluated_alias or a.evaluated_name) for a in node.names}
+    return found
+
+
+# Ways to add to a registry object.
+REGISTERING_METHODS = {"append", "extend", "add", "update"}
 
 
 def _read_tied_keys(statement: cst.CSTNode, context: PortContext) -> None:
@@ -85,9 +109,10 @@ def _read_tied_keys(statement: cst.CSTNode, context: PortContext) -> None:
 
 
 class _Transformer(ClassScopedTransformer):
-    def __init__(self, context: PortContext, framework: set[str]) -> None:
+    def __init__(self, context: PortContext, framework: set[str], framework_imports: set[str]) -> None:
         super().__init__(context)
         self.framework = framework
+        self.framework_imports = framework_imports
         self.framework_derived: list[bool] = []
 
     def visit_ClassDef(self, node: cst.ClassDef) -> bool:
@@ -145,6 +170,15 @@ class _Transformer(ClassScopedTransformer):
         return super().leave_FunctionDef(original, updated)
 
     def leave_SimpleStatementLine(self, original: cst.SimpleStatementLine, updated: cst.SimpleStatementLine):
+        if not self.class_stack and not self.function_stack and self._registers_with_framework(updated):
+            self.context.record(
+                "hf-plumbing",
+                self.where,
+                updated,
+                "",
+                "adds a class to a registry of the framework's training utilities",
+            )
+            return cst.RemovalSentinel.REMOVE
         if self.current_function != "__init__" or len(updated.body) != 1:
             return updated
         small = updated.body[0]
@@ -180,6 +214,24 @@ class _Transformer(ClassScopedTransformer):
             )
             return cst.RemovalSentinel.REMOVE
         return updated
+
+    def _registers_with_framework(self, statement: cst.SimpleStatementLine) -> bool:
+        """A module-level `REGISTRY.append(SomeClass)` on an object imported from transformers (4.3x
+        files list their norm classes in `ALL_LAYERNORM_LAYERS` to exempt them from weight decay)."""
+        return all(
+            m.matches(
+                small,
+                m.Expr(
+                    m.Call(
+                        func=m.Attribute(
+                            value=m.Name(m.MatchIfTrue(lambda name: name in self.framework_imports)),
+                            attr=m.Name(m.MatchIfTrue(lambda attr: attr in REGISTERING_METHODS)),
+                        )
+                    )
+                ),
+            )
+            for small in statement.body
+        )
 
 
 def _is_super_init(call: cst.Call) -> bool:

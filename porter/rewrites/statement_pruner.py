@@ -10,12 +10,13 @@ run submodules are never dropped silently: they become review items.
 from __future__ import annotations
 
 import libcst as cst
+import libcst.matchers as m
 
 from porter.analysis.cst_utils import calls_in, dotted_name, names_in, self_attribute, statement_targets
+from porter.analysis.optional_backends import eager_backend_choice
 from porter.rewrites.base import PortContext
 
 FALSE_ATTRIBUTES = {"self.training", "self.gradient_checkpointing"}
-BACKEND_ATTRIBUTE = "_attn_implementation"
 UNKNOWN = object()
 
 
@@ -46,21 +47,55 @@ def only_queries(node: cst.CSTNode) -> bool:
     return True
 
 
-def _backend_choice(node: cst.Comparison) -> bool | None:
-    """`<config>._attn_implementation ==/!= "name"` decided as if the backend were "eager"."""
+LOOKUPS = {"get", "pop"}
+CONSTANTS = {"True": True, "False": False, "None": None}
+ORDER = {
+    cst.Equal: lambda a, b: a == b,
+    cst.NotEqual: lambda a, b: a != b,
+    cst.GreaterThan: lambda a, b: a > b,
+    cst.GreaterThanEqual: lambda a, b: a >= b,
+    cst.LessThan: lambda a, b: a < b,
+    cst.LessThanEqual: lambda a, b: a <= b,
+}
+
+
+def empty_keywords_test(node: cst.Comparison, keywords: set[str]) -> bool | None:
+    """A test of a `**kwargs` mapping the engine leaves empty, decided: `"padding_mask" in kwargs`
+    is False, `kwargs.pop("position_ids", False) is not False` compares the default, `len(kwargs) >
+    0` compares 0 (the deprecation warnings and errors of older files)."""
     left, comparison = node.left, node.comparisons[0]
+    operator, right = comparison.operator, comparison.comparator
+    if isinstance(operator, (cst.In, cst.NotIn)) and isinstance(right, cst.Name) and right.value in keywords:
+        return isinstance(operator, cst.NotIn)
+    if isinstance(operator, (cst.Is, cst.IsNot)) and isinstance(right, cst.Name) and right.value in CONSTANTS:
+        default = _lookup_default(left, keywords)
+        if isinstance(default, cst.Name) and default.value in CONSTANTS:
+            same = CONSTANTS[default.value] is CONSTANTS[right.value]
+            return same if isinstance(operator, cst.Is) else not same
+        return None
+    if (
+        type(operator) in ORDER
+        and m.matches(left, m.Call(func=m.Name("len"), args=[m.Arg(m.Name())]))
+        and left.args[0].value.value in keywords
+        and isinstance(right, cst.Integer)
+    ):
+        return ORDER[type(operator)](0, int(right.value))
+    return None
+
+
+def _lookup_default(node: cst.BaseExpression, keywords: set[str]) -> cst.BaseExpression | None:
+    """What `kwargs.get(key[, default])` / `kwargs.pop(key, default)` gives on an empty mapping."""
     if not (
-        isinstance(left, cst.Attribute)
-        and left.attr.value == BACKEND_ATTRIBUTE
-        and isinstance(comparison.comparator, cst.SimpleString)
+        isinstance(node, cst.Call)
+        and isinstance(node.func, cst.Attribute)
+        and isinstance(node.func.value, cst.Name)
+        and node.func.value.value in keywords
+        and node.func.attr.value in LOOKUPS
     ):
         return None
-    is_eager = comparison.comparator.evaluated_value == "eager"
-    if isinstance(comparison.operator, cst.Equal):
-        return is_eager
-    if isinstance(comparison.operator, cst.NotEqual):
-        return not is_eager
-    return None
+    if len(node.args) == 2:
+        return node.args[1].value
+    return cst.Name("None") if node.func.attr.value == "get" and len(node.args) == 1 else None
 
 
 def _same_device(node: cst.Comparison) -> bool | None:
@@ -89,8 +124,11 @@ class Pruner:
         live: set[str],
         cascade: bool = True,
         attributes: dict[str, bool | None] | None = None,
+        keywords: set[str] | frozenset[str] = frozenset(),
     ) -> None:
         self.cascade = cascade
+        # The forward's `**kwargs` parameter where the engine passes no extra keywords: it is empty.
+        self.keywords = set(keywords)
         self.attributes = attributes or {}  # self.<attr> fixed by constructor defaults
         self.context, self.where = context, where
         self.dead, self.absent, self.present, self.live = set(dead), absent, present, set(live)
@@ -268,7 +306,10 @@ class Pruner:
         """True/False where the engine decides the test, else UNKNOWN."""
         if isinstance(node, cst.Comparison) and len(node.comparisons) == 1:
             operator = node.comparisons[0].operator
-            backend = _backend_choice(node)
+            empty = empty_keywords_test(node, self.keywords)
+            if empty is not None:
+                return empty
+            backend = eager_backend_choice(node)
             if backend is not None:
                 return backend
             same = _same_device(node)
