@@ -8,12 +8,14 @@ import libcst as cst
 import libcst.metadata
 
 from porter.analysis.cst_utils import function_params, names_in
+from porter.analysis.lost_returns import forwards_without_return
 from porter.analysis.model_index import build_index
 from porter.analysis.source import SourceFile
 from porter.analysis.unassigned_attributes import unassigned_attribute_reads
 from porter.analysis.unsupported import find_unsupported
 from porter.emit import undefined_names
 from porter.errors import PorterError
+from porter.rewrites.attention_sinks import AttentionSinks
 from porter.rewrites.base import Change, PortContext, ReviewItem, Rewrite
 from porter.rewrites.blocked_qkv import SplitBlockedQKV
 from porter.rewrites.class_table import BuildTableClass
@@ -59,6 +61,7 @@ REWRITES: list[Rewrite] = [
     DecideConditions(),  # branches the engine decides (no cache, no cross-attention, not training)
     UnzipLayerLoops(),  # layer loops zipped with per-layer HF caches
     SwapPagedAttention(),  # the attention core becomes one PagedAttention call
+    AttentionSinks(),  # a learned logit in each head's softmax denominator -> PagedAttention(sinks=...)
     SplitByHelper(),  # a fused q|k|v split into heads by a helper -> split by this rank's sizes
     SplitBlockedQKV(),  # a fused q|k|v in model-parallel blocks -> split by this rank's sizes
     RotaryToEngine(),  # HF cos/sin plumbing -> the engine's rotary layer inside attention
@@ -138,6 +141,10 @@ def port_source(source: SourceFile, allow_review: bool = False) -> PortResult:
             where,
             f"`{name}` is passed in but no longer read: the port dropped what the source did with it "
             "(an attention bias the engine's attention does not take?)",
+        )
+    for where in forwards_without_return(module, context.stages[0]):
+        context.flag(
+            "dead-code", where, "forward returns nothing: what it returned was removed with its inputs"
         )
     for read in unassigned_attribute_reads(module, context.stages[0]):
         # A module a rewrite replaced, still called somewhere: the port would fail when it runs.

@@ -8,8 +8,8 @@ Each check reads what the code does, never a model's name:
 - recurrent / state-space layers: a convolution or scan state carried between steps (`conv_state`,
   `ssm_state`, `A_log`, a recurrent state);
 - an attention core with learned state of its own: a function computing a softmax that reads a
-  parameter of the module it is given (`module.sinks`, attention sinks that rescale each head's
-  output), which the engine's paged attention would silently leave out.
+  parameter of the module it is given, which the engine's paged attention would silently leave
+  out, unless it is an attention sink (`porter.analysis.sinks`), which PagedAttention takes.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from libcst.metadata import MetadataWrapper, PositionProvider
 from porter.analysis.cst_utils import calls_softmax, code_of
 from porter.analysis.experts import holds_stacked_weights as _holds_stacked_weights
 from porter.analysis.experts import loops_with_index_add
+from porter.analysis.sinks import sink_parameters
 
 STATE_WORDS = ("conv_state", "conv1d_state", "ssm_state", "recurrent_state", "A_log", "selective_scan")
 _PARAMETER = re.compile(r"self\.(\w+)\s*(?::[^=]+)?=\s*(?:torch\.)?(?:nn\.)?Parameter\(")
@@ -102,7 +103,8 @@ class _Finder(cst.CSTVisitor):
         if not params or not calls_softmax(code):
             return
         owner = params[0].name.value
-        read = sorted(set(re.findall(rf"\b{owner}\.(\w+)", code)) & self.parameters)
+        # Sinks (a learned logit in each head's softmax denominator) are PagedAttention's `sinks=`.
+        read = sorted(set(re.findall(rf"\b{owner}\.(\w+)", code)) & self.parameters - sink_parameters(node))
         if read:
             learned = ", ".join(f"`{owner}.{name}`" for name in read)
             self._add(f"an attention core with learned state of its own ({learned})", node.name.value, node)

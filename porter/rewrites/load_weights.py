@@ -22,8 +22,12 @@ class EmitLoadWeights(Rewrite):
 
 
 def _source_name(pattern: str) -> str:
-    """`embed_out` from the rename pattern `^embed_out\\.`."""
-    return pattern.strip("^$").replace("\\.", ".").strip(".").split(".")[-1]
+    """`embed_out` from the rename pattern `^embed_out\\.` (and `input_linear` from
+    `block\\.input_linear\\.weight`: the module, not the tensor's own name)."""
+    parts = pattern.strip("^$").replace("\\.", ".").strip(".").split(".")
+    if len(parts) > 1 and parts[-1] in ("weight", "bias"):
+        parts = parts[:-1]
+    return parts[-1]
 
 
 class _Transformer(ClassScopedTransformer):

@@ -18,9 +18,6 @@ from porter.cli import app
     [
         ("mamba", "a recurrent or state-space layer"),
         ("deepseek_v3", "multi-latent attention"),
-        # Attention sinks: the eager core rescales each head's output by sigmoid(lse - module.sinks);
-        # before this check the port dropped them silently (verify: relative error 1.2).
-        ("granite_swa", "an attention core with learned state of its own (`module.sinks`)"),
     ],
 )
 def test_unsupported_construct_stops_the_port(model_type, construct, tmp_path):
