@@ -8,6 +8,7 @@ import libcst as cst
 import libcst.metadata
 
 from porter.analysis.cst_utils import function_params, names_in
+from porter.analysis.lost_returns import forwards_without_return
 from porter.analysis.model_index import build_index
 from porter.analysis.source import SourceFile
 from porter.analysis.unassigned_attributes import unassigned_attribute_reads
@@ -140,6 +141,10 @@ def port_source(source: SourceFile, allow_review: bool = False) -> PortResult:
             where,
             f"`{name}` is passed in but no longer read: the port dropped what the source did with it "
             "(an attention bias the engine's attention does not take?)",
+        )
+    for where in forwards_without_return(module, context.stages[0]):
+        context.flag(
+            "dead-code", where, "forward returns nothing: what it returned was removed with its inputs"
         )
     for read in unassigned_attribute_reads(module, context.stages[0]):
         # A module a rewrite replaced, still called somewhere: the port would fail when it runs.
