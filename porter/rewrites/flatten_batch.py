@@ -38,7 +38,7 @@ from porter.analysis.cst_utils import (
     statement_targets,
 )
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
-from porter.rewrites.dead_code import drop_unread_assignments
+from porter.rewrites.unread_assignments import drop_unread_assignments
 
 ONE_DIMENSIONAL = {"input_ids", "positions"}
 RESHAPES = {"view", "reshape"}

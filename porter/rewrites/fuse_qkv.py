@@ -30,7 +30,7 @@ from porter.analysis.engine_names import FUSED_QKV
 from porter.analysis.model_index import LINEAR_CALLS
 from porter.analysis.projections import flat_outputs, linear_bias
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
-from porter.rewrites.dead_code import drop_unread_assignments
+from porter.rewrites.unread_assignments import drop_unread_assignments
 
 RESHAPE_METHODS = {"view", "reshape", "unsqueeze", "transpose", "contiguous"}
 

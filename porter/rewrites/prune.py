@@ -12,7 +12,7 @@ import libcst as cst
 
 from porter.analysis.cst_utils import names_in
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
-from porter.rewrites.dead_code import drop_unread_assignments
+from porter.rewrites.unread_assignments import drop_unread_assignments
 from porter.rewrites.unused_buffers import drop_unread_buffers
 
 
