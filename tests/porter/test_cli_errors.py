@@ -296,6 +296,16 @@ def test_list_is_not_cut_at_80_columns_when_piped():
     assert "LlamaForCausalLM " in result.output  # whole, not "LlamaForCausal…"
 
 
+def test_review_is_not_cut_at_80_columns_when_piped():
+    result = CliRunner().invoke(app, ["review", "opt", "--rule", "tensor-parallel"])
+    assert result.exit_code == 0, result.output
+    # An 86-character line of the port, whole on one line.
+    assert (
+        "VocabParallelEmbedding(config.vocab_size, config.word_embed_proj_dim, self.padding_idx)"
+        in result.output
+    )
+
+
 # ------------------------------------------------------------------------------- generate, serve
 
 
