@@ -43,7 +43,7 @@ from engine.layers import (
     VocabParallelEmbedding,
     get_rope,
 )
-from engine.layers.moe import FusedMoE
+from engine.layers.moe import FusedMoE, softmax_top_k
 from engine.weights import load_named_weights
 
 
@@ -58,9 +58,9 @@ class MixtralTopKRouter(nn.Module):
     def forward(self, hidden_states):
         hidden_states = hidden_states.reshape(-1, self.hidden_dim)
         router_logits = F.linear(hidden_states, self.weight)  # (seq_len, num_experts)
-        router_probs = torch.nn.functional.softmax(router_logits.float(), dim=-1)
-        router_top_value, router_indices = torch.topk(router_probs, self.top_k, dim=-1)  # (seq_len, top_k)
-        router_top_value /= router_top_value.sum(dim=-1, keepdim=True)
+        router_top_value, router_indices = softmax_top_k(
+            router_logits, self.top_k, renormalize=True
+        )  # (seq_len, top_k)
         router_scores = router_top_value
         return router_logits, router_scores, router_indices
 

@@ -86,6 +86,11 @@ PORTED = [
     "nanochat",
     # A prediction head before the vocab projection; a rope per layer type named only in a comparison.
     "modernbert_decoder",
+    # Mixture-of-experts: batched experts modules become FusedMoE, routers a named routing function.
+    "mixtral",
+    "qwen3_moe",
+    "qwen2_moe",  # a shared expert scaled by sigmoid(gate(x))
+    "glm4_moe",  # sigmoid scores with a correction bias and grouped choice, kept as written
 ]
 
 
@@ -191,6 +196,7 @@ TP_RULE_SAMPLES = {
     "feature-sharded norm of the MLP activation": ("bitnet", "self.ffn_sub_norm = FeatureShardedRMSNorm("),
     "checkpoint-fused gate|up chunked in forward": ("glm", "self.gate_up_proj = MergedColumnParallelLinear("),
     "blocked QKV (model-parallel blocks)": ("codegen", "checkpoint_blocks=4"),
+    "experts sharded by intermediate size": ("qwen3_moe", "self.experts = FusedMoE("),
 }
 TP2_SAMPLES = sorted({model_type for model_type, _ in TP_RULE_SAMPLES.values()})
 
