@@ -46,6 +46,7 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Glm4MoeForCausalLM": ("engine.models.glm4_moe", "Glm4MoeForCausalLM"),
     "GlmForCausalLM": ("engine.models.glm", "GlmForCausalLM"),
     "GraniteForCausalLM": ("engine.models.granite", "GraniteForCausalLM"),
+    "GraniteMoeForCausalLM": ("engine.models.granitemoe", "GraniteMoeForCausalLM"),
     "HeliumForCausalLM": ("engine.models.helium", "HeliumForCausalLM"),
     "HunYuanDenseV1ForCausalLM": ("engine.models.hunyuan_v1_dense", "HunYuanDenseV1ForCausalLM"),
     "HyperCLOVAXForCausalLM": ("engine.models.hyperclovax", "HyperCLOVAXForCausalLM"),
