@@ -23,7 +23,7 @@ selenium = pytest.importorskip("selenium", reason="selenium is not installed (pi
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.options import Options  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
-from selenium.webdriver.support.ui import Select  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -53,7 +53,7 @@ def page(tmp_path_factory):
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     browser = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     try:
-        browser.get(html_path.as_uri())
+        _open(browser, html_path)
         yield json.loads(json_path.read_text()), browser, html_path
     finally:
         browser.quit()
@@ -63,9 +63,13 @@ def _script(browser, code: str):
     return browser.execute_script(code)
 
 
-def _reload(browser, html_path) -> None:
-    """A fresh page: no change selected, no filter (tests may run in any order, or on other workers)."""
+def _open(browser, html_path) -> None:
+    """A fresh page: no change selected, no filter (tests may run in any order, or on other workers);
+    returns once the page's script has placed the notes."""
+    if browser.current_url.startswith("file:"):  # the page shown now must not pass for the new one
+        browser.execute_script("document.body.dataset.ready = 'stale'")
     browser.get(html_path.as_uri())
+    WebDriverWait(browser, 30).until(lambda b: b.execute_script("return document.body.dataset.ready === '1'"))
 
 
 def _press(browser, key: str) -> None:
@@ -128,7 +132,7 @@ def test_each_hunk_links_to_both_line_numbers(page):
 
 def test_n_and_p_walk_the_changes_in_order(page):
     data, browser, html_path = page
-    _reload(browser, html_path)
+    _open(browser, html_path)
     order = _script(browser, "return Array.from(document.querySelectorAll('#notes .note')).map(n => n.id)")
     _press(browser, "n")
     assert _script(browser, "return document.body.dataset.current") == order[0]
@@ -153,7 +157,7 @@ def test_n_and_p_walk_the_changes_in_order(page):
 
 def test_rule_filter_hides_the_other_rules(page, tmp_path):
     data, browser, html_path = page
-    _reload(browser, html_path)
+    _open(browser, html_path)
     rule = "dead-code"
     expected = sum(change["rule"] == rule for change in data["changes"])
     assert 0 < expected < len(data["changes"])
@@ -180,3 +184,30 @@ def test_rule_filter_hides_the_other_rules(page, tmp_path):
     assert _script(browser, "return document.getElementById('shown-count').textContent") == str(
         len(data["changes"])
     )
+
+
+def test_both_columns_scroll_together_and_notes_sit_beside_their_rows(page):
+    data, browser, html_path = page
+    _open(browser, html_path)
+    layout = _script(
+        browser,
+        """const scroller = document.getElementById('scroller');
+           scroller.scrollTop = scroller.scrollHeight / 2;
+           const rows = {};
+           for (const cell of document.querySelectorAll('#grid .ln')) {
+             const box = cell.getBoundingClientRect();
+             if (box.bottom < 0 || box.top > window.innerHeight) continue;
+             (rows[cell.dataset.row] = rows[cell.dataset.row] || []).push(Math.round(box.top));
+           }
+           const notes = Array.from(document.querySelectorAll('#notes .note-slot')).map(slot => {
+             const cell = document.querySelector('#grid .ln[data-row="' + slot.dataset.row + '"]');
+             return [Math.round(slot.getBoundingClientRect().top), Math.round(cell.getBoundingClientRect().top)];
+           });
+           return {scrolled: scroller.scrollTop, rows: Object.values(rows), notes: notes};""",
+    )
+    assert layout["scrolled"] > 0
+    # Every row on screen has its source cell and its port cell at one height.
+    assert layout["rows"] and all(len(tops) == 2 and tops[0] == tops[1] for tops in layout["rows"])
+    # A note is level with its row, or below it when an earlier note is in the way; never above.
+    assert all(note_top >= row_top for note_top, row_top in layout["notes"])
+    assert sum(note_top == row_top for note_top, row_top in layout["notes"]) > len(layout["notes"]) / 4

@@ -25,7 +25,8 @@
     for (const slot of slots) {
       if (slot.classList.contains("filtered")) continue;
       const cell = firstCellOfRow.get(Number(slot.dataset.row));
-      const top = Math.max(cell ? cell.offsetTop : 0, bottom + 4);
+      // Rows are measured from the scroller, notes from their own column, which starts where the grid does.
+      const top = Math.max(cell ? cell.offsetTop - grid.offsetTop : 0, bottom + 4);
       slot.style.top = top + "px";
       bottom = top + slot.offsetHeight;
     }
@@ -140,7 +141,11 @@
   });
   ruleFilter.addEventListener("change", applyFilters);
   classFilter.addEventListener("change", applyFilters);
-  window.addEventListener("resize", layout);
+  // Rows change height when lines wrap differently (a window resized, a scroll bar appearing,
+  // fonts settling): the notes follow.
+  new ResizeObserver(() => layout()).observe(grid);
+  window.addEventListener("load", layout);
   applyFilters();
+  document.body.dataset.ready = "1"; // for tools driving the page: the notes are placed
   if (location.hash && document.getElementById(location.hash.slice(1))) flash(location.hash.slice(1));
 })();
