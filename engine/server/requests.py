@@ -51,28 +51,32 @@ class StreamedCompletion:
     def __init__(self, tokenizer: object | None, holdback: int) -> None:
         self.detokenizer = IncrementalDetokenizer(tokenizer) if tokenizer is not None else None
         self.holdback = holdback
-        self.num_tokens = 0
-        self.text = ""
+        self.num_tokens = 0  # output tokens sent
+        self.num_chars = 0  # characters of text sent
 
     def advance(self, index: int, seq: Sequence, with_logprobs: bool) -> CompletionDelta | None:
-        known = seq.token_ids[seq.num_prompt_tokens : seq.num_known_tokens]
-        if len(known) == self.num_tokens:
+        """What `seq` gained since the last call (None if nothing); reads only the new tokens."""
+        start = seq.num_prompt_tokens + self.num_tokens
+        end = seq.num_known_tokens
+        if end <= start:
             return None
-        new_tokens = known[self.num_tokens :]
-        logprobs = seq.logprobs[self.num_tokens : len(known)] if with_logprobs else None
-        self.num_tokens = len(known)
+        new_tokens = seq.token_ids[start:end]
+        logprobs = seq.logprobs[self.num_tokens : end - seq.num_prompt_tokens] if with_logprobs else None
+        self.num_tokens = end - seq.num_prompt_tokens
         if self.detokenizer is None:
             return CompletionDelta(index, new_tokens, "", logprobs)
         for token_id in new_tokens:
             self.detokenizer.add(token_id)
-        ready = self.detokenizer.text[: max(0, len(self.detokenizer.text) - self.holdback)]
-        new_text = ready[len(self.text) :]
-        self.text = ready if len(ready) > len(self.text) else self.text
+        ready = len(self.detokenizer.text) - self.holdback
+        new_text = self.detokenizer.text[self.num_chars : ready] if ready > self.num_chars else ""
+        self.num_chars += len(new_text)
         return CompletionDelta(index, new_tokens, new_text, logprobs)
 
     def finish(self, completion: CompletionOutput) -> CompletionDelta:
+        """The rest of a finished completion: its text past what was sent (a stop string cut off)."""
         text = completion.text or ""
-        new_text = text[len(self.text) :] if text.startswith(self.text) else ""
+        sent = self.detokenizer.text[: self.num_chars] if self.detokenizer is not None else ""
+        new_text = text[self.num_chars :] if text.startswith(sent) else ""
         logprobs = completion.logprobs[self.num_tokens :] if completion.logprobs is not None else None
         delta = CompletionDelta(
             completion.index,
@@ -81,7 +85,7 @@ class StreamedCompletion:
             logprobs,
             completion.finish_reason,
         )
-        self.num_tokens, self.text = len(completion.token_ids), text
+        self.num_tokens, self.num_chars = len(completion.token_ids), len(text)
         return delta
 
 
