@@ -343,3 +343,21 @@ def test_generate_prints_the_completion(tmp_path: Path):
         app, ["generate", str(model_dir), "w5", "--temperature", "-1", "--device", "cpu"]
     )
     _assert_clean_failure(bad, "temperature must be >= 0")
+
+
+def test_a_registry_that_cannot_be_written_leaves_the_old_port_in_place(
+    engine_models: Path, mini_source: Path, monkeypatch
+):
+    old_port = engine_models / "mini.py"
+    _generated_port(old_port, "modeling_mini.py")
+    before = _files(engine_models)
+
+    def read_only_registry(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(porter.port, "register", read_only_registry)
+    result = CliRunner().invoke(app, ["port", str(mini_source), "--out", str(old_port), "--allow-review"])
+    _assert_clean_failure(
+        result, "cannot update the registry", "Read-only file system", f"{old_port} is unchanged"
+    )
+    assert _files(engine_models) == before
