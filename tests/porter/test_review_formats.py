@@ -131,6 +131,7 @@ def test_side_by_side_shows_both_files_lines(reviewed_without_porting, review):
     [
         (["--rule", "nosuchrule"], "unknown rule 'nosuchrule'; known rules: class-table,"),
         (["--format", "yaml"], "unknown format 'yaml'"),
+        (["--output", "review.json"], "--output writes --format json or sarif"),
     ],
 )
 def test_bad_options_are_one_line(arguments, message):
