@@ -41,8 +41,27 @@ def generate(source: SourceFile, allow_review: bool = False) -> tuple[str, PortR
         raise PorterError(
             f"cannot port {first.where}: {first.message}{more}; --allow-review writes it anyway"
         )
+    if not result.review:
+        _check_runs(format_code(header(source.display_name) + "\n" + result.code), source, result)
+        if result.review and not allow_review:
+            item = result.review[0]
+            raise PorterError(f"cannot port {item.where}: {item.message}; --allow-review writes it anyway")
     code = header(source.display_name) + "\n" + _mark_review_items(result)
     return format_code(code), result
+
+
+def _check_runs(text: str, source: SourceFile, result: PortResult) -> None:
+    """Builds and runs the port once on a small config (porter.verify.smoke); a failure becomes a
+    review item naming the line, so no port is written as if it were fine and then fails to run."""
+    from porter.verify.smoke import place_of, smoke_check
+
+    failure = smoke_check(text, source, result.context.index.causal_lm)
+    if failure is not None:
+        where, code = place_of(text, failure.line)
+        at = f" at `{code}`" if code else ""
+        result.context.flag(
+            "check", where, f"the port fails on a small config{at} (prefill + decode): {failure.message}"
+        )
 
 
 def _mark_review_items(result: PortResult) -> str:

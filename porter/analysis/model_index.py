@@ -151,12 +151,25 @@ def _class_info(node: cst.ClassDef) -> ClassInfo:
 
 
 def init_helpers(init: cst.FunctionDef, methods: dict[str, cst.FunctionDef]) -> list[str]:
-    """The class's own methods that `__init__` calls as statements (`self._init_rope()`), in order."""
+    """The class's own methods that `__init__` calls as statements (`self._init_rope()`), in order;
+    also under a configuration test (`if config.rotary: self._init_rope()`)."""
     found = []
-    for statement in init.body.body:
+    for statement in _with_branches(init.body.body):
         method = calls_method(statement)
         if method in methods and method != "__init__" and method not in found:
             found.append(method)
+    return found
+
+
+def _with_branches(statements) -> list[cst.CSTNode]:
+    """`statements`, with those of every `if`/`elif`/`else` branch among them, in order."""
+    found = []
+    for statement in statements:
+        found.append(statement)
+        branch = statement
+        while isinstance(branch, (cst.If, cst.Else)):
+            found += _with_branches(branch.body.body)
+            branch = branch.orelse if isinstance(branch, cst.If) else None
     return found
 
 

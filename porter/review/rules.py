@@ -7,6 +7,7 @@ import sys
 from dataclasses import dataclass
 
 from porter.analysis import unsupported
+from porter.verify import smoke
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +29,8 @@ def known_rules() -> dict[str, Rule]:
         rules[rewrite.name] = Rule(rewrite.name, _first_paragraph(text), text)
     text = inspect.cleandoc(unsupported.__doc__ or "")
     rules["unsupported"] = Rule("unsupported", _first_paragraph(text), text)
+    text = inspect.cleandoc(smoke.__doc__ or "")
+    rules["check"] = Rule("check", _first_paragraph(text), text)
     return rules
 
 

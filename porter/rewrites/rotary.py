@@ -64,8 +64,54 @@ class RotaryToEngine(Rewrite):
             for name in rotary_classes
             for method in index.classes[name].methods.values()
         )
+        transformer.built_sizes = _built_sizes(index, rotary_classes)
         module = module.visit(transformer)
         return module.visit(_DropRotaryOnlyAttributes(context, transformer.rotary_inputs))
+
+
+def _built_sizes(index, rotary_classes: set[str]) -> dict[tuple[str, str, str], cst.BaseExpression]:
+    """(class, rotary attribute, attribute of the rotary module) -> what the class built it with,
+    for each attribute the rotary module keeps from its constructor (`self.dim = dim`), read from
+    the construction `self.rotary_emb = XRotaryEmbedding(int(factor * self.head_dim), ...)` (in
+    `__init__` or a helper, the same value in every branch that builds one), so a read of it
+    (`q[..., : self.rotary_emb.dim]`) survives the module's replacement."""
+    kept_params = {}
+    for name in rotary_classes:
+        init = index.classes[name].methods.get("__init__")
+        if init is None:
+            continue
+        params = function_params(init)[1:]
+        defaults = {p.name.value: p.default for p in init.params.params if p.default is not None}
+        kept_params[name] = (
+            params,
+            defaults,
+            {
+                attr: value.value
+                for attr, value in init_attribute_values(init).items()
+                if isinstance(value, cst.Name) and value.value in params
+            },
+        )
+    found: dict[tuple[str, str, str], cst.BaseExpression | None] = {}
+    for info in index.classes.values():
+        for method in info.methods.values():
+            for assign in m.findall(method, m.Assign(value=m.Call())):
+                attr, call = self_attribute(assign.targets[0].target), assign.value
+                rotary = call_name(call)
+                if attr is None or info.submodules.get(attr) != rotary or rotary not in kept_params:
+                    continue
+                params, defaults, kept = kept_params[rotary]
+                arguments = dict(zip(params, (a.value for a in call.args if a.keyword is None)))
+                arguments.update({a.keyword.value: a.value for a in call.args if a.keyword is not None})
+                for kept_attr, param in kept.items():
+                    value = arguments.get(param, defaults.get(param))
+                    key = (info.name, attr, kept_attr)
+                    if key in found and (
+                        value is None or found[key] is None or not found[key].deep_equals(value)
+                    ):
+                        found[key] = None  # branches build it differently: nothing to substitute
+                    elif key not in found:
+                        found[key] = value
+    return {key: value for key, value in found.items() if value is not None}
 
 
 def _is_rotary_module(info: ClassInfo, functions: dict[str, cst.FunctionDef]) -> bool:
@@ -174,6 +220,19 @@ class _Transformer(ClassScopedTransformer):
         self.rotary_dims: dict[str, str] = {}  # attention class -> rotated width, where the source names it
         # (class, attribute) read by a rotary module's construction that was removed
         self.rotary_inputs: set[tuple[str, str]] = set()
+        self.built_sizes: dict[tuple[str, str, str], cst.BaseExpression] = {}
+
+    def leave_Attribute(self, original: cst.Attribute, updated: cst.BaseExpression) -> cst.BaseExpression:
+        """`self.rotary_emb.dim` -> what the replaced module was built with for it."""
+        inner = updated.value if isinstance(updated, cst.Attribute) else None
+        attr = self_attribute(inner) if inner is not None else None
+        value = self.built_sizes.get((self.current_class or "", attr or "", updated.attr.value))
+        if value is None or self.current_function == "__init__":
+            return updated
+        self.context.record(
+            "rotary", self.where, updated, value, "the size the replaced rotary module was built with"
+        )
+        return value
 
     def leave_SimpleStatementLine(self, original, updated: cst.SimpleStatementLine):
         if len(updated.body) != 1 or self.current_class is None:
@@ -333,10 +392,23 @@ class _Transformer(ClassScopedTransformer):
                 return statement.name.value not in builders
             return calls_method(statement) not in builders
 
+        def kept(statements) -> list[cst.BaseStatement]:
+            """`statements` without the builder calls; an `if` that only called one goes too."""
+            result = []
+            for statement in statements:
+                if isinstance(statement, cst.If) and statement.orelse is None:
+                    inner = kept(statement.body.body)
+                    if not inner:
+                        continue
+                    statement = statement.with_changes(body=statement.body.with_changes(body=inner))
+                if keep(statement):
+                    result.append(statement)
+            return result
+
         body = []
         for statement in class_def.body.body:
             if isinstance(statement, cst.FunctionDef) and statement.name.value == "__init__":
-                init_body = [s for s in statement.body.body if keep(s)]
+                init_body = kept(statement.body.body)
                 statement = statement.with_changes(body=statement.body.with_changes(body=init_body))
             if keep(statement):
                 body.append(statement)

@@ -5,6 +5,8 @@ rotation written just before an inline core, a sliding window cut into the backb
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from tests.porter.rewrite_helpers import (
     MINI_MODEL,
     assert_code,
@@ -222,3 +224,31 @@ def test_a_window_cut_into_the_backbones_mask_becomes_the_paged_attentions_windo
     assert "sliding_window=config.sliding_window" in init
     without = run_rewrites(_llama_4_36_attention(), "decide-conditions", "paged-attention")
     assert "sliding_window" not in method_code(without.code, "MiniAttention", "__init__")
+
+
+FIXTURES_4_36 = Path(__file__).resolve().parents[1] / "fixtures" / "transformers_4_3x" / "4.36.2"
+
+
+def _rotary_of_4_36(arch: str):
+    source = (FIXTURES_4_36 / arch / f"modeling_{arch}.py").read_text()
+    return run_rewrites(source, "decide-conditions", "paged-attention", "rotary", module=None)
+
+
+def test_a_size_read_off_the_replaced_rotary_module_is_what_it_was_built_with():
+    # phi/modeling_phi.py 261-265 builds `PhiRotaryEmbedding(int(self.partial_rotary_factor *
+    # self.head_dim), ...)` (in every branch of `_init_rope`), 342-347 slice q and k by its `.dim`.
+    after = _rotary_of_4_36("phi")
+    forward = method_code(after.code, "PhiAttention", "forward")
+    assert "rotary_emb.dim" not in forward
+    assert "query_states[..., : int(self.partial_rotary_factor * self.head_dim)]" in forward
+    assert "self.partial_rotary_factor = config.partial_rotary_factor" in method_code(
+        after.code, "PhiAttention", "__init__"
+    )
+
+
+def test_a_rope_helper_called_under_a_config_test_goes_with_its_test():
+    # falcon/modeling_falcon.py 297-298: `if config.rotary: self._init_rope()`, 316-340 the helper.
+    after = _rotary_of_4_36("falcon")
+    init = method_code(after.code, "FalconAttention", "__init__")
+    assert "_init_rope" not in after.code.split("class FalconAttention", 1)[1].split("\nclass ", 1)[0]
+    assert "if config.rotary" not in init
