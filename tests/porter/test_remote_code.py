@@ -172,3 +172,16 @@ def test_a_remote_code_directory_ports_verifies_against_itself_and_serves(tmp_pa
     with LLM(str(work), device="cpu", trust_remote_code=True) as llm:
         [output] = llm.generate([[5, 6, 7, 8]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
     assert len(output.outputs[0].token_ids) == 3
+
+
+@pytest.mark.parametrize("spelled", ["from .layers import ACT2FN", "from layers import ACT2FN"])
+def test_a_sibling_import_names_the_package_beside_the_port(spelled):
+    from porter.rewrites.imports import FixImports
+    from tests.porter.rewrite_helpers import MINI_MODEL, import_block, make_context, vary
+    from tests.porter.test_imports import SOURCE_IMPORTS
+
+    tree, context = make_context(vary(MINI_MODEL, SOURCE_IMPORTS, spelled + "\n"), module=None)
+    context.source = replace(context.source, siblings=("layers",), support_package="mini_port_code")
+    after = FixImports().apply(tree, context)
+    assert "from .mini_port_code.layers import ACT2FN\n" in import_block(after.code)
+    assert not context.review
