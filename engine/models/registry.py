@@ -66,6 +66,7 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Olmo2ForCausalLM": ("engine.models.olmo2", "Olmo2ForCausalLM"),
     "Olmo3ForCausalLM": ("engine.models.olmo3", "Olmo3ForCausalLM"),
     "OlmoForCausalLM": ("engine.models.olmo", "OlmoForCausalLM"),
+    "OlmoeForCausalLM": ("engine.models.olmoe", "OlmoeForCausalLM"),
     "PLBartForCausalLM": ("engine.models.plbart", "PLBartForCausalLM"),
     "PegasusForCausalLM": ("engine.models.pegasus", "PegasusForCausalLM"),
     "PersimmonForCausalLM": ("engine.models.persimmon", "PersimmonForCausalLM"),

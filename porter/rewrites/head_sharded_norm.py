@@ -23,6 +23,7 @@ this rank's rows of the checkpoint (`kv=True` for the key heads).
 from __future__ import annotations
 
 import libcst as cst
+import libcst.matchers as m
 
 from porter.analysis.activations import elementwise_attributes
 from porter.analysis.attention import AttentionInfo
@@ -124,12 +125,15 @@ class _Transformer(ClassScopedTransformer):
         if call_name(value) != ENGINE_NORM or not value.args or value.args[0].keyword is not None:
             return updated
         size = value.args[0].value
-        if not (isinstance(size, cst.BinaryOperation) and isinstance(size.operator, cst.Multiply)):
-            return updated
-        left, right = spaced(code_of(size.left)), spaced(code_of(size.right))
-        head_dim = spaced(info.head_dim)
-        heads = left if right == head_dim else right if left == head_dim else None
-        if heads not in (spaced(info.num_heads), spaced(info.num_kv_heads)):
+        heads = self._heads_of_size(size, info)
+        if heads is None and spaced(code_of(size)) != spaced(info.head_dim):
+            # A norm applied to the whole q (or k) out of the fused projection is as wide as all its
+            # heads, however its size is spelled (`config.hidden_size`): the source could not run otherwise.
+            piece = _fused_piece_normed(
+                self.context.index.classes[self.current_class].methods.get("forward"), attr
+            )
+            heads = {"q": spaced(info.num_heads), "k": spaced(info.num_kv_heads)}.get(piece or "")
+        if heads is None:
             return updated
         kv = heads != spaced(info.num_heads)
         rest = [code_of(a.with_changes(comma=cst.MaybeSentinel.DEFAULT)) for a in value.args[1:]]
@@ -144,6 +148,16 @@ class _Transformer(ClassScopedTransformer):
             "normalizes all heads at once: each rank keeps its heads and all-reduces the sum of squares",
         )
         return updated.with_changes(value=new)
+
+    @staticmethod
+    def _heads_of_size(size: cst.BaseExpression, info: AttentionInfo) -> str | None:
+        """The head count of a norm sized `heads * head_dim` (query or key/value heads), else None."""
+        if not (isinstance(size, cst.BinaryOperation) and isinstance(size.operator, cst.Multiply)):
+            return None
+        left, right = spaced(code_of(size.left)), spaced(code_of(size.right))
+        head_dim = spaced(info.head_dim)
+        heads = left if right == head_dim else right if left == head_dim else None
+        return heads if heads in (spaced(info.num_heads), spaced(info.num_kv_heads)) else None
 
     def _attention_member(self, updated: cst.Assign) -> tuple[AttentionInfo, cst.Call] | None:
         """(the class's attention facts, the call) for `self.x = Call(...)` in an attention class's
@@ -219,3 +233,26 @@ class _Transformer(ClassScopedTransformer):
             "head-sharded-norm", self.where, value, new, reason + ": it all-reduces the sum of squares"
         )
         return updated.with_changes(value=new)
+
+
+def _fused_piece_normed(forward: cst.FunctionDef | None, norm: str | None) -> str | None:
+    """ "q" or "k" when `forward` applies `self.<norm>` directly to that piece of a fused projection
+    split `q, k, v = self.<fused>(x).split([...q_size, ...kv_size, ...kv_size], dim=-1)`."""
+    if forward is None or norm is None:
+        return None
+    pieces: dict[str, str] = {}
+    for assign in m.findall(forward, m.Assign(value=m.Call(func=m.Attribute(attr=m.Name("split"))))):
+        target = assign.targets[0].target
+        sizes = assign.value.args[0].value if assign.value.args else None
+        if not (isinstance(target, cst.Tuple) and isinstance(sizes, cst.List) and len(target.elements) == 3):
+            continue
+        size_names = [getattr(element.value, "attr", None) for element in sizes.elements]
+        if [getattr(n, "value", None) for n in size_names] != ["q_size", "kv_size", "kv_size"]:
+            continue
+        for name, element in zip("qk", target.elements[:2]):
+            if isinstance(element.value, cst.Name):
+                pieces[element.value.value] = name
+    for call in m.findall(forward, m.Call(func=m.Attribute(value=m.Name("self"), attr=m.Name(norm)))):
+        if len(call.args) == 1 and isinstance(call.args[0].value, cst.Name):
+            return pieces.get(call.args[0].value.value)
+    return None

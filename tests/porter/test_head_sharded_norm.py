@@ -147,3 +147,16 @@ def test_with_as_many_kv_heads_as_query_heads_a_per_head_module_splits_as_querie
         "shard_heads(MiniHeadNorm(hidden_size=(local_heads(config.num_attention_heads), self.head_dim), "
         "eps=1e-5), config.num_attention_heads)"
     )
+
+
+def test_a_norm_of_the_whole_fused_q_or_k_splits_by_heads_however_its_size_is_spelled():
+    """OLMoE sizes them `hidden_size` and `(hidden_size // heads) * kv_heads`: applied to all of q
+    (or k) out of the fused projection, they are as wide as all its heads."""
+    before = _with_norms("config.hidden_size", "(config.hidden_size // config.num_attention_heads) * 2")
+    after = run_through(before, "head-sharded-norm")
+    assert init_value(after.code, "MiniAttention", "q_norm") == (
+        "HeadShardedRMSNorm(config.num_attention_heads, self.head_dim, eps=config.rms_norm_eps)"
+    )
+    assert init_value(after.code, "MiniAttention", "k_norm") == (
+        "HeadShardedRMSNorm(config.num_key_value_heads, self.head_dim, eps=config.rms_norm_eps, kv=True)"
+    )

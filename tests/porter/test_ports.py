@@ -92,6 +92,7 @@ PORTED = [
     "qwen2_moe",  # a shared expert scaled by sigmoid(gate(x))
     "glm4_moe",  # sigmoid scores with a correction bias and grouped choice, kept as written
     "granitemoe",  # experts saved stacked under other names (input_linear/output_linear); top-k then softmax
+    "olmoe",  # q/k norms over all heads sized `hidden_size`: HeadShardedRMSNorm from what they normalize
 ]
 
 
