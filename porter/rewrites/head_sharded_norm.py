@@ -236,8 +236,8 @@ class _Transformer(ClassScopedTransformer):
 
 
 def _fused_piece_normed(forward: cst.FunctionDef | None, norm: str | None) -> str | None:
-    """ "q" or "k" when `forward` applies `self.<norm>` directly to that piece of a fused projection
-    split `q, k, v = self.<fused>(x).split([...q_size, ...kv_size, ...kv_size], dim=-1)`."""
+    """Which piece ("q" or "k") of a fused projection `forward` applies `self.<norm>` to directly,
+    the pieces coming from `q, k, v = self.<fused>(x).split([...q_size, ...kv_size, ...kv_size])`."""
     if forward is None or norm is None:
         return None
     pieces: dict[str, str] = {}
