@@ -7,8 +7,8 @@ expert and the tile's program multiplies by that expert's weights only. Two laun
    accumulate in the same program, so the SiLU-and-mul is fused into the epilogue and the `[rows, 2I]`
    projection never reaches memory; writes `[T*k, I]`.
 2. `_down_kernel`: `h @ down[e]^T` times the row's routing weight; writes `[T*k, H]`, summed over k.
-The sizes the grid needs come from host-known totals (an upper bound on the padded rows), so the
-launch needs no device sync.
+The sizes the grid needs come from host-known totals (an upper bound on the padded rows), and the
+sort is done with ops that read nothing back, so a step needs no device sync.
 """
 
 from __future__ import annotations
@@ -28,31 +28,33 @@ def align_rows_by_expert(
     Rows are `token * k + slot` of the flattened `topk_ids [T, k]`; a padding slot holds `T * k`
     and a tile past the last expert's holds expert -1. Ids outside `[0, num_experts)` (experts of
     other ranks) are left out. R is the bound `cdiv(T*k, block_m) * block_m + num_experts * block_m`.
+    Every size is known on the host and nothing is read back, so the step needs no device sync
+    (and can be captured in a CUDA graph).
     """
     flat = topk_ids.reshape(-1).to(torch.int64)
     num_rows = flat.numel()
+    device = flat.device
     local = (flat >= 0) & (flat < num_experts)
     bucket = torch.where(local, flat, num_experts)  # other ranks' experts: a bucket never computed
-    counts = torch.bincount(bucket, minlength=num_experts + 1)[:num_experts]
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
+    counts.scatter_add_(0, bucket, torch.ones_like(bucket))
+    counts = counts[:num_experts]
     padded = (counts + block_m - 1) // block_m * block_m
-    padded_start = torch.cumsum(padded, 0) - padded
+    padded_end = torch.cumsum(padded, 0)
     order = torch.sort(bucket, stable=True).indices
     sorted_bucket = bucket[order]
-    start = torch.cumsum(counts, 0) - counts
-    keep = sorted_bucket < num_experts
-    rank_in_expert = torch.arange(num_rows, device=flat.device) - start.index_select(
-        0, sorted_bucket.clamp(max=num_experts - 1)
-    )
-    destination = padded_start.index_select(0, sorted_bucket.clamp(max=num_experts - 1)) + rank_in_expert
+    expert_of_row = sorted_bucket.clamp(max=num_experts - 1)
+    rank_in_expert = torch.arange(num_rows, device=device) - (torch.cumsum(counts, 0) - counts)[expert_of_row]
+    destination = (padded_end - padded)[expert_of_row] + rank_in_expert
     capacity = triton.cdiv(num_rows, block_m) * block_m + num_experts * block_m
-    sorted_rows = torch.full((capacity,), num_rows, dtype=torch.int32, device=flat.device)
-    sorted_rows[destination[keep]] = order[keep].to(torch.int32)
-    tiles = torch.repeat_interleave(
-        torch.arange(num_experts, device=flat.device, dtype=torch.int32), padded // block_m
-    )
-    tile_expert = torch.full((capacity // block_m,), -1, dtype=torch.int32, device=flat.device)
-    tile_expert[: tiles.numel()] = tiles
-    return sorted_rows, tile_expert
+    # Rows of other ranks' experts land in one spare slot past the end, cut off below.
+    destination = torch.where(sorted_bucket < num_experts, destination, capacity)
+    sorted_rows = torch.full((capacity + 1,), num_rows, dtype=torch.int32, device=device)
+    sorted_rows.scatter_(0, destination, order.to(torch.int32))
+    tile_starts = torch.arange(capacity // block_m, device=device) * block_m
+    tile_expert = torch.searchsorted(padded_end, tile_starts, right=True)
+    tile_expert = torch.where(tile_expert < num_experts, tile_expert, -1).to(torch.int32)
+    return sorted_rows[:capacity], tile_expert
 
 
 @triton.jit
