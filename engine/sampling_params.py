@@ -88,8 +88,9 @@ class SamplingParams:
             value = getattr(self, name)
             if not -_MAX_ABS_OPENAI_PENALTY <= value <= _MAX_ABS_OPENAI_PENALTY:
                 raise ValueError(f"{name} must be in [-2, 2], got {value}")
-        if self.seed is not None and not _is_int(self.seed):
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        # torch's generators take 64-bit seeds; a larger one would fail inside a running step.
+        if self.seed is not None and (not _is_int(self.seed) or not -(2**63) <= self.seed < 2**64):
+            raise ValueError(f"seed must be None or an integer of at most 64 bits, got {self.seed!r}")
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         bad_ids = [t for t in self.stop_token_ids if not _is_int(t) or t < 0]

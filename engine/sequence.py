@@ -152,7 +152,8 @@ class Sequence:
         one of them has computed it.
         """
         params = self.sampling_params
-        seed = None if params.seed is None else params.seed + sample_index
+        # Modulo 2**64: the seed stays a valid 64-bit seed, and torch reads a negative one the same way.
+        seed = None if params.seed is None else (params.seed + sample_index) % 2**64
         return Sequence(seq_id, self.prompt_token_ids, dataclasses.replace(params, n=1, seed=seed))
 
     def __len__(self) -> int:

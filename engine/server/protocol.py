@@ -16,6 +16,8 @@ from engine.sampling_params import SamplingParams
 
 # OpenAI's upper bound on logprobs (completions) and top_logprobs (chat).
 MAX_TOP_LOGPROBS = 20
+# OpenAI's upper bound on completions per prompt; a client cannot make the server fork without end.
+MAX_N = 128
 
 
 class UnsupportedField(ValueError):
@@ -51,6 +53,8 @@ class _SamplingFields(BaseModel):
     def _sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         if self.logit_bias:
             raise UnsupportedField("logit_bias is not supported")
+        if self.n > MAX_N:
+            raise ValueError(f"n must be at most {MAX_N}, got {self.n}")
         if logprobs is not None and logprobs > MAX_TOP_LOGPROBS:
             raise ValueError(f"at most {MAX_TOP_LOGPROBS} top logprobs per token, got {logprobs}")
         stop = [] if self.stop is None else self.stop

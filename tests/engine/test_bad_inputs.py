@@ -173,6 +173,45 @@ def test_sampling_params_validate_or_raise_value_error(fields):
     assert params.find_stop_string("some text", 0) is None or params.stop
 
 
+@pytest.fixture(scope="module")
+def small_llm(tiny_model_dir):
+    with LLM(str(tiny_model_dir), device="cpu", num_kv_blocks=16) as llm:
+        yield llm
+
+
+_EXTREME_PARAMS = st.fixed_dictionaries(
+    {},
+    optional={
+        "temperature": st.sampled_from([0.0, 1e-300, 1e-6, 0.7, 1e300]),
+        "top_k": st.sampled_from([-1, 1, 2, 10**12]),
+        "top_p": st.sampled_from([1e-300, 0.5, 1.0]),
+        "min_p": st.sampled_from([0.0, 0.5, 1.0]),
+        "repetition_penalty": st.sampled_from([1e-300, 0.5, 1.0, 1e300]),
+        "presence_penalty": st.floats(-2, 2),
+        "frequency_penalty": st.floats(-2, 2),
+        "seed": st.sampled_from([None, 0, -(2**63), 2**64 - 1]),
+        "max_tokens": st.integers(1, 4),
+        "stop": st.lists(st.sampled_from(["w5", "w100", " ", "w2"]), max_size=2),
+        "stop_token_ids": st.lists(st.integers(0, 10**6), max_size=2),
+        "ignore_eos": st.booleans(),
+        "n": st.integers(1, 3),
+        "logprobs": st.sampled_from([None, 0, 3, 10**6]),
+    },
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fields=_EXTREME_PARAMS)
+def test_sampling_params_that_validate_run(small_llm, fields):
+    # Extreme but valid values must never fail inside a step, where they would stop a server for all.
+    params = Params(**fields)
+    output = small_llm.generate([[5, 6, 7]], params, show_progress=False)[0]
+    assert len(output.outputs) == params.n
+    assert all(1 <= len(completion.token_ids) <= params.max_tokens for completion in output.outputs)
+    blocks = small_llm.engine.scheduler.block_manager
+    assert blocks.num_free_blocks == blocks.num_blocks
+
+
 _DAMAGE = ["none", "drop_tensor", "extra_tensor", "wrong_vocab"]
 
 
