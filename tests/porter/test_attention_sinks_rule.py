@@ -46,7 +46,10 @@ def test_sink_as_an_extra_score_column_becomes_paged_attention_sinks():
     assert stops(source) == []
     after = run_through(source, "attention-sinks")
     assert init_value(after.code, "MiniAttention", "attn").endswith("sinks=self.sinks)")
-    assert init_value(after.code, "MiniAttention", "sinks") == "nn.Parameter(torch.empty(config.num_attention_heads))"
+    assert (
+        init_value(after.code, "MiniAttention", "sinks")
+        == "nn.Parameter(torch.empty(config.num_attention_heads))"
+    )
 
 
 def test_sink_as_a_sigmoid_of_logsumexp_rescaling_becomes_paged_attention_sinks():
