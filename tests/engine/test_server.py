@@ -173,6 +173,8 @@ def test_models_health_and_metrics(server, client):
         ({"prompt": "w5", "temperature": -1}, 400, None, "temperature must be >= 0"),
         ({"prompt": "w5", "top_p": 0}, 400, None, "top_p"),
         ({"prompt": "w5", "n": 0}, 400, None, "n must be"),
+        ({"prompt": "w5", "n": 10**20}, 400, None, "n must be at most 128"),
+        ({"prompt": "w5", "seed": 2**64}, 400, None, "seed must be None or an integer of at most 64 bits"),
         ({"prompt": "w5", "max_tokens": 0}, 400, None, "max_tokens"),
         ({"prompt": "w5", "logprobs": 50}, 400, None, "top logprobs"),
         ({"prompt": [5, 300]}, 400, "prompt", "outside the vocabulary"),
