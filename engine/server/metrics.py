@@ -1,7 +1,8 @@
 """GET /metrics: the engine's state in Prometheus' text exposition format (version 0.0.4).
 
-Gauges are read at scrape time; the token rate is measured over a sliding window of recent scrapes
-and steps, so a scrape every few seconds shows the current throughput rather than a lifetime average.
+Gauges are read at scrape time. The token rate compares the generated-token count with the one of
+the newest scrape at least `_RATE_WINDOW_S` old (or the oldest there is), so it shows the current
+throughput rather than a lifetime average.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class TokenRate:
         self._samples: deque[tuple[float, int]] = deque()
 
     def update(self, total_tokens: int, now: float | None = None) -> float:
+        """Records the count at `now` (monotonic seconds) and returns the rate up to it."""
         now = time.monotonic() if now is None else now
         self._samples.append((now, total_tokens))
         while len(self._samples) > 2 and now - self._samples[1][0] >= _RATE_WINDOW_S:

@@ -256,3 +256,15 @@ def test_any_request_body_is_answered_or_refused_never_a_server_error(server, bo
     if response.status_code == 400:
         error = response.json()["error"]
         assert error["type"] == "invalid_request_error" and error["message"]
+
+
+def test_the_token_rate_covers_the_last_ten_seconds():
+    from engine.server.metrics import TokenRate
+
+    rate = TokenRate()
+    assert rate.update(0, now=0.0) == 0.0
+    assert rate.update(100, now=5.0) == 20.0
+    assert rate.update(300, now=10.0) == 30.0
+    # At 30 s the samples at 0 and 5 s are over 10 s old and go, except the newest of them (10 s).
+    assert rate.update(300, now=30.0) == 0.0
+    assert rate.update(500, now=35.0) == pytest.approx(200 / 25)
