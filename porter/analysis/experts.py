@@ -59,13 +59,13 @@ def _stacked_parameters(init: cst.FunctionDef) -> dict[str, list[cst.BaseExpress
     for assign in m.findall(init, m.Assign(value=m.Call(func=m.Attribute(attr=m.Name("Parameter"))))):
         attr = self_attribute(assign.targets[0].target)
         inner = assign.value.args[0].value if assign.value.args else None
-        if (
-            attr
-            and m.matches(inner, allocation)
-            and len(inner.args) == 3
-            and not any(a.keyword for a in inner.args)
-        ):
-            found[attr] = [arg.value for arg in inner.args]
+        if not attr or not m.matches(inner, allocation):
+            continue
+        dims = [arg.value for arg in inner.args if arg.keyword is None]
+        if len(dims) == 1 and isinstance(dims[0], (cst.Tuple, cst.List)):  # torch.empty((E, I, H))
+            dims = [element.value for element in dims[0].elements]
+        if len(dims) == 3:
+            found[attr] = dims
     return found
 
 
