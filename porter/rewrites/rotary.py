@@ -16,6 +16,8 @@ is `get_rope(..., reverse=True)`.
 
 from __future__ import annotations
 
+import re
+
 import libcst as cst
 import libcst.matchers as m
 
@@ -65,8 +67,37 @@ class RotaryToEngine(Rewrite):
             for method in index.classes[name].methods.values()
         )
         transformer.built_sizes = _built_sizes(index, rotary_classes)
+        context.plan.ignored += _saved_buffer_names(index, rotary_classes, transformer.rotary_attrs)
         module = module.visit(transformer)
         return module.visit(_DropRotaryOnlyAttributes(context, transformer.rotary_inputs))
+
+
+def _saved_buffer_names(index, rotary_classes: set[str], rotary_attrs: set[tuple[str, str]]) -> list[str]:
+    """Checkpoint names of the buffers a replaced rotary module kept in its state dict (`inv_freq`
+    registered without `persistent=False`, as older releases and remote code did): the engine's rope
+    computes its own, so the loader skips them."""
+    saved = set()
+    for name in rotary_classes:
+        for call in calls_in(index.classes[name].node):
+            if (
+                m.matches(call.func, m.Attribute(value=m.Name("self"), attr=m.Name("register_buffer")))
+                and call.args
+                and isinstance(call.args[0].value, cst.SimpleString)
+                and not _not_persistent(call)
+            ):
+                saved.add(call.args[0].value.evaluated_value)
+    attrs = {attr for _, attr in rotary_attrs}
+    return sorted(rf"(^|\.){re.escape(attr)}\.{re.escape(buffer)}$" for attr in attrs for buffer in saved)
+
+
+def _not_persistent(call: cst.Call) -> bool:
+    """`register_buffer(name, value, persistent=False)`, by keyword or as the third argument."""
+    for position, arg in enumerate(call.args):
+        if (arg.keyword is not None and arg.keyword.value == "persistent") or (
+            arg.keyword is None and position == 2
+        ):
+            return m.matches(arg.value, m.Name("False"))
+    return False
 
 
 def _built_sizes(index, rotary_classes: set[str]) -> dict[tuple[str, str, str], cst.BaseExpression]:
