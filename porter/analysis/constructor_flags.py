@@ -9,8 +9,15 @@ whose branch in forward is gone) does not count.
 from __future__ import annotations
 
 import libcst as cst
+import libcst.matchers as m
 
-from porter.analysis.cst_utils import call_name, code_of, self_attribute
+from porter.analysis.cst_utils import (
+    call_name,
+    code_of,
+    init_attribute_values,
+    self_attribute,
+    self_attributes_read,
+)
 from porter.analysis.model_index import ModelIndex
 
 LITERALS = {"False": False, "True": True, "None": None}
@@ -85,3 +92,43 @@ def _passes(call: cst.Call, param: str, positions: list[str]) -> bool:
     if any(a.keyword is not None and a.keyword.value == param for a in call.args):
         return True
     return param in positions and positions.index(param) < len(positional)
+
+
+def literal_attributes(index: ModelIndex) -> dict[tuple[str, str], bool | None]:
+    """(class, attribute) -> the literal `__init__` gives it (`self.model_parallel = False`) where no
+    method the forward runs assigns it again: only an API the engine never calls changes it (4.3x's
+    `parallelize()`), so in the port it keeps that value."""
+    flags: dict[tuple[str, str], bool | None] = {}
+    for name in index.reachable:
+        info = index.classes[name]
+        init = info.methods.get("__init__")
+        literals = {
+            attr: LITERALS[value.value]
+            for attr, value in init_attribute_values(init).items()
+            if isinstance(value, cst.Name) and value.value in LITERALS
+        }
+        if not literals or init is None:
+            continue
+        assigned_in_init = [self_attribute(t.target) for a in m.findall(init, m.Assign()) for t in a.targets]
+        reassigned = {
+            self_attribute(target.target)
+            for method in _run_by_forward(info)
+            for assign in m.findall(method, m.Assign() | m.AugAssign())
+            for target in (assign.targets if isinstance(assign, cst.Assign) else [assign])
+        }
+        for attr, value in literals.items():
+            if attr not in reassigned and assigned_in_init.count(attr) == 1:
+                flags[(name, attr)] = value
+    return flags
+
+
+def _run_by_forward(info) -> list[cst.FunctionDef]:
+    """`forward` and the methods of the class it calls, directly or through each other."""
+    names, pending = set(), ["forward"]
+    while pending:
+        name = pending.pop()
+        if name in names or name not in info.methods:
+            continue
+        names.add(name)
+        pending += [a for a in self_attributes_read(info.methods[name]) if a in info.methods]
+    return [info.methods[n] for n in sorted(names)]

@@ -229,11 +229,38 @@ def relayouts(body: list[cst.BaseStatement], end: int, qkv: set[str], info: Clas
             and targets <= qkv
             and len(targets) == 1
             and isinstance(value, cst.Call)
-            and only_reshapes(statement, info)
-            and _receiver_root(value) in targets
+            and relayout_source(statement, info) is not None
         ):
             found.append(position)
     return found
+
+
+def relayout_source(statement: cst.CSTNode, info: ClassInfo) -> str | None:
+    """What a relayout statement reshapes: `q` for `q = q.transpose(1, 2).reshape(...)`,
+    `self.k_proj(x)` for `key = self._shape(self.k_proj(x), -1, bsz)` (a method of the class that
+    only reshapes its first argument: 4.3x's `_shape`/`_split_heads`). Where it is not the target
+    itself, the statement also names a new tensor, and `target = source` stays once the relayout
+    goes. None when the statement does more than re-lay out one tensor."""
+    value, peeled = _value_of(statement), 0
+    while isinstance(value, cst.Call):
+        method = self_attribute(value.func)
+        if method in info.methods and value.args and value.args[0].keyword is None:
+            helper = info.methods[method]
+            if any(self_attribute(c.func) in info.init_calls for c in calls_in(helper)):
+                return None  # the helper runs a layer: it computes, not re-lays out
+            value = value.args[0].value
+        elif isinstance(value.func, cst.Attribute) and value.func.attr.value in RESHAPE_CALLS:
+            value = value.func.value
+        elif peeled and self_attribute(value.func) in info.init_calls and not _calls_in_args(value):
+            return code_of(value)  # the projection whose output is re-laid out
+        else:
+            return None
+        peeled += 1
+    return value.value if isinstance(value, cst.Name) and peeled else None
+
+
+def _calls_in_args(call: cst.Call) -> bool:
+    return any(calls_in(argument.value) for argument in call.args)
 
 
 def _receiver_root(call: cst.BaseExpression) -> str | None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import libcst as cst
 
 from porter.analysis.alibi import bias_inputs, find_builders
-from porter.analysis.constructor_flags import constructor_flags
+from porter.analysis.constructor_flags import constructor_flags, literal_attributes
 from porter.analysis.cst_utils import (
     dotted_name,
     function_params,
@@ -55,6 +55,7 @@ class DecideConditions(Rewrite):
         # fixes flags its siblings were built with; decide again with those.
         context.reindex(module)
         context.plan.constant_attributes = {
+            **literal_attributes(context.index),
             **optional_backend_flags(context.index),
             **constructor_flags(context.index),
         }

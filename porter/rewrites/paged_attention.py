@@ -15,6 +15,7 @@ import libcst as cst
 from porter.analysis.alibi import Slopes, derive_slopes
 from porter.analysis.attention import AttentionInfo, analyse_attention
 from porter.analysis.cst_utils import code_of, names_in, statement_targets
+from porter.analysis.inline_attention import relayout_source
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
 
 CORE_KEYWORDS = {"scaling": "scale", "sliding_window": "sliding_window", "softcap": "logits_soft_cap"}
@@ -150,7 +151,7 @@ class _Transformer(ClassScopedTransformer):
             chain[position] = chain[position].with_changes(orelse=chain[position + 1])
         body[info.branch_if] = chain[0]
         self._record_relayouts([body[i] for i in info.inline_relayouts])
-        kept = [s for i, s in enumerate(body) if i not in info.inline_relayouts]
+        kept = self._without_relayouts(body, info.inline_relayouts)
         return forward.with_changes(body=forward.body.with_changes(body=kept))
 
     def _swap_region(self, body, region, relayout_positions, qkv, output, merged) -> list:
@@ -168,8 +169,24 @@ class _Transformer(ClassScopedTransformer):
             call,
             "the eager attention written inline becomes paged attention",
         )
-        kept_before = [s for i, s in enumerate(body[:start]) if i not in relayout_positions]
+        kept_before = self._without_relayouts(body[:start], relayout_positions)
         return [*kept_before, call, *body[end + 1 :]]
+
+    def _without_relayouts(self, statements: list, positions: list[int]) -> list:
+        """`statements` without the relayouts at `positions`; one that also renamed its tensor
+        (`key_states = self._shape(k, -1, bsz)`) leaves the rename (`key_states = k`)."""
+        info = self.context.index.classes[self.current_class]
+        kept = []
+        for position, statement in enumerate(statements):
+            if position not in positions:
+                kept.append(statement)
+                continue
+            target, source = statement_targets(statement)[0], relayout_source(statement, info)
+            if source != target:
+                kept.append(
+                    statement.with_changes(body=[cst.parse_statement(f"{target} = {source}").body[0]])
+                )
+        return kept
 
     def _record_relayouts(self, statements: list) -> None:
         for statement in statements:

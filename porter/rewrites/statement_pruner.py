@@ -129,6 +129,9 @@ class Pruner:
         self.cascade = cascade
         # The forward's `**kwargs` parameter where the engine passes no extra keywords: it is empty.
         self.keywords = set(keywords)
+        # Names bound to a sequence of Nones (`past = tuple([None] * len(self.h))`, a no-cache
+        # placeholder per layer): each element is None.
+        self.none_sequences: set[str] = set()
         self.attributes = attributes or {}  # self.<attr> fixed by constructor defaults
         self.context, self.where = context, where
         self.dead, self.absent, self.present, self.live = set(dead), absent, present, set(live)
@@ -225,6 +228,10 @@ class Pruner:
                 return []
             self.live |= set(targets)
             self.absent -= set(targets)
+            if len(targets) == 1 and _is_none_sequence(_assigned_value(statement)):
+                self.none_sequences.add(targets[0])
+            else:
+                self.none_sequences -= set(targets)
             return [statement]
         return [statement]
 
@@ -356,6 +363,8 @@ class Pruner:
         return UNKNOWN
 
     def _is_none(self, node: cst.BaseExpression):
+        if m.matches(node, m.Subscript(value=m.Name())) and node.value.value in self.none_sequences:
+            return True
         if isinstance(node, cst.Name):
             if node.value in self.absent or node.value in self.dead:
                 return True
@@ -365,6 +374,21 @@ class Pruner:
 
     def _drop(self, node: cst.CSTNode, reason: str) -> None:
         self.context.record("dead-code", self.where, node, "", reason)
+
+
+def _assigned_value(statement: cst.SimpleStatementLine) -> cst.BaseExpression | None:
+    small = statement.body[0] if len(statement.body) == 1 else None
+    return small.value if isinstance(small, cst.Assign) else None
+
+
+NONE_LIST = m.List(elements=[m.Element(m.Name("None"))]) | m.Tuple(elements=[m.Element(m.Name("None"))])
+
+
+def _is_none_sequence(value: cst.BaseExpression | None) -> bool:
+    """`[None] * n`, `(None,) * n`, or either wrapped in `tuple(...)`/`list(...)`."""
+    if m.matches(value, m.Call(func=m.Name("tuple") | m.Name("list"), args=[m.Arg()])):
+        value = value.args[0].value
+    return m.matches(value, m.BinaryOperation(left=NONE_LIST, operator=m.Multiply()))
 
 
 def names_read(statement: cst.CSTNode) -> set[str]:

@@ -19,7 +19,7 @@ from tests.porter.rewrite_helpers import (
 
 
 def test_a_warning_about_padding_mask_in_kwargs_goes_with_the_kwargs():
-    # llama/modeling_llama.py 741-744 (LlamaDecoderLayer.forward)
+    # llama/modeling_llama.py 786-789 (LlamaDecoderLayer.forward)
     before = replace_method(
         MINI_MODEL,
         "MiniDecoderLayer",
@@ -95,7 +95,7 @@ def test_a_membership_test_of_anything_but_the_keyword_mapping_is_not_decided():
 
 
 def test_a_class_registered_in_a_framework_registry_is_not_registered_in_the_port():
-    # llama/modeling_llama.py 39 and 92: `from ...pytorch_utils import ALL_LAYERNORM_LAYERS`, then
+    # llama/modeling_llama.py 41 and 120: `from ...pytorch_utils import ALL_LAYERNORM_LAYERS`, then
     # `ALL_LAYERNORM_LAYERS.append(LlamaRMSNorm)` after the class.
     before = vary(
         MINI_MODEL,
@@ -120,7 +120,7 @@ def test_a_class_registered_in_a_framework_registry_is_not_registered_in_the_por
 
 def test_an_attribute_recording_the_sdpa_choice_holds_false_and_its_branch_goes():
     # falcon/modeling_falcon.py 289 (`self._use_sdpa = config._attn_implementation == "sdpa"`) and
-    # 395-405, the branch it picks.
+    # 458-468, the branch it picks.
     before = vary(
         MINI_MODEL,
         "        self.attention_dropout = config.attention_dropout\n",
@@ -184,7 +184,7 @@ def _llama_4_36_attention() -> str:
 
 
 def test_the_rotation_before_an_inline_core_stays_outside_the_paged_call():
-    # llama/modeling_llama.py 383-418 (LlamaAttention.forward, eager, cache plumbing left out)
+    # llama/modeling_llama.py 351-452 (LlamaAttention.forward, eager; cache plumbing left out)
     after = run_rewrites(_llama_4_36_attention(), "decide-conditions", "paged-attention")
     assert_code(
         method_code(after.code, "MiniAttention", "forward"),
@@ -206,7 +206,7 @@ def test_the_rotation_before_an_inline_core_stays_outside_the_paged_call():
 
 
 def test_a_window_cut_into_the_backbones_mask_becomes_the_paged_attentions_window():
-    # mistral/modeling_mistral.py 1000-1006 (MistralModel.forward builds the 4-D mask with the window)
+    # mistral/modeling_mistral.py 908-914 (MistralModel.forward builds the 4-D mask with the window)
     before = vary(
         _llama_4_36_attention(),
         "        causal_mask = build_causal_mask(attention_mask, inputs_embeds)\n",
@@ -247,8 +247,43 @@ def test_a_size_read_off_the_replaced_rotary_module_is_what_it_was_built_with():
 
 
 def test_a_rope_helper_called_under_a_config_test_goes_with_its_test():
-    # falcon/modeling_falcon.py 297-298: `if config.rotary: self._init_rope()`, 316-340 the helper.
+    # falcon/modeling_falcon.py 297-298: `if config.rotary: self._init_rope()`, 317-342 the helper.
     after = _rotary_of_4_36("falcon")
     init = method_code(after.code, "FalconAttention", "__init__")
     assert "_init_rope" not in after.code.split("class FalconAttention", 1)[1].split("\nclass ", 1)[0]
     assert "if config.rotary" not in init
+
+
+def _decided_4_36(arch: str, *more: str):
+    source = (FIXTURES_4_36 / arch / f"modeling_{arch}.py").read_text()
+    return run_rewrites(source, "decide-conditions", *more, module=None)
+
+
+def test_heads_split_by_a_reshaping_helper_leave_the_projection_for_the_paged_call():
+    # opt/modeling_opt.py 200: `key_states = self._shape(self.k_proj(hidden_states), -1, bsz)`;
+    # 214: `query_states = self._shape(query_states, tgt_len, bsz).view(*proj_shape)`.
+    forward = method_code(_decided_4_36("opt", "paged-attention").code, "OPTAttention", "forward")
+    assert "self._shape(" not in forward
+    assert "key_states = self.k_proj(hidden_states)" in forward
+    assert "value_states = self.v_proj(hidden_states)" in forward
+    assert (
+        "attn_output = self.attn(query_states, key_states, value_states, kv_cache, input_metadata)" in forward
+    )
+
+
+def test_an_attribute_only_an_uncalled_api_changes_keeps_its_constructor_literal():
+    # gpt2/modeling_gpt2.py 679 (`self.model_parallel = False`, set True only by `parallelize()`)
+    # and 862-867, the device moves it guards inside the layer loop.
+    forward = method_code(_decided_4_36("gpt2").code, "GPT2Model", "forward")
+    assert "model_parallel" not in forward
+    assert "for i, (block, layer_past) in enumerate(zip(self.h, past_key_values)):" in forward
+
+
+def test_an_element_of_a_per_layer_placeholder_of_nones_is_none():
+    # bloom/modeling_bloom.py 660-661 (`past_key_values = tuple([None] * len(self.h))`) and 688-689
+    # (`if past_key_values[0] is not None:`).
+    after = _decided_4_36("bloom")
+    forward = method_code(after.code, "BloomModel", "forward")
+    assert "past_key_values[0] is not None" not in forward
+    assert "past_key_values[0][0].shape[2]" not in forward
+    assert not [m for m in after.review_messages() if "BloomModel" in m]
