@@ -13,7 +13,14 @@ from __future__ import annotations
 
 import libcst as cst
 
-from porter.analysis.cst_utils import call_name, code_of, names_in, self_attribute, statement_targets
+from porter.analysis.cst_utils import (
+    call_name,
+    calls_in,
+    code_of,
+    names_in,
+    self_attribute,
+    statement_targets,
+)
 from porter.analysis.model_index import LINEAR_CALLS, ModelIndex, projects_to_vocab
 from porter.analysis.projections import linear_bias
 from porter.analysis.signatures import PLUMBING
@@ -122,7 +129,10 @@ class _Transformer(ClassScopedTransformer):
 
     def _split_forward(self, forward: cst.FunctionDef) -> tuple[cst.FunctionDef, cst.FunctionDef]:
         body = list(forward.body.body)
-        position = next((i for i, s in enumerate(body) if f"self.{self.head}(" in code_of(s)), None)
+        position = next(
+            (i for i, s in enumerate(body) if any(self_attribute(c.func) == self.head for c in calls_in(s))),
+            None,
+        )
         if position is None:
             self.context.flag("lm-head", self.where, f"forward never calls self.{self.head}")
             return forward, cst.parse_statement(
