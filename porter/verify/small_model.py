@@ -77,6 +77,23 @@ def _shrink_remote_names(config: PretrainedConfig, default: PretrainedConfig) ->
             setattr(config, key, HIDDEN // HEADS)
         elif key in REMOTE_VOCAB_NAMES:
             setattr(config, key, VOCAB)
+    # Per-frequency lists (a long-context rope's factors) are as long as half the default head.
+    default_heads = heads or 1
+    half_head = getattr(default, "hidden_size", 0) // default_heads // 2
+    for key, value in vars(default).items():
+        if isinstance(value, dict) and half_head:
+            setattr(config, key, {k: _per_frequency(v, half_head) for k, v in value.items()})
+
+
+def _per_frequency(value: object, half_head: int) -> object:
+    """A list with one number per rotary frequency of the default head, cut to the small head's."""
+    if (
+        isinstance(value, list)
+        and len(value) == half_head
+        and all(isinstance(v, (int, float)) for v in value)
+    ):
+        return value[: HIDDEN // HEADS // 2]
+    return value
 
 
 def _is_int(value: object) -> bool:

@@ -91,3 +91,12 @@ def test_the_reference_logits_and_inputs_read_back_per_step_and_sequence(tmp_pat
     run = read_reference(tmp_path)
     assert run.inputs_per_step == [{0: [1, 2], 1: [3]}, {1: [4]}] and run.trust_remote_code
     assert torch.equal(run.logits_per_step[1][1], logits["1.1"]) and list(run.logits_per_step[0]) == [0, 1]
+
+
+def test_per_frequency_lists_of_a_remote_rope_follow_the_small_head():
+    # A long-context rope lists one factor per frequency of the default head (3072 / 32 / 2 = 48).
+    config = PretrainedConfig(
+        hidden_size=3072, num_attention_heads=32, scaling={"short_factor": [1.0] * 48, "other": [1.0] * 5}
+    )
+    small = shrink_remote(config, "X")
+    assert len(small.scaling["short_factor"]) == HIDDEN // HEADS // 2 and len(small.scaling["other"]) == 5
