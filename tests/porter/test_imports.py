@@ -195,3 +195,21 @@ def test_after_the_whole_pipeline_imports_are_absolute_used_and_complete():
     engine_names = set(engine.layers.__all__) | {"load_named_weights"}
     assert read & engine_names <= imported, f"used but not imported: {(read & engine_names) - imported}"
     assert {"PagedAttention", "QKVParallelLinear", "ParallelLMHead", "load_named_weights"} <= imported
+
+
+def test_a_copy_of_an_installed_modeling_file_ports_to_what_the_installed_one_does(tmp_path):
+    # The README's `porter port modeling_opt.py --out ...` on a file copied out of transformers.
+    import shutil
+
+    from porter.analysis.source import locate
+    from porter.port import generate
+
+    installed = locate("opt")
+    copy = tmp_path / "modeling_opt.py"
+    shutil.copyfile(installed.path, copy)
+    copied_text, copied = generate(locate(str(copy)))
+    installed_text, _ = generate(installed)
+    assert copied.review == []
+    # Only the header differs: it names the source.
+    assert copied_text.split("\n", 3)[3] == installed_text.split("\n", 3)[3]
+    assert "# source: modeling_opt.py\n" in copied_text
