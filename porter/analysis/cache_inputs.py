@@ -50,7 +50,33 @@ def cache_inputs(index: ModelIndex, plumbing: set[str]) -> dict[str, set[str]]:
         roles |= params & _renamed_plumbing(forward, plumbing)
         if roles:
             found[name] = roles
-    _propagate(index, forwards, found)
+    links = [link for name in forwards for link in _keyword_links(index, name)]
+    params = {name: set(function_params(forward)[1:]) for name, forward in forwards.items()}
+    _propagate(links, params, found)
+    # The number of cached tokens (`cache_length = cache.get_seq_length() if cache is not None else 0`)
+    # handed to a submodule: its parameter is plumbing too (5.25's name for past_key_values_length).
+    lengths = {
+        name: _cache_lengths(forward.body, found.get(name, set())) for name, forward in forwards.items()
+    }
+    for caller, passed, callee, receiver in links:
+        if passed in lengths.get(caller, ()):
+            found.setdefault(callee, set()).add(receiver)
+    return found
+
+
+def _cache_lengths(body: cst.CSTNode, caches: set[str]) -> set[str]:
+    """Names assigned from an expression that asks one of `caches` for its length."""
+    found: set[str] = set()
+    if not caches:
+        return found
+
+    class _Assigns(cst.CSTVisitor):
+        def visit_Assign(self, node: cst.Assign) -> None:
+            if caches & _cache_api_receivers(node.value, ("get_seq_length",)):
+                for target in node.targets:
+                    found.update(assigned_names(target.target))
+
+    body.visit(_Assigns())
     return found
 
 
@@ -151,8 +177,9 @@ def _is_cache_class(qualified: str) -> bool:
     return module.rpartition(".")[2] == CACHE_MODULE and name.endswith("Cache")
 
 
-def _cache_api_receivers(body: cst.CSTNode) -> set[str]:
-    """Names the cache API is called on: `p.update(key, value, layer_idx, ...)`, `p.get_seq_length()`."""
+def _cache_api_receivers(body: cst.CSTNode, methods: tuple[str, ...] = tuple(CACHE_METHODS)) -> set[str]:
+    """Names the cache API (`methods` of it) is called on: `p.update(key, value, layer_idx, ...)`,
+    `p.get_seq_length()`."""
     found: set[str] = set()
 
     class _Calls(cst.CSTVisitor):
@@ -161,7 +188,7 @@ def _cache_api_receivers(body: cst.CSTNode) -> set[str]:
             if (
                 isinstance(func, cst.Attribute)
                 and isinstance(func.value, cst.Name)
-                and func.attr.value in CACHE_METHODS
+                and func.attr.value in methods
                 and len(call.args) >= CACHE_METHODS[func.attr.value]
             ):
                 found.add(func.value.value)
@@ -189,10 +216,11 @@ def _renamed_plumbing(forward: cst.FunctionDef, plumbing: set[str]) -> set[str]:
     return renamed
 
 
-def _propagate(index: ModelIndex, forwards: dict[str, cst.FunctionDef], found: dict[str, set[str]]) -> None:
+def _propagate(
+    links: list[tuple[str, str, str, str]], params: dict[str, set[str]], found: dict[str, set[str]]
+) -> None:
     """A parameter passed as a submodule forward's cache parameter is a cache, and so is the
     submodule parameter that receives a cache; repeated until nothing changes."""
-    links = [link for name in forwards for link in _keyword_links(index, name)]
     changed = True
     while changed:
         changed = False
@@ -200,18 +228,21 @@ def _propagate(index: ModelIndex, forwards: dict[str, cst.FunctionDef], found: d
             if passed in found.get(caller, ()) and keyword not in found.get(callee, ()):
                 found.setdefault(callee, set()).add(keyword)
                 changed = True
-            if keyword in found.get(callee, ()) and passed not in found.get(caller, ()):
+            if (
+                keyword in found.get(callee, ())
+                and passed in params.get(caller, ())
+                and passed not in found.get(caller, ())
+            ):
                 found.setdefault(caller, set()).add(passed)
                 changed = True
 
 
 def _keyword_links(index: ModelIndex, owner: str) -> list[tuple[str, str, str, str]]:
-    """(owner, its forward parameter, callee class, callee parameter) for every `keyword=param`
-    argument of a submodule call in `owner.forward`."""
+    """(owner, the name it passes, callee class, callee parameter) for every argument that is a
+    plain name, by keyword or by position, of a submodule call in `owner.forward`."""
     forward = index.classes[owner].methods.get("forward")
     if forward is None:
         return []
-    params = set(function_params(forward)[1:])
     loops = _layer_loop_vars(index, owner, forward)
     links = []
     for call in calls_in(forward.body):
@@ -221,11 +252,16 @@ def _keyword_links(index: ModelIndex, owner: str) -> list[tuple[str, str, str, s
         callee_forward = index.classes[callee].methods.get("forward") if callee in index.classes else None
         if callee_forward is None:
             continue
-        callee_params = set(function_params(callee_forward)[1:])
-        for arg in call.args:
-            if arg.keyword is not None and isinstance(arg.value, cst.Name) and arg.value.value in params:
-                if arg.keyword.value in callee_params:
-                    links.append((owner, arg.value.value, callee, arg.keyword.value))
+        callee_params = function_params(callee_forward)[1:]
+        for position, arg in enumerate(call.args):
+            if not isinstance(arg.value, cst.Name) or arg.star:
+                continue
+            if arg.keyword is not None:
+                receiver = arg.keyword.value if arg.keyword.value in callee_params else None
+            else:
+                receiver = callee_params[position] if position < len(callee_params) else None
+            if receiver is not None:
+                links.append((owner, arg.value.value, callee, receiver))
     return links
 
 

@@ -35,7 +35,19 @@ def calls_anything(node: cst.CSTNode) -> bool:
 
 
 # Calls that only read a tensor's or container's size: a test made of them has no side effect.
-QUERY_CALLS = {"size", "dim", "numel", "len", "isinstance", "hasattr", "getattr"}
+# Calls that only ask about sizes, types or whether torch.compile is tracing (`torch.is_tensor(n)`,
+# transformers' `is_torchdynamo_compiling()`, in 5.25's guard around growing a position table).
+QUERY_CALLS = {
+    "size",
+    "dim",
+    "numel",
+    "len",
+    "isinstance",
+    "hasattr",
+    "getattr",
+    "is_tensor",
+    "is_torchdynamo_compiling",
+}
 
 
 def only_queries(node: cst.CSTNode) -> bool:

@@ -141,3 +141,37 @@ def test_a_data_input_that_is_only_named_like_a_cache_stays():
         """,
     )
     assert "MiniMLP" not in _roles(source)
+
+
+def test_the_cache_length_handed_to_a_submodule_makes_its_parameter_plumbing():
+    # transformers 5.25's models/xglm/modeling_xglm.py, XGLMModel.forward:
+    #   cache_length = cache.get_seq_length() if cache is not None else 0
+    #   ... self.embed_positions(position_ids, cache_length)
+    source = vary(
+        NEWEST_MINI,
+        "        hidden_states = inputs_embeds\n",
+        "        cache_length = cache.get_seq_length() if cache is not None else 0\n"
+        "        hidden_states = self.norm(inputs_embeds, cache_length)\n",
+    )
+    source = replace_method(
+        source,
+        "MiniModel",
+        "__init__",
+        """
+        def __init__(self, config):
+            super().__init__(config)
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+            self.layers = nn.ModuleList([MiniDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+            self.norm = MiniMLP(config)
+        """,
+    )
+    source = replace_method(
+        source,
+        "MiniMLP",
+        "forward",
+        """
+        def forward(self, x, cache_length: int = 0):
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        """,
+    )
+    assert _roles(source)["MiniMLP"] == {"cache_length"}
