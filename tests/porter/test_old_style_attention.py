@@ -383,14 +383,14 @@ def test_a_softmax_with_a_float16_upcast_branch_is_one_core_for_the_paged_call()
         method_code(after.code, "MiniAttention", "forward"),
         """
         def forward(self, hidden_states, kv_cache, input_metadata):
-            tgt_len = hidden_states.shape[0]
             query_states = self.q_proj(hidden_states) * self.scaling
-            key_states = self.k_proj(hidden_states).unflatten(-1, (-1, self.head_dim))
-            value_states = self.v_proj(hidden_states).unflatten(-1, (-1, self.head_dim))
+            key_states = self.k_proj(hidden_states)
+            value_states = self.v_proj(hidden_states)
             attn_output = self.attn(query_states, key_states, value_states, kv_cache, input_metadata).flatten(1)
             return self.o_proj(attn_output)
         """,
     )
+    # (the heads `self._shape` split off k and v go with the core: the paged call takes [T, H * D])
     # q was scaled before the core, so the scores are not scaled again
     assert "self.head_dim, scale=1.0," in method_code(after.code, "MiniAttention", "__init__")
 
