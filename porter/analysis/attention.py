@@ -26,7 +26,6 @@ from porter.analysis.inline_attention import (
     branch_cores,
     inline_core,
     only_reshapes,
-    relayout_source,
     relayouts,
     scores_scale,
 )
@@ -65,8 +64,6 @@ class AttentionInfo:
     branch_cores: list[tuple] = field(default_factory=list)
     # `k = repeat_kv(k, groups)` just before a called core: PagedAttention reads KV heads unrepeated
     kv_repeats: list[cst.SimpleStatementLine] = field(default_factory=list)
-    # `q = self._split_heads(q, ...)` before a called core: the paged call takes per-token rows
-    head_splits: list[cst.SimpleStatementLine] = field(default_factory=list)
     # `out = self._merge_heads(out, ...)` right after a called core: the paged call's `.flatten(1)`
     head_merges: list[cst.SimpleStatementLine] = field(default_factory=list)
     # the scale a called core of this file applies itself (GPT-Neo's `_attn`: none, "1.0")
@@ -97,12 +94,7 @@ def analyse_attention(index: ModelIndex, name: str) -> AttentionInfo | None:
         if len(positional) < 3:
             return None
         names = [code_of(p) for p in positional[:3]]
-        # (after the last core: what follows one backend's branch is the other backend's core)
-        before, after, core_statement = (
-            statements[:core_at],
-            statements[max(cores) + 1 :],
-            statements[core_at],
-        )
+        before, after, core_statement = statements[:core_at], statements[core_at + 1 :], statements[core_at]
         kv_repeats = _kv_repetitions(before, set(names[1:]) - {names[0]}, index)
     else:
         body = list(forward.body.body)
@@ -145,7 +137,6 @@ def analyse_attention(index: ModelIndex, name: str) -> AttentionInfo | None:
     result.kv_repeats = kv_repeats
     if inline is None:
         result.head_merges = _head_merges(statement_targets(core_statement)[:1], after, info)
-        result.head_splits = _head_splits(set(names), before, info)
         if not any(a.keyword is not None and a.keyword.value == "scaling" for a in core.args):
             result.callee_scale = _callee_scale(core, info, index)
     result.band_window = _band_window(info) or backbone_mask_window(index, info)
@@ -299,25 +290,6 @@ def _head_merges(output: list[str], after: list, info: ClassInfo) -> list[cst.Si
         ):
             break
         found.append(statement)
-    return found
-
-
-def _head_splits(qkv: set[str], before: list, info: ClassInfo) -> list[cst.SimpleStatementLine]:
-    """Statements before a called core that split one of q, k, v into heads in place through a helper
-    of the class that runs no module (`query = self._split_heads(query, self.num_heads, ...)`, with
-    the model's head count, not this rank's)."""
-    found = []
-    for statement in before:
-        value = getattr(statement.body[0], "value", None)
-        targets = statement_targets(statement)
-        if (
-            len(targets) == 1
-            and targets[0] in qkv
-            and isinstance(value, cst.Call)
-            and self_attribute(value.func) in info.methods
-            and relayout_source(statement, info) == targets[0]
-        ):
-            found.append(statement)
     return found
 
 

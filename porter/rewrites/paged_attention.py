@@ -97,11 +97,6 @@ class _Transformer(ClassScopedTransformer):
                 "PagedAttention maps query heads to KV heads itself",
             )
             return cst.RemovalSentinel.REMOVE
-        if any(original.deep_equals(split) for split in info.head_splits):
-            self.context.record(
-                "paged-attention", self.where, updated, "", "the paged call takes per-token rows of all heads"
-            )
-            return cst.RemovalSentinel.REMOVE
         if any(original.deep_equals(merge) for merge in info.head_merges):
             self.context.record(
                 "paged-attention", self.where, updated, "", "heads merged by the paged call's flatten"

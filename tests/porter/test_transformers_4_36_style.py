@@ -287,11 +287,3 @@ def test_an_element_of_a_per_layer_placeholder_of_nones_is_none():
     assert "past_key_values[0] is not None" not in forward
     assert "past_key_values[0][0].shape[2]" not in forward
     assert not [m for m in after.review_messages() if "BloomModel" in m]
-
-
-def test_heads_split_and_merged_by_helpers_around_a_called_core_go_with_it():
-    # gpt2/modeling_gpt2.py 314-316 (`query = self._split_heads(query, self.num_heads, self.head_dim)`,
-    # the model's head count, not a rank's), 328-331 (two backends in branches), 333 (`_merge_heads`).
-    forward = method_code(_decided_4_36("gpt2", "paged-attention").code, "GPT2Attention", "forward")
-    assert "_split_heads" not in forward and "_merge_heads" not in forward
-    assert "attn_output = self.attn(query, key, value, kv_cache, input_metadata).flatten(1)" in forward
