@@ -9,8 +9,8 @@ blocks in that order (`checkpoint_blocks`, `checkpoint_order`), numbering heads 
 the helper did, so each rank's output is `[q | k | v]` of its heads: the reshape and split become
 one `.split([q_size, kv_size, kv_size], dim=-1)`, and each helper call a view into heads.
 The blocks may also be cut from the projection's call directly by their width
-(`qkv = self.qkv_proj(x).view(*shape, -1, 3 * local_dim)` with `local_dim = dim // self.mp_num`,
-transformers 5.25's CodeGen): the view goes and the statement keeps the projection.
+(`qkv = self.qkv_proj(x).view(*shape, -1, 3 * local_dim)` with `local_dim = dim // self.mp_num`):
+the view goes and the statement keeps the projection.
 """
 
 from __future__ import annotations

@@ -150,7 +150,7 @@ def _is_rotary_module(info: ClassInfo, functions: dict[str, cst.FunctionDef]) ->
     (`inv_freq`, a buffer every HF rotary module registers; the text is searched because it is
     registered by string as often as by attribute), or it holds no layer and its forward returns a
     pair computed with sin and cos, in the class or in a function of the file it calls (a sinusoidal
-    table split into sin and cos: GPT-J's and CodeGen's rotary modules)."""
+    table split into sin and cos, with no inverse frequencies kept)."""
     if "inv_freq" in code_of(info.node):
         return True
     forward = info.methods.get("forward")
