@@ -42,8 +42,12 @@ def generate(source: SourceFile, allow_review: bool = False) -> tuple[str, PortR
             f"cannot port {first.where}: {first.message}{more}; --allow-review writes it anyway"
         )
     if not result.review:
-        _check_runs(format_code(header(source.display_name) + "\n" + result.code), source, result)
-        if result.review and not allow_review:
+        # The file as it will be written is what the check runs, and what is returned when it passes.
+        text = format_code(header(source.display_name) + "\n" + result.code)
+        _check_runs(text, source, result)
+        if not result.review:
+            return text, result
+        if not allow_review:
             item = result.review[0]
             raise PorterError(f"cannot port {item.where}: {item.message}; --allow-review writes it anyway")
     code = header(source.display_name) + "\n" + _mark_review_items(result)
