@@ -31,13 +31,21 @@ class SwapRMSNorm(Rewrite):
         matches = find_rms_norms(module)
         if not matches:
             return module
-        return module.visit(_SwapCalls(context, matches))
+        swap = _SwapCalls(context, matches)
+        module = module.visit(swap)
+        if ENGINE_NORM in matches and not swap.kept:
+            # The file's own class has the engine's name: left in place it would shadow the import.
+            body = [s for s in module.body if not (isinstance(s, cst.ClassDef) and s.name.value == ENGINE_NORM)]
+            context.record("rms-norm", ENGINE_NORM, "class " + ENGINE_NORM, "", "shadows the engine's RMSNorm")
+            module = module.with_changes(body=body)
+        return module
 
 
 class _SwapCalls(ClassScopedTransformer):
     def __init__(self, context: PortContext, matches: dict[str, RMSNormMatch]) -> None:
         super().__init__(context)
         self.matches = matches
+        self.kept = 0  # constructor calls of a matched class left as they were
 
     def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.BaseExpression:
         match = self.matches.get(call_name(updated) or "")
@@ -45,6 +53,7 @@ class _SwapCalls(ClassScopedTransformer):
             return updated
         arguments = _bind(updated, match)
         if arguments is None:
+            self.kept += 1
             return updated
         size, eps = arguments
         new = cst.parse_expression(f"{ENGINE_NORM}({size}, eps={eps}{match.engine_kwargs()})")

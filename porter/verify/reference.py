@@ -132,9 +132,11 @@ def remote_config(source: Path, architecture: str, work_dir: Path):
     from transformers import AutoConfig
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
+    from porter.verify.missing_imports import install_placeholders, missing_packages
     from porter.verify.small_model import shrink_remote
 
     model_dir = source if source.is_dir() else source.parent
+    install_placeholders(missing_packages(model_dir))
     for code in model_dir.glob("*.py"):
         shutil.copy2(code, work_dir / code.name)
     raw = json.loads((model_dir / "config.json").read_text()) if (model_dir / "config.json").is_file() else {}

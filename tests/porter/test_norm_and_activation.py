@@ -170,3 +170,41 @@ def test_activation_used_elsewhere_keeps_the_split():
     after = run_rewrites(source, "fuse-gate-up", "gated-activation")
     assert after.changes("gated-activation") == []
     assert "chunk(2, dim=-1)" in method_code(after.code, "MiniMLP", "forward")
+
+
+# Baichuan-7B's norm class carries the engine layer's own name.
+BAICHUAN_NORM = """
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states):
+        variance = hidden_states.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        if self.weight.dtype in [torch.float16, torch.bfloat16]:
+            hidden_states = hidden_states.to(self.weight.dtype)
+        return self.weight * hidden_states
+"""
+
+
+def test_a_source_norm_named_like_the_engine_layer_goes_once_every_construction_is_swapped():
+    source = vary(_with_norm(BAICHUAN_NORM), "MiniRMSNorm(", "RMSNorm(", 3)
+    assert "class RMSNorm(nn.Module)" in source
+    after = run_rewrites(source, "rms-norm")
+    assert "class RMSNorm" not in after.code  # left in place it would shadow the engine's import
+    assert init_value(after.code, "MiniModel", "norm") == "RMSNorm(config.hidden_size, eps=config.eps)"
+    assert ("engine.layers", "RMSNorm") in after.context.plan.engine_imports
+
+
+def test_a_source_norm_named_like_the_engine_layer_stays_while_a_construction_is_not_swapped():
+    source = vary(_with_norm(BAICHUAN_NORM), "MiniRMSNorm(", "RMSNorm(", 3)
+    source = vary(
+        source,
+        "self.norm = RMSNorm(config.hidden_size, eps=config.eps)",
+        "self.norm = RMSNorm(*[config.hidden_size])",
+    )
+    after = run_rewrites(source, "rms-norm")
+    assert "class RMSNorm(nn.Module)" in after.code

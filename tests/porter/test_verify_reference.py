@@ -100,3 +100,47 @@ def test_per_frequency_lists_of_a_remote_rope_follow_the_small_head():
     )
     small = shrink_remote(config, "X")
     assert len(small.scaling["short_factor"]) == HIDDEN // HEADS // 2 and len(small.scaling["other"]) == 5
+
+
+_LOAD_BAICHUAN = """
+import sys
+from pathlib import Path
+from porter.verify.reference import remote_config
+_, model_class = remote_config(Path(sys.argv[1]), "BaiChuanForCausalLM", Path(sys.argv[2]))
+xops = sys.modules[model_class.__module__].xops
+try:
+    xops.memory_efficient_attention(None, None, None)
+except ImportError as error:
+    print(error)
+"""
+
+
+def test_remote_code_importing_a_missing_package_loads_and_fails_only_where_the_run_reaches_it(tmp_path):
+    # Baichuan-7B's `from xformers import ops as xops` sits at module level; only its training branch calls it.
+    import subprocess
+    import sys
+
+    from porter.verify.missing_imports import missing_packages
+
+    assert missing_packages(CORPUS / "baichuan_7b") == ["xformers"]
+    done = subprocess.run(
+        [sys.executable, "-c", _LOAD_BAICHUAN, str(CORPUS / "baichuan_7b"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent.parent,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == (
+        "the reference run reached xformers.ops.memory_efficient_attention, and xformers is not installed"
+    )
+
+
+def test_a_package_imported_inside_try_is_not_replaced(tmp_path):
+    from porter.verify.missing_imports import missing_packages
+
+    (tmp_path / "modeling_x.py").write_text(
+        "try:\n    import not_installed_fast_kernels\nexcept ImportError:\n    pass\n"
+        "import not_installed_training_kernels\nimport torch\nfrom .configuration_x import XConfig\n"
+    )
+    (tmp_path / "configuration_x.py").write_text("XConfig = None\n")
+    assert missing_packages(tmp_path) == ["not_installed_training_kernels"]
