@@ -35,8 +35,12 @@ class SwapRMSNorm(Rewrite):
         module = module.visit(swap)
         if ENGINE_NORM in matches and not swap.kept:
             # The file's own class has the engine's name: left in place it would shadow the import.
-            body = [s for s in module.body if not (isinstance(s, cst.ClassDef) and s.name.value == ENGINE_NORM)]
-            context.record("rms-norm", ENGINE_NORM, "class " + ENGINE_NORM, "", "shadows the engine's RMSNorm")
+            body = [
+                s for s in module.body if not (isinstance(s, cst.ClassDef) and s.name.value == ENGINE_NORM)
+            ]
+            context.record(
+                "rms-norm", ENGINE_NORM, "class " + ENGINE_NORM, "", "shadows the engine's RMSNorm"
+            )
             module = module.with_changes(body=body)
         return module
 

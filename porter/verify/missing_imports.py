@@ -27,9 +27,7 @@ def missing_packages(model_dir: Path) -> list[str]:
     wanted = {name for code in sorted(model_dir.glob("*.py")) for name in get_imports(str(code))}
     local = {code.stem for code in model_dir.glob("*.py")}
     return sorted(
-        name
-        for name in wanted - local
-        if name not in sys.modules and importlib.util.find_spec(name) is None
+        name for name in wanted - local if name not in sys.modules and importlib.util.find_spec(name) is None
     )
 
 
