@@ -85,7 +85,9 @@ class ModelRunner:
             config.model, self.dtype, self.device, config.model_class, hf_config=hf_config
         )
         # The cache is shaped by the model's own attention layers, whatever names its config uses.
-        self.num_cache_layers, self.kv_heads_per_rank, self.head_dim = cache_shape_of(self.model)
+        self.num_cache_layers, self.kv_heads_per_rank, self.head_dim, self.value_head_dim = cache_shape_of(
+            self.model
+        )
         self.block_size = config.block_size
         self.num_kv_blocks = 0
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -119,6 +121,7 @@ class ModelRunner:
             self.head_dim,
             self.dtype,
             self.device,
+            self.value_head_dim,
         )
         self._capture_decode_graphs()
         return num_blocks
@@ -154,6 +157,7 @@ class ModelRunner:
             self.kv_heads_per_rank,
             self.head_dim,
             self.dtype,
+            self.value_head_dim,
         )
 
     def _blocks_that_fit(self) -> int:
@@ -196,6 +200,7 @@ class ModelRunner:
             self.head_dim,
             self.dtype,
             self.device,
+            self.value_head_dim,
         )
         step = StepInputs(
             input_ids=[0] * sum(lengths),

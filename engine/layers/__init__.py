@@ -11,6 +11,7 @@ from engine.layers.linear import (
     RowParallelLinear,
     kv_heads_for_rank,
 )
+from engine.layers.mla import MultiLatentAttention
 from engine.layers.norm import FeatureShardedRMSNorm, HeadShardedRMSNorm, RMSNorm
 from engine.layers.rotary import LengthDependentRotaryEmbedding, RotaryEmbedding, get_rope
 from engine.layers.vocab_embedding import (
@@ -29,6 +30,7 @@ __all__ = [
     "LengthDependentRotaryEmbedding",
     "LogitsProcessor",
     "MergedColumnParallelLinear",
+    "MultiLatentAttention",
     "PagedAttention",
     "ParallelLMHead",
     "QKVParallelLinear",

@@ -142,16 +142,23 @@ class PagedAttention(nn.Module):
         )
 
 
-def cache_shape_of(model: torch.nn.Module) -> tuple[int, int, int]:
-    """(attention layers, KV heads on this rank, head size), read from the model's PagedAttention
-    modules: the authority, whatever names the HF config uses (or lacks) for them."""
-    layers = [m for m in model.modules() if isinstance(m, PagedAttention)]
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no PagedAttention layers")
-    shapes = {(m.num_kv_heads, m.head_dim) for m in layers}
-    if len(shapes) != 1:
+def cache_shape_of(model: torch.nn.Module) -> tuple[int, int, int, int]:
+    """(attention layers, KV heads on this rank, key head size, value head size), read from the
+    model's PagedAttention or MultiLatentAttention modules: the authority, whatever names the HF
+    config uses (or lacks) for them. A latent cache is one row per token (`kv_lora_rank + rope` wide)
+    and no value cache (value head size 0)."""
+    from engine.layers.mla import MultiLatentAttention
+
+    shapes = []
+    for module in model.modules():
+        if isinstance(module, PagedAttention):
+            shapes.append((module.num_kv_heads, module.head_dim, module.head_dim))
+        elif isinstance(module, MultiLatentAttention):
+            shapes.append((1, module.cache_head_dim, 0))
+    if not shapes:
+        raise ValueError(f"{type(model).__name__} has no PagedAttention or MultiLatentAttention layers")
+    if len(set(shapes)) != 1:
         raise ValueError(
-            f"attention layers differ in KV heads/head size {sorted(shapes)}; one cache shape is needed"
+            f"attention layers differ in KV heads/head sizes {sorted(set(shapes))}; one cache shape is needed"
         )
-    kv_heads, head_dim = shapes.pop()
-    return len(layers), kv_heads, head_dim
+    return (len(shapes), *shapes[0])

@@ -104,8 +104,10 @@ def _run(model_class: type, config) -> None:
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
-    num_layers, kv_heads, head_dim = cache_shape_of(model)
-    caches = allocate_kv_caches(num_layers, NUM_BLOCKS, BLOCK_SIZE, kv_heads, head_dim, torch.float32, "cpu")
+    num_layers, kv_heads, head_dim, value_head_dim = cache_shape_of(model)
+    caches = allocate_kv_caches(
+        num_layers, NUM_BLOCKS, BLOCK_SIZE, kv_heads, head_dim, torch.float32, "cpu", value_head_dim
+    )
     tokens = torch.randint(0, config.vocab_size, (PROMPT_LENGTH + 1,), generator=generator)
     with torch.inference_mode():
         for start, end in ((0, PROMPT_LENGTH), (PROMPT_LENGTH, PROMPT_LENGTH + 1)):  # prefill, decode
