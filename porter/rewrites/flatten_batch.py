@@ -20,7 +20,10 @@
 - a module-level helper that an attention class calls with the positions and that returns a
   per-position factor shaped for batched queries (`scale[:, None, :, None]`: `[B, S]` positions to
   `[B, 1, S, 1]` against `[B, H, S, D]`) returns it for per-token rows instead
-  (`scale[:, None, None]`: `[T]` to `[T, 1, 1]` against `[T, H, D]`).
+  (`scale[:, None, None]`: `[T]` to `[T, 1, 1]` against `[T, H, D]`);
+- an einops pattern that keeps its first two axes in place on both sides (`rearrange(x,
+  "b q (h gs d) -> b q h gs d", ...)`: batch and sequence, only the trailing axes regrouped) loses
+  the batch axis on both sides (`"q (h gs d) -> q h gs d"`), and a size given for it.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from porter.analysis.cst_utils import (
     names_in,
     statement_targets,
 )
+from porter.analysis.einops_patterns import einops_names, pattern_function, without_leading_axis
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
 from porter.rewrites.unread_assignments import drop_unread_assignments
 
@@ -48,7 +52,7 @@ class FlattenBatch(Rewrite):
     name = "flatten-batch"
 
     def apply(self, module: cst.Module, context: PortContext) -> cst.Module:
-        module = module.visit(_Transformer(context))
+        module = module.visit(_Transformer(context, einops_names(module)))
         helpers = _position_helpers(module, context)
         return module.visit(_PositionFactors(context, helpers)) if helpers else module
 
@@ -119,8 +123,9 @@ class _PositionFactors(cst.CSTTransformer):
 
 
 class _Transformer(ClassScopedTransformer):
-    def __init__(self, context: PortContext) -> None:
+    def __init__(self, context: PortContext, einops: dict[str, str]) -> None:
         super().__init__(context)
+        self.einops = einops  # local names of einops and its pattern functions
         self.batch_names: set[str] = set()
         self.attention_outputs: set[str] = set()  # variables holding the paged attention's output
 
@@ -266,6 +271,8 @@ class _Transformer(ClassScopedTransformer):
         return new
 
     def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.BaseExpression:
+        if self.active and self.einops and pattern_function(updated, self.einops):
+            return self._unbatched_pattern(original, updated)
         if not self.active or not isinstance(updated.func, cst.Attribute):
             return updated
         method = updated.func.attr.value
@@ -322,6 +329,34 @@ class _Transformer(ClassScopedTransformer):
                 self.context.record("flatten-batch", self.where, original, new, "batch dimension removed")
                 return new
         return updated
+
+    def _unbatched_pattern(self, original: cst.Call, updated: cst.Call) -> cst.Call:
+        """`rearrange(x, "b q (h d) -> b q h d", d=...)` -> `rearrange(x, "q (h d) -> q h d", d=...)`."""
+        at = next(
+            (
+                i
+                for i, a in enumerate(updated.args)
+                if (a.keyword is None and i == 1) or (a.keyword is not None and a.keyword.value == "pattern")
+            ),
+            None,
+        )
+        if at is None or not isinstance(updated.args[at].value, cst.SimpleString):
+            return updated
+        literal = updated.args[at].value
+        dropped = without_leading_axis(literal.evaluated_value)
+        if dropped is None:
+            return updated
+        pattern, batch = dropped
+        quote = literal.quote
+        args = list(updated.args)
+        args[at] = args[at].with_changes(value=cst.SimpleString(f"{literal.prefix}{quote}{pattern}{quote}"))
+        args = [a for a in args if a.keyword is None or a.keyword.value != batch]
+        args[-1] = args[-1].with_changes(comma=cst.MaybeSentinel.DEFAULT)
+        new = updated.with_changes(args=args)
+        self.context.record(
+            "flatten-batch", self.where, original, new, "tokens are flattened: the pattern has no batch axis"
+        )
+        return new
 
     def _track_attention_output(self, statement: cst.SimpleStatementLine) -> None:
         """Follows the paged attention's output (`self.attn(...)`) through reassignments that run no

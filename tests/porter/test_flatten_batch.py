@@ -14,6 +14,7 @@ from tests.porter.rewrite_helpers import (
     MINI_MODEL,
     assert_code,
     method_code,
+    normalize,
     replace_method,
     run_rewrites,
     vary,
@@ -321,3 +322,56 @@ def unrelated(x):
     assert "position_scale(positions, 0.5)" in after
     assert "return scaling[:, None, None]" in after
     assert "return x[:, None, :, None]" in after  # not called with the positions: left alone
+
+
+def _with_einops(source: str) -> str:
+    return vary(source, "import torch\n", "import torch\nfrom einops import rearrange\n")
+
+
+def test_an_einops_pattern_keeping_batch_and_sequence_in_place_loses_the_batch_axis():
+    # InternLM2's fused wqkv split: "b q (h gs d)" on [T, hidden] tokens has one axis too many.
+    before = replace_method(
+        _with_einops(MINI_MODEL),
+        "MiniAttention",
+        "forward",
+        """
+        def forward(self, hidden_states, attention_mask=None, **kwargs):
+            bsz, q_len, _ = hidden_states.size()
+            qkv_states = self.q_proj(hidden_states)
+            qkv_states = rearrange(
+                qkv_states,
+                "b q (h gs d) -> b q h gs d",
+                gs=2 + self.num_key_value_groups,
+                d=self.head_dim,
+            )
+            query_states = qkv_states[..., : self.num_key_value_groups, :]
+            query_states = rearrange(query_states, "b q h gs d -> b q (h gs) d", b=bsz).transpose(1, 2)
+            key_states = qkv_states[..., -2, :].transpose(1, 2)
+            value_states = qkv_states[..., -1, :].transpose(1, 2)
+            attn_output, attn_weights = attention_interface(self, query_states, key_states, value_states, None)
+            return self.o_proj(attn_output.reshape(bsz, q_len, -1)), attn_weights
+        """,
+    )
+    after = run_rewrites(before, *PREREQUISITES, "flatten-batch")
+    forward = normalize(method_code(after.code, "MiniAttention", "forward"))
+    assert '"q (h gs d) -> q h gs d", gs=2 + self.num_key_value_groups, d=self.head_dim\n' in forward
+    assert 'rearrange(query_states, "q h gs d -> q (h gs) d")' in forward  # b=bsz went too
+
+
+def test_an_einops_pattern_that_moves_its_second_axis_is_left_alone():
+    # "b h s d -> b s (h d)": the second axis is not the sequence; dropping the first would misread it.
+    before = replace_method(
+        _with_einops(MINI_MODEL),
+        "MiniAttention",
+        "forward",
+        """
+        def forward(self, hidden_states, attention_mask=None, **kwargs):
+            query_states = self.q_proj(hidden_states)
+            key_states = self.k_proj(hidden_states)
+            value_states = self.v_proj(hidden_states)
+            attn_output, attn_weights = attention_interface(self, query_states, key_states, value_states, None)
+            return self.o_proj(rearrange(attn_output, "b h s d -> b s (h d)")), attn_weights
+        """,
+    )
+    after = run_rewrites(before, *PREREQUISITES, "flatten-batch")
+    assert '"b h s d -> b s (h d)"' in method_code(after.code, "MiniAttention", "forward")
