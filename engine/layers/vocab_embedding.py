@@ -65,18 +65,32 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """The output projection, sharded like the embedding; logits come from `LogitsProcessor`."""
+    """The output projection, sharded like the embedding; logits come from `LogitsProcessor`.
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, bias: bool = False) -> None:
+    `normalize_rows`: each vocabulary row of the weight is scaled to unit L2 norm as it loads (a head
+    that normalises its weight before the product, done once instead of every step; rows are whole
+    on every rank, so each rank normalises its own)."""
+
+    def __init__(
+        self, num_embeddings: int, embedding_dim: int, bias: bool = False, normalize_rows: bool = False
+    ) -> None:
         super().__init__(num_embeddings, embedding_dim)
+        self.normalize_rows = normalize_rows
         if bias:
             self.bias = nn.Parameter(torch.zeros(self.num_embeddings_per_rank), requires_grad=False)
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
 
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
+        super().weight_loader(param, loaded_weight, shard_id)
+        if self.normalize_rows and param is self.weight:
+            param.data.copy_(F.normalize(param.data.float(), dim=-1).to(param.dtype))
+
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:
         """Makes this head use the embedding's weight Parameter itself (tied word embeddings)."""
+        if self.normalize_rows:
+            raise ValueError("a head that normalises its rows cannot share the embedding's weight")
         if tuple(embedding.weight.shape) != tuple(self.weight.shape):
             raise ValueError(
                 f"cannot tie an LM head of shape {tuple(self.weight.shape)} to an embedding of shape "

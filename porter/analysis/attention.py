@@ -29,7 +29,7 @@ from porter.analysis.inline_attention import (
     relayouts,
     scores_scale,
 )
-from porter.analysis.model_index import ClassInfo, ModelIndex
+from porter.analysis.model_index import SDPA_CALLS, ClassInfo, ModelIndex
 
 HEAD_DIM_WORDS = ("head_dim", "head_size", "attention_head_size", "hidden_size_per_attention_head")
 
@@ -300,7 +300,7 @@ def _core_call(statement: cst.CSTNode, info: ClassInfo, index: ModelIndex) -> cs
         def visit_Call(self, node: cst.Call) -> None:
             name = call_name(node) or ""
             method = self_attribute(node.func)
-            if name == "attention_interface" or (
+            if name in ("attention_interface", *SDPA_CALLS) or (
                 name in index.functions and calls_softmax(code_of(index.functions[name]))
             ):
                 found.append(node)

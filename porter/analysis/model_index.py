@@ -1,7 +1,9 @@
 """An index of a modeling file's classes: bases, methods, submodules, and the role each class plays.
 
 Roles are read from what a class does, never from its name alone:
-- the causal-LM head: the class that holds a Linear projecting to `vocab_size` and returns logits;
+- the causal-LM head: the class whose forward calls a projection to `vocab_size` (a Linear, or a
+  module of the file computing `F.linear(hidden, weight)` with a `[vocab, hidden]` weight; held by the
+  class itself or by one of its submodules, `self.transformer.output_layer`) and returns logits;
 - the decoder layer: the element class of a ModuleList held by a class the head reaches;
 - a submodule built from a table of classes (`ATTENTION_CLASSES[config._attn_implementation](...)`)
   is the class the table's other entries derive from (one backend in the engine);
@@ -16,12 +18,28 @@ from dataclasses import dataclass, field
 
 import libcst as cst
 
-from porter.analysis.cst_utils import call_name, calls_softmax, dotted_name, self_attribute
+from porter.analysis.cst_utils import (
+    call_name,
+    calls_in,
+    calls_softmax,
+    dotted_name,
+    self_attribute,
+    self_attribute_path,
+)
+from porter.analysis.vocab_heads import HeadModule, bound_argument, head_module, names_vocabulary
 from porter.errors import PorterError
 
 LINEAR_CALLS = {"nn.Linear", "torch.nn.Linear", "Linear", "Conv1D"}
 EMBEDDING_CALLS = {"nn.Embedding", "torch.nn.Embedding", "Embedding"}
 MODULE_LIST_CALLS = {"nn.ModuleList", "torch.nn.ModuleList", "ModuleList"}
+# torch's fused attention: an attention core taking q, k, v as [batch, heads, seq, head_dim]
+SDPA_CALLS = {
+    "F.scaled_dot_product_attention",
+    "nn.functional.scaled_dot_product_attention",
+    "torch.nn.functional.scaled_dot_product_attention",
+    "functional.scaled_dot_product_attention",
+    "scaled_dot_product_attention",
+}
 
 
 @dataclass(slots=True)
@@ -37,6 +55,8 @@ class ClassInfo:
     # self.<attr> -> class of this file it instantiates (directly or as ModuleList elements).
     submodules: dict[str, str] = field(default_factory=dict)
     module_lists: set[str] = field(default_factory=set)
+    # what the class computes when it is a vocabulary projection of its own (porter.analysis.vocab_heads)
+    head_module: HeadModule | None = None
 
     def linears(self) -> dict[str, cst.Call]:
         return {a: c for a, c in self.init_calls.items() if call_name(c) in LINEAR_CALLS}
@@ -57,6 +77,12 @@ class ModelIndex:
     reachable: list[str]  # classes the causal LM needs, in file order
     # module-level dict of this file's classes -> the class every entry is or derives from
     class_tables: dict[str, str] = field(default_factory=dict)
+    # the head's attribute path from the causal LM (`["lm_head"]`, `["transformer", "output_layer"]`)
+    head_path: list[str] | None = None
+
+    def head_owner(self) -> str | None:
+        """The class whose `__init__` builds the head."""
+        return self.class_of_path(self.causal_lm, self.head_path[:-1]) if self.head_path else None
 
     def embedding_classes(self) -> set[str]:
         """What builds an embedding here: `nn.Embedding` itself and this file's subclasses of it."""
@@ -87,7 +113,10 @@ def build_index(module: cst.Module, causal_lm: str | None = None) -> ModelIndex:
     for info in classes.values():
         _link_submodules(info, classes, tables)
 
-    causal_lm = causal_lm or _find_causal_lm(classes)
+    if causal_lm is None:
+        causal_lm, head_path = _find_causal_lm(classes)
+    else:
+        head_path = _head_path(causal_lm, classes)
     reachable = _reachable(causal_lm, classes)
     decoder_layer = backbone = None
     for name in reachable:
@@ -96,9 +125,11 @@ def build_index(module: cst.Module, causal_lm: str | None = None) -> ModelIndex:
             if element is not None:
                 backbone, decoder_layer = name, element
     attention = {name for name in reachable if _calls_attention_core(classes[name], functions, classes)}
-    return ModelIndex(
+    index = ModelIndex(
         module, classes, functions, causal_lm, backbone, decoder_layer, attention, reachable, tables
     )
+    index.head_path = head_path
+    return index
 
 
 def class_tables(module: cst.Module, classes: dict[str, ClassInfo]) -> dict[str, str]:
@@ -141,6 +172,7 @@ def _class_info(node: cst.ClassDef) -> ClassInfo:
     bases = [dotted_name(arg.value) or "" for arg in node.bases]
     methods = {s.name.value: s for s in node.body.body if isinstance(s, cst.FunctionDef)}
     info = ClassInfo(node.name.value, node, bases, methods)
+    info.head_module = head_module(methods.get("__init__"), methods.get("forward"))
     init = methods.get("__init__")
     if init is not None:
         init.visit(_InitCalls(info))
@@ -230,20 +262,59 @@ def projects_to_vocab(call: cst.Call) -> bool:
     return "vocab_size" in cst.Module(body=[]).code_for_node(out_features)
 
 
-def _find_causal_lm(classes: dict[str, ClassInfo]) -> str:
-    candidates = [
-        info
-        for info in classes.values()
-        if "forward" in info.methods and any(projects_to_vocab(c) for c in info.init_calls.values())
-    ]
+def vocab_projection(call: cst.Call | None, classes: dict[str, ClassInfo]) -> bool:
+    """A Linear to the vocabulary, or a head module of the file built with the vocabulary as its
+    output size (`NormHead(config.hidden_size, config.vocab_size)`)."""
+    if call is None:
+        return False
+    if projects_to_vocab(call):
+        return True
+    built = classes.get(call_name(call) or "")
+    if built is None or built.head_module is None:
+        return False
+    return names_vocabulary(bound_argument(call, built.methods["__init__"], built.head_module.out_param))
+
+
+def _head_path(name: str, classes: dict[str, ClassInfo]) -> list[str] | None:
+    """The path of the vocabulary projection `name`'s forward calls (`self.transformer.output_layer(h)`),
+    else the one it holds itself."""
+    info = classes[name]
+    forward = info.methods.get("forward")
+    for call in calls_in(forward) if forward is not None else []:
+        path = self_attribute_path(call.func)
+        if not path:
+            continue
+        owner: str | None = name
+        for attr in path[:-1]:
+            owner = classes[owner].submodules.get(attr) if owner in classes else None
+        if owner in classes and vocab_projection(classes[owner].init_calls.get(path[-1]), classes):
+            return path
+    held = [attr for attr, call in info.init_calls.items() if vocab_projection(call, classes)]
+    return held[:1] or None
+
+
+def _find_causal_lm(classes: dict[str, ClassInfo]) -> tuple[str, list[str]]:
+    candidates = []
+    for info in classes.values():
+        if "forward" not in info.methods:
+            continue
+        path = _head_path(info.name, classes)
+        if path is not None:
+            calls_it = any(self_attribute_path(c.func) == path for c in calls_in(info.methods["forward"]))
+            candidates.append((info, path, calls_it))
     if not candidates:
         raise PorterError("found no causal-LM class (no Linear projecting to vocab_size)")
-    # Several classes can hold a vocab head (double-head variants); the plain causal LM is the one
-    # with the fewest modules beside its backbone.
+    # A class whose forward calls the head comes before one that only holds it (a backbone holding
+    # the head its wrapper calls). Several classes can hold a vocab head (double-head variants); the
+    # plain causal LM is the one with the fewest modules beside its backbone.
     candidates.sort(
-        key=lambda info: (not info.name.endswith(("ForCausalLM", "LMHeadModel")), len(info.init_calls))
+        key=lambda c: (
+            not c[2],
+            not c[0].name.endswith(("ForCausalLM", "LMHeadModel")),
+            len(c[0].init_calls),
+        )
     )
-    return candidates[0].name
+    return candidates[0][0].name, candidates[0][1]
 
 
 def _reachable(root: str, classes: dict[str, ClassInfo]) -> list[str]:
@@ -298,7 +369,7 @@ class _AttentionCoreFinder(cst.CSTVisitor):
     def visit_Call(self, node: cst.Call) -> None:
         name = call_name(node) or ""
         method = self_attribute(node.func)
-        if "ALL_ATTENTION_FUNCTIONS" in name or name == "attention_interface":
+        if "ALL_ATTENTION_FUNCTIONS" in name or name == "attention_interface" or name in SDPA_CALLS:
             self.found = True
         elif name in self.functions and _has_softmax(self.functions[name]):
             self.found = True

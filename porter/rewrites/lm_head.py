@@ -6,7 +6,10 @@
 that gathers the vocabulary shards and cuts the padding off, followed by whatever the source did
 to the logits afterwards (scaling, soft-capping) and nothing that needs labels. The head's
 `nn.Linear(hidden, vocab)` becomes `ParallelLMHead(vocab, hidden)`, tied to the input embedding
-when the config ties them.
+when the config ties them. A head module of the file (porter.analysis.vocab_heads) becomes the same
+layer, told to normalise its rows once at load time where the module normalised them in forward;
+a head held by a submodule (`self.transformer.output_layer`) is replaced where it is built and
+called by its path.
 """
 
 from __future__ import annotations
@@ -19,11 +22,13 @@ from porter.analysis.cst_utils import (
     code_of,
     names_in,
     self_attribute,
+    self_attribute_path,
     statement_targets,
 )
-from porter.analysis.model_index import LINEAR_CALLS, ModelIndex, projects_to_vocab
+from porter.analysis.model_index import ModelIndex, vocab_projection
 from porter.analysis.projections import linear_bias
 from porter.analysis.signatures import PLUMBING
+from porter.analysis.vocab_heads import bound_argument
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
 
 LAYERS = "engine.layers"
@@ -34,10 +39,8 @@ class SplitLMHead(Rewrite):
 
     def apply(self, module: cst.Module, context: PortContext) -> cst.Module:
         index = context.index
-        info = index.classes[index.causal_lm]
-        head = next(attr for attr, call in info.init_calls.items() if projects_to_vocab(call))
         embedding = _vocab_embedding_path(index)
-        return module.visit(_Transformer(context, head, embedding))
+        return module.visit(_Transformer(context, index.head_path, index.head_owner(), embedding))
 
 
 def _vocab_embedding_path(index: ModelIndex) -> list[str] | None:
@@ -64,30 +67,44 @@ def _vocab_embedding_path(index: ModelIndex) -> list[str] | None:
 
 
 class _Transformer(ClassScopedTransformer):
-    def __init__(self, context: PortContext, head: str, embedding: list[str] | None) -> None:
+    def __init__(
+        self, context: PortContext, head_path: list[str], owner: str, embedding: list[str] | None
+    ) -> None:
         super().__init__(context)
-        self.head, self.embedding = head, embedding
+        self.head_path, self.owner, self.embedding = head_path, owner, embedding
+        self.head = ".".join(head_path)
 
     @property
     def in_head_class(self) -> bool:
         return self.current_class == self.context.index.causal_lm
 
     def leave_Assign(self, original: cst.Assign, updated: cst.Assign):
-        if not (self.in_head_class and self.current_function == "__init__"):
+        if not (self.current_class == self.owner and self.current_function == "__init__"):
             return updated
-        if (
-            self_attribute(updated.targets[0].target) != self.head
-            or call_name(updated.value) not in LINEAR_CALLS
+        classes = self.context.index.classes
+        if self_attribute(updated.targets[0].target) != self.head_path[-1] or not vocab_projection(
+            updated.value, classes
         ):
             return updated
         call = updated.value
-        hidden, vocab = call.args[0].value, call.args[1].value
-        bias_code = f", bias={code_of(linear_bias(call))}"
-        new = cst.parse_expression(f"ParallelLMHead({code_of(vocab)}, {code_of(hidden)}{bias_code})")
+        built = classes.get(call_name(call) or "")
+        if built is not None and built.head_module is not None:
+            init, head = built.methods["__init__"], built.head_module
+            hidden = bound_argument(call, init, head.in_param)
+            vocab = bound_argument(call, init, head.out_param)
+            extra = ", normalize_rows=True" if head.normalize_rows else ""
+            reason = (
+                "vocabulary-parallel head; the module's row normalisation done once at load time"
+                if head.normalize_rows
+                else "vocabulary-parallel head (vocab padded to a multiple of 64*tp)"
+            )
+        else:
+            hidden, vocab = call.args[0].value, call.args[1].value
+            extra = f", bias={code_of(linear_bias(call))}"
+            reason = "vocabulary-parallel head (vocab padded to a multiple of 64*tp)"
+        new = cst.parse_expression(f"ParallelLMHead({code_of(vocab)}, {code_of(hidden)}{extra})")
         self.context.need(LAYERS, "ParallelLMHead")
-        self.context.record(
-            "lm-head", self.where, call, new, "vocabulary-parallel head (vocab padded to a multiple of 64*tp)"
-        )
+        self.context.record("lm-head", self.where, call, new, reason)
         self.vocab_code = code_of(vocab)
         return updated.with_changes(value=new)
 
@@ -130,7 +147,11 @@ class _Transformer(ClassScopedTransformer):
     def _split_forward(self, forward: cst.FunctionDef) -> tuple[cst.FunctionDef, cst.FunctionDef]:
         body = list(forward.body.body)
         position = next(
-            (i for i, s in enumerate(body) if any(self_attribute(c.func) == self.head for c in calls_in(s))),
+            (
+                i
+                for i, s in enumerate(body)
+                if any(self_attribute_path(c.func) == self.head_path for c in calls_in(s))
+            ),
             None,
         )
         if position is None:
@@ -138,7 +159,7 @@ class _Transformer(ClassScopedTransformer):
             return forward, cst.parse_statement(
                 "def compute_logits(self, hidden_states, input_metadata):\n    return None\n"
             )
-        replacer = _ReplaceHeadCall(self.head)
+        replacer = _ReplaceHeadCall(self.head_path)
         head_statement = body[position].visit(replacer)
         # forward returns what the head was given; compute_logits takes it under a plain name.
         returned = replacer.hidden or "hidden_states"
@@ -206,11 +227,11 @@ class _ReplaceHeadCall(cst.CSTTransformer):
     (`self.decoder(self.lm_head(hidden[...]))`, BERT-style) runs on each sequence's last token only:
     `self.logits_processor(self.decoder, self.lm_head(hidden[input_metadata.logits_indices]), None)`."""
 
-    def __init__(self, head: str) -> None:
-        self.head, self.hidden = head, None
+    def __init__(self, head_path: list[str]) -> None:
+        self.head_path, self.head, self.hidden = head_path, ".".join(head_path), None
 
     def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.BaseExpression:
-        if self_attribute(updated.func) != self.head or not updated.args:
+        if self_attribute_path(updated.func) != self.head_path or not updated.args:
             return updated
         argument = updated.args[0].value
         inner = None

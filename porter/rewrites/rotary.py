@@ -48,7 +48,7 @@ class RotaryToEngine(Rewrite):
         apply_functions = {
             name: _is_neox_style(function, index.functions)
             for name, function in index.functions.items()
-            if {"cos", "sin"} <= set(function_params(function))
+            if {"cos", "sin"} <= set(_cos_sin_names(function))
         }
         # `apply(x, sin, cos)`, one tensor per call (GPT-J, CodeGen): the engine's layer rotates q
         # and k together, and pairing separate calls is not done yet, so say so instead of guessing.
@@ -194,8 +194,14 @@ def _layer_type_expression(init: cst.FunctionDef) -> str | None:
     return lookups[0] if lookups else None
 
 
+def _cos_sin_names(function: cst.FunctionDef) -> list[str]:
+    """The function's parameter names, trailing underscores dropped (`cos_`, `sin_`: the tables
+    taken under another name so the body can rebind `cos` and `sin`)."""
+    return [name.rstrip("_") or name for name in function_params(function)]
+
+
 def _tensors_before_cos_sin(function: cst.FunctionDef) -> int:
-    params = function_params(function)
+    params = _cos_sin_names(function)
     return min(params.index("cos"), params.index("sin"))
 
 

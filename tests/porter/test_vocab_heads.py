@@ -1,0 +1,196 @@
+"""LM heads found by what they compute: a head module of the file (Baichuan2's NormHead, a
+`[vocab, hidden]` weight normalised in forward), a head held by the backbone and called through it
+(ChatGLM's `self.transformer.output_layer`, sized by `padded_vocab_size`); and the attention core and
+rotary apply function of the same files (torch's scaled_dot_product_attention, `cos_`/`sin_`)."""
+
+from __future__ import annotations
+
+import libcst as cst
+import pytest
+import torch
+
+from engine.layers.vocab_embedding import ParallelLMHead
+from porter.analysis.model_index import build_index
+from porter.analysis.vocab_heads import head_module
+from porter.errors import PorterError
+from tests.porter.rewrite_helpers import (
+    MINI_MODEL,
+    assert_code,
+    init_value,
+    method_code,
+    replace_method,
+    run_rewrites,
+    vary,
+)
+
+HEAD = "self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)"
+
+# tests/fixtures/remote_code/baichuan2_7b/modeling_baichuan.py, verbatim.
+NORM_HEAD = """
+class NormHead(nn.Module):
+    def __init__(self, hidden_size, vocab_size, bias=False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty((vocab_size, hidden_size)))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        self.first_flag = True
+
+    def forward(self, hidden_states):
+        if self.training:
+            norm_weight = nn.functional.normalize(self.weight)
+        elif self.first_flag:
+            self.first_flag = False
+            self.weight = nn.Parameter(nn.functional.normalize(self.weight))
+            norm_weight = self.weight
+        else:
+            norm_weight = self.weight
+        return nn.functional.linear(hidden_states, norm_weight)
+"""
+
+
+def _with_norm_head(norm_head: str = NORM_HEAD) -> str:
+    source = vary(
+        MINI_MODEL, HEAD, "self.lm_head = NormHead(config.hidden_size, config.vocab_size, bias=False)"
+    )
+    return vary(source, "\nclass MiniForCausalLM(", norm_head + "\n\nclass MiniForCausalLM(")
+
+
+def _head_module(code: str):
+    cls = cst.parse_module(code).body[0]
+    methods = {s.name.value: s for s in cls.body.body if isinstance(s, cst.FunctionDef)}
+    return head_module(methods.get("__init__"), methods.get("forward"))
+
+
+def test_a_module_normalising_its_weight_rows_before_the_product_is_a_head_module():
+    found = _head_module(NORM_HEAD)
+    assert (found.weight, found.out_param, found.in_param, found.normalize_rows) == (
+        "weight",
+        "vocab_size",
+        "hidden_size",
+        True,
+    )
+
+
+def test_baichuan2_13b_normalising_into_weight_data_is_the_same_head():
+    thirteen = NORM_HEAD.replace(
+        "self.weight = nn.Parameter(nn.functional.normalize(self.weight))",
+        "self.weight.data = nn.functional.normalize(self.weight)",
+    )
+    assert _head_module(thirteen).normalize_rows
+
+
+def test_a_plain_read_of_a_weight_normalised_only_in_training_is_no_head():
+    # Without the store back into the parameter, eval reads the rows unnormalised: not one projection.
+    training_only = NORM_HEAD.replace(
+        "self.weight = nn.Parameter(nn.functional.normalize(self.weight))", "pass"
+    )
+    assert _head_module(training_only) is None
+
+
+def test_a_head_module_becomes_a_parallel_lm_head_normalising_its_rows_at_load_time():
+    after = run_rewrites(_with_norm_head(), "lm-head")
+    assert build_index(cst.parse_module(_with_norm_head())).causal_lm == "MiniForCausalLM"
+    assert (
+        init_value(after.code, "MiniForCausalLM", "lm_head")
+        == "ParallelLMHead(config.vocab_size, config.hidden_size, normalize_rows=True)"
+    )
+    assert_code(
+        method_code(after.code, "MiniForCausalLM", "compute_logits"),
+        """
+        def compute_logits(self, hidden_states, input_metadata):
+            logits = self.logits_processor(self.lm_head, hidden_states, input_metadata)
+            return logits
+        """,
+    )
+
+
+def test_a_head_module_built_with_another_output_size_is_no_lm_head():
+    source = vary(
+        _with_norm_head(), "NormHead(config.hidden_size, config.vocab_size", "NormHead(config.hidden_size, 8"
+    )
+    with pytest.raises(PorterError, match="found no causal-LM class"):
+        build_index(cst.parse_module(source))
+
+
+# ChatGLM keeps its head in the backbone and calls it from the causal LM (chatglm2/modeling_chatglm.py:
+# `self.output_layer = ...(config.hidden_size, config.padded_vocab_size, ...)` in ChatGLMModel,
+# `lm_logits = self.transformer.output_layer(hidden_states)` in ChatGLMForConditionalGeneration).
+def _head_in_backbone() -> str:
+    source = vary(
+        MINI_MODEL,
+        "        self.norm = nn.LayerNorm(config.hidden_size)\n",
+        "        self.norm = nn.LayerNorm(config.hidden_size)\n"
+        "        self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)\n",
+    )
+    source = vary(source, f"        {HEAD}\n", "")
+    return vary(
+        source, "logits = self.lm_head(hidden_states)", "logits = self.model.output_layer(hidden_states)"
+    )
+
+
+def test_a_head_the_backbone_holds_and_the_causal_lm_calls_is_found_by_its_path():
+    index = build_index(cst.parse_module(_head_in_backbone()))
+    assert (index.causal_lm, index.head_path, index.head_owner()) == (
+        "MiniForCausalLM",
+        ["model", "output_layer"],
+        "MiniModel",
+    )
+
+
+def test_a_head_in_the_backbone_is_replaced_where_it_is_built_and_called_by_its_path():
+    after = run_rewrites(_head_in_backbone(), "lm-head")
+    assert (
+        init_value(after.code, "MiniModel", "output_layer")
+        == "ParallelLMHead(config.padded_vocab_size, config.hidden_size, bias=False)"
+    )
+    assert init_value(after.code, "MiniForCausalLM", "logits_processor") == (
+        "LogitsProcessor(config.padded_vocab_size)"
+    )
+    assert_code(
+        method_code(after.code, "MiniForCausalLM", "compute_logits"),
+        """
+        def compute_logits(self, hidden_states, input_metadata):
+            logits = self.logits_processor(self.model.output_layer, hidden_states, input_metadata)
+            return logits
+        """,
+    )
+
+
+def test_a_head_normalising_its_rows_loads_unit_rows_on_every_rank():
+    torch.manual_seed(0)
+    weight = torch.randn(10, 4) * 3
+    head = ParallelLMHead(10, 4, normalize_rows=True)
+    head.weight.weight_loader(head.weight, weight)
+    rows = head.weight[:10]
+    torch.testing.assert_close(rows, torch.nn.functional.normalize(weight))
+    assert torch.count_nonzero(head.weight[10:]) == 0  # vocabulary padding stays zero
+    with pytest.raises(ValueError, match="normalises its rows"):
+        head.tie_to(head)
+
+
+# Baichuan2's attention core (baichuan2_7b/modeling_baichuan.py, Attention.forward, the inference branch).
+SDPA_FORWARD = """
+def forward(self, hidden_states, attention_mask=None, past_key_values=None, **kwargs):
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+    query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    with torch.backends.cuda.sdp_kernel(enable_flash=True, enable_math=True, enable_mem_efficient=True):
+        attn_output = F.scaled_dot_product_attention(query_states, key_states, value_states, attn_mask = attention_mask)
+    attn_output = attn_output.transpose(1, 2)
+    attn_output = attn_output.reshape(*input_shape, -1)
+    attn_output = self.o_proj(attn_output)
+    return attn_output, None
+"""
+
+
+def test_torch_scaled_dot_product_attention_is_an_attention_core():
+    source = replace_method(MINI_MODEL, "MiniAttention", "forward", SDPA_FORWARD)
+    assert "MiniAttention" in build_index(cst.parse_module(source)).attention
+    after = run_rewrites(source, "paged-attention")
+    assert (
+        "attn_output = self.attn(query_states, key_states, value_states, kv_cache, input_metadata)"
+        in after.formatted
+    )
+    # its default scale: 1/sqrt(head_dim)
+    assert "scale=self.head_dim ** -0.5" in init_value(after.code, "MiniAttention", "attn")
