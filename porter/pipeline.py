@@ -20,6 +20,7 @@ from porter.rewrites.base import Change, PortContext, ReviewItem, Rewrite
 from porter.rewrites.blocked_qkv import SplitBlockedQKV
 from porter.rewrites.class_table import BuildTableClass
 from porter.rewrites.conditional_inputs import ConditionalInputs
+from porter.rewrites.conditional_modules import SplitConditionalModules
 from porter.rewrites.dead_code import DecideConditions, RemoveDeadCode
 from porter.rewrites.engine_interface import EngineInterface
 from porter.rewrites.flatten_batch import FlattenBatch
@@ -30,6 +31,7 @@ from porter.rewrites.gated_activation import FuseGatedActivation
 from porter.rewrites.head_sharded_norm import ShardNormsByHead
 from porter.rewrites.hf_plumbing import StripHFPlumbing
 from porter.rewrites.imports import FixImports
+from porter.rewrites.latent_attention import LatentAttentionToEngine
 from porter.rewrites.layer_loops import UnzipLayerLoops
 from porter.rewrites.lm_head import SplitLMHead
 from porter.rewrites.load_weights import EmitLoadWeights
@@ -51,6 +53,7 @@ from porter.rewrites.unused_modules import DropUnusedModules
 REWRITES: list[Rewrite] = [
     BuildTableClass(),  # a submodule picked from a table of backend classes -> the common class
     PlainLinear(),  # Linear subclasses that only compute x W^T + b -> the Linear itself
+    SplitConditionalModules(),  # `self.m = A(...) if c else B(...)` -> an if/else of the two
     StripHFPlumbing(),  # framework bases, decorators, init helpers
     FuseExperts(),  # batched experts modules -> FusedMoE
     FoldRouting(),  # a router's softmax / top-k / renormalise statements -> one routing function
@@ -60,6 +63,7 @@ REWRITES: list[Rewrite] = [
     ConditionalInputs(),  # `if alibi is None:` where a config flag builds alibi -> a test of that flag
     DecideConditions(),  # branches the engine decides (no cache, no cross-attention, not training)
     UnzipLayerLoops(),  # layer loops zipped with per-layer HF caches
+    LatentAttentionToEngine(),  # attention over a compressed latent -> MultiLatentAttention
     SwapPagedAttention(),  # the attention core becomes one PagedAttention call
     AttentionSinks(),  # a learned logit in each head's softmax denominator -> PagedAttention(sinks=...)
     SplitByHelper(),  # a fused q|k|v split into heads by a helper -> split by this rank's sizes

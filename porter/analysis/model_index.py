@@ -375,5 +375,8 @@ class _AttentionCoreFinder(cst.CSTVisitor):
             self.found = True
         elif method in self.info.methods and _has_softmax(self.info.methods[method]):
             self.found = True
-        elif method is not None and call_name(self.info.init_calls.get(method)) == "PagedAttention":
+        elif method is not None and call_name(self.info.init_calls.get(method)) in (
+            "PagedAttention",
+            "MultiLatentAttention",
+        ):
             self.found = True  # already ported

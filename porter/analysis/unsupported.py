@@ -3,7 +3,6 @@
 Each check reads what the code does, never a model's name:
 - mixture-of-experts routing: a forward that picks experts with a top-k over router scores, unless
   the experts are batched modules (`porter.analysis.experts`), which the fused-MoE rewrite ports;
-- multi-latent attention: attention through low-rank compressed KV projections (`kv_lora_rank`);
 - cross-attention the model always runs: a forward whose encoder states are a required input;
 - recurrent / state-space layers: a convolution or scan state carried between steps (`conv_state`,
   `ssm_state`, `A_log`, a recurrent state);
@@ -90,8 +89,6 @@ class _Finder(cst.CSTVisitor):
             for param in node.params.params:
                 if param.name.value == "encoder_hidden_states" and param.default is None:
                     self._add("cross-attention over encoder states", where, node)
-        if "kv_lora_rank" in code:
-            self._add("multi-latent attention (compressed KV projections)", where, node)
         if any(word in code for word in STATE_WORDS):
             self._add("a recurrent or state-space layer (state carried across steps)", where, node)
 

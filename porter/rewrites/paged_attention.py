@@ -14,7 +14,7 @@ import libcst as cst
 
 from porter.analysis.alibi import Slopes, derive_slopes
 from porter.analysis.attention import AttentionInfo, analyse_attention
-from porter.analysis.cst_utils import code_of, names_in, statement_targets
+from porter.analysis.cst_utils import call_name, code_of, names_in, statement_targets
 from porter.analysis.inline_attention import relayout_source
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
 
@@ -26,6 +26,8 @@ class SwapPagedAttention(Rewrite):
 
     def apply(self, module: cst.Module, context: PortContext) -> cst.Module:
         for name in sorted(context.index.attention):
+            if _ported_latent_attention(context.index.classes[name]):
+                continue
             info = analyse_attention(context.index, name)
             if info is None:
                 context.flag(
@@ -56,6 +58,11 @@ class SwapPagedAttention(Rewrite):
                     "the builder's head slopes, for PagedAttention",
                 )
         return module.visit(_Transformer(context, slopes))
+
+
+def _ported_latent_attention(info) -> bool:
+    """A class the latent-attention rewrite gave a MultiLatentAttention: its core is already the engine's."""
+    return any(call_name(call) == "MultiLatentAttention" for call in info.init_calls.values())
 
 
 def _with_function_after(module: cst.Module, code: str, after: str) -> cst.Module:

@@ -19,6 +19,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from porter.errors import PorterError
 from porter.verify.small_experts import check_routing_varies, shrink_experts
+from porter.verify.small_latent import shrink_latent_attention
 
 HIDDEN, HEADS, KV_HEADS, LAYERS, INTERMEDIATE, VOCAB, POSITIONS = 64, 4, 2, 2, 160, 997, 256
 SLIDING_WINDOW = 8
@@ -164,6 +165,7 @@ def shrink(config: PretrainedConfig, default: PretrainedConfig) -> PretrainedCon
         if isinstance(value, int) and value >= VOCAB:
             setattr(config, name, VOCAB - 1 - ("pad bos eos".split().index(name.split("_")[0])))
     shrink_experts(config)
+    shrink_latent_attention(config, default)
     return config
 
 
