@@ -23,12 +23,14 @@ from porter.rewrites.conditional_inputs import ConditionalInputs
 from porter.rewrites.conditional_modules import SplitConditionalModules
 from porter.rewrites.dead_code import DecideConditions, RemoveDeadCode
 from porter.rewrites.engine_interface import EngineInterface
+from porter.rewrites.engine_types import EngineTypes
 from porter.rewrites.flatten_batch import FlattenBatch
 from porter.rewrites.fuse_gate_up import FuseGateUp
 from porter.rewrites.fuse_qkv import FuseQKV
 from porter.rewrites.fused_moe import FuseExperts
 from porter.rewrites.gated_activation import FuseGatedActivation
 from porter.rewrites.head_sharded_norm import ShardNormsByHead
+from porter.rewrites.hf_leftovers import DropHFLeftovers
 from porter.rewrites.hf_plumbing import StripHFPlumbing
 from porter.rewrites.imports import FixImports
 from porter.rewrites.latent_attention import LatentAttentionToEngine
@@ -47,6 +49,7 @@ from porter.rewrites.shape_checks import DropShapeChecks
 from porter.rewrites.sliced_linears import KeepModuleCalls
 from porter.rewrites.strip_training import StripTraining
 from porter.rewrites.tensor_parallel import TensorParallelLayers
+from porter.rewrites.unread_attributes import DropUnreadAttributes
 from porter.rewrites.unused_modules import DropUnusedModules
 
 # The order matters: each rewrite sees the output of the ones before it.
@@ -84,6 +87,10 @@ REWRITES: list[Rewrite] = [
     DropUnusedModules(),  # modules nothing runs (a decoder's cross-attention); their weights skipped
     EmitLoadWeights(),  # load_weights from the plan (fused names, ties)
     PruneUnused(),  # task heads, eager attention helpers
+    DropHFLeftovers(),  # logger calls, maintainers' notes, whole-list slices, passed-on temporaries
+    DropUnreadAttributes(),  # `self.x = ...` nothing reads, then the parameters only it read
+    PruneUnused(),  # what only the dropped attributes and leftovers read (a logger, a helper)
+    EngineTypes(),  # forward inputs typed as the engine's (`kv_cache: KVCache`), not HF's
     FixImports(),  # absolute imports, engine imports, unused ones gone
 ]
 
