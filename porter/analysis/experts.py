@@ -4,10 +4,11 @@ A batched experts module (transformers 5's `*Experts`) is a class whose forward 
 and scatters each expert's output back with `index_add_`, and whose `__init__` holds the experts'
 weights as two stacked 3-D parameters: the one with a doubled dim (`2 * intermediate`) is gate|up,
 the other down. The dims name the sizes: `[E, 2I, H]` and `[E, H, I]` as `F.linear` reads them,
-`[E, H, 2I]` and `[E, I, H]` for weights stored transposed. The expert's computation must be
-`act(gate) * up` on a `[gate | up]` projection split by `chunk(2)`; anything else (interleaved
-gate/up, clamped activations, biases) is a construct the engine's FusedMoE does not compute and is
-reported instead.
+`[E, H, 2I]` and `[E, I, H]` for weights stored transposed. Two further 2-D parameters, `[E, 2I]` and
+`[E, H]`, are the projections' biases. What each expert computes between its projections is read by
+`porter.analysis.expert_activation`: `act(gate) * up` on a `[gate | up]` projection split by
+`chunk(2)`, or the source's own activation (its gate and up rows interleaved or concatenated);
+anything else is a construct the engine's FusedMoE does not compute and is reported instead.
 
 The router is the class built beside the experts whose forward takes a `topk`: its last `topk`'s
 `k` is the number of experts per token.
@@ -15,13 +16,17 @@ The router is the class built beside the experts whose forward takes a `topk`: i
 
 from __future__ import annotations
 
+import builtins
 from dataclasses import dataclass
 
 import libcst as cst
 import libcst.matchers as m
 
 from porter.analysis.cst_utils import code_of, init_attribute_values, self_attribute, self_attributes_read
+from porter.analysis.expert_activation import OwnActivation, read_activation
 from porter.analysis.model_index import ModelIndex
+
+BIAS_NAMES = ("gate_up_proj_bias", "down_proj_bias")  # FusedMoE's, so checkpoint names carry over
 
 PARAMETER_ALLOCATORS = ("empty", "zeros", "ones", "randn", "rand")
 
@@ -38,6 +43,8 @@ class ExpertsModule:
     intermediate_size: cst.BaseExpression
     activation: cst.BaseExpression | None  # the ACT2FN key
     transposed: bool  # stored [E, in, out] rather than F.linear's [E, out, in]
+    bias: bool = False  # both projections carry a per-expert bias
+    own_activation: OwnActivation | None = None  # the source's activation, kept as a module
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,8 +59,8 @@ def loops_with_index_add(function: cst.FunctionDef) -> bool:
     return any(m.findall(loop, index_add) for loop in m.findall(function, m.For()))
 
 
-def _stacked_parameters(init: cst.FunctionDef) -> dict[str, list[cst.BaseExpression]]:
-    """`self.x = nn.Parameter(torch.empty(a, b, c))` -> {x: [a, b, c]}, for 3-D allocations."""
+def _stacked_parameters(init: cst.FunctionDef, rank: int = 3) -> dict[str, list[cst.BaseExpression]]:
+    """`self.x = nn.Parameter(torch.empty(a, b, c))` -> {x: [a, b, c]}, for allocations of `rank` dims."""
     found = {}
     allocation = m.Call(func=m.Attribute(attr=m.OneOf(*(m.Name(n) for n in PARAMETER_ALLOCATORS))))
     for assign in m.findall(init, m.Assign(value=m.Call(func=m.Attribute(attr=m.Name("Parameter"))))):
@@ -64,7 +71,7 @@ def _stacked_parameters(init: cst.FunctionDef) -> dict[str, list[cst.BaseExpress
         dims = [arg.value for arg in inner.args if arg.keyword is None]
         if len(dims) == 1 and isinstance(dims[0], (cst.Tuple, cst.List)):  # torch.empty((E, I, H))
             dims = [element.value for element in dims[0].elements]
-        if len(dims) == 3:
+        if len(dims) == rank:
             found[attr] = dims
     return found
 
@@ -101,8 +108,27 @@ def _resolve(expression: cst.BaseExpression, values: dict[str, cst.BaseExpressio
     return expression.visit(_Inline())
 
 
+def _biases(
+    init: cst.FunctionDef, forward: cst.FunctionDef, experts: str, doubled_dim: str, hidden: str
+) -> dict[str, str]:
+    """The 2-D `[E, 2I]` (gate|up) and `[E, H]` (down) parameters forward reads: {attr: which}."""
+    found = {}
+    for attr, dims in _stacked_parameters(init, rank=2).items():
+        if attr not in self_attributes_read(forward) or code_of(dims[0]) != experts:
+            continue
+        which = {doubled_dim: "gate_up_proj_bias", hidden: "down_proj_bias"}.get(code_of(dims[1]))
+        if which:
+            found[attr] = which
+    return found
+
+
+def _expert_loop(forward: cst.FunctionDef) -> cst.For:
+    index_add = m.Call(func=m.Attribute(attr=m.Name("index_add_")))
+    return next(loop for loop in m.findall(forward, m.For()) if m.findall(loop, index_add))
+
+
 def read_experts(
-    info_node: cst.ClassDef, methods: dict[str, cst.FunctionDef]
+    info_node: cst.ClassDef, methods: dict[str, cst.FunctionDef], module_names: frozenset[str] = frozenset()
 ) -> ExpertsModule | ExpertsProblem | None:
     """The facts of a batched experts class, a problem naming what does not fit, or None."""
     forward, init = methods.get("forward"), methods.get("__init__")
@@ -118,9 +144,6 @@ def read_experts(
         return (
             None if not stacked else ExpertsProblem(name, f"experts holding {len(stacked)} stacked weights")
         )
-    extra = sorted((parameters - set(stacked)) & self_attributes_read(forward))
-    if extra:
-        return ExpertsProblem(name, f"experts with further learned weights ({', '.join(extra)})")
     doubled = {
         attr: [i for i, dim in enumerate(dims) if _halved(dim) is not None] for attr, dims in stacked.items()
     }
@@ -135,9 +158,24 @@ def read_experts(
     expected_down = [experts, intermediate, hidden] if transposed else [experts, hidden, intermediate]
     if [code_of(d) for d in stacked[down]] != [code_of(d) for d in expected_down]:
         return ExpertsProblem(name, f"expert weights whose shapes do not pair ({gate_up}, {down})")
-    problem = _check_computation(forward, values)
-    if problem:
-        return ExpertsProblem(name, problem)
+    biases = _biases(
+        init, forward, code_of(experts), code_of(third if transposed else second), code_of(hidden)
+    )
+    extra = sorted((parameters - set(stacked) - set(biases)) & self_attributes_read(forward))
+    if extra:
+        return ExpertsProblem(name, f"experts with further learned weights ({', '.join(extra)})")
+    if biases and (len(biases) != 2 or any(attr != which for attr, which in biases.items())):
+        return ExpertsProblem(
+            name, f"expert biases other than one each named {' and '.join(BIAS_NAMES)} ({', '.join(biases)})"
+        )
+    found = read_activation(_expert_loop(forward), methods, gate_up, down, parameters, set(module_names))
+    if isinstance(found, str):
+        return ExpertsProblem(name, found)
+    own = found if isinstance(found, OwnActivation) else None
+    if own is None:
+        problem = _check_computation(forward, values)
+        if problem:
+            return ExpertsProblem(name, problem)
     activation = next(
         (
             value.slice[0].slice.value
@@ -153,8 +191,10 @@ def read_experts(
         _resolve(experts, values),
         _resolve(hidden, values),
         _resolve(intermediate, values),
-        None if activation is None else _resolve(activation, values),
+        None if activation is None or own else _resolve(activation, values),
         transposed,
+        bool(biases),
+        own,
     )
 
 
@@ -179,14 +219,32 @@ def _check_computation(forward: cst.FunctionDef, values: dict[str, cst.BaseExpre
 def find_experts(index: ModelIndex) -> tuple[dict[str, ExpertsModule], list[ExpertsProblem]]:
     """Every reachable batched experts class, and those whose computation FusedMoE does not cover."""
     found, problems = {}, []
+    names = frozenset(module_level_names(index.module))
     for name in index.reachable:
         info = index.classes[name]
-        result = read_experts(info.node, info.methods)
+        result = read_experts(info.node, info.methods, names)
         if isinstance(result, ExpertsModule):
             found[name] = result
         elif isinstance(result, ExpertsProblem):
             problems.append(result)
     return found, problems
+
+
+def module_level_names(module: cst.Module) -> set[str]:
+    """Names a module binds at its top level: imports, classes, functions, assignments."""
+    names: set[str] = set()
+    for statement in module.body:
+        if isinstance(statement, (cst.ClassDef, cst.FunctionDef)):
+            names.add(statement.name.value)
+        for alias in m.findall(statement, m.ImportAlias()):
+            bound = alias.asname.name if alias.asname else alias.name
+            while isinstance(bound, cst.Attribute):
+                bound = bound.value
+            names.add(bound.value)
+        if isinstance(statement, cst.SimpleStatementLine):
+            for target in m.findall(statement, m.AssignTarget(target=m.Name())):
+                names.add(target.target.value)
+    return names | set(dir(builtins))
 
 
 def top_k_of(router: cst.FunctionDef) -> cst.BaseExpression | None:

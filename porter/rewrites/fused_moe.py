@@ -6,8 +6,12 @@ weights, an expert loop scattering with `index_add_`), the construction becomes
 from the experts' own `__init__` (its parameters bound to the call's arguments) and `top_k` from
 the router built beside it. The call site keeps its arguments `(hidden_states, top_k_index,
 top_k_weights)`, which FusedMoE takes in that order, and the experts class goes: every rank holds
-its shard of every expert and the layer all-reduces once. Experts computing something else stop the
-port, naming it.
+its shard of every expert and the layer all-reduces once. Experts whose projections carry biases
+build it with `bias=True`. Where the experts compute their own activation between the projections
+(`porter.analysis.expert_activation`), the experts class becomes `<Experts>Activation`, a module whose
+forward is that code and whose `__init__` keeps the attributes it reads, passed as
+`activation=<Experts>Activation(...)` with the `gate_up_layout` its slicing shows. Experts computing
+something else stop the port, naming it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import libcst as cst
 import libcst.matchers as m
 
 from porter.analysis.cst_utils import call_name, code_of, init_attribute_values, names_in, self_attribute
+from porter.analysis.expert_activation import OwnActivation
 from porter.analysis.experts import ExpertsModule, find_experts, top_k_of
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
 
@@ -33,9 +38,44 @@ class FuseExperts(Rewrite):
             return module
         context.need("engine.layers.moe", "FusedMoE")
         module = module.visit(_Transformer(context, experts))
-        return module.with_changes(
-            body=[s for s in module.body if not (isinstance(s, cst.ClassDef) and s.name.value in experts)]
-        )
+        body = []
+        for statement in module.body:
+            if isinstance(statement, cst.ClassDef) and statement.name.value in experts:
+                own = experts[statement.name.value].own_activation
+                if own is not None:
+                    body.append(activation_class(statement, own))
+            else:
+                body.append(statement)
+        return module.with_changes(body=body)
+
+
+def activation_name(experts: str) -> str:
+    return f"{experts}Activation"
+
+
+def activation_class(experts: cst.ClassDef, own: OwnActivation) -> cst.ClassDef:
+    """The experts class reduced to its activation: the attributes it reads, and its code as forward."""
+    init = cst.ensure_type(
+        cst.parse_statement(
+            f"def __init__(self{''.join(', ' + p for p in own.init_parameters)}):\n    super().__init__()\n"
+        ),
+        cst.FunctionDef,
+    )
+    init = init.with_changes(body=init.body.with_changes(body=[*init.body.body, *own.init_statements]))
+    forward = cst.ensure_type(
+        cst.parse_statement(f"def forward(self, {own.parameter}):\n    pass\n"), cst.FunctionDef
+    )
+    forward = forward.with_changes(
+        params=own.parameters, body=forward.body.with_changes(body=list(own.body)), returns=own.returns
+    )
+    docstring = cst.parse_statement(
+        f'"""The activation of {experts.name.value}: an expert\'s gate|up projection -> its gated output."""'
+    )
+    return experts.with_changes(
+        name=cst.Name(activation_name(experts.name.value)),
+        decorators=[],
+        body=experts.body.with_changes(body=[docstring, init, forward]),
+    )
 
 
 def bind_arguments(function: cst.FunctionDef, call: cst.Call) -> dict[str, cst.BaseExpression]:
@@ -92,6 +132,19 @@ class _Transformer(ClassScopedTransformer):
             code += f", activation={code_of(substitute(found.activation, bound))}"
         if found.transposed:
             code += ", checkpoint_transposed=True"
+        own = found.own_activation
+        if own is not None:
+            passed = [code_of(bound[p]) for p in own.init_parameters if p in bound]
+            if len(passed) != len(own.init_parameters):
+                self.context.flag(
+                    "fused-moe", self.where, f"{built}'s activation reads settings the call leaves out"
+                )
+                return updated
+            code += f", activation={activation_name(built)}({', '.join(passed)})"
+            if own.layout != "concatenated":
+                code += f", gate_up_layout={own.layout!r}"
+        if found.bias:
+            code += ", bias=True"
         replacement = updated.with_changes(value=cst.parse_expression(f"FusedMoE({code})"))
         self.context.record(
             "fused-moe",

@@ -110,7 +110,7 @@ def test_experts_stored_transposed_are_loaded_transposed():
     )
 
 
-def test_experts_with_a_clamped_interleaved_activation_stop_the_port():
+def test_experts_whose_gate_and_up_reach_the_down_projection_unnamed_stop_the_port():
     clamped = vary(
         EXPERTS,
         "gate, up = nn.functional.linear(hidden_states[token_idx], self.gate_up_proj[expert_idx]).chunk(2, dim=-1)",
@@ -119,12 +119,12 @@ def test_experts_with_a_clamped_interleaved_activation_stop_the_port():
     )
     after = run_rewrites(moe_model(clamped), "fused-moe")
     assert after.review_messages() == [
-        "fused-moe @ MiniExperts.forward: an expert computation other than act(gate) * up on a "
-        "[gate | up] projection is not computed by FusedMoE"
+        "fused-moe @ MiniExperts.forward: an expert activation porter cannot separate from the projections "
+        "is not computed by FusedMoE"
     ]
 
 
-def test_experts_with_biases_stop_the_port():
+def test_experts_with_a_bias_on_one_projection_only_stop_the_port():
     biased = vary(
         EXPERTS,
         "        self.act_fn = ACT2FN[config.hidden_act]\n",
@@ -138,8 +138,8 @@ def test_experts_with_biases_stop_the_port():
     )
     after = run_rewrites(moe_model(biased), "fused-moe")
     assert after.review_messages() == [
-        "fused-moe @ MiniExperts.forward: experts with further learned weights (down_proj_bias) is not "
-        "computed by FusedMoE"
+        "fused-moe @ MiniExperts.forward: expert biases other than one each named gate_up_proj_bias and "
+        "down_proj_bias (down_proj_bias) is not computed by FusedMoE"
     ]
 
 
