@@ -94,6 +94,8 @@ def bias_inputs(index: ModelIndex) -> dict[str, set[str]]:
         forward = info.methods.get("forward")
         if forward is None:
             continue
+        for derived in _carried_into(forward, name):
+            pending.append((owner, derived))
         loop_modules = _loop_modules(forward, info.submodules)
         for call in m.findall(forward, m.Call()):
             attr = self_attribute(call.func)
@@ -112,6 +114,57 @@ def bias_inputs(index: ModelIndex) -> dict[str, set[str]]:
                     carrying.setdefault(child, set()).add(argument.keyword.value)
                     pending.append((child, argument.keyword.value))
     return carrying
+
+
+# What a tensor's metadata reads: its dtype, device or sizes carry none of its values.
+METADATA_ATTRIBUTES = {"dtype", "device", "shape"}
+METADATA_METHODS = {"size", "dim"}
+
+
+def _carried_into(forward: cst.FunctionDef, name: str) -> set[str]:
+    """Locals of `forward` assigned from an expression that reads the values of `name` (`mask =
+    padding + bias.unsqueeze(0)`, `mask = bias`): the bias travels on under their names. Reads of
+    its dtype, device or sizes only (`x.to(bias.dtype)`) carry nothing, nor does what a submodule or
+    method returns (`h = self.attn(h, mask=bias)`: its output, not the bias)."""
+    found = set()
+    for assign in m.findall(forward, m.Assign()):
+        runs_self = any(code_of(c.func).startswith("self.") for c in m.findall(assign.value, m.Call()))
+        if not runs_self and name in _value_names(assign.value):
+            found |= {n for t in assign.targets for n in _target_names(t.target)} - {name}
+    return found
+
+
+def _target_names(target: cst.BaseExpression) -> list[str]:
+    if isinstance(target, cst.Name):
+        return [target.value]
+    if isinstance(target, (cst.Tuple, cst.List)):
+        return [n for e in target.elements for n in _target_names(e.value)]
+    return []
+
+
+def _value_names(node: cst.CSTNode) -> set[str]:
+    """Names whose values `node` reads elementwise (metadata reads and function arguments left out)."""
+    found: set[str] = set()
+
+    class _Collect(cst.CSTVisitor):
+        def visit_Name(self, name: cst.Name) -> None:
+            found.add(name.value)
+
+        def visit_Attribute(self, attribute: cst.Attribute) -> bool:
+            if attribute.attr.value not in METADATA_ATTRIBUTES:
+                attribute.value.visit(self)
+            return False
+
+        def visit_Call(self, call: cst.Call) -> bool:
+            # A method of the tensor itself keeps its values (`bias.unsqueeze(0)`); what a function
+            # makes of its arguments (`checkpoint(layer, h, bias)`) is not the bias.
+            func = call.func
+            if isinstance(func, cst.Attribute) and func.attr.value not in METADATA_METHODS:
+                func.value.visit(self)
+            return False
+
+    node.visit(_Collect())
+    return found
 
 
 def _loop_modules(forward: cst.FunctionDef, submodules: dict[str, str]) -> dict[str, str]:
@@ -146,6 +199,8 @@ def _resolve(
         only = body[0].body[0] if len(body) == 1 and isinstance(body[0], cst.SimpleStatementLine) else None
         returned = only.value if isinstance(only, cst.Return) else None
         if not isinstance(returned, cst.Call):
+            returned = _one_builder_call(method, index)
+        if returned is None:
             return None, {}
         in_method = _bind(method, passed, skip_self=True)
         inner = {param: in_method.get(value, value) for param, value in _arguments(returned).items()}
@@ -154,6 +209,15 @@ def _resolve(
     if function is None:
         return None, {}
     return function, _bind(function, passed)
+
+
+def _one_builder_call(method: cst.FunctionDef, index: ModelIndex) -> cst.Call | None:
+    """The call of a module function building the bias in a method that does more than return it
+    (caches it, or builds it another way in training): the one ALiBi builder of the file it calls."""
+    calls = [c for c in m.findall(method, m.Call()) if call_name(c) in index.functions and _builds_alibi(c)]
+    if len({call_name(c) for c in calls}) != 1:
+        return None
+    return calls[0]
 
 
 def _arguments(call: cst.Call) -> dict[str | int, str]:

@@ -1,15 +1,19 @@
 """LM heads found by what they compute: a head module of the file (Baichuan2's NormHead, a
 `[vocab, hidden]` weight normalised in forward), a head held by the backbone and called through it
 (ChatGLM's `self.transformer.output_layer`, sized by `padded_vocab_size`); and the attention core and
-rotary apply function of the same files (torch's scaled_dot_product_attention, `cos_`/`sin_`)."""
+ALiBi of the same files (torch's scaled_dot_product_attention; Baichuan2-13B's bias carried in the
+attention mask, its slopes built behind a caching method)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import libcst as cst
 import pytest
 import torch
 
 from engine.layers.vocab_embedding import ParallelLMHead
+from porter.analysis.alibi import bias_inputs, derive_slopes
 from porter.analysis.model_index import build_index
 from porter.analysis.vocab_heads import head_module
 from porter.errors import PorterError
@@ -23,6 +27,7 @@ from tests.porter.rewrite_helpers import (
     vary,
 )
 
+CORPUS = Path(__file__).resolve().parent.parent / "fixtures" / "remote_code"
 HEAD = "self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)"
 
 # tests/fixtures/remote_code/baichuan2_7b/modeling_baichuan.py, verbatim.
@@ -194,3 +199,33 @@ def test_torch_scaled_dot_product_attention_is_an_attention_core():
     )
     # its default scale: 1/sqrt(head_dim)
     assert "scale=self.head_dim ** -0.5" in init_value(after.code, "MiniAttention", "attn")
+
+
+def _fixture_index(directory: str):
+    path = CORPUS / directory / "modeling_baichuan.py"
+    return build_index(cst.parse_module(path.read_text()))
+
+
+def test_an_alibi_bias_folded_into_the_attention_mask_is_followed_to_the_attention():
+    # Baichuan2-13B: `alibi_mask = self.get_alibi_mask(...)`, then `attention_mask = alibi_mask` (or
+    # padding + `alibi_mask.unsqueeze(0)`) passed to every layer, added to the scores as the mask.
+    # The layers' outputs (`layer_outputs = checkpoint(layer, h, attention_mask)`) carry no bias.
+    assert bias_inputs(_fixture_index("baichuan2_13b")) == {
+        "BaichuanLayer": {"attention_mask"},
+        "BaichuanAttention": {"attention_mask"},
+    }
+
+
+def test_slopes_come_from_the_one_builder_function_a_caching_method_calls():
+    # get_alibi_mask caches `_gen_alibi_mask(tensor, self.n_head, self.max_cache_pos)` in a buffer.
+    slopes = derive_slopes(_fixture_index("baichuan2_13b"))
+    assert_code(
+        slopes.code,
+        '''
+        def _gen_alibi_mask_slopes(n_head):
+            """The head slopes `_gen_alibi_mask` computes, [n_head]."""
+            slopes = torch.Tensor(_get_interleave(n_head))
+            return slopes.flatten()
+        ''',
+    )
+    assert slopes.call("self.num_heads") == "_gen_alibi_mask_slopes(self.num_heads)"
