@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig, PretrainedConfig
+from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig, PretrainedConfig, Qwen3MoeConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -51,10 +51,34 @@ MODELS: dict[str, PretrainedConfig] = {
     "opt-1.3b": OPTConfig(
         hidden_size=2048, ffn_dim=8192, num_hidden_layers=24, num_attention_heads=32, vocab_size=50272
     ),
+    # Qwen3-30B-A3B's layer (128 experts, 8 per token, GQA 32/4, head 128), 12 of its 48 layers, so
+    # the engine, HF's copy of the weights and both KV caches fit one 80 GB GPU.
+    "qwen3-moe-12l": Qwen3MoeConfig(
+        hidden_size=2048,
+        intermediate_size=6144,
+        moe_intermediate_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=128,
+        num_experts=128,
+        num_experts_per_tok=8,
+        norm_topk_prob=True,
+        vocab_size=151936,
+        tie_word_embeddings=False,
+    ),
     "tiny-llama": LlamaConfig(**TINY, intermediate_size=128, num_key_value_heads=2, tie_word_embeddings=True),
+    "tiny-qwen3-moe": Qwen3MoeConfig(
+        **TINY,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_key_value_heads=2,
+        num_experts=8,
+        num_experts_per_tok=2,
+    ),
     "tiny-opt": OPTConfig(**TINY, ffn_dim=128, word_embed_proj_dim=64),
 }
-SMOKE_MODEL = {"llama-1b": "tiny-llama", "opt-1.3b": "tiny-opt"}
+SMOKE_MODEL = {"llama-1b": "tiny-llama", "opt-1.3b": "tiny-opt", "qwen3-moe-12l": "tiny-qwen3-moe"}
 
 
 def build_checkpoint(config: PretrainedConfig, dtype: torch.dtype, device: torch.device, directory: Path):
@@ -74,7 +98,20 @@ def model_cost(model: torch.nn.Module, config: PretrainedConfig, dtype: torch.dt
     shape = attention_shape(config)
     element = torch.empty((), dtype=dtype).element_size()
     kv_per_token = 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * element
-    return ModelCost(params=params, weight_bytes=params * element, kv_bytes_per_token=kv_per_token)
+    # Routed experts: the parameters under an `experts` module (transformers' naming for both the
+    # per-expert ModuleList and the batched experts module); shared experts are read every step.
+    expert_params = sum(
+        p.numel() for name, p in model.named_parameters() if ".experts." in f".{name}" and "shared" not in name
+    )
+    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None) or 0
+    return ModelCost(
+        params=params,
+        weight_bytes=params * element,
+        kv_bytes_per_token=kv_per_token,
+        expert_bytes=expert_params * element if experts else 0,
+        experts=experts,
+        experts_per_token=getattr(config, "num_experts_per_tok", 0) if experts else 0,
+    )
 
 
 def run_engine(

@@ -54,11 +54,35 @@ def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
 
 @dataclass(frozen=True)
 class ModelCost:
-    """What one token costs the hardware: parameters (tied weights once), their bytes, KV bytes per token."""
+    """What one token costs the hardware: parameters (tied weights once), their bytes, KV bytes per token.
+
+    A mixture-of-experts model also gives its routed experts' bytes (all layers), its expert count and
+    how many experts each token takes: a token's FLOPs count only its experts, and a decode step
+    reads only the experts its batch chose (with routing uniform at random, a batch of B tokens
+    leaves an expert unchosen with probability (1 - k/E)^B).
+    """
 
     params: int
     weight_bytes: int
     kv_bytes_per_token: int
+    expert_bytes: int = 0
+    experts: int = 0
+    experts_per_token: int = 0
+
+    @property
+    def active_params(self) -> float:
+        """Parameters one token's forward pass multiplies by."""
+        if not self.experts:
+            return self.params
+        expert_params = self.params * self.expert_bytes / self.weight_bytes
+        return self.params - expert_params * (1 - self.experts_per_token / self.experts)
+
+    def step_weight_bytes(self, batch: int) -> float:
+        """Weight bytes a decode step over `batch` tokens reads: the experts some token chose."""
+        if not self.experts:
+            return self.weight_bytes
+        chosen = 1 - (1 - self.experts_per_token / self.experts) ** batch
+        return self.weight_bytes - self.expert_bytes * (1 - chosen)
 
 
 @dataclass(frozen=True)
@@ -90,15 +114,15 @@ def workload_roofline(
     The first output token comes from the prefill; each later one is one decode step over the wave,
     whose sequences hold `input_len + t` tokens at step t.
     """
-    seconds = 2 * cost.params * num_prompts * input_len / flops  # prefill
+    seconds = 2 * cost.active_params * num_prompts * input_len / flops  # prefill
     steps = memory_bound = 0
     remaining = num_prompts
     while remaining > 0:
         batch = min(max_batch, remaining)
         remaining -= batch
         for t in range(1, output_len):
-            read = cost.weight_bytes + batch * (input_len + t) * cost.kv_bytes_per_token
-            memory_time, compute_time = read / bandwidth, 2 * cost.params * batch / flops
+            read = cost.step_weight_bytes(batch) + batch * (input_len + t) * cost.kv_bytes_per_token
+            memory_time, compute_time = read / bandwidth, 2 * cost.active_params * batch / flops
             seconds += max(memory_time, compute_time)
             steps += 1
             memory_bound += memory_time >= compute_time
