@@ -57,7 +57,8 @@ def sigmoid_grouped_top_k(
         per_group = num_experts // num_groups
         group_scores = choice.view(num_tokens, num_groups, per_group).topk(2, dim=-1).values.sum(dim=-1)
         keep = _top_groups_mask(group_scores, top_k_groups, per_group)
-        choice = choice.masked_fill(~keep, 0.0)
+        # -inf, as the source fills: a negative correction bias can push every kept score below 0.
+        choice = choice.masked_fill(~keep, float("-inf"))
     ids = torch.topk(choice, top_k, dim=-1, sorted=False).indices
     weights = scores.gather(1, ids)
     if renormalize:

@@ -90,6 +90,15 @@ def test_sigmoid_grouped_top_k_picks_by_biased_scores_inside_the_best_groups():
     torch.testing.assert_close(renormalised.sum(-1), torch.ones(1))
 
 
+def test_sigmoid_grouped_top_k_never_picks_outside_the_kept_groups_under_a_negative_bias():
+    # Biased scores [-0.4, -0.4, -0.5, -0.5, -1.5, -1.5]: group {0,1} is kept; experts of the other
+    # groups stay out even though every kept score is below zero.
+    logits = torch.zeros(1, 6)
+    bias = torch.tensor([-0.9, -0.9, -1.0, -1.0, -2.0, -2.0])
+    _, ids = sigmoid_grouped_top_k(logits, 2, bias, num_groups=3, top_k_groups=1, renormalize=False)
+    assert sorted(ids[0].tolist()) == [0, 1]
+
+
 def test_softmax_grouped_top_k_keeps_the_groups_with_the_best_expert():
     logits = torch.tensor([[0.0, 0.1, 3.0, -2.0, 2.5, 2.4]])
     weights, ids = softmax_grouped_top_k(logits, 2, num_groups=3, top_k_groups=1)
