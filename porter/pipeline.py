@@ -37,6 +37,7 @@ from porter.rewrites.latent_attention import LatentAttentionToEngine
 from porter.rewrites.layer_loops import UnzipLayerLoops
 from porter.rewrites.lm_head import SplitLMHead
 from porter.rewrites.load_weights import EmitLoadWeights
+from porter.rewrites.module_factories import UnwrapModuleFactories
 from porter.rewrites.optional_libraries import DropOptionalLibraries
 from porter.rewrites.paged_attention import SwapPagedAttention
 from porter.rewrites.plain_linear import PlainLinear
@@ -54,6 +55,7 @@ from porter.rewrites.unused_modules import DropUnusedModules
 
 # The order matters: each rewrite sees the output of the ones before it.
 REWRITES: list[Rewrite] = [
+    UnwrapModuleFactories(),  # `init_method(nn.Linear, ...)` (a factory given the class) -> `nn.Linear(...)`
     BuildTableClass(),  # a submodule picked from a table of backend classes -> the common class
     PlainLinear(),  # Linear subclasses that only compute x W^T + b -> the Linear itself
     SplitConditionalModules(),  # `self.m = A(...) if c else B(...)` -> an if/else of the two

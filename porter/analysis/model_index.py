@@ -26,6 +26,7 @@ from porter.analysis.cst_utils import (
     self_attribute,
     self_attribute_path,
 )
+from porter.analysis.module_factories import built_call, factory_locals, module_factories
 from porter.analysis.vocab_heads import HeadModule, bound_argument, head_module, names_vocabulary
 from porter.errors import PorterError
 
@@ -104,9 +105,10 @@ def build_index(module: cst.Module, causal_lm: str | None = None) -> ModelIndex:
     """Indexes `module`; `causal_lm` pins the head class once rewrites have changed what found it."""
     classes: dict[str, ClassInfo] = {}
     functions: dict[str, cst.FunctionDef] = {}
+    factories = module_factories(module)
     for statement in module.body:
         if isinstance(statement, cst.ClassDef):
-            classes[statement.name.value] = _class_info(statement)
+            classes[statement.name.value] = _class_info(statement, factories)
         elif isinstance(statement, cst.FunctionDef):
             functions[statement.name.value] = statement
     tables = class_tables(module, classes)
@@ -168,17 +170,17 @@ def _derives_from(name: str, base: str, classes: dict[str, ClassInfo]) -> bool:
     return False
 
 
-def _class_info(node: cst.ClassDef) -> ClassInfo:
+def _class_info(node: cst.ClassDef, factories: set[str] = frozenset()) -> ClassInfo:
     bases = [dotted_name(arg.value) or "" for arg in node.bases]
     methods = {s.name.value: s for s in node.body.body if isinstance(s, cst.FunctionDef)}
     info = ClassInfo(node.name.value, node, bases, methods)
     info.head_module = head_module(methods.get("__init__"), methods.get("forward"))
     init = methods.get("__init__")
     if init is not None:
-        init.visit(_InitCalls(info))
+        init.visit(_InitCalls(info, factories | factory_locals(init, factories)))
         # Submodules built by a helper __init__ calls (`self._init_rope()`) are built in __init__ too.
         for helper in init_helpers(init, methods):
-            methods[helper].visit(_InitCalls(info))
+            methods[helper].visit(_InitCalls(info, factories | factory_locals(methods[helper], factories)))
     return info
 
 
@@ -214,15 +216,19 @@ def calls_method(statement: cst.CSTNode) -> str | None:
 
 
 class _InitCalls(cst.CSTVisitor):
-    def __init__(self, info: ClassInfo) -> None:
-        self.info = info
+    """`self.x = C(...)`, and `self.x = factory(C, ...)` read as the `C(...)` it builds
+    (porter.analysis.module_factories)."""
+
+    def __init__(self, info: ClassInfo, factories: set[str] = frozenset()) -> None:
+        self.info, self.factories = info, factories
 
     def visit_Assign(self, node: cst.Assign) -> None:
         for target in node.targets:
             attr = self_attribute(target.target)
             if attr is not None and isinstance(node.value, cst.Call):
-                self.info.init_calls.setdefault(attr, node.value)
-                self.info.all_init_calls.setdefault(attr, []).append(node.value)
+                call = built_call(node.value, self.factories) or node.value
+                self.info.init_calls.setdefault(attr, call)
+                self.info.all_init_calls.setdefault(attr, []).append(call)
 
 
 def _link_submodules(info: ClassInfo, classes: dict[str, ClassInfo], tables: dict[str, str]) -> None:
@@ -231,7 +237,7 @@ def _link_submodules(info: ClassInfo, classes: dict[str, ClassInfo], tables: dic
         if name in classes:
             info.submodules[attr] = name
         elif name in MODULE_LIST_CALLS and call.args:
-            element = _element_class(call.args[0].value, classes)
+            element = _element_class(call.args[0].value, classes, _local_builders(info))
             if element is not None:
                 info.submodules[attr] = element
                 info.module_lists.add(attr)
@@ -245,9 +251,28 @@ def table_class(call: cst.Call, tables: dict[str, str]) -> str | None:
     return None
 
 
-def _element_class(node: cst.BaseExpression, classes: dict[str, ClassInfo]) -> str | None:
+def _local_builders(info: ClassInfo) -> dict[str, str]:
+    """Functions defined inside `__init__` that only return a module of the file (`def
+    build_layer(n): return Block(config, n)`) -> that class."""
+    init = info.methods.get("__init__")
+    found = {}
+    for statement in init.body.body if init is not None else []:
+        if not isinstance(statement, cst.FunctionDef) or len(statement.body.body) != 1:
+            continue
+        line = statement.body.body[0]
+        returned = line.body[0] if isinstance(line, cst.SimpleStatementLine) else None
+        if isinstance(returned, cst.Return) and isinstance(returned.value, cst.Call):
+            found[statement.name.value] = call_name(returned.value) or ""
+    return found
+
+
+def _element_class(
+    node: cst.BaseExpression, classes: dict[str, ClassInfo], builders: dict[str, str] | None = None
+) -> str | None:
     if isinstance(node, (cst.ListComp, cst.GeneratorExp)):
-        return call_name(node.elt) if call_name(node.elt) in classes else None
+        name = call_name(node.elt)
+        name = (builders or {}).get(name or "", name)
+        return name if name in classes else None
     if isinstance(node, (cst.List, cst.Tuple)) and node.elements:
         first = call_name(node.elements[0].value)
         return first if first in classes else None

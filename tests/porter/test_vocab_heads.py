@@ -229,3 +229,58 @@ def test_slopes_come_from_the_one_builder_function_a_caching_method_calls():
         ''',
     )
     assert slopes.call("self.num_heads") == "_gen_alibi_mask_slopes(self.num_heads)"
+
+
+# ChatGLM builds its modules through a factory picked in __init__ (chatglm2/modeling_chatglm.py).
+FACTORY_INIT = """
+def __init__(self, config, device=None, empty_init=True):
+    super().__init__(config)
+    if empty_init:
+        init_method = skip_init
+    else:
+        init_method = default_init
+    init_kwargs = {}
+    if device is not None:
+        init_kwargs["device"] = device
+    self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+
+    def build_layer(layer_number):
+        return MiniDecoderLayer(config, layer_number)
+
+    self.layers = nn.ModuleList([build_layer(i + 1) for i in range(config.num_hidden_layers)])
+    self.norm = nn.LayerNorm(config.hidden_size)
+    self.output_layer = init_method(nn.Linear, config.hidden_size, config.padded_vocab_size, bias=False,
+                                    dtype=config.torch_dtype, **init_kwargs)
+"""
+DEFAULT_INIT = """
+
+def default_init(cls, *args, **kwargs):
+    return cls(*args, **kwargs)
+"""
+
+
+def _factory_model() -> str:
+    source = replace_method(_head_in_backbone(), "MiniModel", "__init__", FACTORY_INIT)
+    source = vary(source, "import torch\n", "import torch\nfrom torch.nn.utils import skip_init\n")
+    return vary(source, "\n\nclass MiniMLP(", DEFAULT_INIT + "\n\nclass MiniMLP(")
+
+
+def test_a_module_built_through_a_factory_local_is_read_as_the_module_it_builds():
+    index = build_index(cst.parse_module(_factory_model()))
+    assert (index.causal_lm, index.head_path, index.backbone, index.decoder_layer) == (
+        "MiniForCausalLM",
+        ["model", "output_layer"],
+        "MiniModel",  # its ModuleList's elements come from a builder function defined in __init__
+        "MiniDecoderLayer",
+    )
+
+
+def test_a_factory_call_becomes_the_constructor_and_the_head_in_it_a_parallel_lm_head():
+    factories = run_rewrites(_factory_model(), "module-factories")
+    assert " ".join(init_value(factories.code, "MiniModel", "output_layer").split()) == (
+        "nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False, dtype=config.torch_dtype, **init_kwargs)"
+    )
+    after = run_rewrites(_factory_model(), "module-factories", "lm-head")
+    assert init_value(after.code, "MiniModel", "output_layer") == (
+        "ParallelLMHead(config.padded_vocab_size, config.hidden_size, bias=False)"
+    )
