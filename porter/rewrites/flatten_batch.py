@@ -10,7 +10,8 @@
 - a token-id or position tensor reshaped to 2-D (`input_ids.view(-1, input_ids.shape[-1])`,
   `position_ids.unsqueeze(0)`) stays 1-D;
 - in an attention class, a head split sized `x.size()[:-1] + (num_heads, head_size)` infers the
-  head count (`+ (-1, head_size)`): a rank holds its heads;
+  head count (`+ (-1, head_size)`): a rank holds its heads; a head merge sized
+  `x.size()[:-2] + (num_heads * head_size,)` infers its width (`+ (-1,)`) likewise;
 - in an attention class, an `if` chain on a tensor's rank (`len(t.shape) == 5` / `== 4`) keeps the
   rank-4 branch, where per-token `[T, H, D]` rows stand for the batched `[B, S, H, D]`;
 - a reshape back to a batch-shaped size the function built (`output_shape = (-1, seq_length,
@@ -250,7 +251,23 @@ class _Transformer(ClassScopedTransformer):
         self, original: cst.BinaryOperation, updated: cst.BinaryOperation
     ) -> cst.BaseExpression:
         """`x.size()[:-1] + (num_heads, head_size)` in an attention class: the head split of a
-        helper (`new_shape = ...; x.view(new_shape)`). The count becomes -1: a rank holds its heads."""
+        helper (`new_shape = ...; x.view(new_shape)`). The count becomes -1: a rank holds its heads.
+        Likewise the merge `x.size()[:-2] + (num_heads * head_size,)` infers its width."""
+        if (
+            self.active
+            and self.current_class in self.context.plan.attention
+            and isinstance(updated.operator, cst.Add)
+            and _leading_shape(updated.left, "-2")
+            and isinstance(updated.right, cst.Tuple)
+            and len(updated.right.elements) == 1
+            and code_of(updated.right.elements[0].value) != "-1"
+        ):
+            width = updated.right.elements[0].with_changes(value=cst.parse_expression("-1"))
+            new = updated.with_changes(right=updated.right.with_changes(elements=[width]))
+            self.context.record(
+                "flatten-batch", self.where, original, new, "merge heads; the width is this rank's heads"
+            )
+            return new
         if (
             not self.active
             or self.current_class not in self.context.plan.attention
@@ -388,8 +405,9 @@ def _rank_test(test: cst.BaseExpression) -> int | None:
     return int(test.comparisons[0].comparator.value) if rank else None
 
 
-def _leading_shape(node: cst.BaseExpression) -> bool:
-    """`x.size()[:-1]` or `x.shape[:-1]`: every dimension but the last."""
+def _leading_shape(node: cst.BaseExpression, cut_at: str = "-1") -> bool:
+    """`x.size()[:-1]` or `x.shape[:-1]`: every dimension but the last (`cut_at` "-2": but the
+    last two)."""
     if not (isinstance(node, cst.Subscript) and len(node.slice) == 1):
         return False
     cut = node.slice[0].slice
@@ -405,7 +423,7 @@ def _leading_shape(node: cst.BaseExpression) -> bool:
         and isinstance(cut, cst.Slice)
         and cut.lower is None
         and cut.upper is not None
-        and code_of(cut.upper).replace(" ", "") == "-1"
+        and code_of(cut.upper).replace(" ", "") == cut_at
     )
 
 

@@ -287,3 +287,12 @@ def test_an_element_of_a_per_layer_placeholder_of_nones_is_none():
     assert "past_key_values[0] is not None" not in forward
     assert "past_key_values[0][0].shape[2]" not in forward
     assert not [m for m in after.review_messages() if "BloomModel" in m]
+
+
+def test_a_helpers_head_merge_sized_by_the_models_heads_infers_its_width():
+    # gpt2/modeling_gpt2.py 282-288 (`_merge_heads`: `new_shape = tensor.size()[:-2] + (num_heads *
+    # attn_head_size,)`, called with the model's head count, 333): a rank holds half the heads at tp=2.
+    after = _decided_4_36("gpt2", "paged-attention", "flatten-batch")
+    helper = method_code(after.code, "GPT2Attention", "_merge_heads")
+    assert "new_shape = tensor.size()[:-2] + (-1,)" in helper
+    assert "num_heads * attn_head_size" not in helper
