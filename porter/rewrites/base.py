@@ -61,6 +61,8 @@ class Plan:
     attention: dict[str, AttentionInfo] = field(default_factory=dict)
     # (class, attribute) -> value fixed by a constructor default nobody passes
     constant_attributes: dict[tuple[str, str], bool | None] = field(default_factory=dict)
+    # module-level name -> the literal bool every assignment of it binds (porter.analysis.module_flags)
+    module_flags: dict[str, bool] = field(default_factory=dict)
     # (class, attribute) of single projections that hold q|k|v side by side
     concatenated_qkv: set[tuple[str, str]] = field(default_factory=set)
     # (class, attribute) -> [(layout, (if test, branch) or None)] of each split of that projection

@@ -2,8 +2,9 @@
 
 Conditions are decided where the port knows the answer: a dropped parameter is None (an absent
 `inputs_embeds`, no cache, no mask, no output flags), `input_ids`/`positions`/the caches/the
-metadata are always given, and `self.training` and `self.gradient_checkpointing` are False. A
-choice of HF attention backend (`config._attn_implementation == "sdpa"`) takes the eager branch:
+metadata are always given, `self.training` and `self.gradient_checkpointing` are False, and a
+module-level flag whose every assignment binds the same literal bool has that value. A choice of
+HF attention backend (`config._attn_implementation == "sdpa"`) takes the eager branch:
 it writes the attention math out (scale, biases) where porter can read it, and the engine
 replaces every backend by paged attention anyway. An
 `if` whose test is decided keeps only the branch that runs. Then, in statement order, a statement
@@ -23,6 +24,7 @@ from porter.analysis.cst_utils import (
     function_params,
     names_in,
 )
+from porter.analysis.module_flags import module_flags
 from porter.analysis.optional_backends import optional_backend_flags
 from porter.analysis.signatures import (
     ABSENT_INPUTS,
@@ -33,7 +35,7 @@ from porter.analysis.signatures import (
     dropped_params,
 )
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
-from porter.rewrites.statement_pruner import Pruner
+from porter.rewrites.statement_pruner import Pruner, integers_bound_once
 from porter.rewrites.unread_assignments import drop_unread_assignments
 
 
@@ -49,6 +51,7 @@ class DecideConditions(Rewrite):
         context.plan.dropped_params = dropped_params(context.index, signatures)
         context.plan.alibi_inputs = bias_inputs(context.index)
         context.plan.alibi_builders = {dotted_name(b.call.func) or "" for b in find_builders(context.index)}
+        context.plan.module_flags = module_flags(module)
         read_before = _inputs_read(module, set(context.index.reachable))
         module = module.visit(_Transformer(context, cascade=False))
         # Deciding those branches can leave a submodule uncalled (a cross-attention block), which
@@ -119,6 +122,7 @@ class _Transformer(ClassScopedTransformer):
                     if c == self.current_class
                 },
                 keywords=_extra_keywords(original) & dropped,
+                numbers=integers_bound_once(updated),
             )
             info = self.context.index.classes.get(self.current_class)
             pruner.modules = set(info.init_calls) if info else set()

@@ -32,6 +32,7 @@ class FixImports(Rewrite):
         transformers_style = context.source.module is None and reaches_outside_folder(context.source)
         body: list[cst.BaseStatement] = []
         for statement in module.body:
+            statement = _sibling_fallback(statement, context)
             if not _is_import(statement):
                 body.append(statement)
                 continue
@@ -40,6 +41,31 @@ class FixImports(Rewrite):
         engine_lines = _engine_imports(context, used)
         first_code = next(i for i, s in enumerate(body) if not _is_import(s) and not is_docstring(s))
         return module.with_changes(body=[*body[:first_code], *engine_lines, *body[first_code:]])
+
+
+def _sibling_fallback(statement: cst.BaseStatement, context: PortContext) -> cst.BaseStatement:
+    """`try: from .configuration_x import XConfig except ImportError: from configuration_x import
+    XConfig` (a file that loads as a package module or from its own directory) is one import of that
+    sibling: in the port both name the same module of the package next to it."""
+    if not isinstance(statement, cst.Try) or statement.orelse or statement.finalbody:
+        return statement
+    blocks = [statement.body, *(handler.body for handler in statement.handlers)]
+    imports = [s for block in blocks for s in block.body]
+    if not imports or not all(_is_import(s) and isinstance(s.body[0], cst.ImportFrom) for s in imports):
+        return statement
+    modules = {dotted_name(s.body[0].module) if s.body[0].module else "" for s in imports}
+    names = {
+        tuple((a.evaluated_name, a.evaluated_alias) for a in s.body[0].names)
+        for s in imports
+        if not isinstance(s.body[0].names, cst.ImportStar)
+    }
+    if (
+        len(modules) != 1
+        or len(names) != 1
+        or next(iter(modules)).split(".")[0] not in context.source.siblings
+    ):
+        return statement
+    return imports[0].with_changes(leading_lines=statement.leading_lines)
 
 
 def _is_import(statement: cst.CSTNode) -> bool:

@@ -18,6 +18,14 @@ from porter.rewrites.base import PortContext
 
 FALSE_ATTRIBUTES = {"self.training", "self.gradient_checkpointing"}
 UNKNOWN = object()
+_ORDERINGS = {
+    cst.LessThan: lambda a, b: a < b,
+    cst.GreaterThan: lambda a, b: a > b,
+    cst.LessThanEqual: lambda a, b: a <= b,
+    cst.GreaterThanEqual: lambda a, b: a >= b,
+    cst.Equal: lambda a, b: a == b,
+    cst.NotEqual: lambda a, b: a != b,
+}
 
 
 def _same_code(first: list[cst.BaseStatement], second: list[cst.BaseStatement]) -> bool:
@@ -137,8 +145,12 @@ class Pruner:
         cascade: bool = True,
         attributes: dict[str, bool | None] | None = None,
         keywords: set[str] | frozenset[str] = frozenset(),
+        numbers: dict[str, int] | None = None,
     ) -> None:
         self.cascade = cascade
+        # Locals the function binds once, to an integer literal (`past_len = 0` once the branch
+        # that measured a legacy cache is gone): comparisons of them with a literal are decided.
+        self.numbers = numbers or {}
         # The forward's `**kwargs` parameter where the engine passes no extra keywords: it is empty.
         self.keywords = set(keywords)
         # Names bound to a sequence of Nones (`past = tuple([None] * len(self.h))`, a no-cache
@@ -334,6 +346,9 @@ class Pruner:
             same = _same_device(node)
             if same is not None:
                 return same
+            compared = self._compare_number(node)
+            if compared is not None:
+                return compared
             if (
                 isinstance(node.comparisons[0].comparator, cst.Name)
                 and node.comparisons[0].comparator.value == "None"
@@ -363,6 +378,10 @@ class Pruner:
             return UNKNOWN if UNKNOWN in (left, right) else left != right
         if isinstance(node, cst.Name) and node.value in self.absent | self.dead:
             return False
+        if m.matches(
+            node, m.Call(func=m.Name("isinstance"), args=[m.Arg(keyword=None), m.Arg(keyword=None)])
+        ):
+            return self._none_isinstance(node)
         if dotted_name(node) in FALSE_ATTRIBUTES:
             return False
         attr = self_attribute(node)
@@ -372,7 +391,39 @@ class Pruner:
             return node.value == "True"
         if isinstance(node, cst.Name) and node.value in self.constants:
             return self.constants[node.value]
+        flags = self.context.plan.module_flags
+        if isinstance(node, cst.Name) and node.value in flags and node.value not in self.live:
+            return flags[node.value]
         return UNKNOWN
+
+    def _compare_number(self, node: cst.Comparison) -> bool | None:
+        left, right = node.left, node.comparisons[0].comparator
+        values = []
+        for side in (left, right):
+            if isinstance(side, cst.Integer):
+                values.append(int(side.value, 0))
+            elif isinstance(side, cst.Name) and side.value in self.numbers:
+                values.append(self.numbers[side.value])
+            else:
+                return None
+        if not any(isinstance(side, cst.Name) for side in (left, right)):
+            return None
+        compare = _ORDERINGS.get(type(node.comparisons[0].operator))
+        return compare(*values) if compare else None
+
+    def _none_isinstance(self, call: cst.Call):
+        """`isinstance(x, (type(None), Cache, list))` of an input the engine leaves None: whether the
+        types name NoneType (a legacy-cache check on a removed `past_key_values`)."""
+        if self._is_none(call.args[0].value) is not True:
+            return UNKNOWN
+        types = call.args[1].value
+        elements = [e.value for e in types.elements] if isinstance(types, cst.Tuple) else [types]
+        names = [_code(e).replace(" ", "") for e in elements]
+        if not all(
+            isinstance(e, (cst.Name, cst.Attribute)) or n == "type(None)" for e, n in zip(elements, names)
+        ):
+            return UNKNOWN
+        return any(n == "type(None)" or n.split(".")[-1] == "NoneType" for n in names)
 
     def _is_none(self, node: cst.BaseExpression):
         if m.matches(node, m.Subscript(value=m.Name())) and node.value.value in self.none_sequences:
@@ -386,6 +437,57 @@ class Pruner:
 
     def _drop(self, node: cst.CSTNode, reason: str) -> None:
         self.context.record("dead-code", self.where, node, "", reason)
+
+
+def integers_bound_once(function: cst.FunctionDef) -> dict[str, int]:
+    """Names `function` binds exactly once (parameters count), that binding `name = <int literal>`."""
+    counts: dict[str, int] = {}
+    literal: dict[str, int] = {}
+
+    def bind(target: cst.BaseExpression) -> None:
+        if isinstance(target, cst.Name):
+            counts[target.value] = counts.get(target.value, 0) + 1
+        elif isinstance(target, (cst.Tuple, cst.List)):
+            for element in target.elements:
+                bind(element.value)
+        elif isinstance(target, (cst.StarredElement, cst.Subscript, cst.Attribute)):
+            bind(target.value)  # `x[i] = ...` changes what x holds; the index is only read
+
+    class _Bindings(cst.CSTVisitor):
+        def visit_Param(self, node: cst.Param) -> None:
+            counts[node.name.value] = counts.get(node.name.value, 0) + 1
+
+        def visit_Assign(self, node: cst.Assign) -> None:
+            for target in node.targets:
+                if isinstance(target.target, cst.Name) and isinstance(node.value, cst.Integer):
+                    literal[target.target.value] = int(node.value.value, 0)
+                bind(target.target)
+
+        def visit_AnnAssign(self, node: cst.AnnAssign) -> None:
+            bind(node.target)
+
+        def visit_AugAssign(self, node: cst.AugAssign) -> None:
+            bind(node.target)
+
+        def visit_For(self, node: cst.For) -> None:
+            bind(node.target)
+
+        def visit_AsName(self, node: cst.AsName) -> None:
+            bind(node.name)
+
+        def visit_NamedExpr(self, node: cst.NamedExpr) -> None:
+            bind(node.target)
+
+        def visit_Global(self, node: cst.Global) -> None:
+            for item in node.names:
+                counts[item.name.value] = 2
+
+        def visit_Nonlocal(self, node: cst.Nonlocal) -> None:
+            for item in node.names:
+                counts[item.name.value] = 2
+
+    function.visit(_Bindings())
+    return {name: value for name, value in literal.items() if counts.get(name) == 1}
 
 
 def _assigned_value(statement: cst.SimpleStatementLine) -> cst.BaseExpression | None:

@@ -139,6 +139,9 @@ def remote_config(source: Path, architecture: str, work_dir: Path):
     install_placeholders(missing_packages(model_dir))
     for code in model_dir.glob("*.py"):
         shutil.copy2(code, work_dir / code.name)
+    # Remote code that imports its siblings by bare name (`from configuration_x import XConfig`) loads
+    # where its directory is on the path, as it does next to a script in that directory.
+    sys.path.insert(0, str(work_dir.resolve()))
     raw = json.loads((model_dir / "config.json").read_text()) if (model_dir / "config.json").is_file() else {}
     auto_map = dict(raw.get("auto_map") or {})
     modeling = source.stem if source.is_file() else _module_of(auto_map.get(CAUSAL_LM_KEY), model_dir)

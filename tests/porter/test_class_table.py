@@ -41,3 +41,47 @@ def test_the_table_and_the_other_backends_are_pruned():
     assert "MiniAttention" in names
     assert "MiniFlashAttention2" not in names
     assert "MINI_ATTENTION_CLASSES" not in run_through(VARIANT_MODEL, "prune").code
+
+
+# MiniCPM's: a sparse-attention class behind a config setting, whose constructor needs flash-attention.
+SPARSE_ATTENTION = """
+
+class MiniSparseAttention(MiniAttention):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        assert self.config._attn_implementation == "flash_attention_2", "Only flash_attention_2 is supported"
+
+    def forward(self, hidden_states, alibi, attention_mask=None, past_key_values=None, **kwargs):
+        raise NotImplementedError
+"""
+
+SPARSE_CHOICE = """        if config.sparse_config is not None and torch.cuda.is_available():
+            self.self_attn = MiniSparseAttention(config=config, layer_idx=layer_idx)
+        else:
+            self.self_attn = MINI_ATTENTION_CLASSES[config._attn_implementation](config, layer_idx)
+"""
+
+
+def _with_sparse(assertion: str = 'self.config._attn_implementation == "flash_attention_2"') -> str:
+    source = vary(
+        VARIANT_MODEL, "\n\nclass MiniDecoderLayer(", SPARSE_ATTENTION + "\n\nclass MiniDecoderLayer("
+    )
+    source = vary(source, 'self.config._attn_implementation == "flash_attention_2"', assertion)
+    return vary(
+        source,
+        "        self.self_attn = MINI_ATTENTION_CLASSES[config._attn_implementation](config, layer_idx)\n",
+        SPARSE_CHOICE,
+    )
+
+
+def test_a_branch_building_a_class_that_asserts_another_backend_goes():
+    after = run_rewrites(_with_sparse(), "class-table")
+    assert init_value(after.code, "MiniDecoderLayer", "self_attn") == "MiniAttention(config, layer_idx)"
+    assert "if config.sparse_config" not in after.code
+    pruned = run_through(_with_sparse(), "prune")
+    assert "MiniSparseAttention" not in top_level_names(pruned.code)
+
+
+def test_a_branch_building_a_class_that_asserts_the_eager_backend_stays():
+    after = run_rewrites(_with_sparse('self.config._attn_implementation == "eager"'), "class-table")
+    assert "if config.sparse_config is not None and torch.cuda.is_available():" in after.code

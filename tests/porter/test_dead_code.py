@@ -304,3 +304,72 @@ def test_a_buffer_moved_to_its_inputs_device_is_already_there_in_the_engine():
         method_code(after.code, "MiniModel", "forward"),
         SIGNATURE + "    table = self.table\n    return self.embed_tokens(input_ids) + table[0]\n",
     )
+
+
+# openPangu's backbone: a legacy-cache check that admits None, a past length measured only from a
+# list cache, and a mask built from it; a module-level flag commented down to False on both paths.
+NPU_FLAG = """
+if False:
+    # NPU_ATTN = True
+    NPU_ATTN = False
+else:
+    NPU_ATTN = False
+"""
+
+
+def test_legacy_cache_checks_a_past_length_and_a_module_flag_are_decided():
+    source = replace_method(
+        MINI_MODEL,
+        "MiniModel",
+        "forward",
+        """
+        def forward(self, input_ids=None, attention_mask=None, past_key_values=None, inputs_embeds=None):
+            if not isinstance(past_key_values, (type(None), Cache, list, tuple)):
+                raise ValueError("The `past_key_values` should be a `Cache` object, `None`, or a list/tuple.")
+            inputs_embeds = self.embed_tokens(input_ids)
+            past_seen_tokens_for_mask = 0
+            if isinstance(past_key_values, (list, tuple)) and len(past_key_values) > 0:
+                past_seen_tokens_for_mask = past_key_values[0][0].current_length.item()
+            if past_seen_tokens_for_mask > 0 and self.medusa_mask is not None:
+                causal_mask = torch.zeros((1, 1, 4, past_seen_tokens_for_mask + 4), dtype=torch.bool)
+                causal_mask[:, :, :, :past_seen_tokens_for_mask] = True
+            else:
+                causal_mask = build_causal_mask(attention_mask, inputs_embeds)
+            self.attention_mask = causal_mask
+            hidden_states = inputs_embeds
+            if not self.training and NPU_ATTN:
+                hidden_states = torch_npu.fused(hidden_states)
+            return self.norm(hidden_states)
+        """,
+    )
+    source = source.replace("\n\nclass MiniMLP(", NPU_FLAG + "\n\nclass MiniMLP(", 1)
+    after = run_rewrites(source, "engine-interface", "decide-conditions", "dead-code")
+    assert_code(
+        method_code(after.code, "MiniModel", "forward"),
+        SIGNATURE
+        + "    inputs_embeds = self.embed_tokens(input_ids)\n"
+        + "    hidden_states = inputs_embeds\n"
+        + "    return self.norm(hidden_states)\n",
+    )
+    assert not [message for message in after.review_messages() if "MiniModel" in message]
+
+
+def test_a_flag_a_function_rebinds_through_global_is_not_decided():
+    import libcst as cst
+
+    from porter.analysis.module_flags import module_flags
+
+    source = NPU_FLAG + "\ndef enable():\n    global NPU_ATTN\n    NPU_ATTN = True\n"
+    assert module_flags(cst.parse_module(NPU_FLAG)) == {"NPU_ATTN": False}
+    assert module_flags(cst.parse_module(source)) == {}
+
+
+def test_a_count_bound_more_than_once_is_not_decided():
+    import libcst as cst
+
+    from porter.rewrites.statement_pruner import integers_bound_once
+
+    function = cst.parse_statement(
+        "def f(x):\n    n = 0\n    k = 0\n    for _ in x:\n        k += 1\n    y[n] = k\n    return n, k\n"
+    )
+    assert integers_bound_once(function) == {"n": 0}

@@ -185,3 +185,32 @@ def test_a_sibling_import_names_the_package_beside_the_port(spelled):
     after = FixImports().apply(tree, context)
     assert "from .mini_port_code.layers import ACT2FN\n" in import_block(after.code)
     assert not context.review
+
+
+def test_a_sibling_import_with_a_bare_fallback_is_one_import_of_the_package_beside_the_port():
+    # openPangu's: `try: from .configuration_x import C except ImportError: from configuration_x import C`.
+    from porter.rewrites.imports import FixImports
+    from tests.porter.rewrite_helpers import MINI_MODEL, import_block, make_context, vary
+    from tests.porter.test_imports import SOURCE_IMPORTS
+
+    fallback = "try:\n    from .layers import ACT2FN\nexcept ImportError:\n    from layers import ACT2FN\n"
+    tree, context = make_context(vary(MINI_MODEL, SOURCE_IMPORTS, fallback), module=None)
+    context.source = replace(context.source, siblings=("layers",), support_package="mini_port_code")
+    after = FixImports().apply(tree, context)
+    assert "from .mini_port_code.layers import ACT2FN\n" in import_block(after.code)
+    assert "try:" not in after.code and "from layers import" not in after.code
+    assert not context.review
+
+
+def test_a_try_importing_different_names_is_left_as_it_is():
+    from porter.rewrites.imports import FixImports
+    from tests.porter.rewrite_helpers import MINI_MODEL, make_context, vary
+    from tests.porter.test_imports import SOURCE_IMPORTS
+
+    fallback = (
+        "try:\n    from .layers import ACT2FN\nexcept ImportError:\n    from layers import OTHER as ACT2FN\n"
+    )
+    tree, context = make_context(vary(MINI_MODEL, SOURCE_IMPORTS, fallback), module=None)
+    context.source = replace(context.source, siblings=("layers",), support_package="mini_port_code")
+    after = FixImports().apply(tree, context)
+    assert "try:" in after.code
