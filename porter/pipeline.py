@@ -50,6 +50,7 @@ from porter.rewrites.shape_checks import DropShapeChecks
 from porter.rewrites.sliced_linears import KeepModuleCalls
 from porter.rewrites.strip_training import StripTraining
 from porter.rewrites.tensor_parallel import TensorParallelLayers
+from porter.rewrites.training_arguments import InferenceArguments
 from porter.rewrites.unread_attributes import DropUnreadAttributes
 from porter.rewrites.unused_modules import DropUnusedModules
 
@@ -60,6 +61,7 @@ REWRITES: list[Rewrite] = [
     PlainLinear(),  # Linear subclasses that only compute x W^T + b -> the Linear itself
     SplitConditionalModules(),  # `self.m = A(...) if c else B(...)` -> an if/else of the two
     StripHFPlumbing(),  # framework bases, decorators, init helpers
+    InferenceArguments(),  # a helper's `training` parameter every caller binds to self.training -> False
     FuseExperts(),  # batched experts modules -> FusedMoE
     FoldRouting(),  # a router's softmax / top-k / renormalise statements -> one routing function
     KeepModuleCalls(),  # layers computed again from weight slices (pretraining-tp branches)

@@ -9,7 +9,7 @@ Roles are read from what a class does, never from its name alone:
   is the class the table's other entries derive from (one backend in the engine);
 - the backbone: the class holding that ModuleList;
 - attention: a reachable class whose forward calls an attention core (HF's attention-interface
-  dispatch, or a function/method that takes a softmax over scores).
+  dispatch, or a function/method that takes a softmax over scores and a matrix product).
 """
 
 from __future__ import annotations
@@ -387,6 +387,14 @@ def _has_softmax(node: cst.CSTNode) -> bool:
     return calls_softmax(cst.Module(body=[]).code_for_node(node))
 
 
+def _is_attention_core(function: cst.FunctionDef) -> bool:
+    """A softmax and a matrix product (scores, or probabilities times values): a softmax alone is
+    a router's choice over experts, not attention."""
+    code = cst.Module(body=[]).code_for_node(function)
+    products = ("matmul(", "bmm(", "baddbmm(", "einsum(")
+    return _has_softmax(function) and (any(p in code for p in products) or _has_matrix_product(function))
+
+
 class _AttentionCoreFinder(cst.CSTVisitor):
     def __init__(self, info: ClassInfo, functions: dict[str, cst.FunctionDef]) -> None:
         self.info, self.functions, self.found = info, functions, False
@@ -396,9 +404,9 @@ class _AttentionCoreFinder(cst.CSTVisitor):
         method = self_attribute(node.func)
         if "ALL_ATTENTION_FUNCTIONS" in name or name == "attention_interface" or name in SDPA_CALLS:
             self.found = True
-        elif name in self.functions and _has_softmax(self.functions[name]):
+        elif name in self.functions and _is_attention_core(self.functions[name]):
             self.found = True
-        elif method in self.info.methods and _has_softmax(self.info.methods[method]):
+        elif method in self.info.methods and _is_attention_core(self.info.methods[method]):
             self.found = True
         elif method is not None and call_name(self.info.init_calls.get(method)) in (
             "PagedAttention",

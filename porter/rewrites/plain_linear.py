@@ -4,7 +4,10 @@ Some files subclass `nn.Linear` to spell the same product differently (`x @ self
 `self.bias` added separately, for rounding in low precision). The engine's parallel linear layers
 compute `x W^T + b`; so a subclass with no `__init__` or helper of its own, whose forward reads
 only `self.weight` and `self.bias`, is constructed as its base, and the tensor-parallel rewrite
-shards it like any Linear. A subclass doing more in forward is a review item wherever it is built.
+shards it like any Linear. A subclass doing more in forward is a review item wherever it is built,
+except a router: a subclass built beside a batched experts module whose forward picks the top k
+(`porter.analysis.experts`). Its choice is per token over every expert, so it stays as written, whole
+on every rank, as its routing function's input must be.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ from __future__ import annotations
 import libcst as cst
 
 from porter.analysis.cst_utils import call_name, code_of, dotted_name, self_attribute
-from porter.analysis.model_index import LINEAR_CALLS, ClassInfo
+from porter.analysis.experts import find_experts, top_k_of
+from porter.analysis.model_index import LINEAR_CALLS, ClassInfo, ModelIndex
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
 
 PRODUCTS = ("@", "matmul(", "F.linear(", "functional.linear(", "mm(")
@@ -30,7 +34,23 @@ class PlainLinear(Rewrite):
         if not subclasses:
             return module
         plain = {name: base for name, base in subclasses.items() if _is_affine(context.index.classes[name])}
-        return module.visit(_Transformer(context, plain, set(subclasses) - set(plain)))
+        other = set(subclasses) - set(plain) - _routers(context.index)
+        return module.visit(_Transformer(context, plain, other))
+
+
+def _routers(index: ModelIndex) -> set[str]:
+    """Classes built beside a batched experts module whose forward takes a top-k."""
+    experts, _ = find_experts(index)
+    routers = set()
+    for info in index.classes.values():
+        built = {call_name(call) for call in info.init_calls.values()}
+        if not built & set(experts):
+            continue
+        for name in built - set(experts):
+            router = index.classes.get(name or "")
+            if router is not None and "forward" in router.methods and top_k_of(router.methods["forward"]):
+                routers.add(router.name)
+    return routers
 
 
 def _is_affine(info: ClassInfo) -> bool:
