@@ -1,10 +1,10 @@
 """Reading checkpoints and loading them into an engine model, one tensor at a time.
 
 `iterate_checkpoint` streams tensors out of a model directory's safetensors files (single or
-sharded), so loading never holds a second copy of the weights. `load_named_weights` is what every
-ported model's `load_weights` calls: it knows nothing about any architecture; the port passes the
-few facts that differ (which checkpoint names were fused into one parameter, which are tied,
-which checkpoint tensors are buffers the engine recomputes).
+sharded), so loading never holds a second copy of the weights. `load_named_weights` knows nothing
+about any architecture; it is told the few facts that differ (which checkpoint names were fused into
+one parameter, which are tied, which checkpoint tensors are buffers the engine recomputes). A ported
+model declares them as tables on its class, and its `load_weights` is `load_declared_weights`.
 """
 
 from __future__ import annotations
@@ -160,6 +160,30 @@ def load_named_weights(
     if problems:
         raise ValueError("; ".join(problems))
     return loaded_names
+
+
+def load_declared_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+    """`load_named_weights` with the facts the model's class declares as data (what a port's
+    `load_weights` calls):
+
+    - `packed_modules_mapping`: packed parameter module -> [(checkpoint module, shard id)], e.g.
+      `{"qkv_proj": [("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")]}`;
+    - `tied_weights`: parameter -> the parameter it shares storage with;
+    - `ignored_weights`, `renamed_weights`, `expert_weights`: as `load_named_weights`' `ignored`,
+      `renamed` and `experts`.
+    A table the class does not declare is empty.
+    """
+    declared = type(model)
+    packed = getattr(declared, "packed_modules_mapping", {})
+    return load_named_weights(
+        model,
+        weights,
+        fused=[(target, source, shard) for target, sources in packed.items() for source, shard in sources],
+        tied=dict(getattr(declared, "tied_weights", {})),
+        ignored=getattr(declared, "ignored_weights", ()),
+        renamed=getattr(declared, "renamed_weights", ()),
+        experts=getattr(declared, "expert_weights", ()),
+    )
 
 
 def _persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:

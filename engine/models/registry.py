@@ -30,6 +30,8 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Cohere2ForCausalLM": ("engine.models.cohere2", "Cohere2ForCausalLM"),
     "CohereForCausalLM": ("engine.models.cohere", "CohereForCausalLM"),
     "CwmForCausalLM": ("engine.models.cwm", "CwmForCausalLM"),
+    "DeepseekV2ForCausalLM": ("engine.models.deepseek_v2", "DeepseekV2ForCausalLM"),
+    "DeepseekV3ForCausalLM": ("engine.models.deepseek_v3", "DeepseekV3ForCausalLM"),
     "Emu3ForCausalLM": ("engine.models.emu3", "Emu3ForCausalLM"),
     "Ernie4_5ForCausalLM": ("engine.models.ernie4_5", "Ernie4_5ForCausalLM"),
     "Exaone4ForCausalLM": ("engine.models.exaone4", "Exaone4ForCausalLM"),

@@ -1,9 +1,11 @@
 """Emits the causal LM's `load_weights`: HF checkpoint names in, the set loaded out.
 
-The method is data plus one call: which checkpoint modules were fused into which packed
-parameter (with shard ids), which parameter is tied to which, and which checkpoint tensors are
-buffers the engine recomputes. `engine.weights.load_named_weights` does the loading and raises on
-any unknown tensor or unloaded parameter, naming them.
+Loading is described by data on the class, nano-vllm's way: `packed_modules_mapping` (which
+checkpoint modules were fused into which packed parameter, with shard ids), `tied_weights`,
+`ignored_weights` (checkpoint tensors that are buffers the engine recomputes), and where needed
+`renamed_weights` and `expert_weights`. `load_weights` is one call of the shared loader,
+`engine.weights.load_declared_weights`, which raises on any unknown tensor or unloaded parameter,
+naming them.
 """
 
 from __future__ import annotations
@@ -11,7 +13,10 @@ from __future__ import annotations
 import libcst as cst
 
 from porter.analysis.checkpoint_names import checkpoint_expert_names, checkpoint_renames
+from porter.analysis.cst_utils import code_of, is_docstring
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
+
+QKV_SHARDS = ("q", "k", "v")
 
 
 class EmitLoadWeights(Rewrite):
@@ -50,40 +55,51 @@ class _Transformer(ClassScopedTransformer):
             self.context.flag(
                 "load-weights", self.where, f"checkpoint conversion beyond a rename: {transform}"
             )
-        renamed = "".join(f"\n        ({p!r}, {r!r})," for p, r in renames)
-        experts = _expert_names(self.context)
-        fused = "".join(
-            f"\n        ({packed!r}, {name!r}, {shard!r}),"
-            for packed, name, shard in sorted(plan.fused, key=str)
-        )
-        tied = "".join(f"\n        {k!r}: {v!r}," for k, v in sorted(plan.tied.items()))
-        ignored = "".join(f"\n        {pattern!r}," for pattern in sorted(plan.ignored))
+        tables = _tables(plan, renames, _expert_names(self.context))
         method = cst.parse_statement(
-            "def load_weights(self, weights):\n"
-            f"    fused = [{fused}\n    ]\n"
-            f"    tied = {{{tied}\n    }}\n"
-            f"    ignored = [{ignored}\n    ]\n"
-            + (f"    renamed = [{renamed}\n    ]\n" if renames else "")
-            + (f"    experts = [{experts}\n    ]\n" if experts else "")
-            + "    return load_named_weights(self, weights, fused=fused, tied=tied, ignored=ignored"
-            + (", renamed=renamed" if renames else "")
-            + (", experts=experts" if experts else "")
-            + ")\n"
+            "def load_weights(self, weights):\n    return load_declared_weights(self, weights)\n"
         )
-        self.context.need("engine.weights", "load_named_weights")
+        self.context.need("engine.weights", "load_declared_weights")
         self.context.record(
-            "load-weights", self.where, "", method, "load HF checkpoint names into the engine's parameters"
+            "load-weights",
+            self.where,
+            "",
+            "\n".join([*(code_of(t) for t in tables), code_of(method)]),
+            "load HF checkpoint names into the engine's parameters",
         )
-        body = [*updated.body.body, method]
+        head = list(updated.body.body)
+        first = 1 if head and is_docstring(head[0]) else 0
+        body = [*head[:first], *tables, *head[first:], method]
         return super().leave_ClassDef(
             original, updated.with_changes(body=updated.body.with_changes(body=body))
         )
 
 
-def _expert_names(context: PortContext) -> str:
+def _tables(plan, renames: list[tuple[str, str]], experts: list) -> list[cst.BaseStatement]:
+    """The class-level tables `load_declared_weights` reads; an empty one is left out."""
+    packed: dict[str, list[tuple[str, str | int]]] = {}
+    for target, source, shard in sorted(plan.fused, key=lambda f: (f[0], _shard_order(f[2]))):
+        packed.setdefault(target, []).append((source, shard))
+    values = {
+        "packed_modules_mapping": packed,
+        "tied_weights": dict(sorted(plan.tied.items())),
+        "ignored_weights": sorted(plan.ignored),
+        "renamed_weights": renames,
+        "expert_weights": experts,
+    }
+    return [cst.parse_statement(f"{name} = {value!r}\n") for name, value in values.items() if value]
+
+
+def _shard_order(shard: str | int) -> tuple[int, int | str]:
+    """q, k, v in that order; numbered shards by number."""
+    if isinstance(shard, str) and shard in QKV_SHARDS:
+        return (0, QKV_SHARDS.index(shard))
+    return (1, shard) if isinstance(shard, int) else (2, shard)
+
+
+def _expert_names(context: PortContext) -> list[tuple[str, str, int | None]]:
     """The per-expert checkpoint names transformers stacks, as `load_weights` lines, when the port
     holds stacked experts (a `FusedMoE`) for them to load into."""
     if ("engine.layers.moe", "FusedMoE") not in context.plan.engine_imports:
-        return ""
-    names = checkpoint_expert_names(context.index.causal_lm, context.source.model_type)
-    return "".join(f"\n        ({stacked!r}, {name!r}, {part!r})," for stacked, name, part in names)
+        return []
+    return list(checkpoint_expert_names(context.index.causal_lm, context.source.model_type))

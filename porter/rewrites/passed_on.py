@@ -34,7 +34,11 @@ def _fold(block: cst.BaseSuite, counts: dict[str, int], context: PortContext, wh
             target = statement.body[0].targets[0]
             folded = previous.with_changes(
                 body=[cst.Assign(targets=[target], value=value)],
-                leading_lines=[*previous.leading_lines, *statement.leading_lines],
+                # the second statement's comments stay, its blank lines go with it
+                leading_lines=[
+                    *previous.leading_lines,
+                    *(line for line in statement.leading_lines if line.comment),
+                ],
                 trailing_whitespace=statement.trailing_whitespace,
             )
             context.record(

@@ -217,3 +217,37 @@ def test_a_setting_the_installed_config_class_moved_stays_readable_by_its_writte
 
     assert (config.rotary_pct, config.rotary_emb_base) == (0.25, 500)
     assert config.rope_parameters["partial_rotary_factor"] == 0.25  # the installed name holds it too
+
+
+class _Declared(torch.nn.Module):
+    """Loading described by tables on the class, as a port declares it."""
+
+    packed_modules_mapping = {"gate_up": [("gate", 0), ("up", 1)]}
+    tied_weights = {"head.weight": "embed.weight"}
+    ignored_weights = [r"\.inv_freq$"]
+
+    def __init__(self) -> None:
+        from engine.layers import MergedColumnParallelLinear
+
+        super().__init__()
+        self.gate_up = MergedColumnParallelLinear(2, [3, 3], bias=False)
+        self.embed = torch.nn.Embedding(4, 2)
+
+
+def test_a_class_declaring_its_tables_loads_through_the_shared_loader():
+    from engine.weights import load_declared_weights
+
+    model = _Declared()
+    gate, up, embed = torch.randn(3, 2), torch.randn(3, 2), torch.randn(4, 2)
+    checkpoint = [
+        ("gate.weight", gate),
+        ("up.weight", up),
+        ("embed.weight", embed),
+        ("head.weight", embed),
+        ("rope.inv_freq", torch.ones(1)),
+    ]
+    loaded = load_declared_weights(model, checkpoint)
+    assert loaded == {"gate.weight", "up.weight", "embed.weight", "head.weight"}
+    assert torch.equal(model.gate_up.weight, torch.cat([gate, up]))
+    with pytest.raises(ValueError, match="up"):
+        load_declared_weights(_Declared(), checkpoint[:1] + checkpoint[2:])
