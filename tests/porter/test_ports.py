@@ -94,6 +94,9 @@ PORTED = [
     "glm4_moe",  # sigmoid scores with a correction bias and grouped choice, kept as written
     "granitemoe",  # experts saved stacked under other names (input_linear/output_linear); top-k then softmax
     "olmoe",  # q/k norms over all heads sized `hidden_size`: HeadShardedRMSNorm from what they normalize
+    # Multi-latent attention: the latent and the rope key cached, the up-projections absorbed.
+    "deepseek_v2",  # softmax routing, greedy; complex-pair (interleaved) rope; MoE chosen by `a if c else b`
+    "deepseek_v3",  # sigmoid routing with a correction bias and grouped choice; rope style by a setting
 ]
 
 
@@ -200,6 +203,10 @@ TP_RULE_SAMPLES = {
     "checkpoint-fused gate|up chunked in forward": ("glm", "self.gate_up_proj = MergedColumnParallelLinear("),
     "blocked QKV (model-parallel blocks)": ("codegen", "checkpoint_blocks=4"),
     "experts sharded by intermediate size": ("qwen3_moe", "self.experts = FusedMoE("),
+    "multi-latent attention sharded by heads, the latent replicated": (
+        "deepseek_v2",
+        "self.kv_b_proj = ColumnParallelLinear(",
+    ),
 }
 TP2_SAMPLES = sorted({model_type for model_type, _ in TP_RULE_SAMPLES.values()})
 
