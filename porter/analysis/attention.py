@@ -70,6 +70,8 @@ class AttentionInfo:
     callee_scale: str | None = None
     # a local-attention window cut into a causal-mask buffer in __init__ (`tril(bias, -window)`)
     band_window: str | None = None
+    # the window is the one the backbone gives transformers' mask helper (`porter.analysis.mask_windows`)
+    window_from_mask_helper: bool = False
 
 
 def analyse_attention(index: ModelIndex, name: str) -> AttentionInfo | None:
@@ -114,7 +116,7 @@ def analyse_attention(index: ModelIndex, name: str) -> AttentionInfo | None:
             before = _flat_statements(body[: branches[0]]) + _flat_statements(block[:start])
             after = _flat_statements(block[end + 1 :])
     linears = set(info.linears())
-    q, k, v = (_source_projection(name, before, linears) for name in names)
+    q, k, v = (_source_projection(name, before, linears, set(index.functions)) for name in names)
     if None in (q, k, v):
         return None
     output_vars = set(statement_targets(core_statement)) if inline is None else {inline["output"]}
@@ -139,7 +141,10 @@ def analyse_attention(index: ModelIndex, name: str) -> AttentionInfo | None:
         result.head_merges = _head_merges(statement_targets(core_statement)[:1], after, info)
         if not any(a.keyword is not None and a.keyword.value == "scaling" for a in core.args):
             result.callee_scale = _callee_scale(core, info, index)
-    result.band_window = _band_window(info) or backbone_mask_window(index, info)
+    result.band_window = _band_window(info)
+    if result.band_window is None:
+        result.band_window = backbone_mask_window(index, info)
+        result.window_from_mask_helper = result.band_window is not None
     if inline is not None:
         result.inline_region = inline["region"]
         result.inline_output = inline["output"]
@@ -262,15 +267,60 @@ def _kv_repetitions(before: list, kv: set[str], index: ModelIndex) -> list[cst.S
         value = getattr(statement.body[0], "value", None)
         if len(targets) != 1 or targets[0] not in kv or not isinstance(value, cst.Call) or not value.args:
             break
-        name = call_name(value) or ""
-        function = index.functions.get(name)
-        repeats = name.endswith("repeat_interleave") or (
-            function is not None and any(w in code_of(function) for w in (".expand(", ".repeat("))
-        )
-        if not repeats or code_of(value.args[0].value) != targets[0]:
+        if not repeats_heads(value, index) or code_of(value.args[0].value) != targets[0]:
             break
         found.append(statement)
     return found
+
+
+# einops' functions that repeat a tensor along a named axis: `repeat(k, "b n h d -> b n (h g) d")`
+TENSOR_REPEATS = {("einops", "repeat")}
+
+
+def repeats_heads(value: cst.BaseExpression, index: ModelIndex) -> bool:
+    """`f(k, n)` that repeats key/value heads for the query heads: `repeat_interleave`, this file's
+    function that expands or repeats, or einops' `repeat` as the file imports it."""
+    if not isinstance(value, cst.Call) or not value.args:
+        return False
+    name = call_name(value) or ""
+    function = index.functions.get(name)
+    return (
+        name.endswith("repeat_interleave")
+        or (function is not None and any(w in code_of(function) for w in (".expand(", ".repeat(")))
+        or name in imported_names(index.module, TENSOR_REPEATS)
+    )
+
+
+def imported_names(module: cst.Module, wanted: set[tuple[str, str]]) -> set[str]:
+    """How `module` spells each (package, name) in `wanted`: `name` or its alias after `from package
+    import name [as alias]`, `package.name` or `alias.name` after `import package [as alias]`, at
+    module level or under a module-level `try`/`if`."""
+    spelled: set[str] = set()
+    packages = {package for package, _ in wanted}
+
+    class _Imports(cst.CSTVisitor):
+        def visit_FunctionDef(self, node: cst.FunctionDef) -> bool:
+            return False
+
+        def visit_ClassDef(self, node: cst.ClassDef) -> bool:
+            return False
+
+        def visit_ImportFrom(self, node: cst.ImportFrom) -> None:
+            package = code_of(node.module) if node.module is not None and not node.relative else None
+            if package not in packages or isinstance(node.names, cst.ImportStar):
+                return
+            for alias in node.names:
+                if (package, code_of(alias.name)) in wanted:
+                    spelled.add(code_of(alias.asname.name) if alias.asname else code_of(alias.name))
+
+        def visit_Import(self, node: cst.Import) -> None:
+            for alias in node.names:
+                package = code_of(alias.name)
+                local = code_of(alias.asname.name) if alias.asname else package
+                spelled.update(f"{local}.{name}" for p, name in wanted if p == package)
+
+    module.visit(_Imports())
+    return spelled
 
 
 def _head_merges(output: list[str], after: list, info: ClassInfo) -> list[cst.SimpleStatementLine]:
@@ -311,12 +361,16 @@ def _core_call(statement: cst.CSTNode, info: ClassInfo, index: ModelIndex) -> cs
     return found[0] if found else None
 
 
-def _source_projection(var: str, statements: list, linears: set[str]) -> str | None:
+def _source_projection(
+    var: str, statements: list, linears: set[str], functions: set[str] = frozenset()
+) -> str | None:
     """The Linear attribute whose output flows into `var` (following reassignments backwards).
 
     A statement that reads what it assigns transforms it (`q = q.view(...)`, `q, k = rotate(q, k,
     cos, sin)`, `k = torch.cat([past_k, k])`): only that variable is followed through it, so the
-    cos/sin, cache or other operands it mixes in never lead the trace to another projection."""
+    cos/sin, cache or other operands it mixes in never lead the trace to another projection. A
+    function of this file (in `functions`) that returns one tensor per leading argument (`q, k =
+    rotate(q_rot, k_rot, cos, sin)`) is followed from each target to its own argument."""
     wanted = {var}
     for statement in reversed(statements):
         targets = set(statement_targets(statement))
@@ -328,8 +382,31 @@ def _source_projection(var: str, statements: list, linears: set[str]) -> str | N
             return hits[0]
         if _transforms(statement, targets & wanted):
             continue
+        paired = _paired_arguments(statement, functions)
+        if paired is not None:
+            wanted |= {paired[t] for t in targets & wanted}
+            continue
         wanted |= names_in(statement) - targets - {"self"}
     return None
+
+
+def _paired_arguments(statement: cst.CSTNode, functions: set[str]) -> dict[str, str] | None:
+    """`a, b = f(x, y, ...)` with `f` a function of this file and `x`, `y` plain names: {a: x, b: y}."""
+    small = statement.body[0] if isinstance(statement, cst.SimpleStatementLine) else None
+    if not (
+        isinstance(small, cst.Assign)
+        and len(small.targets) == 1
+        and isinstance(small.targets[0].target, cst.Tuple)
+        and isinstance(small.value, cst.Call)
+        and call_name(small.value) in functions
+    ):
+        return None
+    targets = [e.value for e in small.targets[0].target.elements]
+    positional = [a.value for a in small.value.args if a.keyword is None and not a.star]
+    pairs = list(zip(targets, positional))
+    if len(pairs) < len(targets) or not all(isinstance(t, cst.Name) and isinstance(a, cst.Name) for t, a in pairs):
+        return None
+    return {t.value: a.value for t, a in pairs}
 
 
 def _transforms(statement: cst.SimpleStatementLine, variables: set[str]) -> bool:

@@ -20,6 +20,7 @@ from porter.analysis.model_index import ClassInfo
 
 SCORE_CALLS = ("matmul", "bmm", "baddbmm", "einsum")
 RESHAPE_CALLS = ("view", "reshape", "transpose", "permute", "contiguous", "flatten", "unflatten")
+CAST_CALLS = ("to", "float", "double", "type")
 # Names an ALiBi bias goes by in an attention forward; `porter.analysis.alibi` adds the others
 # (`position_bias`) by following the bias from where the backbone builds it.
 ALIBI = frozenset({"alibi"})
@@ -230,8 +231,31 @@ def relayouts(body: list[cst.BaseStatement], end: int, qkv: set[str], info: Clas
             and len(targets) == 1
             and isinstance(value, cst.Call)
             and relayout_source(statement, info) is not None
+            and not targets & _sliced_features(body[position + 1 : end])
         ):
             found.append(position)
+    return found
+
+
+def _sliced_features(statements: list[cst.BaseStatement]) -> set[str]:
+    """Names sliced on their last axis in `statements` (`q[..., :rotary_dim]`, the features of each
+    head a partial rotary turns): their split into heads is what makes the slice per head, so it
+    stays."""
+    found: set[str] = set()
+
+    class _Slices(cst.CSTVisitor):
+        def visit_Subscript(self, node: cst.Subscript) -> None:
+            if (
+                isinstance(node.value, cst.Name)
+                and len(node.slice) > 1
+                and isinstance(node.slice[0].slice, cst.Index)
+                and isinstance(node.slice[0].slice.value, cst.Ellipsis)
+                and isinstance(node.slice[-1].slice, cst.Slice)
+            ):
+                found.add(node.value.value)
+
+    for statement in statements:
+        statement.visit(_Slices())
     return found
 
 
@@ -310,17 +334,26 @@ def _score_operands(
             scale = f"1 / ({code_of(value.right)})"
         elif isinstance(value, cst.BinaryOperation) and isinstance(value.operator, cst.Multiply):
             scale = code_of(value.right)
+    first = _uncast(first)
     while (
         isinstance(second, cst.Call)
         and isinstance(second.func, cst.Attribute)
-        and second.func.attr.value in RESHAPE_CALLS
+        and second.func.attr.value in RESHAPE_CALLS + CAST_CALLS
     ):
-        second = second.func.value  # k^T -> k
+        second = second.func.value  # k^T -> k, k.to(torch.float32) -> k
     return (
         code_of(first) if isinstance(first, cst.Name) else None,
         code_of(second) if isinstance(second, cst.Name) else None,
         scale,
     )
+
+
+def _uncast(node: cst.BaseExpression) -> cst.BaseExpression:
+    """`q` for `q.to(torch.float32)` or `q.float()`: an upcast for the product, which paged attention
+    computes in float32 anyway."""
+    while isinstance(node, cst.Call) and isinstance(node.func, cst.Attribute) and node.func.attr.value in CAST_CALLS:
+        node = node.func.value
+    return node
 
 
 def _value_of(statement: cst.CSTNode) -> cst.CSTNode:

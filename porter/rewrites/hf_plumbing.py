@@ -8,6 +8,9 @@
 - `self.post_init()` (weight init) and `self.gradient_checkpointing = ...` are dropped;
 - a module-level registration of a class in a registry imported from transformers
   (`ALL_LAYERNORM_LAYERS.append(LlamaRMSNorm)`) is dropped;
+- in remote code, a token id read from the config (`config.pad_token_id`) becomes `getattr(config,
+  "pad_token_id", None)`: transformers 4's PretrainedConfig gave every config these ids (None by
+  default), 5's does not, so a configuration class written for 4 that never sets one lacks it;
 - HF API helpers (`get_input_embeddings`, `set_input_embeddings`, `get_output_embeddings`,
   `set_output_embeddings`, `_init_weights`, `tie_weights`) are dropped.
 The `_tied_weights_keys` of the causal LM is read into the plan before its class attribute goes.
@@ -85,6 +88,9 @@ def _framework_imports(module: cst.Module) -> set[str]:
             found |= {(a.evaluated_alias or a.evaluated_name) for a in node.names}
     return found
 
+
+# Config fields transformers 4's PretrainedConfig set on every config, None unless given.
+BASE_CONFIG_TOKEN_IDS = {"pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "decoder_start_token_id"}
 
 # Ways to add to a registry object.
 REGISTERING_METHODS = {"append", "extend", "add", "update"}
@@ -170,6 +176,15 @@ class _Transformer(ClassScopedTransformer):
         return super().leave_FunctionDef(original, updated)
 
     def leave_SimpleStatementLine(self, original: cst.SimpleStatementLine, updated: cst.SimpleStatementLine):
+        if not self.class_stack and not self.function_stack and self._calls_framework_method(updated):
+            self.context.record(
+                "hf-plumbing",
+                self.where,
+                updated,
+                "",
+                "a classmethod of the stripped framework base (registration with the Auto classes)",
+            )
+            return cst.RemovalSentinel.REMOVE
         if not self.class_stack and not self.function_stack and self._registers_with_framework(updated):
             self.context.record(
                 "hf-plumbing",
@@ -214,6 +229,52 @@ class _Transformer(ClassScopedTransformer):
             )
             return cst.RemovalSentinel.REMOVE
         return updated
+
+    def visit_AssignTarget(self, node: cst.AssignTarget) -> bool:
+        return False  # a field written is no read of a default
+
+    def leave_Attribute(self, original: cst.Attribute, updated: cst.Attribute) -> cst.BaseExpression:
+        owner = dotted_name(updated.value) or ""
+        if (
+            not self.context.source.remote_code
+            or updated.attr.value not in BASE_CONFIG_TOKEN_IDS
+            or owner.split(".")[-1] != "config"
+        ):
+            return updated
+        new = cst.parse_expression(f'getattr({owner}, "{updated.attr.value}", None)')
+        self.context.record(
+            "hf-plumbing", self.where, updated, new, "a token id transformers 5's config base does not set"
+        )
+        return new
+
+    def _calls_framework_method(self, statement: cst.SimpleStatementLine) -> bool:
+        """A module-level `SomeModel.method(...)` on a class of this file that derives from a
+        framework base, where neither it nor a base of this file defines `method`: the framework
+        base provided it (`register_for_auto_class`), and the port's class no longer has it."""
+        classes = self.context.index.classes
+
+        def defined_in_file(name: str, method: str) -> bool | None:
+            """Whether `name` or a base of this file defines `method`; None if none of its bases
+            is a framework one (it is not a stripped class)."""
+            seen, stack, framework = set(), [name], False
+            while stack:
+                current = stack.pop()
+                if current in seen or current not in classes:
+                    continue
+                seen.add(current)
+                if method in classes[current].methods:
+                    return True
+                for base in classes[current].bases:
+                    short = base.split(".")[-1]
+                    framework = framework or short in self.framework
+                    stack.append(short)
+            return False if framework else None
+
+        return all(
+            m.matches(small, m.Expr(m.Call(func=m.Attribute(value=m.Name(), attr=m.Name()))))
+            and defined_in_file(small.value.func.value.value, small.value.func.attr.value) is False
+            for small in statement.body
+        )
 
     def _registers_with_framework(self, statement: cst.SimpleStatementLine) -> bool:
         """A module-level `REGISTRY.append(SomeClass)` on an object imported from transformers (4.3x

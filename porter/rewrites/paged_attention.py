@@ -13,9 +13,10 @@ from __future__ import annotations
 import libcst as cst
 
 from porter.analysis.alibi import Slopes, derive_slopes
-from porter.analysis.attention import AttentionInfo, analyse_attention
+from porter.analysis.attention import AttentionInfo, analyse_attention, repeats_heads
 from porter.analysis.cst_utils import call_name, code_of, names_in, statement_targets
 from porter.analysis.inline_attention import relayout_source
+from porter.analysis.mask_windows import extra_window_keys, widened
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
 
 CORE_KEYWORDS = {"scaling": "scale", "sliding_window": "sliding_window", "softcap": "logits_soft_cap"}
@@ -179,6 +180,40 @@ class _Transformer(ClassScopedTransformer):
         kept_before = self._without_relayouts(body[:start], relayout_positions)
         return [*kept_before, call, *body[end + 1 :]]
 
+    def _without_kv_repeats(self, statements: list, kv: set[str]) -> list:
+        """`statements` without the KV-head repetitions of the paged call's k and v anywhere before
+        it (`k = repeat(k, ...)` under `if groups > 1:`, ahead of the rotary step, not only right
+        before the core); an `if` left with nothing to do goes with them."""
+        kept = []
+        for statement in statements:
+            if isinstance(statement, cst.If) and statement.orelse is None:
+                inner = self._without_kv_repeats(list(statement.body.body), kv)
+                if not inner:
+                    self.context.record(
+                        "paged-attention", self.where, statement.test, "", "guarded only a KV-head repetition"
+                    )
+                    continue
+                statement = statement.with_changes(body=statement.body.with_changes(body=inner))
+            elif (
+                isinstance(statement, cst.SimpleStatementLine)
+                and len(statement.body) == 1
+                and isinstance(statement.body[0], cst.Assign)
+                and len(statement_targets(statement)) == 1
+                and statement_targets(statement)[0] in kv
+                and repeats_heads(statement.body[0].value, self.context.index)
+                and code_of(statement.body[0].value.args[0].value) == statement_targets(statement)[0]
+            ):
+                self.context.record(
+                    "paged-attention",
+                    self.where,
+                    statement,
+                    "",
+                    "PagedAttention maps query heads to KV heads itself",
+                )
+                continue
+            kept.append(statement)
+        return kept
+
     def _without_relayouts(self, statements: list, positions: list[int]) -> list:
         """`statements` without the relayouts at `positions`; one that also renamed its tensor
         (`key_states = self._shape(k, -1, bsz)`) leaves the rename (`key_states = k`)."""
@@ -277,6 +312,16 @@ class _Transformer(ClassScopedTransformer):
                 updated = self._swap_branch_cores(updated, info)
             else:
                 updated = self._swap_inline_core(updated, info)
+        if (
+            info is not None
+            and info.core_args
+            and updated.name.value == "forward"
+            and len(self.function_stack) == 1
+        ):
+            body = self._without_kv_repeats(
+                list(updated.body.body), set(info.core_args[1:]) - {info.core_args[0]}
+            )
+            updated = updated.with_changes(body=updated.body.with_changes(body=body))
         if info is not None and updated.name.value == "__init__" and len(self.function_stack) == 1:
             arguments = [info.num_heads, info.head_dim]
             keywords = {
@@ -313,6 +358,10 @@ class _Transformer(ClassScopedTransformer):
             if info.band_window is not None and "sliding_window" not in keywords:
                 # (after the check: the window may read the constructor's own parameters)
                 keywords["sliding_window"] = info.band_window
+                if info.window_from_mask_helper:
+                    keywords["sliding_window"] = widened(
+                        info.band_window, extra_window_keys(self.context.source.path)
+                    )
             if info.num_kv_heads != info.num_heads:
                 keywords["num_kv_heads"] = info.num_kv_heads
             call = ", ".join([*arguments, *(f"{k}={v}" for k, v in keywords.items())])

@@ -36,6 +36,11 @@ class PruneUnused(Rewrite):
                 definitions[name] = statement
         keep: set[str] = set()
         stack = [context.index.causal_lm]
+        # Top-level code that defines nothing prune could drop (a `try:` around an optional import,
+        # an `if` at import time) stays, and runs when the port is imported: what it reads stays too.
+        for statement in module.body:
+            if not _defined(statement):
+                stack.extend(names_in(statement) & set(definitions))
         while stack:
             name = stack.pop()
             if name in keep or name not in definitions:

@@ -25,6 +25,7 @@ from porter.analysis.cst_utils import (
     call_name,
     calls_in,
     code_of,
+    dotted_name,
     function_params,
     init_attribute_values,
     names_bound,
@@ -279,7 +280,7 @@ class _Transformer(ClassScopedTransformer):
         if isinstance(small, cst.Assign) and isinstance(value, cst.Call):
             attr = self_attribute(value.func)
             target_attr = self_attribute(small.targets[0].target)
-            if (self.current_class, target_attr) in self.rotary_attrs and self.current_function == "__init__":
+            if (self.current_class, target_attr) in self.rotary_attrs and self._constructing():
                 self._note_inputs(value)
                 self.context.record(
                     "rotary", self.where, updated, "", "rotary module replaced by the engine's rotary layer"
@@ -311,6 +312,14 @@ class _Transformer(ClassScopedTransformer):
                 return new
         return updated
 
+    def _constructing(self) -> bool:
+        """In `__init__`, or in a helper `__init__` calls to build attributes (`self._init_rope()`)."""
+        if self.current_function == "__init__":
+            return True
+        info = self.context.index.classes.get(self.current_class or "")
+        init = info.methods.get("__init__") if info is not None else None
+        return init is not None and self.current_function in init_helpers(init, info.methods)
+
     def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef):
         if (
             self.current_function == "forward"
@@ -318,7 +327,31 @@ class _Transformer(ClassScopedTransformer):
             and self.current_class in self.context.index.reachable
         ):
             updated = self._pair_one_tensor_applies(updated)
+            self._note_partial_width(updated)
         return super().leave_FunctionDef(original, updated)
+
+    def _note_partial_width(self, forward: cst.FunctionDef) -> None:
+        """Where q and k are rotated on slices of their features (`q_rot = q[..., :w]`, the rotated
+        parts concatenated back with the rest), the rotated width is `w`: the engine's rotary layer
+        takes it from there rather than from a config field it may not have."""
+        info = self.context.plan.attention.get(self.current_class or "")
+        if info is None or not info.core_args or self.current_class in self.rotary_dims:
+            return
+        q, k = info.core_args[:2]
+        body = list(forward.body.body)
+        rotated = [
+            call.args
+            for call in calls_in(forward.body)
+            if dotted_name(call.func) == "self.rotary_emb" and len(call.args) == 3
+        ]
+        parts = _parts_of(body, {q, k})
+        widths = _rotated_widths(body, {q, k})
+        if (
+            len(rotated) == 1
+            and {code_of(a.value) for a in rotated[0][1:]} <= parts
+            and len(widths) == 1
+        ):
+            self.rotary_dims[self.current_class] = next(iter(widths))
 
     def _pair_one_tensor_applies(self, forward: cst.FunctionDef) -> cst.FunctionDef:
         """`apply(x, sin, cos)` called once for q and once for k (GPT-J, CodeGen), possibly on the

@@ -13,7 +13,7 @@ import libcst as cst
 import libcst.matchers as m
 
 from porter.analysis.cst_utils import calls_in, dotted_name, names_in, self_attribute, statement_targets
-from porter.analysis.optional_backends import eager_backend_choice
+from porter.analysis.optional_backends import asks_availability, eager_backend_choice
 from porter.rewrites.base import PortContext
 
 FALSE_ATTRIBUTES = {"self.training", "self.gradient_checkpointing"}
@@ -183,7 +183,10 @@ class Pruner:
         assign = statement.body[0]
         if len(assign.targets) != 1 or not isinstance(assign.targets[0].target, cst.Name):
             return None
-        if not names_in(assign.value) & (self.dead | self.absent | set(self.constants)):
+        if not (
+            names_in(assign.value) & (self.dead | self.absent | set(self.constants))
+            or any(asks_availability(call) for call in calls_in(assign.value))
+        ):
             return None
         value = self.evaluate(assign.value)
         return (assign.targets[0].target.value, value) if isinstance(value, bool) else None
@@ -227,6 +230,7 @@ class Pruner:
             return [statement.with_changes(body=statement.body.with_changes(body=body))]
         if isinstance(statement, cst.SimpleStatementLine):
             statement = self._decide_conditional_expressions(statement)
+            statement = self._substitute_constants(statement)
             targets = statement_targets(statement)
             known = self._known_flag(statement)
             if known is not None:
@@ -252,6 +256,8 @@ class Pruner:
                 return []
             self.live |= set(targets)
             self.absent -= set(targets)
+            for target in targets:
+                self.constants.pop(target, None)
             if len(targets) == 1 and _is_none_sequence(_assigned_value(statement)):
                 self.none_sequences.add(targets[0])
             else:
@@ -281,6 +287,33 @@ class Pruner:
                 return updated.body if value else updated.orelse
 
         return statement.visit(_Decide())
+
+    def _substitute_constants(self, statement: cst.SimpleStatementLine) -> cst.SimpleStatementLine:
+        """A decided flag read as a value (passed to a helper, `apply_rotary(q, k, cos, sin,
+        use_flash)`) becomes its literal: the statement that assigned it is gone."""
+        if not names_read(statement) & set(self.constants):
+            return statement
+        constants = self.constants
+
+        class _Substitute(cst.CSTTransformer):
+            def visit_Attribute(self, node: cst.Attribute) -> bool:
+                return False  # `x.flag` names no local: only the object is visited, on leaving
+
+            def leave_Attribute(self, original: cst.Attribute, updated: cst.Attribute) -> cst.Attribute:
+                return updated.with_changes(value=original.value.visit(self))
+
+            def leave_Arg(self, original: cst.Arg, updated: cst.Arg) -> cst.Arg:
+                return updated.with_changes(keyword=original.keyword)
+
+            def leave_AssignTarget(self, original: cst.AssignTarget, updated: cst.AssignTarget):
+                return original
+
+            def leave_Name(self, original: cst.Name, updated: cst.Name) -> cst.Name:
+                if original.value in constants:
+                    return cst.Name(str(constants[original.value]))
+                return updated
+
+        return statement.visit(_Substitute())
 
     def _if(self, statement: cst.If) -> list[cst.BaseStatement]:
         value = self.evaluate(statement.test)
@@ -378,6 +411,8 @@ class Pruner:
             return UNKNOWN if UNKNOWN in (left, right) else left != right
         if isinstance(node, cst.Name) and node.value in self.absent | self.dead:
             return False
+        if isinstance(node, cst.Call) and asks_availability(node):
+            return False  # the port imports no optional library
         if m.matches(
             node, m.Call(func=m.Name("isinstance"), args=[m.Arg(keyword=None), m.Arg(keyword=None)])
         ):

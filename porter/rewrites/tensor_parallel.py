@@ -437,7 +437,31 @@ def per_head_modules(info, attention) -> set[str]:
             value = value.args[2].value
         if value is not None:
             widths.add(spaced(code_of(value)))
-    return {attr for attr, call in info.init_calls.items() if _width_argument(call) in widths}
+    values = init_attribute_values(init) if init is not None else {}
+    plain = {spaced(code_of(_with_plain_attributes(cst.parse_expression(w), values))) for w in widths}
+
+    def one_head(call: cst.Call) -> bool:
+        width = _width_argument(call)
+        if width is None:
+            return False
+        return width in widths or spaced(code_of(_with_plain_attributes(cst.parse_expression(width), values))) in plain
+
+    return {attr for attr, call in info.init_calls.items() if one_head(call)}
+
+
+def _with_plain_attributes(node: cst.BaseExpression, values: dict[str, cst.BaseExpression]) -> cst.BaseExpression:
+    """`node` with each `self.x` that __init__ set to a plain name or attribute (`self.hidden_size =
+    config.hidden_size`) written as that (`self.hidden_size // self.num_heads` -> `config.hidden_size
+    // config.num_attention_heads`): the same width, however the norm's construction spells it."""
+
+    class _Substitute(cst.CSTTransformer):
+        def leave_Attribute(self, original: cst.Attribute, updated: cst.Attribute) -> cst.BaseExpression:
+            value = values.get(self_attribute(original) or "")
+            if isinstance(value, (cst.Name, cst.Attribute)):
+                return value
+            return updated
+
+    return node.visit(_Substitute())
 
 
 # Keywords a norm takes its width by (`RMSNorm(dim=head_dim)`, `LayerNorm(normalized_shape=...)`).
