@@ -94,6 +94,11 @@ PORTED = [
     "glm4_moe",  # sigmoid scores with a correction bias and grouped choice, kept as written
     "granitemoe",  # experts saved stacked under other names (input_linear/output_linear); top-k then softmax
     "olmoe",  # q/k norms over all heads sized `hidden_size`: HeadShardedRMSNorm from what they normalize
+    # Expert biases and the source's own clamped SwiGLU on interleaved gate|up rows; attention sinks;
+    # sliding and full layers alternating; yarn rope.
+    "gpt_oss",
+    # A Linear-subclass router running sparsemixer's inference branches; LayerNorm; an lm_head bias.
+    "phimoe",
     # Multi-latent attention: the latent and the rope key cached, the up-projections absorbed.
     "deepseek_v2",  # softmax routing, greedy; complex-pair (interleaved) rope; MoE chosen by `a if c else b`
     "deepseek_v3",  # sigmoid routing with a correction bias and grouped choice; rope style by a setting
@@ -203,6 +208,11 @@ TP_RULE_SAMPLES = {
     "checkpoint-fused gate|up chunked in forward": ("glm", "self.gate_up_proj = MergedColumnParallelLinear("),
     "blocked QKV (model-parallel blocks)": ("codegen", "checkpoint_blocks=4"),
     "experts sharded by intermediate size": ("qwen3_moe", "self.experts = FusedMoE("),
+    "interleaved gate|up experts sharded in whole pairs, one rank adding the down bias": (
+        "gpt_oss",
+        'gate_up_layout="interleaved"',
+    ),
+    "attention sinks sharded by head": ("gpt_oss", "sinks=self.sinks"),
     "multi-latent attention sharded by heads, the latent replicated": (
         "deepseek_v2",
         "self.kv_b_proj = ColumnParallelLinear(",
