@@ -440,9 +440,10 @@ class _Transformer(ClassScopedTransformer):
     def _note_inputs(self, construction: cst.CSTNode) -> None:
         self.rotary_inputs |= {(self.current_class, a) for a in self_attributes_read(construction)}
 
-    def _drop_rotary_builders(self, class_def: cst.ClassDef) -> cst.ClassDef:
-        """Drops the helpers `__init__` calls only to build the rotary module, and their calls."""
-        methods = {s.name.value: s for s in class_def.body.body if isinstance(s, cst.FunctionDef)}
+    def _drop_rotary_builders(self, class_def: cst.ClassDef, original: cst.ClassDef) -> cst.ClassDef:
+        """Drops the helpers `__init__` calls only to build the rotary module, and their calls. What
+        a helper builds is read from the class as it came (this rewrite has emptied its branches)."""
+        methods = {s.name.value: s for s in original.body.body if isinstance(s, cst.FunctionDef)}
         if "__init__" not in methods:
             return class_def
         builders = set()
@@ -487,7 +488,7 @@ class _Transformer(ClassScopedTransformer):
     def leave_ClassDef(self, original: cst.ClassDef, updated: cst.ClassDef):
         name = updated.name.value
         if any(owner == name for owner, _ in self.rotary_attrs):
-            updated = self._drop_rotary_builders(updated)
+            updated = self._drop_rotary_builders(updated, original)
         if name in self.applied_in:
             updated = updated.with_changes(
                 body=updated.body.with_changes(

@@ -10,6 +10,7 @@ block tables and slot mapping are all under test.
 
 from __future__ import annotations
 
+import inspect
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +78,9 @@ def hf_reference(model: torch.nn.Module, prompts: list[list[int]], steps: list[S
     sequences = [list(p) for p in prompts]
     consumed = [0] * len(prompts)
     logits_per_step, inputs_per_step = [], []
+    # Each call runs the whole sequence, so no cache is wanted; remote code that insists on a Cache
+    # object whenever use_cache is on (MiniCPM's) would refuse the default None.
+    extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
     with torch.no_grad():
         for step in steps:
             inputs, logits = {}, {}
@@ -86,7 +90,7 @@ def hf_reference(model: torch.nn.Module, prompts: list[list[int]], steps: list[S
                 if consumed[seq] < len(prompts[seq]) and consumed[seq] < len(sequences[seq]):
                     continue  # a prefill chunk that does not reach the end produces no token
                 ids = torch.tensor([sequences[seq][: consumed[seq]]])
-                out = model(input_ids=ids).logits[0, -1].float()
+                out = model(input_ids=ids, **extra).logits[0, -1].float()
                 logits[seq] = out
                 if consumed[seq] == len(sequences[seq]):
                     sequences[seq].append(int(out.argmax()))

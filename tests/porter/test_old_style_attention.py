@@ -437,3 +437,27 @@ def test_the_layer_type_a_per_type_rope_takes_is_the_lookup_not_a_comparison_of_
     compared = init("    self.is_sliding = config.layer_types[layer_idx] == 'sliding_attention'\n")
     assert _layer_type_expression(compared) == "config.layer_types[layer_idx]"
     assert _layer_type_expression(init("    self.x = 1\n")) is None
+
+
+def test_an_init_helper_choosing_the_rotary_module_by_scaling_type_goes_with_its_raise():
+    # MiniCPM's `_init_rope`: one rotary class per `rope_scaling` type, else a ValueError. The
+    # engine's config names every scaling type, "default" too, so a helper left behind would raise.
+    choosing = LEGACY.replace(
+        "    def _init_rope(self):\n"
+        "        self.rotary_emb = MiniRotaryEmbedding(self.head_dim, base=self.rope_theta)\n",
+        "    def _init_rope(self):\n"
+        "        if self.config.rope_scaling is None:\n"
+        "            self.rotary_emb = MiniRotaryEmbedding(self.head_dim, base=self.rope_theta)\n"
+        "        else:\n"
+        "            scaling_type = self.config.rope_scaling['rope_type']\n"
+        "            if scaling_type == 'linear':\n"
+        "                self.rotary_emb = MiniRotaryEmbedding(self.head_dim, base=self.rope_theta)\n"
+        "            else:\n"
+        "                raise ValueError(f'Unknown RoPE scaling type {scaling_type}')\n",
+    )
+    assert choosing != LEGACY
+    after = run_through(choosing, "rotary")
+    assert "_init_rope" not in after.code and "Unknown RoPE" not in after.code
+    assert "self.rotary_emb = get_rope(config, self.head_dim, is_neox_style=True)" in normalize(
+        method_code(after.code, "MiniAttention", "__init__")
+    )
