@@ -7,7 +7,7 @@
 - `self.layers[: self.config.num_hidden_layers]` where `self.layers` holds exactly that many
   layers: the slice is `self.layers`.
 - A temporary passed straight on (`outputs = self.model(...)` then `hidden_states = outputs`): the
-  value goes to its final name.
+  value goes to its final name; and no blank line opens a method's body.
 - Shapes kept from the batched layout (`input_shape = x.shape[:-1]`, `hidden_shape = (*input_shape,
   -1, D)`) used only to split the last dimension into heads (`.view(hidden_shape)` ->
   `.unflatten(-1, (-1, D))`) and to merge heads back (`.reshape(*input_shape, -1)` -> `.flatten(1)`:
@@ -56,9 +56,18 @@ def _class_functions(statement: cst.ClassDef, context: PortContext) -> cst.Class
     for item in statement.body.body:
         if isinstance(item, cst.FunctionDef):
             where = f"{statement.name.value}.{item.name.value}"
-            item = fold_passed_on(drop_batch_shapes(item, context, where), context, where)
+            item = _no_opening_blank(fold_passed_on(drop_batch_shapes(item, context, where), context, where))
         body.append(item)
     return statement.with_changes(body=statement.body.with_changes(body=body))
+
+
+def _no_opening_blank(function: cst.FunctionDef) -> cst.FunctionDef:
+    """No blank line opening the body (where a docstring or the statements before were)."""
+    body = list(function.body.body)
+    if body and body[0].leading_lines and not any(line.comment for line in body[0].leading_lines):
+        body[0] = body[0].with_changes(leading_lines=[])
+        return function.with_changes(body=function.body.with_changes(body=body))
+    return function
 
 
 class _Leftovers(cst.CSTTransformer):

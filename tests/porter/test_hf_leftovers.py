@@ -137,3 +137,18 @@ def test_forward_inputs_take_the_engine_types():
     )
     # B's forward is not one the engine-interface rewrite wrote: only the engine's inputs are typed.
     assert "def forward(self, x: Optional[torch.FloatTensor], kv_caches: list[KVCache]):" in after
+
+
+def test_no_blank_line_opens_a_method_body():
+    after = _run(
+        """
+        class M(nn.Module):
+            def forward(self, x):
+
+                outputs = self.model(x)
+
+                hidden_states = outputs
+                return hidden_states
+        """
+    )
+    assert "def forward(self, x):\n        hidden_states = self.model(x)\n        return hidden_states" in after
