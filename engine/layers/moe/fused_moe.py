@@ -227,13 +227,24 @@ class FusedMoE(nn.Module):
 
     def _experts(self, hidden: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         gated = self._gated()
-        plain = gated is None and self.gate_up_proj_bias is None
-        if hidden.is_cuda and not reference_forced() and plain and self.activation in ("silu", "swish"):
-            from engine.kernels import triton_moe
-
-            return triton_moe.fused_experts(hidden, self.gate_up_proj, self.down_proj, weights, ids)
         # Every rank's partial sums are all-reduced: one of them adds the down projection's bias.
         adds_down_bias = self.expert_parallel or self.tp_rank == 0
+        down_bias = self.down_proj_bias if adds_down_bias else None
+        kernel_computes = self.activates_whole_projection or self.activation in ("silu", "swish")
+        if hidden.is_cuda and not reference_forced() and kernel_computes:
+            from engine.kernels import triton_moe
+
+            return triton_moe.fused_experts(
+                hidden,
+                self.gate_up_proj,
+                self.down_proj,
+                weights,
+                ids,
+                gate_up_bias=self.gate_up_proj_bias,
+                down_bias=down_bias,
+                interleaved=self.interleaved,
+                gated=self.act_fn if self.activates_whole_projection else None,
+            )
         return fused_experts_reference(
             hidden,
             self.gate_up_proj,
@@ -243,7 +254,7 @@ class FusedMoE(nn.Module):
             self.act_fn,
             gated=gated,
             gate_up_bias=self.gate_up_proj_bias,
-            down_bias=self.down_proj_bias if adds_down_bias else None,
+            down_bias=down_bias,
         )
 
     def _gated(self) -> Callable[[torch.Tensor], torch.Tensor] | None:

@@ -61,3 +61,74 @@ def check_alignment(num_tokens: int, num_experts: int, top_k: int, block_m: int,
     assert sorted(rows[real].tolist()) == list(range(flat.numel()))
     tile_of_slot = torch.arange(rows.numel(), device=device) // block_m
     assert torch.equal(flat[rows[real].long()], tile_expert[tile_of_slot[real]].long())
+
+
+def clamped_swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """GPT-OSS's activation on interleaved gate|up columns (limit 0.5, so the clamps act on these inputs)."""
+    gate, up = gate_up[..., ::2].clamp(max=0.5), gate_up[..., 1::2].clamp(min=-0.5, max=0.5)
+    return (up + 1) * (gate * torch.sigmoid(gate * 1.702))
+
+
+def check_biased_experts(
+    num_tokens: int,
+    num_experts: int,
+    top_k: int,
+    hidden: int,
+    intermediate: int,
+    dtype: torch.dtype,
+    device: str,
+    interleaved: bool,
+    own_activation: bool,
+    seed: int = 0,
+) -> None:
+    """The kernel with expert biases, either gate|up layout, and the fused SiLU or an activation of the
+    caller's own over the whole projection, against the reference."""
+    from engine.kernels import triton_moe
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def tensor(*shape, scale=0.3):
+        return (torch.randn(*shape, generator=generator) * scale).to(device, dtype)
+
+    x = tensor(num_tokens, hidden, scale=1.0)
+    gate_up, down = tensor(num_experts, 2 * intermediate, hidden), tensor(num_experts, hidden, intermediate)
+    gate_up_bias, down_bias = tensor(num_experts, 2 * intermediate), tensor(num_experts, hidden)
+    logits = torch.randn(num_tokens, num_experts, generator=generator)
+    logits[:, -1] = -1e4  # the last expert gets no token
+    weights, ids = torch.topk(torch.softmax(logits, -1), top_k, dim=-1)
+    ids, weights = ids.to(device), weights.to(device)
+    if own_activation:
+        gated = (
+            clamped_swiglu
+            if interleaved
+            else (lambda p: F.gelu(p[..., :intermediate]) * p[..., intermediate:])
+        )
+    else:
+        gated = (lambda p: F.silu(p[..., 0::2]) * p[..., 1::2]) if interleaved else None
+    got = triton_moe.fused_experts(
+        x,
+        gate_up,
+        down,
+        weights,
+        ids,
+        gate_up_bias=gate_up_bias,
+        down_bias=down_bias,
+        interleaved=interleaved,
+        gated=gated if own_activation else None,
+    )
+    want = fused_experts_reference(
+        x.float(),
+        gate_up.float(),
+        down.float(),
+        weights,
+        ids,
+        F.silu,
+        gated=gated,
+        gate_up_bias=gate_up_bias.float(),
+        down_bias=down_bias.float(),
+    )
+    rtol, atol = MOE_TOLERANCE[dtype]
+    assert got.dtype == dtype and got.shape == x.shape
+    # Outputs near zero keep the rounding of the larger terms that cancelled in them: atol by scale.
+    scale = max(want.abs().amax().item(), 1.0)
+    torch.testing.assert_close(got.float(), want, rtol=rtol, atol=atol * scale)

@@ -22,6 +22,18 @@ check_fused_experts(19, 5, 3, 32, 24, torch.float32, "cpu", foreign_ids=True)  #
 check_fused_experts(300, 4, 2, 32, 16, torch.float32, "cpu", seed=3)  # BLOCK_M 64 tiles
 """
 
+BIASED_CASES = """
+from tests.engine.kernels.moe_cases import check_biased_experts
+for interleaved in (False, True):
+    for own_activation in (False, True):
+        check_biased_experts(21, 5, 2, 48, 40, torch.float32, "cpu", interleaved, own_activation)
+check_biased_experts(7, 4, 2, 32, 24, torch.float16, "cpu", True, True)
+"""
+
 
 def test_fused_experts_kernel_under_interpreter():
     run_interpreted(MOE_CASES)
+
+
+def test_biased_interleaved_experts_kernel_under_interpreter():
+    run_interpreted(BIASED_CASES)
