@@ -29,6 +29,7 @@ struct DecodeParams {
   const int* block_tables;    // [num_seqs, max_blocks_per_seq]
   const int* context_lens;    // [num_seqs]
   const float* alibi_slopes;  // [num_heads] or nullptr
+  const float* sinks;         // [num_heads] attention-sink logits, or nullptr
   // Split-K merged in the attention kernel itself (the tensor-core kernel): one arrival counter per
   // (sequence, blockIdx.x), zero between launches; nullptr when a separate merge kernel runs.
   int* merge_counters;
@@ -145,6 +146,13 @@ __device__ __forceinline__ float finish_score(const DecodeParams& p, float dot, 
   return s;
 }
 
+// What head `head`'s sink logit adds to a softmax denominator whose scores have max m: exp(sink - m),
+// a term with no value row, so the tokens' weights sum to less than one. 0 without sinks. Added once,
+// where the final output is normalised (one partition, or the split-K merge), never per partition.
+__device__ __forceinline__ float sink_mass(const DecodeParams& p, int head, float m) {
+  return p.sinks == nullptr ? 0.f : __expf(p.sinks[head] - m);
+}
+
 // Per head: max and sum of exp over the partition's scores, which become exp(score - max) in place.
 __device__ inline void softmax_stats(float* scores, int partition_size, int num_tokens, int heads, float* head_max,
                               float* head_sum) {
@@ -175,6 +183,8 @@ __device__ __forceinline__ void store_block_result(const DecodeParams& p, const 
                                                    float value, float head_max, float head_sum) {
   const int64_t row = (int64_t)b.seq * p.num_heads + b.first_head + h;
   if (p.max_partitions == 1) {
+    // value = numerator / head_sum; the sink joins the denominator (an overflowing exp gives 0, its limit).
+    if (p.sinks != nullptr) value *= head_sum / (head_sum + sink_mass(p, b.first_head + h, head_max));
     static_cast<T*>(p.out)[row * HEAD_DIM + d] = from_float<T>(value);
     return;
   }

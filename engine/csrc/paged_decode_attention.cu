@@ -215,8 +215,8 @@ __device__ float block_reduce(float x, float* shared) {
   return result;
 }
 
-// Merges the partitions of one (sequence, head): out = sum_p w_p * out_p / sum_p w_p with
-// w_p = sum_p * exp(max_p - max).
+// Merges the partitions of one (sequence, head): out = sum_p w_p * out_p / (sum_p w_p + sink) with
+// w_p = sum_p * exp(max_p - max) and sink = exp(sink logit - max) (0 without sinks).
 template <typename T>
 __global__ void __launch_bounds__(kNumThreads) paged_decode_reduce_kernel(const DecodeParams p, int head_dim) {
   extern __shared__ float weights[];  // [max_partitions]
@@ -240,7 +240,7 @@ __global__ void __launch_bounds__(kNumThreads) paged_decode_reduce_kernel(const 
     total += w;
   }
   total = block_reduce<false>(total, reduce_scratch);  // its barrier also publishes `weights`
-  const float inv_total = total > 0.f ? 1.f / total : 0.f;
+  const float inv_total = total > 0.f ? 1.f / (total + sink_mass(p, head, m)) : 0.f;
 
   const float* partial = p.partial_out + row * p.max_partitions * head_dim;
   T* out = static_cast<T*>(p.out) + row * head_dim;
@@ -383,8 +383,8 @@ int heads_per_block(int group_size, bool tensor_cores) {
 void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                             const at::Tensor& value_cache, const at::Tensor& block_tables,
                             const at::Tensor& context_lens, const c10::optional<at::Tensor>& alibi_slopes,
-                            double scale, int64_t sliding_window, double soft_cap, int64_t partition_size,
-                            int64_t max_context_len) {
+                            const c10::optional<at::Tensor>& sinks, double scale, int64_t sliding_window,
+                            double soft_cap, int64_t partition_size, int64_t max_context_len) {
   TORCH_CHECK(query.is_cuda(), "paged_decode_attention: query must be a CUDA tensor");
   const at::Tensor* others[] = {&out, &key_cache, &value_cache, &block_tables, &context_lens};
   for (const at::Tensor* t : others) {
@@ -425,6 +425,14 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::
                     s.size(0) == num_heads && s.is_contiguous(),
                 "alibi_slopes must be contiguous float32 [num_heads] on the query's device");
     slopes = s.data_ptr<float>();
+  }
+  const float* sink_logits = nullptr;
+  if (sinks.has_value()) {
+    const at::Tensor& s = sinks.value();
+    TORCH_CHECK(s.device() == query.device() && s.scalar_type() == at::kFloat && s.dim() == 1 &&
+                    s.size(0) == num_heads && s.is_contiguous(),
+                "sinks must be contiguous float32 [num_heads] on the query's device");
+    sink_logits = s.data_ptr<float>();
   }
   TORCH_CHECK(sliding_window >= 0 && soft_cap >= 0.0, "sliding_window and soft_cap must be >= 0 (0 = off)");
   TORCH_CHECK(partition_size >= 0 && partition_size % 16 == 0,
@@ -492,6 +500,7 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::
   p.block_tables = block_tables.data_ptr<int>();
   p.context_lens = context_lens.data_ptr<int>();
   p.alibi_slopes = slopes;
+  p.sinks = sink_logits;
   p.query_stride_token = query.stride(0);
   p.query_stride_head = query.stride(1);
   p.num_heads = static_cast<int>(num_heads);

@@ -124,8 +124,8 @@ __device__ __forceinline__ uint32_t pack_pair(float lo, float hi, __nv_bfloat16)
 
 // Split-K merge, done by whichever of a (sequence, head chunk)'s partition blocks finishes last, so no
 // second kernel (and no wait for the whole grid to drain) is needed. Each block publishes its
-// partials, then counts itself in; the last to arrive merges out = sum_p w_p out_p / sum_p w_p with
-// w_p = sum_p * exp(max_p - max) and resets the counter for the next launch. `scratch` holds
+// partials, then counts itself in; the last to arrive merges out = sum_p w_p out_p / (sum_p w_p + sink)
+// with w_p = sum_p * exp(max_p - max), sink = exp(sink logit - max) (0 without sinks), and resets the counter for the next launch. `scratch` holds
 // kWarps x kSlots x (HEAD_DIM + 2) floats.
 template <typename T, int HEAD_DIM, int WARPS>
 __device__ void merge_if_last(const DecodeParams& p, const DecodeBlock& b, float* scratch) {
@@ -240,7 +240,7 @@ __device__ void merge_if_last(const DecodeParams& p, const DecodeBlock& b, float
       sum.w = fmaf(weight, v.w, sum.w);
       total = fmaf(weight, warp_sum[w * kSlots + h], total);
     }
-    const float inv_total = 1.f / total;
+    const float inv_total = 1.f / (total + sink_mass(p, b.first_head + h, m));
     T* out = static_cast<T*>(p.out) + (first_row + h) * HEAD_DIM + (column % kColumnsPerHead) * 4;
     out[0] = from_float<T>(sum.x * inv_total);
     out[1] = from_float<T>(sum.y * inv_total);

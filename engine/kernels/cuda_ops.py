@@ -160,13 +160,15 @@ def paged_decode_attention(
     logits_soft_cap: float | None = None,
     out: torch.Tensor | None = None,
     partition_size: int | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per sequence, query `[S, H, D]`, over its paged cache -> `[S, H, D]`.
 
     Token i sits at KV index `context_lens[i] - 1` and sees KV indices `0 ..= context_lens[i] - 1`
     (within `sliding_window` when given). `max_context_len` must bound `context_lens` (it sizes the
     split-K grid without a device sync). block_tables int32 `[S, max_blocks]`, context_lens int32 `[S]`,
-    alibi_slopes float32 `[H]`. A sequence with context length 0 gets zeros. `out`, when given, must
+    alibi_slopes float32 `[H]`. `sinks` `[H]`: per-head attention-sink logits, each a term exp(sink)
+    with no value in its head's softmax denominator. A sequence with context length 0 gets zeros. `out`, when given, must
     be contiguous and shaped like the query. `partition_size` (a multiple of 16) fixes the split-K
     partition length; by default the launcher picks it from the batch, the context and the kernel's
     occupancy on this device.
@@ -202,6 +204,9 @@ def paged_decode_attention(
     if alibi_slopes is not None:
         _check_cuda("alibi_slopes", alibi_slopes, device)
         alibi_slopes = alibi_slopes.float().contiguous()
+    if sinks is not None:
+        _check_cuda("sinks", sinks, device)
+        sinks = sinks.float().contiguous()
     window = 0 if sliding_window is None else int(sliding_window)
     load_extension().paged_decode_attention(
         out,
@@ -211,6 +216,7 @@ def paged_decode_attention(
         block_tables.contiguous(),
         context_lens.contiguous(),
         alibi_slopes,
+        sinks,
         float(scale),
         window,
         0.0 if logits_soft_cap is None else float(logits_soft_cap),

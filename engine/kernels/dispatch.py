@@ -3,7 +3,7 @@
 On CUDA tensors (and unless `reference_forced()`):
 - the KV cache write runs the CUDA kernel (`engine/kernels/cuda_ops.py`);
 - a decode-only step (one new token per sequence) runs the CUDA paged decode kernel when it supports
-  the head dim, dtype and block size, and the heads have no attention sinks;
+  the head dim, dtype and block size;
 - every other step (prefill, chunked prefill, prefix-cache hits, mixed) runs the Triton kernel
   (`engine/kernels/triton_attention.py`), as does decode outside the CUDA kernel's shapes.
 Everything else (CPU tensors, a query whose dtype differs from the cache's) runs the PyTorch
@@ -138,8 +138,7 @@ def _paged_attention_cuda(
 ) -> torch.Tensor:
     from engine.kernels import cuda_ops
 
-    # The CUDA decode kernels have no sink term: a step of heads with sinks runs the Triton kernel.
-    if input_metadata.is_decode_only and sinks is None and cuda_ops.supports_decode(query, key_cache):
+    if input_metadata.is_decode_only and cuda_ops.supports_decode(query, key_cache):
         return cuda_ops.paged_decode_attention(
             query,
             key_cache,
@@ -151,6 +150,7 @@ def _paged_attention_cuda(
             alibi_slopes,
             sliding_window,
             logits_soft_cap,
+            sinks=sinks,
         )
     from engine.kernels import triton_attention
 

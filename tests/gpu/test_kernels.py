@@ -136,8 +136,8 @@ def test_decode_other_shapes(dtype, head_dim, num_heads, num_kv_heads, block_siz
     query, key_cache, value_cache, metadata = make_step(
         [1] * len(contexts), contexts, num_heads, num_kv_heads, head_dim, dtype, block_size
     )
-    # "all" has a 20-token window, so only "plain" reaches the split-K merge.
-    for feature, partition_size in itertools.product(("plain", "all"), (None, 64)):
+    # "all" has a 20-token window, so only "plain" and "sinks" reach the split-K merge.
+    for feature, partition_size in itertools.product(("plain", "all", "sinks"), (None, 64)):
         args = feature_args(FEATURES[feature], num_heads)
         expected = reference(query, key_cache, value_cache, metadata, 0.1, args)
         out = decode_over_poison(
@@ -166,9 +166,9 @@ def test_decode_large_grid(dtype, head_dim, group):
     query, key_cache, value_cache, metadata = make_step(
         [1] * len(contexts), contexts, num_heads, num_kv_heads, head_dim, dtype, seed=group
     )
-    args = feature_args(FEATURES["plain"], num_heads)
-    expected = reference(query, key_cache, value_cache, metadata, 0.1, args)
-    for partition_size in (None, 64, 256):
+    for feature, partition_size in itertools.product(("plain", "sinks"), (None, 64, 256)):
+        args = feature_args(FEATURES[feature], num_heads)
+        expected = reference(query, key_cache, value_cache, metadata, 0.1, args)
         out = decode_over_poison(
             query, key_cache, value_cache, metadata, 0.1, partition_size=partition_size, **args
         )
