@@ -47,7 +47,11 @@ def check_fused_experts(
     want = fused_experts_reference(x.float(), gate_up.float(), down.float(), weights, ids, F.silu)
     rtol, atol = MOE_TOLERANCE[dtype]
     assert got.dtype == dtype and got.shape == x.shape
-    torch.testing.assert_close(got.float(), want, rtol=rtol, atol=atol)
+    # The absolute tolerance is relative to the output's scale: with wide experts the outputs reach
+    # tens, and an element near zero differs by the rounding of the large terms that cancelled in it
+    # (summation order in fp32; the intermediate's rounding to fp16/bf16 between the two GEMMs).
+    scale = max(want.abs().amax().item(), 1.0)
+    torch.testing.assert_close(got.float(), want, rtol=rtol, atol=atol * scale)
 
 
 def check_alignment(num_tokens: int, num_experts: int, top_k: int, block_m: int, device: str) -> None:
