@@ -42,6 +42,7 @@ from porter.rewrites.optional_libraries import DropOptionalLibraries
 from porter.rewrites.paged_attention import SwapPagedAttention
 from porter.rewrites.plain_linear import PlainLinear
 from porter.rewrites.prune import PruneUnused
+from porter.rewrites.qkv_split_branches import SplitInBranches
 from porter.rewrites.qkv_split_helper import SplitByHelper
 from porter.rewrites.rms_norm import FuseResidualNorm, SwapRMSNorm
 from porter.rewrites.rotary import RotaryToEngine
@@ -74,6 +75,7 @@ REWRITES: list[Rewrite] = [
     SwapPagedAttention(),  # the attention core becomes one PagedAttention call
     AttentionSinks(),  # a learned logit in each head's softmax denominator -> PagedAttention(sinks=...)
     SplitByHelper(),  # a fused q|k|v split into heads by a helper -> split by this rank's sizes
+    SplitInBranches(),  # a fused q|k|v split inline, one branch per layout -> split by this rank's sizes
     SplitBlockedQKV(),  # a fused q|k|v in model-parallel blocks -> split by this rank's sizes
     RotaryToEngine(),  # HF cos/sin plumbing -> the engine's rotary layer inside attention
     EngineInterface(),  # forward signatures, call threading, single-tensor returns

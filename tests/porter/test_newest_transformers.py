@@ -24,6 +24,8 @@ CODEGEN = (FIXTURES / "codegen" / "modeling_codegen.py").read_text()
 CODEGEN_MODULE = "transformers.models.codegen.modeling_codegen"
 LLAMA = (FIXTURES / "llama" / "modeling_llama.py").read_text()
 LLAMA_MODULE = "transformers.models.llama.modeling_llama"
+FALCON = (FIXTURES / "falcon" / "modeling_falcon.py").read_text()
+FALCON_MODULE = "transformers.models.falcon.modeling_falcon"
 
 
 def test_a_cache_renamed_by_a_deprecation_decorator_leaves_every_signature():
@@ -94,3 +96,30 @@ def test_blocks_cut_from_the_projection_call_by_their_width_become_one_split():
         """
     ), body
     assert after.context.plan.qkv_blocks == {("CodeGenAttention", "qkv_proj"): ("4", "qvk")}
+
+
+def test_a_fused_qkv_picked_apart_in_one_branch_per_layout_becomes_one_split_by_this_ranks_sizes():
+    # FalconAttention.forward: grouped (new decoder architecture), multi-query (`split([heads, 1, 1],
+    # dim=-2)`) and per-head (`unflatten(-2, (heads, 3)).unbind(-2)`) branches of one if/elif/else.
+    after = run_through(FALCON, "fuse-qkv", module=FALCON_MODULE)
+    forward = "".join(method_code(after.code, "FalconAttention", "forward").split())
+    assert "ifself.new_decoder_architecture" not in forward and "unbind" not in forward
+    sizes = "[self.query_key_value.q_size,self.query_key_value.kv_size,self.query_key_value.kv_size]"
+    assert (
+        "query_states,key_states,value_states=(part.unflatten(-1,(-1,self.head_dim))"
+        f"forpartinfused_qkv.flatten(-2).split({sizes},dim=-1))"
+    ) in forward, forward
+    assert 'checkpoint_layout="grouped"' in normalize(class_code(after.code, "FalconAttention"))
+    assert after.context.plan.qkv_layouts == {("FalconAttention", "query_key_value"): [("grouped", None)]}
+
+
+def test_a_branch_picking_q_k_and_v_apart_in_a_layout_not_read_stops_the_port():
+    # The multi-query branch taking two key and two value heads: q|k|v end to end, not grouped.
+    source = FALCON.replace(
+        "fused_qkv.split([self.num_heads, 1, 1], dim=-2)", "fused_qkv.split([self.num_heads, 2, 2], dim=-2)"
+    )
+    after = run_through(source, "qkv-split-branches", module=FALCON_MODULE)
+    assert [m for m in after.review_messages() if "branches whose layout porter cannot read" in m]
+    assert "fused_qkv.split([self.num_heads, 2, 2], dim=-2)" in method_code(
+        after.code, "FalconAttention", "forward"
+    )
