@@ -80,15 +80,20 @@ def analyse_attention(index: ModelIndex, name: str) -> AttentionInfo | None:
     if forward is None:
         return None
     statements = _flat_statements(forward.body.body)
-    cores = [i for i, s in enumerate(statements) if _core_call(s, info, index)]
+    sdpa = _only_sdpa(forward, info, index)
+    cores = [i for i, s in enumerate(statements) if _core_call(s, info, index, sdpa)]
     inline = branches = None
     if cores:
         # Several backends in branches: take HF's interface dispatch, whose arguments are the standard ones.
         core_at = next(
-            (i for i in cores if call_name(_core_call(statements[i], info, index)) == "attention_interface"),
+            (
+                i
+                for i in cores
+                if call_name(_core_call(statements[i], info, index, sdpa)) == "attention_interface"
+            ),
             cores[0],
         )
-        core = _core_call(statements[core_at], info, index)
+        core = _core_call(statements[core_at], info, index, sdpa)
         other_cores = [statements[i] for i in cores if i != core_at]
         positional = [a.value for a in core.args if a.keyword is None and not a.star]
         if positional and code_of(positional[0]) == "self":
@@ -343,15 +348,31 @@ def _head_merges(output: list[str], after: list, info: ClassInfo) -> list[cst.Si
     return found
 
 
-def _core_call(statement: cst.CSTNode, info: ClassInfo, index: ModelIndex) -> cst.Call | None:
+def _only_sdpa(forward: cst.FunctionDef, info: ClassInfo, index: ModelIndex) -> bool:
+    """torch's scaled_dot_product_attention is the core only where forward has no other: beside an
+    eager core (written inline, or called) it is one more backend of the same attention."""
+    if any(_core_call(s, info, index) for s in _flat_statements(forward.body.body)):
+        return False
+    body = list(forward.body.body)
+    bias = ALIBI | bias_inputs(index).get(info.name, set())
+    return inline_core(body, info, bias) is None and branch_cores(body, info, bias) is None
+
+
+def _core_call(
+    statement: cst.CSTNode, info: ClassInfo, index: ModelIndex, sdpa: bool = False
+) -> cst.Call | None:
+    """The attention core `statement` calls: HF's interface dispatch, a function or method of the
+    file taking a softmax, or (with `sdpa`) torch's scaled_dot_product_attention."""
     found: list[cst.Call] = []
 
     class _Find(cst.CSTVisitor):
         def visit_Call(self, node: cst.Call) -> None:
             name = call_name(node) or ""
             method = self_attribute(node.func)
-            if name in ("attention_interface", *SDPA_CALLS) or (
-                name in index.functions and calls_softmax(code_of(index.functions[name]))
+            if (
+                name == "attention_interface"
+                or (sdpa and name in SDPA_CALLS)
+                or (name in index.functions and calls_softmax(code_of(index.functions[name])))
             ):
                 found.append(node)
             elif method in info.methods and calls_softmax(code_of(info.methods[method])):

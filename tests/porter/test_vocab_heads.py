@@ -284,3 +284,28 @@ def test_a_factory_call_becomes_the_constructor_and_the_head_in_it_a_parallel_lm
     assert init_value(after.code, "MiniModel", "output_layer") == (
         "ParallelLMHead(config.padded_vocab_size, config.hidden_size, bias=False)"
     )
+
+
+def test_beside_an_eager_core_scaled_dot_product_attention_is_one_more_backend():
+    # Falcon's attention (transformers' modeling_falcon.py): SDPA in one branch, the eager core in the other.
+    both = SDPA_FORWARD.replace(
+        """    with torch.backends.cuda.sdp_kernel(enable_flash=True, enable_math=True, enable_mem_efficient=True):
+        attn_output = F.scaled_dot_product_attention(query_states, key_states, value_states, attn_mask = attention_mask)
+""",
+        """    if self.config._attn_implementation == "sdpa":
+        attn_output = F.scaled_dot_product_attention(query_states, key_states, value_states, attn_mask=attention_mask)
+    else:
+        attention_scores = query_states @ key_states.transpose(-1, -2)
+        attention_scores /= math.sqrt(self.head_dim)
+        attention_scores = F.softmax(attention_scores + attention_mask, dim=-1)
+        attn_output = attention_scores @ value_states
+""",
+    )
+    assert both != SDPA_FORWARD
+    after = run_rewrites(replace_method(MINI_MODEL, "MiniAttention", "forward", both), "paged-attention")
+    info = after.context.plan.attention["MiniAttention"]
+    assert info.core is None and info.inline_region is not None  # the eager core, read inline
+    assert init_value(after.code, "MiniAttention", "attn") == (
+        "PagedAttention(config.num_attention_heads, self.head_dim, scale=1 / (math.sqrt(self.head_dim)), "
+        "num_kv_heads=config.num_key_value_heads)"
+    )
