@@ -3,9 +3,11 @@
 The engine's inputs carry the engine's types: `input_ids: torch.Tensor`, `positions:
 torch.Tensor`, `kv_cache: KVCache` (one layer's), `kv_caches: list[KVCache]`, `input_metadata:
 InputMetadata`, whatever HF annotated (`position_ids: torch.LongTensor | None` became `positions`
-with its old annotation). A data input's HF annotation loses what the engine never passes: `| None`
-and `Optional[...]` (every input is given on every step), torch's legacy tensor classes
-(`torch.FloatTensor` -> `torch.Tensor`), and a one-element `tuple[...]` around a tensor.
+with its old annotation). A data input's HF annotation, in a forward the engine-interface rewrite
+wrote or where the input has no default, loses what the engine never passes: `| None` and
+`Optional[...]` (every input is given on every step), torch's legacy tensor classes
+(`torch.FloatTensor` -> `torch.Tensor`, in a forward's return annotation too), and a one-element
+`tuple[...]` around a tensor.
 """
 
 from __future__ import annotations
@@ -47,7 +49,10 @@ class _Transformer(ClassScopedTransformer):
         name = updated.name.value
         if name in ENGINE_TYPES:
             annotation = cst.Annotation(cst.parse_expression(ENGINE_TYPES[name]))
-        elif updated.annotation is not None and self.current_class in self.context.plan.signatures:
+        elif updated.annotation is not None and (
+            self.current_class in self.context.plan.signatures or updated.default is None
+        ):
+            # A forward the engine-interface rewrite wrote, or an input every caller passes.
             annotation = updated.annotation.with_changes(
                 annotation=_engine_form(updated.annotation.annotation)
             )
@@ -66,6 +71,19 @@ class _Transformer(ClassScopedTransformer):
             "the engine's type",
         )
         return updated.with_changes(annotation=annotation)
+
+    def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef):
+        returns = updated.returns
+        if (
+            self.current_function == "forward"
+            and len(self.function_stack) == 1
+            and returns is not None
+            and dotted_name(returns.annotation) in LEGACY_TENSORS
+        ):
+            updated = updated.with_changes(
+                returns=returns.with_changes(annotation=cst.parse_expression("torch.Tensor"))
+            )
+        return super().leave_FunctionDef(original, updated)
 
 
 def _engine_form(annotation: cst.BaseExpression) -> cst.BaseExpression:

@@ -125,8 +125,11 @@ def test_forward_inputs_take_the_engine_types():
             def forward(self, hidden_states: tuple[torch.FloatTensor] | None, positions: torch.LongTensor | None, kv_cache, input_metadata):
                 return hidden_states
         class B(nn.Module):
-            def forward(self, x: Optional[torch.FloatTensor], kv_caches):
+            def forward(self, kv_caches, x: Optional[torch.FloatTensor] = None):
                 return x
+        class C(nn.Module):
+            def forward(self, h: tuple[torch.FloatTensor] | None) -> torch.FloatTensor:
+                return h
         """,
         EngineTypes(),
         {"A": ["hidden_states", "positions", "kv_cache", "input_metadata"]},
@@ -135,8 +138,9 @@ def test_forward_inputs_take_the_engine_types():
         "def forward(self, hidden_states: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache, "
         "input_metadata: InputMetadata):" in after
     )
-    # B's forward is not one the engine-interface rewrite wrote: only the engine's inputs are typed.
-    assert "def forward(self, x: Optional[torch.FloatTensor], kv_caches: list[KVCache]):" in after
+    # B's forward is not one the engine-interface rewrite wrote: an input with a default keeps its type.
+    assert "def forward(self, kv_caches: list[KVCache], x: Optional[torch.FloatTensor] = None):" in after
+    assert "def forward(self, h: torch.Tensor) -> torch.Tensor:" in after
 
 
 def test_no_blank_line_opens_a_method_body():
@@ -151,4 +155,6 @@ def test_no_blank_line_opens_a_method_body():
                 return hidden_states
         """
     )
-    assert "def forward(self, x):\n        hidden_states = self.model(x)\n        return hidden_states" in after
+    assert (
+        "def forward(self, x):\n        hidden_states = self.model(x)\n        return hidden_states" in after
+    )
