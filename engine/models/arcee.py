@@ -28,6 +28,8 @@ from torch import nn
 from transformers.activations import ACT2FN
 from transformers.models.arcee.configuration_arcee import ArceeConfig
 
+from engine.input_metadata import InputMetadata
+from engine.kv_cache import KVCache
 from engine.layers import (
     ColumnParallelLinear,
     LogitsProcessor,
@@ -39,13 +41,12 @@ from engine.layers import (
     VocabParallelEmbedding,
     get_rope,
 )
-from engine.weights import load_named_weights
+from engine.weights import load_declared_weights
 
 
 class ArceeMLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.config = config
         self.hidden_size = config.hidden_size
         self.intermediate_size = config.intermediate_size
         self.up_proj = ColumnParallelLinear(self.hidden_size, self.intermediate_size, bias=config.mlp_bias)
@@ -59,14 +60,10 @@ class ArceeMLP(nn.Module):
 class ArceeAttention(nn.Module):
     """Multi-headed attention from 'Attention Is All You Need' paper"""
 
-    def __init__(self, config: ArceeConfig, layer_idx: int):
+    def __init__(self, config: ArceeConfig):
         super().__init__()
-        self.config = config
-        self.layer_idx = layer_idx
         self.head_dim = getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
-        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
         self.scaling = self.head_dim**-0.5
-        self.is_causal = True
         self.qkv_proj = QKVParallelLinear(
             config.hidden_size,
             self.head_dim,
@@ -85,37 +82,44 @@ class ArceeAttention(nn.Module):
         )
         self.rotary_emb = get_rope(config, self.head_dim, is_neox_style=True)
 
-    def forward(self, hidden_states: torch.Tensor, positions, kv_cache, input_metadata):
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: KVCache,
+        input_metadata: InputMetadata,
+    ):
         q, k, v = self.qkv_proj(hidden_states).split(
             [self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], dim=-1
         )
 
-        query_states = q.view(hidden_shape)
-        key_states = k.view(hidden_shape)
-        value_states = v.view(hidden_shape)
+        query_states = q.unflatten(-1, (-1, self.head_dim))
+        key_states = k.unflatten(-1, (-1, self.head_dim))
+        value_states = v.unflatten(-1, (-1, self.head_dim))
         query_states, key_states = self.rotary_emb(positions, query_states, key_states)
         attn_output = self.attn(query_states, key_states, value_states, kv_cache, input_metadata)
 
-        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        attn_output = attn_output.flatten(1).contiguous()
         attn_output = self.o_proj(attn_output)
         return attn_output
 
 
 class ArceeDecoderLayer(nn.Module):
-    def __init__(self, config: ArceeConfig, layer_idx: int):
+    def __init__(self, config: ArceeConfig):
         super().__init__()
-        self.hidden_size = config.hidden_size
 
-        self.self_attn = ArceeAttention(config=config, layer_idx=layer_idx)
+        self.self_attn = ArceeAttention(config=config)
 
         self.mlp = ArceeMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(
-        self, hidden_states: torch.Tensor, positions: torch.LongTensor | None, kv_cache, input_metadata
+        self,
+        hidden_states: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: KVCache,
+        input_metadata: InputMetadata,
     ):
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
@@ -132,28 +136,22 @@ class ArceeDecoderLayer(nn.Module):
 class ArceeModel(nn.Module):
     def __init__(self, config: ArceeConfig):
         super().__init__()
-        self.config = config
         self.padding_idx = config.pad_token_id
-        self.vocab_size = config.vocab_size
 
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.layers = nn.ModuleList(
-            [ArceeDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
-        )
+        self.layers = nn.ModuleList([ArceeDecoderLayer(config) for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(
         self,
-        input_ids: torch.LongTensor | None,
-        positions: torch.LongTensor | None,
-        kv_caches,
-        input_metadata,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        input_metadata: InputMetadata,
     ):
-        inputs_embeds: torch.Tensor = self.embed_tokens(input_ids)
+        hidden_states = self.embed_tokens(input_ids)
 
-        hidden_states = inputs_embeds
-
-        for layer_idx, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
+        for layer_idx, decoder_layer in enumerate(self.layers):
             hidden_states = decoder_layer(hidden_states, positions, kv_caches[layer_idx], input_metadata)
 
         hidden_states = self.norm(hidden_states)
@@ -161,11 +159,12 @@ class ArceeModel(nn.Module):
 
 
 class ArceeForCausalLM(nn.Module):
+    packed_modules_mapping = {"qkv_proj": [("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")]}
+    tied_weights = {"lm_head.weight": "model.embed_tokens.weight"}
+
     def __init__(self, config):
         super().__init__()
-        self.config = config
         self.model = ArceeModel(config)
-        self.vocab_size = config.vocab_size
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, bias=False)
         if getattr(config, "tie_word_embeddings", True):
             self.lm_head.tie_to(self.model.embed_tokens)
@@ -173,14 +172,12 @@ class ArceeForCausalLM(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.LongTensor | None,
-        positions: torch.LongTensor | None,
-        kv_caches,
-        input_metadata,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        input_metadata: InputMetadata,
     ):
-        outputs = self.model(input_ids, positions, kv_caches, input_metadata)
-
-        hidden_states = outputs
+        hidden_states = self.model(input_ids, positions, kv_caches, input_metadata)
         return hidden_states
 
     def compute_logits(self, hidden_states, input_metadata):
@@ -188,13 +185,4 @@ class ArceeForCausalLM(nn.Module):
         return logits
 
     def load_weights(self, weights):
-        fused = [
-            ("qkv_proj", "k_proj", "k"),
-            ("qkv_proj", "q_proj", "q"),
-            ("qkv_proj", "v_proj", "v"),
-        ]
-        tied = {
-            "lm_head.weight": "model.embed_tokens.weight",
-        }
-        ignored = []
-        return load_named_weights(self, weights, fused=fused, tied=tied, ignored=ignored)
+        return load_declared_weights(self, weights)

@@ -28,8 +28,9 @@ import torch
 import torch.nn as nn
 from transformers.activations import ACT2FN
 from transformers.models.biogpt.configuration_biogpt import BioGptConfig
-from transformers.utils import logging
 
+from engine.input_metadata import InputMetadata
+from engine.kv_cache import KVCache
 from engine.layers import (
     ColumnParallelLinear,
     LogitsProcessor,
@@ -39,9 +40,7 @@ from engine.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
-from engine.weights import load_named_weights
-
-logger = logging.get_logger(__name__)
+from engine.weights import load_declared_weights
 
 
 class BioGptLearnedPositionalEmbedding(nn.Embedding):
@@ -55,8 +54,7 @@ class BioGptLearnedPositionalEmbedding(nn.Embedding):
         self.offset = 2
         super().__init__(num_embeddings + self.offset, embedding_dim)
 
-    def forward(self, positions: torch.LongTensor | None):
-
+    def forward(self, positions: torch.Tensor):
         return super().forward(positions + self.offset)
 
 
@@ -78,21 +76,10 @@ class BioGptScaledWordEmbedding(VocabParallelEmbedding):
 class BioGptAttention(nn.Module):
     """Multi-headed attention from 'Attention Is All You Need' paper"""
 
-    def __init__(
-        self,
-        embed_dim: int,
-        num_heads: int,
-        is_decoder: bool = False,
-        bias: bool = True,
-        is_causal: bool = False,
-        config: BioGptConfig | None = None,
-        layer_idx: int | None = None,
-    ):
+    def __init__(self, embed_dim: int, num_heads: int, bias: bool = True):
         super().__init__()
         self.embed_dim = embed_dim
-        self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
-        self.config = config
 
         if (self.head_dim * num_heads) != self.embed_dim:
             raise ValueError(
@@ -100,31 +87,17 @@ class BioGptAttention(nn.Module):
                 f" and `num_heads`: {num_heads})."
             )
         self.scaling = self.head_dim**-0.5
-        self.is_decoder = is_decoder
-        self.is_causal = is_causal
-        self.layer_idx = layer_idx
-        if layer_idx is None and self.is_decoder:
-            logger.warning_once(
-                f"Instantiating a decoder {self.__class__.__name__} without passing `layer_idx` is not recommended and "
-                "will lead to errors during the forward call, if caching is used. Please make sure to provide a `layer_idx` "
-                "when creating this class."
-            )
         self.qkv_proj = QKVParallelLinear(embed_dim, self.head_dim, num_heads, num_heads, bias=bias)
         self.out_proj = RowParallelLinear(embed_dim, embed_dim, bias=bias)
         self.attn = PagedAttention(num_heads, self.head_dim, scale=self.scaling)
 
-    def forward(self, hidden_states: torch.Tensor, kv_cache, input_metadata):
-
-        # determine input shapes
-        input_shape = hidden_states.shape[:-1]
-
-        hidden_shape = (*input_shape, -1, self.head_dim)
+    def forward(self, hidden_states: torch.Tensor, kv_cache: KVCache, input_metadata: InputMetadata):
         q, k, v = self.qkv_proj(hidden_states).split(
             [self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], dim=-1
         )
 
         # get query proj
-        query_states = q.view(hidden_shape)
+        query_states = q.unflatten(-1, (-1, self.head_dim))
 
         current_states = hidden_states
         key_states = k
@@ -134,25 +107,18 @@ class BioGptAttention(nn.Module):
         value_states = value_states.view(kv_shape)
         attn_output = self.attn(query_states, key_states, value_states, kv_cache, input_metadata)
 
-        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        attn_output = attn_output.flatten(1).contiguous()
         attn_output = self.out_proj(attn_output)
 
         return attn_output
 
 
 class BioGptDecoderLayer(nn.Module):
-    def __init__(self, config: BioGptConfig, layer_idx: int | None = None):
+    def __init__(self, config: BioGptConfig):
         super().__init__()
         self.embed_dim = config.hidden_size
 
-        self.self_attn = BioGptAttention(
-            embed_dim=self.embed_dim,
-            num_heads=config.num_attention_heads,
-            is_decoder=True,
-            is_causal=True,
-            config=config,
-            layer_idx=layer_idx,
-        )
+        self.self_attn = BioGptAttention(embed_dim=self.embed_dim, num_heads=config.num_attention_heads)
         self.activation_fn = ACT2FN[config.hidden_act]
 
         self.self_attn_layer_norm = nn.LayerNorm(self.embed_dim)
@@ -162,7 +128,11 @@ class BioGptDecoderLayer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(self.embed_dim)
 
     def forward(
-        self, hidden_states: torch.Tensor, positions: torch.LongTensor | None, kv_cache, input_metadata
+        self,
+        hidden_states: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: KVCache,
+        input_metadata: InputMetadata,
     ):
         residual = hidden_states
 
@@ -186,8 +156,6 @@ class BioGptDecoderLayer(nn.Module):
 class BioGptModel(nn.Module):
     def __init__(self, config: BioGptConfig):
         super().__init__()
-        self.config = config
-        self.config = config
         self.embed_dim = config.hidden_size
         self.padding_idx = config.pad_token_id
         embed_scale = math.sqrt(config.hidden_size) if config.scale_embedding else 1.0
@@ -199,17 +167,15 @@ class BioGptModel(nn.Module):
             config.max_position_embeddings, self.embed_dim
         )
 
-        self.layers = nn.ModuleList(
-            [BioGptDecoderLayer(config, layer_idx=i) for i in range(config.num_hidden_layers)]
-        )
+        self.layers = nn.ModuleList([BioGptDecoderLayer(config) for _ in range(config.num_hidden_layers)])
         self.layer_norm = nn.LayerNorm(self.embed_dim)
 
     def forward(
         self,
-        input_ids: torch.LongTensor | None,
-        positions: torch.LongTensor | None,
-        kv_caches,
-        input_metadata,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        input_metadata: InputMetadata,
     ):
         inputs_embeds = self.embed_tokens(input_ids)
 
@@ -225,9 +191,11 @@ class BioGptModel(nn.Module):
 
 
 class BioGptForCausalLM(nn.Module):
+    packed_modules_mapping = {"qkv_proj": [("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")]}
+    tied_weights = {"output_projection.weight": "biogpt.embed_tokens.weight"}
+
     def __init__(self, config):
         super().__init__()
-        self.config = config
 
         self.biogpt = BioGptModel(config)
         self.output_projection = ParallelLMHead(config.vocab_size, config.hidden_size, bias=False)
@@ -237,14 +205,12 @@ class BioGptForCausalLM(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.LongTensor | None,
-        positions: torch.LongTensor | None,
-        kv_caches,
-        input_metadata,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        input_metadata: InputMetadata,
     ):
-        outputs = self.biogpt(input_ids, positions, kv_caches, input_metadata)
-
-        hidden_states = outputs
+        hidden_states = self.biogpt(input_ids, positions, kv_caches, input_metadata)
         return hidden_states
 
     def compute_logits(self, hidden_states, input_metadata):
@@ -252,13 +218,4 @@ class BioGptForCausalLM(nn.Module):
         return logits
 
     def load_weights(self, weights):
-        fused = [
-            ("qkv_proj", "k_proj", "k"),
-            ("qkv_proj", "q_proj", "q"),
-            ("qkv_proj", "v_proj", "v"),
-        ]
-        tied = {
-            "output_projection.weight": "biogpt.embed_tokens.weight",
-        }
-        ignored = []
-        return load_named_weights(self, weights, fused=fused, tied=tied, ignored=ignored)
+        return load_declared_weights(self, weights)

@@ -23,8 +23,9 @@ import torch
 from torch import nn
 from torch.nn import LayerNorm
 from transformers.models.bloom.configuration_bloom import BloomConfig
-from transformers.utils import logging
 
+from engine.input_metadata import InputMetadata
+from engine.kv_cache import KVCache
 from engine.layers import (
     LogitsProcessor,
     PagedAttention,
@@ -34,9 +35,7 @@ from engine.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
-from engine.weights import load_named_weights
-
-logger = logging.get_logger(__name__)
+from engine.weights import load_declared_weights
 
 
 def build_alibi_tensor_slopes(num_heads):
@@ -56,7 +55,11 @@ def build_alibi_tensor_slopes(num_heads):
     return slopes.flatten()
 
 
-def dropout_add(x: torch.Tensor, residual: torch.Tensor, prob: float, training: bool) -> torch.Tensor:
+def dropout_add(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    prob: float,
+) -> torch.Tensor:
     """
     Dropout add function
 
@@ -107,16 +110,12 @@ class BloomGelu(nn.Module):
 
 
 class BloomAttention(nn.Module):
-    def __init__(self, config: BloomConfig, layer_idx: int | None = None):
+    def __init__(self, config: BloomConfig):
         super().__init__()
-
-        self.pretraining_tp = config.pretraining_tp
-        self.slow_but_exact = config.slow_but_exact
 
         self.hidden_size = config.hidden_size
         self.num_heads = config.n_head
         self.head_dim = self.hidden_size // self.num_heads
-        self.split_size = self.hidden_size
         self.hidden_dropout = config.hidden_dropout
 
         if self.head_dim * self.num_heads != self.hidden_size:
@@ -127,14 +126,6 @@ class BloomAttention(nn.Module):
 
         # Layer-wise attention scaling
         self.inv_norm_factor = 1.0 / math.sqrt(self.head_dim)
-        self.beta = 1.0
-        self.layer_idx = layer_idx
-        if layer_idx is None:
-            logger.warning_once(
-                f"Instantiating {self.__class__.__name__} without passing a `layer_idx` is not recommended and will "
-                "lead to errors during the forward call if caching is used. Please make sure to provide a `layer_idx` "
-                "when creating this class."
-            )
 
         self.query_key_value = QKVParallelLinear(
             self.hidden_size,
@@ -152,7 +143,13 @@ class BloomAttention(nn.Module):
             alibi_slopes=build_alibi_tensor_slopes(self.num_heads),
         )
 
-    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor, kv_cache, input_metadata):
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        residual: torch.Tensor,
+        kv_cache: KVCache,
+        input_metadata: InputMetadata,
+    ):
         fused_qkv = self.query_key_value(hidden_states)  # [batch_size, seq_length, 3 x hidden_size]
         # 3 x [batch_size, num_heads, seq_length, head_dim]
         query_layer, key_layer, value_layer = (
@@ -165,7 +162,7 @@ class BloomAttention(nn.Module):
         context_layer = self.attn(query_layer, key_layer, value_layer, kv_cache, input_metadata).flatten(1)
         output_tensor = self.dense(context_layer)
 
-        output_tensor = dropout_add(output_tensor, residual, self.hidden_dropout, self.training)
+        output_tensor = dropout_add(output_tensor, residual, self.hidden_dropout)
         return output_tensor
 
 
@@ -173,9 +170,6 @@ class BloomMLP(nn.Module):
     def __init__(self, config: BloomConfig):
         super().__init__()
         hidden_size = config.hidden_size
-
-        self.pretraining_tp = config.pretraining_tp
-        self.slow_but_exact = config.slow_but_exact
         self.dense_h_to_4h = ReplicatedLinear(hidden_size, 4 * hidden_size)
         self.gelu_impl = BloomGelu()
         self.dense_4h_to_h = ReplicatedLinear(4 * hidden_size, hidden_size)
@@ -185,26 +179,25 @@ class BloomMLP(nn.Module):
         hidden_states = self.gelu_impl(self.dense_h_to_4h(hidden_states))
         intermediate_output = self.dense_4h_to_h(hidden_states)
 
-        output = dropout_add(intermediate_output, residual, self.hidden_dropout, self.training)
+        output = dropout_add(intermediate_output, residual, self.hidden_dropout)
 
         return output
 
 
 class BloomBlock(nn.Module):
-    def __init__(self, config: BloomConfig, layer_idx: int | None = None):
+    def __init__(self, config: BloomConfig):
         super().__init__()
         hidden_size = config.hidden_size
 
         self.input_layernorm = LayerNorm(hidden_size, eps=config.layer_norm_epsilon)
-        self.num_heads = config.n_head
-        self.self_attention = BloomAttention(config, layer_idx)
+        self.self_attention = BloomAttention(config)
         self.post_attention_layernorm = LayerNorm(hidden_size, eps=config.layer_norm_epsilon)
 
         self.mlp = BloomMLP(config)
 
         self.apply_residual_connection_post_layernorm = config.apply_residual_connection_post_layernorm
 
-    def forward(self, hidden_states: torch.Tensor, kv_cache, input_metadata):
+    def forward(self, hidden_states: torch.Tensor, kv_cache: KVCache, input_metadata: InputMetadata):
         # hidden_states: [batch_size, seq_length, hidden_size]
 
         # Layer norm at the beginning of the transformer layer.
@@ -236,30 +229,32 @@ class BloomBlock(nn.Module):
 class BloomModel(nn.Module):
     def __init__(self, config: BloomConfig):
         super().__init__()
-        self.config = config
 
         self.embed_dim = config.hidden_size
-        self.num_heads = config.n_head
 
         # Embedding + LN Embedding
         self.word_embeddings = VocabParallelEmbedding(config.vocab_size, self.embed_dim)
         self.word_embeddings_layernorm = LayerNorm(self.embed_dim, eps=config.layer_norm_epsilon)
 
         # Transformer blocks
-        self.h = nn.ModuleList([BloomBlock(config, layer_idx=i) for i in range(config.num_hidden_layers)])
+        self.h = nn.ModuleList([BloomBlock(config) for _ in range(config.num_hidden_layers)])
 
         # Final Layer Norm
         self.ln_f = LayerNorm(self.embed_dim, eps=config.layer_norm_epsilon)
 
-    def forward(self, input_ids: torch.LongTensor | None, positions, kv_caches, input_metadata):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        input_metadata: InputMetadata,
+    ):
         inputs_embeds = self.word_embeddings(input_ids)
 
         hidden_states = self.word_embeddings_layernorm(inputs_embeds)
 
         for i, block in enumerate(self.h):
-            outputs = block(hidden_states, kv_caches[i], input_metadata)
-
-            hidden_states = outputs
+            hidden_states = block(hidden_states, kv_caches[i], input_metadata)
 
         # Add last hidden state
         hidden_states = self.ln_f(hidden_states)
@@ -268,20 +263,24 @@ class BloomModel(nn.Module):
 
 
 class BloomForCausalLM(nn.Module):
+    tied_weights = {"lm_head.weight": "transformer.word_embeddings.weight"}
+
     def __init__(self, config: BloomConfig):
         super().__init__()
-        self.config = config
         self.transformer = BloomModel(config)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, bias=False)
         if getattr(config, "tie_word_embeddings", True):
             self.lm_head.tie_to(self.transformer.word_embeddings)
         self.logits_processor = LogitsProcessor(config.vocab_size)
 
-    def forward(self, input_ids: torch.LongTensor | None, positions, kv_caches, input_metadata):
-
-        transformer_outputs = self.transformer(input_ids, positions, kv_caches, input_metadata)
-
-        hidden_states = transformer_outputs
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        input_metadata: InputMetadata,
+    ):
+        hidden_states = self.transformer(input_ids, positions, kv_caches, input_metadata)
         return hidden_states
 
     def compute_logits(self, hidden_states, input_metadata):
@@ -289,9 +288,4 @@ class BloomForCausalLM(nn.Module):
         return logits
 
     def load_weights(self, weights):
-        fused = []
-        tied = {
-            "lm_head.weight": "transformer.word_embeddings.weight",
-        }
-        ignored = []
-        return load_named_weights(self, weights, fused=fused, tied=tied, ignored=ignored)
+        return load_declared_weights(self, weights)

@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 from transformers.models.cohere2.configuration_cohere2 import Cohere2Config
 
+from engine.input_metadata import InputMetadata
+from engine.kv_cache import KVCache
 from engine.layers import (
     LogitsProcessor,
     MergedColumnParallelLinear,
@@ -38,11 +40,11 @@ from engine.layers import (
     get_gated_activation,
     get_rope,
 )
-from engine.weights import load_named_weights
+from engine.weights import load_declared_weights
 
 
 class Cohere2LayerNorm(nn.Module):
-    def __init__(self, hidden_size=None, eps=1e-5, bias=False):
+    def __init__(self, hidden_size=None, eps=1e-5):
         """The hidden size can be a tuple or an int. The tuple is used for QKNorm to normalize across head_dim"""
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
@@ -63,12 +65,8 @@ class Cohere2Attention(nn.Module):
 
     def __init__(self, config: Cohere2Config, layer_idx: int | None = None):
         super().__init__()
-        self.config = config
-        self.layer_idx = layer_idx
         self.head_dim = getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
-        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
         self.scaling = self.head_dim**-0.5
-        self.is_causal = True
         self.sliding_window = (
             config.sliding_window if config.layer_types[layer_idx] == "sliding_attention" else None
         )
@@ -91,21 +89,25 @@ class Cohere2Attention(nn.Module):
         )
         self.rotary_emb = get_rope(config, self.head_dim, is_neox_style=False)
 
-    def forward(self, hidden_states: torch.Tensor, positions, kv_cache, input_metadata):
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: KVCache,
+        input_metadata: InputMetadata,
+    ):
         q, k, v = self.qkv_proj(hidden_states).split(
             [self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], dim=-1
         )
 
-        query_states = q.view(hidden_shape)
-        key_states = k.view(hidden_shape)
-        value_states = v.view(hidden_shape)
+        query_states = q.unflatten(-1, (-1, self.head_dim))
+        key_states = k.unflatten(-1, (-1, self.head_dim))
+        value_states = v.unflatten(-1, (-1, self.head_dim))
         if self.sliding_window is not None:
             query_states, key_states = self.rotary_emb(positions, query_states, key_states)
         attn_output = self.attn(query_states, key_states, value_states, kv_cache, input_metadata)
 
-        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        attn_output = attn_output.flatten(1).contiguous()
         attn_output = self.o_proj(attn_output)
         return attn_output
 
@@ -113,7 +115,6 @@ class Cohere2Attention(nn.Module):
 class Cohere2MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.config = config
         self.hidden_size = config.hidden_size
         self.intermediate_size = config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(
@@ -131,12 +132,17 @@ class Cohere2MLP(nn.Module):
 class Cohere2DecoderLayer(nn.Module):
     def __init__(self, config: Cohere2Config, layer_idx: int):
         super().__init__()
-        self.hidden_size = config.hidden_size
         self.self_attn = Cohere2Attention(config=config, layer_idx=layer_idx)
         self.mlp = Cohere2MLP(config)
         self.input_layernorm = Cohere2LayerNorm(hidden_size=(config.hidden_size), eps=config.layer_norm_eps)
 
-    def forward(self, hidden_states: torch.Tensor, positions, kv_cache, input_metadata):
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: KVCache,
+        input_metadata: InputMetadata,
+    ):
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         hidden_states_attention = self.self_attn(hidden_states, positions, kv_cache, input_metadata)
@@ -149,9 +155,7 @@ class Cohere2DecoderLayer(nn.Module):
 class Cohere2Model(nn.Module):
     def __init__(self, config: Cohere2Config):
         super().__init__()
-        self.config = config
         self.padding_idx = config.pad_token_id
-        self.vocab_size = config.vocab_size
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList(
             [Cohere2DecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
@@ -160,14 +164,12 @@ class Cohere2Model(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.LongTensor | None,
-        positions: torch.LongTensor | None,
-        kv_caches,
-        input_metadata,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        input_metadata: InputMetadata,
     ):
-        inputs_embeds = self.embed_tokens(input_ids)
-
-        hidden_states = inputs_embeds
+        hidden_states = self.embed_tokens(input_ids)
 
         for i, decoder_layer in enumerate(self.layers):
             hidden_states = decoder_layer(hidden_states, positions, kv_caches[i], input_metadata)
@@ -177,28 +179,29 @@ class Cohere2Model(nn.Module):
 
 
 class Cohere2ForCausalLM(nn.Module):
+    packed_modules_mapping = {
+        "gate_up_proj": [("gate_proj", 0), ("up_proj", 1)],
+        "qkv_proj": [("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")],
+    }
+    tied_weights = {"lm_head.weight": "model.embed_tokens.weight"}
+
     def __init__(self, config):
         super().__init__()
-        self.config = config
         self.model = Cohere2Model(config)
-        self.vocab_size = config.vocab_size
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, bias=False)
         self.logit_scale = config.logit_scale
-        self.tie_word_embeddings = config.tie_word_embeddings
         if getattr(config, "tie_word_embeddings", True):
             self.lm_head.tie_to(self.model.embed_tokens)
         self.logits_processor = LogitsProcessor(config.vocab_size)
 
     def forward(
         self,
-        input_ids: torch.LongTensor | None,
-        positions: torch.LongTensor | None,
-        kv_caches,
-        input_metadata,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        input_metadata: InputMetadata,
     ):
-        outputs = self.model(input_ids, positions, kv_caches, input_metadata)
-
-        hidden_states = outputs
+        hidden_states = self.model(input_ids, positions, kv_caches, input_metadata)
         return hidden_states
 
     def compute_logits(self, hidden_states, input_metadata):
@@ -207,15 +210,4 @@ class Cohere2ForCausalLM(nn.Module):
         return logits
 
     def load_weights(self, weights):
-        fused = [
-            ("gate_up_proj", "gate_proj", 0),
-            ("gate_up_proj", "up_proj", 1),
-            ("qkv_proj", "k_proj", "k"),
-            ("qkv_proj", "q_proj", "q"),
-            ("qkv_proj", "v_proj", "v"),
-        ]
-        tied = {
-            "lm_head.weight": "model.embed_tokens.weight",
-        }
-        ignored = []
-        return load_named_weights(self, weights, fused=fused, tied=tied, ignored=ignored)
+        return load_declared_weights(self, weights)

@@ -24,8 +24,9 @@ from torch import nn
 from torch.nn import LayerNorm
 from transformers.activations import get_activation
 from transformers.models.falcon.configuration_falcon import FalconConfig
-from transformers.utils import logging
 
+from engine.input_metadata import InputMetadata
+from engine.kv_cache import KVCache
 from engine.layers import (
     ColumnParallelLinear,
     LogitsProcessor,
@@ -36,9 +37,7 @@ from engine.layers import (
     VocabParallelEmbedding,
     get_rope,
 )
-from engine.weights import load_named_weights
-
-logger = logging.get_logger(__name__)
+from engine.weights import load_declared_weights
 
 
 def build_alibi_tensor_slopes(num_heads):
@@ -58,8 +57,11 @@ def build_alibi_tensor_slopes(num_heads):
     return slopes.flatten()
 
 
-# Copied from transformers.models.bloom.modeling_bloom.dropout_add
-def dropout_add(x: torch.Tensor, residual: torch.Tensor, prob: float, training: bool) -> torch.Tensor:
+def dropout_add(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    prob: float,
+) -> torch.Tensor:
     """
     Dropout add function
 
@@ -79,24 +81,13 @@ def dropout_add(x: torch.Tensor, residual: torch.Tensor, prob: float, training: 
 
 
 class FalconAttention(nn.Module):
-    def __init__(self, config: FalconConfig, layer_idx=None):
+    def __init__(self, config: FalconConfig):
         super().__init__()
 
         self.config = config
         self.hidden_size = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.head_dim = self.hidden_size // self.num_heads
-        self.split_size = self.hidden_size
-        self.max_position_embeddings = config.max_position_embeddings
-
-        self.is_causal = True
-        self.layer_idx = layer_idx
-        if layer_idx is None:
-            logger.warning_once(
-                f"Instantiating {self.__class__.__name__} without passing a `layer_idx` is not recommended and will "
-                "lead to errors during the forward call if caching is used. Please make sure to provide a `layer_idx` "
-                "when creating this class."
-            )
 
         if self.head_dim * self.num_heads != self.hidden_size:
             raise ValueError(
@@ -106,7 +97,6 @@ class FalconAttention(nn.Module):
 
         # Layer-wise attention scaling
         self.inv_norm_factor = 1.0 / math.sqrt(self.head_dim)
-        self.beta = self.inv_norm_factor
         self.query_key_value = QKVParallelLinear(
             self.hidden_size,
             self.head_dim,
@@ -122,11 +112,7 @@ class FalconAttention(nn.Module):
             checkpoint_layout="grouped",
         )
         self.new_decoder_architecture = config.new_decoder_architecture
-        self.multi_query = config.multi_query
         self.dense = RowParallelLinear(self.hidden_size, self.hidden_size, bias=config.bias)
-        self.num_kv_heads = (
-            config.num_kv_heads if (self.new_decoder_architecture or not self.multi_query) else 1
-        )
         self.attn = PagedAttention(
             (config.num_attention_heads if config.new_decoder_architecture else self.num_heads),
             self.head_dim,
@@ -148,7 +134,11 @@ class FalconAttention(nn.Module):
         self.rotary_emb = get_rope(config, self.head_dim, is_neox_style=True)
 
     def forward(
-        self, hidden_states: torch.Tensor, positions: torch.LongTensor | None, kv_cache, input_metadata
+        self,
+        hidden_states: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: KVCache,
+        input_metadata: InputMetadata,
     ):
         fused_qkv = self.query_key_value(hidden_states)  # [batch_size, seq_length, 3 x hidden_size]
         # 3 x [batch_size, seq_length, num_heads, head_dim]
@@ -185,12 +175,11 @@ class FalconMLP(nn.Module):
 
 
 class FalconDecoderLayer(nn.Module):
-    def __init__(self, config: FalconConfig, layer_idx=None):
+    def __init__(self, config: FalconConfig):
         super().__init__()
         hidden_size = config.hidden_size
-        self.num_heads = config.num_attention_heads
 
-        self.self_attention = FalconAttention(config, layer_idx)
+        self.self_attention = FalconAttention(config)
         self.mlp = FalconMLP(config)
         self.config = config
 
@@ -210,7 +199,11 @@ class FalconDecoderLayer(nn.Module):
                 self.input_layernorm = LayerNorm(hidden_size, eps=config.layer_norm_epsilon)
 
     def forward(
-        self, hidden_states: torch.Tensor, positions: torch.LongTensor | None, kv_cache, input_metadata
+        self,
+        hidden_states: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: KVCache,
+        input_metadata: InputMetadata,
     ):
         residual = hidden_states
 
@@ -227,9 +220,7 @@ class FalconDecoderLayer(nn.Module):
             if self.config.parallel_attn:
                 mlp_layernorm_out = attention_layernorm_out
             else:
-                residual = dropout_add(
-                    attention_output, residual, self.config.attention_dropout, training=self.training
-                )
+                residual = dropout_add(attention_output, residual, self.config.attention_dropout)
                 mlp_layernorm_out = self.post_attention_layernorm(residual)
 
         if (
@@ -245,7 +236,7 @@ class FalconDecoderLayer(nn.Module):
         if self.config.new_decoder_architecture or self.config.parallel_attn:
             mlp_output += attention_output
 
-        output = dropout_add(mlp_output, residual, self.config.hidden_dropout, training=self.training)
+        output = dropout_add(mlp_output, residual, self.config.hidden_dropout)
 
         return output
 
@@ -253,38 +244,29 @@ class FalconDecoderLayer(nn.Module):
 class FalconModel(nn.Module):
     def __init__(self, config: FalconConfig):
         super().__init__()
-        self.config = config
 
         self.embed_dim = config.hidden_size
-        self.num_heads = config.num_attention_heads
-        self.use_alibi = config.alibi
 
         # Embedding + LN Embedding
         self.word_embeddings = VocabParallelEmbedding(config.vocab_size, self.embed_dim)
 
         # Transformer blocks
-        self.h = nn.ModuleList(
-            [FalconDecoderLayer(config, layer_idx=i) for i in range(config.num_hidden_layers)]
-        )
+        self.h = nn.ModuleList([FalconDecoderLayer(config) for _ in range(config.num_hidden_layers)])
 
         # Final Layer Norm
         self.ln_f = LayerNorm(self.embed_dim, eps=config.layer_norm_epsilon)
 
     def forward(
         self,
-        input_ids: torch.LongTensor | None,
-        positions: torch.LongTensor | None,
-        kv_caches,
-        input_metadata,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        input_metadata: InputMetadata,
     ):
-        inputs_embeds = self.word_embeddings(input_ids)
-
-        hidden_states = inputs_embeds
+        hidden_states = self.word_embeddings(input_ids)
 
         for i, block in enumerate(self.h):
-            outputs = block(hidden_states, positions, kv_caches[i], input_metadata)
-
-            hidden_states = outputs
+            hidden_states = block(hidden_states, positions, kv_caches[i], input_metadata)
 
         # Add last hidden state
         hidden_states = self.ln_f(hidden_states)
@@ -293,9 +275,10 @@ class FalconModel(nn.Module):
 
 
 class FalconForCausalLM(nn.Module):
+    tied_weights = {"lm_head.weight": "transformer.word_embeddings.weight"}
+
     def __init__(self, config: FalconConfig):
         super().__init__()
-        self.config = config
         self.transformer = FalconModel(config)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, bias=False)
         if getattr(config, "tie_word_embeddings", True):
@@ -304,14 +287,12 @@ class FalconForCausalLM(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.LongTensor | None,
-        positions: torch.LongTensor | None,
-        kv_caches,
-        input_metadata,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        input_metadata: InputMetadata,
     ):
-
-        transformer_outputs = self.transformer(input_ids, positions, kv_caches, input_metadata)
-        hidden_states = transformer_outputs
+        hidden_states = self.transformer(input_ids, positions, kv_caches, input_metadata)
         return hidden_states
 
     def compute_logits(self, hidden_states, input_metadata):
@@ -319,9 +300,4 @@ class FalconForCausalLM(nn.Module):
         return lm_logits
 
     def load_weights(self, weights):
-        fused = []
-        tied = {
-            "lm_head.weight": "transformer.word_embeddings.weight",
-        }
-        ignored = []
-        return load_named_weights(self, weights, fused=fused, tied=tied, ignored=ignored)
+        return load_declared_weights(self, weights)

@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 from transformers.models.gemma3.configuration_gemma3 import Gemma3TextConfig
 
+from engine.input_metadata import InputMetadata
+from engine.kv_cache import KVCache
 from engine.layers import (
     LogitsProcessor,
     MergedColumnParallelLinear,
@@ -39,7 +41,7 @@ from engine.layers import (
     get_gated_activation,
     get_rope,
 )
-from engine.weights import load_named_weights
+from engine.weights import load_declared_weights
 
 
 class Gemma3TextScaledWordEmbedding(VocabParallelEmbedding):
@@ -59,7 +61,6 @@ class Gemma3TextScaledWordEmbedding(VocabParallelEmbedding):
 class Gemma3MLP(nn.Module):
     def __init__(self, config: Gemma3TextConfig):
         super().__init__()
-        self.config = config
         self.hidden_size = config.hidden_size
         self.intermediate_size = config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(
@@ -81,11 +82,8 @@ class Gemma3Attention(nn.Module):
         super().__init__()
         self.layer_type = config.layer_types[layer_idx] if hasattr(config, "layer_types") else None
         self.config = config
-        self.layer_idx = layer_idx
         self.head_dim = getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
-        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
         self.scaling = config.query_pre_attn_scalar**-0.5
-        self.is_causal = not self.config.use_bidirectional_attention
         self.qkv_proj = QKVParallelLinear(
             config.hidden_size,
             self.head_dim,
@@ -98,7 +96,6 @@ class Gemma3Attention(nn.Module):
         )
         self.attn_logit_softcapping = self.config.attn_logit_softcapping
         self.sliding_window = config.sliding_window if self.layer_type == "sliding_attention" else None
-        self.is_sliding = self.layer_type == "sliding_attention"
 
         self.q_norm = RMSNorm(
             config.head_dim, eps=config.rms_norm_eps, weight_offset=1.0, multiply_in_float32=True
@@ -115,23 +112,27 @@ class Gemma3Attention(nn.Module):
         )
         self.rotary_emb = get_rope(config, self.head_dim, is_neox_style=True, layer_type=self.layer_type)
 
-    def forward(self, hidden_states: torch.Tensor, positions, kv_cache, input_metadata):
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: KVCache,
+        input_metadata: InputMetadata,
+    ):
         q, k, v = self.qkv_proj(hidden_states).split(
             [self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], dim=-1
         )
 
-        query_states = q.view(hidden_shape)
-        key_states = k.view(hidden_shape)
-        value_states = v.view(hidden_shape)
+        query_states = q.unflatten(-1, (-1, self.head_dim))
+        key_states = k.unflatten(-1, (-1, self.head_dim))
+        value_states = v.unflatten(-1, (-1, self.head_dim))
 
         query_states = self.q_norm(query_states)
         key_states = self.k_norm(key_states)
         query_states, key_states = self.rotary_emb(positions, query_states, key_states)
         attn_output = self.attn(query_states, key_states, value_states, kv_cache, input_metadata)
 
-        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        attn_output = attn_output.flatten(1).contiguous()
         attn_output = self.o_proj(attn_output)
         return attn_output
 
@@ -139,9 +140,7 @@ class Gemma3Attention(nn.Module):
 class Gemma3DecoderLayer(nn.Module):
     def __init__(self, config: Gemma3TextConfig, layer_idx: int):
         super().__init__()
-        self.config = config
         self.hidden_size = config.hidden_size
-        self.layer_idx = layer_idx
         self.self_attn = Gemma3Attention(config=config, layer_idx=layer_idx)
         self.mlp = Gemma3MLP(config)
         self.input_layernorm = RMSNorm(
@@ -158,7 +157,11 @@ class Gemma3DecoderLayer(nn.Module):
         )
 
     def forward(
-        self, hidden_states: torch.Tensor, positions: torch.LongTensor | None, kv_cache, input_metadata
+        self,
+        hidden_states: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: KVCache,
+        input_metadata: InputMetadata,
     ):
         residual = hidden_states
 
@@ -180,7 +183,6 @@ class Gemma3TextModel(nn.Module):
         super().__init__()
         self.config = config
         self.padding_idx = config.pad_token_id
-        self.vocab_size = config.vocab_size
 
         # Gemma3 downcasts the below to bfloat16, causing sqrt(3072)=55.4256 to become 55.5. See https://github.com/huggingface/transformers/pull/29402
         self.embed_tokens = Gemma3TextScaledWordEmbedding(
@@ -195,17 +197,15 @@ class Gemma3TextModel(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.LongTensor | None,
-        positions: torch.LongTensor | None,
-        kv_caches,
-        input_metadata,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        input_metadata: InputMetadata,
     ):
-        inputs_embeds = self.embed_tokens(input_ids)
-
         # embed positions
-        hidden_states = inputs_embeds
+        hidden_states = self.embed_tokens(input_ids)
 
-        for i, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
+        for i, decoder_layer in enumerate(self.layers):
             hidden_states = decoder_layer(hidden_states, positions, kv_caches[i], input_metadata)
 
         hidden_states = self.norm(hidden_states)
@@ -214,11 +214,17 @@ class Gemma3TextModel(nn.Module):
 
 
 class Gemma3ForCausalLM(nn.Module):
+    packed_modules_mapping = {
+        "gate_up_proj": [("gate_proj", 0), ("up_proj", 1)],
+        "qkv_proj": [("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")],
+    }
+    tied_weights = {"lm_head.weight": "model.embed_tokens.weight"}
+    renamed_weights = [("^language_model", "model.language_model")]
+
     def __init__(self, config: Gemma3TextConfig):
         super().__init__()
         self.config = config
         self.model = Gemma3TextModel(config)
-        self.vocab_size = config.vocab_size
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, bias=False)
         if getattr(config, "tie_word_embeddings", True):
             self.lm_head.tie_to(self.model.embed_tokens)
@@ -226,15 +232,13 @@ class Gemma3ForCausalLM(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.LongTensor | None,
-        positions: torch.LongTensor | None,
-        kv_caches,
-        input_metadata,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        input_metadata: InputMetadata,
     ):
         # decoder outputs consists of (dec_features, layer_state, dec_hidden, dec_attn)
-        outputs = self.model(input_ids, positions, kv_caches, input_metadata)
-
-        hidden_states = outputs
+        hidden_states = self.model(input_ids, positions, kv_caches, input_metadata)
         return hidden_states
 
     def compute_logits(self, hidden_states, input_metadata):
@@ -246,18 +250,4 @@ class Gemma3ForCausalLM(nn.Module):
         return logits
 
     def load_weights(self, weights):
-        fused = [
-            ("gate_up_proj", "gate_proj", 0),
-            ("gate_up_proj", "up_proj", 1),
-            ("qkv_proj", "k_proj", "k"),
-            ("qkv_proj", "q_proj", "q"),
-            ("qkv_proj", "v_proj", "v"),
-        ]
-        tied = {
-            "lm_head.weight": "model.embed_tokens.weight",
-        }
-        ignored = []
-        renamed = [
-            ("^language_model", "model.language_model"),
-        ]
-        return load_named_weights(self, weights, fused=fused, tied=tied, ignored=ignored, renamed=renamed)
+        return load_declared_weights(self, weights)

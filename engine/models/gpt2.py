@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
+from engine.input_metadata import InputMetadata
+from engine.kv_cache import KVCache
 from engine.layers import (
     ColumnParallelLinear,
     LogitsProcessor,
@@ -31,17 +33,15 @@ from engine.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
-from engine.weights import load_named_weights
+from engine.weights import load_declared_weights
 
 
 class GPT2Attention(nn.Module):
     def __init__(self, config, is_cross_attention=False, layer_idx=None):
         super().__init__()
-        self.config = config
         self.embed_dim = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.head_dim = self.embed_dim // self.num_heads
-        self.split_size = self.embed_dim
         if self.head_dim * self.num_heads != self.embed_dim:
             raise ValueError(
                 f"`embed_dim` must be divisible by num_heads (got `embed_dim`: {self.embed_dim} and `num_heads`:"
@@ -50,7 +50,6 @@ class GPT2Attention(nn.Module):
 
         self.scale_attn_weights = config.scale_attn_weights
         self.scale_attn_by_inverse_layer_idx = config.scale_attn_by_inverse_layer_idx
-        self.reorder_and_upcast_attn = config.reorder_and_upcast_attn
         self.is_cross_attention = is_cross_attention
         self.layer_idx = layer_idx
 
@@ -74,10 +73,9 @@ class GPT2Attention(nn.Module):
                 checkpoint_transposed=True,
             )
         self.c_proj = RowParallelLinear(self.embed_dim, self.embed_dim, checkpoint_transposed=True)
-        self.is_causal = not is_cross_attention
         self.attn = PagedAttention(self.num_heads, self.head_dim, scale=self.scaling)
 
-    def forward(self, hidden_states: tuple[torch.FloatTensor] | None, kv_cache, input_metadata):
+    def forward(self, hidden_states: torch.Tensor, kv_cache: KVCache, input_metadata: InputMetadata):
         query_states, key_states, value_states = self.c_attn(hidden_states).split(
             [self.c_attn.q_size, self.c_attn.kv_size, self.c_attn.kv_size], dim=-1
         )
@@ -122,7 +120,7 @@ class GPT2Block(nn.Module):
 
         self.mlp = GPT2MLP(inner_dim, config)
 
-    def forward(self, hidden_states: tuple[torch.FloatTensor] | None, kv_cache, input_metadata):
+    def forward(self, hidden_states: torch.Tensor, kv_cache: KVCache, input_metadata: InputMetadata):
         residual = hidden_states
         hidden_states = self.ln_1(hidden_states)
         attn_output = self.attn(hidden_states, kv_cache, input_metadata)
@@ -141,7 +139,6 @@ class GPT2Block(nn.Module):
 class GPT2Model(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.config = config
 
         self.embed_dim = config.hidden_size
 
@@ -149,14 +146,13 @@ class GPT2Model(nn.Module):
         self.wpe = nn.Embedding(config.max_position_embeddings, self.embed_dim)
         self.h = nn.ModuleList([GPT2Block(config, layer_idx=i) for i in range(config.num_hidden_layers)])
         self.ln_f = nn.LayerNorm(self.embed_dim, eps=config.layer_norm_epsilon)
-        self._attn_implementation = config._attn_implementation
 
     def forward(
         self,
-        input_ids: torch.LongTensor | None,
-        positions: torch.LongTensor | None,
-        kv_caches,
-        input_metadata,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        input_metadata: InputMetadata,
     ):
         inputs_embeds = self.wte(input_ids)
 
@@ -171,9 +167,11 @@ class GPT2Model(nn.Module):
 
 
 class GPT2LMHeadModel(nn.Module):
+    tied_weights = {"lm_head.weight": "transformer.wte.weight"}
+    ignored_weights = ["(^|\\.)crossattention\\.", "(^|\\.)ln_cross_attn\\.", "(^|\\.)q_attn\\."]
+
     def __init__(self, config):
         super().__init__()
-        self.config = config
         self.transformer = GPT2Model(config)
         self.lm_head = ParallelLMHead(config.vocab_size, config.n_embd, bias=False)
         if getattr(config, "tie_word_embeddings", True):
@@ -182,13 +180,12 @@ class GPT2LMHeadModel(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.LongTensor | None,
-        positions: torch.LongTensor | None,
-        kv_caches,
-        input_metadata,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        input_metadata: InputMetadata,
     ):
-        transformer_outputs = self.transformer(input_ids, positions, kv_caches, input_metadata)
-        hidden_states = transformer_outputs
+        hidden_states = self.transformer(input_ids, positions, kv_caches, input_metadata)
         return hidden_states
 
     def compute_logits(self, hidden_states, input_metadata):
@@ -196,13 +193,4 @@ class GPT2LMHeadModel(nn.Module):
         return logits
 
     def load_weights(self, weights):
-        fused = []
-        tied = {
-            "lm_head.weight": "transformer.wte.weight",
-        }
-        ignored = [
-            "(^|\\.)crossattention\\.",
-            "(^|\\.)ln_cross_attn\\.",
-            "(^|\\.)q_attn\\.",
-        ]
-        return load_named_weights(self, weights, fused=fused, tied=tied, ignored=ignored)
+        return load_declared_weights(self, weights)

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
+from engine.input_metadata import InputMetadata
+from engine.kv_cache import KVCache
 from engine.layers import (
     ColumnParallelLinear,
     LogitsProcessor,
@@ -29,41 +31,25 @@ from engine.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
-from engine.weights import load_named_weights
+from engine.weights import load_declared_weights
 
 
 class GPTBigCodeAttention(nn.Module):
-    def __init__(self, config, is_cross_attention=False, layer_idx=None):
+    def __init__(self, config, is_cross_attention=False):
         super().__init__()
-        self.config = config
-
-        self.mask_value = None
         self.multi_query = config.multi_query
         self.embed_dim = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.head_dim = self.embed_dim // self.num_heads
         self.kv_heads = 1 if self.multi_query else self.num_heads
-        self.kv_dim = self.kv_heads * self.head_dim
-        self.num_key_value_groups = self.num_heads // self.kv_heads
-        self.split_size = self.embed_dim
-        self.is_causal = True
 
         if self.head_dim * self.num_heads != self.embed_dim:
             raise ValueError(
                 f"`embed_dim` must be divisible by num_heads (got `embed_dim`: {self.embed_dim} and `num_heads`:"
                 f" {self.num_heads})."
             )
-
-        self.scale_attn_weights = config.scale_attn_weights
         self.scaling = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
         self.is_cross_attention = is_cross_attention
-
-        self.layer_idx = layer_idx
-        self.attention_softmax_in_fp32 = config.attention_softmax_in_fp32
-        self.scale_attention_softmax_in_fp32 = (
-            config.scale_attention_softmax_in_fp32 and config.attention_softmax_in_fp32
-        )
-        self.attn_pdrop = config.attn_pdrop
 
         if self.is_cross_attention:
             if self.multi_query:
@@ -85,8 +71,7 @@ class GPTBigCodeAttention(nn.Module):
             self.num_heads, self.head_dim, scale=self.scaling, num_kv_heads=self.kv_heads
         )
 
-    def forward(self, hidden_states: torch.Tensor, kv_cache, input_metadata):
-        input_shape = hidden_states.shape[:-1]
+    def forward(self, hidden_states: torch.Tensor, kv_cache: KVCache, input_metadata: InputMetadata):
         if self.multi_query:
             query, key, value = self.c_attn(hidden_states).split(
                 [self.c_attn.q_size, self.c_attn.kv_size, self.c_attn.kv_size], dim=-1
@@ -98,7 +83,7 @@ class GPTBigCodeAttention(nn.Module):
             )
         attn_output = self.attn(query, key, value, kv_cache, input_metadata)
 
-        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        attn_output = attn_output.flatten(1).contiguous()
         attn_output = self.c_proj(attn_output)
         return attn_output
 
@@ -111,7 +96,6 @@ class GPTBigCodeMLP(nn.Module):
         self.c_proj = RowParallelLinear(intermediate_size, embed_dim)
         self.act = ACT2FN[config.activation_function]
 
-    # Copied from transformers.models.gpt2.modeling_gpt2.GPT2MLP.forward
     def forward(self, hidden_states: tuple[torch.FloatTensor] | None) -> torch.FloatTensor:
         hidden_states = self.c_fc(hidden_states)
         hidden_states = self.act(hidden_states)
@@ -120,14 +104,14 @@ class GPTBigCodeMLP(nn.Module):
 
 
 class GPTBigCodeBlock(nn.Module):
-    def __init__(self, config, layer_idx=None):
+    def __init__(self, config):
         super().__init__()
         hidden_size = config.hidden_size
         self.inner_dim = config.n_inner if config.n_inner is not None else 4 * hidden_size
 
         self.ln_1 = nn.LayerNorm(hidden_size, eps=config.layer_norm_epsilon)
 
-        self.attn = GPTBigCodeAttention(config, layer_idx=layer_idx)
+        self.attn = GPTBigCodeAttention(config)
 
         self.ln_2 = nn.LayerNorm(hidden_size, eps=config.layer_norm_epsilon)
 
@@ -137,7 +121,7 @@ class GPTBigCodeBlock(nn.Module):
 
         self.mlp = GPTBigCodeMLP(self.inner_dim, config)
 
-    def forward(self, hidden_states: tuple[torch.Tensor] | None, kv_cache, input_metadata):
+    def forward(self, hidden_states: torch.Tensor, kv_cache: KVCache, input_metadata: InputMetadata):
         residual = hidden_states
         hidden_states = self.ln_1(hidden_states)
         attn_output = self.attn(hidden_states, kv_cache, input_metadata)
@@ -153,19 +137,19 @@ class GPTBigCodeBlock(nn.Module):
 class GPTBigCodeModel(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.config = config
-        self.multi_query = config.multi_query
         self.embed_dim = config.hidden_size
 
         self.wte = VocabParallelEmbedding(config.vocab_size, self.embed_dim)
         self.wpe = nn.Embedding(config.max_position_embeddings, self.embed_dim)
-        self.h = nn.ModuleList(
-            [GPTBigCodeBlock(config, layer_idx=i) for i in range(config.num_hidden_layers)]
-        )
+        self.h = nn.ModuleList([GPTBigCodeBlock(config) for _ in range(config.num_hidden_layers)])
         self.ln_f = nn.LayerNorm(self.embed_dim, eps=config.layer_norm_epsilon)
 
     def forward(
-        self, input_ids: torch.Tensor | None, positions: torch.Tensor | None, kv_caches, input_metadata
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        input_metadata: InputMetadata,
     ):
         inputs_embeds = self.wte(input_ids)
 
@@ -184,9 +168,11 @@ class GPTBigCodeModel(nn.Module):
 
 
 class GPTBigCodeForCausalLM(nn.Module):
+    tied_weights = {"lm_head.weight": "transformer.wte.weight"}
+    ignored_weights = ["(^|\\.)crossattention\\.", "(^|\\.)ln_cross_attn\\.", "(^|\\.)q_attn\\."]
+
     def __init__(self, config):
         super().__init__()
-        self.config = config
         self.transformer = GPTBigCodeModel(config)
         self.lm_head = ParallelLMHead(config.vocab_size, config.n_embd, bias=False)
         if getattr(config, "tie_word_embeddings", True):
@@ -194,11 +180,13 @@ class GPTBigCodeForCausalLM(nn.Module):
         self.logits_processor = LogitsProcessor(config.vocab_size)
 
     def forward(
-        self, input_ids: torch.Tensor | None, positions: torch.Tensor | None, kv_caches, input_metadata
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        input_metadata: InputMetadata,
     ):
-        transformer_outputs = self.transformer(input_ids, positions, kv_caches, input_metadata)
-
-        hidden_states = transformer_outputs
+        hidden_states = self.transformer(input_ids, positions, kv_caches, input_metadata)
         return hidden_states
 
     def compute_logits(self, hidden_states, input_metadata):
@@ -206,13 +194,4 @@ class GPTBigCodeForCausalLM(nn.Module):
         return logits
 
     def load_weights(self, weights):
-        fused = []
-        tied = {
-            "lm_head.weight": "transformer.wte.weight",
-        }
-        ignored = [
-            "(^|\\.)crossattention\\.",
-            "(^|\\.)ln_cross_attn\\.",
-            "(^|\\.)q_attn\\.",
-        ]
-        return load_named_weights(self, weights, fused=fused, tied=tied, ignored=ignored)
+        return load_declared_weights(self, weights)

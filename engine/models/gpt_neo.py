@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
+from engine.input_metadata import InputMetadata
+from engine.kv_cache import KVCache
 from engine.layers import (
     ColumnParallelLinear,
     LogitsProcessor,
@@ -30,20 +32,12 @@ from engine.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
-from engine.weights import load_named_weights
+from engine.weights import load_declared_weights
 
 
 class GPTNeoSelfAttention(nn.Module):
-    def __init__(self, config, attention_type, layer_id=None):
+    def __init__(self, config, attention_type):
         super().__init__()
-        self.config = config
-
-        # local causal self attention is a sliding window where each token can only attend to the previous
-        # window_size tokens. This is implemented by updating the causal mask such that for each token
-        # all other tokens are masked except the previous window_size tokens.
-        self.attention_type = attention_type
-        self.is_causal = True
-        self.layer_id = layer_id
 
         self.embed_dim = config.hidden_size
         self.num_heads = config.num_heads
@@ -72,7 +66,7 @@ class GPTNeoSelfAttention(nn.Module):
         tensor = tensor.view(new_shape)
         return tensor  # (batch, head, seq_length, head_features)
 
-    def forward(self, hidden_states, kv_cache, input_metadata):
+    def forward(self, hidden_states, kv_cache: KVCache, input_metadata: InputMetadata):
         q, k, v = self.qkv_proj(hidden_states).split(
             [self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], dim=-1
         )
@@ -92,19 +86,18 @@ class GPTNeoSelfAttention(nn.Module):
 class GPTNeoAttention(nn.Module):
     def __init__(self, config, layer_id=0):
         super().__init__()
-        self.layer_id = layer_id
         self.attention_layers = config.attention_layers
         self.attention_type = self.attention_layers[layer_id]
 
         if self.attention_type in ["global", "local"]:
-            self.attention = GPTNeoSelfAttention(config, self.attention_type, layer_id)
+            self.attention = GPTNeoSelfAttention(config, self.attention_type)
         else:
             raise NotImplementedError(
                 "Only attn layer types 'global' and 'local' exist, but got `config.attention_layers`: "
                 f"{config.attention_layers}. Select attn layer types from ['global', 'local'] only."
             )
 
-    def forward(self, hidden_states, kv_cache, input_metadata):
+    def forward(self, hidden_states, kv_cache: KVCache, input_metadata: InputMetadata):
         return self.attention(hidden_states, kv_cache, input_metadata)
 
 
@@ -133,7 +126,7 @@ class GPTNeoBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(hidden_size, eps=config.layer_norm_epsilon)
         self.mlp = GPTNeoMLP(inner_dim, config)
 
-    def forward(self, hidden_states, kv_cache, input_metadata):
+    def forward(self, hidden_states, kv_cache: KVCache, input_metadata: InputMetadata):
         residual = hidden_states
         hidden_states = self.ln_1(hidden_states)
         attn_output = self.attn(hidden_states, kv_cache, input_metadata)
@@ -153,7 +146,6 @@ class GPTNeoBlock(nn.Module):
 class GPTNeoModel(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.config = config
 
         self.embed_dim = config.hidden_size
         self.wte = VocabParallelEmbedding(config.vocab_size, self.embed_dim)
@@ -162,16 +154,18 @@ class GPTNeoModel(nn.Module):
         self.ln_f = nn.LayerNorm(self.embed_dim, eps=config.layer_norm_epsilon)
 
     def forward(
-        self, input_ids: torch.Tensor | None, positions: torch.Tensor | None, kv_caches, input_metadata
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        input_metadata: InputMetadata,
     ):
         inputs_embeds = self.wte(input_ids)
 
         position_embeds = self.wpe(positions)
         hidden_states = inputs_embeds + position_embeds
         for i, block in enumerate(self.h):
-            outputs = block(hidden_states, kv_caches[i], input_metadata)
-
-            hidden_states = outputs
+            hidden_states = block(hidden_states, kv_caches[i], input_metadata)
 
         hidden_states = self.ln_f(hidden_states)
 
@@ -179,9 +173,11 @@ class GPTNeoModel(nn.Module):
 
 
 class GPTNeoForCausalLM(nn.Module):
+    packed_modules_mapping = {"qkv_proj": [("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")]}
+    tied_weights = {"lm_head.weight": "transformer.wte.weight"}
+
     def __init__(self, config):
         super().__init__()
-        self.config = config
         self.transformer = GPTNeoModel(config)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, bias=False)
         if getattr(config, "tie_word_embeddings", True):
@@ -189,12 +185,13 @@ class GPTNeoForCausalLM(nn.Module):
         self.logits_processor = LogitsProcessor(config.vocab_size)
 
     def forward(
-        self, input_ids: torch.Tensor | None, positions: torch.Tensor | None, kv_caches, input_metadata
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        input_metadata: InputMetadata,
     ):
-
-        transformer_outputs = self.transformer(input_ids, positions, kv_caches, input_metadata)
-
-        hidden_states = transformer_outputs
+        hidden_states = self.transformer(input_ids, positions, kv_caches, input_metadata)
         return hidden_states
 
     def compute_logits(self, hidden_states, input_metadata):
@@ -202,13 +199,4 @@ class GPTNeoForCausalLM(nn.Module):
         return logits
 
     def load_weights(self, weights):
-        fused = [
-            ("qkv_proj", "k_proj", "k"),
-            ("qkv_proj", "q_proj", "q"),
-            ("qkv_proj", "v_proj", "v"),
-        ]
-        tied = {
-            "lm_head.weight": "transformer.wte.weight",
-        }
-        ignored = []
-        return load_named_weights(self, weights, fused=fused, tied=tied, ignored=ignored)
+        return load_declared_weights(self, weights)

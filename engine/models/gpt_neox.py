@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
+from engine.input_metadata import InputMetadata
+from engine.kv_cache import KVCache
 from engine.layers import (
     ColumnParallelLinear,
     LogitsProcessor,
@@ -22,7 +24,7 @@ from engine.layers import (
     VocabParallelEmbedding,
     get_rope,
 )
-from engine.weights import load_named_weights
+from engine.weights import load_declared_weights
 
 
 class GPTNeoXMLP(nn.Module):
@@ -40,15 +42,10 @@ class GPTNeoXMLP(nn.Module):
 
 
 class GPTNeoXAttention(nn.Module):
-    def __init__(self, config, layer_idx=None):
+    def __init__(self, config):
         super().__init__()
-        self.config = config
         self.head_size = config.hidden_size // config.num_attention_heads
-        partial_rotary_factor = config.rope_parameters.get("partial_rotary_factor", 1.0)
-        self.rotary_ndims = int(self.head_size * partial_rotary_factor)
         self.scaling = self.head_size**-0.5
-        self.is_causal = True
-        self.layer_idx = layer_idx
 
         self.query_key_value = ColumnParallelLinear(
             config.hidden_size, 3 * config.hidden_size, bias=config.attention_bias
@@ -57,37 +54,40 @@ class GPTNeoXAttention(nn.Module):
         self.attn = PagedAttention(config.num_attention_heads, self.head_size, scale=self.scaling)
         self.rotary_emb = get_rope(config, self.head_size, is_neox_style=True)
 
-    def forward(self, hidden_states: torch.FloatTensor, positions, kv_cache, input_metadata):
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, 3 * self.head_size)
-
-        qkv = self.query_key_value(hidden_states).view(hidden_shape)
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: KVCache,
+        input_metadata: InputMetadata,
+    ):
+        qkv = self.query_key_value(hidden_states).unflatten(-1, (-1, 3 * self.head_size))
         query_states, key_states, value_states = qkv.chunk(3, dim=-1)
         query_states, key_states = self.rotary_emb(positions, query_states, key_states)
         attn_output = self.attn(query_states, key_states, value_states, kv_cache, input_metadata)
 
         # Reshape outputs and final projection
-        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        attn_output = attn_output.flatten(1).contiguous()
         attn_output = self.dense(attn_output)
 
         return attn_output
 
 
 class GPTNeoXLayer(nn.Module):
-    def __init__(self, config, layer_idx):
+    def __init__(self, config):
         super().__init__()
         self.use_parallel_residual = config.use_parallel_residual
         self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.attention = GPTNeoXAttention(config, layer_idx)
+        self.attention = GPTNeoXAttention(config)
         self.mlp = GPTNeoXMLP(config)
 
     def forward(
         self,
-        hidden_states: torch.FloatTensor | None,
-        positions: torch.LongTensor | None,
-        kv_cache,
-        input_metadata,
+        hidden_states: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: KVCache,
+        input_metadata: InputMetadata,
     ):
         attn_output = self.attention(self.input_layernorm(hidden_states), positions, kv_cache, input_metadata)
 
@@ -105,23 +105,19 @@ class GPTNeoXLayer(nn.Module):
 class GPTNeoXModel(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.config = config
-        self.config = config
 
         self.embed_in = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList([GPTNeoXLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList([GPTNeoXLayer(config) for _ in range(config.num_hidden_layers)])
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(
         self,
-        input_ids: torch.LongTensor | None,
-        positions: torch.LongTensor | None,
-        kv_caches,
-        input_metadata,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        input_metadata: InputMetadata,
     ):
-        inputs_embeds = self.embed_in(input_ids)
-
-        hidden_states = inputs_embeds
+        hidden_states = self.embed_in(input_ids)
         for layer_idx, layer in enumerate(self.layers):
             hidden_states = layer(hidden_states, positions, kv_caches[layer_idx], input_metadata)
 
@@ -131,9 +127,11 @@ class GPTNeoXModel(nn.Module):
 
 
 class GPTNeoXForCausalLM(nn.Module):
+    tied_weights = {"lm_head.weight": "gpt_neox.embed_in.weight"}
+    renamed_weights = [("^embed_out\\.", "lm_head.")]
+
     def __init__(self, config):
         super().__init__()
-        self.config = config
 
         self.gpt_neox = GPTNeoXModel(config)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, bias=False)
@@ -143,15 +141,12 @@ class GPTNeoXForCausalLM(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.LongTensor | None,
-        positions: torch.LongTensor | None,
-        kv_caches,
-        input_metadata,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        input_metadata: InputMetadata,
     ):
-
-        outputs = self.gpt_neox(input_ids, positions, kv_caches, input_metadata)
-
-        hidden_states = outputs
+        hidden_states = self.gpt_neox(input_ids, positions, kv_caches, input_metadata)
         return hidden_states
 
     def compute_logits(self, hidden_states, input_metadata):
@@ -159,12 +154,4 @@ class GPTNeoXForCausalLM(nn.Module):
         return logits
 
     def load_weights(self, weights):
-        fused = []
-        tied = {
-            "lm_head.weight": "gpt_neox.embed_in.weight",
-        }
-        ignored = []
-        renamed = [
-            ("^embed_out\\.", "lm_head."),
-        ]
-        return load_named_weights(self, weights, fused=fused, tied=tied, ignored=ignored, renamed=renamed)
+        return load_declared_weights(self, weights)

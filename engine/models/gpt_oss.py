@@ -40,7 +40,7 @@ from engine.layers import (
     get_rope,
 )
 from engine.layers.moe import FusedMoE, top_k_softmax
-from engine.weights import load_named_weights
+from engine.weights import load_declared_weights
 
 
 class GptOssExpertsActivation(nn.Module):
@@ -198,7 +198,6 @@ class GptOssModel(nn.Module):
         kv_caches: list[KVCache],
         input_metadata: InputMetadata,
     ):
-
         hidden_states = self.embed_tokens(input_ids)
 
         for i, decoder_layer in enumerate(self.layers):
@@ -208,6 +207,9 @@ class GptOssModel(nn.Module):
 
 
 class GptOssForCausalLM(nn.Module):
+    packed_modules_mapping = {"qkv_proj": [("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")]}
+    tied_weights = {"lm_head.weight": "model.embed_tokens.weight"}
+
     def __init__(self, config):
         super().__init__()
         self.model = GptOssModel(config)
@@ -225,7 +227,6 @@ class GptOssForCausalLM(nn.Module):
     ):
 
         # decoder outputs consists of (dec_features, layer_state, dec_hidden, dec_attn)
-
         hidden_states = self.model(input_ids, positions, kv_caches, input_metadata)
         return hidden_states
 
@@ -234,13 +235,4 @@ class GptOssForCausalLM(nn.Module):
         return logits
 
     def load_weights(self, weights):
-        fused = [
-            ("qkv_proj", "k_proj", "k"),
-            ("qkv_proj", "q_proj", "q"),
-            ("qkv_proj", "v_proj", "v"),
-        ]
-        tied = {
-            "lm_head.weight": "model.embed_tokens.weight",
-        }
-        ignored = []
-        return load_named_weights(self, weights, fused=fused, tied=tied, ignored=ignored)
+        return load_declared_weights(self, weights)

@@ -22,8 +22,9 @@ import math
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
-from transformers.utils import logging
 
+from engine.input_metadata import InputMetadata
+from engine.kv_cache import KVCache
 from engine.layers import (
     ColumnParallelLinear,
     LogitsProcessor,
@@ -34,25 +35,12 @@ from engine.layers import (
     VocabParallelEmbedding,
     get_rope,
 )
-from engine.weights import load_named_weights
-
-logger = logging.get_logger(__name__)
+from engine.weights import load_declared_weights
 
 
 class GPTJAttention(nn.Module):
-    def __init__(self, config, layer_idx=None):
+    def __init__(self, config):
         super().__init__()
-        self.config = config
-        self.max_positions = config.max_position_embeddings
-
-        self.is_causal = True
-        self.layer_idx = layer_idx
-        if layer_idx is None:
-            logger.warning_once(
-                f"Instantiating {self.__class__.__name__} without passing a `layer_idx` is not recommended and will "
-                "lead to errors during the forward call if caching is used. Please make sure to provide a `layer_idx` "
-                "when creating this class."
-            )
 
         self.embed_dim = config.hidden_size
         self.num_attention_heads = config.num_attention_heads
@@ -68,7 +56,6 @@ class GPTJAttention(nn.Module):
         )
         self.out_proj = RowParallelLinear(self.embed_dim, self.embed_dim, bias=False)
         self.rotary_dim = config.rotary_dim
-        self.pos_embd_dim = self.rotary_dim or self.embed_dim
         self.attn = PagedAttention(self.num_attention_heads, self.head_dim, scale=1 / (self.scale_attn))
         self.rotary_emb = get_rope(config, self.head_dim, rotary_dim=self.rotary_dim, is_neox_style=False)
 
@@ -83,7 +70,11 @@ class GPTJAttention(nn.Module):
         return tensor  # (batch, head, seq_length, head_features)
 
     def forward(
-        self, hidden_states: torch.FloatTensor, positions: torch.LongTensor | None, kv_cache, input_metadata
+        self,
+        hidden_states: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: KVCache,
+        input_metadata: InputMetadata,
     ):
         q, k, v = self.qkv_proj(hidden_states).split(
             [self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], dim=-1
@@ -120,19 +111,19 @@ class GPTJMLP(nn.Module):
 
 
 class GPTJBlock(nn.Module):
-    def __init__(self, config, layer_idx=None):
+    def __init__(self, config):
         super().__init__()
         inner_dim = config.n_inner if config.n_inner is not None else 4 * config.n_embd
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.attn = GPTJAttention(config, layer_idx)
+        self.attn = GPTJAttention(config)
         self.mlp = GPTJMLP(inner_dim, config)
 
     def forward(
         self,
-        hidden_states: torch.FloatTensor | None,
-        positions: torch.LongTensor | None,
-        kv_cache,
-        input_metadata,
+        hidden_states: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: KVCache,
+        input_metadata: InputMetadata,
     ):
         residual = hidden_states
         hidden_states = self.ln_1(hidden_states)
@@ -146,28 +137,22 @@ class GPTJBlock(nn.Module):
 class GPTJModel(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.config = config
 
         self.embed_dim = config.n_embd
-        self.vocab_size = config.vocab_size
         self.wte = VocabParallelEmbedding(config.vocab_size, self.embed_dim)
-        self.h = nn.ModuleList([GPTJBlock(config, layer_idx=i) for i in range(config.n_layer)])
+        self.h = nn.ModuleList([GPTJBlock(config) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(self.embed_dim, eps=config.layer_norm_epsilon)
 
     def forward(
         self,
-        input_ids: torch.LongTensor | None,
-        positions: torch.LongTensor | None,
-        kv_caches,
-        input_metadata,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        input_metadata: InputMetadata,
     ):
-        inputs_embeds = self.wte(input_ids)
-
-        hidden_states = inputs_embeds
+        hidden_states = self.wte(input_ids)
         for i, block in enumerate(self.h):
-            outputs = block(hidden_states, positions, kv_caches[i], input_metadata)
-
-            hidden_states = outputs
+            hidden_states = block(hidden_states, positions, kv_caches[i], input_metadata)
 
         hidden_states = self.ln_f(hidden_states)
 
@@ -175,9 +160,11 @@ class GPTJModel(nn.Module):
 
 
 class GPTJForCausalLM(nn.Module):
+    packed_modules_mapping = {"qkv_proj": [("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")]}
+    tied_weights = {"lm_head.weight": "transformer.wte.weight"}
+
     def __init__(self, config):
         super().__init__()
-        self.config = config
         self.transformer = GPTJModel(config)
         self.lm_head = ParallelLMHead(config.vocab_size, config.n_embd, bias=True)
         if getattr(config, "tie_word_embeddings", True):
@@ -186,15 +173,12 @@ class GPTJForCausalLM(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.LongTensor | None,
-        positions: torch.LongTensor | None,
-        kv_caches,
-        input_metadata,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        input_metadata: InputMetadata,
     ):
-
-        transformer_outputs = self.transformer(input_ids, positions, kv_caches, input_metadata)
-
-        hidden_states = transformer_outputs
+        hidden_states = self.transformer(input_ids, positions, kv_caches, input_metadata)
         return hidden_states
 
     def compute_logits(self, hidden_states, input_metadata):
@@ -202,13 +186,4 @@ class GPTJForCausalLM(nn.Module):
         return logits
 
     def load_weights(self, weights):
-        fused = [
-            ("qkv_proj", "k_proj", "k"),
-            ("qkv_proj", "q_proj", "q"),
-            ("qkv_proj", "v_proj", "v"),
-        ]
-        tied = {
-            "lm_head.weight": "transformer.wte.weight",
-        }
-        ignored = []
-        return load_named_weights(self, weights, fused=fused, tied=tied, ignored=ignored)
+        return load_declared_weights(self, weights)

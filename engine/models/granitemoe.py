@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.granitemoe.configuration_granitemoe import GraniteMoeConfig
 
+from engine.input_metadata import InputMetadata
+from engine.kv_cache import KVCache
 from engine.layers import (
     LogitsProcessor,
     PagedAttention,
@@ -40,7 +42,7 @@ from engine.layers import (
     get_rope,
 )
 from engine.layers.moe import FusedMoE, top_k_softmax
-from engine.weights import load_named_weights
+from engine.weights import load_declared_weights
 
 
 class GraniteMoeTopKRouter(nn.Module):
@@ -91,14 +93,10 @@ class GraniteMoeMoE(nn.Module):
 class GraniteMoeAttention(nn.Module):
     """Multi-headed attention from 'Attention Is All You Need' paper"""
 
-    def __init__(self, config: GraniteMoeConfig, layer_idx: int):
+    def __init__(self, config: GraniteMoeConfig):
         super().__init__()
-        self.config = config
-        self.layer_idx = layer_idx
         self.head_dim = getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
-        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
         self.scaling = config.attention_multiplier  # Only diff with llama
-        self.is_causal = True
         self.qkv_proj = QKVParallelLinear(
             config.hidden_size,
             self.head_dim,
@@ -117,35 +115,44 @@ class GraniteMoeAttention(nn.Module):
         )
         self.rotary_emb = get_rope(config, self.head_dim, is_neox_style=True)
 
-    def forward(self, hidden_states: torch.Tensor, positions, kv_cache, input_metadata):
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: KVCache,
+        input_metadata: InputMetadata,
+    ):
         q, k, v = self.qkv_proj(hidden_states).split(
             [self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], dim=-1
         )
 
-        query_states = q.view(hidden_shape)
-        key_states = k.view(hidden_shape)
-        value_states = v.view(hidden_shape)
+        query_states = q.unflatten(-1, (-1, self.head_dim))
+        key_states = k.unflatten(-1, (-1, self.head_dim))
+        value_states = v.unflatten(-1, (-1, self.head_dim))
         query_states, key_states = self.rotary_emb(positions, query_states, key_states)
         attn_output = self.attn(query_states, key_states, value_states, kv_cache, input_metadata)
 
-        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        attn_output = attn_output.flatten(1).contiguous()
         attn_output = self.o_proj(attn_output)
         return attn_output
 
 
 class GraniteMoeDecoderLayer(nn.Module):
-    def __init__(self, config: GraniteMoeConfig, layer_idx: int):
+    def __init__(self, config: GraniteMoeConfig):
         super().__init__()
-        self.hidden_size = config.hidden_size
-        self.self_attn = GraniteMoeAttention(config=config, layer_idx=layer_idx)
+        self.self_attn = GraniteMoeAttention(config=config)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.block_sparse_moe = GraniteMoeMoE(config)
         self.residual_multiplier = config.residual_multiplier  # Only diff with mixtral!
 
-    def forward(self, hidden_states: torch.Tensor, positions, kv_cache, input_metadata):
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: KVCache,
+        input_metadata: InputMetadata,
+    ):
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         hidden_states = self.self_attn(hidden_states, positions, kv_cache, input_metadata)
@@ -160,29 +167,25 @@ class GraniteMoeDecoderLayer(nn.Module):
 class GraniteMoeModel(nn.Module):
     def __init__(self, config: GraniteMoeConfig):
         super().__init__()
-        self.config = config
         self.padding_idx = config.pad_token_id
-        self.vocab_size = config.vocab_size
 
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.layers = nn.ModuleList(
-            [GraniteMoeDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
-        )
+        self.layers = nn.ModuleList([GraniteMoeDecoderLayer(config) for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.embedding_multiplier = config.embedding_multiplier
 
     def forward(
         self,
-        input_ids: torch.LongTensor | None,
-        positions: torch.LongTensor | None,
-        kv_caches,
-        input_metadata,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        input_metadata: InputMetadata,
     ):
         inputs_embeds = self.embed_tokens(input_ids)
         inputs_embeds = inputs_embeds * self.embedding_multiplier
         hidden_states = inputs_embeds
 
-        for layer_idx, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
+        for layer_idx, decoder_layer in enumerate(self.layers):
             hidden_states = decoder_layer(hidden_states, positions, kv_caches[layer_idx], input_metadata)
 
         hidden_states = self.norm(hidden_states)
@@ -191,15 +194,19 @@ class GraniteMoeModel(nn.Module):
 
 
 class GraniteMoeForCausalLM(nn.Module):
+    packed_modules_mapping = {"qkv_proj": [("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")]}
+    tied_weights = {"lm_head.weight": "model.embed_tokens.weight"}
+    renamed_weights = [
+        ("block_sparse_moe\\.input_linear\\.weight", "block_sparse_moe.experts.gate_up_proj"),
+        ("block_sparse_moe\\.output_linear\\.weight", "block_sparse_moe.experts.down_proj"),
+        ("block_sparse_moe\\.router\\.layer\\.weight", "block_sparse_moe.router.weight"),
+    ]
+
     def __init__(self, config: GraniteMoeConfig):
         super().__init__()
         self.config = config
         self.model = GraniteMoeModel(config)
-        self.vocab_size = config.vocab_size
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, bias=False)
-        self.router_aux_loss_coef = config.router_aux_loss_coef
-        self.num_experts = config.num_local_experts
-        self.num_experts_per_tok = config.num_experts_per_tok
         self.logits_scaling = config.logits_scaling
         if getattr(config, "tie_word_embeddings", True):
             self.lm_head.tie_to(self.model.embed_tokens)
@@ -207,16 +214,14 @@ class GraniteMoeForCausalLM(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.LongTensor | None,
-        positions: torch.LongTensor | None,
-        kv_caches,
-        input_metadata,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        input_metadata: InputMetadata,
     ):
         # decoder outputs consists of (dec_features, layer_state, dec_hidden, dec_attn)
-        outputs = self.model(input_ids, positions, kv_caches, input_metadata)
-
         # Only compute necessary logits
-        hidden_states = outputs
+        hidden_states = self.model(input_ids, positions, kv_caches, input_metadata)
         return hidden_states
 
     def compute_logits(self, hidden_states, input_metadata):
@@ -225,18 +230,4 @@ class GraniteMoeForCausalLM(nn.Module):
         return logits
 
     def load_weights(self, weights):
-        fused = [
-            ("qkv_proj", "k_proj", "k"),
-            ("qkv_proj", "q_proj", "q"),
-            ("qkv_proj", "v_proj", "v"),
-        ]
-        tied = {
-            "lm_head.weight": "model.embed_tokens.weight",
-        }
-        ignored = []
-        renamed = [
-            ("block_sparse_moe\\.input_linear\\.weight", "block_sparse_moe.experts.gate_up_proj"),
-            ("block_sparse_moe\\.output_linear\\.weight", "block_sparse_moe.experts.down_proj"),
-            ("block_sparse_moe\\.router\\.layer\\.weight", "block_sparse_moe.router.weight"),
-        ]
-        return load_named_weights(self, weights, fused=fused, tied=tied, ignored=ignored, renamed=renamed)
+        return load_declared_weights(self, weights)

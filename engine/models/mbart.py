@@ -23,8 +23,9 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 from transformers.models.mbart.configuration_mbart import MBartConfig
-from transformers.utils import logging
 
+from engine.input_metadata import InputMetadata
+from engine.kv_cache import KVCache
 from engine.layers import (
     ColumnParallelLinear,
     LogitsProcessor,
@@ -34,12 +35,9 @@ from engine.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
-from engine.weights import load_named_weights
-
-logger = logging.get_logger(__name__)
+from engine.weights import load_declared_weights
 
 
-# Copied from transformers.models.bart.modeling_bart.BartLearnedPositionalEmbedding with Bart->MBart
 class MBartLearnedPositionalEmbedding(nn.Embedding):
     """
     This module learns positional embeddings up to a fixed maximum size.
@@ -51,12 +49,10 @@ class MBartLearnedPositionalEmbedding(nn.Embedding):
         self.offset = 2
         super().__init__(num_embeddings + self.offset, embedding_dim)
 
-    def forward(self, positions: torch.Tensor | None):
-
+    def forward(self, positions: torch.Tensor):
         return super().forward(positions + self.offset)
 
 
-# Copied from transformers.models.bart.modeling_bart.BartScaledWordEmbedding with Bart->MBart
 class MBartScaledWordEmbedding(VocabParallelEmbedding):
     """
     This module overrides nn.Embeddings' forward by multiplying with embeddings scale.
@@ -72,25 +68,13 @@ class MBartScaledWordEmbedding(VocabParallelEmbedding):
         return super().forward(input_ids) * self.embed_scale
 
 
-# Copied from transformers.models.bart.modeling_bart.BartAttention with Bart->MBart
 class MBartAttention(nn.Module):
     """Multi-headed attention from 'Attention Is All You Need' paper"""
 
-    def __init__(
-        self,
-        embed_dim: int,
-        num_heads: int,
-        is_decoder: bool = False,
-        bias: bool = True,
-        is_causal: bool = False,
-        config: MBartConfig | None = None,
-        layer_idx: int | None = None,
-    ):
+    def __init__(self, embed_dim: int, num_heads: int, bias: bool = True):
         super().__init__()
         self.embed_dim = embed_dim
-        self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
-        self.config = config
 
         if (self.head_dim * num_heads) != self.embed_dim:
             raise ValueError(
@@ -98,31 +82,17 @@ class MBartAttention(nn.Module):
                 f" and `num_heads`: {num_heads})."
             )
         self.scaling = self.head_dim**-0.5
-        self.is_decoder = is_decoder
-        self.is_causal = is_causal
-        self.layer_idx = layer_idx
-        if layer_idx is None and self.is_decoder:
-            logger.warning_once(
-                f"Instantiating a decoder {self.__class__.__name__} without passing `layer_idx` is not recommended and "
-                "will lead to errors during the forward call, if caching is used. Please make sure to provide a `layer_idx` "
-                "when creating this class."
-            )
         self.qkv_proj = QKVParallelLinear(embed_dim, self.head_dim, num_heads, num_heads, bias=bias)
         self.out_proj = RowParallelLinear(embed_dim, embed_dim, bias=bias)
         self.attn = PagedAttention(num_heads, self.head_dim, scale=self.scaling)
 
-    def forward(self, hidden_states: torch.Tensor, kv_cache, input_metadata):
-
-        # determine input shapes
-        input_shape = hidden_states.shape[:-1]
-
-        hidden_shape = (*input_shape, -1, self.head_dim)
+    def forward(self, hidden_states: torch.Tensor, kv_cache: KVCache, input_metadata: InputMetadata):
         q, k, v = self.qkv_proj(hidden_states).split(
             [self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], dim=-1
         )
 
         # get query proj
-        query_states = q.view(hidden_shape)
+        query_states = q.unflatten(-1, (-1, self.head_dim))
 
         current_states = hidden_states
         key_states = k
@@ -132,25 +102,18 @@ class MBartAttention(nn.Module):
         value_states = value_states.view(kv_shape)
         attn_output = self.attn(query_states, key_states, value_states, kv_cache, input_metadata)
 
-        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        attn_output = attn_output.flatten(1).contiguous()
         attn_output = self.out_proj(attn_output)
 
         return attn_output
 
 
 class MBartDecoderLayer(nn.Module):
-    def __init__(self, config: MBartConfig, layer_idx: int | None = None):
+    def __init__(self, config: MBartConfig):
         super().__init__()
         self.embed_dim = config.d_model
 
-        self.self_attn = MBartAttention(
-            embed_dim=self.embed_dim,
-            num_heads=config.decoder_attention_heads,
-            is_decoder=True,
-            is_causal=True,
-            config=config,
-            layer_idx=layer_idx,
-        )
+        self.self_attn = MBartAttention(embed_dim=self.embed_dim, num_heads=config.decoder_attention_heads)
         self.activation_fn = ACT2FN[config.activation_function]
 
         self.self_attn_layer_norm = nn.LayerNorm(self.embed_dim)
@@ -158,7 +121,7 @@ class MBartDecoderLayer(nn.Module):
         self.fc2 = RowParallelLinear(config.decoder_ffn_dim, self.embed_dim)
         self.final_layer_norm = nn.LayerNorm(self.embed_dim)
 
-    def forward(self, hidden_states: torch.Tensor, kv_cache, input_metadata):
+    def forward(self, hidden_states: torch.Tensor, kv_cache: KVCache, input_metadata: InputMetadata):
         residual = hidden_states
         hidden_states = self.self_attn_layer_norm(hidden_states)
 
@@ -187,9 +150,7 @@ class MBartDecoder(nn.Module):
 
     def __init__(self, config: MBartConfig):
         super().__init__()
-        self.config = config
         self.padding_idx = config.pad_token_id
-        self.max_target_positions = config.max_position_embeddings
         embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
 
         self.embed_tokens = MBartScaledWordEmbedding(
@@ -200,15 +161,18 @@ class MBartDecoder(nn.Module):
             config.max_position_embeddings,
             config.d_model,
         )
-        self.layers = nn.ModuleList(
-            [MBartDecoderLayer(config, layer_idx=i) for i in range(config.decoder_layers)]
-        )
-        self.config = config
+        self.layers = nn.ModuleList([MBartDecoderLayer(config) for _ in range(config.decoder_layers)])
 
         self.layernorm_embedding = nn.LayerNorm(config.d_model)
         self.layer_norm = nn.LayerNorm(config.d_model)
 
-    def forward(self, input_ids: torch.LongTensor | None, positions, kv_caches, input_metadata):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        input_metadata: InputMetadata,
+    ):
         inputs_embeds = self.embed_tokens(input_ids)
 
         # embed positions
@@ -225,7 +189,6 @@ class MBartDecoder(nn.Module):
         return hidden_states
 
 
-# Copied from transformers.models.bart.modeling_bart.BartDecoderWrapper with Bart->MBart
 class MBartDecoderWrapper(nn.Module):
     """
     This wrapper class is a helper class to correctly load pretrained checkpoints when the causal language model is
@@ -234,20 +197,27 @@ class MBartDecoderWrapper(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.config = config
         self.decoder = MBartDecoder(config)
 
-    def forward(self, input_ids, positions, kv_caches, input_metadata):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        input_metadata: InputMetadata,
+    ):
         return self.decoder(input_ids, positions, kv_caches, input_metadata)
 
 
-# Copied from transformers.models.bart.modeling_bart.BartForCausalLM with Bart->MBart, facebook/bart-base->facebook/mbart-large-cc25
 class MBartForCausalLM(nn.Module):
+    packed_modules_mapping = {"qkv_proj": [("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")]}
+    tied_weights = {"lm_head.weight": "model.decoder.embed_tokens.weight"}
+    ignored_weights = ["(^|\\.)encoder_attn\\.", "(^|\\.)encoder_attn_layer_norm\\."]
+
     def __init__(self, config):
         config.is_decoder = True
         config.is_encoder_decoder = False
         super().__init__()
-        self.config = config
         self.model = MBartDecoderWrapper(config)
 
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, bias=False)
@@ -255,11 +225,14 @@ class MBartForCausalLM(nn.Module):
             self.lm_head.tie_to(self.model.decoder.embed_tokens)
         self.logits_processor = LogitsProcessor(config.vocab_size)
 
-    def forward(self, input_ids: torch.LongTensor | None, positions, kv_caches, input_metadata):
-
-        outputs = self.model.decoder(input_ids, positions, kv_caches, input_metadata)
-
-        hidden_states = outputs
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        input_metadata: InputMetadata,
+    ):
+        hidden_states = self.model.decoder(input_ids, positions, kv_caches, input_metadata)
         return hidden_states
 
     def compute_logits(self, hidden_states, input_metadata):
@@ -267,16 +240,4 @@ class MBartForCausalLM(nn.Module):
         return logits
 
     def load_weights(self, weights):
-        fused = [
-            ("qkv_proj", "k_proj", "k"),
-            ("qkv_proj", "q_proj", "q"),
-            ("qkv_proj", "v_proj", "v"),
-        ]
-        tied = {
-            "lm_head.weight": "model.decoder.embed_tokens.weight",
-        }
-        ignored = [
-            "(^|\\.)encoder_attn\\.",
-            "(^|\\.)encoder_attn_layer_norm\\.",
-        ]
-        return load_named_weights(self, weights, fused=fused, tied=tied, ignored=ignored)
+        return load_declared_weights(self, weights)

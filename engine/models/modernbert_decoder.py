@@ -30,6 +30,8 @@ from transformers.models.modernbert_decoder.configuration_modernbert_decoder imp
     ModernBertDecoderConfig,
 )
 
+from engine.input_metadata import InputMetadata
+from engine.kv_cache import KVCache
 from engine.layers import (
     LogitsProcessor,
     MergedColumnParallelLinear,
@@ -41,7 +43,7 @@ from engine.layers import (
     VocabParallelEmbedding,
     get_rope,
 )
-from engine.weights import load_named_weights
+from engine.weights import load_declared_weights
 
 
 class ModernBertDecoderEmbeddings(nn.Module):
@@ -51,13 +53,12 @@ class ModernBertDecoderEmbeddings(nn.Module):
 
     def __init__(self, config: ModernBertDecoderConfig):
         super().__init__()
-        self.config = config
         self.tok_embeddings = VocabParallelEmbedding(
             config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id
         )
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=config.norm_bias)
 
-    def forward(self, input_ids: torch.LongTensor | None):
+    def forward(self, input_ids: torch.Tensor):
         hidden_states = self.norm(self.tok_embeddings(input_ids))
         return hidden_states
 
@@ -71,7 +72,6 @@ class ModernBertDecoderMLP(nn.Module):
 
     def __init__(self, config: ModernBertDecoderConfig):
         super().__init__()
-        self.config = config
         self.Wi = MergedColumnParallelLinear(
             config.hidden_size, [(int(config.intermediate_size) * 2) // 2] * 2, bias=config.mlp_bias
         )
@@ -91,14 +91,10 @@ class ModernBertDecoderAttention(nn.Module):
 
     def __init__(self, config: ModernBertDecoderConfig, layer_idx: int | None = None):
         super().__init__()
-        self.is_sliding = config.layer_types[layer_idx] == "sliding_attention"
         self.config = config
-        self.layer_idx = layer_idx
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.num_heads = config.num_attention_heads
-        self.all_head_size = self.head_dim * self.num_heads
         self.scaling = self.head_dim**-0.5
-        self.is_causal = True
 
         if config.hidden_size % config.num_attention_heads != 0:
             raise ValueError(
@@ -124,20 +120,24 @@ class ModernBertDecoderAttention(nn.Module):
             config, self.head_dim, is_neox_style=True, layer_type=config.layer_types[layer_idx]
         )
 
-    def forward(self, hidden_states: torch.Tensor, positions, kv_cache, input_metadata):
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: KVCache,
+        input_metadata: InputMetadata,
+    ):
         q, k, v = self.qkv_proj(hidden_states).split(
             [self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], dim=-1
         )
 
-        query_states = q.view(hidden_shape)
-        key_states = k.view(hidden_shape)
-        value_states = v.view(hidden_shape)
+        query_states = q.unflatten(-1, (-1, self.head_dim))
+        key_states = k.unflatten(-1, (-1, self.head_dim))
+        value_states = v.unflatten(-1, (-1, self.head_dim))
         query_states, key_states = self.rotary_emb(positions, query_states, key_states)
         attn_output = self.attn(query_states, key_states, value_states, kv_cache, input_metadata)
 
-        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        attn_output = attn_output.flatten(1).contiguous()
         attn_output = self.Wo(attn_output)
         return attn_output
 
@@ -145,8 +145,6 @@ class ModernBertDecoderAttention(nn.Module):
 class ModernBertDecoderLayer(nn.Module):
     def __init__(self, config: ModernBertDecoderConfig, layer_idx: int | None = None):
         super().__init__()
-        self.config = config
-        self.layer_idx = layer_idx
         self.attn_norm = (
             nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=config.norm_bias)
             if layer_idx != 0
@@ -156,13 +154,18 @@ class ModernBertDecoderLayer(nn.Module):
         self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=config.norm_bias)
         self.mlp = ModernBertDecoderMLP(config)
 
-    def forward(self, hidden_states: torch.Tensor, positions, kv_cache, input_metadata):
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: KVCache,
+        input_metadata: InputMetadata,
+    ):
         residual = hidden_states
         hidden_states = self.attn_norm(hidden_states)
 
         # Self Attention
-        attn_outputs = self.attn(hidden_states, positions, kv_cache, input_metadata)
-        hidden_states = attn_outputs
+        hidden_states = self.attn(hidden_states, positions, kv_cache, input_metadata)
 
         # Add residual connection
         hidden_states = residual + hidden_states
@@ -178,7 +181,6 @@ class ModernBertDecoderLayer(nn.Module):
 class ModernBertDecoderPredictionHead(nn.Module):
     def __init__(self, config: ModernBertDecoderConfig):
         super().__init__()
-        self.config = config
         self.dense = ReplicatedLinear(config.hidden_size, config.hidden_size, config.classifier_bias)
         self.act = ACT2FN[config.classifier_activation]
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=config.norm_bias)
@@ -190,8 +192,6 @@ class ModernBertDecoderPredictionHead(nn.Module):
 class ModernBertDecoderModel(nn.Module):
     def __init__(self, config: ModernBertDecoderConfig):
         super().__init__()
-        self.config = config
-        self.config = config
         self.embeddings = ModernBertDecoderEmbeddings(config)
         self.layers = nn.ModuleList(
             [ModernBertDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
@@ -200,10 +200,10 @@ class ModernBertDecoderModel(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.LongTensor | None,
-        positions: torch.LongTensor | None,
-        kv_caches,
-        input_metadata,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        input_metadata: InputMetadata,
     ):
 
         # Calculate embeddings
@@ -218,10 +218,11 @@ class ModernBertDecoderModel(nn.Module):
 
 
 class ModernBertDecoderForCausalLM(nn.Module):
+    packed_modules_mapping = {"qkv_proj": [("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")]}
+    tied_weights = {"decoder.weight": "model.embeddings.tok_embeddings.weight"}
+
     def __init__(self, config: ModernBertDecoderConfig):
         super().__init__()
-        self.config = config
-        self.config = config
         self.model = ModernBertDecoderModel(config)
         self.lm_head = ModernBertDecoderPredictionHead(config)
         self.decoder = ParallelLMHead(config.vocab_size, config.hidden_size, bias=config.decoder_bias)
@@ -231,14 +232,12 @@ class ModernBertDecoderForCausalLM(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.LongTensor | None,
-        positions: torch.LongTensor | None,
-        kv_caches,
-        input_metadata,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        input_metadata: InputMetadata,
     ):
-        outputs = self.model(input_ids, positions, kv_caches, input_metadata)
-
-        hidden_states = outputs
+        hidden_states = self.model(input_ids, positions, kv_caches, input_metadata)
         return hidden_states
 
     def compute_logits(self, hidden_states, input_metadata):
@@ -248,13 +247,4 @@ class ModernBertDecoderForCausalLM(nn.Module):
         return logits
 
     def load_weights(self, weights):
-        fused = [
-            ("qkv_proj", "k_proj", "k"),
-            ("qkv_proj", "q_proj", "q"),
-            ("qkv_proj", "v_proj", "v"),
-        ]
-        tied = {
-            "decoder.weight": "model.embeddings.tok_embeddings.weight",
-        }
-        ignored = []
-        return load_named_weights(self, weights, fused=fused, tied=tied, ignored=ignored)
+        return load_declared_weights(self, weights)

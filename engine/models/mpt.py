@@ -24,6 +24,8 @@ from torch import nn
 from torch.nn import LayerNorm
 from transformers.models.mpt.configuration_mpt import MptConfig
 
+from engine.input_metadata import InputMetadata
+from engine.kv_cache import KVCache
 from engine.layers import (
     ColumnParallelLinear,
     LogitsProcessor,
@@ -33,7 +35,7 @@ from engine.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
-from engine.weights import load_named_weights
+from engine.weights import load_declared_weights
 
 
 def build_mpt_alibi_tensor_slopes(num_heads, alibi_bias_max=8):
@@ -56,11 +58,10 @@ class MptAttention(nn.Module):
     Using torch or triton attention implementation enables user to also use additive bias.
     """
 
-    def __init__(self, config: MptConfig, layer_idx: int | None = None):
+    def __init__(self, config: MptConfig):
         super().__init__()
         self.hidden_size = config.hidden_size
         self.n_heads = config.n_heads
-        self.max_seq_length = config.max_seq_len
         self.head_dim = self.hidden_size // self.n_heads
         self.softmax_scale = config.attn_config.softmax_scale
         if self.softmax_scale is None:
@@ -75,7 +76,6 @@ class MptAttention(nn.Module):
             checkpoint_layout="concatenated",
         )
         self.out_proj = RowParallelLinear(self.hidden_size, self.hidden_size, bias=False)
-        self.layer_idx = layer_idx
         self.attn = PagedAttention(
             self.n_heads,
             self.head_dim,
@@ -83,8 +83,7 @@ class MptAttention(nn.Module):
             alibi_slopes=build_mpt_alibi_tensor_slopes(self.n_heads),
         )
 
-    def forward(self, hidden_states: torch.Tensor, kv_cache, input_metadata):
-
+    def forward(self, hidden_states: torch.Tensor, kv_cache: KVCache, input_metadata: InputMetadata):
         mixed_qkv = self.Wqkv(hidden_states)
         if self.clip_qkv:
             mixed_qkv = mixed_qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
@@ -112,25 +111,21 @@ class MptMLP(nn.Module):
     def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         hidden_states = self.act(self.up_proj(hidden_states))
 
-        intermediate_output = self.down_proj(hidden_states)
-
-        output = intermediate_output
+        output = self.down_proj(hidden_states)
         output = output + residual
 
         return output
 
 
 class MptBlock(nn.Module):
-    def __init__(self, config: MptConfig, layer_idx: int | None = None):
+    def __init__(self, config: MptConfig):
         super().__init__()
         hidden_size = config.hidden_size
 
         self.norm_1 = LayerNorm(hidden_size, eps=config.layer_norm_epsilon)
         # backward compatibility with weights on the Hub
         self.norm_1.bias = None
-
-        self.num_heads = config.n_heads
-        self.attn = MptAttention(config, layer_idx)
+        self.attn = MptAttention(config)
 
         self.norm_2 = LayerNorm(hidden_size, eps=config.layer_norm_epsilon)
         # backward compatibility with weights on the Hub
@@ -138,9 +133,7 @@ class MptBlock(nn.Module):
 
         self.ffn = MptMLP(config)
 
-        self.dropout_rate = config.attn_config.attn_pdrop
-
-    def forward(self, hidden_states: torch.Tensor, kv_cache, input_metadata):
+    def forward(self, hidden_states: torch.Tensor, kv_cache: KVCache, input_metadata: InputMetadata):
         # hidden_states: [batch_size, seq_length, hidden_size]
         # Layer norm at the beginning of the transformer layer.
         layernorm_output = self.norm_1(hidden_states)
@@ -165,31 +158,31 @@ class MptBlock(nn.Module):
 class MptModel(nn.Module):
     def __init__(self, config: MptConfig):
         super().__init__()
-        self.config = config
 
         self.hidden_size = config.hidden_size
-        self.num_heads = config.n_heads
 
         # Embedding + LN Embedding
         self.wte = VocabParallelEmbedding(config.vocab_size, self.hidden_size)
 
         # Transformer blocks
-        self.blocks = nn.ModuleList([MptBlock(config, layer_idx=i) for i in range(config.n_layers)])
+        self.blocks = nn.ModuleList([MptBlock(config) for _ in range(config.n_layers)])
 
         # Final Layer Norm
         self.norm_f = LayerNorm(self.hidden_size, eps=config.layer_norm_epsilon)
         # backward compatibility with weights on the Hub
         self.norm_f.bias = None
 
-    def forward(self, input_ids: torch.LongTensor | None, positions, kv_caches, input_metadata):
-        inputs_embeds = self.wte(input_ids)
-
-        hidden_states = inputs_embeds
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        input_metadata: InputMetadata,
+    ):
+        hidden_states = self.wte(input_ids)
 
         for layer_idx, block in enumerate(self.blocks):
-            outputs = block(hidden_states, kv_caches[layer_idx], input_metadata)
-
-            hidden_states = outputs
+            hidden_states = block(hidden_states, kv_caches[layer_idx], input_metadata)
 
         # Add last hidden state
         hidden_states = self.norm_f(hidden_states)
@@ -198,20 +191,24 @@ class MptModel(nn.Module):
 
 
 class MptForCausalLM(nn.Module):
+    tied_weights = {"lm_head.weight": "transformer.wte.weight"}
+
     def __init__(self, config: MptConfig):
         super().__init__()
-        self.config = config
         self.transformer = MptModel(config)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, bias=False)
         if getattr(config, "tie_word_embeddings", True):
             self.lm_head.tie_to(self.transformer.wte)
         self.logits_processor = LogitsProcessor(config.vocab_size)
 
-    def forward(self, input_ids: torch.LongTensor | None, positions, kv_caches, input_metadata):
-
-        transformer_outputs = self.transformer(input_ids, positions, kv_caches, input_metadata)
-
-        hidden_states = transformer_outputs
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        input_metadata: InputMetadata,
+    ):
+        hidden_states = self.transformer(input_ids, positions, kv_caches, input_metadata)
         return hidden_states
 
     def compute_logits(self, hidden_states, input_metadata):
@@ -219,9 +216,4 @@ class MptForCausalLM(nn.Module):
         return logits
 
     def load_weights(self, weights):
-        fused = []
-        tied = {
-            "lm_head.weight": "transformer.wte.weight",
-        }
-        ignored = []
-        return load_named_weights(self, weights, fused=fused, tied=tied, ignored=ignored)
+        return load_declared_weights(self, weights)

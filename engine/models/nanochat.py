@@ -28,6 +28,8 @@ import torch.nn as nn
 from transformers.activations import ACT2FN
 from transformers.models.nanochat.configuration_nanochat import NanoChatConfig
 
+from engine.input_metadata import InputMetadata
+from engine.kv_cache import KVCache
 from engine.layers import (
     ColumnParallelLinear,
     LogitsProcessor,
@@ -38,7 +40,7 @@ from engine.layers import (
     VocabParallelEmbedding,
     get_rope,
 )
-from engine.weights import load_named_weights
+from engine.weights import load_declared_weights
 
 
 class NanoChatRMSNorm(torch.nn.Module):
@@ -59,14 +61,10 @@ class NanoChatRMSNorm(torch.nn.Module):
 class NanoChatAttention(nn.Module):
     """Multi-headed attention from 'Attention Is All You Need' paper"""
 
-    def __init__(self, config: NanoChatConfig, layer_idx: int):
+    def __init__(self, config: NanoChatConfig):
         super().__init__()
-        self.config = config
-        self.layer_idx = layer_idx
         self.head_dim = getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
-        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
         self.scaling = self.head_dim**-0.5
-        self.is_causal = True
         self.qkv_proj = QKVParallelLinear(
             config.hidden_size,
             self.head_dim,
@@ -88,16 +86,20 @@ class NanoChatAttention(nn.Module):
         )
         self.rotary_emb = get_rope(config, self.head_dim, is_neox_style=True, reverse=True)
 
-    def forward(self, hidden_states: torch.Tensor, positions, kv_cache, input_metadata):
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: KVCache,
+        input_metadata: InputMetadata,
+    ):
         q, k, v = self.qkv_proj(hidden_states).split(
             [self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], dim=-1
         )
 
-        query_states = q.view(hidden_shape)
-        key_states = k.view(hidden_shape)
-        value_states = v.view(hidden_shape)
+        query_states = q.unflatten(-1, (-1, self.head_dim))
+        key_states = k.unflatten(-1, (-1, self.head_dim))
+        value_states = v.unflatten(-1, (-1, self.head_dim))
         query_states, key_states = self.rotary_emb(positions, query_states, key_states)
 
         # RoPE -> Norm (instead of usual Norm -> RoPE)
@@ -105,7 +107,7 @@ class NanoChatAttention(nn.Module):
         key_states = self.k_norm(key_states)
         attn_output = self.attn(query_states, key_states, value_states, kv_cache, input_metadata)
 
-        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        attn_output = attn_output.flatten(1).contiguous()
         attn_output = self.o_proj(attn_output)
         return attn_output
 
@@ -113,7 +115,6 @@ class NanoChatAttention(nn.Module):
 class NanoChatMLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.config = config
         self.activation_fn = ACT2FN[config.hidden_act]
         self.fc1 = ColumnParallelLinear(config.hidden_size, config.intermediate_size, bias=False)
         self.fc2 = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=False)
@@ -126,11 +127,10 @@ class NanoChatMLP(nn.Module):
 
 
 class NanoChatDecoderLayer(nn.Module):
-    def __init__(self, config: NanoChatConfig, layer_idx: int):
+    def __init__(self, config: NanoChatConfig):
         super().__init__()
-        self.hidden_size = config.hidden_size
 
-        self.self_attn = NanoChatAttention(config=config, layer_idx=layer_idx)
+        self.self_attn = NanoChatAttention(config=config)
 
         self.mlp = NanoChatMLP(config)
 
@@ -138,7 +138,11 @@ class NanoChatDecoderLayer(nn.Module):
         self.post_attention_layernorm = NanoChatRMSNorm(eps=config.rms_norm_eps)
 
     def forward(
-        self, hidden_states: torch.Tensor, positions: torch.LongTensor | None, kv_cache, input_metadata
+        self,
+        hidden_states: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: KVCache,
+        input_metadata: InputMetadata,
     ):
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
@@ -157,30 +161,24 @@ class NanoChatDecoderLayer(nn.Module):
 class NanoChatModel(nn.Module):
     def __init__(self, config: NanoChatConfig):
         super().__init__()
-        self.config = config
         self.padding_idx = config.pad_token_id
-        self.vocab_size = config.vocab_size
 
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.layers = nn.ModuleList(
-            [NanoChatDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
-        )
+        self.layers = nn.ModuleList([NanoChatDecoderLayer(config) for _ in range(config.num_hidden_layers)])
 
         self.norm = NanoChatRMSNorm(eps=config.rms_norm_eps)
 
     def forward(
         self,
-        input_ids: torch.LongTensor | None,
-        positions: torch.LongTensor | None,
-        kv_caches,
-        input_metadata,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        input_metadata: InputMetadata,
     ):
-        inputs_embeds: torch.Tensor = self.embed_tokens(input_ids)
-
-        hidden_states = inputs_embeds
+        hidden_states = self.embed_tokens(input_ids)
 
         hidden_states = self.norm(hidden_states)  # Additional norm before the layers
-        for layer_idx, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
+        for layer_idx, decoder_layer in enumerate(self.layers):
             hidden_states = decoder_layer(hidden_states, positions, kv_caches[layer_idx], input_metadata)
 
         hidden_states = self.norm(hidden_states)
@@ -188,11 +186,13 @@ class NanoChatModel(nn.Module):
 
 
 class NanoChatForCausalLM(nn.Module):
+    packed_modules_mapping = {"qkv_proj": [("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")]}
+    tied_weights = {"lm_head.weight": "model.embed_tokens.weight"}
+
     def __init__(self, config):
         super().__init__()
         self.config = config
         self.model = NanoChatModel(config)
-        self.vocab_size = config.vocab_size
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, bias=False)
         if getattr(config, "tie_word_embeddings", True):
             self.lm_head.tie_to(self.model.embed_tokens)
@@ -200,15 +200,13 @@ class NanoChatForCausalLM(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.LongTensor | None,
-        positions: torch.LongTensor | None,
-        kv_caches,
-        input_metadata,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        input_metadata: InputMetadata,
     ):
         # decoder outputs consists of (dec_features, layer_state, dec_hidden, dec_attn)
-        outputs = self.model(input_ids, positions, kv_caches, input_metadata)
-
-        hidden_states = outputs
+        hidden_states = self.model(input_ids, positions, kv_caches, input_metadata)
         return hidden_states
 
     def compute_logits(self, hidden_states, input_metadata):
@@ -220,13 +218,4 @@ class NanoChatForCausalLM(nn.Module):
         return logits
 
     def load_weights(self, weights):
-        fused = [
-            ("qkv_proj", "k_proj", "k"),
-            ("qkv_proj", "q_proj", "q"),
-            ("qkv_proj", "v_proj", "v"),
-        ]
-        tied = {
-            "lm_head.weight": "model.embed_tokens.weight",
-        }
-        ignored = []
-        return load_named_weights(self, weights, fused=fused, tied=tied, ignored=ignored)
+        return load_declared_weights(self, weights)

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.olmoe.configuration_olmoe import OlmoeConfig
 
+from engine.input_metadata import InputMetadata
+from engine.kv_cache import KVCache
 from engine.layers import (
     HeadShardedRMSNorm,
     LogitsProcessor,
@@ -38,20 +40,17 @@ from engine.layers import (
     get_rope,
 )
 from engine.layers.moe import FusedMoE, softmax_top_k
-from engine.weights import load_named_weights
+from engine.weights import load_declared_weights
 
 
 class OlmoeAttention(nn.Module):
     """Multi-headed attention from 'Attention Is All You Need' paper"""
 
-    def __init__(self, config: OlmoeConfig, layer_idx: int | None = None):
+    def __init__(self, config: OlmoeConfig):
         super().__init__()
         self.config = config
-        self.layer_idx = layer_idx
         self.head_dim = getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
-        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
         self.scaling = self.head_dim**-0.5
-        self.is_causal = True
         self.qkv_proj = QKVParallelLinear(
             config.hidden_size,
             self.head_dim,
@@ -75,7 +74,13 @@ class OlmoeAttention(nn.Module):
         )
         self.rotary_emb = get_rope(config, self.head_dim, is_neox_style=True)
 
-    def forward(self, hidden_states: torch.Tensor, positions, kv_cache, input_metadata):
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: KVCache,
+        input_metadata: InputMetadata,
+    ):
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         q, k, v = self.qkv_proj(hidden_states).split(
@@ -145,16 +150,19 @@ class OlmoeSparseMoeBlock(nn.Module):
 
 
 class OlmoeDecoderLayer(nn.Module):
-    def __init__(self, config: OlmoeConfig, layer_idx: int):
+    def __init__(self, config: OlmoeConfig):
         super().__init__()
-        self.hidden_size = config.hidden_size
-        self.self_attn = OlmoeAttention(config=config, layer_idx=layer_idx)
+        self.self_attn = OlmoeAttention(config=config)
         self.mlp = OlmoeSparseMoeBlock(config)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(
-        self, hidden_states: torch.Tensor, positions: torch.LongTensor | None, kv_cache, input_metadata
+        self,
+        hidden_states: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: KVCache,
+        input_metadata: InputMetadata,
     ):
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
@@ -171,27 +179,21 @@ class OlmoeDecoderLayer(nn.Module):
 class OlmoeModel(nn.Module):
     def __init__(self, config: OlmoeConfig):
         super().__init__()
-        self.config = config
         self.padding_idx = config.pad_token_id
-        self.vocab_size = config.vocab_size
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.layers = nn.ModuleList(
-            [OlmoeDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
-        )
+        self.layers = nn.ModuleList([OlmoeDecoderLayer(config) for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(
         self,
-        input_ids: torch.LongTensor | None,
-        positions: torch.LongTensor | None,
-        kv_caches,
-        input_metadata,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        input_metadata: InputMetadata,
     ):
-        inputs_embeds = self.embed_tokens(input_ids)
+        hidden_states = self.embed_tokens(input_ids)
 
-        hidden_states = inputs_embeds
-
-        for layer_idx, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
+        for layer_idx, decoder_layer in enumerate(self.layers):
             hidden_states = decoder_layer(hidden_states, positions, kv_caches[layer_idx], input_metadata)
 
         hidden_states = self.norm(hidden_states)
@@ -200,31 +202,32 @@ class OlmoeModel(nn.Module):
 
 
 class OlmoeForCausalLM(nn.Module):
+    packed_modules_mapping = {"qkv_proj": [("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")]}
+    tied_weights = {"lm_head.weight": "model.embed_tokens.weight"}
+    expert_weights = [
+        ("gate_up_proj", "gate_proj", 0),
+        ("gate_up_proj", "up_proj", 1),
+        ("down_proj", "down_proj", None),
+    ]
+
     def __init__(self, config):
         super().__init__()
-        self.config = config
         self.model = OlmoeModel(config)
-        self.vocab_size = config.vocab_size
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, bias=False)
-        self.router_aux_loss_coef = config.router_aux_loss_coef
-        self.num_experts = config.num_experts
-        self.num_experts_per_tok = config.num_experts_per_tok
         if getattr(config, "tie_word_embeddings", True):
             self.lm_head.tie_to(self.model.embed_tokens)
         self.logits_processor = LogitsProcessor(config.vocab_size)
 
     def forward(
         self,
-        input_ids: torch.LongTensor | None,
-        positions: torch.LongTensor | None,
-        kv_caches,
-        input_metadata,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        input_metadata: InputMetadata,
     ):
 
         # decoder outputs consists of (dec_features, layer_state, dec_hidden, dec_attn)
-        outputs = self.model(input_ids, positions, kv_caches, input_metadata)
-
-        hidden_states = outputs
+        hidden_states = self.model(input_ids, positions, kv_caches, input_metadata)
         return hidden_states
 
     def compute_logits(self, hidden_states, input_metadata):
@@ -232,18 +235,4 @@ class OlmoeForCausalLM(nn.Module):
         return logits
 
     def load_weights(self, weights):
-        fused = [
-            ("qkv_proj", "k_proj", "k"),
-            ("qkv_proj", "q_proj", "q"),
-            ("qkv_proj", "v_proj", "v"),
-        ]
-        tied = {
-            "lm_head.weight": "model.embed_tokens.weight",
-        }
-        ignored = []
-        experts = [
-            ("gate_up_proj", "gate_proj", 0),
-            ("gate_up_proj", "up_proj", 1),
-            ("down_proj", "down_proj", None),
-        ]
-        return load_named_weights(self, weights, fused=fused, tied=tied, ignored=ignored, experts=experts)
+        return load_declared_weights(self, weights)

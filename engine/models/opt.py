@@ -21,8 +21,9 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 from transformers.models.opt.configuration_opt import OPTConfig
-from transformers.utils import logging
 
+from engine.input_metadata import InputMetadata
+from engine.kv_cache import KVCache
 from engine.layers import (
     ColumnParallelLinear,
     LogitsProcessor,
@@ -33,9 +34,7 @@ from engine.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
-from engine.weights import load_named_weights
-
-logger = logging.get_logger(__name__)
+from engine.weights import load_declared_weights
 
 
 class OPTLearnedPositionalEmbedding(nn.Embedding):
@@ -49,35 +48,20 @@ class OPTLearnedPositionalEmbedding(nn.Embedding):
         self.offset = 2
         super().__init__(num_embeddings + self.offset, embedding_dim)
 
-    def forward(self, positions: torch.LongTensor | None):
-
+    def forward(self, positions: torch.Tensor):
         return super().forward(positions + self.offset)
 
 
 class OPTAttention(nn.Module):
     """Multi-headed attention from 'Attention Is All You Need' paper"""
 
-    def __init__(
-        self,
-        config: OPTConfig,
-        layer_idx: int | None = None,
-        **kwargs,
-    ):
+    def __init__(self, config: OPTConfig):
         super().__init__()
-        self.config = config
         self.embed_dim = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.enable_bias = config.enable_bias
-        self.layer_idx = layer_idx
-        if layer_idx is None:
-            logger.warning_once(
-                f"Instantiating {self.__class__.__name__} without passing a `layer_idx` is not recommended and will "
-                "lead to errors during the forward call if caching is used. Please make sure to provide a `layer_idx` "
-                "when creating this class."
-            )
 
         self.head_dim = self.embed_dim // self.num_heads
-        self.is_causal = True
 
         if (self.head_dim * self.num_heads) != self.embed_dim:
             raise ValueError(
@@ -91,7 +75,7 @@ class OPTAttention(nn.Module):
         self.out_proj = RowParallelLinear(self.embed_dim, self.embed_dim, bias=self.enable_bias)
         self.attn = PagedAttention(self.num_heads, self.head_dim, scale=1.0)
 
-    def forward(self, hidden_states: torch.Tensor, kv_cache, input_metadata):
+    def forward(self, hidden_states: torch.Tensor, kv_cache: KVCache, input_metadata: InputMetadata):
         tgt_len = hidden_states.shape[0]
         q, k, v = self.qkv_proj(hidden_states).split(
             [self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], dim=-1
@@ -118,11 +102,11 @@ class OPTAttention(nn.Module):
 
 
 class OPTDecoderLayer(nn.Module):
-    def __init__(self, config: OPTConfig, layer_idx: int | None = None):
+    def __init__(self, config: OPTConfig):
         super().__init__()
         self.embed_dim = config.hidden_size
 
-        self.self_attn = OPTAttention(config=config, layer_idx=layer_idx)
+        self.self_attn = OPTAttention(config=config)
 
         self.do_layer_norm_before = config.do_layer_norm_before
         self.activation_fn = ACT2FN[config.activation_function]
@@ -137,7 +121,11 @@ class OPTDecoderLayer(nn.Module):
         )
 
     def forward(
-        self, hidden_states: torch.Tensor, positions: torch.LongTensor | None, kv_cache, input_metadata
+        self,
+        hidden_states: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: KVCache,
+        input_metadata: InputMetadata,
     ):
         residual = hidden_states
 
@@ -186,10 +174,7 @@ class OPTDecoder(nn.Module):
 
     def __init__(self, config: OPTConfig):
         super().__init__()
-        self.config = config
         self.padding_idx = config.pad_token_id
-        self.max_target_positions = config.max_position_embeddings
-        self.vocab_size = config.vocab_size
 
         self.embed_tokens = VocabParallelEmbedding(
             config.vocab_size, config.word_embed_proj_dim, self.padding_idx
@@ -218,16 +203,14 @@ class OPTDecoder(nn.Module):
         else:
             self.final_layer_norm = None
 
-        self.layers = nn.ModuleList(
-            [OPTDecoderLayer(config, layer_idx=i) for i in range(config.num_hidden_layers)]
-        )
+        self.layers = nn.ModuleList([OPTDecoderLayer(config) for _ in range(config.num_hidden_layers)])
 
     def forward(
         self,
-        input_ids: torch.LongTensor | None,
-        positions: torch.LongTensor | None,
-        kv_caches,
-        input_metadata,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        input_metadata: InputMetadata,
     ):
         inputs_embeds = self.embed_tokens(input_ids)
 
@@ -254,15 +237,14 @@ class OPTDecoder(nn.Module):
 class OPTModel(nn.Module):
     def __init__(self, config: OPTConfig):
         super().__init__()
-        self.config = config
         self.decoder = OPTDecoder(config)
 
     def forward(
         self,
-        input_ids: torch.LongTensor | None,
-        positions: torch.LongTensor | None,
-        kv_caches,
-        input_metadata,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        input_metadata: InputMetadata,
     ):
         decoder_outputs = self.decoder(input_ids, positions, kv_caches, input_metadata)
 
@@ -270,9 +252,11 @@ class OPTModel(nn.Module):
 
 
 class OPTForCausalLM(nn.Module):
+    packed_modules_mapping = {"qkv_proj": [("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")]}
+    tied_weights = {"lm_head.weight": "model.decoder.embed_tokens.weight"}
+
     def __init__(self, config):
         super().__init__()
-        self.config = config
         self.model = OPTModel(config)
 
         # the lm_head weight is automatically tied to the embed tokens weight
@@ -283,15 +267,12 @@ class OPTForCausalLM(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.LongTensor | None,
-        positions: torch.LongTensor | None,
-        kv_caches,
-        input_metadata,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        input_metadata: InputMetadata,
     ):
-
-        outputs = self.model.decoder(input_ids, positions, kv_caches, input_metadata)
-
-        hidden_states = outputs
+        hidden_states = self.model.decoder(input_ids, positions, kv_caches, input_metadata)
         return hidden_states
 
     def compute_logits(self, hidden_states, input_metadata):
@@ -299,13 +280,4 @@ class OPTForCausalLM(nn.Module):
         return logits
 
     def load_weights(self, weights):
-        fused = [
-            ("qkv_proj", "k_proj", "k"),
-            ("qkv_proj", "q_proj", "q"),
-            ("qkv_proj", "v_proj", "v"),
-        ]
-        tied = {
-            "lm_head.weight": "model.decoder.embed_tokens.weight",
-        }
-        ignored = []
-        return load_named_weights(self, weights, fused=fused, tied=tied, ignored=ignored)
+        return load_declared_weights(self, weights)

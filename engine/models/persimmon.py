@@ -26,8 +26,9 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 from transformers.models.persimmon.configuration_persimmon import PersimmonConfig
-from transformers.utils import logging
 
+from engine.input_metadata import InputMetadata
+from engine.kv_cache import KVCache
 from engine.layers import (
     ColumnParallelLinear,
     LogitsProcessor,
@@ -38,12 +39,9 @@ from engine.layers import (
     VocabParallelEmbedding,
     get_rope,
 )
-from engine.weights import load_named_weights
-
-logger = logging.get_logger(__name__)
+from engine.weights import load_declared_weights
 
 
-# Copied from transformers.models.gpt_neox.modeling_gpt_neox.GPTNeoXMLP with GPTNeoX->Persimmon
 class PersimmonMLP(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -61,23 +59,14 @@ class PersimmonMLP(nn.Module):
 class PersimmonAttention(nn.Module):
     """Multi-headed attention from 'Attention Is All You Need' paper"""
 
-    def __init__(self, config: PersimmonConfig, layer_idx: int | None = None):
+    def __init__(self, config: PersimmonConfig):
         super().__init__()
-        self.config = config
-        self.layer_idx = layer_idx
-        if layer_idx is None:
-            logger.warning_once(
-                f"Instantiating {self.__class__.__name__} without passing a `layer_idx` is not recommended and will "
-                "lead to errors during the forward call if caching is used. Please make sure to provide a `layer_idx` "
-                "when creating this class."
-            )
 
         self.hidden_size = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.head_dim = self.hidden_size // self.num_heads
 
         self.rotary_ndims = int(self.head_dim * config.rope_parameters["partial_rotary_factor"])
-        self.is_causal = True
 
         if (self.head_dim * self.num_heads) != self.hidden_size:
             raise ValueError(
@@ -107,7 +96,11 @@ class PersimmonAttention(nn.Module):
         self.rotary_emb = get_rope(config, self.head_dim, is_neox_style=True)
 
     def forward(
-        self, hidden_states: torch.Tensor, positions: torch.LongTensor | None, kv_cache, input_metadata
+        self,
+        hidden_states: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: KVCache,
+        input_metadata: InputMetadata,
     ):
         q_len = hidden_states.shape[0]
 
@@ -148,16 +141,19 @@ class PersimmonAttention(nn.Module):
 
 
 class PersimmonDecoderLayer(nn.Module):
-    def __init__(self, config: PersimmonConfig, layer_idx: int):
+    def __init__(self, config: PersimmonConfig):
         super().__init__()
-        self.hidden_size = config.hidden_size
-        self.self_attn = PersimmonAttention(config=config, layer_idx=layer_idx)
+        self.self_attn = PersimmonAttention(config=config)
         self.mlp = PersimmonMLP(config)
         self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(
-        self, hidden_states: torch.Tensor, positions: torch.LongTensor | None, kv_cache, input_metadata
+        self,
+        hidden_states: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: KVCache,
+        input_metadata: InputMetadata,
     ):
         residual = hidden_states
 
@@ -186,26 +182,20 @@ class PersimmonModel(nn.Module):
 
     def __init__(self, config: PersimmonConfig):
         super().__init__()
-        self.config = config
         self.padding_idx = config.pad_token_id
-        self.vocab_size = config.vocab_size
 
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.layers = nn.ModuleList(
-            [PersimmonDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
-        )
+        self.layers = nn.ModuleList([PersimmonDecoderLayer(config) for _ in range(config.num_hidden_layers)])
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(
         self,
-        input_ids: torch.LongTensor | None,
-        positions: torch.LongTensor | None,
-        kv_caches,
-        input_metadata,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        input_metadata: InputMetadata,
     ):
-        inputs_embeds = self.embed_tokens(input_ids)
-
-        hidden_states = inputs_embeds
+        hidden_states = self.embed_tokens(input_ids)
 
         for layer_idx, decoder_layer in enumerate(self.layers):
             hidden_states = decoder_layer(hidden_states, positions, kv_caches[layer_idx], input_metadata)
@@ -216,12 +206,11 @@ class PersimmonModel(nn.Module):
 
 
 class PersimmonForCausalLM(nn.Module):
-    # Copied from transformers.models.llama.modeling_llama.LlamaForCausalLM.__init__ with LLAMA->PERSIMMON,Llama->Persimmon
+    tied_weights = {"lm_head.weight": "model.embed_tokens.weight"}
+
     def __init__(self, config):
         super().__init__()
-        self.config = config
         self.model = PersimmonModel(config)
-        self.vocab_size = config.vocab_size
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, bias=False)
         if getattr(config, "tie_word_embeddings", True):
             self.lm_head.tie_to(self.model.embed_tokens)
@@ -229,14 +218,12 @@ class PersimmonForCausalLM(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.LongTensor | None,
-        positions: torch.LongTensor | None,
-        kv_caches,
-        input_metadata,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        input_metadata: InputMetadata,
     ):
-        outputs = self.model(input_ids, positions, kv_caches, input_metadata)
-
-        hidden_states = outputs
+        hidden_states = self.model(input_ids, positions, kv_caches, input_metadata)
         return hidden_states
 
     def compute_logits(self, hidden_states, input_metadata):
@@ -244,9 +231,4 @@ class PersimmonForCausalLM(nn.Module):
         return logits
 
     def load_weights(self, weights):
-        fused = []
-        tied = {
-            "lm_head.weight": "model.embed_tokens.weight",
-        }
-        ignored = []
-        return load_named_weights(self, weights, fused=fused, tied=tied, ignored=ignored)
+        return load_declared_weights(self, weights)

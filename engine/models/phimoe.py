@@ -39,7 +39,7 @@ from engine.layers import (
     get_rope,
 )
 from engine.layers.moe import FusedMoE
-from engine.weights import load_named_weights
+from engine.weights import load_declared_weights
 
 
 class PhimoeAttention(nn.Module):
@@ -250,7 +250,6 @@ class PhimoeModel(nn.Module):
         kv_caches: list[KVCache],
         input_metadata: InputMetadata,
     ):
-
         hidden_states = self.embed_tokens(input_ids)
 
         for layer_idx, decoder_layer in enumerate(self.layers):
@@ -262,6 +261,11 @@ class PhimoeModel(nn.Module):
 
 
 class PhimoeForCausalLM(nn.Module):
+    packed_modules_mapping = {"qkv_proj": [("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")]}
+    tied_weights = {"lm_head.weight": "model.embed_tokens.weight"}
+    renamed_weights = [(".block_sparse_moe.", ".mlp."), (".gate.weight", ".router.weight")]
+    expert_weights = [("gate_up_proj", "w1", 0), ("gate_up_proj", "w3", 1), ("down_proj", "w2", None)]
+
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -280,7 +284,6 @@ class PhimoeForCausalLM(nn.Module):
     ):
 
         # decoder outputs consists of (dec_features, layer_state, dec_hidden, dec_attn)
-
         hidden_states = self.model(input_ids, positions, kv_caches, input_metadata)
         return hidden_states
 
@@ -289,24 +292,4 @@ class PhimoeForCausalLM(nn.Module):
         return logits
 
     def load_weights(self, weights):
-        fused = [
-            ("qkv_proj", "k_proj", "k"),
-            ("qkv_proj", "q_proj", "q"),
-            ("qkv_proj", "v_proj", "v"),
-        ]
-        tied = {
-            "lm_head.weight": "model.embed_tokens.weight",
-        }
-        ignored = []
-        renamed = [
-            (".block_sparse_moe.", ".mlp."),
-            (".gate.weight", ".router.weight"),
-        ]
-        experts = [
-            ("gate_up_proj", "w1", 0),
-            ("gate_up_proj", "w3", 1),
-            ("down_proj", "w2", None),
-        ]
-        return load_named_weights(
-            self, weights, fused=fused, tied=tied, ignored=ignored, renamed=renamed, experts=experts
-        )
+        return load_declared_weights(self, weights)

@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.qwen2_moe.configuration_qwen2_moe import Qwen2MoeConfig
 
+from engine.input_metadata import InputMetadata
+from engine.kv_cache import KVCache
 from engine.layers import (
     LogitsProcessor,
     MergedColumnParallelLinear,
@@ -47,13 +49,12 @@ from engine.layers import (
     get_rope,
 )
 from engine.layers.moe import FusedMoE, softmax_top_k
-from engine.weights import load_named_weights
+from engine.weights import load_declared_weights
 
 
 class Qwen2MoeMLP(nn.Module):
     def __init__(self, config, intermediate_size=None):
         super().__init__()
-        self.config = config
         self.hidden_size = config.hidden_size
         self.intermediate_size = config.intermediate_size if intermediate_size is None else intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(
@@ -71,14 +72,10 @@ class Qwen2MoeMLP(nn.Module):
 class Qwen2MoeAttention(nn.Module):
     """Multi-headed attention from 'Attention Is All You Need' paper"""
 
-    def __init__(self, config: Qwen2MoeConfig, layer_idx: int):
+    def __init__(self, config: Qwen2MoeConfig):
         super().__init__()
-        self.config = config
-        self.layer_idx = layer_idx
         self.head_dim = getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
-        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
         self.scaling = self.head_dim**-0.5
-        self.is_causal = True
         self.qkv_proj = QKVParallelLinear(
             config.hidden_size,
             self.head_dim,
@@ -89,8 +86,6 @@ class Qwen2MoeAttention(nn.Module):
         self.o_proj = RowParallelLinear(
             config.num_attention_heads * self.head_dim, config.hidden_size, bias=False
         )
-        if self.config.layer_types[layer_idx] == "sliding_attention":
-            self.sliding_window = config.sliding_window
         self.attn = PagedAttention(
             config.num_attention_heads,
             self.head_dim,
@@ -99,20 +94,24 @@ class Qwen2MoeAttention(nn.Module):
         )
         self.rotary_emb = get_rope(config, self.head_dim, is_neox_style=True)
 
-    def forward(self, hidden_states: torch.Tensor, positions, kv_cache, input_metadata):
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: KVCache,
+        input_metadata: InputMetadata,
+    ):
         q, k, v = self.qkv_proj(hidden_states).split(
             [self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], dim=-1
         )
 
-        query_states = q.view(hidden_shape)
-        key_states = k.view(hidden_shape)
-        value_states = v.view(hidden_shape)
+        query_states = q.unflatten(-1, (-1, self.head_dim))
+        key_states = k.unflatten(-1, (-1, self.head_dim))
+        value_states = v.unflatten(-1, (-1, self.head_dim))
         query_states, key_states = self.rotary_emb(positions, query_states, key_states)
         attn_output = self.attn(query_states, key_states, value_states, kv_cache, input_metadata)
 
-        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        attn_output = attn_output.flatten(1).contiguous()
         attn_output = self.o_proj(attn_output)
         return attn_output
 
@@ -170,7 +169,7 @@ class Qwen2MoeSparseMoeBlock(nn.Module):
 class Qwen2MoeDecoderLayer(nn.Module):
     def __init__(self, config: Qwen2MoeConfig, layer_idx: int):
         super().__init__()
-        self.self_attn = Qwen2MoeAttention(config, layer_idx)
+        self.self_attn = Qwen2MoeAttention(config)
         if (layer_idx not in config.mlp_only_layers) and (
             config.num_experts > 0 and (layer_idx + 1) % config.decoder_sparse_step == 0
         ):
@@ -179,10 +178,13 @@ class Qwen2MoeDecoderLayer(nn.Module):
             self.mlp = Qwen2MoeMLP(config, intermediate_size=config.intermediate_size)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.hidden_size = config.hidden_size
 
     def forward(
-        self, hidden_states: torch.Tensor, positions: torch.LongTensor | None, kv_cache, input_metadata
+        self,
+        hidden_states: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: KVCache,
+        input_metadata: InputMetadata,
     ):
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
@@ -199,9 +201,7 @@ class Qwen2MoeDecoderLayer(nn.Module):
 class Qwen2MoeModel(nn.Module):
     def __init__(self, config: Qwen2MoeConfig):
         super().__init__()
-        self.config = config
         self.padding_idx = config.pad_token_id
-        self.vocab_size = config.vocab_size
 
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList(
@@ -211,16 +211,14 @@ class Qwen2MoeModel(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.LongTensor | None,
-        positions: torch.LongTensor | None,
-        kv_caches,
-        input_metadata,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        input_metadata: InputMetadata,
     ):
-        inputs_embeds = self.embed_tokens(input_ids)
+        hidden_states = self.embed_tokens(input_ids)
 
-        hidden_states = inputs_embeds
-
-        for i, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
+        for i, decoder_layer in enumerate(self.layers):
             hidden_states = decoder_layer(hidden_states, positions, kv_caches[i], input_metadata)
 
         hidden_states = self.norm(hidden_states)
@@ -228,31 +226,35 @@ class Qwen2MoeModel(nn.Module):
 
 
 class Qwen2MoeForCausalLM(nn.Module):
+    packed_modules_mapping = {
+        "gate_up_proj": [("gate_proj", 0), ("up_proj", 1)],
+        "qkv_proj": [("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")],
+    }
+    tied_weights = {"lm_head.weight": "model.embed_tokens.weight"}
+    expert_weights = [
+        ("gate_up_proj", "gate_proj", 0),
+        ("gate_up_proj", "up_proj", 1),
+        ("down_proj", "down_proj", None),
+    ]
+
     def __init__(self, config):
         super().__init__()
-        self.config = config
         self.model = Qwen2MoeModel(config)
-        self.vocab_size = config.vocab_size
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, bias=False)
-        self.router_aux_loss_coef = config.router_aux_loss_coef
-        self.num_experts = config.num_experts
-        self.num_experts_per_tok = config.num_experts_per_tok
         if getattr(config, "tie_word_embeddings", True):
             self.lm_head.tie_to(self.model.embed_tokens)
         self.logits_processor = LogitsProcessor(config.vocab_size)
 
     def forward(
         self,
-        input_ids: torch.LongTensor | None,
-        positions: torch.LongTensor | None,
-        kv_caches,
-        input_metadata,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        input_metadata: InputMetadata,
     ):
 
         # decoder outputs consists of (dec_features, layer_state, dec_hidden, dec_attn)
-        outputs = self.model(input_ids, positions, kv_caches, input_metadata)
-
-        hidden_states = outputs
+        hidden_states = self.model(input_ids, positions, kv_caches, input_metadata)
         return hidden_states
 
     def compute_logits(self, hidden_states, input_metadata):
@@ -260,20 +262,4 @@ class Qwen2MoeForCausalLM(nn.Module):
         return logits
 
     def load_weights(self, weights):
-        fused = [
-            ("gate_up_proj", "gate_proj", 0),
-            ("gate_up_proj", "up_proj", 1),
-            ("qkv_proj", "k_proj", "k"),
-            ("qkv_proj", "q_proj", "q"),
-            ("qkv_proj", "v_proj", "v"),
-        ]
-        tied = {
-            "lm_head.weight": "model.embed_tokens.weight",
-        }
-        ignored = []
-        experts = [
-            ("gate_up_proj", "gate_proj", 0),
-            ("gate_up_proj", "up_proj", 1),
-            ("down_proj", "down_proj", None),
-        ]
-        return load_named_weights(self, weights, fused=fused, tied=tied, ignored=ignored, experts=experts)
+        return load_declared_weights(self, weights)

@@ -25,8 +25,9 @@
 import torch
 from torch import nn
 from transformers.models.stablelm.configuration_stablelm import StableLmConfig
-from transformers.utils import logging
 
+from engine.input_metadata import InputMetadata
+from engine.kv_cache import KVCache
 from engine.layers import (
     LogitsProcessor,
     MergedColumnParallelLinear,
@@ -38,16 +39,12 @@ from engine.layers import (
     get_gated_activation,
     get_rope,
 )
-from engine.weights import load_named_weights
-
-logger = logging.get_logger(__name__)
+from engine.weights import load_declared_weights
 
 
-# Copied from transformers.models.mistral.modeling_mistral.MistralMLP with Mistral->StableLm
 class StableLmMLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.config = config
         self.hidden_size = config.hidden_size
         self.intermediate_size = config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(
@@ -65,7 +62,6 @@ class StableLmMLP(nn.Module):
 class StableLmLayerNormPerHead(nn.Module):
     def __init__(self, dim, num_heads, eps=1e-5, bias=False):
         super().__init__()
-        self.dim = dim
         self.num_heads = num_heads
         self.norms = nn.ModuleList([nn.LayerNorm(dim, eps=eps, bias=bias) for _ in range(self.num_heads)])
 
@@ -82,25 +78,15 @@ class StableLmLayerNormPerHead(nn.Module):
 class StableLmAttention(nn.Module):
     """Multi-headed attention from 'Attention Is All You Need' paper"""
 
-    def __init__(self, config: StableLmConfig, layer_idx: int | None = None):
+    def __init__(self, config: StableLmConfig):
         super().__init__()
-        self.config = config
-        self.layer_idx = layer_idx
-        if layer_idx is None:
-            logger.warning_once(
-                f"Instantiating {self.__class__.__name__} without passing a `layer_idx` is not recommended and will "
-                "lead to errors during the forward call if caching is used. Please make sure to provide a `layer_idx` "
-                "when creating this class."
-            )
 
         self.hidden_size = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.head_dim = self.hidden_size // self.num_heads
         self.num_key_value_heads = config.num_key_value_heads
-        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
 
         self.rotary_ndims = int(self.head_dim * config.rope_parameters["partial_rotary_factor"])
-        self.is_causal = True
         self.scaling = self.head_dim**-0.5
 
         if (self.head_dim * self.num_heads) != self.hidden_size:
@@ -131,7 +117,11 @@ class StableLmAttention(nn.Module):
         self.rotary_emb = get_rope(config, self.head_dim, is_neox_style=True)
 
     def forward(
-        self, hidden_states: torch.Tensor, positions: torch.LongTensor | None, kv_cache, input_metadata
+        self,
+        hidden_states: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: KVCache,
+        input_metadata: InputMetadata,
     ):
         q_len = hidden_states.shape[0]
         q, k, v = self.qkv_proj(hidden_states).split(
@@ -171,11 +161,10 @@ class StableLmAttention(nn.Module):
 
 
 class StableLmDecoderLayer(nn.Module):
-    def __init__(self, config: StableLmConfig, layer_idx: int):
+    def __init__(self, config: StableLmConfig):
         super().__init__()
         self.use_parallel_residual = config.use_parallel_residual
-        self.hidden_size = config.hidden_size
-        self.self_attn = StableLmAttention(config, layer_idx=layer_idx)
+        self.self_attn = StableLmAttention(config)
         self.mlp = StableLmMLP(config)
         self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_attention_layernorm = None
@@ -183,7 +172,11 @@ class StableLmDecoderLayer(nn.Module):
             self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(
-        self, hidden_states: torch.Tensor, positions: torch.LongTensor | None, kv_cache, input_metadata
+        self,
+        hidden_states: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: KVCache,
+        input_metadata: InputMetadata,
     ):
         residual = hidden_states
 
@@ -192,7 +185,6 @@ class StableLmDecoderLayer(nn.Module):
         # Self Attention
         self_attn_output = self.self_attn(hidden_states, positions, kv_cache, input_metadata)
 
-        # copied from transformers.models.gpt_neox.modeling_gpt_neox.GPTNeoXLayer.forward
         if self.use_parallel_residual:
             # x = x + attn(ln1(x)) + mlp(ln1(x))
             # Fully Connected
@@ -219,28 +211,20 @@ class StableLmModel(nn.Module):
 
     def __init__(self, config: StableLmConfig):
         super().__init__()
-        self.config = config
         self.padding_idx = config.pad_token_id
-        self.vocab_size = config.vocab_size
 
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.layers = nn.ModuleList(
-            [StableLmDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
-        )
+        self.layers = nn.ModuleList([StableLmDecoderLayer(config) for _ in range(config.num_hidden_layers)])
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-
-        self._attn_implementation = config._attn_implementation
 
     def forward(
         self,
-        input_ids: torch.LongTensor | None,
-        positions: torch.LongTensor | None,
-        kv_caches,
-        input_metadata,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        input_metadata: InputMetadata,
     ):
-        inputs_embeds = self.embed_tokens(input_ids)
-
-        hidden_states = inputs_embeds
+        hidden_states = self.embed_tokens(input_ids)
 
         for layer_idx, decoder_layer in enumerate(self.layers):
             hidden_states = decoder_layer(hidden_states, positions, kv_caches[layer_idx], input_metadata)
@@ -250,14 +234,16 @@ class StableLmModel(nn.Module):
         return hidden_states
 
 
-# Copied from transformers.models.persimmon.modeling_persimmon.PersimmonForCausalLM with PERSIMMON->STABLELM,Persimmon->StableLm
 class StableLmForCausalLM(nn.Module):
-    # Copied from transformers.models.llama.modeling_llama.LlamaForCausalLM.__init__ with LLAMA->STABLELM,Llama->StableLm
+    packed_modules_mapping = {
+        "gate_up_proj": [("gate_proj", 0), ("up_proj", 1)],
+        "qkv_proj": [("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")],
+    }
+    tied_weights = {"lm_head.weight": "model.embed_tokens.weight"}
+
     def __init__(self, config):
         super().__init__()
-        self.config = config
         self.model = StableLmModel(config)
-        self.vocab_size = config.vocab_size
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, bias=False)
         if getattr(config, "tie_word_embeddings", True):
             self.lm_head.tie_to(self.model.embed_tokens)
@@ -266,14 +252,12 @@ class StableLmForCausalLM(nn.Module):
     # Ignore copy
     def forward(
         self,
-        input_ids: torch.LongTensor | None,
-        positions: torch.LongTensor | None,
-        kv_caches,
-        input_metadata,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        input_metadata: InputMetadata,
     ):
-        outputs = self.model(input_ids, positions, kv_caches, input_metadata)
-
-        hidden_states = outputs
+        hidden_states = self.model(input_ids, positions, kv_caches, input_metadata)
         return hidden_states
 
     def compute_logits(self, hidden_states, input_metadata):
@@ -281,15 +265,4 @@ class StableLmForCausalLM(nn.Module):
         return logits
 
     def load_weights(self, weights):
-        fused = [
-            ("gate_up_proj", "gate_proj", 0),
-            ("gate_up_proj", "up_proj", 1),
-            ("qkv_proj", "k_proj", "k"),
-            ("qkv_proj", "q_proj", "q"),
-            ("qkv_proj", "v_proj", "v"),
-        ]
-        tied = {
-            "lm_head.weight": "model.embed_tokens.weight",
-        }
-        ignored = []
-        return load_named_weights(self, weights, fused=fused, tied=tied, ignored=ignored)
+        return load_declared_weights(self, weights)

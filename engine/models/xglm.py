@@ -24,6 +24,8 @@ from torch import nn
 from transformers.activations import ACT2FN
 from transformers.models.xglm.configuration_xglm import XGLMConfig
 
+from engine.input_metadata import InputMetadata
+from engine.kv_cache import KVCache
 from engine.layers import (
     ColumnParallelLinear,
     LogitsProcessor,
@@ -33,10 +35,9 @@ from engine.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
-from engine.weights import load_named_weights
+from engine.weights import load_declared_weights
 
 
-# Copied from transformers.models.bart.modeling_bart.BartScaledWordEmbedding with Bart->XGLM
 class XGLMScaledWordEmbedding(VocabParallelEmbedding):
     """
     This module overrides nn.Embeddings' forward by multiplying with embeddings scale.
@@ -58,9 +59,6 @@ class XGLMSinusoidalPositionalEmbedding(nn.Module):
     def __init__(self, num_positions: int, embedding_dim: int, padding_idx: int | None = None):
         super().__init__()
         self.offset = 2
-        self.num_positions = num_positions
-        self.embedding_dim = embedding_dim
-        self.padding_idx = padding_idx
         self.make_weights(num_positions + self.offset, embedding_dim, padding_idx)
 
     def make_weights(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None):
@@ -93,7 +91,7 @@ class XGLMSinusoidalPositionalEmbedding(nn.Module):
         return emb.to(torch.get_default_dtype())
 
     @torch.no_grad()
-    def forward(self, positions: torch.Tensor | None):
+    def forward(self, positions: torch.Tensor):
         seq_len = positions.shape[0]
         positions = positions + self.offset
 
@@ -103,17 +101,9 @@ class XGLMSinusoidalPositionalEmbedding(nn.Module):
 class XGLMAttention(nn.Module):
     """Multi-headed attention from 'Attention Is All You Need' paper"""
 
-    def __init__(
-        self,
-        embed_dim: int,
-        num_heads: int,
-        is_decoder: bool | None = False,
-        bias: bool | None = True,
-        layer_idx: bool | None = None,
-    ):
+    def __init__(self, embed_dim: int, num_heads: int, bias: bool | None = True):
         super().__init__()
         self.embed_dim = embed_dim
-        self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
 
         if (self.head_dim * num_heads) != self.embed_dim:
@@ -122,13 +112,11 @@ class XGLMAttention(nn.Module):
                 f" and `num_heads`: {num_heads})."
             )
         self.scaling = self.head_dim**-0.5
-        self.is_decoder = is_decoder
-        self.layer_idx = layer_idx
         self.qkv_proj = QKVParallelLinear(embed_dim, self.head_dim, num_heads, num_heads, bias=bias)
         self.out_proj = RowParallelLinear(embed_dim, embed_dim, bias=bias)
         self.attn = PagedAttention(num_heads, self.head_dim, scale=1.0)
 
-    def forward(self, hidden_states: torch.Tensor, kv_cache, input_metadata):
+    def forward(self, hidden_states: torch.Tensor, kv_cache: KVCache, input_metadata: InputMetadata):
         q, k, v = self.qkv_proj(hidden_states).split(
             [self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], dim=-1
         )
@@ -145,13 +133,11 @@ class XGLMAttention(nn.Module):
 
 
 class XGLMDecoderLayer(nn.Module):
-    def __init__(self, config: XGLMConfig, layer_idx=None):
+    def __init__(self, config: XGLMConfig):
         super().__init__()
         self.embed_dim = config.d_model
 
-        self.self_attn = XGLMAttention(
-            embed_dim=self.embed_dim, num_heads=config.attention_heads, is_decoder=True, layer_idx=layer_idx
-        )
+        self.self_attn = XGLMAttention(embed_dim=self.embed_dim, num_heads=config.attention_heads)
         self.activation_fn = ACT2FN[config.activation_function]
 
         self.self_attn_layer_norm = nn.LayerNorm(self.embed_dim)
@@ -159,8 +145,7 @@ class XGLMDecoderLayer(nn.Module):
         self.fc2 = RowParallelLinear(config.ffn_dim, self.embed_dim)
         self.final_layer_norm = nn.LayerNorm(self.embed_dim)
 
-    # Copied from transformers.models.musicgen.modeling_musicgen.MusicgenDecoderLayer.forward
-    def forward(self, hidden_states: torch.Tensor, kv_cache, input_metadata):
+    def forward(self, hidden_states: torch.Tensor, kv_cache: KVCache, input_metadata: InputMetadata):
         residual = hidden_states
         hidden_states = self.self_attn_layer_norm(hidden_states)
 
@@ -181,9 +166,7 @@ class XGLMDecoderLayer(nn.Module):
 class XGLMModel(nn.Module):
     def __init__(self, config: XGLMConfig):
         super().__init__()
-        self.config = config
         self.padding_idx = config.pad_token_id
-        self.max_target_positions = config.max_position_embeddings
         embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
 
         self.embed_tokens = XGLMScaledWordEmbedding(
@@ -195,11 +178,15 @@ class XGLMModel(nn.Module):
             config.d_model,
             config.pad_token_id,
         )
-        self.layers = nn.ModuleList([XGLMDecoderLayer(config, layer_idx=i) for i in range(config.num_layers)])
+        self.layers = nn.ModuleList([XGLMDecoderLayer(config) for _ in range(config.num_layers)])
         self.layer_norm = nn.LayerNorm(config.d_model)
 
     def forward(
-        self, input_ids: torch.Tensor | None, positions: torch.Tensor | None, kv_caches, input_metadata
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        input_metadata: InputMetadata,
     ):
         inputs_embeds = self.embed_tokens(input_ids)
 
@@ -214,9 +201,12 @@ class XGLMModel(nn.Module):
 
 
 class XGLMForCausalLM(nn.Module):
+    packed_modules_mapping = {"qkv_proj": [("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")]}
+    tied_weights = {"lm_head.weight": "model.embed_tokens.weight"}
+    ignored_weights = ["(^|\\.)encoder_attn\\.", "(^|\\.)encoder_attn_layer_norm\\."]
+
     def __init__(self, config):
         super().__init__()
-        self.config = config
         self.model = XGLMModel(config)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, bias=False)
         if getattr(config, "tie_word_embeddings", True):
@@ -224,12 +214,13 @@ class XGLMForCausalLM(nn.Module):
         self.logits_processor = LogitsProcessor(config.vocab_size)
 
     def forward(
-        self, input_ids: torch.Tensor | None, positions: torch.Tensor | None, kv_caches, input_metadata
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        input_metadata: InputMetadata,
     ):
-
-        outputs = self.model(input_ids, positions, kv_caches, input_metadata)
-
-        hidden_states = outputs
+        hidden_states = self.model(input_ids, positions, kv_caches, input_metadata)
         return hidden_states
 
     def compute_logits(self, hidden_states, input_metadata):
@@ -237,16 +228,4 @@ class XGLMForCausalLM(nn.Module):
         return logits
 
     def load_weights(self, weights):
-        fused = [
-            ("qkv_proj", "k_proj", "k"),
-            ("qkv_proj", "q_proj", "q"),
-            ("qkv_proj", "v_proj", "v"),
-        ]
-        tied = {
-            "lm_head.weight": "model.embed_tokens.weight",
-        }
-        ignored = [
-            "(^|\\.)encoder_attn\\.",
-            "(^|\\.)encoder_attn_layer_norm\\.",
-        ]
-        return load_named_weights(self, weights, fused=fused, tied=tied, ignored=ignored)
+        return load_declared_weights(self, weights)
