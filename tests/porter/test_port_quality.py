@@ -1,5 +1,5 @@
 """Every checked-in port reads like a hand-written engine model: no attribute that nothing reads,
-no HF logging, no HF typing of the engine's inputs.
+no HF logging or maintainers' notes, the engine's inputs typed as the engine types them.
 
 These are AST passes over engine/models/*.py, independent of the rewrites that produce the ports
 (porter/rewrites/unread_attributes.py, hf_leftovers.py, engine_types.py), so a port that a rule
@@ -128,3 +128,45 @@ def test_the_ast_pass_finds_an_unread_attribute():
 def test_port_has_no_attribute_nothing_reads(model_type):
     unread = unread_attributes((MODELS / f"{model_type}.py").read_text())
     assert not unread, f"engine/models/{model_type}.py assigns attributes nothing reads: {', '.join(unread)}"
+
+
+ENGINE_INPUT_TYPES = {
+    "input_ids": "torch.Tensor",
+    "positions": "torch.Tensor",
+    "kv_cache": "KVCache",
+    "kv_caches": "list[KVCache]",
+    "input_metadata": "InputMetadata",
+}
+
+
+@pytest.mark.parametrize("model_type", PORTS)
+def test_port_forwards_take_the_engine_types(model_type):
+    tree = ast.parse((MODELS / f"{model_type}.py").read_text())
+    wrong = []
+    for node in tree.body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        for item in node.body:
+            if isinstance(item, ast.FunctionDef) and item.name == "forward":
+                for arg in item.args.args:
+                    expected = ENGINE_INPUT_TYPES.get(arg.arg)
+                    found = ast.unparse(arg.annotation) if arg.annotation else None
+                    if expected and found != expected:
+                        wrong.append(f"{node.name}.forward({arg.arg}: {found})")
+    assert not wrong, f"engine/models/{model_type}.py: {', '.join(wrong)}"
+
+
+@pytest.mark.parametrize("model_type", PORTS)
+def test_port_has_no_hf_logging_or_maintainers_notes(model_type):
+    code = (MODELS / f"{model_type}.py").read_text()
+    tree = ast.parse(code)
+    logging_calls = [
+        ast.unparse(n.func)
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Call) and ast.unparse(n.func).startswith(("logger.", "logging.get_logger"))
+    ]
+    assert not logging_calls, f"engine/models/{model_type}.py logs: {logging_calls}"
+    notes = [
+        line.strip() for line in code.splitlines() if line.strip().startswith(("# TODO", "# Copied from"))
+    ]
+    assert not notes, f"engine/models/{model_type}.py keeps HF's notes: {notes}"
