@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from engine.input_metadata import InputMetadata
+from engine.kernels.dispatch import reference_forced
 from engine.kv_cache import KVCache
 from engine.layers.mla import MultiLatentAttention
 from engine.layers.rotary import LengthDependentRotaryEmbedding
@@ -46,12 +47,12 @@ def capture_sizes(max_num_seqs: int, candidates: Sequence[int] = DEFAULT_CAPTURE
 def graph_unsafe_reason(model: nn.Module) -> str | None:
     """Why this model's forward cannot be captured, or None. A length-dependent rope reads the largest
     position back to the host every step (a device sync, which capture forbids); multi-latent
-    attention runs its PyTorch path, which loops over the step's sequence lengths on the host (a
+    attention forced onto its PyTorch path loops over the step's sequence lengths on the host (a
     graph would replay the captured lengths)."""
     for name, module in model.named_modules():
         if isinstance(module, LengthDependentRotaryEmbedding):
             return f"{name} ({module.rope_type} rope) reads positions on the host"
-        if isinstance(module, MultiLatentAttention):
+        if isinstance(module, MultiLatentAttention) and reference_forced():
             return f"{name} (multi-latent attention) loops over sequence lengths on the host"
     return None
 

@@ -13,6 +13,10 @@ so each head attends over the cached rows with the query `[W_UK^T q_nope | q_pe]
 of latents is projected by `W_UV`. The absorbed weights are views of `kv_b_proj.weight` taken at each
 call (no copy to keep in step with the loaded weight).
 
+On CUDA the cache write and the attention are Triton kernels (`engine/kernels/triton_mla.py`),
+capturable in a CUDA graph; elsewhere, or with `PORTER_FORCE_REFERENCE=1`, the PyTorch reference
+(`engine/kernels/mla_reference.py`).
+
 Tensor parallelism: heads are sharded (the caller's q projection and `kv_b_proj` column-parallel by
 heads, the output projection row-parallel); the latent and rope key come from replicated projections,
 so every rank caches the same rows.
@@ -25,6 +29,7 @@ from torch import nn
 
 from engine import distributed
 from engine.input_metadata import InputMetadata
+from engine.kernels import dispatch
 from engine.kernels.mla_reference import latent_attention_reference, write_latent_cache
 from engine.kv_cache import KVCache
 
@@ -99,13 +104,27 @@ class MultiLatentAttention(nn.Module):
             dim=-1,
         )
         latent_cache = kv_cache[0]
-        write_latent_cache(rows, latent_cache, input_metadata.slot_mapping)
         w_uk, w_uv = self.absorbed_weights()
         q_latent = torch.einsum("thn,hnr->thr", q_nope, w_uk)
         query = torch.cat([q_latent, q_pe.to(q_latent.dtype)], dim=-1)
-        attended = latent_attention_reference(
-            query, latent_cache, input_metadata, self.scale, self.kv_lora_rank
-        )
+        if latent_cache.is_cuda and not dispatch.reference_forced():
+            from engine.kernels import triton_mla  # Triton only where there is a GPU to run it
+
+            triton_mla.write_latent_rows(rows, latent_cache, input_metadata.slot_mapping)
+            attended = triton_mla.latent_attention(
+                query.to(latent_cache.dtype),
+                latent_cache,
+                input_metadata.block_tables,
+                input_metadata.context_lens,
+                input_metadata.query_start_loc,
+                self.scale,
+                self.kv_lora_rank,
+            ).to(query.dtype)
+        else:
+            write_latent_cache(rows, latent_cache, input_metadata.slot_mapping)
+            attended = latent_attention_reference(
+                query, latent_cache, input_metadata, self.scale, self.kv_lora_rank
+            )
         output = torch.einsum("thr,hvr->thv", attended, w_uv)
         return output.reshape(num_tokens, self.num_heads * self.v_head_dim)
 
