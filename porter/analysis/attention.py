@@ -29,7 +29,7 @@ from porter.analysis.inline_attention import (
     relayouts,
     scores_scale,
 )
-from porter.analysis.model_index import SDPA_CALLS, ClassInfo, ModelIndex
+from porter.analysis.model_index import SDPA_CALLS, ClassInfo, ModelIndex, core_modules
 
 HEAD_DIM_WORDS = ("head_dim", "head_size", "attention_head_size", "hidden_size_per_attention_head")
 
@@ -377,6 +377,10 @@ def _core_call(
                 found.append(node)
             elif method in info.methods and calls_softmax(code_of(info.methods[method])):
                 found.append(node)
+            elif method in info.submodules and info.submodules[method] in core_modules(
+                [info.submodules[method]], index.functions, index.classes
+            ):
+                found.append(node)  # a submodule that is only an attention core
 
     statement.visit(_Find())
     return found[0] if found else None

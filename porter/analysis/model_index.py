@@ -126,7 +126,16 @@ def build_index(module: cst.Module, causal_lm: str | None = None) -> ModelIndex:
             element = classes[name].submodules.get(attr)
             if element is not None:
                 backbone, decoder_layer = name, element
-    attention = {name for name in reachable if _calls_attention_core(classes[name], functions, classes)}
+    cores = core_modules(reachable, functions, classes)
+    attention = {
+        name
+        for name in reachable
+        if name not in cores
+        and (
+            _calls_attention_core(classes[name], functions, classes)
+            or any(classes[name].submodules.get(attr) in cores for attr in _called_attributes(classes[name]))
+        )
+    }
     index = ModelIndex(
         module, classes, functions, causal_lm, backbone, decoder_layer, attention, reachable, tables
     )
@@ -369,6 +378,27 @@ def _calls_attention_core(
         any(f"{op}(" in code for op in ("matmul", "bmm", "baddbmm")) or _has_matrix_product(forward)
     )
     return finder.found or inline
+
+
+def core_modules(
+    names: list[str], functions: dict[str, cst.FunctionDef], classes: dict[str, ClassInfo]
+) -> set[str]:
+    """Classes that are an attention core and nothing more: no layer of their own (no Linear, no
+    submodule), a forward that computes attention from the q, k and v it is given. The class that
+    calls one (`self.core_attention(q, k, v, mask)`) is the attention."""
+    return {
+        name
+        for name in names
+        if not classes[name].linears()
+        and not classes[name].submodules
+        and _calls_attention_core(classes[name], functions, classes)
+    }
+
+
+def _called_attributes(info: ClassInfo) -> set[str]:
+    """`attr` of every `self.attr(...)` in forward."""
+    forward = info.methods.get("forward")
+    return {self_attribute(c.func) for c in calls_in(forward)} - {None} if forward is not None else set()
 
 
 def _has_matrix_product(node: cst.CSTNode) -> bool:

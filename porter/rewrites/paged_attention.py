@@ -14,7 +14,7 @@ import libcst as cst
 
 from porter.analysis.alibi import Slopes, derive_slopes
 from porter.analysis.attention import AttentionInfo, analyse_attention, repeats_heads
-from porter.analysis.cst_utils import call_name, code_of, names_in, statement_targets
+from porter.analysis.cst_utils import call_name, code_of, names_in, self_attribute, statement_targets
 from porter.analysis.inline_attention import relayout_source
 from porter.analysis.mask_windows import extra_window_keys, widened
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
@@ -246,8 +246,11 @@ class _Transformer(ClassScopedTransformer):
             positional = positional[1:]
         q, k, v = (code_of(p) for p in positional[:3])
         targets = statement_targets(updated)
-        # [T, H, D] or [T, H*D] both merge to [T, H*D]
-        merge = ".flatten(1)" if info.head_merges else ""
+        # [T, H, D] or [T, H*D] both merge to [T, H*D]; a core module of the file merges the heads itself
+        core_module = (
+            self_attribute(info.core.func) in self.context.index.classes[self.current_class].submodules
+        )
+        merge = ".flatten(1)" if info.head_merges or core_module else ""
         new = cst.parse_statement(f"{targets[0]} = self.attn({q}, {k}, {v}, kv_cache, input_metadata){merge}")
         self.context.record("paged-attention", self.where, updated, new, "paged attention over the KV cache")
         return new

@@ -309,3 +309,56 @@ def test_beside_an_eager_core_scaled_dot_product_attention_is_one_more_backend()
         "PagedAttention(config.num_attention_heads, self.head_dim, scale=1 / (math.sqrt(self.head_dim)), "
         "num_kv_heads=config.num_key_value_heads)"
     )
+
+
+# ChatGLM's SelfAttention hands q, k, v to a CoreAttention submodule holding no layer of its own
+# (chatglm2/modeling_chatglm.py, the torch >= 2 branch of CoreAttention.forward).
+CORE_MODULE = """
+class CoreAttention(torch.nn.Module):
+    def __init__(self, config, layer_number):
+        super(CoreAttention, self).__init__()
+        self.hidden_size_per_partition = config.hidden_size
+
+    def forward(self, query_layer, key_layer, value_layer, attention_mask):
+        query_layer, key_layer, value_layer = [k.permute(1, 2, 0, 3) for k in [query_layer, key_layer, value_layer]]
+        context_layer = torch.nn.functional.scaled_dot_product_attention(query_layer, key_layer, value_layer, is_causal=True)
+        context_layer = context_layer.permute(2, 0, 1, 3)
+        new_context_layer_shape = context_layer.size()[:-2] + (self.hidden_size_per_partition,)
+        context_layer = context_layer.reshape(*new_context_layer_shape)
+        return context_layer
+"""
+CORE_CALLER = """
+def forward(self, hidden_states, attention_mask=None, past_key_values=None, **kwargs):
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+    query_states = self.q_proj(hidden_states).view(hidden_shape)
+    key_states = self.k_proj(hidden_states).view(hidden_shape)
+    value_states = self.v_proj(hidden_states).view(hidden_shape)
+    context_layer = self.core_attention(query_states, key_states, value_states, attention_mask)
+    attn_output = self.o_proj(context_layer)
+    return attn_output, None
+"""
+
+
+def _core_module_model() -> str:
+    source = replace_method(MINI_MODEL, "MiniAttention", "forward", CORE_CALLER)
+    source = vary(
+        source,
+        "        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)\n",
+        "        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)\n"
+        "        self.core_attention = CoreAttention(config, layer_idx)\n",
+    )
+    return vary(source, "\n\nclass MiniAttention(", CORE_MODULE + "\n\nclass MiniAttention(")
+
+
+def test_a_module_that_is_only_an_attention_core_makes_its_caller_the_attention():
+    index = build_index(cst.parse_module(_core_module_model()))
+    assert index.attention == {"MiniAttention"}
+
+
+def test_the_call_of_a_core_module_becomes_the_paged_call_with_the_heads_merged():
+    after = run_rewrites(_core_module_model(), "paged-attention")
+    assert (
+        "context_layer = self.attn(query_states, key_states, value_states, kv_cache, input_metadata).flatten(1)"
+        in after.formatted
+    )
