@@ -34,6 +34,11 @@ from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
 
 RULE = "latent-attention"
 MLA_LAYER = "MultiLatentAttention"
+SHARDING_REASONS = {
+    "ColumnParallelLinear": "output rows grouped by head: each rank computes its heads",
+    "RowParallelLinear": "reads the heads' outputs: each rank its own, then an all-reduce",
+    "ReplicatedLinear": "feeds the latent or the low-rank query every rank needs whole",
+}
 
 
 class LatentAttentionToEngine(Rewrite):
@@ -187,7 +192,7 @@ class _Transformer(ClassScopedTransformer):
                     swaps[call] = call.with_changes(func=cst.Name(kinds[attr]))
         init = init.visit(_SwapCalls(swaps))
         for call, new in swaps.items():
-            self.context.record(RULE, where, call, new, "sharded by heads for the latent attention")
+            self.context.record(RULE, where, call, new, SHARDING_REASONS[new.func.value])
         config = function_params(init)[1]
         added = [
             f"self.rotary_emb = get_rope({config}, {mla.rope}, is_neox_style={mla.neox_style})",
