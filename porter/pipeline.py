@@ -44,6 +44,7 @@ from porter.rewrites.plain_linear import PlainLinear
 from porter.rewrites.prune import PruneUnused
 from porter.rewrites.qkv_split_branches import SplitInBranches
 from porter.rewrites.qkv_split_helper import SplitByHelper
+from porter.rewrites.residual_stream import PassResidualStream
 from porter.rewrites.rms_norm import FuseResidualNorm, SwapRMSNorm
 from porter.rewrites.rotary import RotaryToEngine
 from porter.rewrites.routing import FoldRouting
@@ -96,6 +97,7 @@ REWRITES: list[Rewrite] = [
     DropHFLeftovers(),  # logger calls, maintainers' notes, whole-list slices, passed-on temporaries
     DropUnreadAttributes(),  # `self.x = ...` nothing reads, then the parameters only it read
     PruneUnused(),  # what only the dropped attributes and leftovers read (a logger, a helper)
+    PassResidualStream(),  # the residual passed between layers, both norms of a layer fused with the add
     EngineTypes(),  # forward inputs typed as the engine's (`kv_cache: KVCache`), not HF's
     FixImports(),  # absolute imports, engine imports, unused ones gone
 ]

@@ -43,14 +43,25 @@ class EngineTypes(Rewrite):
 
 
 class _Transformer(ClassScopedTransformer):
+    def visit_FunctionDef(self, node: cst.FunctionDef) -> bool:
+        # An input the body tests against None (the residual the first layer is not given) is optional.
+        self.tested_for_none = {
+            code_of(c.left).strip()
+            for c in _comparisons(node.body)
+            if any(isinstance(t.operator, cst.Is) and _is_none(t.comparator) for t in c.comparisons)
+        }
+        return super().visit_FunctionDef(node)
+
     def leave_Param(self, original: cst.Param, updated: cst.Param) -> cst.Param:
         if self.current_function != "forward" or len(self.function_stack) != 1 or not self.current_class:
             return updated
         name = updated.name.value
         if name in ENGINE_TYPES:
             annotation = cst.Annotation(cst.parse_expression(ENGINE_TYPES[name]))
-        elif updated.annotation is not None and (
-            self.current_class in self.context.plan.signatures or updated.default is None
+        elif (
+            updated.annotation is not None
+            and name not in self.tested_for_none
+            and (self.current_class in self.context.plan.signatures or updated.default is None)
         ):
             # A forward the engine-interface rewrite wrote, or an input every caller passes.
             annotation = updated.annotation.with_changes(
@@ -118,3 +129,14 @@ def _imports_torch(module: cst.Module) -> bool:
         if isinstance(statement, cst.SimpleStatementLine)
         for small in statement.body
     )
+
+
+def _comparisons(node: cst.CSTNode) -> list[cst.Comparison]:
+    found: list[cst.Comparison] = []
+
+    class _Find(cst.CSTVisitor):
+        def visit_Comparison(self, comparison: cst.Comparison) -> None:
+            found.append(comparison)
+
+    node.visit(_Find())
+    return found
