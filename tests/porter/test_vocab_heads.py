@@ -17,10 +17,12 @@ from porter.analysis.alibi import bias_inputs, derive_slopes
 from porter.analysis.model_index import build_index
 from porter.analysis.vocab_heads import head_module
 from porter.errors import PorterError
+from porter.rewrites.rotary import RotaryToEngine
 from tests.porter.rewrite_helpers import (
     MINI_MODEL,
     assert_code,
     init_value,
+    make_context,
     method_code,
     replace_method,
     run_rewrites,
@@ -362,3 +364,15 @@ def test_the_call_of_a_core_module_becomes_the_paged_call_with_the_heads_merged(
         "context_layer = self.attn(query_states, key_states, value_states, kv_cache, input_metadata).flatten(1)"
         in after.formatted
     )
+
+
+def test_a_rotary_apply_function_taking_cos_and_sin_under_trailing_underscores_is_rotary():
+    # baichuan2_7b: `def apply_rotary_pos_emb(q, k, cos_, sin_, position_ids)` rebinds cos and sin
+    # inside; the call in Attention.forward becomes the engine's rotary layer.
+    path = CORPUS / "baichuan2_7b" / "modeling_baichuan.py"
+    _, context = make_context(path.read_text(), module=None)
+    RotaryToEngine().apply(context.index.module, context)
+    assert (
+        "query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin, position_ids) -> "
+        "query_states, key_states = self.rotary_emb(positions, query_states, key_states)"
+    ) in [f"{c.before} -> {c.after}" for c in context.changes if c.rule == "rotary"]
