@@ -331,6 +331,21 @@ CONFIG_VARIANTS = {
             '"mscale_all_dim": 1.0, "mscale": 1.0, "llama_4_scaling_beta": 0.5}'
         ],
     ),
+    # Multi-latent attention: a full-rank query projection; the half-split rope; group-limited
+    # softmax routing; a yarn rope whose mscale_all_dim scales the softmax (the source's own code).
+    "deepseek_v2 full-rank query": ("deepseek_v2", ["q_lora_rank=null"]),
+    "deepseek_v2 group-limited greedy routing": (
+        "deepseek_v2",
+        ['topk_method="group_limited_greedy"', "n_group=2", "topk_group=1"],
+    ),
+    "deepseek_v3 half-split rope": ("deepseek_v3", ["rope_interleave=false"]),
+    "deepseek_v3 yarn rope with mscale": (
+        "deepseek_v3",
+        [
+            'rope_parameters={"rope_type": "yarn", "factor": 4.0, "mscale": 1.0, "mscale_all_dim": 1.0, '
+            '"original_max_position_embeddings": 64, "rope_theta": 10000.0, "beta_fast": 32, "beta_slow": 1}'
+        ],
+    ),
 }
 
 
