@@ -17,7 +17,6 @@ from porter.cli import app
     ("model_type", "construct"),
     [
         ("mamba", "a recurrent or state-space layer"),
-        ("deepseek_v3", "multi-latent attention"),
     ],
 )
 def test_unsupported_construct_stops_the_port(model_type, construct, tmp_path):
@@ -51,6 +50,18 @@ def _variant_file(tmp_path, model_type: str, old: str, new: str) -> Path:
     path = tmp_path / f"modeling_{model_type}.py"
     path.write_text(text)
     return path
+
+
+def test_latent_attention_it_cannot_decide_stops_the_port(tmp_path):
+    # DeepSeek-V3's core called without its scale: MultiLatentAttention would need one porter does
+    # not know, so the port stops naming it rather than guess head_dim ** -0.5.
+    source = _variant_file(tmp_path, "deepseek_v3", "            scaling=self.scaling,\n", "")
+    out = tmp_path / "port.py"
+    result = CliRunner().invoke(app, ["port", str(source), "--out", str(out), "--no-register"])
+    assert result.exit_code == 1
+    assert "cannot decide the latent attention of DeepseekV3Attention: the softmax scale" in result.output
+    assert "Traceback" not in result.output
+    assert not out.exists()
 
 
 def test_an_input_the_port_stopped_reading_stops_the_port(tmp_path):
