@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import libcst as cst
-import libcst.matchers as m
 
 from porter.analysis.cst_utils import (
     call_name,
@@ -23,6 +22,7 @@ from porter.analysis.cst_utils import (
     is_docstring,
     names_bound,
     names_in,
+    nodes_of,
     self_attribute,
     statement_targets,
 )
@@ -69,7 +69,7 @@ def find_builders(index: ModelIndex) -> list[Builder]:
         forward = info.methods.get("forward")
         if forward is None:
             continue
-        for statement in m.findall(forward, m.SimpleStatementLine()):
+        for statement in nodes_of(forward, cst.SimpleStatementLine):
             small = statement.body[0]
             targets = statement_targets(statement)
             if isinstance(small, cst.Assign) and isinstance(small.value, cst.Call) and len(targets) == 1:
@@ -97,7 +97,7 @@ def bias_inputs(index: ModelIndex) -> dict[str, set[str]]:
         for derived in _carried_into(forward, name):
             pending.append((owner, derived))
         loop_modules = _loop_modules(forward, info.submodules)
-        for call in m.findall(forward, m.Call()):
+        for call in nodes_of(forward, cst.Call):
             attr = self_attribute(call.func)
             child = info.submodules.get(attr) if attr else loop_modules.get(code_of(call.func))
             child_forward = index.classes[child].methods.get("forward") if child in index.classes else None
@@ -127,8 +127,8 @@ def _carried_into(forward: cst.FunctionDef, name: str) -> set[str]:
     its dtype, device or sizes only (`x.to(bias.dtype)`) carry nothing, nor does what a submodule or
     method returns (`h = self.attn(h, mask=bias)`: its output, not the bias)."""
     found = set()
-    for assign in m.findall(forward, m.Assign()):
-        runs_self = any(code_of(c.func).startswith("self.") for c in m.findall(assign.value, m.Call()))
+    for assign in nodes_of(forward, cst.Assign):
+        runs_self = any(code_of(c.func).startswith("self.") for c in nodes_of(assign.value, cst.Call))
         if not runs_self and name in _value_names(assign.value):
             found |= {n for t in assign.targets for n in _target_names(t.target)} - {name}
     return found
@@ -170,7 +170,7 @@ def _value_names(node: cst.CSTNode) -> set[str]:
 def _loop_modules(forward: cst.FunctionDef, submodules: dict[str, str]) -> dict[str, str]:
     """Loop variable -> class, for `for block in self.blocks` and `for i, block in enumerate(...)`."""
     found = {}
-    for loop in m.findall(forward, m.For()):
+    for loop in nodes_of(forward, cst.For):
         iterable, target = loop.iter, loop.target
         if isinstance(iterable, cst.Call) and call_name(iterable) == "enumerate" and iterable.args:
             iterable = iterable.args[0].value
@@ -214,7 +214,7 @@ def _resolve(
 def _one_builder_call(method: cst.FunctionDef, index: ModelIndex) -> cst.Call | None:
     """The call of a module function building the bias in a method that does more than return it
     (caches it, or builds it another way in training): the one ALiBi builder of the file it calls."""
-    calls = [c for c in m.findall(method, m.Call()) if call_name(c) in index.functions and _builds_alibi(c)]
+    calls = [c for c in nodes_of(method, cst.Call) if call_name(c) in index.functions and _builds_alibi(c)]
     if len({call_name(c) for c in calls}) != 1:
         return None
     return calls[0]

@@ -15,6 +15,7 @@ from porter.analysis.cst_utils import (
     call_name,
     code_of,
     init_attribute_values,
+    nodes_of,
     self_attribute,
     self_attributes_read,
 )
@@ -109,7 +110,7 @@ def literal_attributes(index: ModelIndex) -> dict[tuple[str, str], bool | None]:
         }
         if not literals or init is None:
             continue
-        assigned_in_init = [self_attribute(t.target) for a in m.findall(init, m.Assign()) for t in a.targets]
+        assigned_in_init = [self_attribute(t.target) for a in nodes_of(init, cst.Assign) for t in a.targets]
         reassigned = {
             self_attribute(target.target)
             for method in _run_by_forward(info)

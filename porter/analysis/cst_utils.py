@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import libcst as cst
-import libcst.matchers as m
+
+T = TypeVar("T", bound=cst.CSTNode)
 
 
 def dotted_name(node: cst.BaseExpression | None) -> str | None:
@@ -33,23 +37,146 @@ def self_attribute_path(node: cst.BaseExpression | None) -> list[str] | None:
     return name.split(".")[1:]
 
 
+# The analyses walk every tree many times over; libcst's visitors pay for hooks on every node and
+# attribute, so the read-only walks below go through the children directly, in the order a visitor
+# meets them (source order), and skip the fields that hold only layout (whitespace, comments,
+# parentheses, commas, colons), where no name, call or statement can be.
+_LAYOUT_FIELDS = frozenset(
+    {
+        "colon",
+        "comma",
+        "dot",
+        "empty_lines",
+        "equal",
+        "first_colon",
+        "first_line",
+        "footer",
+        "header",
+        "last_line",
+        "lbrace",
+        "lbracket",
+        "leading_lines",
+        "lines_after_decorators",
+        "lpar",
+        "newline",
+        "rbrace",
+        "rbracket",
+        "rpar",
+        "second_colon",
+        "semicolon",
+        "trailing_comma",
+        "trailing_whitespace",
+    }
+)
+_CHILD_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+class _FieldOrder(cst.CSTVisitor):
+    """Records the fields of one node in the order libcst visits them."""
+
+    def __init__(self, root: cst.CSTNode) -> None:
+        self.root = root
+        self.fields: list[str] = []
+
+    def on_visit(self, node: cst.CSTNode) -> bool:
+        return node is self.root
+
+    def on_visit_attribute(self, node: cst.CSTNode, attribute: str) -> None:
+        if node is self.root and attribute not in self.fields:
+            self.fields.append(attribute)
+
+    def on_leave(self, original_node: cst.CSTNode) -> None:
+        return None
+
+    def on_leave_attribute(self, original_node: cst.CSTNode, attribute: str) -> None:
+        return None
+
+
+def _child_fields(node: cst.CSTNode) -> tuple[str, ...]:
+    """The fields of `node`'s type that may hold code, in the order libcst visits them."""
+    recorder = _FieldOrder(node)
+    node.visit(recorder)
+    rest = [f.name for f in dataclasses.fields(node) if f.name not in recorder.fields]
+    fields = tuple(
+        name
+        for name in (*recorder.fields, *rest)
+        if name not in _LAYOUT_FIELDS and not name.startswith("whitespace")
+    )
+    _CHILD_FIELDS[type(node)] = fields
+    return fields
+
+
+def walk(node: cst.CSTNode, enter: Callable[[cst.CSTNode], bool] | None = None) -> Iterator[cst.CSTNode]:
+    """`node` and every node inside it, parents before children, in source order (as a visitor or
+    `m.findall` meets them), layout left out; `enter(n)` False yields `n` but not its children."""
+    stack = [node]
+    fields_of = _CHILD_FIELDS
+    while stack:
+        current = stack.pop()
+        yield current
+        if enter is not None and not enter(current):
+            continue
+        fields = fields_of.get(type(current))
+        if fields is None:
+            fields = _child_fields(current)
+        children: list = []
+        for name in fields:
+            value = getattr(current, name)
+            if isinstance(value, cst.CSTNode):
+                children.append(value)
+            elif isinstance(value, (tuple, list)):
+                children.extend(value)
+        if children:
+            stack.extend(c for c in reversed(children) if isinstance(c, cst.CSTNode))
+
+
+def nodes_of(node: cst.CSTNode, kind: type[T] | tuple[type, ...]) -> list[T]:
+    """Every node of `kind` inside `node` (itself included), in source order: `m.findall(node,
+    m.Kind())` without the matcher machinery (`kind` holds code, never layout)."""
+    found = []
+    stack = [node]
+    fields_of = _CHILD_FIELDS
+    while stack:
+        current = stack.pop()
+        if isinstance(current, kind):
+            found.append(current)
+        fields = fields_of.get(type(current))
+        if fields is None:
+            fields = _child_fields(current)
+        children: list = []
+        for name in fields:
+            value = getattr(current, name)
+            if isinstance(value, cst.CSTNode):
+                children.append(value)
+            elif isinstance(value, (tuple, list)):
+                children.extend(value)
+        if children:
+            stack.extend(c for c in reversed(children) if isinstance(c, cst.CSTNode))
+    return found
+
+
+def _names_enter(node: cst.CSTNode) -> bool:
+    return not isinstance(node, (cst.Attribute, cst.Arg))
+
+
 def names_in(node: cst.CSTNode) -> set[str]:
-    """Every bare name read or written inside `node`."""
+    """Every bare name read or written inside `node` (not an attribute's own name, nor a keyword's)."""
     found: set[str] = set()
-
-    class _Collect(cst.CSTVisitor):
-        def visit_Name(self, name: cst.Name) -> None:
-            found.add(name.value)
-
-        def visit_Attribute(self, attribute: cst.Attribute) -> bool:
-            attribute.value.visit(self)
-            return False  # the attribute's own name is not a variable
-
-        def visit_Arg(self, arg: cst.Arg) -> bool:
-            arg.value.visit(self)
-            return False  # a keyword's name is not a variable
-
-    node.visit(_Collect())
+    pending = [node]
+    while pending:
+        current = pending.pop()
+        # `a.b` reads what `a` names; `f(key=v)` reads `v`.
+        if isinstance(current, cst.Attribute):
+            pending.append(current.value)
+            continue
+        if isinstance(current, cst.Arg):
+            pending.append(current.value)
+            continue
+        for inner in walk(current, _names_enter):
+            if isinstance(inner, cst.Name):
+                found.add(inner.value)
+            elif inner is not current and isinstance(inner, (cst.Attribute, cst.Arg)):
+                pending.append(inner)
     return found
 
 
@@ -85,21 +212,12 @@ def statement_targets(statement: cst.BaseStatement) -> list[str]:
 
 def names_bound(statement: cst.CSTNode) -> set[str]:
     """Names a statement binds by simple assignment, in any block inside it (every branch of an `if`)."""
-    return {
-        name for line in m.findall(statement, m.SimpleStatementLine()) for name in statement_targets(line)
-    }
+    return {name for line in nodes_of(statement, cst.SimpleStatementLine) for name in statement_targets(line)}
 
 
 def calls_in(node: cst.CSTNode) -> list[cst.Call]:
     """Every call inside `node`, outermost first."""
-    calls: list[cst.Call] = []
-
-    class _Collect(cst.CSTVisitor):
-        def visit_Call(self, call: cst.Call) -> None:
-            calls.append(call)
-
-    node.visit(_Collect())
-    return calls
+    return nodes_of(node, cst.Call)
 
 
 def call_name(node: cst.BaseExpression | None) -> str | None:

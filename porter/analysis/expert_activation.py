@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cst_utils import names_in, self_attribute, self_attributes_read
+from porter.analysis.cst_utils import names_in, nodes_of, self_attribute, self_attributes_read
 
 CHUNK_IN_TWO = m.Call(func=m.Attribute(attr=m.Name("chunk")), args=[m.Arg(m.Integer("2")), m.ZeroOrMore()])
 
@@ -83,19 +83,19 @@ def _init_statements(init: cst.FunctionDef, attributes: set[str]) -> list[cst.Ba
     for _ in range(8):  # attributes assigned from other attributes, a few levels deep
         grown = set(wanted)
         for statement in statements:
-            targets = {self_attribute(t.target) for t in m.findall(statement, m.AssignTarget())}
+            targets = {self_attribute(t.target) for t in nodes_of(statement, cst.AssignTarget)}
             if targets & wanted:
                 grown |= self_attributes_read(statement)
         if grown == wanted:
             break
         wanted = grown
     for statement in statements:
-        targets = {self_attribute(t.target) for t in m.findall(statement, m.AssignTarget())}
+        targets = {self_attribute(t.target) for t in nodes_of(statement, cst.AssignTarget)}
         if targets & wanted:
             if not isinstance(statement, cst.SimpleStatementLine) or len(targets) != 1:
                 return "an expert activation reading attributes set by compound statements"
             kept.append(statement)
-    missing = wanted - {self_attribute(t.target) for s in kept for t in m.findall(s, m.AssignTarget())}
+    missing = wanted - {self_attribute(t.target) for s in kept for t in nodes_of(s, cst.AssignTarget)}
     if missing:
         return f"an expert activation reading attributes __init__ does not set ({', '.join(sorted(missing))})"
     return kept
@@ -143,14 +143,14 @@ def read_activation(
     assigned_here = {t.target.value for t in m.findall(function, m.AssignTarget(target=m.Name()))}
     assigned_here |= {e.value.value for e in m.findall(function, m.Element(value=m.Name()))}
     free = names_in(function) - assigned_here - module_names - {"forward", "self", parameter}
-    free -= {a.attr.value for a in m.findall(function, m.Attribute())}
-    free -= {a.keyword.value for a in m.findall(function, m.Arg()) if a.keyword}
+    free -= {a.attr.value for a in nodes_of(function, cst.Attribute)}
+    free -= {a.keyword.value for a in nodes_of(function, cst.Arg) if a.keyword}
     if free:
         return f"an expert activation reading the loop's own names ({', '.join(sorted(free))})"
     attributes = self_attributes_read(function)
     if attributes & learned:
         return f"an expert activation reading learned weights ({', '.join(sorted(attributes & learned))})"
-    if any(self_attribute(c.func) for c in m.findall(function, m.Call())):
+    if any(self_attribute(c.func) for c in nodes_of(function, cst.Call)):
         return "an expert activation calling further methods"
     layout = _layout(function, parameter)
     if layout is None:

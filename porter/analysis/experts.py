@@ -22,7 +22,13 @@ from dataclasses import dataclass
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cst_utils import code_of, init_attribute_values, self_attribute, self_attributes_read
+from porter.analysis.cst_utils import (
+    code_of,
+    init_attribute_values,
+    nodes_of,
+    self_attribute,
+    self_attributes_read,
+)
 from porter.analysis.expert_activation import OwnActivation, read_activation
 from porter.analysis.model_index import ModelIndex
 
@@ -56,7 +62,7 @@ class ExpertsProblem:
 def loops_with_index_add(function: cst.FunctionDef) -> bool:
     """A `for` loop whose body scatters results back with `index_add_`."""
     index_add = m.Call(func=m.Attribute(attr=m.Name("index_add_")))
-    return any(m.findall(loop, index_add) for loop in m.findall(function, m.For()))
+    return any(m.findall(loop, index_add) for loop in nodes_of(function, cst.For))
 
 
 def _stacked_parameters(init: cst.FunctionDef, rank: int = 3) -> dict[str, list[cst.BaseExpression]]:
@@ -124,7 +130,7 @@ def _biases(
 
 def _expert_loop(forward: cst.FunctionDef) -> cst.For:
     index_add = m.Call(func=m.Attribute(attr=m.Name("index_add_")))
-    return next(loop for loop in m.findall(forward, m.For()) if m.findall(loop, index_add))
+    return next(loop for loop in nodes_of(forward, cst.For) if m.findall(loop, index_add))
 
 
 def read_experts(
@@ -236,7 +242,7 @@ def module_level_names(module: cst.Module) -> set[str]:
     for statement in module.body:
         if isinstance(statement, (cst.ClassDef, cst.FunctionDef)):
             names.add(statement.name.value)
-        for alias in m.findall(statement, m.ImportAlias()):
+        for alias in nodes_of(statement, cst.ImportAlias):
             bound = alias.asname.name if alias.asname else alias.name
             while isinstance(bound, cst.Attribute):
                 bound = bound.value
@@ -250,7 +256,7 @@ def module_level_names(module: cst.Module) -> set[str]:
 def top_k_of(router: cst.FunctionDef) -> cst.BaseExpression | None:
     """The `k` of the last `topk` a router's forward takes (or the `top_k=` it passes a helper)."""
     k = None
-    for call in m.findall(router, m.Call()):
+    for call in nodes_of(router, cst.Call):
         if m.matches(call.func, m.Attribute(attr=m.Name("topk")) | m.Name("topk")):
             keyword = next((a.value for a in call.args if a.keyword and a.keyword.value == "k"), None)
             positional = [a.value for a in call.args if not a.keyword]

@@ -33,6 +33,7 @@ from porter.analysis.cst_utils import (
     code_of,
     function_params,
     names_in,
+    nodes_of,
     self_attribute,
     spaced,
 )
@@ -177,7 +178,7 @@ def _targets(statement: cst.CSTNode) -> list[str]:
     if isinstance(statement, cst.SimpleStatementLine) and isinstance(statement.body[0], cst.AnnAssign):
         return assigned_names(statement.body[0].target)
     if isinstance(statement, cst.If):
-        return sorted({n for line in m.findall(statement, m.SimpleStatementLine()) for n in _targets(line)})
+        return sorted({n for line in nodes_of(statement, cst.SimpleStatementLine) for n in _targets(line)})
     return []
 
 
@@ -339,9 +340,7 @@ def _query_parts(body, q_nope: str, q_rope: str, before: int):
         return f"the per-head size of the query view of `{name}`"
     projections_at = _assignment_of(body, name, view_at)
     outer, inner = [], []
-    for line in (
-        m.findall(body[projections_at], m.SimpleStatementLine()) if projections_at is not None else []
-    ):
+    for line in nodes_of(body[projections_at], cst.SimpleStatementLine) if projections_at is not None else []:
         value = _value(line)
         if name not in _targets(line) or not isinstance(value, cst.Call) or not self_attribute(value.func):
             return f"the query `{name}` is not a projection's output"
@@ -449,7 +448,7 @@ def _heads_of(init: cst.FunctionDef, up: str, nope: str, value_size: str) -> str
 def linear_calls(init: cst.FunctionDef) -> dict[str, list[cst.Call]]:
     """self.<attr> -> the Linear constructions assigned to it in `__init__` (also inside `a if c else b`)."""
     found: dict[str, list[cst.Call]] = {}
-    for assign in m.findall(init, m.Assign()):
+    for assign in nodes_of(init, cst.Assign):
         attr = self_attribute(assign.targets[0].target)
         if attr is None:
             continue

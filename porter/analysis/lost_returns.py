@@ -7,7 +7,8 @@ input assigned from a helper that read a dropped input); the port would then han
 from __future__ import annotations
 
 import libcst as cst
-import libcst.matchers as m
+
+from porter.analysis.cst_utils import nodes_of
 
 
 def forwards_without_return(port: cst.Module, source: cst.Module) -> list[str]:
@@ -31,4 +32,4 @@ def _forwards(module: cst.Module) -> dict[str, cst.FunctionDef]:
 
 
 def _returns_value(function: cst.FunctionDef) -> bool:
-    return any(r.value is not None for r in m.findall(function.body, m.Return()))
+    return any(r.value is not None for r in nodes_of(function.body, cst.Return))

@@ -11,9 +11,8 @@ factory skips or runs does not matter.
 from __future__ import annotations
 
 import libcst as cst
-import libcst.matchers as m
 
-from porter.analysis.cst_utils import code_of, function_params
+from porter.analysis.cst_utils import code_of, function_params, nodes_of
 
 TORCH_FACTORIES = {("torch.nn.utils", "skip_init")}
 
@@ -25,7 +24,7 @@ def module_factories(module: cst.Module) -> set[str]:
     for statement in module.body:
         if isinstance(statement, cst.FunctionDef) and _forwards_first_parameter(statement):
             found.add(statement.name.value)
-        for node in m.findall(statement, m.ImportFrom()) if not isinstance(statement, cst.ClassDef) else []:
+        for node in nodes_of(statement, cst.ImportFrom) if not isinstance(statement, cst.ClassDef) else []:
             package = code_of(node.module) if node.module is not None and not node.relative else None
             if isinstance(node.names, cst.ImportStar):
                 continue
@@ -58,7 +57,7 @@ def _forwards_first_parameter(function: cst.FunctionDef) -> bool:
 def factory_locals(function: cst.FunctionDef, factories: set[str]) -> set[str]:
     """Locals of `function` every assignment of which is one of `factories` (in any branch)."""
     values: dict[str, list[cst.BaseExpression]] = {}
-    for assign in m.findall(function, m.Assign()):
+    for assign in nodes_of(function, cst.Assign):
         for target in assign.targets:
             if isinstance(target.target, cst.Name):
                 values.setdefault(target.target.value, []).append(assign.value)

@@ -12,9 +12,8 @@ ModuleList element, a module passed to a helper) keeps all its inputs.
 from __future__ import annotations
 
 import libcst as cst
-import libcst.matchers as m
 
-from porter.analysis.cst_utils import code_of, self_attribute
+from porter.analysis.cst_utils import code_of, nodes_of, self_attribute
 from porter.analysis.model_index import ModelIndex
 
 
@@ -29,12 +28,12 @@ def never_passed(index: ModelIndex) -> dict[str, set[str]]:
             direct = set()
             own_kwargs = method.params.star_kwarg
             forwarded = own_kwargs.name.value if isinstance(own_kwargs, cst.Param) else None
-            for call in m.findall(method, m.Call()):
+            for call in nodes_of(method, cst.Call):
                 attr = self_attribute(call.func)
                 if attr in owner.submodules:
                     sites.setdefault(owner.submodules[attr], []).append(_without_forwarded(call, forwarded))
                     direct.add(id(call.func))
-            for node in m.findall(method, m.Attribute(value=m.Name("self"))):
+            for node in (n for n in nodes_of(method, cst.Attribute) if self_attribute(n) is not None):
                 attr = node.attr.value
                 if attr in owner.submodules and id(node) not in direct and not _is_assignment(method_name):
                     opaque.add(owner.submodules[attr])

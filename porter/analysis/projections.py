@@ -4,9 +4,8 @@ projection's output as it came out."""
 from __future__ import annotations
 
 import libcst as cst
-import libcst.matchers as m
 
-from porter.analysis.cst_utils import self_attribute, statement_targets
+from porter.analysis.cst_utils import nodes_of, self_attribute, statement_targets
 
 
 def linear_bias(call: cst.Call) -> cst.BaseExpression:
@@ -27,7 +26,7 @@ def flat_outputs(forward: cst.FunctionDef, attr: str) -> set[str]:
     """Names that hold `self.<attr>(x)` as it came out (q|k|v side by side): assigned from the call,
     and only ever reassigned elementwise from themselves (`qkv = qkv.clamp(min=-c, max=c)`)."""
     flat, other = set(), set()
-    for line in m.findall(forward, m.SimpleStatementLine()):
+    for line in nodes_of(forward, cst.SimpleStatementLine):
         small = line.body[0]
         if not isinstance(small, cst.Assign):
             continue

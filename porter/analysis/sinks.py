@@ -13,7 +13,7 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cst_utils import names_in, statement_targets
+from porter.analysis.cst_utils import names_in, nodes_of, statement_targets
 
 
 def _owner_attributes(node: cst.CSTNode, owner: str) -> set[str]:
@@ -40,7 +40,7 @@ def sink_parameters(function: cst.FunctionDef) -> set[str]:
     if not params:
         return set()
     owner = params[0].name.value
-    statements = list(m.findall(function, m.SimpleStatementLine()))
+    statements = list(nodes_of(function, cst.SimpleStatementLine))
     logsumexp_names = {
         name
         for statement in statements

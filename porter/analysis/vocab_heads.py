@@ -14,9 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import libcst as cst
-import libcst.matchers as m
 
-from porter.analysis.cst_utils import call_name, code_of, function_params, self_attribute
+from porter.analysis.cst_utils import call_name, code_of, function_params, nodes_of, self_attribute
 
 LINEAR_FUNCTIONS = {"F.linear", "nn.functional.linear", "torch.nn.functional.linear", "functional.linear"}
 NORMALIZE_FUNCTIONS = {
@@ -45,7 +44,7 @@ def head_module(init: cst.FunctionDef | None, forward: cst.FunctionDef | None) -
         return None
     params = function_params(init)[1:]
     shapes = {}
-    for assign in m.findall(init, m.Assign()):
+    for assign in nodes_of(init, cst.Assign):
         attr = self_attribute(assign.targets[0].target)
         value = assign.value
         if attr is None or call_name(value) not in PARAMETER_CALLS or not value.args:
@@ -53,7 +52,7 @@ def head_module(init: cst.FunctionDef | None, forward: cst.FunctionDef | None) -
         shape = _factory_shape(value.args[0].value)
         if shape is not None and all(name in params for name in shape):
             shapes[attr] = shape
-    returned = [r.value for r in m.findall(forward, m.Return()) if r.value is not None]
+    returned = [r.value for r in nodes_of(forward, cst.Return) if r.value is not None]
     if len(returned) != 1 or call_name(returned[0]) not in LINEAR_FUNCTIONS:
         return None
     call = returned[0]
@@ -104,7 +103,7 @@ def _weight_read(
     elif isinstance(node, cst.Name):
         values = [
             a.value
-            for a in m.findall(forward, m.Assign())
+            for a in nodes_of(forward, cst.Assign)
             if any(isinstance(t.target, cst.Name) and t.target.value == node.value for t in a.targets)
         ]
     else:
@@ -123,9 +122,7 @@ def _weight_read(
     # stored them back (`self.w = nn.Parameter(F.normalize(self.w))`, `self.w.data = ...`) and
     # nothing stores anything else there.
     stores = [
-        a.value
-        for a in m.findall(forward, m.Assign())
-        if any(_stores_into(t.target, attr) for t in a.targets)
+        a.value for a in nodes_of(forward, cst.Assign) if any(_stores_into(t.target, attr) for t in a.targets)
     ]
     if plain and (not stores or not all(_normalized(_unwrapped(v), attr) for v in stores)):
         return None

@@ -20,7 +20,7 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cst_utils import code_of, names_in, self_attribute
+from porter.analysis.cst_utils import code_of, names_in, nodes_of, self_attribute
 from porter.analysis.engine_names import FUSED_GATE_UP
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
 
@@ -46,7 +46,7 @@ class FuseGatedActivation(Rewrite):
 def _activation_attribute(init: cst.FunctionDef) -> dict[str, str]:
     """`self.<attr> = ACT2FN[<key>]` in __init__: attr -> key source."""
     found: dict[str, str] = {}
-    for node in m.findall(init, m.Assign()):
+    for node in nodes_of(init, cst.Assign):
         value = node.value
         attr = self_attribute(node.targets[0].target)
         if (
@@ -64,7 +64,7 @@ def _plan(forward: cst.FunctionDef, init: cst.FunctionDef) -> tuple[str, str, st
     """(gate name, up name, activation attribute, activation key), if the forward has the pattern."""
     activations = _activation_attribute(init)
     split = None
-    for node in m.findall(forward, m.Assign()):
+    for node in nodes_of(forward, cst.Assign):
         target, value = node.targets[0].target, node.value
         if (
             isinstance(target, cst.Tuple)

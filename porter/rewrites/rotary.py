@@ -29,11 +29,14 @@ from porter.analysis.cst_utils import (
     function_params,
     init_attribute_values,
     names_bound,
+    names_in,
+    nodes_of,
     self_attribute,
     self_attributes_read,
     statement_targets,
 )
 from porter.analysis.model_index import ClassInfo, calls_method, init_helpers
+from porter.analysis.rotary_tables import angle_table_param, innermost_call, rescaling_params
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
 from porter.rewrites.statement_pruner import names_read
 
@@ -54,9 +57,17 @@ class RotaryToEngine(Rewrite):
         # `apply(x, sin, cos)`, one tensor per call (GPT-J, CodeGen): the engine's layer rotates q
         # and k together, and pairing separate calls is not done yet, so say so instead of guessing.
         one_tensor = {name for name in apply_functions if _tensors_before_cos_sin(index.functions[name]) < 2}
+        # `apply(t, freqs)`: the rotary module returns the angles, and the function rotates one
+        # tensor by their cos and sin.
+        angle_functions = {
+            name for name, function in index.functions.items() if angle_table_param(function) is not None
+        }
+        apply_functions.update({name: _is_neox_style(index.functions[name], index.functions) for name in angle_functions})
+        one_tensor |= angle_functions
         if not apply_functions and not rotary_classes:
             return module
         transformer = _Transformer(context, rotary_classes, apply_functions, one_tensor)
+        transformer.rescaling = {name: rescaling_params(_method_chain(index, name)) for name in rotary_classes}
         transformer.reverse_functions = {
             name for name in apply_functions if _rotates_backwards(index.functions[name], index.functions)
         }
@@ -71,6 +82,15 @@ class RotaryToEngine(Rewrite):
         context.plan.ignored += _saved_buffer_names(index, rotary_classes, transformer.rotary_attrs)
         module = module.visit(transformer)
         return module.visit(_DropRotaryOnlyAttributes(context, transformer.rotary_inputs))
+
+
+def _method_chain(index, name: str) -> list[dict[str, cst.FunctionDef]]:
+    """The methods of class `name`, then of each of its bases defined in this file, in order."""
+    chain, current = [], index.classes.get(name)
+    while current is not None:
+        chain.append(current.methods)
+        current = next((index.classes[b] for b in current.bases if b in index.classes), None)
+    return chain
 
 
 def _saved_buffer_names(index, rotary_classes: set[str], rotary_attrs: set[tuple[str, str]]) -> list[str]:
@@ -189,7 +209,7 @@ def _layer_type_expression(init: cst.FunctionDef) -> str | None:
             return f"self.{attr}"
         lookups += [
             code_of(node)
-            for node in m.findall(value, m.Subscript())
+            for node in nodes_of(value, cst.Subscript)
             if code_of(node.value).endswith("layer_types")
         ]
     return lookups[0] if lookups else None
@@ -259,6 +279,7 @@ class _Transformer(ClassScopedTransformer):
         # (class, attribute) read by a rotary module's construction that was removed
         self.rotary_inputs: set[tuple[str, str]] = set()
         self.built_sizes: dict[tuple[str, str, str], cst.BaseExpression] = {}
+        self.rescaling: dict[str, list[str]] = {}  # rotary class -> forward params rescaling its frequencies
 
     def leave_Attribute(self, original: cst.Attribute, updated: cst.BaseExpression) -> cst.BaseExpression:
         """`self.rotary_emb.dim` -> what the replaced module was built with for it."""
@@ -278,7 +299,7 @@ class _Transformer(ClassScopedTransformer):
         small = updated.body[0]
         value = getattr(small, "value", None)
         if isinstance(small, cst.Assign) and isinstance(value, cst.Call):
-            attr = self_attribute(value.func)
+            attr = self_attribute(innermost_call(value).func)  # `self.rotary_emb(n).to(device)` too
             target_attr = self_attribute(small.targets[0].target)
             if (self.current_class, target_attr) in self.rotary_attrs and self._constructing():
                 self._note_inputs(value)
@@ -287,6 +308,7 @@ class _Transformer(ClassScopedTransformer):
                 )
                 return cst.RemovalSentinel.REMOVE
             if (self.current_class, attr) in self.rotary_attrs:
+                self._check_rescaling(attr, innermost_call(value))
                 self.context.record(
                     "rotary", self.where, updated, "", "cos/sin are computed inside the engine's rotary layer"
                 )
@@ -311,6 +333,27 @@ class _Transformer(ClassScopedTransformer):
                 )
                 return new
         return updated
+
+    def _check_rescaling(self, attr: str, call: cst.Call) -> None:
+        """A review item where the call passes the rotary module a value forward computes for a
+        parameter that rescales its inverse frequencies (a rope base grown with the prompt): the
+        engine's rope takes its frequencies from the config alone, so the port would rotate long
+        prompts by other angles than the source."""
+        rotary = self.context.index.classes[self.current_class].submodules.get(attr)
+        rescaling = self.rescaling.get(rotary or "", [])
+        forward = self.context.index.classes[rotary].methods.get("forward") if rescaling else None
+        if forward is None:
+            return
+        params = function_params(forward)[1:]
+        for position, arg in enumerate(call.args):
+            param = arg.keyword.value if arg.keyword is not None else params[position] if position < len(params) else None
+            if param in rescaling and not isinstance(arg.value, (cst.Integer, cst.Float)):
+                self.context.flag(
+                    "rotary",
+                    self.where,
+                    f"`{rotary}` rescales its frequencies by `{param}={code_of(arg.value)}`, which forward "
+                    f"computes (dynamic NTK); the engine's rope reads its frequencies from the config only",
+                )
 
     def _constructing(self) -> bool:
         """In `__init__`, or in a helper `__init__` calls to build attributes (`self._init_rope()`)."""
@@ -346,11 +389,7 @@ class _Transformer(ClassScopedTransformer):
         ]
         parts = _parts_of(body, {q, k})
         widths = _rotated_widths(body, {q, k})
-        if (
-            len(rotated) == 1
-            and {code_of(a.value) for a in rotated[0][1:]} <= parts
-            and len(widths) == 1
-        ):
+        if len(rotated) == 1 and {code_of(a.value) for a in rotated[0][1:]} <= parts and len(widths) == 1:
             self.rotary_dims[self.current_class] = next(iter(widths))
 
     def _pair_one_tensor_applies(self, forward: cst.FunctionDef) -> cst.FunctionDef:
@@ -371,13 +410,19 @@ class _Transformer(ClassScopedTransformer):
         assigned = set().union(*(names_bound(s) for s in region))
         widths = _rotated_widths(region, {q, k})
         parts = _parts_of(region, {q, k})  # `q_rot = q[..., :w]`, `q_pass = q[..., w:]`
+        after = body[hits[-1] + 1 :]
+        # what else the region binds (the table sliced per tensor, its length) is its own business
+        # only if nothing after it reads it
+        scratch = assigned - {q, k} - parts
+        feeders = self._cos_sin_feeders(body[: hits[0]], region, after, {q, k}) if q is not None else set()
         if (
             q is None
             or len(names) != 1
             or hits != list(range(hits[0], hits[-1] + 1))
             or not {q, k} <= assigned
-            or not assigned <= {q, k} | parts  # it changes something else too (every branch counts)
+            or any(scratch & names_read(s) for s in after)  # it changes something else too
             or len(widths) > 1  # q and k rotated on different widths: not one rotary layer
+            or not self._tests_only_rotary(forward, body, region, feeders)
         ):
             self.context.flag(
                 "rotary",
@@ -400,7 +445,6 @@ class _Transformer(ClassScopedTransformer):
             "q and k rotated together by position, per token"
             + (f" (the first {width} features)" if width else ""),
         )
-        feeders = self._cos_sin_feeders(body[: hits[0]], region, body[hits[-1] + 1 :], {q, k})
         for position in feeders:
             self.context.record(
                 "rotary",
@@ -413,6 +457,17 @@ class _Transformer(ClassScopedTransformer):
         body = [s for position, s in enumerate(body) if position not in feeders]
         return forward.with_changes(body=forward.body.with_changes(body=body))
 
+    def _tests_only_rotary(self, forward: cst.FunctionDef, body: list, region: list, feeders: set[int]) -> bool:
+        """Whether every `if` in the rotation region tests only what the rotary module gave (`if
+        emb is not None:`, its producer gone or dropped with the feeders): a test of anything else
+        (a flag, an input) decides whether to rotate, which the replacement would not keep."""
+        tests = [n.test for s in region for n in nodes_of(s, cst.If)]
+        if not tests:
+            return True
+        kept = [s for p, s in enumerate(body) if p not in feeders and all(s is not r for r in region)]
+        defined = set(function_params(forward)).union(*(names_bound(s) for s in kept))
+        return not any(names_in(t) & defined for t in tests)
+
     def _cos_sin_feeders(self, before: list, region: list, after: list, rotated: set[str]) -> set[int]:
         """Positions in `before` of the statements that only compute what the rotation region reads
         besides q and k (`embed_positions = self._get_embed_positions(position_ids)`, the gather, the
@@ -422,8 +477,13 @@ class _Transformer(ClassScopedTransformer):
         dropped: set[int] = set()
         for position in reversed(range(len(before))):
             statement = before[position]
+            # an `if` counts when all it does is bind names (`if isinstance(emb, tuple): ...`)
             targets = (
-                set(statement_targets(statement)) if isinstance(statement, cst.SimpleStatementLine) else set()
+                set(statement_targets(statement))
+                if isinstance(statement, cst.SimpleStatementLine)
+                else names_bound(statement)
+                if isinstance(statement, cst.If) and _only_binds(statement)
+                else set()
             )
             readers = [s for p, s in enumerate(before) if p != position and p not in dropped] + after
             if (
@@ -536,11 +596,22 @@ class _Transformer(ClassScopedTransformer):
         return init.with_changes(body=init.body.with_changes(body=[*init.body.body, statement]))
 
 
+def _only_binds(statement: cst.If) -> bool:
+    """An `if` whose every branch only assigns plain names (or passes)."""
+    for line in nodes_of(statement, cst.SimpleStatementLine):
+        for small in line.body:
+            if isinstance(small, cst.Pass):
+                continue
+            if not isinstance(small, cst.Assign) or not all(isinstance(t.target, cst.Name) for t in small.targets):
+                return False
+    return not nodes_of(statement, (cst.For, cst.While, cst.With, cst.Try, cst.FunctionDef))
+
+
 def _parts_of(region: list[cst.BaseStatement], tensors: set[str]) -> set[str]:
     """Names `region` assigns from a slice of one of `tensors` (`k_rot = key[:, :, :, :rotary_dim]`)."""
     found: set[str] = set()
     for statement in region:
-        for line in m.findall(statement, m.SimpleStatementLine()):
+        for line in nodes_of(statement, cst.SimpleStatementLine):
             small = line.body[0]
             if (
                 isinstance(small, cst.Assign)

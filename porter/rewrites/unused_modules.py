@@ -13,9 +13,8 @@ from __future__ import annotations
 import re
 
 import libcst as cst
-import libcst.matchers as m
 
-from porter.analysis.cst_utils import call_name, self_attribute
+from porter.analysis.cst_utils import call_name, nodes_of, self_attribute
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
 
 # What torch's and the engine's layer classes are called by (`nn.Linear`, `ColumnParallelLinear`,
@@ -33,14 +32,14 @@ class DropUnusedModules(Rewrite):
             init = info.methods.get("__init__")
             if init is None:
                 continue
-            built = {id(target.target) for assign in m.findall(init, m.Assign()) for target in assign.targets}
+            built = {id(target.target) for assign in nodes_of(init, cst.Assign) for target in assign.targets}
             read = {
                 self_attribute(node)
                 for method in info.methods.values()
-                for node in m.findall(method, m.Attribute(value=m.Name("self")))
+                for node in (n for n in nodes_of(method, cst.Attribute) if self_attribute(n) is not None)
                 if id(node) not in built
             }
-            for statement in m.findall(init, m.Assign()):
+            for statement in nodes_of(init, cst.Assign):
                 attr = self_attribute(statement.targets[0].target) if len(statement.targets) == 1 else None
                 if attr and attr not in read and _builds_module(statement.value, context):
                     unused.setdefault(name, set()).add(attr)
