@@ -1,5 +1,5 @@
 """Shared fixtures: a free TCP port for process groups, verify results kept out of the user's cache,
-and the tiny test model written to disk."""
+and the tiny test model written to disk; one CPU thread per test process."""
 
 from __future__ import annotations
 
@@ -15,6 +15,15 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+# One CPU thread per process, this one and every process it starts (a `porter` run, an engine rank,
+# a server): the suite runs one pytest-xdist worker per core, and a worker whose OpenMP threads wait
+# for a core the other worker holds spins; the tests' tiny models run no faster on two threads.
+# A thread count the caller set is kept.
+if "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"  # read by processes started from here, and by torch's first import
+    import torch
+
+    torch.set_num_threads(1)  # in case a plugin imported torch before this file
 
 from engine.distributed import find_free_port  # noqa: E402  (after the path is set)
 
