@@ -16,6 +16,7 @@ sharded as a plain column-parallel Linear, the projection would give wrong heads
 from __future__ import annotations
 
 import libcst as cst
+import libcst.matchers as m
 
 from porter.analysis.attention import AttentionInfo
 from porter.analysis.cst_utils import (
@@ -315,9 +316,18 @@ def _last_axis_slice(
 
 
 def _three_parts(out: cst.BaseExpression) -> bool:
-    """`3 * E` or `E * 3` (MHA), or `E + 2 * kv` (MQA/GQA): one projection producing q, k and v."""
+    """`3 * E` or `E * 3` (MHA), or a sum with a doubled term, `E + 2 * kv` or `(kv * 2 + H) * D`
+    (MQA/GQA): one projection producing q, k and v."""
     code = code_of(out).replace(" ", "")
-    return code.startswith("3*") or code.endswith("*3") or "+2*" in code
+    return code.startswith("3*") or code.endswith("*3") or bool(m.findall(out, _SUM_WITH_DOUBLED_TERM))
+
+
+_DOUBLED = m.BinaryOperation(operator=m.Multiply(), left=m.Integer("2")) | m.BinaryOperation(
+    operator=m.Multiply(), right=m.Integer("2")
+)
+_SUM_WITH_DOUBLED_TERM = m.BinaryOperation(operator=m.Add(), left=_DOUBLED) | m.BinaryOperation(
+    operator=m.Add(), right=_DOUBLED
+)
 
 
 class _Transformer(ClassScopedTransformer):

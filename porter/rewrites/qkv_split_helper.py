@@ -10,6 +10,7 @@ layout the helper's views show is the layout the layer loads the fused checkpoin
 - a view ending `(..., 3, head_dim)` (q, k, v side by side per head) is "per_head";
 - a view ending `(..., n + 2, head_dim)` (per KV group: its queries, then one key and one value; a
   single group with no group axis is multi-query's `[q..., k, v]`) is "grouped".
+The head size may be the attention's head_dim or a literal the source hard-codes.
 A helper with both kinds of branches loads "grouped": per head is grouped with one query per group
 (it has as many KV heads as query heads), so one layout reads every configuration. The helper is
 left unused and the prune rewrite drops it.
@@ -83,7 +84,10 @@ def _layout(helper: cst.FunctionDef, head_dim: str) -> str | None:
         func = call.func
         if not (isinstance(func, cst.Attribute) and func.attr.value in VIEWS and len(call.args) >= 2):
             continue
-        if code_of(call.args[-1].value) != head_dim:
+        last = call.args[-1].value
+        # A literal last size is the head size the source hard-codes (it reads only checkpoints of
+        # that head size); the split keeps the attention's head_dim, equal to it for those.
+        if code_of(last) != head_dim and not isinstance(last, cst.Integer):
             continue
         slots = call.args[-2].value
         if code_of(slots) == "3":

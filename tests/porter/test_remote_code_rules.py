@@ -220,3 +220,30 @@ def test_a_partial_rotary_takes_its_width_from_the_slices_and_a_helper_built_mod
         "self.rotary_emb = get_rope(config, self.head_dim, rotary_dim=self.rotary_ndims, is_neox_style=True)"
         in method_code(stablelm_rotary, "Attention", "__init__")
     )
+
+
+# --- a fused q|k|v viewed by a hard-coded head size, its heads folded into the batch (falcon_rw) ---
+
+
+@pytest.fixture(scope="module")
+def falcon_rw_source():
+    return (CORPUS / "falcon_rw" / "modelling_RW.py").read_text()
+
+
+def test_a_fused_qkv_viewed_by_a_literal_head_size_splits_grouped(falcon_rw_source):
+    # `fused_qkv.view(batch, seq_len, -1, self.num_heads // self.num_kv + 2, 64)` in `_split_heads`:
+    # per KV group its queries, one key, one value, each 64 wide.
+    after = run_through(falcon_rw_source, "qkv-split-helper", module=None)
+    assert after.context.plan.qkv_layouts == {("Attention", "query_key_value"): [("grouped", None)]}
+    assert "self._split_heads(fused_qkv)" not in method_code(after.code, "Attention", "forward")
+
+
+def test_a_fused_projection_sized_kv_times_two_plus_heads_becomes_a_qkv_parallel_linear(falcon_rw_source):
+    # `Linear(self.hidden_size, (config.n_head_kv * 2 + config.n_head) * self.head_dim, ...)`
+    assert "(config.n_head_kv * 2 + config.n_head) * self.head_dim" in falcon_rw_source
+    code = run_through(falcon_rw_source, "fuse-qkv", module=None).code
+    init = "".join(method_code(code, "Attention", "__init__").split())
+    assert (
+        "self.query_key_value=QKVParallelLinear(self.hidden_size,self.head_dim,config.n_head,"
+        "config.n_head_kv,bias=config.bias,checkpoint_layout='grouped')"
+    ) in init, init
