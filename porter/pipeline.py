@@ -41,6 +41,7 @@ from porter.rewrites.module_factories import UnwrapModuleFactories
 from porter.rewrites.optional_libraries import DropOptionalLibraries
 from porter.rewrites.paged_attention import SwapPagedAttention
 from porter.rewrites.plain_linear import PlainLinear
+from porter.rewrites.position_windows import PositionWindows
 from porter.rewrites.prune import PruneUnused
 from porter.rewrites.qkv_split_branches import SplitInBranches
 from porter.rewrites.qkv_split_helper import SplitByHelper
@@ -79,6 +80,7 @@ REWRITES: list[Rewrite] = [
     SplitInBranches(),  # a fused q|k|v split inline, one branch per layout -> split by this rank's sizes
     SplitBlockedQKV(),  # a fused q|k|v in model-parallel blocks -> split by this rank's sizes
     RotaryToEngine(),  # HF cos/sin plumbing -> the engine's rotary layer inside attention
+    PositionWindows(),  # `table[:, k_len - q_len : k_len]` of a per-position table -> `table[0, positions]`
     EngineInterface(),  # forward signatures, call threading, single-tensor returns
     RemoveDeadCode(),  # masks, caches, output flags and what reads them
     DropOptionalLibraries(),  # flash-attention probes and imports the port never needs

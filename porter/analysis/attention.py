@@ -145,7 +145,7 @@ def analyse_attention(index: ModelIndex, name: str) -> AttentionInfo | None:
     if inline is None:
         result.head_merges = _head_merges(statement_targets(core_statement)[:1], after, info)
         if not any(a.keyword is not None and a.keyword.value == "scaling" for a in core.args):
-            result.callee_scale = _callee_scale(core, info, index)
+            result.callee_scale = _callee_scale(core, info, index, head_dim)
     result.band_window = _band_window(info)
     if result.band_window is None:
         result.band_window = backbone_mask_window(index, info)
@@ -163,10 +163,11 @@ def analyse_attention(index: ModelIndex, name: str) -> AttentionInfo | None:
     return result
 
 
-def _callee_scale(core: cst.Call, info: ClassInfo, index: ModelIndex) -> str | None:
+def _callee_scale(core: cst.Call, info: ClassInfo, index: ModelIndex, head_dim: str) -> str | None:
     """The scale a core that is a method or function of this file applies to its scores, in terms
-    the constructor can evaluate (its parameters replaced by the call's arguments); None when it
-    cannot be read or depends on the callee's own locals."""
+    the constructor can evaluate (its parameters replaced by the call's arguments, the last size of
+    the q, k or v it takes by `head_dim`); None when it cannot be read or depends on the callee's
+    own locals."""
     method = self_attribute(core.func)
     callee = info.methods.get(method) if method else index.functions.get(call_name(core) or "")
     if callee is None or (found := scores_scale(list(callee.body.body))) is None:
@@ -176,7 +177,8 @@ def _callee_scale(core: cst.Call, info: ClassInfo, index: ModelIndex) -> str | N
     positional = [a.value for a in core.args if a.keyword is None and not a.star]
     arguments.update(zip(params[1:] if method else params, (code_of(v) for v in positional)))
     arguments.update({a.keyword.value: code_of(a.value) for a in core.args if a.keyword is not None})
-    scale = cst.parse_expression(found)
+    qkv = set((params[1:] if method else params)[: min(3, len(positional))])
+    scale = cst.parse_expression(found).visit(_HeadSizes(qkv, head_dim))
     unbound = names_in(scale) & (set(params) - set(arguments))  # a parameter the call leaves at its default
     if unbound or names_in(scale) - set(params) - {"math", "torch"}:  # or a local of the callee
         return None
@@ -192,6 +194,34 @@ def _callee_scale(core: cst.Call, info: ClassInfo, index: ModelIndex) -> str | N
             return value if atom else cst.parse_expression(f"({arguments[updated.value]})")
 
     return code_of(scale.visit(_Substitute()))
+
+
+class _HeadSizes(cst.CSTTransformer):
+    """`v.size(-1)` or `v.shape[-1]` of a q, k or v the core takes -> the head size: each head's
+    features are the last axis of all three."""
+
+    def __init__(self, tensors: set[str], head_dim: str) -> None:
+        self.tensors, self.head_dim = tensors, head_dim
+
+    def _last_size_of(self, node: cst.BaseExpression) -> bool:
+        last = m.UnaryOperation(operator=m.Minus(), expression=m.Integer("1"))
+        tensor = m.OneOf(*(m.Name(t) for t in self.tensors)) if self.tensors else None
+        if tensor is None:
+            return False
+        return m.matches(
+            node,
+            m.Call(func=m.Attribute(value=tensor, attr=m.Name("size")), args=[m.Arg(value=last)])
+            | m.Subscript(
+                value=m.Attribute(value=tensor, attr=m.Name("shape")),
+                slice=[m.SubscriptElement(slice=m.Index(value=last))],
+            ),
+        )
+
+    def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.BaseExpression:
+        return cst.parse_expression(self.head_dim) if self._last_size_of(updated) else updated
+
+    def leave_Subscript(self, original: cst.Subscript, updated: cst.Subscript) -> cst.BaseExpression:
+        return cst.parse_expression(self.head_dim) if self._last_size_of(updated) else updated
 
 
 def _band_window(info: ClassInfo) -> str | None:

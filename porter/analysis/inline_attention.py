@@ -186,6 +186,16 @@ def _in_place_scale(
                     scores |= set(statement_targets(inner))
                     alibi_added = True
             continue
+        if isinstance(statement, cst.If) and statement.orelse is None:
+            # `if self.scale_attn_weights: w = w / d ** 0.5`: the factor only where the test holds,
+            # for a branch that does nothing but scale (a softcap's tanh between is no scale)
+            parts = [_in_place_scale([inner], scores, False, bias)[0] for inner in statement.body.body]
+            inner = " * ".join(parts) if parts and None not in parts else None
+            if inner is not None:
+                factors.append(f"({inner} if {code_of(statement.test)} else 1.0)")
+                if alibi_added:
+                    alibi_factors.append(factors[-1])
+            continue
         small = statement.body[0] if isinstance(statement, cst.SimpleStatementLine) else None
         if isinstance(small, cst.AugAssign) and code_of(small.target) in scores:
             if isinstance(small.operator, cst.DivideAssign):
@@ -199,10 +209,11 @@ def _in_place_scale(
             and isinstance(small.value, cst.BinaryOperation)
             and isinstance(small.value.operator, (cst.Divide, cst.Multiply))
             and code_of(small.value.left) in scores
-            and not names_in(small.value.right) & scores
+            and not names_in(_scalar_of(small.value.right)) & scores  # the scores' dtype is no factor
         ):  # `scores = scores / x` (GPT-J's `/ self.scale_attn`)
             divide = isinstance(small.value.operator, cst.Divide)
-            factors.append(f"1 / ({code_of(small.value.right)})" if divide else code_of(small.value.right))
+            by = code_of(_scalar_of(small.value.right))
+            factors.append(f"1 / ({by})" if divide else by)
             scores |= set(statement_targets(statement))
             if alibi_added:
                 alibi_factors.append(factors[-1])
@@ -214,6 +225,20 @@ def _in_place_scale(
         alibi_added,
         " * ".join(alibi_factors) if alibi_factors else None,
     )
+
+
+def _scalar_of(node: cst.BaseExpression) -> cst.BaseExpression:
+    """`x` for `torch.full([], x, dtype=..., device=...)`, the 0-d tensor of one number (made so the
+    division keeps the scores' dtype); `node` itself otherwise."""
+    if (
+        isinstance(node, cst.Call)
+        and call_name(node) == "torch.full"
+        and len(node.args) >= 2
+        and isinstance(node.args[0].value, (cst.List, cst.Tuple))
+        and not node.args[0].value.elements
+    ):
+        return node.args[1].value
+    return node
 
 
 def relayouts(body: list[cst.BaseStatement], end: int, qkv: set[str], info: ClassInfo) -> list[int]:

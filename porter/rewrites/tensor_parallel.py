@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import libcst as cst
+import libcst.matchers as m
 
 from porter.analysis.activations import elementwise_attributes
 from porter.analysis.cst_utils import (
@@ -235,6 +236,11 @@ def _propagate(
     def evaluate(node: cst.CSTNode) -> _Value:
         if isinstance(node, cst.Call):
             attr = self_attribute(node.func)
+            if m.matches(node.func, m.Attribute(attr=m.Name("expand_as"))) and len(node.args) == 1:
+                # `x.expand_as(y)` has y's shape on this rank, split or not: x broadcasts to it or
+                # the call fails, so x's own sharding does not reach the result
+                evaluate(node.func.value)
+                return evaluate(node.args[0].value)
             inner = [evaluate(a.value) for a in node.args]
             if isinstance(node.func, cst.Attribute) and attr is None:
                 inner.append(evaluate(node.func.value))
