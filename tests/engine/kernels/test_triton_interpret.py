@@ -1,26 +1,21 @@
 """The Triton kernels' logic on the CPU: run by Triton's interpreter (TRITON_INTERPRET=1).
 
-triton.jit decides at import time whether a kernel is compiled or interpreted, so each case runs
-in a fresh interpreter process with the variable set: this test process (and every other test in
-it that uses Triton normally) never imports a kernel module in interpreter mode. The cases are the
-checks of tests/engine/kernels/fused_cases.py and attention_cases.py on small shapes. Skipped
-where Triton is not installed.
+triton.jit decides at import time whether a kernel is compiled or interpreted, so the cases run in
+another Python process with the variable set (tests/engine/kernels/interpreter_process.py): this
+test process (and every other test in it that uses Triton normally) never imports a kernel module
+in interpreter mode. The cases are the checks of tests/engine/kernels/fused_cases.py and
+attention_cases.py on small shapes. Skipped where Triton is not installed.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+from tests.engine.kernels.interpreter_process import run_interpreted
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 
 NORM_CASES = """
 for dtype in (torch.float32, torch.float16, torch.bfloat16):
@@ -71,23 +66,6 @@ check_prefill([17, 1], [50, 33], 4, 2, 80, torch.float16, "cpu", "all")
 check_prefill([200, 9], [200, 300], 4, 2, 64, torch.float32, "cpu", "all", block_size=12)
 check_prefill([1, 1, 1, 1], [1, 16, 17, 700], 4, 1, 128, torch.float32, "cpu", "plain")
 """
-
-
-def run_interpreted(cases: str) -> None:
-    script = (
-        "import torch\n"
-        "import tests.engine.kernels.interpreter_compat\n"
-        "from tests.engine.kernels.fused_cases import *\n"
-        "from tests.engine.kernels.attention_cases import *\n"
-    ) + textwrap.dedent(cases)
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO_ROOT))
-    env.pop("PORTER_FORCE_REFERENCE", None)
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, (
-        f"interpreted kernel check failed:\n{result.stdout}\n{result.stderr[-6000:]}"
-    )
 
 
 def test_rms_norm_kernel_under_interpreter():
