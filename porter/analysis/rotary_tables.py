@@ -104,7 +104,11 @@ def _reads(node: cst.CSTNode) -> set[str]:
 def _written(target: cst.BaseExpression) -> list[str]:
     if isinstance(target, cst.Name):
         return [target.value]
-    if isinstance(target, cst.Attribute) and isinstance(target.value, cst.Name) and target.value.value == "self":
+    if (
+        isinstance(target, cst.Attribute)
+        and isinstance(target.value, cst.Name)
+        and target.value.value == "self"
+    ):
         return [code_of(target)]
     if isinstance(target, (cst.Tuple, cst.List)):
         return [n for e in target.elements for n in _written(e.value)]
@@ -123,7 +127,7 @@ def rescaling_params(chain: list[dict[str, cst.FunctionDef]]) -> list[str]:
         return []
     found = []
     for param in function_params(forward[0])[1:]:
-        reached = _reached(forward[0], {param}, chain[forward[1]:], set())
+        reached = _reached(forward[0], {param}, chain[forward[1] :], set())
         if reached["frequencies"] and not reached["positions"]:
             found.append(param)
     return found
@@ -174,7 +178,7 @@ def _reached(
                 if _reads(a.value) & derived
             } - {""}
             if passed:
-                inner = _reached(callee, passed, chain[called[1]:], seen | {id(callee)})
+                inner = _reached(callee, passed, chain[called[1] :], seen | {id(callee)})
                 reached = {key: reached[key] or inner[key] for key in reached}
     return reached
 

@@ -33,7 +33,11 @@ def _length(node: cst.BaseExpression | None) -> tuple[str, int] | None:
         if len(args) == 1 and isinstance(args[0].value, cst.Integer) and isinstance(tensor, cst.Name):
             return tensor.value, int(args[0].value.value)
         return None
-    if isinstance(node, cst.Subscript) and len(node.slice) == 1 and isinstance(node.slice[0].slice, cst.Index):
+    if (
+        isinstance(node, cst.Subscript)
+        and len(node.slice) == 1
+        and isinstance(node.slice[0].slice, cst.Index)
+    ):
         axis = node.slice[0].slice.value
         held = node.value
         if isinstance(held, cst.Call) and not held.args and isinstance(held.func, cst.Attribute):
@@ -108,7 +112,12 @@ class _Transformer(ClassScopedTransformer):
         window = element.slice
         if not isinstance(window, cst.Slice) or window.step is not None or self.query_key is None:
             return None
-        names = {n.value for part in (window.lower, window.upper) if part is not None for n in nodes_of(part, cst.Name)}
+        names = {
+            n.value
+            for part in (window.lower, window.upper)
+            if part is not None
+            for n in nodes_of(part, cst.Name)
+        }
         query, key = self.query_key
         upper, lower = _length(self._resolved(window.upper)), self._resolved(window.lower)
         if upper is None or upper[0] != key or not isinstance(lower, cst.BinaryOperation):
@@ -160,7 +169,9 @@ class _Transformer(ClassScopedTransformer):
         if count != 1 or not isinstance(value, cst.Subscript) or len(value.slice) <= count:
             return False
         return all(
-            isinstance(e.slice, cst.Index) and isinstance(e.slice.value, cst.Name) and e.slice.value.value == "None"
+            isinstance(e.slice, cst.Index)
+            and isinstance(e.slice.value, cst.Name)
+            and e.slice.value.value == "None"
             for e in value.slice[:count]
         )
 
@@ -168,4 +179,9 @@ class _Transformer(ClassScopedTransformer):
 def _full(element: cst.SubscriptElement) -> bool:
     """`:`"""
     window = element.slice
-    return isinstance(window, cst.Slice) and window.lower is None and window.upper is None and window.step is None
+    return (
+        isinstance(window, cst.Slice)
+        and window.lower is None
+        and window.upper is None
+        and window.step is None
+    )

@@ -62,12 +62,16 @@ class RotaryToEngine(Rewrite):
         angle_functions = {
             name for name, function in index.functions.items() if angle_table_param(function) is not None
         }
-        apply_functions.update({name: _is_neox_style(index.functions[name], index.functions) for name in angle_functions})
+        apply_functions.update(
+            {name: _is_neox_style(index.functions[name], index.functions) for name in angle_functions}
+        )
         one_tensor |= angle_functions
         if not apply_functions and not rotary_classes:
             return module
         transformer = _Transformer(context, rotary_classes, apply_functions, one_tensor)
-        transformer.rescaling = {name: rescaling_params(_method_chain(index, name)) for name in rotary_classes}
+        transformer.rescaling = {
+            name: rescaling_params(_method_chain(index, name)) for name in rotary_classes
+        }
         transformer.reverse_functions = {
             name for name in apply_functions if _rotates_backwards(index.functions[name], index.functions)
         }
@@ -346,7 +350,13 @@ class _Transformer(ClassScopedTransformer):
             return
         params = function_params(forward)[1:]
         for position, arg in enumerate(call.args):
-            param = arg.keyword.value if arg.keyword is not None else params[position] if position < len(params) else None
+            param = (
+                arg.keyword.value
+                if arg.keyword is not None
+                else params[position]
+                if position < len(params)
+                else None
+            )
             if param in rescaling and not isinstance(arg.value, (cst.Integer, cst.Float)):
                 self.context.flag(
                     "rotary",
@@ -457,7 +467,9 @@ class _Transformer(ClassScopedTransformer):
         body = [s for position, s in enumerate(body) if position not in feeders]
         return forward.with_changes(body=forward.body.with_changes(body=body))
 
-    def _tests_only_rotary(self, forward: cst.FunctionDef, body: list, region: list, feeders: set[int]) -> bool:
+    def _tests_only_rotary(
+        self, forward: cst.FunctionDef, body: list, region: list, feeders: set[int]
+    ) -> bool:
         """Whether every `if` in the rotation region tests only what the rotary module gave (`if
         emb is not None:`, its producer gone or dropped with the feeders): a test of anything else
         (a flag, an input) decides whether to rotate, which the replacement would not keep."""
@@ -602,7 +614,9 @@ def _only_binds(statement: cst.If) -> bool:
         for small in line.body:
             if isinstance(small, cst.Pass):
                 continue
-            if not isinstance(small, cst.Assign) or not all(isinstance(t.target, cst.Name) for t in small.targets):
+            if not isinstance(small, cst.Assign) or not all(
+                isinstance(t.target, cst.Name) for t in small.targets
+            ):
                 return False
     return not nodes_of(statement, (cst.For, cst.While, cst.With, cst.Try, cst.FunctionDef))
 
