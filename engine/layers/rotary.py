@@ -182,6 +182,7 @@ def get_rope(
     is_neox_style: bool = True,
     layer_type: str | None = None,
     reverse: bool = False,
+    rope_theta: float | None = None,
 ) -> RotaryEmbedding:
     """The rotary embedding `config` describes, for heads of `head_dim`.
 
@@ -190,7 +191,8 @@ def get_rope(
     frequencies and attention scaling from `transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS`.
     A config with one rope per layer type (`rope_parameters = {"sliding_attention": {...},
     "full_attention": {...}}`, OLMo3) takes the layer's `layer_type`. `reverse` rotates by minus
-    the angle (see RotaryEmbedding).
+    the angle (see RotaryEmbedding). `rope_theta` is the base of a model that keeps it in a config
+    field of its own (remote code's `rotary_emb_base`); None reads the config's `rope_theta`.
     """
     config = _layer_type_config(config, layer_type)
     rope_parameters = dict(getattr(config, "rope_parameters", None) or {})
@@ -204,6 +206,7 @@ def get_rope(
     max_position = getattr(config, "max_position_embeddings", DEFAULT_MAX_POSITION)
     if rope_type == "default":
         theta = rope_parameters.get("rope_theta", getattr(config, "rope_theta", DEFAULT_ROPE_THETA))
+        theta = theta if rope_theta is None else rope_theta
         partial = rope_parameters.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
         if rotary_dim is None:
             rotary_dim = int(head_dim * partial)
@@ -211,6 +214,11 @@ def get_rope(
         return RotaryEmbedding(head_dim, rotary_dim, max_position, inv_freq, 1.0, is_neox_style, reverse)
     if rope_type not in ROPE_INIT_FUNCTIONS:
         raise ValueError(f"unknown rope_type {rope_type!r}; transformers knows {sorted(ROPE_INIT_FUNCTIONS)}")
+    if rope_theta is not None and rope_theta != rope_parameters.get("rope_theta", rope_theta):
+        raise ValueError(
+            f"rope_theta {rope_theta} disagrees with the {rope_parameters['rope_theta']} that rope_type "
+            f"{rope_type!r} reads from the config"
+        )
     inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None)
     # HF derives the rotated width from the config (head_dim * partial_rotary_factor); take it from there.
     hf_rotary_dim = 2 * inv_freq.numel()

@@ -197,3 +197,27 @@ def innermost_call(call: cst.Call) -> cst.Call:
     while isinstance(call.func, cst.Attribute) and isinstance(call.func.value, cst.Call):
         call = call.func.value
     return call
+
+
+def base_param(init: cst.FunctionDef) -> str | None:
+    """The parameter of a rotary module's `__init__` its inverse frequencies raise to the feature
+    exponents (`1.0 / (base ** (torch.arange(0, dim, 2).float() / dim))`): the rope base, whatever
+    it is called, directly or through the attribute keeping it (`self.base = base`)."""
+    params = function_params(init)[1:]
+    kept = {
+        code_of(t.target): assign.value.value
+        for assign in nodes_of(init, cst.Assign)
+        for t in assign.targets
+        if isinstance(assign.value, cst.Name) and assign.value.value in params
+    }
+    for power in nodes_of(init, cst.BinaryOperation):
+        if not isinstance(power.operator, cst.Power):
+            continue
+        if not any((call_name(c) or "").endswith("arange") for c in nodes_of(power.right, cst.Call)):
+            continue
+        base = code_of(power.left).strip("() ")
+        if base in params:
+            return base
+        if base in kept:
+            return kept[base]
+    return None

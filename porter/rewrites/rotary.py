@@ -36,7 +36,7 @@ from porter.analysis.cst_utils import (
     statement_targets,
 )
 from porter.analysis.model_index import ClassInfo, calls_method, init_helpers
-from porter.analysis.rotary_tables import angle_table_param, innermost_call, rescaling_params
+from porter.analysis.rotary_tables import angle_table_param, base_param, innermost_call, rescaling_params
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
 from porter.rewrites.statement_pruner import names_read
 
@@ -284,6 +284,7 @@ class _Transformer(ClassScopedTransformer):
         self.rotary_inputs: set[tuple[str, str]] = set()
         self.built_sizes: dict[tuple[str, str, str], cst.BaseExpression] = {}
         self.rescaling: dict[str, list[str]] = {}  # rotary class -> forward params rescaling its frequencies
+        self.rope_bases: dict[str, str] = {}  # attention class -> the rope base its construction passed
 
     def leave_Attribute(self, original: cst.Attribute, updated: cst.BaseExpression) -> cst.BaseExpression:
         """`self.rotary_emb.dim` -> what the replaced module was built with for it."""
@@ -307,6 +308,7 @@ class _Transformer(ClassScopedTransformer):
             target_attr = self_attribute(small.targets[0].target)
             if (self.current_class, target_attr) in self.rotary_attrs and self._constructing():
                 self._note_inputs(value)
+                self._note_base(target_attr, value)
                 self.context.record(
                     "rotary", self.where, updated, "", "rotary module replaced by the engine's rotary layer"
                 )
@@ -337,6 +339,34 @@ class _Transformer(ClassScopedTransformer):
                 )
                 return new
         return updated
+
+    def _note_base(self, attr: str, construction: cst.Call) -> None:
+        """The rope base the construction passes where it is a config field other than the
+        `rope_theta` get_rope reads (`RotaryEmbedding(dim, base=config.rotary_emb_base)`)."""
+        index = self.context.index
+        rotary = index.classes[self.current_class].submodules.get(attr)
+        init = next(
+            (methods["__init__"] for methods in _method_chain(index, rotary or "") if "__init__" in methods),
+            None,
+        )
+        base = base_param(init) if init is not None else None
+        if base is None:
+            return
+        params = function_params(init)[1:]
+        bound = dict(zip(params, (a.value for a in construction.args if a.keyword is None and not a.star)))
+        bound.update({a.keyword.value: a.value for a in construction.args if a.keyword is not None})
+        value = bound.get(base)
+        config = next((p for p in function_params(self._current_init()) if "config" in p), None)
+        if (
+            isinstance(value, cst.Attribute)
+            and m.matches(value.value, m.Name(config or ""))
+            and value.attr.value != "rope_theta"
+        ):
+            self.rope_bases[self.current_class] = f'getattr({config}, "{value.attr.value}", None)'
+
+    def _current_init(self) -> cst.FunctionDef:
+        info = self.context.index.classes.get(self.current_class or "")
+        return info.methods.get("__init__") if info is not None else cst.parse_statement("def f(): pass")
 
     def _check_rescaling(self, attr: str, call: cst.Call) -> None:
         """A review item where the call passes the rotary module a value forward computes for a
@@ -597,9 +627,10 @@ class _Transformer(ClassScopedTransformer):
                 return init
             layer_type = f", layer_type={type_of_layer}"
         reverse = ", reverse=True" if class_name in self.reversed_in else ""
+        base = f", rope_theta={self.rope_bases[class_name]}" if class_name in self.rope_bases else ""
         statement = cst.parse_statement(
             f"self.rotary_emb = get_rope({config}, {info.head_dim}{width}, is_neox_style={neox}"
-            f"{layer_type}{reverse})"
+            f"{layer_type}{reverse}{base})"
         )
         self.context.need("engine.layers", "get_rope")
         self.context.record(

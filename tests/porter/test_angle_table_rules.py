@@ -12,7 +12,7 @@ import pytest
 
 from porter.analysis.attention import analyse_attention
 from porter.analysis.model_index import build_index
-from porter.analysis.rotary_tables import angle_table_param, rescaling_params
+from porter.analysis.rotary_tables import angle_table_param, base_param, rescaling_params
 from porter.rewrites.tensor_parallel import TensorParallelLayers
 from tests.porter.rewrite_helpers import method_code, run_through
 
@@ -53,6 +53,11 @@ def test_a_rope_base_factor_forward_passes_rescales_the_frequencies_but_the_leng
     assert rescaling_params(_chain(_index(QWEN), "RotaryEmbedding")) == ["ntk_alpha"]
 
 
+def test_the_rope_base_is_the_parameter_raised_to_the_feature_exponents():
+    # `self.inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim))`
+    assert base_param(_index(QWEN).classes["RotaryEmbedding"].methods["__init__"]) == "base"
+
+
 def test_positions_that_also_rescale_the_frequencies_are_positions():
     # InternLM2's dynamic NTK subclass recomputes inv_freq from max(position_ids), then runs its base's
     # `forward`, which multiplies inv_freq by the same position_ids: the config's "dynamic" rope.
@@ -79,8 +84,13 @@ def test_q_and_k_rotated_one_call_each_by_the_angle_table_become_one_rotary_call
     forward = method_code(qwen_parallel.code, "QWenAttention", "forward")
     assert "query, key = self.rotary_emb(positions, query, key)" in forward
     assert "rotary_pos_emb" not in forward and "apply_rotary_pos_emb" not in forward
+    # `self.rotary_emb = RotaryEmbedding(dim, base=config.rotary_emb_base)`: the base, a config field
+    # get_rope would not read, goes with it
     init = method_code(qwen_parallel.code, "QWenAttention", "__init__")
-    assert "self.rotary_emb = get_rope(config, self.head_dim, is_neox_style=True)" in init
+    assert (
+        'self.rotary_emb = get_rope(config, self.head_dim, is_neox_style=True, rope_theta=getattr(config, "rotary_emb_base", None))'
+        in init
+    )
 
 
 def test_a_rope_base_forward_computes_is_a_review_item(qwen_parallel):

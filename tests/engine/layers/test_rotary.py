@@ -250,3 +250,14 @@ def test_reverse_rotation_matches_a_rotate_half_that_returns_x2_then_minus_x1():
     assert "reverse=True" in repr(reverse)
     forward = get_rope(config, HEAD_DIM)(positions, query, key)
     assert not torch.allclose(forward[0], theirs[0])
+
+
+def test_a_base_given_for_a_config_field_of_its_own_replaces_the_configs_theta():
+    # Remote code that keeps its base in a field get_rope does not read (`rotary_emb_base`) passes it.
+    config = llama_config(dict(LLAMA_ROPES["default"]))
+    rope = get_rope(config, HEAD_DIM, rope_theta=500000.0)
+    expected = 1.0 / (500000.0 ** (torch.arange(0, HEAD_DIM, 2, dtype=torch.float) / HEAD_DIM))
+    torch.testing.assert_close(rope.inv_freq, expected, rtol=0, atol=0)
+    assert not torch.equal(get_rope(config, HEAD_DIM).inv_freq, expected)
+    with pytest.raises(ValueError, match="disagrees"):
+        get_rope(llama_config(dict(LLAMA_ROPES["linear"])), HEAD_DIM, rope_theta=123.0)
