@@ -152,7 +152,7 @@ def remote_config(source: Path, architecture: str, work_dir: Path):
     config = AutoConfig.from_pretrained(str(work_dir), trust_remote_code=True, local_files_only=True)
     model_class = get_class_from_dynamic_module(auto_map[CAUSAL_LM_KEY], str(work_dir))
     config.auto_map = auto_map  # saved with the checkpoint: what the engine's loader reads
-    return shrink_remote(config, architecture), model_class
+    return shrink_remote(config, architecture, (work_dir / f"{modeling}.py").read_text()), model_class
 
 
 def _module_of(reference: str | None, model_dir: Path) -> str:

@@ -23,6 +23,7 @@ from porter.verify.small_latent import shrink_latent_attention
 
 HIDDEN, HEADS, KV_HEADS, LAYERS, INTERMEDIATE, VOCAB, POSITIONS = 64, 4, 2, 2, 160, 997, 256
 SLIDING_WINDOW = 8
+MIN_LITERAL_HEAD_SIZE = 16
 # Config attributes that hold a local-attention window (GPT-Neo calls it `window_size`).
 WINDOW_ATTRIBUTES = ("sliding_window", "window_size")
 INTERMEDIATE_NAMES = ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size")
@@ -52,14 +53,55 @@ def small_config(model_type: str, architecture: str) -> PretrainedConfig:
     return config
 
 
-def shrink_remote(config: PretrainedConfig, architecture: str) -> PretrainedConfig:
+def shrink_remote(
+    config: PretrainedConfig, architecture: str, modeling: str | None = None
+) -> PretrainedConfig:
     """A remote-code config (its class's defaults, or a checkpoint's config.json) shrunk, reading
-    the size names remote code uses besides transformers' standard ones."""
+    the size names remote code uses besides transformers' standard ones. Where the modeling source
+    (`modeling`) splits heads by a literal head size, the small config keeps that head size."""
     default = copy.deepcopy(config)
     shrink(config, default)
     _shrink_remote_names(config, default)
+    head_size = literal_head_size(modeling) if modeling is not None else None
+    if head_size is not None and head_size != HIDDEN // HEADS:
+        _widen_to_head_size(config, default, head_size)
     config.architectures = [architecture]
     return config
+
+
+def literal_head_size(source: str) -> int | None:
+    """The head size a modeling file hard-codes where it splits a projection into heads: the
+    integer last size of a view/reshape into heads (four sizes or more: `fused_qkv.view(batch,
+    seq_len, -1, self.num_heads // self.num_kv + 2, 64)`). Such code runs only at that head size
+    (a checkpoint of another head size fails the view), so the small config must keep it; None
+    where no split names one, or splits name different ones."""
+    import libcst as cst
+    import libcst.matchers as m
+
+    reshapes = m.Call(func=m.Attribute(attr=m.Name("view") | m.Name("reshape")))
+    sizes = {
+        int(call.args[-1].value.value)
+        for call in m.findall(cst.parse_module(source), reshapes)
+        if len(call.args) >= 4 and isinstance(call.args[-1].value, cst.Integer) and call.args[-1].keyword is None
+    }
+    # a small literal is a pair or a group of a rotation (`view(b, s, h, -1, 2)`), not a head
+    sizes = {size for size in sizes if size >= MIN_LITERAL_HEAD_SIZE}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def _widen_to_head_size(config: PretrainedConfig, default: PretrainedConfig, head_size: int) -> None:
+    """The small config's widths at `head_size` per head: the hidden size (and every setting tied
+    to it) becomes HEADS * head_size, a head-size setting head_size."""
+    default_hidden = getattr(default, "hidden_size", None)
+    hidden = HEADS * head_size
+    for key, value in list(vars(default).items()):
+        if _is_int(value) and value == default_hidden:
+            setattr(config, key, hidden)
+        elif key in REMOTE_HEAD_SIZE_NAMES and _is_int(value):
+            setattr(config, key, head_size)
+    config.hidden_size = hidden
+    if hasattr(config, "head_dim") and not isinstance(getattr(type(config), "head_dim", None), property):
+        config.head_dim = head_size
 
 
 def _shrink_remote_names(config: PretrainedConfig, default: PretrainedConfig) -> None:

@@ -12,7 +12,16 @@ from transformers import PretrainedConfig
 
 from porter.errors import PorterError
 from porter.verify.reference import INPUTS_FILE, LOGITS_FILE, read_reference, remote_config
-from porter.verify.small_model import HEADS, HIDDEN, KV_HEADS, LAYERS, POSITIONS, VOCAB, shrink_remote
+from porter.verify.small_model import (
+    HEADS,
+    HIDDEN,
+    KV_HEADS,
+    LAYERS,
+    POSITIONS,
+    VOCAB,
+    literal_head_size,
+    shrink_remote,
+)
 
 CORPUS = Path(__file__).resolve().parent.parent / "fixtures" / "remote_code"
 
@@ -42,6 +51,22 @@ def test_a_remote_config_is_shrunk_by_the_size_names_remote_code_uses():
         VOCAB,
     )
     assert small.architectures == ["XForCausalLM"]
+
+
+def test_a_head_size_the_modeling_file_hard_codes_is_kept_by_the_small_config():
+    # falcon_rw's `_split_heads`: `fused_qkv.view(batch, seq_len, -1, self.num_heads // self.num_kv + 2, 64)`
+    modeling = (CORPUS / "falcon_rw" / "modelling_RW.py").read_text()
+    assert literal_head_size(modeling) == 64
+    config = PretrainedConfig(hidden_size=8192, n_head=128, n_head_kv=8, kv_channels=64)
+    small = shrink_remote(config, "X", modeling)
+    assert (small.hidden_size, small.n_head, small.kv_channels) == (HEADS * 64, HEADS, 64)
+    # without the modeling file the head is HIDDEN // HEADS, which that view cannot take
+    assert shrink_remote(PretrainedConfig(hidden_size=8192, n_head=128), "X").hidden_size == HIDDEN
+
+
+def test_rotation_pairs_and_sources_without_a_literal_head_size_name_none():
+    assert literal_head_size("x = q.view(b, s, h, -1, 2)\ny = k.view(b, s, h, self.head_dim)\n") is None
+    assert literal_head_size((CORPUS / "internlm" / "modeling_internlm.py").read_text()) is None
 
 
 def test_key_value_heads_equal_to_the_heads_stay_equal():
