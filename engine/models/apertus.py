@@ -123,19 +123,22 @@ class ApertusDecoderLayer(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
+        residual: torch.Tensor | None,
         positions: torch.Tensor,
         kv_cache: KVCache,
         input_metadata: InputMetadata,
     ):
-        residual = hidden_states
-        hidden_states = self.attention_layernorm(hidden_states)
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.attention_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.attention_layernorm(hidden_states, residual)
         hidden_states = self.self_attn(hidden_states, positions, kv_cache, input_metadata)
 
         # Fully Connected
         hidden_states, residual = self.feedforward_layernorm(hidden_states, residual)
         hidden_states = self.mlp(hidden_states)
-        hidden_states = residual + hidden_states
-        return hidden_states
+        return hidden_states, residual
 
 
 class ApertusModel(nn.Module):
@@ -156,10 +159,13 @@ class ApertusModel(nn.Module):
     ):
         hidden_states = self.embed_tokens(input_ids)
 
+        residual = None
         for layer_idx, decoder_layer in enumerate(self.layers):
-            hidden_states = decoder_layer(hidden_states, positions, kv_caches[layer_idx], input_metadata)
+            hidden_states, residual = decoder_layer(
+                hidden_states, residual, positions, kv_caches[layer_idx], input_metadata
+            )
 
-        hidden_states = self.norm(hidden_states)
+        hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states
 
 

@@ -98,7 +98,7 @@ class CodeGenMLP(nn.Module):
 
         self.act = ACT2FN[config.activation_function]
 
-    def forward(self, hidden_states: torch.FloatTensor | None) -> torch.FloatTensor:
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = self.fc_in(hidden_states)
         hidden_states = self.act(hidden_states)
         hidden_states = self.fc_out(hidden_states)

@@ -54,7 +54,7 @@ class GlmMLP(nn.Module):
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=False)
         self.activation_fn = ACT2FN[config.hidden_act]
 
-    def forward(self, hidden_states: torch.FloatTensor) -> torch.FloatTensor:
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         up_states = self.gate_up_proj(hidden_states)
 
         gate, up_states = up_states.chunk(2, dim=-1)
@@ -123,20 +123,23 @@ class GlmDecoderLayer(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
+        residual: torch.Tensor | None,
         positions: torch.Tensor,
         kv_cache: KVCache,
         input_metadata: InputMetadata,
     ):
-        residual = hidden_states
-        hidden_states = self.input_layernorm(hidden_states)
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
         # Self Attention
         hidden_states = self.self_attn(hidden_states, positions, kv_cache, input_metadata)
 
         # Fully Connected
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         hidden_states = self.mlp(hidden_states)
-        hidden_states = residual + hidden_states
-        return hidden_states
+        return hidden_states, residual
 
 
 class GlmModel(nn.Module):
@@ -157,10 +160,13 @@ class GlmModel(nn.Module):
     ):
         hidden_states = self.embed_tokens(input_ids)
 
+        residual = None
         for layer_idx, decoder_layer in enumerate(self.layers):
-            hidden_states = decoder_layer(hidden_states, positions, kv_caches[layer_idx], input_metadata)
+            hidden_states, residual = decoder_layer(
+                hidden_states, residual, positions, kv_caches[layer_idx], input_metadata
+            )
 
-        hidden_states = self.norm(hidden_states)
+        hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states
 
 

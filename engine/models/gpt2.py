@@ -101,7 +101,7 @@ class GPT2MLP(nn.Module):
         self.c_proj = RowParallelLinear(intermediate_size, embed_dim, checkpoint_transposed=True)
         self.act = ACT2FN[config.activation_function]
 
-    def forward(self, hidden_states: tuple[torch.FloatTensor] | None) -> torch.FloatTensor:
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = self.c_fc(hidden_states)
         hidden_states = self.act(hidden_states)
         hidden_states = self.c_proj(hidden_states)

@@ -182,20 +182,23 @@ class Qwen2MoeDecoderLayer(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
+        residual: torch.Tensor | None,
         positions: torch.Tensor,
         kv_cache: KVCache,
         input_metadata: InputMetadata,
     ):
-        residual = hidden_states
-        hidden_states = self.input_layernorm(hidden_states)
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
         # Self Attention
         hidden_states = self.self_attn(hidden_states, positions, kv_cache, input_metadata)
 
         # Fully Connected
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         hidden_states = self.mlp(hidden_states)
-        hidden_states = residual + hidden_states
-        return hidden_states
+        return hidden_states, residual
 
 
 class Qwen2MoeModel(nn.Module):
@@ -218,10 +221,13 @@ class Qwen2MoeModel(nn.Module):
     ):
         hidden_states = self.embed_tokens(input_ids)
 
+        residual = None
         for i, decoder_layer in enumerate(self.layers):
-            hidden_states = decoder_layer(hidden_states, positions, kv_caches[i], input_metadata)
+            hidden_states, residual = decoder_layer(
+                hidden_states, residual, positions, kv_caches[i], input_metadata
+            )
 
-        hidden_states = self.norm(hidden_states)
+        hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states
 
 
