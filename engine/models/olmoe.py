@@ -81,8 +81,6 @@ class OlmoeAttention(nn.Module):
         kv_cache: KVCache,
         input_metadata: InputMetadata,
     ):
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
         q, k, v = self.qkv_proj(hidden_states).split(
             [self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], dim=-1
         )
@@ -96,13 +94,13 @@ class OlmoeAttention(nn.Module):
             key_states.clamp_(min=-self.config.clip_qkv, max=self.config.clip_qkv)
             value_states.clamp_(min=-self.config.clip_qkv, max=self.config.clip_qkv)
 
-        query_states = query_states.view(*hidden_shape)
-        key_states = key_states.view(*hidden_shape)
-        value_states = value_states.view(*hidden_shape)
+        query_states = query_states.unflatten(-1, (-1, self.head_dim))
+        key_states = key_states.unflatten(-1, (-1, self.head_dim))
+        value_states = value_states.unflatten(-1, (-1, self.head_dim))
         query_states, key_states = self.rotary_emb(positions, query_states, key_states)
         attn_output = self.attn(query_states, key_states, value_states, kv_cache, input_metadata)
 
-        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        attn_output = attn_output.flatten(1).contiguous()
         attn_output = self.o_proj(attn_output)
         return attn_output
 

@@ -96,8 +96,8 @@ class _Replace(cst.CSTTransformer):
         if not (isinstance(func, cst.Attribute) and func.attr.value in SHAPE_METHODS):
             return updated
         args = [code_of(a).strip().rstrip(",").strip() for a in updated.args]
-        if len(args) == 1 and args[0] in self.heads:
-            size = self.heads[args[0]]
+        if len(args) == 1 and args[0].lstrip("*") in self.heads:  # `.view(shape)` or `.view(*shape)`
+            size = self.heads[args[0].lstrip("*")]
             return _call(func.value, "unflatten", f"-1, (-1, {code_of(size).strip()})")
         if args == [f"*{self.leading}", "-1"]:
             return _call(func.value, "flatten", "1")

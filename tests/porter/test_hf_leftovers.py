@@ -90,7 +90,8 @@ def test_batch_shapes_used_only_for_heads_become_unflatten_and_flatten():
                 input_shape = hidden_states.shape[:-1]
                 hidden_shape = (*input_shape, -1, self.head_dim)
                 q = self.q(hidden_states).view(hidden_shape)
-                out = self.attn(q)
+                k = self.k(hidden_states).view(*hidden_shape)
+                out = self.attn(q, k)
                 return out.reshape(*input_shape, -1).contiguous()
         """
     )
@@ -100,7 +101,8 @@ def test_batch_shapes_used_only_for_heads_become_unflatten_and_flatten():
         class A(nn.Module):
             def forward(self, hidden_states):
                 q = self.q(hidden_states).unflatten(-1, (-1, self.head_dim))
-                out = self.attn(q)
+                k = self.k(hidden_states).unflatten(-1, (-1, self.head_dim))
+                out = self.attn(q, k)
                 return out.flatten(1).contiguous()
         """,
     )
