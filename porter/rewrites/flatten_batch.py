@@ -24,7 +24,10 @@
   (`scale[:, None, None]`: `[T]` to `[T, 1, 1]` against `[T, H, D]`);
 - an einops pattern that keeps its first two axes in place on both sides (`rearrange(x,
   "b q (h gs d) -> b q h gs d", ...)`: batch and sequence, only the trailing axes regrouped) loses
-  the batch axis on both sides (`"q (h gs d) -> q h gs d"`), and a size given for it.
+  the batch axis on both sides (`"q (h gs d) -> q h gs d"`), and a size given for it;
+- in an attention class that folds its heads into the batch (`x.reshape(batch * heads, seq,
+  head_dim)`), the fold and the views after it that undo it (a heads-first split, the merge of
+  `heads * head_dim`) go, or become `flatten(1)`: per-token rows `[T, H, D]` hold heads on their own axis.
 """
 
 from __future__ import annotations
@@ -129,6 +132,7 @@ class _Transformer(ClassScopedTransformer):
         self.einops = einops  # local names of einops and its pattern functions
         self.batch_names: set[str] = set()
         self.attention_outputs: set[str] = set()  # variables holding the paged attention's output
+        self.folds_heads = False
 
     @property
     def active(self) -> bool:
@@ -156,6 +160,7 @@ class _Transformer(ClassScopedTransformer):
     def visit_FunctionDef(self, node: cst.FunctionDef) -> bool:
         super().visit_FunctionDef(node)
         self.batch_names, self.attention_outputs = set(), set()
+        self.folds_heads = False  # this function folded heads into the batch ([B*H, S, D])
         return True
 
     def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef):
@@ -308,6 +313,10 @@ class _Transformer(ClassScopedTransformer):
             )
             return receiver
         if method in RESHAPES and updated.args:
+            folded = self._folded_heads(updated)
+            if folded is not None:
+                self.context.record("flatten-batch", self.where, original, folded[0], folded[1])
+                return folded[0]
             args = [a for a in updated.args if code_of(a.value) not in self.batch_names]
             head_dim = self.head_dim
             heads = self.head_count
@@ -346,6 +355,46 @@ class _Transformer(ClassScopedTransformer):
                 self.context.record("flatten-batch", self.where, original, new, "batch dimension removed")
                 return new
         return updated
+
+    def _folded_heads(self, call: cst.Call) -> tuple[cst.BaseExpression, str] | None:
+        """The views of an attention that folds its heads into the batch (`[B*H, S, D]`, Bloom's
+        layout, for a `bmm` or a rotary module over `[*, S, D]`), in per-token rows `[T, H, D]`:
+        - the fold `x.reshape(batch * heads, seq, head_dim)` goes: heads keep their own axis;
+        - after it, a heads-first split `x.reshape(batch, heads, -1, head_dim)` goes: the rows are
+          that split already;
+        - after it, the merge `x.reshape(batch, seq, heads * head_dim)` is `x.flatten(1)`: this
+          rank's heads side by side."""
+        # the head count is the one the view names (`self.num_heads`), which the attention's
+        # analysis may spell otherwise (`config.n_head`): only the batch and the head size are matched
+        head_dim = self.head_dim
+        if head_dim is None or self.current_class not in self.context.plan.attention:
+            return None
+        receiver = call.func.value
+        sizes = [code_of(a.value) for a in call.args]
+        first = call.args[0].value
+        if (
+            isinstance(first, cst.BinaryOperation)
+            and isinstance(first.operator, cst.Multiply)
+            and {code_of(first.left), code_of(first.right)} & self.batch_names
+            and sizes[-1] == head_dim
+        ):
+            self.folds_heads = True
+            return receiver, "heads folded into the batch: per-token rows [T, H, D] keep their heads axis"
+        if not self.folds_heads:
+            return None
+        if len(sizes) == 4 and sizes[0] in self.batch_names and sizes[3] == head_dim:
+            return receiver, "a heads-first split: per-token rows [T, H, D] are split by head already"
+        width = call.args[-1].value
+        if (
+            len(sizes) >= 2
+            and set(sizes[:-1]) <= self.batch_names
+            and isinstance(width, cst.BinaryOperation)
+            and isinstance(width.operator, cst.Multiply)
+            and code_of(width.right) == head_dim
+        ):
+            new = cst.parse_expression(f"{code_of(receiver)}.flatten(1)")
+            return new, "merge heads of per-token rows [T, H, D]: this rank's heads side by side"
+        return None
 
     def _unbatched_pattern(self, original: cst.Call, updated: cst.Call) -> cst.Call:
         """`rearrange(x, "b q (h d) -> b q h d", d=...)` -> `rearrange(x, "q (h d) -> q h d", d=...)`."""

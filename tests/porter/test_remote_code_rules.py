@@ -247,3 +247,14 @@ def test_a_fused_projection_sized_kv_times_two_plus_heads_becomes_a_qkv_parallel
         "self.query_key_value=QKVParallelLinear(self.hidden_size,self.head_dim,config.n_head,"
         "config.n_head_kv,bias=config.bias,checkpoint_layout='grouped')"
     ) in init, init
+
+
+def test_heads_folded_into_the_batch_stay_on_their_own_axis_in_per_token_rows(falcon_rw_source):
+    # `query_layer.transpose(1, 2).reshape(batch_size * self.num_heads, q_length, self.head_dim)`,
+    # back with `query_layer.reshape(batch_size, self.num_heads, -1, self.head_dim)` around the
+    # attention core, the output merged by `x.reshape(batch_size, q_length, self.num_heads * self.head_dim)`.
+    assert "reshape(batch_size * self.num_heads, q_length, self.head_dim)" in falcon_rw_source
+    forward = method_code(run_through(falcon_rw_source, "flatten-batch", module=None).code, "Attention", "forward")
+    lines = {line.split("#")[0].strip() for line in forward.splitlines()}
+    assert not [line for line in lines if "batch_size" in line or "q_length" in line], forward
+    assert {"query_layer_ = query_layer", "value_layer_ = value_layer", "attn_output = x.flatten(1)"} <= lines
