@@ -15,6 +15,7 @@ from porter.analysis.unassigned_attributes import unassigned_attribute_reads
 from porter.analysis.unsupported import find_unsupported
 from porter.emit import undefined_names
 from porter.errors import PorterError
+from porter.rewrites.accessor_methods import InlineItemAccessors
 from porter.rewrites.attention_sinks import AttentionSinks
 from porter.rewrites.base import Change, PortContext, ReviewItem, Rewrite
 from porter.rewrites.blocked_qkv import SplitBlockedQKV
@@ -60,6 +61,7 @@ from porter.rewrites.unused_modules import DropUnusedModules
 # The order matters: each rewrite sees the output of the ones before it.
 REWRITES: list[Rewrite] = [
     UnwrapModuleFactories(),  # `init_method(nn.Linear, ...)` (a factory given the class) -> `nn.Linear(...)`
+    InlineItemAccessors(),  # `self.get_layer(i)` that only returns `self.layers[i]` -> `self.layers[i]`
     BuildTableClass(),  # a submodule picked from a table of backend classes -> the common class
     PlainLinear(),  # Linear subclasses that only compute x W^T + b -> the Linear itself
     SplitConditionalModules(),  # `self.m = A(...) if c else B(...)` -> an if/else of the two

@@ -5,10 +5,13 @@ The spelling changes from release to release (`layer_past`, `past_key_value`, `p
 - its annotation names a cache class of the framework (resolved through the file's imports and
   aliases by libcst's QualifiedNameProvider: `from ...cache_utils import Cache as C` counts);
 - the forward calls the cache API on it: `p.update(key, value, layer_idx, ...)`, `p.get_seq_length()`;
+- the forward unpacks it into two tensors and concatenates one in front of another (the tuple cache
+  of past keys and values: `cache_k, cache_v = p`; `torch.cat((cache_k, key_layer), dim=0)`);
 - a deprecation decorator declares it the new name of a plumbing parameter
   (`@deprecate_kwarg("past_key_values", ..., new_name="cache")`);
 - or it is handed to a submodule's forward as that forward's cache parameter, or receives a cache
-  parameter of its caller (the decoder layer threads the model's cache to its attention).
+  parameter of its caller (the decoder layer threads the model's cache to its attention); an item
+  of it handed on (`kv_cache=kv_caches[index]`) links the per-layer list to one layer's cache.
 Read-only; the signatures analysis drops these parameters like the plumbing it knows by name.
 """
 
@@ -22,6 +25,7 @@ from porter.analysis.cst_utils import (
     call_name,
     calls_in,
     function_params,
+    nodes_of,
     self_attribute_path,
 )
 from porter.analysis.model_index import ModelIndex
@@ -47,6 +51,7 @@ def cache_inputs(index: ModelIndex, plumbing: set[str]) -> dict[str, set[str]]:
     for name, forward in forwards.items():
         params = set(function_params(forward)[1:])
         roles = annotated.get(name, set()) | (params & _cache_api_receivers(forward.body))
+        roles |= params & _concatenated_pairs(forward.body)
         roles |= params & _renamed_plumbing(forward, plumbing)
         if roles:
             found[name] = roles
@@ -197,6 +202,32 @@ def _cache_api_receivers(body: cst.CSTNode, methods: tuple[str, ...] = tuple(CAC
     return found
 
 
+def _concatenated_pairs(body: cst.CSTNode) -> set[str]:
+    """Names unpacked into two (`a, b = p`) where `a` or `b` is concatenated in front of another
+    tensor (`torch.cat((a, x), ...)`): past keys and values carried as a tuple."""
+    pairs: dict[str, str] = {}
+    for node in nodes_of(body, cst.Assign):
+        target = node.targets[0].target if len(node.targets) == 1 else None
+        if (
+            isinstance(target, cst.Tuple)
+            and len(target.elements) == 2
+            and all(isinstance(e.value, cst.Name) for e in target.elements)
+            and isinstance(node.value, cst.Name)
+        ):
+            for element in target.elements:
+                pairs[element.value.value] = node.value.value
+    found: set[str] = set()
+    for call in calls_in(body):
+        if (call_name(call) or "").rpartition(".")[2] != "cat" or not call.args:
+            continue
+        tensors = call.args[0].value
+        if isinstance(tensors, (cst.Tuple, cst.List)) and len(tensors.elements) >= 2:
+            first = tensors.elements[0].value
+            if isinstance(first, cst.Name) and first.value in pairs:
+                found.add(pairs[first.value])
+    return found
+
+
 def _renamed_plumbing(forward: cst.FunctionDef, plumbing: set[str]) -> set[str]:
     """New names a decorator gives plumbing parameters: `@deprecate_kwarg("old", ..., new_name="new")`."""
     renamed = set()
@@ -254,21 +285,34 @@ def _keyword_links(index: ModelIndex, owner: str) -> list[tuple[str, str, str, s
             continue
         callee_params = function_params(callee_forward)[1:]
         for position, arg in enumerate(call.args):
-            if not isinstance(arg.value, cst.Name) or arg.star:
+            value = arg.value.value if isinstance(arg.value, cst.Subscript) else arg.value
+            if not isinstance(value, cst.Name) or arg.star:
                 continue
             if arg.keyword is not None:
                 receiver = arg.keyword.value if arg.keyword.value in callee_params else None
             else:
                 receiver = callee_params[position] if position < len(callee_params) else None
             if receiver is not None:
-                links.append((owner, arg.value.value, callee, receiver))
+                links.append((owner, value.value, callee, receiver))
     return links
 
 
 def _layer_loop_vars(index: ModelIndex, owner: str, forward: cst.FunctionDef) -> dict[str, str]:
     """Loop variable -> the submodule class it runs: `for layer in self.layers[:n]:`, with or
-    without `enumerate`."""
+    without `enumerate`, or a name a loop body binds to one item (`layer = self.layers[index]`)."""
     found = {}
+    for loop in _loops(forward.body):
+        for node in nodes_of(loop.body, cst.Assign):
+            value, targets = node.value, node.targets
+            if (
+                isinstance(value, cst.Subscript)
+                and len(targets) == 1
+                and isinstance(targets[0].target, cst.Name)
+            ):
+                path = self_attribute_path(value.value)
+                child = index.class_of_path(owner, path) if path else None
+                if child is not None:
+                    found[targets[0].target.value] = child
     for loop in _loops(forward.body):
         iterable, target = loop.iter, loop.target
         if call_name(iterable) == "enumerate" and isinstance(target, cst.Tuple) and len(target.elements) == 2:

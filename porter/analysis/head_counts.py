@@ -68,12 +68,15 @@ def _three_part_heads(info: ClassInfo, out: cst.BaseExpression, head_dim: str) -
 
 
 def _doubled(node: cst.BaseExpression) -> cst.BaseExpression | None:
-    """`x` of `2 * x` or `x * 2`."""
+    """`x` of `2 * x` or `x * 2`; `a * b` of a product with a factor 2 among others (`2 * a * b`)."""
     if isinstance(node, cst.BinaryOperation) and isinstance(node.operator, cst.Multiply):
         if code_of(node.left) == "2":
             return node.right
         if code_of(node.right) == "2":
             return node.left
+        inner = _doubled(node.left)
+        if inner is not None:
+            return node.with_changes(left=inner)
     return None
 
 

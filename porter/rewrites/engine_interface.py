@@ -71,6 +71,9 @@ class _Transformer(ClassScopedTransformer):
         super().visit_FunctionDef(node)
         self.loop_layers, self.result_vars = {}, set()
         self.tuple_vars: dict[str, cst.BaseExpression] = {}
+        # Names a submodule's tuple result was unpacked into besides its tensor (`presents`): what the
+        # submodule no longer returns, read from here on as the dropped output.
+        self.dropped_results: set[str] = set()
         return True
 
     def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef):
@@ -121,6 +124,12 @@ class _Transformer(ClassScopedTransformer):
             and id(original) not in self.not_variables
         ):
             return updated.with_changes(value="positions")
+        if (
+            self.in_rewritten_forward
+            and updated.value in self.dropped_results
+            and id(original) not in self.not_variables
+        ):
+            return updated.with_changes(value=DROPPED_OUTPUT)
         return updated
 
     # -- loops over layers -----------------------------------------------------------------------
@@ -138,6 +147,24 @@ class _Transformer(ClassScopedTransformer):
         child = self.index.class_of_path(self.current_class, path) if path else None
         if child is not None and isinstance(loop_var, cst.Name):
             self.loop_layers[loop_var.value] = (child, index_var)
+        return True
+
+    def visit_Assign(self, node: cst.Assign) -> bool:
+        """`layer = self.layers[index]` in a loop body: `layer(...)` runs that layer, whose cache is
+        `kv_caches[index]`."""
+        target = node.targets[0].target if len(node.targets) == 1 else None
+        value = node.value
+        if (
+            self.in_rewritten_forward
+            and isinstance(target, cst.Name)
+            and isinstance(value, cst.Subscript)
+            and len(value.slice) == 1
+            and isinstance(value.slice[0].slice, cst.Index)
+        ):
+            path = self_attribute_path(value.value)
+            child = self.index.class_of_path(self.current_class, path) if path else None
+            if child is not None:
+                self.loop_layers[target.value] = (child, code_of(value.slice[0].slice.value))
         return True
 
     def leave_For(self, original: cst.For, updated: cst.For) -> cst.BaseStatement:
@@ -231,6 +258,20 @@ class _Transformer(ClassScopedTransformer):
         if self.in_rewritten_forward and isinstance(target, cst.Name) and isinstance(value, cst.Tuple):
             if value.elements:  # `outputs = (hidden_states, ...)`, returned later
                 self.tuple_vars[target.value] = value.elements[0].value
+        if (
+            self.in_rewritten_forward
+            and isinstance(target, cst.Tuple)
+            and target.elements
+            and isinstance(updated.value, cst.Name)
+            and updated.value.value in self.result_vars
+        ):
+            # `hidden_states, kv_cache = layer_ret` of a result kept under a name: its one tensor.
+            first = target.elements[0].value
+            self._drop_results(target)
+            self.context.record(
+                "engine-interface", self.where, target, first, "the submodule returns one tensor"
+            )
+            return updated.with_changes(targets=[cst.AssignTarget(first)])
         if not self.in_rewritten_forward or not isinstance(updated.value, cst.Call):
             return updated
         callee, _ = self._callee(updated.value.func)
@@ -239,6 +280,7 @@ class _Transformer(ClassScopedTransformer):
         target = updated.targets[0].target
         if isinstance(target, cst.Tuple) and target.elements:
             first = target.elements[0].value
+            self._drop_results(target)
             self.context.record(
                 "engine-interface", self.where, target, first, f"{callee} now returns one tensor"
             )
@@ -246,6 +288,14 @@ class _Transformer(ClassScopedTransformer):
         if isinstance(target, cst.Name):
             self.result_vars.add(target.value)
         return updated
+
+    def _drop_results(self, target: cst.Tuple) -> None:
+        first = target.elements[0].value
+        for element in target.elements[1:]:
+            if isinstance(element.value, cst.Name) and not (
+                isinstance(first, cst.Name) and first.value == element.value.value
+            ):
+                self.dropped_results.add(element.value.value)
 
     def leave_AnnAssign(self, original: cst.AnnAssign, updated: cst.AnnAssign):
         if self.in_rewritten_forward and isinstance(updated.value, cst.Call) and updated.value is not None:

@@ -25,6 +25,7 @@ from porter.analysis.cache_inputs import cache_inputs
 from porter.analysis.cst_utils import call_name, code_of, dotted_name, self_attribute
 from porter.analysis.signatures import PLUMBING
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
+from porter.rewrites.cache_names import rename_colliding_caches
 
 FRAMEWORK_BASES = {"PreTrainedModel", "GradientCheckpointingLayer", "GenerationMixin", "PretrainedModel"}
 HF_API_METHODS = {
@@ -69,7 +70,8 @@ class StripHFPlumbing(Rewrite):
             _read_tied_keys(statement, context)
         # Read while the decorators that rename cache parameters are still there.
         context.plan.cache_inputs = cache_inputs(context.index, PLUMBING)
-        return module.visit(_Transformer(context, framework_classes(context), _framework_imports(module)))
+        module = module.visit(_Transformer(context, framework_classes(context), _framework_imports(module)))
+        return rename_colliding_caches(module, context)
 
 
 def _framework_imports(module: cst.Module) -> set[str]:
