@@ -308,6 +308,50 @@ def _kv_repetitions(before: list, kv: set[str], index: ModelIndex) -> list[cst.S
     return found
 
 
+# Methods of a hand-written KV-head repetition: a new axis, expanded to the group size, merged back
+# into the head axis (`k.unsqueeze(-2)`, `k.expand(-1, -1, -1, groups, -1)`, `k.contiguous().view(...)`).
+HAND_REPEAT_METHODS = {"unsqueeze", "expand", "contiguous", "view", "reshape", "flatten"}
+HAND_REPEAT_MERGES = {"view", "reshape", "flatten"}
+
+
+def hand_repetitions(statements: list, kv: set[str]) -> set[int]:
+    """Positions in `statements` (one block) of KV-head repetitions written out step by step: per
+    tensor of `kv`, assignments `t = t.<methods>(...)` of HAND_REPEAT_METHODS that together add an
+    axis, expand it and merge it back (a plain view of t alone is no repetition)."""
+    steps: dict[str, list[int]] = {}
+    methods: dict[str, set[str]] = {}
+    for position, statement in enumerate(statements):
+        target, chain = _method_chain_assignment(statement)
+        if target in kv and chain and set(chain) <= HAND_REPEAT_METHODS:
+            steps.setdefault(target, []).append(position)
+            methods.setdefault(target, set()).update(chain)
+    return {
+        position
+        for tensor, positions in steps.items()
+        if {"unsqueeze", "expand"} <= methods[tensor] and methods[tensor] & HAND_REPEAT_MERGES
+        for position in positions
+    }
+
+
+def _method_chain_assignment(statement) -> tuple[str | None, list[str]]:
+    """(`t`, [methods]) of `t = t.a(...).b(...)`, else (None, [])."""
+    if not (
+        isinstance(statement, cst.SimpleStatementLine)
+        and len(statement.body) == 1
+        and isinstance(statement.body[0], cst.Assign)
+        and len(statement.body[0].targets) == 1
+        and isinstance(statement.body[0].targets[0].target, cst.Name)
+    ):
+        return None, []
+    target, value, chain = statement.body[0].targets[0].target.value, statement.body[0].value, []
+    while isinstance(value, cst.Call) and isinstance(value.func, cst.Attribute):
+        chain.insert(0, value.func.attr.value)
+        value = value.func.value
+    if not (isinstance(value, cst.Name) and value.value == target):
+        return None, []
+    return target, chain
+
+
 # einops' functions that repeat a tensor along a named axis: `repeat(k, "b n h d -> b n (h g) d")`
 TENSOR_REPEATS = {("einops", "repeat")}
 
@@ -459,7 +503,9 @@ def _paired_arguments(statement: cst.CSTNode, functions: set[str]) -> dict[str, 
     targets = [e.value for e in small.targets[0].target.elements]
     positional = [a.value for a in small.value.args if a.keyword is None and not a.star]
     pairs = list(zip(targets, positional))
-    if len(pairs) < len(targets) or not all(isinstance(t, cst.Name) and isinstance(a, cst.Name) for t, a in pairs):
+    if len(pairs) < len(targets) or not all(
+        isinstance(t, cst.Name) and isinstance(a, cst.Name) for t, a in pairs
+    ):
         return None
     return {t.value: a.value for t, a in pairs}
 

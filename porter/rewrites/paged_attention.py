@@ -13,7 +13,7 @@ from __future__ import annotations
 import libcst as cst
 
 from porter.analysis.alibi import Slopes, derive_slopes
-from porter.analysis.attention import AttentionInfo, analyse_attention, repeats_heads
+from porter.analysis.attention import AttentionInfo, analyse_attention, hand_repetitions, repeats_heads
 from porter.analysis.cst_utils import call_name, code_of, names_in, self_attribute, statement_targets
 from porter.analysis.inline_attention import relayout_source
 from porter.analysis.mask_windows import extra_window_keys, widened
@@ -185,7 +185,17 @@ class _Transformer(ClassScopedTransformer):
         it (`k = repeat(k, ...)` under `if groups > 1:`, ahead of the rotary step, not only right
         before the core); an `if` left with nothing to do goes with them."""
         kept = []
-        for statement in statements:
+        by_hand = hand_repetitions(statements, kv)
+        for position, statement in enumerate(statements):
+            if position in by_hand:
+                self.context.record(
+                    "paged-attention",
+                    self.where,
+                    statement,
+                    "",
+                    "a step of a KV-head repetition; PagedAttention maps query heads to KV heads itself",
+                )
+                continue
             if isinstance(statement, cst.If) and statement.orelse is None:
                 inner = self._without_kv_repeats(list(statement.body.body), kv)
                 if not inner:

@@ -10,7 +10,7 @@ from pathlib import Path
 import libcst as cst
 import pytest
 
-from porter.analysis.attention import analyse_attention
+from porter.analysis.attention import analyse_attention, hand_repetitions
 from porter.analysis.model_index import build_index
 from tests.porter.rewrite_helpers import method_code, normalize, run_through
 
@@ -85,3 +85,18 @@ def test_a_fused_size_set_then_overridden_under_a_flag_gives_kv_heads_by_that_fl
     assert info.num_kv_heads == (
         "(config.multi_query_group_num if self.multi_query_attention else config.num_attention_heads)"
     )
+
+
+def test_a_kv_head_repetition_written_step_by_step_goes_before_the_paged_call(source, dead_code_removed):
+    # `key_layer = key_layer.unsqueeze(-2)`; `key_layer = key_layer.expand(-1, -1, -1, H // G, -1)`;
+    # `key_layer = key_layer.contiguous().view(...)`, the same for value_layer, under `if self.multi_query_attention:`
+    assert "key_layer = key_layer.unsqueeze(-2)" in source
+    attention = normalize(method_code(dead_code_removed, "SelfAttention", "forward"))
+    assert ".unsqueeze(" not in attention and ".expand(" not in attention
+    assert "self.attn(query_layer, key_layer, value_layer, kv_cache, input_metadata)" in attention
+    assert "key_layer = key_layer.view(" in attention  # the split's view into KV heads is no repetition
+
+
+def test_a_view_alone_is_no_hand_repetition():
+    statements = [cst.parse_statement("k = k.view(s, b, h, d)"), cst.parse_statement("v = v.contiguous()")]
+    assert hand_repetitions(statements, {"k", "v"}) == set()
