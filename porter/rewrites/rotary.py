@@ -12,6 +12,11 @@ The rotation style is read from the apply function: half-split (`rotate_half`, G
 interleaved pairs (`x[..., ::2]`, GPT-J style); and its direction from the pair it builds: HF's
 `cat((-x2, x1))` turns each pair by its angle, `cat((x2, -x1))` (NanoChat) by minus its angle, which
 is `get_rope(..., reverse=True)`.
+A rotary module may also rotate q and k itself (`q, k = self.rotary(q, k)`, its forward returning
+the pair rotated by the positions of their sequence axis): the call becomes the engine's layer on
+the token positions. Built under a condition with an identity for the other choice
+(`Rotary(d) if config.rotary else lambda q, k: (q, k)`), the rope is built under that condition,
+else None, and q and k rotate only where it is built.
 """
 
 from __future__ import annotations
@@ -189,6 +194,47 @@ def _is_rotary_module(info: ClassInfo, functions: dict[str, cst.FunctionDef]) ->
     return {"sin", "cos"} <= computed
 
 
+def _applies_itself(info: ClassInfo) -> bool:
+    """A rotary module whose forward takes two tensors and returns the pair rotated (`forward(self,
+    q, k)` computing `(q * cos) + (rotate_half(q) * sin), (k * cos) + ...`): the rotation is
+    applied inside the module, by the positions of the tensors' sequence axis."""
+    forward = info.methods.get("forward")
+    if forward is None:
+        return False
+    params = function_params(forward)[1:]
+    if len(params) != 2:
+        return False
+    returns = m.findall(forward, m.Return(value=m.Tuple(elements=[m.DoNotCare(), m.DoNotCare()])))
+    return len(returns) == 1 and all(
+        params[i] in names_in(element.value) and params[1 - i] not in names_in(element.value)
+        for i, element in enumerate(returns[0].value.elements)
+    )
+
+
+def _optional_rotary_attrs(index, rotary_classes: set[str]) -> dict[tuple[str, str], str]:
+    """(class, attribute) -> rotary class, for `self.x = Rotary(...) if condition else lambda q, k:
+    (q, k)` in `__init__`: the module where the condition holds, else nothing rotates."""
+    found = {}
+    for info in index.classes.values():
+        init = info.methods.get("__init__")
+        if init is None:
+            continue
+        for assign in m.findall(init, m.Assign(value=m.IfExp(body=m.Call(), orelse=m.Lambda()))):
+            rotary = call_name(assign.value.body)
+            attr = self_attribute(assign.targets[0].target)
+            if attr is not None and rotary in rotary_classes and _is_identity(assign.value.orelse):
+                found[(info.name, attr)] = rotary
+    return found
+
+
+def _is_identity(function: cst.Lambda) -> bool:
+    """`lambda q, k: (q, k)`: returns its parameters as they came."""
+    params = [p.name.value for p in function.params.params]
+    body = function.body
+    returned = [code_of(e.value) for e in body.elements] if isinstance(body, cst.Tuple) else [code_of(body)]
+    return returned == params
+
+
 def _function_of(call: cst.Call) -> str | None:
     """`sin` for `torch.sin(x)`, `x.sin()` or `sin(x)`: the last name of what is called."""
     func = call.func
@@ -285,6 +331,18 @@ class _Transformer(ClassScopedTransformer):
         self.built_sizes: dict[tuple[str, str, str], cst.BaseExpression] = {}
         self.rescaling: dict[str, list[str]] = {}  # rotary class -> forward params rescaling its frequencies
         self.rope_bases: dict[str, str] = {}  # attention class -> the rope base its construction passed
+        # attention class -> the condition its construction built the rotary module under (the
+        # other choice an identity, `lambda q, k: (q, k)`)
+        self.rope_conditions: dict[str, cst.BaseExpression] = {}
+        # (class, attribute) -> rotary class, for a rotary module built under a condition
+        self.optional_rotary = _optional_rotary_attrs(context.index, rotary_classes)
+        self.rotary_attrs |= set(self.optional_rotary)
+        # rotary classes whose forward takes q and k and returns them rotated
+        self.self_applying = {
+            name: _is_neox_style(context.index.classes[name].node, context.index.functions)
+            for name in rotary_classes
+            if _applies_itself(context.index.classes[name])
+        }
 
     def leave_Attribute(self, original: cst.Attribute, updated: cst.BaseExpression) -> cst.BaseExpression:
         """`self.rotary_emb.dim` -> what the replaced module was built with for it."""
@@ -303,9 +361,24 @@ class _Transformer(ClassScopedTransformer):
             return updated
         small = updated.body[0]
         value = getattr(small, "value", None)
+        if (
+            isinstance(small, cst.Assign)
+            and isinstance(value, cst.IfExp)
+            and (self.current_class, self_attribute(small.targets[0].target)) in self.optional_rotary
+            and self._constructing()
+        ):
+            self._note_inputs(value.body)
+            self.rope_conditions[self.current_class] = value.test
+            self.context.record(
+                "rotary", self.where, updated, "", "rotary module replaced by the engine's rotary layer"
+            )
+            return cst.RemovalSentinel.REMOVE
         if isinstance(small, cst.Assign) and isinstance(value, cst.Call):
             attr = self_attribute(innermost_call(value).func)  # `self.rotary_emb(n).to(device)` too
             target_attr = self_attribute(small.targets[0].target)
+            rotary = self._rotary_class_of(attr)
+            if rotary in self.self_applying and self.current_function == "forward" and len(value.args) == 2:
+                return self._rotate_by_position(updated, value, self.self_applying[rotary])
             if (self.current_class, target_attr) in self.rotary_attrs and self._constructing():
                 self._note_inputs(value)
                 self._note_base(target_attr, value)
@@ -339,6 +412,30 @@ class _Transformer(ClassScopedTransformer):
                 )
                 return new
         return updated
+
+    def _rotary_class_of(self, attr: str | None) -> str | None:
+        if (self.current_class, attr) in self.optional_rotary:
+            return self.optional_rotary[(self.current_class, attr)]
+        if (self.current_class, attr) not in self.rotary_attrs:
+            return None
+        return self.context.index.classes[self.current_class].submodules.get(attr or "")
+
+    def _rotate_by_position(
+        self, statement: cst.SimpleStatementLine, call: cst.Call, neox: bool
+    ) -> cst.BaseStatement:
+        """`q, k = self.rotary(q, k)`, a module rotating q and k itself by the positions of their
+        sequence axis, -> the engine's rotary layer rotating them by each token's position (only
+        where the construction's condition built the module, when there is one)."""
+        q, k = (code_of(a.value) for a in call.args)
+        targets = ", ".join(statement_targets(statement))
+        rotate = f"{targets} = self.rotary_emb(positions, {q}, {k})"
+        if self.current_class in self.rope_conditions:
+            new: cst.BaseStatement = cst.parse_statement(f"if self.rotary_emb is not None:\n    {rotate}\n")
+        else:
+            new = cst.parse_statement(rotate)
+        self.applied_in[self.current_class] = neox
+        self.context.record("rotary", self.where, statement, new, "rotary embedding applied by position, per token")
+        return new
 
     def _note_base(self, attr: str, construction: cst.Call) -> None:
         """The rope base the construction passes where it is a config field other than the
@@ -503,7 +600,9 @@ class _Transformer(ClassScopedTransformer):
         """Whether every `if` in the rotation region tests only what the rotary module gave (`if
         emb is not None:`, its producer gone or dropped with the feeders): a test of anything else
         (a flag, an input) decides whether to rotate, which the replacement would not keep."""
-        tests = [n.test for s in region for n in nodes_of(s, cst.If)]
+        # an `if` with an `else` rotates in either branch (partial or whole features); one without
+        # may not rotate at all
+        tests = [n.test for s in region for n in nodes_of(s, cst.If) if n.orelse is None]
         if not tests:
             return True
         kept = [s for p, s in enumerate(body) if p not in feeders and all(s is not r for r in region)]
@@ -628,10 +727,13 @@ class _Transformer(ClassScopedTransformer):
             layer_type = f", layer_type={type_of_layer}"
         reverse = ", reverse=True" if class_name in self.reversed_in else ""
         base = f", rope_theta={self.rope_bases[class_name]}" if class_name in self.rope_bases else ""
-        statement = cst.parse_statement(
-            f"self.rotary_emb = get_rope({config}, {info.head_dim}{width}, is_neox_style={neox}"
-            f"{layer_type}{reverse}{base})"
+        rope = (
+            f"get_rope({config}, {info.head_dim}{width}, is_neox_style={neox}{layer_type}{reverse}{base})"
         )
+        condition = self.rope_conditions.get(class_name)
+        if condition is not None:
+            rope = f"{rope} if {code_of(condition)} else None"
+        statement = cst.parse_statement(f"self.rotary_emb = {rope}")
         self.context.need("engine.layers", "get_rope")
         self.context.record(
             "rotary", class_name, "", statement, "the engine's rotary layer, configured from the config"
