@@ -23,6 +23,7 @@ from porter.analysis.cst_utils import (
     calls_in,
     calls_softmax,
     dotted_name,
+    nodes_of,
     self_attribute,
     self_attribute_path,
 )
@@ -186,10 +187,10 @@ def _class_info(node: cst.ClassDef, factories: set[str] = frozenset()) -> ClassI
     info.head_module = head_module(methods.get("__init__"), methods.get("forward"))
     init = methods.get("__init__")
     if init is not None:
-        init.visit(_InitCalls(info, factories | factory_locals(init, factories)))
+        _note_init_calls(init, info, factories | factory_locals(init, factories))
         # Submodules built by a helper __init__ calls (`self._init_rope()`) are built in __init__ too.
         for helper in init_helpers(init, methods):
-            methods[helper].visit(_InitCalls(info, factories | factory_locals(methods[helper], factories)))
+            _note_init_calls(methods[helper], info, factories | factory_locals(methods[helper], factories))
     return info
 
 
@@ -224,20 +225,16 @@ def calls_method(statement: cst.CSTNode) -> str | None:
     return self_attribute(call.func) if isinstance(call, cst.Call) else None
 
 
-class _InitCalls(cst.CSTVisitor):
+def _note_init_calls(method: cst.FunctionDef, info: ClassInfo, factories: set[str]) -> None:
     """`self.x = C(...)`, and `self.x = factory(C, ...)` read as the `C(...)` it builds
-    (porter.analysis.module_factories)."""
-
-    def __init__(self, info: ClassInfo, factories: set[str] = frozenset()) -> None:
-        self.info, self.factories = info, factories
-
-    def visit_Assign(self, node: cst.Assign) -> None:
+    (porter.analysis.module_factories), in source order: the first call assigned to `x` is its call."""
+    for node in nodes_of(method, cst.Assign):
         for target in node.targets:
             attr = self_attribute(target.target)
             if attr is not None and isinstance(node.value, cst.Call):
-                call = built_call(node.value, self.factories) or node.value
-                self.info.init_calls.setdefault(attr, call)
-                self.info.all_init_calls.setdefault(attr, []).append(call)
+                call = built_call(node.value, factories) or node.value
+                info.init_calls.setdefault(attr, call)
+                info.all_init_calls.setdefault(attr, []).append(call)
 
 
 def _link_submodules(info: ClassInfo, classes: dict[str, ClassInfo], tables: dict[str, str]) -> None:
@@ -370,14 +367,13 @@ def _calls_attention_core(
     forward = info.methods.get("forward")
     if forward is None:
         return False
-    finder = _AttentionCoreFinder(info, functions)
-    forward.visit(finder)
+    if _calls_a_core(forward, info, functions):
+        return True
     # An eager core written inline: scores, a softmax and a product with the values in forward itself.
     code = cst.Module(body=[]).code_for_node(forward)
-    inline = calls_softmax(code) and (
+    return calls_softmax(code) and (
         any(f"{op}(" in code for op in ("matmul", "bmm", "baddbmm")) or _has_matrix_product(forward)
     )
-    return finder.found or inline
 
 
 def core_modules(
@@ -403,18 +399,7 @@ def _called_attributes(info: ClassInfo) -> set[str]:
 
 def _has_matrix_product(node: cst.CSTNode) -> bool:
     """The `@` operator somewhere in `node` (scores and values written as `q @ k.T`, `p @ v`)."""
-    found: list[bool] = []
-
-    class _Find(cst.CSTVisitor):
-        def visit_MatrixMultiply(self, operator: cst.MatrixMultiply) -> None:
-            found.append(True)
-
-    node.visit(_Find())
-    return bool(found)
-
-
-def _has_softmax(node: cst.CSTNode) -> bool:
-    return calls_softmax(cst.Module(body=[]).code_for_node(node))
+    return bool(nodes_of(node, cst.MatrixMultiply))
 
 
 def _is_attention_core(function: cst.FunctionDef) -> bool:
@@ -422,24 +407,24 @@ def _is_attention_core(function: cst.FunctionDef) -> bool:
     a router's choice over experts, not attention."""
     code = cst.Module(body=[]).code_for_node(function)
     products = ("matmul(", "bmm(", "baddbmm(", "einsum(")
-    return _has_softmax(function) and (any(p in code for p in products) or _has_matrix_product(function))
+    return calls_softmax(code) and (any(p in code for p in products) or _has_matrix_product(function))
 
 
-class _AttentionCoreFinder(cst.CSTVisitor):
-    def __init__(self, info: ClassInfo, functions: dict[str, cst.FunctionDef]) -> None:
-        self.info, self.functions, self.found = info, functions, False
-
-    def visit_Call(self, node: cst.Call) -> None:
+def _calls_a_core(forward: cst.FunctionDef, info: ClassInfo, functions: dict[str, cst.FunctionDef]) -> bool:
+    """`forward` calls an attention core: HF's attention interface or SDPA, a function or method of
+    the file that is one, or a core already ported."""
+    for node in calls_in(forward):
         name = call_name(node) or ""
         method = self_attribute(node.func)
         if "ALL_ATTENTION_FUNCTIONS" in name or name == "attention_interface" or name in SDPA_CALLS:
-            self.found = True
-        elif name in self.functions and _is_attention_core(self.functions[name]):
-            self.found = True
-        elif method in self.info.methods and _is_attention_core(self.info.methods[method]):
-            self.found = True
-        elif method is not None and call_name(self.info.init_calls.get(method)) in (
+            return True
+        if name in functions and _is_attention_core(functions[name]):
+            return True
+        if method in info.methods and _is_attention_core(info.methods[method]):
+            return True
+        if method is not None and call_name(info.init_calls.get(method)) in (
             "PagedAttention",
             "MultiLatentAttention",
         ):
-            self.found = True  # already ported
+            return True  # already ported
+    return False
