@@ -6,7 +6,8 @@ an input is None on every call, so the port drops it like HF plumbing and the br
 are decided. Only a module whose every use in the file is a direct call `self.<attr>(...)` is judged, and a call
 that unpacks `*args`/`**mapping` counts as passing everything, except the caller's own `**kwargs`
 (HF plumbing, which the engine's calling convention drops); a module reached any other way (a
-ModuleList element, a module passed to a helper) keeps all its inputs.
+ModuleList element, a module passed to a helper) keeps all its inputs. Reading a member of a
+module (`self.transformer.output_layer`) is no such way.
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ from porter.analysis.model_index import ModelIndex
 
 
 def never_passed(index: ModelIndex) -> dict[str, set[str]]:
-    """Class -> forward parameters defaulting to None that no call in the file passes."""
+    """Class -> forward parameters defaulting to None that no call in the classes the causal LM
+    runs passes."""
     sites: dict[str, list[cst.Call]] = {}
     opaque: set[str] = set()
-    for owner in index.classes.values():
+    # Only what the causal LM runs: a task head beside it (a classifier passing the backbone an
+    # input the LM never does) is not ported.
+    for owner in (index.classes[name] for name in index.reachable if name in index.classes):
         for attr in owner.module_lists:
             opaque.add(owner.submodules.get(attr, ""))
         for method_name, method in owner.methods.items():
@@ -33,7 +37,11 @@ def never_passed(index: ModelIndex) -> dict[str, set[str]]:
                 if attr in owner.submodules:
                     sites.setdefault(owner.submodules[attr], []).append(_without_forwarded(call, forwarded))
                     direct.add(id(call.func))
-            for node in (n for n in nodes_of(method, cst.Attribute) if self_attribute(n) is not None):
+            attributes = nodes_of(method, cst.Attribute)
+            # `self.transformer.output_layer`: a member of the module is read, the module is not
+            # handed anywhere.
+            members = {id(n.value) for n in attributes if isinstance(n.value, cst.Attribute)}
+            for node in (n for n in attributes if self_attribute(n) is not None and id(n) not in members):
                 attr = node.attr.value
                 if attr in owner.submodules and id(node) not in direct and not _is_assignment(method_name):
                     opaque.add(owner.submodules[attr])

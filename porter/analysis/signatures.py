@@ -93,6 +93,8 @@ def compute_signatures(
                 result |= child_needs
             if name in (index.causal_lm, index.backbone):
                 result |= set(TOP_LEVEL_SIGNATURE)
+            if name == index.backbone != index.causal_lm and _embedded_above(index, forward):
+                result.discard("input_ids")
         needs[name] = result
         return result
 
@@ -125,6 +127,21 @@ def compute_signatures(
         if engine or kept != original or starred:
             signatures[name] = kept + [p for p in ENGINE_PARAMS if p in engine]
     return signatures
+
+
+def _embedded_above(index: ModelIndex, backbone_forward: cst.FunctionDef) -> bool:
+    """The backbone takes no `input_ids` and a class it is run from takes them: the tokens are
+    embedded above it, which hands it hidden states (a layer stack under a model holding the
+    embedding)."""
+    if "input_ids" in function_params(backbone_forward):
+        return False
+    return any(
+        "input_ids" in function_params(forward)
+        for name in index.reachable
+        if name not in (index.backbone, index.causal_lm)
+        and index.backbone in index.classes[name].submodules.values()
+        and (forward := index.classes[name].methods.get("forward")) is not None
+    )
 
 
 def dropped_params(index: ModelIndex, signatures: dict[str, list[str]]) -> dict[str, set[str]]:

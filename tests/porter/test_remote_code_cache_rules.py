@@ -100,3 +100,22 @@ def test_a_kv_head_repetition_written_step_by_step_goes_before_the_paged_call(so
 def test_a_view_alone_is_no_hand_repetition():
     statements = [cst.parse_statement("k = k.view(s, b, h, d)"), cst.parse_statement("v = v.contiguous()")]
     assert hand_repetitions(statements, {"k", "v"}) == set()
+
+
+def test_an_input_only_a_task_head_passes_the_backbone_goes(source, dead_code_removed):
+    # ChatGLMForSequenceClassification passes `full_attention_mask=full_attention_mask`; the causal
+    # LM never does, and reads `self.transformer.output_layer` (a member, not a use of the module).
+    assert "full_attention_mask=full_attention_mask," in source
+    model = normalize(method_code(dead_code_removed, "ChatGLMModel", "forward"))
+    assert model.startswith(
+        "def forward(self, input_ids, positions: Optional[torch.Tensor], kv_caches, input_metadata):"
+    )
+
+
+def test_a_layer_stack_run_below_the_embedding_takes_no_input_ids(dead_code_removed):
+    # GLMTransformer.forward(self, hidden_states, attention_mask, rotary_pos_emb, kv_caches=None, ...),
+    # run by ChatGLMModel.forward(self, input_ids, ...) after `self.embedding(input_ids)`.
+    layers = normalize(method_code(dead_code_removed, "GLMTransformer", "forward"))
+    assert layers.startswith(
+        "def forward(self, hidden_states, rotary_pos_emb, positions, kv_caches, input_metadata):"
+    )
