@@ -33,6 +33,8 @@ class RotaryEmbedding(nn.Module):
     interleaved pairs `(x[2i], x[2i+1])` (GPT-J `rotate_every_two`). `reverse` turns every pair the
     other way, by minus its angle: a `rotate_half` returning `(x2, -x1)` instead of HF's `(-x2, x1)`
     (NanoChat). It is done by negating the inverse frequencies (cos stays, sin changes sign).
+    `table_dtype` rounds cos and sin to that dtype before they rotate: code that caches its tables in
+    bfloat16 whatever the model's dtype rotates by the rounded values, and so does the port.
     """
 
     def __init__(
@@ -44,6 +46,7 @@ class RotaryEmbedding(nn.Module):
         attention_scaling: float = 1.0,
         is_neox_style: bool = True,
         reverse: bool = False,
+        table_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if rotary_dim > head_dim or rotary_dim % 2 != 0:
@@ -59,6 +62,7 @@ class RotaryEmbedding(nn.Module):
         self.attention_scaling = attention_scaling
         self.is_neox_style = is_neox_style
         self.reverse = reverse
+        self.table_dtype = table_dtype
         self.register_buffer("inv_freq", inv_freq.detach().float().clone(), persistent=False)
 
     def frequencies(self, positions: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -95,13 +99,16 @@ class RotaryEmbedding(nn.Module):
         query_heads, key_heads = self._heads(query), self._heads(key)
         # With a contiguous last dim the [T, heads, D] forms are views, so rotating them rotates q/k.
         in_place = query.stride(-1) == 1 and key.stride(-1) == 1
-        if in_place and dispatch.can_fuse_rotary(positions, query_heads, key_heads):
+        fusable = self.table_dtype is None  # the fused kernel computes its tables in float32
+        if fusable and in_place and dispatch.can_fuse_rotary(positions, query_heads, key_heads):
             inv_freq = inv_freq.to(positions.device, torch.float32)
             dispatch.fused_rotary_embedding_(
                 positions, query_heads, key_heads, inv_freq, scaling, self.rotary_dim, self.is_neox_style
             )
             return query, key
         cos, sin = self._cos_sin(positions, inv_freq, scaling)
+        if self.table_dtype is not None:
+            cos, sin = cos.to(self.table_dtype).float(), sin.to(self.table_dtype).float()
         return self._rotate(query, cos, sin), self._rotate(key, cos, sin)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -183,6 +190,7 @@ def get_rope(
     layer_type: str | None = None,
     reverse: bool = False,
     rope_theta: float | None = None,
+    table_dtype: torch.dtype | None = None,
 ) -> RotaryEmbedding:
     """The rotary embedding `config` describes, for heads of `head_dim`.
 
@@ -193,6 +201,7 @@ def get_rope(
     "full_attention": {...}}`, OLMo3) takes the layer's `layer_type`. `reverse` rotates by minus
     the angle (see RotaryEmbedding). `rope_theta` is the base of a model that keeps it in a config
     field of its own (remote code's `rotary_emb_base`); None reads the config's `rope_theta`.
+    `table_dtype` rounds cos/sin to a dtype the source caches its tables in (default rope only).
     """
     config = _layer_type_config(config, layer_type)
     rope_parameters = dict(getattr(config, "rope_parameters", None) or {})
@@ -211,7 +220,11 @@ def get_rope(
         if rotary_dim is None:
             rotary_dim = int(head_dim * partial)
         inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim))
-        return RotaryEmbedding(head_dim, rotary_dim, max_position, inv_freq, 1.0, is_neox_style, reverse)
+        return RotaryEmbedding(
+            head_dim, rotary_dim, max_position, inv_freq, 1.0, is_neox_style, reverse, table_dtype
+        )
+    if table_dtype is not None:
+        raise ValueError(f"table_dtype is read for the default rope only, not rope_type {rope_type!r}")
     if rope_type not in ROPE_INIT_FUNCTIONS:
         raise ValueError(f"unknown rope_type {rope_type!r}; transformers knows {sorted(ROPE_INIT_FUNCTIONS)}")
     if rope_theta is not None and rope_theta != rope_parameters.get("rope_theta", rope_theta):

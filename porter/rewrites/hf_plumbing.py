@@ -13,7 +13,8 @@
   default), 5's does not, so a configuration class written for 4 that never sets one lacks it;
 - HF API helpers (`get_input_embeddings`, `set_input_embeddings`, `get_output_embeddings`,
   `set_output_embeddings`, `_init_weights`, `tie_weights`) are dropped.
-The `_tied_weights_keys` of the causal LM is read into the plan before its class attribute goes.
+The `_tied_weights_keys` of the causal LM is read into the plan before its class attribute goes;
+remote code that declares none ties the head its `get_output_embeddings` returns, as transformers 4 did.
 """
 
 from __future__ import annotations
@@ -68,6 +69,13 @@ class StripHFPlumbing(Rewrite):
         causal_lm = context.index.classes[context.index.causal_lm]
         for statement in causal_lm.node.body.body:
             _read_tied_keys(statement, context)
+        if not context.plan.tied and context.source.remote_code:
+            head = _output_embedding(causal_lm.methods.get("get_output_embeddings"))
+            if head is not None:
+                # transformers 4, which remote code was written for, ties the module
+                # get_output_embeddings returns to the input embedding whenever the config's
+                # tie_word_embeddings (true by default) says so, `_tied_weights_keys` or not.
+                context.plan.tied[f"{head}.weight"] = ""
         # Read while the decorators that rename cache parameters are still there.
         context.plan.cache_inputs = cache_inputs(context.index, PLUMBING)
         module = module.visit(_Transformer(context, framework_classes(context), _framework_imports(module)))
@@ -96,6 +104,14 @@ BASE_CONFIG_TOKEN_IDS = {"pad_token_id", "bos_token_id", "eos_token_id", "sep_to
 
 # Ways to add to a registry object.
 REGISTERING_METHODS = {"append", "extend", "add", "update"}
+
+
+def _output_embedding(method: cst.FunctionDef | None) -> str | None:
+    """The attribute `get_output_embeddings` returns (`return self.lm_head`), if that is all it does."""
+    if method is None or len(method.body.body) != 1:
+        return None
+    returned = m.findall(method, m.Return(value=m.Attribute(value=m.Name("self"))))
+    return self_attribute(returned[0].value) if len(returned) == 1 else None
 
 
 def _read_tied_keys(statement: cst.CSTNode, context: PortContext) -> None:

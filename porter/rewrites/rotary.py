@@ -16,7 +16,9 @@ A rotary module may also rotate q and k itself (`q, k = self.rotary(q, k)`, its 
 the pair rotated by the positions of their sequence axis): the call becomes the engine's layer on
 the token positions. Built under a condition with an identity for the other choice
 (`Rotary(d) if config.rotary else lambda q, k: (q, k)`), the rope is built under that condition,
-else None, and q and k rotate only where it is built.
+else None, and q and k rotate only where it is built. Where the module casts its cos/sin tables to
+a half dtype whatever the model's (a `dtype=torch.bfloat16` default its own calls never override),
+the rope rounds them likewise (`table_dtype=`), so fp32 ports rotate as the source does.
 """
 
 from __future__ import annotations
@@ -211,6 +213,41 @@ def _applies_itself(info: ClassInfo) -> bool:
     )
 
 
+HALF_DTYPES = ("torch.bfloat16", "torch.float16")
+
+
+def _table_dtype(info: ClassInfo) -> str | None:
+    """The half dtype a rotary module casts its cos/sin tables to whatever the model's dtype: a
+    method whose `dtype` parameter defaults to one (`def cos_sin(self, seq_len, device="cuda",
+    dtype=torch.bfloat16)`), casts with it (`.type(dtype)`, `.to(dtype)`), and is called within the
+    class without it (`self.cos_sin(seq_len, q.device)`)."""
+    for name, method in info.methods.items():
+        params = [p for p in method.params.params]
+        for position, param in enumerate(params):
+            if param.default is None or code_of(param.default) not in HALF_DTYPES:
+                continue
+            casts = m.findall(
+                method,
+                m.Call(
+                    func=m.Attribute(attr=m.Name("type") | m.Name("to")),
+                    args=[m.Arg(value=m.Name(param.name.value))],
+                ),
+            )
+            calls = [
+                call
+                for call in calls_in(info.node)
+                if m.matches(call.func, m.Attribute(value=m.Name("self"), attr=m.Name(name)))
+            ]
+            passes = any(
+                len([a for a in call.args if a.keyword is None]) >= position
+                or any(a.keyword is not None and a.keyword.value == param.name.value for a in call.args)
+                for call in calls
+            )
+            if casts and calls and not passes:
+                return code_of(param.default)
+    return None
+
+
 def _optional_rotary_attrs(index, rotary_classes: set[str]) -> dict[tuple[str, str], str]:
     """(class, attribute) -> rotary class, for `self.x = Rotary(...) if condition else lambda q, k:
     (q, k)` in `__init__`: the module where the condition holds, else nothing rotates."""
@@ -334,6 +371,7 @@ class _Transformer(ClassScopedTransformer):
         # attention class -> the condition its construction built the rotary module under (the
         # other choice an identity, `lambda q, k: (q, k)`)
         self.rope_conditions: dict[str, cst.BaseExpression] = {}
+        self.table_dtypes: dict[str, str] = {}  # attention class -> the dtype its cos/sin tables are cast to
         # (class, attribute) -> rotary class, for a rotary module built under a condition
         self.optional_rotary = _optional_rotary_attrs(context.index, rotary_classes)
         self.rotary_attrs |= set(self.optional_rotary)
@@ -434,7 +472,13 @@ class _Transformer(ClassScopedTransformer):
         else:
             new = cst.parse_statement(rotate)
         self.applied_in[self.current_class] = neox
-        self.context.record("rotary", self.where, statement, new, "rotary embedding applied by position, per token")
+        rotary = self._rotary_class_of(self_attribute(call.func))
+        table_dtype = _table_dtype(self.context.index.classes[rotary]) if rotary is not None else None
+        if table_dtype is not None:
+            self.table_dtypes[self.current_class] = table_dtype
+        self.context.record(
+            "rotary", self.where, statement, new, "rotary embedding applied by position, per token"
+        )
         return new
 
     def _note_base(self, attr: str, construction: cst.Call) -> None:
@@ -727,8 +771,10 @@ class _Transformer(ClassScopedTransformer):
             layer_type = f", layer_type={type_of_layer}"
         reverse = ", reverse=True" if class_name in self.reversed_in else ""
         base = f", rope_theta={self.rope_bases[class_name]}" if class_name in self.rope_bases else ""
+        table = f", table_dtype={self.table_dtypes[class_name]}" if class_name in self.table_dtypes else ""
         rope = (
-            f"get_rope({config}, {info.head_dim}{width}, is_neox_style={neox}{layer_type}{reverse}{base})"
+            f"get_rope({config}, {info.head_dim}{width}, is_neox_style={neox}{layer_type}{reverse}{base}"
+            f"{table})"
         )
         condition = self.rope_conditions.get(class_name)
         if condition is not None:

@@ -82,7 +82,9 @@ def literal_head_size(source: str) -> int | None:
     sizes = {
         int(call.args[-1].value.value)
         for call in m.findall(cst.parse_module(source), reshapes)
-        if len(call.args) >= 4 and isinstance(call.args[-1].value, cst.Integer) and call.args[-1].keyword is None
+        if len(call.args) >= 4
+        and isinstance(call.args[-1].value, cst.Integer)
+        and call.args[-1].keyword is None
     }
     # a small literal is a pair or a group of a rotation (`view(b, s, h, -1, 2)`), not a head
     sizes = {size for size in sizes if size >= MIN_LITERAL_HEAD_SIZE}
@@ -269,6 +271,24 @@ def write_checkpoint(
             else:
                 param.copy_(0.08 * torch.randn(param.shape, generator=generator))
     transformers.utils.logging.disable_progress_bar()
+    _declare_tied_head(model)
     model.save_pretrained(directory, safe_serialization=True)
     check_routing_varies(model, config.vocab_size, seed)
     return model
+
+
+def _declare_tied_head(model: torch.nn.Module) -> None:
+    """Remote code written before transformers 4.x checked shared tensors at save declares no
+    `_tied_weights_keys`, yet its head is tied to the embeddings (`tie_word_embeddings`, true by
+    default); 4.x's save_pretrained refuses shared tensors it was not told of. The head's weight
+    is declared tied, as transformers' own classes declare it (4.x's list of names)."""
+    if (
+        getattr(model, "_tied_weights_keys", None) is not None
+        or int(transformers.__version__.split(".")[0]) >= 5
+    ):
+        return
+    output, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if output is None or embeddings is None or getattr(output, "weight", None) is not embeddings.weight:
+        return
+    head = next(name for name, module in model.named_modules() if module is output)
+    model._tied_weights_keys = [f"{head}.weight"]

@@ -83,7 +83,9 @@ def test_norms_one_head_wide_however_the_width_is_spelled_run_per_head():
 def test_einops_repeat_as_the_file_imports_it_repeats_kv_heads():
     index = _index("yi", "modeling_yi.py")
     assert imported_names(index.module, {("einops", "repeat")}) == {"repeat"}
-    statement = _statement('key_states = repeat(key_states, f"b n h d -> b n (h {self.num_key_value_groups}) d")')
+    statement = _statement(
+        'key_states = repeat(key_states, f"b n h d -> b n (h {self.num_key_value_groups}) d")'
+    )
     assert repeats_heads(statement.body[0].value, index)
     assert not repeats_heads(_statement("key_states = key_states.view(b, n, h, d)").body[0].value, index)
 
@@ -115,7 +117,8 @@ def test_a_local_flag_probing_an_optional_library_is_false_and_its_reads_become_
     # Yi: `flash_attn_available = is_flash_attn_2_available()`, tested by `if` and passed to the
     # rotary helper: the port imports no optional library.
     source = replace_method(MINI_MODEL, "MiniAttention", "forward", FLAG_FORWARD).replace(
-        "from ...utils import auto_docstring", "from ...utils import auto_docstring, is_flash_attn_2_available"
+        "from ...utils import auto_docstring",
+        "from ...utils import auto_docstring, is_flash_attn_2_available",
     )
     code = run_rewrites(source, "decide-conditions").code
     forward = method_code(code, "MiniAttention", "forward")
@@ -140,7 +143,9 @@ except ImportError:
 
 def test_module_level_code_that_stays_keeps_what_it_reads():
     # Phi-3: `_flash_supports_window_size = False` before a `try:` whose `except` reads it.
-    source = MINI_MODEL.replace("\n\ndef eager_attention_forward", OPTIONAL_IMPORT + "\n\ndef eager_attention_forward")
+    source = MINI_MODEL.replace(
+        "\n\ndef eager_attention_forward", OPTIONAL_IMPORT + "\n\ndef eager_attention_forward"
+    )
     code = run_rewrites(source, "prune").code
     assert "_supports_window = False\ntry:" in code
 
@@ -152,9 +157,13 @@ def test_a_classmethod_of_a_stripped_framework_base_goes_with_it():
 
 
 def test_a_module_level_call_of_the_files_own_method_stays():
-    source = MINI_MODEL.replace(
-        "class MiniMLP(nn.Module):", "class MiniMLP(nn.Module):\n    @classmethod\n    def setup(cls):\n        pass\n"
-    ) + "\n\nMiniMLP.setup()\n"
+    source = (
+        MINI_MODEL.replace(
+            "class MiniMLP(nn.Module):",
+            "class MiniMLP(nn.Module):\n    @classmethod\n    def setup(cls):\n        pass\n",
+        )
+        + "\n\nMiniMLP.setup()\n"
+    )
     assert "MiniMLP.setup()" in run_rewrites(source, "hf-plumbing").code
 
 
@@ -168,7 +177,9 @@ def test_remote_code_reads_token_ids_the_config_base_no_longer_sets_through_geta
     module, context = make_context(source, module=None)
     context.source = replace(context.source, siblings=("configuration_mini",))
     code = StripHFPlumbing().apply(module, context).code
-    assert 'nn.Embedding(config.vocab_size, config.hidden_size, getattr(config, "pad_token_id", None))' in code
+    assert (
+        'nn.Embedding(config.vocab_size, config.hidden_size, getattr(config, "pad_token_id", None))' in code
+    )
     _, tree_context = make_context(source)
     assert "config.pad_token_id)" in StripHFPlumbing().apply(cst.parse_module(source), tree_context).code
 
@@ -254,7 +265,45 @@ def test_heads_folded_into_the_batch_stay_on_their_own_axis_in_per_token_rows(fa
     # back with `query_layer.reshape(batch_size, self.num_heads, -1, self.head_dim)` around the
     # attention core, the output merged by `x.reshape(batch_size, q_length, self.num_heads * self.head_dim)`.
     assert "reshape(batch_size * self.num_heads, q_length, self.head_dim)" in falcon_rw_source
-    forward = method_code(run_through(falcon_rw_source, "flatten-batch", module=None).code, "Attention", "forward")
+    forward = method_code(
+        run_through(falcon_rw_source, "flatten-batch", module=None).code, "Attention", "forward"
+    )
     lines = {line.split("#")[0].strip() for line in forward.splitlines()}
     assert not [line for line in lines if "batch_size" in line or "q_length" in line], forward
     assert {"query_layer_ = query_layer", "value_layer_ = value_layer", "attn_output = x.flatten(1)"} <= lines
+
+
+def test_a_rotary_module_rotating_q_and_k_itself_under_a_condition_becomes_an_optional_rope(falcon_rw_source):
+    # `self.maybe_rotary = RotaryEmbedding(config.head_dim) if config.rotary else lambda q, k: (q, k)`;
+    # `query_layer, key_layer = self.maybe_rotary(query_layer, key_layer)`, RotaryEmbedding.forward(q, k)
+    # returning `(q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)`.
+    code = run_through(falcon_rw_source, "rotary", module=None).code
+    init = method_code(code, "Attention", "__init__")
+    assert "maybe_rotary" not in init
+    # its `cos_sin(seq_len, device="cuda", dtype=torch.bfloat16)`, called without a dtype, casts the
+    # tables to bfloat16 whatever the model's dtype: the rope rounds them likewise
+    assert (
+        "self.rotary_emb=get_rope(config,self.head_dim,is_neox_style=True,table_dtype=torch.bfloat16)"
+        "ifconfig.rotaryelseNone"
+    ) in "".join(init.split()), init
+    forward = method_code(code, "Attention", "forward")
+    assert "self.maybe_rotary" not in forward
+    lines = [line.strip() for line in forward.splitlines()]
+    at = lines.index("if self.rotary_emb is not None:")
+    assert lines[at + 1] == "query_layer, key_layer = self.rotary_emb(positions, query_layer, key_layer)", (
+        forward
+    )
+
+
+def test_remote_code_declaring_no_tied_keys_ties_the_head_get_output_embeddings_returns(falcon_rw_source):
+    # RWForCausalLM has no `_tied_weights_keys`; transformers 4 ties `get_output_embeddings()`'s
+    # `self.lm_head` to the word embeddings while `tie_word_embeddings` (true by default) holds.
+    tree, context = make_context(falcon_rw_source, module=None)
+    context.source = replace(context.source, siblings=("configuration_RW",))
+    StripHFPlumbing().apply(tree, context)
+    assert context.plan.tied == {"lm_head.weight": ""}
+    _, transformers_file = make_context(
+        falcon_rw_source, module=None
+    )  # not remote code: 5.x ties by keys only
+    StripHFPlumbing().apply(tree, transformers_file)
+    assert transformers_file.plan.tied == {}

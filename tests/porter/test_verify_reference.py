@@ -169,3 +169,33 @@ def test_a_package_imported_inside_try_is_not_replaced(tmp_path):
     )
     (tmp_path / "configuration_x.py").write_text("XConfig = None\n")
     assert missing_packages(tmp_path) == ["not_installed_training_kernels"]
+
+
+def test_a_head_tied_without_declared_keys_is_declared_for_a_4x_save(monkeypatch):
+    # falcon_rw's RWForCausalLM: no `_tied_weights_keys`, lm_head tied to the word embeddings, which
+    # transformers 4.40's save_pretrained refuses as undeclared shared tensors.
+    from porter.verify import small_model
+
+    class Tied(torch.nn.Module):
+        _tied_weights_keys = None
+
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(5, 3)
+            self.lm_head = torch.nn.Linear(3, 5, bias=False)
+            self.lm_head.weight = self.embed.weight
+
+        def get_input_embeddings(self):
+            return self.embed
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+    monkeypatch.setattr(small_model.transformers, "__version__", "4.40.2")
+    model = Tied()
+    small_model._declare_tied_head(model)
+    assert model._tied_weights_keys == ["lm_head.weight"]
+    untied = Tied()
+    untied.lm_head.weight = torch.nn.Parameter(torch.zeros(5, 3))
+    small_model._declare_tied_head(untied)
+    assert untied._tied_weights_keys is None

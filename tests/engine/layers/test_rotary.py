@@ -261,3 +261,25 @@ def test_a_base_given_for_a_config_field_of_its_own_replaces_the_configs_theta()
     assert not torch.equal(get_rope(config, HEAD_DIM).inv_freq, expected)
     with pytest.raises(ValueError, match="disagrees"):
         get_rope(llama_config(dict(LLAMA_ROPES["linear"])), HEAD_DIM, rope_theta=123.0)
+
+
+def test_tables_rounded_to_a_half_dtype_rotate_as_code_caching_them_in_it():
+    # Remote code that caches cos/sin in bfloat16 whatever the model's dtype (falcon_rw's
+    # `cos_sin(..., dtype=torch.bfloat16)`), then rotates float32 q and k by them.
+    config = LlamaConfig(hidden_size=HEADS * HEAD_DIM, num_attention_heads=HEADS)
+    positions = torch.arange(7)
+    query, key = random_qk(7)
+    exact = get_rope(config, HEAD_DIM)
+    rounded = get_rope(config, HEAD_DIM, table_dtype=torch.bfloat16)
+    cos, sin = exact.cos_sin(positions)
+    by_hand = RotaryEmbedding._rotate(exact, query, cos.bfloat16().float(), sin.bfloat16().float())
+    q, k = rounded(positions, query, key)
+    torch.testing.assert_close(q, by_hand, rtol=0, atol=0)
+    assert q.dtype == torch.float32 and k.shape == key.shape
+    assert (exact(positions, query, key)[0] - q).abs().max() > 1e-4  # the rounding shows
+    with pytest.raises(ValueError, match="default rope only"):
+        get_rope(
+            LlamaConfig(rope_scaling={"rope_type": "linear", "factor": 2.0}),
+            HEAD_DIM,
+            table_dtype=torch.bfloat16,
+        )
