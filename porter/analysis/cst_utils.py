@@ -155,6 +155,36 @@ def nodes_of(node: cst.CSTNode, kind: type[T] | tuple[type, ...]) -> list[T]:
     return found
 
 
+def fast_visit(node: cst.CSTNode, visitor: cst.CSTVisitor) -> None:
+    """`node.visit(visitor)` for a read-only visitor with `visit_<Type>` hooks only (no leave hooks,
+    no hooks on layout), through the same walk as `nodes_of`: each hook meets its nodes in source
+    order, and a hook returning False skips that node's children, as libcst does."""
+    hooks: dict[type, Callable | None] = {}
+    stack = [node]
+    fields_of = _CHILD_FIELDS
+    while stack:
+        current = stack.pop()
+        kind = type(current)
+        if kind in hooks:
+            hook = hooks[kind]
+        else:
+            hook = hooks[kind] = getattr(visitor, f"visit_{kind.__name__}", None)
+        if hook is not None and hook(current) is False:
+            continue
+        fields = fields_of.get(kind)
+        if fields is None:
+            fields = _child_fields(current)
+        children: list = []
+        for name in fields:
+            value = getattr(current, name)
+            if isinstance(value, cst.CSTNode):
+                children.append(value)
+            elif isinstance(value, (tuple, list)):
+                children.extend(value)
+        if children:
+            stack.extend(c for c in reversed(children) if isinstance(c, cst.CSTNode))
+
+
 def _names_enter(node: cst.CSTNode) -> bool:
     return not isinstance(node, (cst.Attribute, cst.Arg))
 
@@ -277,7 +307,7 @@ def init_attribute_values(init: cst.FunctionDef | None) -> dict[str, cst.BaseExp
             if attr is not None:
                 found.setdefault(attr, node.value)
 
-    init.visit(_Assigns())
+    fast_visit(init, _Assigns())
     return found
 
 
@@ -294,7 +324,7 @@ def self_attributes_read(node: cst.CSTNode) -> set[str]:
             if attr is not None:
                 found.add(attr)
 
-    node.visit(_Reads())
+    fast_visit(node, _Reads())
     return found
 
 

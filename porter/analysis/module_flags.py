@@ -7,17 +7,19 @@ from __future__ import annotations
 
 import libcst as cst
 
+from porter.analysis.cst_utils import fast_visit
+
 
 def module_flags(module: cst.Module) -> dict[str, bool]:
     values: dict[str, set[object]] = {}
     for statement in module.body:
         if isinstance(statement, (cst.ClassDef, cst.FunctionDef)):
             continue
-        statement.visit(_Assignments(values))
+        fast_visit(statement, _Assignments(values))
     nested: dict[str, set[object]] = {}
     for statement in module.body:
         if isinstance(statement, (cst.ClassDef, cst.FunctionDef)):
-            statement.visit(_Assignments(nested, declared_only=True))
+            fast_visit(statement, _Assignments(nested, declared_only=True))
     return {
         name: next(iter(found))
         for name, found in values.items()

@@ -12,7 +12,14 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cst_utils import calls_in, dotted_name, names_in, self_attribute, statement_targets
+from porter.analysis.cst_utils import (
+    calls_in,
+    dotted_name,
+    fast_visit,
+    names_in,
+    self_attribute,
+    statement_targets,
+)
 from porter.analysis.optional_backends import asks_availability, eager_backend_choice
 from porter.rewrites.base import PortContext
 
@@ -521,7 +528,7 @@ def integers_bound_once(function: cst.FunctionDef) -> dict[str, int]:
             for item in node.names:
                 counts[item.name.value] = 2
 
-    function.visit(_Bindings())
+    fast_visit(function, _Bindings())
     return {name: value for name, value in literal.items() if counts.get(name) == 1}
 
 
