@@ -18,6 +18,7 @@ import libcst as cst
 from porter.analysis.cst_utils import (
     call_name,
     code_of,
+    dotted_name,
     function_params,
     is_docstring,
     names_bound,
@@ -26,6 +27,7 @@ from porter.analysis.cst_utils import (
     self_attribute,
     statement_targets,
 )
+from porter.analysis.bias_scale import factor, in_constructor_terms
 from porter.analysis.model_index import ModelIndex
 
 BUILDER_WORD = "alibi"  # a builder is a function or method whose name says it makes an ALiBi bias
@@ -79,23 +81,43 @@ def find_builders(index: ModelIndex) -> list[Builder]:
     return found
 
 
+@dataclass(slots=True)
+class MaskBias:
+    """How a bias reaches a forward parameter: the factor it was multiplied by on the way (code a
+    constructor taking `config` evaluates; None: unchanged), the configuration test under which it is
+    built (None: always), or why either cannot be read (the line)."""
+
+    scale: str | None
+    condition: str | None
+    problem: str | None = None
+
+
 def bias_inputs(index: ModelIndex) -> dict[str, set[str]]:
     """Class -> the forward parameters that receive a builder's bias, followed from the backbone's
     local down every submodule call (direct, or through a loop over a ModuleList) that passes it."""
-    carrying: dict[str, set[str]] = {}
-    pending = [(b.owner, b.local) for b in find_builders(index)]
-    seen: set[tuple[str, str]] = set()
+    return {owner: set(params) for owner, params in mask_biases(index).items()}
+
+
+def mask_biases(index: ModelIndex) -> dict[str, dict[str, MaskBias]]:
+    """Class -> forward parameter -> how a builder's bias reaches it (`bias_inputs`, with the
+    factor each step multiplies it by and the test the builder runs under)."""
+    carrying: dict[str, dict[str, MaskBias]] = {}
+    pending = [(b.owner, b.local, _built(index, b)) for b in find_builders(index)]
+    seen: dict[tuple[str, str], MaskBias] = {}
     while pending:
-        owner, name = pending.pop()
-        if (owner, name) in seen:
-            continue
-        seen.add((owner, name))
+        owner, name, how = pending.pop()
+        before = seen.get((owner, name))
+        if before is not None:
+            if before == how or before.problem is not None:
+                continue
+            how = MaskBias(None, None, f"`{name}` of {owner}.forward carries the ALiBi bias scaled in more than one way")
+        seen[(owner, name)] = how
         info = index.classes[owner]
         forward = info.methods.get("forward")
         if forward is None:
             continue
-        for derived in _carried_into(forward, name):
-            pending.append((owner, derived))
+        for derived, derived_how in _carried_into(forward, name, how, info.methods.get("__init__")):
+            pending.append((owner, derived, derived_how))
         loop_modules = _loop_modules(forward, info.submodules)
         for call in nodes_of(forward, cst.Call):
             attr = self_attribute(call.func)
@@ -107,13 +129,27 @@ def bias_inputs(index: ModelIndex) -> dict[str, set[str]]:
             positional = [a for a in call.args if a.keyword is None and not a.star]
             for position, argument in enumerate(positional):
                 if code_of(argument.value) == name and position < len(params):
-                    carrying.setdefault(child, set()).add(params[position])
-                    pending.append((child, params[position]))
+                    carrying.setdefault(child, {})[params[position]] = how
+                    pending.append((child, params[position], how))
             for argument in call.args:
                 if argument.keyword is not None and code_of(argument.value) == name:
-                    carrying.setdefault(child, set()).add(argument.keyword.value)
-                    pending.append((child, argument.keyword.value))
+                    carrying.setdefault(child, {})[argument.keyword.value] = how
+                    pending.append((child, argument.keyword.value, how))
     return carrying
+
+
+def _built(index: ModelIndex, builder: Builder) -> MaskBias:
+    """The bias as its builder makes it: unscaled, under the `if` test directly around the builder."""
+    info = index.classes[builder.owner]
+    forward = info.methods["forward"]
+    for branch in nodes_of(forward, cst.If):
+        lines = [s for s in branch.body.body if isinstance(s, cst.SimpleStatementLine)]
+        if any(call is builder.call for s in lines for call in nodes_of(s, cst.Call)):
+            test = in_constructor_terms(code_of(branch.test), info.methods.get("__init__"))
+            if test is None:
+                return MaskBias(None, None, f"the ALiBi bias is built under `if {code_of(branch.test)}:`, not a configuration test")
+            return MaskBias(None, test)
+    return MaskBias(None, None)
 
 
 # What a tensor's metadata reads: its dtype, device or sizes carry none of its values.
@@ -121,17 +157,39 @@ METADATA_ATTRIBUTES = {"dtype", "device", "shape"}
 METADATA_METHODS = {"size", "dim"}
 
 
-def _carried_into(forward: cst.FunctionDef, name: str) -> set[str]:
+def _carried_into(
+    forward: cst.FunctionDef, name: str, how: MaskBias, init: cst.FunctionDef | None
+) -> list[tuple[str, MaskBias]]:
     """Locals of `forward` assigned from an expression that reads the values of `name` (`mask =
-    padding + bias.unsqueeze(0)`, `mask = bias`): the bias travels on under their names. Reads of
-    its dtype, device or sizes only (`x.to(bias.dtype)`) carry nothing, nor does what a submodule or
+    padding + bias.unsqueeze(0)`, `mask = bias`, `mask = torch.masked_fill(bias / c, ...)`): the bias
+    travels on under their names, multiplied by what the expression multiplies it by. Reads of its
+    dtype, device or sizes only (`x.to(bias.dtype)`) carry nothing, nor does what a submodule or
     method returns (`h = self.attn(h, mask=bias)`: its output, not the bias)."""
-    found = set()
+    found = []
     for assign in nodes_of(forward, cst.Assign):
         runs_self = any(code_of(c.func).startswith("self.") for c in nodes_of(assign.value, cst.Call))
-        if not runs_self and name in _value_names(assign.value):
-            found |= {n for t in assign.targets for n in _target_names(t.target)} - {name}
+        if runs_self or name not in _value_names(assign.value):
+            continue
+        targets = [n for t in assign.targets for n in _target_names(t.target) if n != name]
+        if targets:
+            derived = _scaled(how, factor(assign.value, name), code_of(assign), init)
+            found += [(target, derived) for target in targets]
     return found
+
+
+def _scaled(how: MaskBias, terms, line: str, init: cst.FunctionDef | None) -> MaskBias:
+    """`how`, further multiplied by `terms` (read off `line`)."""
+    if how.problem is not None:
+        return how
+    unreadable = MaskBias(None, how.condition, f"porter cannot read the factor `{line.strip()}` applies to the ALiBi bias")
+    if not isinstance(terms, list):
+        return unreadable
+    if not terms:
+        return how
+    scale = in_constructor_terms(" * ".join(f"({t})" for t in terms), init)
+    if scale is None:
+        return unreadable
+    return MaskBias(scale if how.scale is None else f"{how.scale} * {scale}", how.condition)
 
 
 def _target_names(target: cst.BaseExpression) -> list[str]:
@@ -159,7 +217,10 @@ def _value_names(node: cst.CSTNode) -> set[str]:
             # A method of the tensor itself keeps its values (`bias.unsqueeze(0)`); what a function
             # makes of its arguments (`checkpoint(layer, h, bias)`) is not the bias.
             func = call.func
-            if isinstance(func, cst.Attribute) and func.attr.value not in METADATA_METHODS:
+            if (dotted_name(func) or "").startswith("torch."):  # a torch function of its tensors
+                for argument in call.args:
+                    argument.value.visit(self)
+            elif isinstance(func, cst.Attribute) and func.attr.value not in METADATA_METHODS:
                 func.value.visit(self)
             return False
 

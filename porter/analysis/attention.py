@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.alibi import bias_inputs
+from porter.analysis.alibi import bias_inputs, mask_biases
 from porter.analysis.config_branches import choice
 from porter.analysis.cst_utils import (
     call_name,
@@ -58,6 +58,7 @@ class AttentionInfo:
     inline_relayouts: list[int] = field(default_factory=list)
     alibi_scale: str | None = None  # a factor the scores' ALiBi bias is multiplied by
     alibi_condition: str | None = None  # the configuration test under which the bias is added
+    alibi_problem: str | None = None  # why the bias a called core's mask carries cannot be ported
     # Inline cores in the branches of a top-level `if` of forward: its position, and per branch
     # (condition, statements, core) as `branch_cores` finds them.
     branch_if: int | None = None
@@ -101,6 +102,8 @@ def analyse_attention(index: ModelIndex, name: str) -> AttentionInfo | None:
         if len(positional) < 3:
             return None
         names = [code_of(p) for p in positional[:3]]
+        masks = positional[3:4] + [a.value for a in core.args if m.matches(a.keyword, m.Name("attention_mask"))]
+        mask_bias = mask_biases(index).get(name, {}).get(code_of(masks[0])) if masks else None
         before, after, core_statement = statements[:core_at], statements[core_at + 1 :], statements[core_at]
         kv_repeats = _kv_repetitions(before, set(names[1:]) - {names[0]}, index)
     else:
@@ -114,6 +117,7 @@ def analyse_attention(index: ModelIndex, name: str) -> AttentionInfo | None:
             _, block, inline = branches[1][0]
         start, end = inline["region"]
         core, core_statement, other_cores = None, (block if branches else body)[end], []
+        mask_bias = None
         names, kv_repeats = inline["qkv"], []
         if branches is None:
             before, after = _flat_statements(body[:start]), _flat_statements(body[end + 1 :])
@@ -146,6 +150,11 @@ def analyse_attention(index: ModelIndex, name: str) -> AttentionInfo | None:
         result.head_merges = _head_merges(statement_targets(core_statement)[:1], after, info)
         if not any(a.keyword is not None and a.keyword.value == "scaling" for a in core.args):
             result.callee_scale = _callee_scale(core, info, index, head_dim)
+    if mask_bias is not None:  # the backbone folded its ALiBi bias into the mask the core adds
+        result.alibi, result.alibi_scale = True, mask_bias.scale
+        result.alibi_condition, result.alibi_problem = mask_bias.condition, mask_bias.problem
+        if "config" not in function_params(info.methods["__init__"]) and (mask_bias.scale or mask_bias.condition):
+            result.alibi_problem = "the ALiBi bias's factor or test reads `config`, which the constructor does not take"
     result.band_window = _band_window(info)
     if result.band_window is None:
         result.band_window = backbone_mask_window(index, info)

@@ -38,6 +38,9 @@ class SwapPagedAttention(Rewrite):
                 )
                 continue
             context.plan.attention[name] = info
+        for name, info in context.plan.attention.items():
+            if info.alibi_problem is not None:
+                context.flag("paged-attention", name, f"ALiBi bias in the attention mask: {info.alibi_problem}")
         slopes = None
         if any(info.alibi for info in context.plan.attention.values()):
             slopes = derive_slopes(context.index)
@@ -344,7 +347,7 @@ class _Transformer(ClassScopedTransformer):
             }
             if info.inline_scale is not None:
                 keywords["scale"] = info.inline_scale
-            if info.alibi and self.slopes is not None:
+            if info.alibi and self.slopes is not None and info.alibi_problem is None:
                 slopes = self.slopes.call(info.num_heads)
                 if info.alibi_scale is not None:  # the scores' scale applied to the bias too
                     slopes = f"{slopes} * {info.alibi_scale}"
