@@ -220,7 +220,8 @@ class _FusedInit(cst.CSTTransformer):
         transposed = call_name(call) == "Conv1D"  # Conv1D(out, in) stores its weight as [in, out]
         out = call.args[0].value if transposed else call.args[1].value
         hidden = call.args[1].value if transposed else call.args[0].value
-        if not _three_parts(out) and not isinstance(out, cst.Name):  # (a Name: sized per configuration)
+        # (a name or `self.` attribute: sized per configuration)
+        if not _three_parts(out) and not isinstance(out, cst.Name) and self_attribute(out) is None:
             return updated  # another configuration of the same attribute (a cross-attention k/v-only variant)
         info = self.info
         layout = self._layout(attr)

@@ -21,7 +21,14 @@ from __future__ import annotations
 
 import libcst as cst
 
-from porter.analysis.cst_utils import calls_in, code_of, names_in, self_attribute, statement_targets
+from porter.analysis.cst_utils import (
+    call_name,
+    calls_in,
+    code_of,
+    names_in,
+    self_attribute,
+    statement_targets,
+)
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
 
 
@@ -39,7 +46,11 @@ class SplitInBranches(Rewrite):
             if forward is None:
                 continue
             located = _branch_split(
-                list(forward.body.body), info.query, set(info.core_args[:3]), info.head_dim
+                list(forward.body.body),
+                info.query,
+                set(info.core_args[:3]),
+                info.head_dim,
+                _splitting_functions(context.index.functions),
             )
             if located is None:
                 continue
@@ -54,17 +65,22 @@ class SplitInBranches(Rewrite):
                 continue
             found[name] = (position, fused, flat)
             context.plan.concatenated_qkv.add((name, info.query))
-            context.plan.qkv_layouts[(name, info.query)] = [(layout, None)]
+            context.plan.qkv_layouts[(name, info.query)] = (
+                [(layout, None)] if isinstance(layout, str) else layout
+            )
         if not found:
             return module
         return module.visit(_Transformer(context, found))
 
 
 def _branch_split(
-    body: list[cst.BaseStatement], projection: str, qkv: set[str], head_dim: str
-) -> tuple[int, str, str, str | None] | None:
+    body: list[cst.BaseStatement], projection: str, qkv: set[str], head_dim: str, splitters: set[str]
+) -> tuple[int, str, str, str | list | None] | None:
     """(position of the `if`, the fused name, that tensor flat `[T, (q|k|v) * head_dim]`, the layout or
-    None where a branch is unreadable) of the chain that splits the projection's output, if any."""
+    None where a branch is unreadable) of the chain that splits the projection's output, if any.
+    Where an if/else's two branches read two layouts of which one is not grouped, the layout is
+    [(layout, (test, "body")), (layout, (test, "orelse"))], for the checkpoint to load by that test.
+    `splitters`: this file's functions that only split a tensor."""
     fused: dict[str, str] = {}  # name holding the projection's output -> that output flat
     shapes: dict[str, str] = {}  # name -> the tuple it holds (`hidden_shape = (*input_shape, -1, d)`)
     for position, statement in enumerate(body):
@@ -89,11 +105,18 @@ def _branch_split(
         if len(sources) != 1:
             continue
         (source,) = sources
-        if not all(_assigns_only_from(branch, source, qkv) for branch in branches):
+        if not all(_assigns_only_from(branch, source, qkv, splitters) for branch in branches):
             continue
-        layouts = [_layout(branch, head_dim) for branch in branches]
-        layout = "grouped" if layouts and all(layout is not None for layout in layouts) else None
-        return position, source, fused[source], layout
+        layouts = [_layout(branch, head_dim, source, splitters) for branch in branches]
+        if None in layouts or not layouts:
+            return position, source, fused[source], None
+        if "concatenated" not in layouts:
+            return position, source, fused[source], "grouped"
+        if len(layouts) != 2:
+            return position, source, fused[source], None
+        test = code_of(statement.test)
+        per_test = [(layouts[0], (test, "body")), (layouts[1], (test, "orelse"))]
+        return position, source, fused[source], per_test
     return None
 
 
@@ -135,10 +158,23 @@ def _branches(chain: cst.If) -> list[list[cst.BaseStatement]] | None:
     return found
 
 
-def _assigns_only_from(branch: list[cst.BaseStatement], source: str, qkv: set[str]) -> bool:
+def _splitting_functions(functions: dict[str, cst.FunctionDef]) -> set[str]:
+    """This file's functions that only cut a tensor into parts: they call nothing of the model,
+    and `torch.split` or a tensor's `.split`/`.chunk` (Megatron's `split_tensor_along_last_dim`)."""
+    found = set()
+    for name, function in functions.items():
+        called = {(call_name(c) or "").rpartition(".")[2] for c in calls_in(function)}
+        if called & {"split", "chunk"} and not any(self_attribute(c.func) for c in calls_in(function)):
+            found.add(name)
+    return found
+
+
+def _assigns_only_from(
+    branch: list[cst.BaseStatement], source: str, qkv: set[str], splitters: set[str] = frozenset()
+) -> bool:
     """Each statement a simple assignment; together they assign q, k and v, reading only `source`,
-    what the branch assigned before, and `self`."""
-    known = {source, "self"}
+    what the branch assigned before, `self`, and this file's functions that only split."""
+    known = {source, "self", *splitters}
     for statement in branch:
         if not (isinstance(statement, cst.SimpleStatementLine) and isinstance(statement.body[0], cst.Assign)):
             return False
@@ -162,8 +198,32 @@ def _size_names(value: cst.BaseExpression) -> set[str]:
     return found
 
 
-def _layout(branch: list[cst.BaseStatement], head_dim: str) -> str | None:
+def _layout(
+    branch: list[cst.BaseStatement], head_dim: str, source: str = "", splitters: set[str] = frozenset()
+) -> str | None:
     code = "\n".join(code_of(s) for s in branch).replace(" ", "")
+    dim = head_dim.replace(" ", "")
+    for call in (c for s in branch for c in calls_in(s)):
+        # `source.split([q, kv, kv], dim=-1)` of the flat output: all queries, all keys, all values.
+        if (
+            isinstance(call.func, cst.Attribute)
+            and call.func.attr.value == "split"
+            and code_of(call.func.value) == source
+            and len(call.args) == 2
+            and isinstance(call.args[0].value, cst.List)
+            and len(call.args[0].value.elements) == 3
+            and call.args[1].keyword is not None
+            and call.args[1].keyword.value == "dim"
+            and code_of(call.args[1].value).replace(" ", "") == "-1"
+        ):
+            return "concatenated"
+    # viewed into heads of q|k|v (`(heads, 3 * head_dim)`), then cut in three by a splitting function
+    if f"3*{dim})" in code and any(
+        call_name(c) in splitters and len(c.args) >= 2 and code_of(c.args[1].value) == "3"
+        for s in branch
+        for c in calls_in(s)
+    ):
+        return "per_head"
     for call in (c for s in branch for c in calls_in(s)):
         if not isinstance(call.func, cst.Attribute):
             continue

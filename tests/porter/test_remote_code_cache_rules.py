@@ -94,7 +94,7 @@ def test_a_kv_head_repetition_written_step_by_step_goes_before_the_paged_call(so
     attention = normalize(method_code(dead_code_removed, "SelfAttention", "forward"))
     assert ".unsqueeze(" not in attention and ".expand(" not in attention
     assert "self.attn(query_layer, key_layer, value_layer, kv_cache, input_metadata)" in attention
-    assert "key_layer = key_layer.view(" in attention  # the split's view into KV heads is no repetition
+    assert "part.unflatten(-1, (-1, self.hidden_size_per_attention_head))" in attention  # the split stays
 
 
 def test_a_view_alone_is_no_hand_repetition():
@@ -119,3 +119,23 @@ def test_a_layer_stack_run_below_the_embedding_takes_no_input_ids(dead_code_remo
     assert layers.startswith(
         "def forward(self, hidden_states, rotary_pos_emb, positions, kv_caches, input_metadata):"
     )
+
+
+@pytest.fixture(scope="module")
+def fused(source):
+    return run_through(source, "fuse-qkv", module=None).code
+
+
+def test_an_if_else_splitting_q_k_v_in_two_layouts_loads_by_the_same_test(source, fused):
+    # `if self.multi_query_attention:` `mixed_x_layer.split([H * d, G * d, G * d], dim=-1)` (all
+    # queries, keys, values); else a view into `(H, 3 * d)` cut in three by `split_tensor_along_last_dim`.
+    assert "split_tensor_along_last_dim(mixed_x_layer, 3)" in source
+    forward = normalize(method_code(fused, "SelfAttention", "forward"))
+    assert "split_tensor_along_last_dim" not in forward and "if self.multi_query_attention" not in forward
+    assert "mixed_x_layer.split(" in forward and "self.query_key_value.q_size" in forward
+    init = "".join(normalize(method_code(fused, "SelfAttention", "__init__")).split()).replace('"', "'")
+    assert (
+        "self.query_key_value=QKVParallelLinear(config.hidden_size,self.hidden_size_per_attention_head"
+        in init
+    )
+    assert "checkpoint_layout='concatenated'ifself.multi_query_attentionelse'per_head'" in init
