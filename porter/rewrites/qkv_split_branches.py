@@ -10,6 +10,9 @@ layout:
 - `fused.view(..., groups, -1, head_dim)` cut by `[..., :-2, :]`, `[..., -2, :]`, `[..., -1, :]`:
   per KV group its queries, then one key and one value, "grouped";
 - `fused.split([heads, 1, 1], dim=-2)`: all queries, one key, one value; grouped with one group.
+- `fused.split([q, kv, kv], dim=-1)` of the flat output: all queries, all keys, all values,
+  "concatenated"; beside a per-head else (a view into `(heads, 3 * head_dim)` cut in three by a
+  function of the file that only splits), the checkpoint loads by the chain's own test.
 Per head is grouped with one query per group, so a chain of these loads "grouped" for every
 configuration. In the port the projection is a `QKVParallelLinear` whose output on each rank is
 `[q | k | v]` of this rank's heads, and the chain becomes one split by its sizes, each part viewed
