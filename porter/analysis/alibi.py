@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import libcst as cst
 
+from porter.analysis.bias_scale import factor, in_constructor_terms
 from porter.analysis.cst_utils import (
     call_name,
     code_of,
@@ -27,7 +28,6 @@ from porter.analysis.cst_utils import (
     self_attribute,
     statement_targets,
 )
-from porter.analysis.bias_scale import factor, in_constructor_terms
 from porter.analysis.model_index import ModelIndex
 
 BUILDER_WORD = "alibi"  # a builder is a function or method whose name says it makes an ALiBi bias
@@ -110,7 +110,9 @@ def mask_biases(index: ModelIndex) -> dict[str, dict[str, MaskBias]]:
         if before is not None:
             if before == how or before.problem is not None:
                 continue
-            how = MaskBias(None, None, f"`{name}` of {owner}.forward carries the ALiBi bias scaled in more than one way")
+            how = MaskBias(
+                None, None, f"`{name}` of {owner}.forward carries the ALiBi bias scaled in more than one way"
+            )
         seen[(owner, name)] = how
         info = index.classes[owner]
         forward = info.methods.get("forward")
@@ -147,7 +149,11 @@ def _built(index: ModelIndex, builder: Builder) -> MaskBias:
         if any(call is builder.call for s in lines for call in nodes_of(s, cst.Call)):
             test = in_constructor_terms(code_of(branch.test), info.methods.get("__init__"))
             if test is None:
-                return MaskBias(None, None, f"the ALiBi bias is built under `if {code_of(branch.test)}:`, not a configuration test")
+                return MaskBias(
+                    None,
+                    None,
+                    f"the ALiBi bias is built under `if {code_of(branch.test)}:`, not a configuration test",
+                )
             return MaskBias(None, test)
     return MaskBias(None, None)
 
@@ -181,7 +187,11 @@ def _scaled(how: MaskBias, terms, line: str, init: cst.FunctionDef | None) -> Ma
     """`how`, further multiplied by `terms` (read off `line`)."""
     if how.problem is not None:
         return how
-    unreadable = MaskBias(None, how.condition, f"porter cannot read the factor `{line.strip()}` applies to the ALiBi bias")
+    unreadable = MaskBias(
+        None,
+        how.condition,
+        f"porter cannot read the factor `{' '.join(line.split())}` applies to the ALiBi bias",
+    )
     if not isinstance(terms, list):
         return unreadable
     if not terms:

@@ -102,7 +102,9 @@ def analyse_attention(index: ModelIndex, name: str) -> AttentionInfo | None:
         if len(positional) < 3:
             return None
         names = [code_of(p) for p in positional[:3]]
-        masks = positional[3:4] + [a.value for a in core.args if m.matches(a.keyword, m.Name("attention_mask"))]
+        masks = positional[3:4] + [
+            a.value for a in core.args if m.matches(a.keyword, m.Name("attention_mask"))
+        ]
         mask_bias = mask_biases(index).get(name, {}).get(code_of(masks[0])) if masks else None
         before, after, core_statement = statements[:core_at], statements[core_at + 1 :], statements[core_at]
         kv_repeats = _kv_repetitions(before, set(names[1:]) - {names[0]}, index)
@@ -153,8 +155,12 @@ def analyse_attention(index: ModelIndex, name: str) -> AttentionInfo | None:
     if mask_bias is not None:  # the backbone folded its ALiBi bias into the mask the core adds
         result.alibi, result.alibi_scale = True, mask_bias.scale
         result.alibi_condition, result.alibi_problem = mask_bias.condition, mask_bias.problem
-        if "config" not in function_params(info.methods["__init__"]) and (mask_bias.scale or mask_bias.condition):
-            result.alibi_problem = "the ALiBi bias's factor or test reads `config`, which the constructor does not take"
+        if "config" not in function_params(info.methods["__init__"]) and (
+            mask_bias.scale or mask_bias.condition
+        ):
+            result.alibi_problem = (
+                "the ALiBi bias's factor or test reads `config`, which the constructor does not take"
+            )
     result.band_window = _band_window(info)
     if result.band_window is None:
         result.band_window = backbone_mask_window(index, info)

@@ -119,7 +119,9 @@ def in_constructor_terms(code: str, init: cst.FunctionDef | None) -> str | None:
             if value is None or names_in(value) - {"config", "math"}:
                 unreadable = True
                 return updated
-            atom = isinstance(value, (cst.Name, cst.Attribute, cst.Subscript, cst.Call, cst.Integer, cst.Float))
+            atom = isinstance(
+                value, (cst.Name, cst.Attribute, cst.Subscript, cst.Call, cst.Integer, cst.Float)
+            )
             return value if atom else cst.parse_expression(f"({code_of(value)})")
 
     result = cst.parse_expression(code).visit(_Substitute())

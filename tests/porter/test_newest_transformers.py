@@ -17,6 +17,7 @@ from tests.porter.rewrite_helpers import (
     normalize,
     run_through,
     signature,
+    vary,
 )
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "transformers_5_25"
@@ -123,3 +124,51 @@ def test_a_branch_picking_q_k_and_v_apart_in_a_layout_not_read_stops_the_port():
     assert "fused_qkv.split([self.num_heads, 2, 2], dim=-2)" in method_code(
         after.code, "FalconAttention", "forward"
     )
+
+
+FALCON_FOLD = """            causal_mask = torch.masked_fill(
+                alibi / math.sqrt(self.config.hidden_size // self.num_heads),
+                causal_mask < -1,
+                min_dtype,
+            )"""
+
+
+def test_an_alibi_bias_folded_into_the_mask_gives_the_paged_attention_slopes_scaled_alike():
+    # FalconModel.forward adds `alibi / sqrt(head_dim)` to the mask every layer's attention adds to its
+    # scaled scores: the engine adds slope * distance after its scale, so the slopes carry the factor.
+    after = run_through(FALCON, "paged-attention", module=FALCON_MODULE)
+    attn = "".join(init_value(after.code, "FalconAttention", "attn").split())
+    assert (
+        "alibi_slopes=build_alibi_tensor_slopes((config.num_attention_headsifconfig.new_decoder_architectureelseself.num_heads))"
+        "*(1/(math.sqrt(config.hidden_size//config.num_attention_heads)))ifconfig.alibielseNone"
+    ) in attn, attn
+    assert not after.review_messages()
+
+    # Unscaled, the same mask gives the builder's slopes as they are.
+    unscaled = vary(
+        FALCON,
+        FALCON_FOLD,
+        FALCON_FOLD.replace("alibi / math.sqrt(self.config.hidden_size // self.num_heads)", "alibi"),
+    )
+    attn = "".join(
+        init_value(
+            run_through(unscaled, "paged-attention", module=FALCON_MODULE).code, "FalconAttention", "attn"
+        ).split()
+    )
+    assert "elseself.num_heads))ifconfig.alibielseNone" in attn, attn
+
+
+def test_a_factor_on_the_folded_bias_porter_cannot_read_stops_the_port():
+    # `alibi.exp()` is no multiple of the bias: no slopes reproduce it.
+    source = vary(
+        FALCON,
+        FALCON_FOLD,
+        FALCON_FOLD.replace("alibi / math.sqrt(self.config.hidden_size // self.num_heads)", "alibi.exp()"),
+    )
+    after = run_through(source, "paged-attention", module=FALCON_MODULE)
+    assert "alibi_slopes" not in init_value(after.code, "FalconAttention", "attn")
+    messages = [m for m in after.review_messages() if "ALiBi bias in the attention mask" in m]
+    assert messages == [
+        "paged-attention @ FalconAttention: ALiBi bias in the attention mask: porter cannot read the factor "
+        "`causal_mask = torch.masked_fill( alibi.exp(), causal_mask < -1, min_dtype, )` applies to the ALiBi bias"
+    ], after.review_messages()
