@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import libcst as cst
 
-from porter.analysis.bias_scale import factor, in_constructor_terms
+from porter.analysis.bias_scale import VALUE_ARGUMENTS, factor, in_constructor_terms
 from porter.analysis.cst_utils import (
     call_name,
     code_of,
@@ -224,12 +224,16 @@ def _value_names(node: cst.CSTNode) -> set[str]:
             return False
 
         def visit_Call(self, call: cst.Call) -> bool:
-            # A method of the tensor itself keeps its values (`bias.unsqueeze(0)`); what a function
-            # makes of its arguments (`checkpoint(layer, h, bias)`) is not the bias.
+            # A method of the tensor itself keeps its values (`bias.unsqueeze(0)`), and so do the
+            # value arguments of `torch.masked_fill`/`torch.where`; what another function makes of
+            # its arguments (`checkpoint(layer, h, bias)`) is not the bias.
             func = call.func
-            if (dotted_name(func) or "").startswith("torch."):  # a torch function of its tensors
-                for argument in call.args:
-                    argument.value.visit(self)
+            values = VALUE_ARGUMENTS.get(dotted_name(func) or "")
+            if values is not None:  # `torch.where(mask, bias, fill)`: the bias's values pass
+                positional = [a.value for a in call.args if a.keyword is None]
+                for position in values:
+                    if position < len(positional):
+                        positional[position].visit(self)
             elif isinstance(func, cst.Attribute) and func.attr.value not in METADATA_METHODS:
                 func.value.visit(self)
             return False
