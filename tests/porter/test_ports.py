@@ -248,10 +248,10 @@ def test_verify_passes_at_tp2(model_type, tmp_path):
 # verify passes at 9.9e-07, so the gap is rounding, not the port; strict, so a fix shows up.
 BF16_GREEDY_DIVERGES = {
     "granitemoe": "a bf16 routing flip at decode step 5 changes one greedy token",
-    # float32: 7.4e-07; in bf16 (2026-12-08) steps 0-3 agree to 1.8e-02, step 4 flips one token's expert.
+    # float32: 7.4e-07; in bf16 steps 0-3 agree to 1.8e-02, step 4 flips one token's expert.
     "gpt_oss": "a bf16 routing flip at decode step 4 changes one greedy token",
     # float32: 8.8e-07; sparsemixer keeps the experts within 2 * jitter_eps (2%) of the best logit, a
-    # threshold bf16's rounding (0.4%) crosses: greedy tokens differ at steps 2 and 9 (2026-12-08); with
+    # threshold bf16's rounding (0.4%) crosses: greedy tokens differ at steps 2 and 9; with
     # router_jitter_noise=0 the steps agree to 1.4e-02 but for two top-2 flips, greedy tokens identical.
     "phimoe": "sparsemixer's 2 * jitter_eps mask flips experts under bf16 rounding",
 }
