@@ -95,7 +95,7 @@ def _call(node: cst.Call, name: str) -> Factor:
             return None
         base = factor(func.value, name)
         if base is None:
-            return UNKNOWN if any(_reads(a.value, name) for a in node.args) else None
+            return UNKNOWN if any(factor(a.value, name) is not None for a in node.args) else None
         return base if func.attr.value in KEEPING_METHODS else UNKNOWN
     return None  # what a function makes of its arguments (`checkpoint(layer, h, bias)`) is not the bias
 

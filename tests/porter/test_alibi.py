@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from porter.analysis.alibi import Slopes, bias_inputs, derive_slopes
+from porter.analysis.bias_scale import UNKNOWN, factor
 from porter.analysis.model_index import build_index
 from porter.analysis.source import locate
 from tests.porter.config_variant_model import BUILD_ALIBI, VARIANT_MODEL
@@ -77,3 +78,22 @@ def test_a_builder_whose_slopes_cannot_be_read_is_a_review_item():
         "to read the head slopes from" in after.review_messages()
     )
     assert "alibi_slopes=" not in init_value(after.code, "MiniAttention", "attn")
+
+
+@pytest.mark.parametrize(
+    ("expression", "expected"),
+    [
+        ("bias", []),
+        ("mask + bias.unsqueeze(0)", []),
+        ("torch.masked_fill(bias / math.sqrt(d), mask < -1, low)", ["1 / (math.sqrt(d))"]),
+        ("torch.where(mask, bias * 2, low)", ["2"]),
+        ("torch.where(mask, bias, bias / 2)", UNKNOWN),  # two factors under one name
+        ("bias.exp()", UNKNOWN),
+        ("torch.exp(bias)", UNKNOWN),
+        ("mask - bias", UNKNOWN),  # negated
+        ("x.to(bias.dtype)", None),  # its dtype only
+        ("bias < 0", None),  # a mask of its positions
+    ],
+)
+def test_the_factor_a_mask_expression_scales_a_bias_by(expression, expected):
+    assert factor(cst.parse_expression(expression), "bias") == expected
