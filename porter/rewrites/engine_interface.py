@@ -24,6 +24,7 @@ from porter.analysis.cst_utils import (
     dotted_name,
     function_params,
     is_docstring,
+    nodes_of,
     self_attribute_path,
 )
 from porter.analysis.signatures import (
@@ -57,6 +58,7 @@ class _Transformer(ClassScopedTransformer):
         self.loop_layers: dict[str, tuple[str, str | None]] = {}  # loop var -> (class, index var)
         self.result_vars: set[str] = set()
         self.not_variables: set[int] = set()  # ids of Name nodes that are attribute or keyword names
+        self.bound_names: set[int] = set()  # ids of Name nodes an assignment binds
 
     @property
     def in_rewritten_forward(self) -> bool:
@@ -116,6 +118,13 @@ class _Transformer(ClassScopedTransformer):
             self.not_variables.add(id(node.keyword))
         return True
 
+    def visit_AssignTarget(self, node: cst.AssignTarget) -> bool:
+        # A name bound again (`hidden_states, _ = self.mlp(x)` after `_` took a dropped result of
+        # another call) is a new value: only reads of a dropped result stand in for it.
+        if isinstance(node.target, (cst.Name, cst.Tuple)):
+            self.bound_names.update(id(name) for name in nodes_of(node.target, cst.Name))
+        return True
+
     def leave_Name(self, original: cst.Name, updated: cst.Name) -> cst.Name:
         if (
             self.current_class in self.signatures
@@ -128,6 +137,7 @@ class _Transformer(ClassScopedTransformer):
             self.in_rewritten_forward
             and updated.value in self.dropped_results
             and id(original) not in self.not_variables
+            and id(original) not in self.bound_names
         ):
             return updated.with_changes(value=DROPPED_OUTPUT)
         return updated
