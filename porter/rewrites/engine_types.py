@@ -73,11 +73,13 @@ class _Transformer(ClassScopedTransformer):
             updated.annotation.annotation
         ):
             return updated
-        before = code_of(updated.annotation.annotation) if updated.annotation else ""
+        # A parameter without an annotation is one the engine-interface rewrite added (the source
+        # has no such text to point at): the change has only its typed form.
+        before = f"{name}: {code_of(updated.annotation.annotation)}" if updated.annotation else ""
         self.context.record(
             "engine-types",
             self.where,
-            f"{name}: {before}",
+            before,
             f"{name}: {code_of(annotation.annotation)}",
             "the engine's type",
         )

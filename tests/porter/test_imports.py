@@ -104,7 +104,7 @@ def test_engine_imports_from_several_modules_get_a_line_each():
     engine_lines = [line for line in import_block(after.code).splitlines() if line.startswith("from engine")]
     assert engine_lines == [
         "from engine.layers import PagedAttention, QKVParallelLinear",
-        "from engine.weights import load_named_weights",
+        "from engine.weights import load_declared_weights",
     ]
 
 
@@ -192,9 +192,9 @@ def test_after_the_whole_pipeline_imports_are_absolute_used_and_complete():
     assert "from ." not in import_block(after.code)
     imported, read = _imported_and_read(after.code)
     assert imported <= read, f"imported but unused: {imported - read}"
-    engine_names = set(engine.layers.__all__) | {"load_named_weights"}
+    engine_names = set(engine.layers.__all__) | {"load_declared_weights"}
     assert read & engine_names <= imported, f"used but not imported: {(read & engine_names) - imported}"
-    assert {"PagedAttention", "QKVParallelLinear", "ParallelLMHead", "load_named_weights"} <= imported
+    assert {"PagedAttention", "QKVParallelLinear", "ParallelLMHead", "load_declared_weights"} <= imported
 
 
 def test_a_copy_of_an_installed_modeling_file_ports_to_what_the_installed_one_does(tmp_path):

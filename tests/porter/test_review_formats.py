@@ -129,7 +129,7 @@ def test_side_by_side_shows_both_files_lines(reviewed_without_porting, review):
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        (["--rule", "nosuchrule"], "unknown rule 'nosuchrule'; known rules: class-table,"),
+        (["--rule", "nosuchrule"], "unknown rule 'nosuchrule'; known rules: module-factories,"),
         (["--format", "yaml"], "unknown format 'yaml'"),
         (["--output", "review.json"], "--output writes --format json or sarif"),
     ],
