@@ -1,6 +1,6 @@
 """Keeps the module call where a branch also computes the same layers from slices of their weights.
 
-4.3x Llama-family files carry `if config.pretraining_tp > 1:` branches: they split
+Files of transformers 4.3x carry `if config.pretraining_tp > 1:` branches: they split
 `self.q_proj.weight` (and the others) into slices, apply `F.linear` per slice and concatenate or
 sum the parts, which is the product the layer computes, arranged to reproduce a pretraining run's
 rounding. The engine shards its layers itself, so of `if <test>: <sliced> else: <module calls>`

@@ -2,7 +2,7 @@
 as long as the verify run never calls into it.
 
 transformers refuses to load a remote file that imports a missing package outside `try` blocks and
-availability checks (Baichuan-7B imports xformers at module level for its training branch only). The
+availability checks (such as a fused-attention library imported at module level for a training branch). The
 reference side gives each such package a placeholder module: importing it and reading names from it
 succeed, and any call (or other use) of what it hands out raises ImportError naming the package and
 the name reached. So a reference run that needs the package fails loudly instead of computing

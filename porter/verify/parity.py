@@ -79,7 +79,7 @@ def hf_reference(model: torch.nn.Module, prompts: list[list[int]], steps: list[S
     consumed = [0] * len(prompts)
     logits_per_step, inputs_per_step = [], []
     # Each call runs the whole sequence, so no cache is wanted; remote code that insists on a Cache
-    # object whenever use_cache is on (MiniCPM's) would refuse the default None.
+    # object whenever use_cache is on would refuse the default None.
     extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
     with torch.no_grad():
         for step in steps:
