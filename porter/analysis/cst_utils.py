@@ -226,6 +226,20 @@ def assigned_names(target: cst.BaseExpression) -> list[str]:
     return []
 
 
+def single_assignment(statement: cst.CSTNode) -> tuple[str, cst.BaseExpression] | None:
+    """`name = value` alone on its line, as (name, value); None for any other statement."""
+    if not isinstance(statement, cst.SimpleStatementLine) or len(statement.body) != 1:
+        return None
+    node = statement.body[0]
+    if (
+        not isinstance(node, cst.Assign)
+        or len(node.targets) != 1
+        or not isinstance(node.targets[0].target, cst.Name)
+    ):
+        return None
+    return node.targets[0].target.value, node.value
+
+
 def statement_targets(statement: cst.BaseStatement) -> list[str]:
     """Names a simple assignment statement binds (empty for anything else)."""
     if not isinstance(statement, cst.SimpleStatementLine):

@@ -19,7 +19,13 @@ from dataclasses import dataclass
 import libcst as cst
 import libcst.matchers as m
 
-from porter.analysis.cst_utils import names_in, nodes_of, self_attribute, self_attributes_read
+from porter.analysis.cst_utils import (
+    names_in,
+    nodes_of,
+    self_attribute,
+    self_attributes_read,
+    single_assignment,
+)
 
 CHUNK_IN_TWO = m.Call(func=m.Attribute(attr=m.Name("chunk")), args=[m.Arg(m.Integer("2")), m.ZeroOrMore()])
 
@@ -57,15 +63,6 @@ class OwnActivation:
 
 def _reads(statement: cst.CSTNode, attr: str) -> bool:
     return attr in self_attributes_read(statement)
-
-
-def _single_target(statement: cst.BaseStatement) -> str | None:
-    if isinstance(statement, cst.SimpleStatementLine) and len(statement.body) == 1:
-        small = statement.body[0]
-        if isinstance(small, cst.Assign) and len(small.targets) == 1:
-            target = small.targets[0].target
-            return target.value if isinstance(target, cst.Name) else None
-    return None
 
 
 def _layout(body: cst.CSTNode, parameter: str) -> str | None:
@@ -118,10 +115,11 @@ def read_activation(
     projection, between = body[first], body[first + 1 : last]
     if m.findall(projection, CHUNK_IN_TWO):
         return GatedActivation()  # `act(gate) * up` is checked by the experts' reader
-    parameter = _single_target(projection)
-    activated = _single_target(between[-1]) if between else None
-    if parameter is None or activated is None or activated not in names_in(body[last]):
+    projected = single_assignment(projection)
+    activated_line = single_assignment(between[-1]) if between else None
+    if projected is None or activated_line is None or activated_line[0] not in names_in(body[last]):
         return "an expert activation porter cannot separate from the projections"
+    parameter, activated = projected[0], activated_line[0]
     returns, code = None, list(between)
     function_params = cst.Parameters([cst.Param(cst.Name("self")), cst.Param(cst.Name(parameter))])
     call = m.Call(func=m.Attribute(value=m.Name("self")), args=[m.Arg(m.Name(parameter))])

@@ -18,7 +18,7 @@ import inspect
 
 import libcst as cst
 
-from porter.analysis.cst_utils import call_name, code_of, self_attribute
+from porter.analysis.cst_utils import call_name, code_of, self_attribute, single_assignment
 from porter.analysis.engine_names import ENGINE_NORM
 from porter.analysis.norms import RMSNormMatch, find_rms_norms
 from porter.rewrites.base import ClassScopedTransformer, PortContext, Rewrite
@@ -136,27 +136,13 @@ class _FuseResidual(ClassScopedTransformer):
         return updated.with_changes(body=out)
 
 
-def _single_assign(statement: cst.BaseStatement) -> tuple[str, cst.BaseExpression] | None:
-    """`name = value` as (name, value)."""
-    if not isinstance(statement, cst.SimpleStatementLine) or len(statement.body) != 1:
-        return None
-    node = statement.body[0]
-    if (
-        not isinstance(node, cst.Assign)
-        or len(node.targets) != 1
-        or not isinstance(node.targets[0].target, cst.Name)
-    ):
-        return None
-    return node.targets[0].target.value, node.value
-
-
 def _fuse(
     statements: list[cst.BaseStatement], owner: str, norms: set[tuple[str, str]]
 ) -> cst.SimpleStatementLine | None:
     """`x = r + x; r = x; x = self.norm(x)` -> `x, r = self.norm(x, r)`."""
     if len(statements) != 3:
         return None
-    add, keep, norm = (_single_assign(s) for s in statements)
+    add, keep, norm = (single_assignment(s) for s in statements)
     if add is None or keep is None or norm is None:
         return None
     hidden, total = add
